@@ -1,0 +1,306 @@
+//! The gRPC edge: `WorkerApi` and `AdminApi` implementations that convert
+//! wire messages to domain types, call the service loop, and convert back.
+//! Nothing here decides anything.
+
+use std::collections::BTreeSet;
+
+use shardline_proto::v1::{self, admin_api_server::AdminApi, worker_api_server::WorkerApi};
+use shardline_proto::{ConvertError, LeaseId};
+use tonic::{Request, Response, Status};
+
+use crate::core::{CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad};
+use crate::service::{CheckpointCmd, Closed, Command, Handle};
+
+/// Serves both gRPC services over one service-loop handle.
+#[derive(Clone)]
+pub struct Api {
+    handle: Handle,
+    heartbeat_interval_ms: u64,
+    session_timeout_ms: u64,
+}
+
+impl Api {
+    pub fn new(handle: Handle, cfg: &crate::config::Config) -> Self {
+        Self {
+            handle,
+            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+            session_timeout_ms: cfg.session_timeout.as_millis() as u64,
+        }
+    }
+}
+
+fn bad(e: ConvertError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn closed(_: Closed) -> Status {
+    Status::unavailable("the coordinator is shutting down; retry against the new one")
+}
+
+fn worker_id(id: &str) -> Result<String, Status> {
+    if id.is_empty() {
+        Err(Status::invalid_argument("worker_id is empty"))
+    } else {
+        Ok(id.to_owned())
+    }
+}
+
+fn instruction(i: Instruction) -> v1::Instruction {
+    use v1::instruction::Kind;
+    let kind = match i {
+        Instruction::Acquire { lease, epoch, start } => Kind::Acquire(v1::Acquire {
+            lease: Some((&lease).into()),
+            epoch,
+            start: Some(v1::StartPosition::from_checkpoint(start)),
+        }),
+        Instruction::Release { lease, epoch } => Kind::Release(v1::Release { lease: Some((&lease).into()), epoch }),
+        Instruction::Revoke { lease, epoch } => Kind::Revoke(v1::Revoke { lease: Some((&lease).into()), epoch }),
+    };
+    v1::Instruction { kind: Some(kind) }
+}
+
+fn checkpoint_result(outcome: CheckpointOutcome) -> v1::CheckpointResult {
+    use v1::CheckpointStatus as S;
+    match outcome {
+        CheckpointOutcome::Ok { checkpoint } => {
+            v1::CheckpointResult { status: S::Ok as i32, current_epoch: 0, checkpoint }
+        }
+        CheckpointOutcome::Stale { current_epoch } => {
+            v1::CheckpointResult { status: S::StaleEpoch as i32, current_epoch, checkpoint: None }
+        }
+        CheckpointOutcome::UnknownLease => {
+            v1::CheckpointResult { status: S::UnknownLease as i32, current_epoch: 0, checkpoint: None }
+        }
+    }
+}
+
+fn load(report: Option<v1::LoadReport>) -> Result<WorkerLoad, Status> {
+    let Some(report) = report else { return Ok(WorkerLoad::default()) };
+    let mut leases = std::collections::BTreeMap::new();
+    for l in report.leases {
+        let id = LeaseId::try_from(l.lease.as_ref()).map_err(bad)?;
+        leases.insert(
+            id,
+            LeaseLoad {
+                position: l.position,
+                lag: l.lag,
+                records_in_per_s: l.records_in_per_s,
+                records_out_per_s: l.records_out_per_s,
+                busy_ratio: l.busy_ratio,
+            },
+        );
+    }
+    Ok(WorkerLoad { cpu: report.cpu, inflight_batches: report.inflight_batches, leases })
+}
+
+fn load_report(load: &WorkerLoad) -> v1::LoadReport {
+    v1::LoadReport {
+        leases: load
+            .leases
+            .iter()
+            .map(|(id, l)| v1::LeaseLoad {
+                lease: Some(id.into()),
+                epoch: 0,
+                position: l.position,
+                lag: l.lag,
+                records_in_per_s: l.records_in_per_s,
+                records_out_per_s: l.records_out_per_s,
+                busy_ratio: l.busy_ratio,
+            })
+            .collect(),
+        cpu: load.cpu,
+        inflight_batches: load.inflight_batches,
+    }
+}
+
+/// The admin view of one lease.
+pub fn lease_info(lease: &Lease, now: std::time::Instant) -> v1::LeaseInfo {
+    let (state, handoff_to) = match &lease.state {
+        LeaseState::Owned => (v1::LeaseState::Owned, String::new()),
+        LeaseState::Releasing { to, .. } => (v1::LeaseState::Releasing, to.clone().unwrap_or_default()),
+        LeaseState::Unassigned => (v1::LeaseState::Unassigned, String::new()),
+    };
+    v1::LeaseInfo {
+        lease: Some((&lease.record.lease).into()),
+        owner: lease.record.owner.clone().unwrap_or_default(),
+        epoch: lease.record.epoch,
+        state: state as i32,
+        checkpoint: lease.record.checkpoint,
+        since_ms_ago: now.saturating_duration_since(lease.since).as_millis() as u64,
+        handoff_to,
+        handler: lease.handler.clone().unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerApi for Api {
+    async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterReply>, Status> {
+        let req = req.into_inner();
+        let mut held = Vec::with_capacity(req.held.len());
+        for h in &req.held {
+            held.push((LeaseId::try_from(h.lease.as_ref()).map_err(bad)?, h.epoch));
+        }
+        let registration = Registration {
+            worker: worker_id(&req.worker_id)?,
+            address: req.address,
+            handlers: req.handlers.into_iter().collect::<BTreeSet<_>>(),
+            capacity: req.capacity,
+            held,
+        };
+        let instructions = self.handle.call(|tx| Command::Register(registration, tx)).await.map_err(closed)?;
+        Ok(Response::new(v1::RegisterReply {
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            session_timeout_ms: self.session_timeout_ms,
+            instructions: instructions.into_iter().map(instruction).collect(),
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatReply>, Status> {
+        let req = req.into_inner();
+        let worker = worker_id(&req.worker_id)?;
+        let load = load(req.load)?;
+        let result =
+            self.handle.call(|reply| Command::Heartbeat { worker, load, reply }).await.map_err(closed)?;
+        match result {
+            Ok(instructions) => Ok(Response::new(v1::HeartbeatReply {
+                instructions: instructions.into_iter().map(instruction).collect(),
+            })),
+            Err(e @ CoreError::UnknownWorker(_)) => Err(Status::not_found(e.to_string())),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn checkpoint(&self, req: Request<v1::CheckpointRequest>) -> Result<Response<v1::CheckpointReply>, Status> {
+        let req = req.into_inner();
+        let worker = worker_id(&req.worker_id)?;
+        let mut entries = Vec::with_capacity(req.entries.len());
+        for e in &req.entries {
+            let lease = LeaseId::try_from(e.lease.as_ref()).map_err(bad)?;
+            entries.push(CheckpointCmd { lease, epoch: e.epoch, offset: e.offset });
+        }
+        let outcomes =
+            self.handle.call(|reply| Command::Checkpoint { worker, entries, reply }).await.map_err(closed)?;
+        Ok(Response::new(v1::CheckpointReply { results: outcomes.into_iter().map(checkpoint_result).collect() }))
+    }
+
+    async fn release_done(
+        &self,
+        req: Request<v1::ReleaseDoneRequest>,
+    ) -> Result<Response<v1::ReleaseDoneReply>, Status> {
+        let req = req.into_inner();
+        let worker = worker_id(&req.worker_id)?;
+        let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
+        let (epoch, offset) = (req.epoch, req.offset);
+        let outcome = self
+            .handle
+            .call(|reply| Command::ReleaseDone { worker, lease, epoch, offset, reply })
+            .await
+            .map_err(closed)?;
+        Ok(Response::new(v1::ReleaseDoneReply { status: checkpoint_result(outcome).status }))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<v1::DeregisterRequest>,
+    ) -> Result<Response<v1::DeregisterReply>, Status> {
+        let worker = worker_id(&req.into_inner().worker_id)?;
+        self.handle.call(|reply| Command::Deregister { worker, reply }).await.map_err(closed)?;
+        Ok(Response::new(v1::DeregisterReply {}))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminApi for Api {
+    async fn list_workers(
+        &self,
+        _req: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersReply>, Status> {
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+        for lease in &snapshot.leases {
+            if let Some(owner) = &lease.record.owner {
+                *counts.entry(owner).or_default() += 1;
+            }
+        }
+        let workers = snapshot
+            .workers
+            .iter()
+            .map(|w| v1::WorkerInfo {
+                worker_id: w.id.clone(),
+                address: w.address.clone(),
+                handlers: w.handlers.iter().cloned().collect(),
+                capacity: w.capacity,
+                leases: counts.get(w.id.as_str()).copied().unwrap_or(0),
+                last_heartbeat_ms_ago: snapshot.now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                load: Some(load_report(&w.load)),
+                restored: w.restored,
+            })
+            .collect();
+        Ok(Response::new(v1::ListWorkersReply { workers }))
+    }
+
+    async fn list_leases(&self, req: Request<v1::ListLeasesRequest>) -> Result<Response<v1::ListLeasesReply>, Status> {
+        let name = req.into_inner().name;
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let leases = snapshot
+            .leases
+            .iter()
+            .filter(|l| name.is_empty() || l.record.lease.name == name)
+            .map(|l| lease_info(l, snapshot.now))
+            .collect();
+        Ok(Response::new(v1::ListLeasesReply { leases }))
+    }
+
+    async fn get_checkpoint(&self, req: Request<v1::GetCheckpointRequest>) -> Result<Response<v1::LeaseInfo>, Status> {
+        let id = LeaseId::try_from(req.into_inner().lease.as_ref()).map_err(bad)?;
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        snapshot
+            .leases
+            .iter()
+            .find(|l| l.record.lease == id)
+            .map(|l| Response::new(lease_info(l, snapshot.now)))
+            .ok_or_else(|| Status::not_found(format!("unknown lease `{id}`")))
+    }
+
+    async fn set_checkpoint(&self, req: Request<v1::SetCheckpointRequest>) -> Result<Response<v1::LeaseInfo>, Status> {
+        let req = req.into_inner();
+        let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
+        if req.offset < 0 {
+            return Err(Status::invalid_argument(format!("offset {} is negative; allowed: 0 or more", req.offset)));
+        }
+        let offset = req.offset;
+        let result =
+            self.handle.call(|reply| Command::SetCheckpoint { lease, offset, reply }).await.map_err(closed)?;
+        match result {
+            Ok(lease) => Ok(Response::new(lease_info(&lease, std::time::Instant::now()))),
+            Err(e) => Err(Status::not_found(e.to_string())),
+        }
+    }
+
+    async fn health(&self, _req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        Ok(Response::new(v1::HealthReply {
+            status: "serving".into(),
+            workers: snapshot.workers.iter().filter(|w| !w.restored).count() as u32,
+            leases: snapshot.leases.len() as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}
+
+/// Checks `authorization: Bearer TOKEN` when a token is configured.
+#[derive(Clone)]
+pub struct Auth {
+    pub token: Option<String>,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else { return Ok(req) };
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match given.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(t) if t == token => Ok(req),
+            _ => Err(Status::unauthenticated("missing or wrong token: send `authorization: Bearer TOKEN`")),
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The coordinator's TOML config: parsed strictly (`deny_unknown_fields`)
+//! and validated as a whole before anything starts, so a typo is one clear
+//! error naming the field and what is allowed, never a half-started fleet.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::core::CoreConfig;
+
+/// The whole coordinator config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the gRPC API (worker and admin services).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of the Prometheus metrics endpoint; absent: no endpoint.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where the sled lease store lives.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Shared secret required from every client (`authorization: Bearer
+    /// TOKEN`). Required when `listen` is not a loopback address; env
+    /// `SHARDLINE_TOKEN` overrides.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    /// How often workers heartbeat (told to them at registration).
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A worker silent this long is dead; its leases move.
+    #[serde(default = "default_session", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// A graceful handoff not confirmed within this is forced.
+    #[serde(default = "default_handoff", with = "humantime_serde")]
+    pub handoff_timeout: Duration,
+    /// How often Kafka metadata is re-read to find new partitions.
+    #[serde(default = "default_discovery", with = "humantime_serde")]
+    pub discovery_interval: Duration,
+    /// Kafka bootstrap servers; env `SHARDLINE_KAFKA_BROKERS` overrides.
+    #[serde(default = "default_brokers")]
+    pub kafka_brokers: String,
+    /// Kafka topics whose partitions become leases.
+    #[serde(default)]
+    pub streams: Vec<StreamConfig>,
+    /// RabbitMQ subscription queues whose slots become leases.
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// A Kafka topic mapped to a handler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// The Kafka topic.
+    pub name: String,
+    /// The handler that processes its batches (workers host handlers by name).
+    pub handler: String,
+    /// A fixed partition count instead of Kafka metadata discovery, for
+    /// benchmarks of the coordinator alone. Leave unset in production.
+    #[serde(default)]
+    pub partitions: Option<u32>,
+}
+
+/// A RabbitMQ subscription (durable queue bound to a topic exchange).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// The queue name.
+    pub name: String,
+    /// The exchange producers publish to.
+    pub topic: String,
+    pub handler: String,
+    /// Queue slots (concurrent consumers) of this subscription.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./shardline-data")
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_session() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_handoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_discovery() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_slots() -> u32 {
+    1
+}
+
+/// A config that cannot be used; the message names the field and the
+/// allowed values.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: `{field}` {problem}")]
+    Invalid { path: PathBuf, field: String, problem: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file, applying env overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config = Self::parse(&text)
+            .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+        if let Ok(brokers) = std::env::var("SHARDLINE_KAFKA_BROKERS")
+            && !brokers.is_empty()
+        {
+            config.kafka_brokers = brokers;
+        }
+        if let Ok(token) = std::env::var("SHARDLINE_TOKEN")
+            && !token.is_empty()
+        {
+            config.auth_token = Some(token);
+        }
+        config.validate().map_err(|(field, problem)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every field's range; the error is `(field, what is allowed)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |field: &str, problem: String| Err((field.to_owned(), problem));
+        let range = |field: &str, value: Duration, min: Duration, max: Duration| {
+            if value < min || value > max {
+                err(field, format!("is {value:?}; allowed: {min:?} to {max:?}"))
+            } else {
+                Ok(())
+            }
+        };
+        let ms = Duration::from_millis;
+        range("heartbeat_interval", self.heartbeat_interval, ms(50), ms(60_000))?;
+        range("session_timeout", self.session_timeout, ms(200), ms(600_000))?;
+        range("handoff_timeout", self.handoff_timeout, ms(100), ms(3_600_000))?;
+        range("discovery_interval", self.discovery_interval, ms(100), ms(3_600_000))?;
+        if self.session_timeout < self.heartbeat_interval * 2 {
+            return err(
+                "session_timeout",
+                format!(
+                    "is {:?}; allowed: at least twice heartbeat_interval ({:?})",
+                    self.session_timeout, self.heartbeat_interval
+                ),
+            );
+        }
+        if !self.listen.ip().is_loopback() && self.auth_token.as_deref().is_none_or(str::is_empty) {
+            return err(
+                "auth_token",
+                format!(
+                    "is required because listen ({}) is not a loopback address; set it or SHARDLINE_TOKEN",
+                    self.listen
+                ),
+            );
+        }
+        if self.kafka_brokers.trim().is_empty() && self.streams.iter().any(|s| s.partitions.is_none()) {
+            return err("kafka_brokers", "is empty; allowed: host:port[,host:port...]".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, s) in self.streams.iter().enumerate() {
+            check_name(&format!("streams[{i}].name"), &s.name)?;
+            check_name(&format!("streams[{i}].handler"), &s.handler)?;
+            if s.partitions == Some(0) || s.partitions.is_some_and(|p| p > 100_000) {
+                return err(&format!("streams[{i}].partitions"), "allowed: 1 to 100000".into());
+            }
+            if !names.insert(("stream", s.name.clone())) {
+                return err(&format!("streams[{i}].name"), format!("`{}` is listed twice", s.name));
+            }
+        }
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            check_name(&format!("subscriptions[{i}].name"), &s.name)?;
+            check_name(&format!("subscriptions[{i}].topic"), &s.topic)?;
+            check_name(&format!("subscriptions[{i}].handler"), &s.handler)?;
+            if !(1..=1000).contains(&s.slots) {
+                return err(&format!("subscriptions[{i}].slots"), format!("is {}; allowed: 1 to 1000", s.slots));
+            }
+            if !names.insert(("subscription", s.name.clone())) {
+                return err(&format!("subscriptions[{i}].name"), format!("`{}` is listed twice", s.name));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn core(&self) -> CoreConfig {
+        CoreConfig { session_timeout: self.session_timeout, handoff_timeout: self.handoff_timeout }
+    }
+}
+
+/// Names end up in lease ids (`name/3`, `name#0`), Kafka topics and AMQP
+/// queues: keep them to characters all three accept.
+fn check_name(field: &str, name: &str) -> Result<(), (String, String)> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err((field.to_owned(), format!("is `{name}`; allowed: 1 to 200 of A-Z a-z 0-9 . _ -")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::parse("").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.session_timeout, Duration::from_secs(10));
+        assert_eq!(c.handoff_timeout, Duration::from_secs(30));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_the_range() {
+        let bad = |text: &str| Config::parse(text).map(|c| c.validate());
+        assert_eq!(
+            bad("session_timeout = \"50ms\""),
+            Ok(Err(("session_timeout".into(), "is 50ms; allowed: 200ms to 600s".into())))
+        );
+        let e = bad("[[streams]]\nname = \"a b\"\nhandler = \"log\"");
+        assert!(matches!(e, Ok(Err((f, _))) if f == "streams[0].name"));
+        let e = bad("listen = \"0.0.0.0:7400\"");
+        assert!(matches!(e, Ok(Err((f, _))) if f == "auth_token"));
+        let e = bad("[[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\nslots = 0");
+        assert!(matches!(e, Ok(Err((f, _))) if f == "subscriptions[0].slots"));
+        let unknown = Config::parse("sesion_timeout = \"1s\"");
+        assert!(unknown.is_err_and(|e| e.contains("unknown field `sesion_timeout`")));
+    }
+}

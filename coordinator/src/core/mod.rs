@@ -1,0 +1,521 @@
+//! The pure core of the coordinator: membership, the lease table and `count`
+//! assignment.
+//!
+//! Nothing here does IO or reads a clock: every event method takes `now`, and
+//! its effects are (a) the reply it returns, (b) instructions queued in the
+//! per-worker outbox (delivered with the next heartbeat or register reply) and
+//! (c) lease records marked dirty for the store ([`Core::take_dirty`]). This
+//! is what makes assignment property-testable and lease expiry testable
+//! without sleeping.
+//!
+//! Fencing rests on one rule: the epoch of a lease goes up by one on every
+//! grant, and a checkpoint or release is accepted only from the lease's
+//! current owner quoting its current epoch.
+
+mod assign;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use shardline_proto::{LeaseId, LeaseKind};
+
+pub type WorkerId = String;
+
+/// The timeouts the core needs; the rest of the config lives in the IO layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// A worker silent this long is dead and loses its leases.
+    pub session_timeout: Duration,
+    /// A graceful handoff not confirmed within this is forced (epoch + 1).
+    pub handoff_timeout: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self { session_timeout: Duration::from_secs(10), handoff_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// What the store keeps of a lease. The handoff state is deliberately not
+/// persisted: after a restart the owner simply keeps the lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub lease: LeaseId,
+    pub epoch: u64,
+    pub owner: Option<WorkerId>,
+    /// The next offset to process; `None` until the first checkpoint.
+    pub checkpoint: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseState {
+    Unassigned,
+    Owned,
+    /// The owner was asked to release; `to` gets the lease once it confirms
+    /// (or at `deadline`, forced). `to == None`: back to unassigned.
+    Releasing { to: Option<WorkerId>, deadline: Instant },
+}
+
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub record: LeaseRecord,
+    /// The handler of the mapping this lease belongs to; `None` while the
+    /// lease is known only from the store (its mapping is not configured).
+    pub handler: Option<String>,
+    pub state: LeaseState,
+    pub since: Instant,
+}
+
+/// What a worker is told to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Instruction {
+    /// Start processing from `start` (`None`: the mapping's starting_position).
+    Acquire { lease: LeaseId, epoch: u64, start: Option<i64> },
+    /// Finish the in-flight batch, checkpoint, then confirm with release_done.
+    Release { lease: LeaseId, epoch: u64 },
+    /// Stop at once without checkpointing.
+    Revoke { lease: LeaseId, epoch: u64 },
+}
+
+/// Per-lease figures from a worker's heartbeat.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeaseLoad {
+    pub position: i64,
+    pub lag: i64,
+    pub records_in_per_s: f64,
+    pub records_out_per_s: f64,
+    pub busy_ratio: f64,
+}
+
+/// A worker's load report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerLoad {
+    pub cpu: f64,
+    pub inflight_batches: u32,
+    pub leases: BTreeMap<LeaseId, LeaseLoad>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub address: String,
+    pub handlers: BTreeSet<String>,
+    /// Most leases it takes; 0 = no limit.
+    pub capacity: u32,
+    pub last_seen: Instant,
+    /// Known only from the store after a coordinator restart; it keeps its
+    /// leases until it registers again or its session times out.
+    pub restored: bool,
+    pub load: WorkerLoad,
+}
+
+/// A worker joining (or re-joining).
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    pub worker: WorkerId,
+    pub address: String,
+    pub handlers: BTreeSet<String>,
+    pub capacity: u32,
+    /// Leases the worker still runs, with the epoch it runs them under.
+    pub held: Vec<(LeaseId, u64)>,
+}
+
+/// The answer to a checkpoint or a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointOutcome {
+    /// Accepted; the stored checkpoint (never lower than before).
+    Ok { checkpoint: Option<i64> },
+    /// The caller is not the owner under this epoch: it lost the lease.
+    Stale { current_epoch: u64 },
+    UnknownLease,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("unknown worker `{0}`: register again")]
+    UnknownWorker(WorkerId),
+    #[error("unknown lease `{0}`")]
+    UnknownLease(LeaseId),
+}
+
+/// Counters the IO layer turns into metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Workers declared dead after their session timed out.
+    pub expired_workers: u64,
+    /// Leases granted again after their owner died or a handoff was forced.
+    pub failovers: u64,
+    /// Graceful handoffs started by the balancer.
+    pub rebalance_moves: u64,
+    pub forced_handoffs: u64,
+}
+
+/// The lease table and membership.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    workers: BTreeMap<WorkerId, Worker>,
+    leases: BTreeMap<LeaseId, Lease>,
+    outbox: BTreeMap<WorkerId, Vec<Instruction>>,
+    dirty: BTreeSet<LeaseId>,
+    counters: Counters,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig) -> Self {
+        Self {
+            cfg,
+            workers: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Rebuilds the table from the store after a restart. Owners become
+    /// restored workers that keep their leases for one session timeout, so
+    /// a coordinator restart causes no rebalance storm.
+    pub fn restore(cfg: CoreConfig, records: Vec<LeaseRecord>, now: Instant) -> Self {
+        let mut core = Self::new(cfg);
+        for record in records {
+            let state = match &record.owner {
+                Some(owner) => {
+                    core.workers.entry(owner.clone()).or_insert_with(|| Worker {
+                        id: owner.clone(),
+                        address: String::new(),
+                        handlers: BTreeSet::new(),
+                        capacity: 0,
+                        last_seen: now,
+                        restored: true,
+                        load: WorkerLoad::default(),
+                    });
+                    LeaseState::Owned
+                }
+                None => LeaseState::Unassigned,
+            };
+            core.leases
+                .insert(record.lease.clone(), Lease { record, handler: None, state, since: now });
+        }
+        core
+    }
+
+    pub fn config(&self) -> CoreConfig {
+        self.cfg
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values()
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn lease(&self, id: &LeaseId) -> Option<&Lease> {
+        self.leases.get(id)
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Lease records changed since the last call; the IO layer writes them
+    /// to the store before acknowledging anything that depends on them.
+    pub fn take_dirty(&mut self) -> Vec<LeaseRecord> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty.iter().filter_map(|id| self.leases.get(id).map(|l| l.record.clone())).collect()
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Leases a worker owns (including those it is releasing).
+    pub fn owned_by<'a>(&'a self, worker: &'a str) -> impl Iterator<Item = &'a Lease> + 'a {
+        self.leases.values().filter(move |l| l.record.owner.as_deref() == Some(worker))
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// A worker joins, or re-joins after a coordinator restart or a lost
+    /// session. The reply is the worker's authoritative lease set.
+    pub fn register(&mut self, now: Instant, reg: Registration) -> Vec<Instruction> {
+        let id = reg.worker.clone();
+        let worker = self.workers.entry(id.clone()).or_insert_with(|| Worker {
+            id: id.clone(),
+            address: String::new(),
+            handlers: BTreeSet::new(),
+            capacity: 0,
+            last_seen: now,
+            restored: false,
+            load: WorkerLoad::default(),
+        });
+        worker.address = reg.address;
+        worker.handlers = reg.handlers;
+        worker.capacity = reg.capacity;
+        worker.last_seen = now;
+        worker.restored = false;
+        // The reply replaces whatever was queued: it states the whole truth.
+        self.outbox.remove(&id);
+
+        let held: BTreeMap<LeaseId, u64> = reg.held.into_iter().collect();
+        let mut reply = Vec::new();
+        for (lease, epoch) in &held {
+            let keeps = self
+                .leases
+                .get(lease)
+                .is_some_and(|l| l.record.owner.as_deref() == Some(id.as_str()) && l.record.epoch == *epoch);
+            if !keeps {
+                reply.push(Instruction::Revoke { lease: lease.clone(), epoch: *epoch });
+            }
+        }
+        let owned: Vec<LeaseId> = self.owned_by(&id).map(|l| l.record.lease.clone()).collect();
+        for lease_id in owned {
+            let Some(lease) = self.leases.get(&lease_id) else { continue };
+            let running = held.get(&lease_id) == Some(&lease.record.epoch);
+            match lease.state.clone() {
+                LeaseState::Releasing { to, .. } if !running => {
+                    // It does not run the lease any more: the handoff is done.
+                    self.finish_release(now, &lease_id, to);
+                }
+                LeaseState::Releasing { .. } => {
+                    let epoch = lease.record.epoch;
+                    reply.push(Instruction::Acquire {
+                        lease: lease_id.clone(),
+                        epoch,
+                        start: lease.record.checkpoint,
+                    });
+                    reply.push(Instruction::Release { lease: lease_id, epoch });
+                }
+                _ => reply.push(Instruction::Acquire {
+                    lease: lease_id,
+                    epoch: lease.record.epoch,
+                    start: lease.record.checkpoint,
+                }),
+            }
+        }
+        self.assign(now);
+        reply.extend(self.outbox.remove(&id).unwrap_or_default());
+        reply
+    }
+
+    /// Liveness and load; returns the instructions queued for the worker.
+    pub fn heartbeat(
+        &mut self,
+        now: Instant,
+        worker: &str,
+        load: WorkerLoad,
+    ) -> Result<Vec<Instruction>, CoreError> {
+        match self.workers.get_mut(worker) {
+            Some(w) if !w.restored => {
+                w.last_seen = now;
+                w.load = load;
+                Ok(self.outbox.remove(worker).unwrap_or_default())
+            }
+            // A restored worker must register so we learn what it still runs.
+            _ => Err(CoreError::UnknownWorker(worker.to_owned())),
+        }
+    }
+
+    /// Moves a checkpoint forward; fenced by owner and epoch.
+    pub fn checkpoint(&mut self, worker: &str, lease: &LeaseId, epoch: u64, offset: i64) -> CheckpointOutcome {
+        let Some(l) = self.leases.get_mut(lease) else { return CheckpointOutcome::UnknownLease };
+        if l.record.owner.as_deref() != Some(worker) || l.record.epoch != epoch {
+            return CheckpointOutcome::Stale { current_epoch: l.record.epoch };
+        }
+        if l.record.checkpoint.is_none_or(|c| offset > c) {
+            l.record.checkpoint = Some(offset);
+            self.dirty.insert(lease.clone());
+        }
+        CheckpointOutcome::Ok { checkpoint: l.record.checkpoint }
+    }
+
+    /// The owner confirms a release (asked for, or its own on shutdown),
+    /// with its final position.
+    pub fn release_done(
+        &mut self,
+        now: Instant,
+        worker: &str,
+        lease: &LeaseId,
+        epoch: u64,
+        offset: Option<i64>,
+    ) -> CheckpointOutcome {
+        if let Some(offset) = offset {
+            let outcome = self.checkpoint(worker, lease, epoch, offset);
+            if !matches!(outcome, CheckpointOutcome::Ok { .. }) {
+                return outcome;
+            }
+        }
+        let Some(l) = self.leases.get(lease) else { return CheckpointOutcome::UnknownLease };
+        if l.record.owner.as_deref() != Some(worker) || l.record.epoch != epoch {
+            return CheckpointOutcome::Stale { current_epoch: l.record.epoch };
+        }
+        let to = match &l.state {
+            LeaseState::Releasing { to, .. } => to.clone(),
+            _ => None,
+        };
+        let checkpoint = l.record.checkpoint;
+        self.finish_release(now, lease, to);
+        self.assign(now);
+        CheckpointOutcome::Ok { checkpoint }
+    }
+
+    /// A worker leaves; what it still owns is reassigned at once.
+    pub fn deregister(&mut self, now: Instant, worker: &str) {
+        self.remove_worker(now, worker);
+        self.assign(now);
+    }
+
+    /// Time passes: expire silent workers, force overdue handoffs, assign.
+    pub fn tick(&mut self, now: Instant) {
+        let dead: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| now.saturating_duration_since(w.last_seen) > self.cfg.session_timeout)
+            .map(|w| w.id.clone())
+            .collect();
+        for worker in dead {
+            self.counters.expired_workers += 1;
+            let lost = self.owned_by(&worker).count() as u64;
+            self.counters.failovers += lost;
+            self.remove_worker(now, &worker);
+        }
+        let overdue: Vec<(LeaseId, Option<WorkerId>)> = self
+            .leases
+            .values()
+            .filter_map(|l| match &l.state {
+                LeaseState::Releasing { to, deadline } if *deadline <= now => {
+                    Some((l.record.lease.clone(), to.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (lease, to) in overdue {
+            self.counters.forced_handoffs += 1;
+            self.counters.failovers += 1;
+            if let Some(l) = self.leases.get(&lease)
+                && let Some(owner) = l.record.owner.clone()
+            {
+                let epoch = l.record.epoch;
+                self.push(&owner, Instruction::Revoke { lease: lease.clone(), epoch });
+            }
+            self.finish_release(now, &lease, to);
+        }
+        self.assign(now);
+    }
+
+    /// Discovery found `count` partitions (or configured `count` slots) of a
+    /// mapping. New leases start unassigned with epoch 0; none is removed.
+    pub fn discovered(&mut self, now: Instant, kind: LeaseKind, name: &str, handler: &str, count: u32) -> u32 {
+        let mut added = 0;
+        for index in 0..count {
+            let id = LeaseId { kind, name: name.to_owned(), index };
+            let lease = self.leases.entry(id.clone()).or_insert_with(|| {
+                added += 1;
+                self.dirty.insert(id.clone());
+                Lease {
+                    record: LeaseRecord { lease: id.clone(), epoch: 0, owner: None, checkpoint: None },
+                    handler: None,
+                    state: LeaseState::Unassigned,
+                    since: now,
+                }
+            });
+            lease.handler = Some(handler.to_owned());
+        }
+        if added > 0 {
+            self.assign(now);
+        }
+        added
+    }
+
+    /// An operator sets a checkpoint (backwards too). The epoch goes up so
+    /// the current owner cannot overwrite it; the owner is told to restart
+    /// from the new position.
+    pub fn set_checkpoint(&mut self, now: Instant, lease: &LeaseId, offset: i64) -> Result<(), CoreError> {
+        let l = self.leases.get_mut(lease).ok_or_else(|| CoreError::UnknownLease(lease.clone()))?;
+        l.record.checkpoint = Some(offset);
+        l.record.epoch += 1;
+        self.dirty.insert(lease.clone());
+        let epoch = l.record.epoch;
+        match (l.state.clone(), l.record.owner.clone()) {
+            (LeaseState::Owned, Some(owner)) => {
+                let start = Some(offset);
+                self.push(&owner, Instruction::Acquire { lease: lease.clone(), epoch, start });
+            }
+            (LeaseState::Releasing { to, .. }, owner) => {
+                if let Some(owner) = owner {
+                    self.push(&owner, Instruction::Revoke { lease: lease.clone(), epoch: epoch - 1 });
+                }
+                self.finish_release(now, lease, to);
+                self.assign(now);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn push(&mut self, worker: &str, instruction: Instruction) {
+        if self.workers.contains_key(worker) {
+            self.outbox.entry(worker.to_owned()).or_default().push(instruction);
+        }
+    }
+
+    /// Gives a lease to a worker under a new epoch.
+    fn grant(&mut self, now: Instant, lease: &LeaseId, worker: &str) {
+        let Some(l) = self.leases.get_mut(lease) else { return };
+        l.record.epoch += 1;
+        l.record.owner = Some(worker.to_owned());
+        l.state = LeaseState::Owned;
+        l.since = now;
+        self.dirty.insert(lease.clone());
+        let instruction =
+            Instruction::Acquire { lease: lease.clone(), epoch: l.record.epoch, start: l.record.checkpoint };
+        self.push(worker, instruction);
+    }
+
+    fn unassign(&mut self, now: Instant, lease: &LeaseId) {
+        if let Some(l) = self.leases.get_mut(lease) {
+            l.record.owner = None;
+            l.state = LeaseState::Unassigned;
+            l.since = now;
+            self.dirty.insert(lease.clone());
+        }
+    }
+
+    /// Ends a release: the lease goes to `to` if it is still a live,
+    /// registered worker, else back to unassigned.
+    fn finish_release(&mut self, now: Instant, lease: &LeaseId, to: Option<WorkerId>) {
+        match to.filter(|w| self.workers.get(w).is_some_and(|w| !w.restored)) {
+            Some(to) => self.grant(now, lease, &to),
+            None => self.unassign(now, lease),
+        }
+    }
+
+    fn remove_worker(&mut self, now: Instant, worker: &str) {
+        self.workers.remove(worker);
+        self.outbox.remove(worker);
+        let touched: Vec<LeaseId> = self
+            .leases
+            .values()
+            .filter(|l| {
+                l.record.owner.as_deref() == Some(worker)
+                    || matches!(&l.state, LeaseState::Releasing { to: Some(t), .. } if t == worker)
+            })
+            .map(|l| l.record.lease.clone())
+            .collect();
+        for id in touched {
+            let Some(l) = self.leases.get_mut(&id) else { continue };
+            if l.record.owner.as_deref() == Some(worker) {
+                self.unassign(now, &id);
+            } else if let LeaseState::Releasing { to, .. } = &mut l.state {
+                *to = None;
+            }
+        }
+    }
+}

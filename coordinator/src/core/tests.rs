@@ -1,0 +1,442 @@
+//! Tests of the pure core: worked examples, then property tests that drive
+//! random sequences of joins, leaves, expiries, restarts and checkpoints
+//! through simulated workers and check the lease-table invariants.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use shardline_proto::{LeaseId, LeaseKind};
+
+use super::*;
+
+const H: &str = "h";
+
+fn reg(worker: &str) -> Registration {
+    Registration {
+        worker: worker.into(),
+        handlers: BTreeSet::from([H.to_owned()]),
+        ..Registration::default()
+    }
+}
+
+fn core_with(partitions: u32, now: Instant) -> Core {
+    let mut core = Core::new(CoreConfig::default());
+    core.discovered(now, LeaseKind::Shard, "s", H, partitions);
+    core
+}
+
+fn acquired(instructions: &[Instruction]) -> Vec<(LeaseId, u64)> {
+    instructions
+        .iter()
+        .filter_map(|i| match i {
+            Instruction::Acquire { lease, epoch, .. } => Some((lease.clone(), *epoch)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn first_worker_gets_every_lease_with_epoch_one() {
+    let now = Instant::now();
+    let mut core = core_with(4, now);
+    let got = acquired(&core.register(now, reg("a")));
+    assert_eq!(got.len(), 4);
+    assert!(got.iter().all(|(_, e)| *e == 1));
+}
+
+#[test]
+fn a_join_moves_only_what_balance_needs_and_by_graceful_handoff() {
+    let now = Instant::now();
+    let mut core = core_with(8, now);
+    core.register(now, reg("a"));
+    let b = core.register(now, reg("b"));
+    assert!(acquired(&b).is_empty(), "b gets leases only after a releases them");
+    let released: Vec<(LeaseId, u64)> = core
+        .heartbeat(now, "a", WorkerLoad::default())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| match i {
+            Instruction::Release { lease, epoch } => Some((lease, epoch)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released.len(), 4, "exactly half moves");
+    for (lease, epoch) in &released {
+        assert_eq!(core.checkpoint("a", lease, *epoch, 10), CheckpointOutcome::Ok { checkpoint: Some(10) });
+        assert!(matches!(core.release_done(now, "a", lease, *epoch, Some(11)), CheckpointOutcome::Ok { .. }));
+    }
+    let got = core.heartbeat(now, "b", WorkerLoad::default()).unwrap_or_default();
+    assert_eq!(got.len(), 4);
+    for i in got {
+        let Instruction::Acquire { epoch, start, .. } = i else { panic!("expected acquire, got {i:?}") };
+        assert_eq!((epoch, start), (2, Some(11)), "the new owner starts where the old one stopped");
+    }
+}
+
+#[test]
+fn a_silent_worker_expires_after_the_session_timeout_and_its_leases_move() {
+    let t0 = Instant::now();
+    let mut core = core_with(4, t0);
+    core.register(t0, reg("a"));
+    core.register(t0, reg("b"));
+    // Let the initial handoff settle: a confirms every release.
+    for i in core.heartbeat(t0, "a", WorkerLoad::default()).unwrap_or_default() {
+        if let Instruction::Release { lease, epoch } = i {
+            core.release_done(t0, "a", &lease, epoch, None);
+        }
+    }
+    let timeout = core.config().session_timeout;
+    // b keeps heartbeating; a falls silent.
+    let just_before = t0 + timeout;
+    core.heartbeat(just_before, "b", WorkerLoad::default()).ok();
+    core.tick(just_before);
+    assert_eq!(core.owned_by("a").count(), 2, "not dead before the timeout");
+    let after = t0 + timeout + Duration::from_millis(1);
+    core.tick(after);
+    assert_eq!(core.owned_by("a").count(), 0);
+    assert_eq!(core.owned_by("b").count(), 4);
+    assert_eq!(core.counters().failovers, 2);
+    // The zombie is fenced: its old epoch is refused.
+    let lease = LeaseId::shard("s", 3);
+    let l = core.lease(&lease).map(|l| l.record.clone());
+    assert!(matches!(core.checkpoint("a", &lease, 1, 99), CheckpointOutcome::Stale { .. }), "{l:?}");
+    assert_eq!(core.heartbeat(after, "a", WorkerLoad::default()), Err(CoreError::UnknownWorker("a".into())));
+}
+
+#[test]
+fn an_unconfirmed_handoff_is_forced_after_the_handoff_timeout() {
+    let t0 = Instant::now();
+    let mut core = core_with(2, t0);
+    core.register(t0, reg("a"));
+    core.register(t0, reg("b"));
+    let released = core.heartbeat(t0, "a", WorkerLoad::default()).unwrap_or_default();
+    assert_eq!(released.len(), 1);
+    let t1 = t0 + core.config().handoff_timeout;
+    core.heartbeat(t1, "a", WorkerLoad::default()).ok();
+    core.heartbeat(t1, "b", WorkerLoad::default()).ok();
+    core.tick(t1);
+    assert_eq!(core.owned_by("b").count(), 1);
+    assert_eq!(core.counters().forced_handoffs, 1);
+    let to_a = core.heartbeat(t1, "a", WorkerLoad::default()).unwrap_or_default();
+    assert!(matches!(to_a.as_slice(), [Instruction::Revoke { .. }]), "{to_a:?}");
+}
+
+#[test]
+fn restart_keeps_leases_of_workers_that_come_back_and_frees_the_rest() {
+    let t0 = Instant::now();
+    let mut core = core_with(4, t0);
+    core.register(t0, reg("a"));
+    core.checkpoint("a", &LeaseId::shard("s", 0), 1, 42);
+    let records = core.take_dirty();
+
+    let mut core = Core::restore(CoreConfig::default(), records, t0);
+    core.discovered(t0, LeaseKind::Shard, "s", H, 4);
+    // The worker comes back holding all four leases.
+    let mut r = reg("a");
+    r.held = (0..4).map(|p| (LeaseId::shard("s", p), 1)).collect();
+    let reply = core.register(t0, r);
+    assert_eq!(acquired(&reply).len(), 4);
+    assert!(acquired(&reply).iter().all(|(_, e)| *e == 1), "kept under the same epoch: {reply:?}");
+    assert_eq!(core.lease(&LeaseId::shard("s", 0)).and_then(|l| l.record.checkpoint), Some(42));
+
+    // A second restart where the worker never returns.
+    let records = core.leases().map(|l| l.record.clone()).collect();
+    let mut core = Core::restore(CoreConfig::default(), records, t0);
+    core.discovered(t0, LeaseKind::Shard, "s", H, 4);
+    core.register(t0, reg("b"));
+    assert_eq!(core.owned_by("b").count(), 0, "a's leases wait for a");
+    let later = t0 + core.config().session_timeout + Duration::from_millis(1);
+    core.heartbeat(later, "b", WorkerLoad::default()).ok();
+    core.tick(later);
+    assert_eq!(core.owned_by("b").count(), 4);
+}
+
+#[test]
+fn operator_set_bumps_the_epoch_and_restarts_the_owner() {
+    let t0 = Instant::now();
+    let mut core = core_with(1, t0);
+    core.register(t0, reg("a"));
+    let lease = LeaseId::shard("s", 0);
+    core.checkpoint("a", &lease, 1, 100);
+    assert_eq!(core.set_checkpoint(t0, &lease, 5), Ok(()));
+    assert!(matches!(core.checkpoint("a", &lease, 1, 101), CheckpointOutcome::Stale { current_epoch: 2 }));
+    let to_a = core.heartbeat(t0, "a", WorkerLoad::default()).unwrap_or_default();
+    assert_eq!(to_a, vec![Instruction::Acquire { lease: lease.clone(), epoch: 2, start: Some(5) }]);
+    assert_eq!(core.checkpoint("a", &lease, 2, 6), CheckpointOutcome::Ok { checkpoint: Some(6) });
+    assert_eq!(
+        core.set_checkpoint(t0, &LeaseId::shard("nope", 0), 1),
+        Err(CoreError::UnknownLease(LeaseId::shard("nope", 0)))
+    );
+}
+
+#[test]
+fn workers_only_get_leases_of_handlers_they_host() {
+    let t0 = Instant::now();
+    let mut core = core_with(2, t0);
+    core.discovered(t0, LeaseKind::QueueSlot, "q", "other", 1);
+    core.register(t0, reg("a"));
+    assert_eq!(core.owned_by("a").count(), 2);
+    assert!(core.lease(&LeaseId::slot("q", 0)).is_some_and(|l| l.record.owner.is_none()));
+}
+
+// ---------------------------------------------------------------- properties
+
+#[derive(Debug, Clone)]
+enum Op {
+    Join(u8),
+    Heartbeat(u8),
+    /// The worker confirms every release it has been asked for.
+    Confirm(u8),
+    Checkpoint { worker: u8, lease: u8, advance: u8, stale: bool },
+    Leave(u8),
+    Advance(u16),
+    Tick,
+    Restart,
+    AddPartitions(u8),
+    OperatorSet { lease: u8, offset: u8 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        1 => (0u8..5).prop_map(Op::Join),
+        4 => (0u8..5).prop_map(Op::Heartbeat),
+        2 => (0u8..5).prop_map(Op::Confirm),
+        4 => (0u8..5, 0u8..16, 0u8..20, any::<bool>())
+            .prop_map(|(worker, lease, advance, stale)| Op::Checkpoint { worker, lease, advance, stale }),
+        1 => (0u8..5).prop_map(Op::Leave),
+        3 => (0u16..15_000).prop_map(Op::Advance),
+        3 => Just(Op::Tick),
+        1 => Just(Op::Restart),
+        1 => (1u8..4).prop_map(Op::AddPartitions),
+        1 => (0u8..16, 0u8..50).prop_map(|(lease, offset)| Op::OperatorSet { lease, offset }),
+    ]
+}
+
+/// A worker as the coordinator's instructions leave it: what it runs, under
+/// which epoch, and where it is.
+#[derive(Debug, Default, Clone)]
+struct SimWorker {
+    running: BTreeMap<LeaseId, (u64, i64)>,
+    to_release: Vec<(LeaseId, u64)>,
+}
+
+impl SimWorker {
+    fn apply(&mut self, instructions: Vec<Instruction>, grants: &mut BTreeMap<(LeaseId, u64), String>, me: &str) {
+        for i in instructions {
+            match i {
+                Instruction::Acquire { lease, epoch, start } => {
+                    let previous = grants.insert((lease.clone(), epoch), me.to_owned());
+                    assert!(
+                        previous.as_deref().is_none_or(|p| p == me),
+                        "epoch {epoch} of {lease} granted to {previous:?} and to {me}"
+                    );
+                    self.running.insert(lease, (epoch, start.unwrap_or(0)));
+                }
+                Instruction::Release { lease, epoch } => self.to_release.push((lease, epoch)),
+                Instruction::Revoke { lease, epoch } => {
+                    if self.running.get(&lease).is_some_and(|(e, _)| *e == epoch) {
+                        self.running.remove(&lease);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Model {
+    core: Core,
+    now: Instant,
+    /// What the store holds: every dirty record written after each step.
+    store: BTreeMap<LeaseId, LeaseRecord>,
+    workers: BTreeMap<String, SimWorker>,
+    /// Every (lease, epoch) ever granted, and to whom.
+    grants: BTreeMap<(LeaseId, u64), String>,
+    /// The highest checkpoint acknowledged per lease (reset by operator sets).
+    acked: BTreeMap<LeaseId, i64>,
+    partitions: u32,
+}
+
+impl Model {
+    fn new() -> Self {
+        let now = Instant::now();
+        let mut model = Self {
+            core: Core::new(CoreConfig::default()),
+            now,
+            store: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            grants: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            partitions: 4,
+        };
+        model.core.discovered(now, LeaseKind::Shard, "s", H, model.partitions);
+        model
+    }
+
+    fn name(w: u8) -> String {
+        format!("w{w}")
+    }
+
+    fn lease(&self, l: u8) -> LeaseId {
+        LeaseId::shard("s", u32::from(l) % self.partitions)
+    }
+
+    fn step(&mut self, op: Op) {
+        let now = self.now;
+        match op {
+            Op::Join(w) => {
+                let name = Self::name(w);
+                let sim = self.workers.entry(name.clone()).or_default();
+                let mut r = reg(&name);
+                r.held = sim.running.iter().map(|(l, (e, _))| (l.clone(), *e)).collect();
+                let reply = self.core.register(now, r);
+                sim.running.clear();
+                sim.to_release.clear();
+                sim.apply(reply, &mut self.grants, &name);
+            }
+            Op::Heartbeat(w) => {
+                let name = Self::name(w);
+                if let Some(sim) = self.workers.get_mut(&name)
+                    && let Ok(instructions) = self.core.heartbeat(now, &name, WorkerLoad::default())
+                {
+                    sim.apply(instructions, &mut self.grants, &name);
+                }
+            }
+            Op::Confirm(w) => {
+                let name = Self::name(w);
+                let Some(sim) = self.workers.get_mut(&name) else { return };
+                for (lease, epoch) in std::mem::take(&mut sim.to_release) {
+                    let position = sim.running.remove(&lease).map(|(_, p)| p);
+                    let outcome = self.core.release_done(now, &name, &lease, epoch, position);
+                    if let (CheckpointOutcome::Ok { .. }, Some(p)) = (outcome, position) {
+                        let acked = self.acked.entry(lease).or_insert(p);
+                        *acked = (*acked).max(p);
+                    }
+                }
+            }
+            Op::Checkpoint { worker, lease, advance, stale } => {
+                let name = Self::name(worker);
+                let lease = self.lease(lease);
+                let Some((epoch, position)) =
+                    self.workers.get(&name).and_then(|s| s.running.get(&lease)).copied()
+                else {
+                    return;
+                };
+                let epoch = if stale { epoch.saturating_sub(1) } else { epoch };
+                let offset = position + i64::from(advance);
+                let current = self.core.lease(&lease).map(|l| (l.record.epoch, l.record.owner.clone()));
+                let outcome = self.core.checkpoint(&name, &lease, epoch, offset);
+                let legit = current == Some((epoch, Some(name.clone())));
+                match outcome {
+                    CheckpointOutcome::Ok { checkpoint } => {
+                        assert!(legit, "accepted {name} epoch {epoch} on {lease} owned {current:?}");
+                        assert!(checkpoint >= Some(offset));
+                        let acked = self.acked.entry(lease.clone()).or_insert(offset);
+                        *acked = (*acked).max(offset);
+                        if let Some(sim) = self.workers.get_mut(&name) {
+                            sim.running.insert(lease, (epoch, offset));
+                        }
+                    }
+                    CheckpointOutcome::Stale { .. } => {
+                        assert!(!legit, "refused the owner {name} epoch {epoch} on {lease}");
+                        // "Lease lost": the worker stops it at once.
+                        if let Some(sim) = self.workers.get_mut(&name) {
+                            sim.running.remove(&lease);
+                        }
+                    }
+                    CheckpointOutcome::UnknownLease => panic!("{lease} exists"),
+                }
+            }
+            Op::Leave(w) => {
+                let name = Self::name(w);
+                if self.workers.remove(&name).is_some() {
+                    self.core.deregister(now, &name);
+                }
+            }
+            Op::Advance(ms) => self.now += Duration::from_millis(u64::from(ms)),
+            Op::Tick => self.core.tick(now),
+            Op::Restart => {
+                self.persist();
+                let records = self.store.values().cloned().collect();
+                self.core = Core::restore(self.core.config(), records, now);
+                self.core.discovered(now, LeaseKind::Shard, "s", H, self.partitions);
+            }
+            Op::AddPartitions(n) => {
+                self.partitions = (self.partitions + u32::from(n)).min(16);
+                self.core.discovered(now, LeaseKind::Shard, "s", H, self.partitions);
+            }
+            Op::OperatorSet { lease, offset } => {
+                let lease = self.lease(lease);
+                if self.core.set_checkpoint(now, &lease, i64::from(offset)).is_ok() {
+                    self.acked.insert(lease, i64::from(offset));
+                }
+            }
+        }
+        self.persist();
+        self.check();
+    }
+
+    fn persist(&mut self) {
+        for record in self.core.take_dirty() {
+            self.store.insert(record.lease.clone(), record);
+        }
+    }
+
+    fn check(&self) {
+        for lease in self.core.leases() {
+            let r = &lease.record;
+            // At most one owner, and it is a known worker.
+            if let Some(owner) = &r.owner {
+                assert!(self.core.workers().any(|w| &w.id == owner), "{} owned by gone {owner}", r.lease);
+            } else {
+                assert_eq!(lease.state, LeaseState::Unassigned);
+            }
+            // No acknowledged checkpoint is lost or regresses.
+            if let Some(acked) = self.acked.get(&r.lease) {
+                assert!(r.checkpoint >= Some(*acked), "{}: {:?} < acked {acked}", r.lease, r.checkpoint);
+            }
+            // The store agrees with the table.
+            assert_eq!(self.store.get(&r.lease), Some(r), "store out of date for {}", r.lease);
+        }
+        // At most one worker can move a lease's checkpoint: the owner under the
+        // current epoch. Any other simulated holder quotes an older epoch.
+        for lease in self.core.leases() {
+            let current: Vec<&String> = self
+                .workers
+                .iter()
+                .filter(|(_, s)| s.running.get(&lease.record.lease).is_some_and(|(e, _)| *e == lease.record.epoch))
+                .map(|(n, _)| n)
+                .collect();
+            assert!(current.len() <= 1, "{} run under its current epoch by {current:?}", lease.record.lease);
+        }
+    }
+
+    /// Within one lease per worker once no handoff is in flight (a pending
+    /// handoff's lease already counts for its new owner, but a worker whose
+    /// leases are all still arriving has none to give on).
+    fn check_balanced(&self) {
+        if self.core.leases().any(|l| matches!(l.state, LeaseState::Releasing { .. })) {
+            return;
+        }
+        let counts = self.core.lease_counts();
+        if let (Some(min), Some(max)) = (counts.values().min(), counts.values().max()) {
+            assert!(max - min <= 1, "unbalanced after assignment: {counts:?}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lease_table_invariants_hold(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut model = Model::new();
+        for op in ops {
+            let ticked = matches!(op, Op::Tick);
+            model.step(op);
+            if ticked {
+                model.check_balanced();
+            }
+        }
+    }
+}

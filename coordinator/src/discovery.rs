@@ -1,0 +1,115 @@
+//! Shard discovery: the partitions of each configured stream come from Kafka
+//! metadata (through rdkafka), re-read every `discovery_interval`, so a
+//! partition added while running gets a lease. Subscription slots come from
+//! the config. Discovery only ever adds leases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use shardline_proto::LeaseKind;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::service::{Command, Handle};
+
+/// Why one metadata read failed. Every variant is worth retrying next round.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("kafka client: {0}")]
+    Client(String),
+    #[error("topic `{0}` does not exist (yet)")]
+    NoTopic(String),
+}
+
+/// Sends the configured subscriptions and fixed-size streams once, then
+/// reads Kafka metadata for the other streams until `shutdown`.
+pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToken) {
+    for s in &config.subscriptions {
+        let command = Command::Discovered {
+            kind: LeaseKind::QueueSlot,
+            name: s.name.clone(),
+            handler: s.handler.clone(),
+            count: s.slots,
+        };
+        if handle.send(command).await.is_err() {
+            return;
+        }
+    }
+    for s in config.streams.iter().filter(|s| s.partitions.is_some()) {
+        let command = Command::Discovered {
+            kind: LeaseKind::Shard,
+            name: s.name.clone(),
+            handler: s.handler.clone(),
+            count: s.partitions.unwrap_or(0),
+        };
+        if handle.send(command).await.is_err() {
+            return;
+        }
+    }
+    let streams: Vec<_> = config.streams.iter().filter(|s| s.partitions.is_none()).cloned().collect();
+    if streams.is_empty() {
+        return;
+    }
+    let consumer: Arc<BaseConsumer> = match ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("allow.auto.create.topics", "false")
+        .create()
+    {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the Kafka metadata client; streams get no leases");
+            return;
+        }
+    };
+    let mut interval = tokio::time::interval(config.discovery_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        for stream in &streams {
+            let consumer = consumer.clone();
+            let topic = stream.name.clone();
+            let timeout = config.discovery_interval.max(Duration::from_secs(5));
+            let result = tokio::task::spawn_blocking(move || partition_count(&consumer, &topic, timeout))
+                .await
+                .unwrap_or_else(|e| Err(DiscoveryError::Client(e.to_string())));
+            match result {
+                Ok(count) => {
+                    metrics::gauge!("shardline_stream_partitions", "stream" => stream.name.clone()).set(count);
+                    let command = Command::Discovered {
+                        kind: LeaseKind::Shard,
+                        name: stream.name.clone(),
+                        handler: stream.handler.clone(),
+                        count,
+                    };
+                    if handle.send(command).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("shardline_discovery_errors_total", "stream" => stream.name.clone())
+                        .increment(1);
+                    tracing::warn!(stream = %stream.name, error = %e, "discovery failed; retrying next round");
+                }
+            }
+        }
+    }
+}
+
+fn partition_count(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Result<u32, DiscoveryError> {
+    let metadata =
+        consumer.fetch_metadata(Some(topic), timeout).map_err(|e| DiscoveryError::Client(e.to_string()))?;
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| DiscoveryError::NoTopic(topic.to_owned()))?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        return Err(DiscoveryError::NoTopic(topic.to_owned()));
+    }
+    Ok(t.partitions().len() as u32)
+}

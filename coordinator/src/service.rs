@@ -1,0 +1,363 @@
+//! The IO loop around the pure core: one task owns the [`Core`] and the
+//! store, takes commands from the gRPC handlers over a channel, ticks the
+//! clock, and group-commits.
+//!
+//! Group commit: after each command the loop writes the core's dirty records
+//! to the store (cheap, not yet durable). A reply that may reveal any write
+//! (an accepted checkpoint, a grant with a new epoch) waits until a flush
+//! that started after that write has completed. One flush runs at a time;
+//! while it runs, new writes and replies pile up for the next one. So an
+//! acknowledged checkpoint survives `kill -9`, and an epoch handed to a
+//! worker is never handed out again after a restart.
+
+use std::time::Duration;
+
+use shardline_proto::{LeaseId, LeaseKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{CheckpointOutcome, Core, CoreError, Instruction, Lease, Registration, Worker, WorkerLoad};
+use crate::metrics as m;
+use crate::store::{LeaseStore, StoreError};
+
+/// How often the loop ticks the core (expiry, forced handoffs, assignment).
+/// Well under a heartbeat, so failover detection adds little to the timeout.
+const TICK: Duration = Duration::from_millis(100);
+/// Most commands taken per turn of the loop before writing and flushing.
+const MAX_BATCH: usize = 1024;
+
+/// One checkpoint in a worker's request.
+#[derive(Debug, Clone)]
+pub struct CheckpointCmd {
+    pub lease: LeaseId,
+    pub epoch: u64,
+    pub offset: i64,
+}
+
+/// A snapshot for the admin API.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub workers: Vec<Worker>,
+    pub leases: Vec<Lease>,
+    pub now: std::time::Instant,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+/// A request to the loop; each carries the channel its answer goes to.
+#[derive(Debug)]
+pub enum Command {
+    Register(Registration, Reply<Vec<Instruction>>),
+    Heartbeat { worker: String, load: WorkerLoad, reply: Reply<Result<Vec<Instruction>, CoreError>> },
+    Checkpoint { worker: String, entries: Vec<CheckpointCmd>, reply: Reply<Vec<CheckpointOutcome>> },
+    ReleaseDone { worker: String, lease: LeaseId, epoch: u64, offset: Option<i64>, reply: Reply<CheckpointOutcome> },
+    Deregister { worker: String, reply: Reply<()> },
+    /// Discovery: this mapping has `count` partitions or slots.
+    Discovered { kind: LeaseKind, name: String, handler: String, count: u32 },
+    SetCheckpoint { lease: LeaseId, offset: i64, reply: Reply<Result<Lease, CoreError>> },
+    Snapshot(Reply<Snapshot>),
+}
+
+/// A cloneable handle to the loop.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The loop is gone (shutting down or crashed).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the coordinator is shutting down")]
+pub struct Closed;
+
+impl Handle {
+    /// Sends a command built around a fresh reply channel and waits for it.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Closed> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| Closed)?;
+        rx.await.map_err(|_| Closed)
+    }
+
+    pub async fn send(&self, command: Command) -> Result<(), Closed> {
+        self.tx.send(command).await.map_err(|_| Closed)
+    }
+}
+
+/// A reply held back until the writes before it are durable.
+type Deferred = Box<dyn FnOnce() + Send>;
+
+/// Owns the core and the store; see the module docs.
+pub struct Service<S: LeaseStore> {
+    core: Core,
+    store: S,
+    rx: mpsc::Receiver<Command>,
+    /// Writes made so far, and writes known durable.
+    written: u64,
+    durable: u64,
+    /// Replies waiting for `durable >= seq`.
+    waiting: Vec<(u64, Deferred)>,
+    flushing: Option<u64>,
+}
+
+impl<S: LeaseStore> Service<S> {
+    /// Restores the core from the store and returns the loop and its handle.
+    pub fn new(store: S, cfg: crate::core::CoreConfig) -> Result<(Self, Handle), StoreError> {
+        let records = store.load()?;
+        let core = Core::restore(cfg, records, Instant::now().into_std());
+        let (tx, rx) = mpsc::channel(4096);
+        let service = Self { core, store, rx, written: 0, durable: 0, waiting: Vec::new(), flushing: None };
+        Ok((service, Handle { tx }))
+    }
+
+    /// Runs until `shutdown` fires (or every handle is dropped). Returns an
+    /// error only when the store fails, which the binary treats as fatal:
+    /// acknowledging without durability would break the contract.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (flushed_tx, mut flushed_rx) = mpsc::channel::<(u64, Result<(), StoreError>)>(1);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some((seq, result)) = flushed_rx.recv() => {
+                    result?;
+                    self.flushing = None;
+                    self.durable = self.durable.max(seq);
+                    self.release_waiting();
+                }
+                command = self.rx.recv() => {
+                    let Some(command) = command else { break };
+                    self.handle(command);
+                    for _ in 0..MAX_BATCH {
+                        match self.rx.try_recv() {
+                            Ok(command) => self.handle(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.core.tick(Instant::now().into_std());
+                    self.persist()?;
+                    m::publish(&self.core);
+                }
+            }
+            self.persist()?;
+            if self.flushing.is_none() && !self.waiting.is_empty() && self.durable < self.written {
+                let seq = self.written;
+                self.flushing = Some(seq);
+                let flush = self.store.flush();
+                let done = flushed_tx.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let result = flush.await;
+                    m::flush_done(started.elapsed());
+                    let _ = done.send((seq, result)).await;
+                });
+            }
+            self.release_waiting();
+        }
+        // Drain: make what was written durable before replying and exiting.
+        if self.written > self.durable {
+            self.store.flush().await?;
+            self.durable = self.written;
+            self.release_waiting();
+        }
+        Ok(())
+    }
+
+    fn persist(&mut self) -> Result<(), StoreError> {
+        if !self.core.has_dirty() {
+            return Ok(());
+        }
+        for record in self.core.take_dirty() {
+            self.store.put(&record)?;
+            self.written += 1;
+        }
+        Ok(())
+    }
+
+    fn release_waiting(&mut self) {
+        let durable = self.durable;
+        let (ready, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(seq, _)| *seq <= durable);
+        self.waiting = pending;
+        for (_, reply) in ready {
+            reply();
+        }
+    }
+
+    /// Answers now if nothing unflushed could be revealed, else after the
+    /// next flush.
+    fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, value: T) {
+        // Persist first so `written` covers what this command changed.
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "store write failed; dropping the reply");
+            return;
+        }
+        if self.written <= self.durable {
+            let _ = tx.send(value);
+        } else {
+            let seq = self.written;
+            self.waiting.push((seq, Box::new(move || drop(tx.send(value)))));
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        let now = Instant::now().into_std();
+        match command {
+            Command::Register(registration, reply) => {
+                let worker = registration.worker.clone();
+                let instructions = self.core.register(now, registration);
+                tracing::info!(%worker, instructions = instructions.len(), "worker registered");
+                self.reply(reply, instructions);
+            }
+            Command::Heartbeat { worker, load, reply } => {
+                let result = self.core.heartbeat(now, &worker, load);
+                self.reply(reply, result);
+            }
+            Command::Checkpoint { worker, entries, reply } => {
+                let outcomes: Vec<CheckpointOutcome> = entries
+                    .iter()
+                    .map(|e| self.core.checkpoint(&worker, &e.lease, e.epoch, e.offset))
+                    .collect();
+                let accepted = outcomes.iter().filter(|o| matches!(o, CheckpointOutcome::Ok { .. })).count();
+                m::checkpoints(accepted as u64, (outcomes.len() - accepted) as u64);
+                self.reply(reply, outcomes);
+            }
+            Command::ReleaseDone { worker, lease, epoch, offset, reply } => {
+                let outcome = self.core.release_done(now, &worker, &lease, epoch, offset);
+                tracing::info!(%worker, %lease, epoch, ?offset, ?outcome, "release confirmed");
+                self.reply(reply, outcome);
+            }
+            Command::Deregister { worker, reply } => {
+                self.core.deregister(now, &worker);
+                tracing::info!(%worker, "worker deregistered");
+                self.reply(reply, ());
+            }
+            Command::Discovered { kind, name, handler, count } => {
+                let added = self.core.discovered(now, kind, &name, &handler, count);
+                if added > 0 {
+                    tracing::info!(stream = %name, added, total = count, "new leases discovered");
+                }
+            }
+            Command::SetCheckpoint { lease, offset, reply } => {
+                let result = self.core.set_checkpoint(now, &lease, offset);
+                if result.is_ok() {
+                    tracing::warn!(%lease, offset, "checkpoint set by an operator");
+                }
+                let result = result.and_then(|()| {
+                    self.core.lease(&lease).cloned().ok_or_else(|| CoreError::UnknownLease(lease.clone()))
+                });
+                self.reply(reply, result);
+            }
+            Command::Snapshot(reply) => {
+                let snapshot = Snapshot {
+                    workers: self.core.workers().cloned().collect(),
+                    leases: self.core.leases().cloned().collect(),
+                    now,
+                };
+                let _ = reply.send(snapshot);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::core::CoreConfig;
+    use crate::store::MemStore;
+
+    async fn start(store: MemStore) -> (Handle, CancellationToken) {
+        let (service, handle) = Service::new(store, CoreConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let token = CancellationToken::new();
+        tokio::spawn(service.run(token.clone()));
+        handle
+            .send(Command::Discovered {
+                kind: LeaseKind::Shard,
+                name: "s".into(),
+                handler: "h".into(),
+                count: 4,
+            })
+            .await
+            .ok();
+        (handle, token)
+    }
+
+    async fn register(handle: &Handle, worker: &str) -> Vec<Instruction> {
+        let registration = Registration {
+            worker: worker.into(),
+            handlers: BTreeSet::from(["h".to_owned()]),
+            ..Registration::default()
+        };
+        handle.call(|tx| Command::Register(registration, tx)).await.unwrap_or_default()
+    }
+
+    async fn heartbeat(handle: &Handle, worker: &str) -> Result<Vec<Instruction>, CoreError> {
+        let worker = worker.to_owned();
+        handle
+            .call(|reply| Command::Heartbeat { worker, load: WorkerLoad::default(), reply })
+            .await
+            .unwrap_or(Err(CoreError::UnknownWorker("closed".into())))
+    }
+
+    async fn owners(handle: &Handle) -> Vec<Option<String>> {
+        let snapshot = handle.call(Command::Snapshot).await.map(|s| s.leases).unwrap_or_default();
+        snapshot.into_iter().map(|l| l.record.owner).collect()
+    }
+
+    /// Expiry under a paused clock: tokio's time only moves when we say so.
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_worker_is_expired_by_the_loop_at_the_session_timeout() {
+        let (handle, token) = start(MemStore::default()).await;
+        assert_eq!(register(&handle, "a").await.len(), 4);
+        register(&handle, "b").await;
+        // a hands two leases to b gracefully.
+        for i in heartbeat(&handle, "a").await.unwrap_or_default() {
+            if let Instruction::Release { lease, epoch } = i {
+                let outcome = handle
+                    .call(|reply| Command::ReleaseDone { worker: "a".into(), lease, epoch, offset: None, reply })
+                    .await;
+                assert!(matches!(outcome, Ok(CheckpointOutcome::Ok { .. })));
+            }
+        }
+        // b heartbeats every second; a is silent from now on.
+        for _ in 0..9 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            heartbeat(&handle, "b").await.ok();
+        }
+        let alive = owners(&handle).await;
+        assert_eq!(alive.iter().filter(|o| o.as_deref() == Some("a")).count(), 2, "a alive at 9 s: {alive:?}");
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            heartbeat(&handle, "b").await.ok();
+        }
+        let after = owners(&handle).await;
+        assert!(after.iter().all(|o| o.as_deref() == Some("b")), "a expired after 10 s: {after:?}");
+        assert!(heartbeat(&handle, "a").await.is_err(), "the dead worker must re-register");
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checkpoints_are_acknowledged_and_stored() {
+        let store = MemStore::default();
+        let (handle, token) = start(store.clone()).await;
+        let acquired = register(&handle, "a").await;
+        let Some(Instruction::Acquire { lease, epoch, .. }) = acquired.first().cloned() else {
+            panic!("no lease acquired: {acquired:?}")
+        };
+        let entries = vec![CheckpointCmd { lease: lease.clone(), epoch, offset: 7 }];
+        let outcomes = handle
+            .call(|reply| Command::Checkpoint { worker: "a".into(), entries, reply })
+            .await
+            .unwrap_or_default();
+        assert_eq!(outcomes, vec![CheckpointOutcome::Ok { checkpoint: Some(7) }]);
+        let stored = store.load().unwrap_or_default();
+        assert!(stored.iter().any(|r| r.lease == lease && r.checkpoint == Some(7)));
+        token.cancel();
+    }
+}

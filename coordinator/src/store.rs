@@ -1,0 +1,222 @@
+//! Durable lease records behind the small [`LeaseStore`] trait, so another
+//! backend (a shared table for a standby coordinator) can follow without
+//! touching assignment.
+//!
+//! Writes are cheap and not yet durable; [`LeaseStore::flush`] makes every
+//! earlier write durable. The service loop group-commits: many writes, one
+//! flush, then all their acknowledgements.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use shardline_proto::LeaseId;
+
+use crate::core::LeaseRecord;
+
+/// Marks a sled directory as a shardline store, with its format version.
+pub const FORMAT_KEY: &[u8] = b"shardline.format";
+pub const FORMAT_VERSION: u32 = 1;
+const LEASES_TREE: &str = "leases";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (a running coordinator) holds the directory. Retrying
+    /// helps once it stops.
+    #[error("store {0} is locked by another process (is a coordinator running on it?)")]
+    Locked(String),
+    #[error("{path} is not a shardline store: {reason}")]
+    Foreign { path: String, reason: String },
+    #[error("store {path} has format {found}; this build reads format {FORMAT_VERSION}: upgrade shardline")]
+    NewerFormat { path: String, found: u32 },
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("store record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// Where the lease table lives between restarts.
+pub trait LeaseStore: Send + 'static {
+    /// Every record, for [`crate::core::Core::restore`].
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// Writes a record; durable only after the next completed flush.
+    fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError>;
+    /// Makes every earlier `put` durable. Runs off the service loop, so the
+    /// loop keeps taking requests while the disk works.
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static;
+}
+
+/// The embedded default: sled, one tree of JSON lease records.
+pub struct SledStore {
+    db: sled::Db,
+    leases: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (creating if absent) a store for writing.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let fresh = !path.join("conf").exists();
+        if !fresh && !path.join("db").exists() {
+            return Err(StoreError::Foreign {
+                path: path.display().to_string(),
+                reason: "it has no sled database".into(),
+            });
+        }
+        let db = sled::Config::new().path(path).open().map_err(|e| open_error(path, e))?;
+        match db.get(FORMAT_KEY).map_err(io)? {
+            Some(v) => check_format(path, &v)?,
+            None if fresh || db.tree_names().len() <= 1 => {
+                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes()[..]).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+            None => {
+                return Err(StoreError::Foreign {
+                    path: path.display().to_string(),
+                    reason: "sled database without a shardline format marker".into(),
+                });
+            }
+        }
+        let leases = db.open_tree(LEASES_TREE).map_err(io)?;
+        Ok(Self { db, leases })
+    }
+
+    /// Opens an existing store for reading only: refuses to create one.
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        if !path.join("conf").exists() {
+            return Err(StoreError::Foreign {
+                path: path.display().to_string(),
+                reason: "no sled database there".into(),
+            });
+        }
+        let db = sled::Config::new().path(path).open().map_err(|e| open_error(path, e))?;
+        match db.get(FORMAT_KEY).map_err(io)? {
+            Some(v) => check_format(path, &v)?,
+            None => {
+                return Err(StoreError::Foreign {
+                    path: path.display().to_string(),
+                    reason: "sled database without a shardline format marker".into(),
+                });
+            }
+        }
+        let leases = db.open_tree(LEASES_TREE).map_err(io)?;
+        Ok(Self { db, leases })
+    }
+}
+
+fn check_format(path: &Path, v: &[u8]) -> Result<(), StoreError> {
+    let found = <[u8; 4]>::try_from(v).map(u32::from_be_bytes).map_err(|_| StoreError::Foreign {
+        path: path.display().to_string(),
+        reason: "its format marker is unreadable".into(),
+    })?;
+    if found > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat { path: path.display().to_string(), found });
+    }
+    Ok(())
+}
+
+fn open_error(path: &Path, e: sled::Error) -> StoreError {
+    let text = e.to_string();
+    if text.contains("lock") || text.contains("WouldBlock") || text.contains("temporarily unavailable") {
+        StoreError::Locked(path.display().to_string())
+    } else {
+        StoreError::Io(format!("{}: {text}", path.display()))
+    }
+}
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn key(lease: &LeaseId) -> Vec<u8> {
+    serde_json::to_vec(lease).unwrap_or_default()
+}
+
+impl LeaseStore for SledStore {
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.leases
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(io)?;
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.leases.insert(key(&record.lease), value).map_err(io)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let db = self.db.clone();
+        async move {
+            // sled's flush blocks on fsync; keep it off the async workers.
+            tokio::task::spawn_blocking(move || db.flush().map(|_| ()).map_err(io))
+                .await
+                .map_err(|e| StoreError::Io(e.to_string()))?
+        }
+    }
+}
+
+/// An in-memory store: for tests of the service loop under a paused clock,
+/// where a real fsync would let tokio's auto-advance race the disk.
+#[derive(Clone, Default)]
+pub struct MemStore {
+    records: Arc<Mutex<BTreeMap<LeaseId, LeaseRecord>>>,
+}
+
+impl LeaseStore for MemStore {
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let records = self.records.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(records.values().cloned().collect())
+    }
+
+    fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
+        let mut records = self.records.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        records.insert(record.lease.clone(), record.clone());
+        Ok(())
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        std::future::ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen_and_foreign_or_locked_dirs_are_refused() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
+        let path = dir.path().join("store");
+        let record = LeaseRecord {
+            lease: LeaseId::shard("orders", 3),
+            epoch: 4,
+            owner: Some("w1".into()),
+            checkpoint: Some(1234),
+        };
+        {
+            let mut store = SledStore::open(&path)?;
+            store.put(&record)?;
+            let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| StoreError::Io(e.to_string()))?;
+            rt.block_on(store.flush())?;
+            // While it is open, a second opener is told it is locked.
+            assert!(matches!(SledStore::open_existing(&path), Err(StoreError::Locked(_))));
+        }
+        let store = SledStore::open_existing(&path)?;
+        assert_eq!(store.load()?, vec![record]);
+
+        let foreign = dir.path().join("foreign");
+        std::fs::create_dir_all(&foreign).map_err(|e| StoreError::Io(e.to_string()))?;
+        std::fs::write(foreign.join("conf"), "x").map_err(|e| StoreError::Io(e.to_string()))?;
+        assert!(matches!(SledStore::open(&foreign), Err(StoreError::Foreign { .. })));
+        assert!(matches!(SledStore::open_existing(&dir.path().join("none")), Err(StoreError::Foreign { .. })));
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! Conversions between wire messages and domain types, done at the edge so
+//! nothing past the gRPC layer handles raw wire structs for identities.
+
+use crate::domain::{LeaseId, LeaseKind};
+use crate::v1;
+
+/// A wire message that does not describe a valid domain value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConvertError {
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("lease kind {0} is not a shard (1) or a queue slot (2)")]
+    BadKind(i32),
+}
+
+impl From<&LeaseId> for v1::LeaseId {
+    fn from(id: &LeaseId) -> Self {
+        let kind = match id.kind {
+            LeaseKind::Shard => v1::LeaseKind::Shard,
+            LeaseKind::QueueSlot => v1::LeaseKind::QueueSlot,
+        };
+        v1::LeaseId { kind: kind as i32, name: id.name.clone(), index: id.index }
+    }
+}
+
+impl TryFrom<&v1::LeaseId> for LeaseId {
+    type Error = ConvertError;
+
+    fn try_from(id: &v1::LeaseId) -> Result<Self, Self::Error> {
+        let kind = match v1::LeaseKind::try_from(id.kind) {
+            Ok(v1::LeaseKind::Shard) => LeaseKind::Shard,
+            Ok(v1::LeaseKind::QueueSlot) => LeaseKind::QueueSlot,
+            _ => return Err(ConvertError::BadKind(id.kind)),
+        };
+        if id.name.is_empty() {
+            return Err(ConvertError::Missing("lease.name"));
+        }
+        Ok(LeaseId { kind, name: id.name.clone(), index: id.index })
+    }
+}
+
+impl TryFrom<Option<&v1::LeaseId>> for LeaseId {
+    type Error = ConvertError;
+
+    fn try_from(id: Option<&v1::LeaseId>) -> Result<Self, Self::Error> {
+        id.ok_or(ConvertError::Missing("lease")).and_then(LeaseId::try_from)
+    }
+}
+
+impl v1::StartPosition {
+    /// The wire form of "start at this checkpoint, or at the mapping's
+    /// starting_position when there is none".
+    pub fn from_checkpoint(checkpoint: Option<i64>) -> Self {
+        let position = match checkpoint {
+            Some(offset) => v1::start_position::Position::Offset(offset),
+            None => v1::start_position::Position::MappingDefault(true),
+        };
+        v1::StartPosition { position: Some(position) }
+    }
+
+    /// The checkpoint to start from; `None` means the mapping's default.
+    pub fn checkpoint(&self) -> Option<i64> {
+        match self.position {
+            Some(v1::start_position::Position::Offset(o)) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_id_round_trips_and_rejects_garbage() {
+        let id = LeaseId::slot("emails", 2);
+        let wire = v1::LeaseId::from(&id);
+        assert_eq!(LeaseId::try_from(&wire), Ok(id));
+        let bad = v1::LeaseId { kind: 9, name: "x".into(), index: 0 };
+        assert_eq!(LeaseId::try_from(&bad), Err(ConvertError::BadKind(9)));
+        assert_eq!(LeaseId::try_from(None), Err(ConvertError::Missing("lease")));
+    }
+
+    #[test]
+    fn start_position_round_trips() {
+        assert_eq!(v1::StartPosition::from_checkpoint(Some(5)).checkpoint(), Some(5));
+        assert_eq!(v1::StartPosition::from_checkpoint(None).checkpoint(), None);
+    }
+}

@@ -1,0 +1,82 @@
+//! Domain types shared by the coordinator, the worker and the CLI.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// What a lease is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseKind {
+    /// One partition of a Kafka topic.
+    Shard,
+    /// One consumer slot of a RabbitMQ subscription queue.
+    QueueSlot,
+}
+
+/// One lease: a shard (`orders/3`) or a queue slot (`emails#0`).
+///
+/// The textual form is what operators type: `STREAM/PARTITION` for shards,
+/// `SUBSCRIPTION#SLOT` for queue slots.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LeaseId {
+    pub kind: LeaseKind,
+    pub name: String,
+    pub index: u32,
+}
+
+impl LeaseId {
+    pub fn shard(stream: impl Into<String>, partition: u32) -> Self {
+        Self { kind: LeaseKind::Shard, name: stream.into(), index: partition }
+    }
+
+    pub fn slot(subscription: impl Into<String>, slot: u32) -> Self {
+        Self { kind: LeaseKind::QueueSlot, name: subscription.into(), index: slot }
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            LeaseKind::Shard => write!(f, "{}/{}", self.name, self.index),
+            LeaseKind::QueueSlot => write!(f, "{}#{}", self.name, self.index),
+        }
+    }
+}
+
+impl FromStr for LeaseId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, sep) = if s.contains('#') {
+            (LeaseKind::QueueSlot, '#')
+        } else {
+            (LeaseKind::Shard, '/')
+        };
+        let bad = || {
+            format!("`{s}` is not a lease: expected STREAM/PARTITION (e.g. orders/3) or SUBSCRIPTION#SLOT (e.g. emails#0)")
+        };
+        let (name, index) = s.rsplit_once(sep).ok_or_else(bad)?;
+        if name.is_empty() {
+            return Err(bad());
+        }
+        let index = index.parse::<u32>().map_err(|_| bad())?;
+        Ok(Self { kind, name: name.to_owned(), index })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ids_round_trip_through_text() {
+        for id in [LeaseId::shard("orders", 3), LeaseId::slot("emails", 0), LeaseId::shard("a/b", 7)] {
+            assert_eq!(id.to_string().parse::<LeaseId>(), Ok(id));
+        }
+        assert!("orders".parse::<LeaseId>().is_err());
+        assert!("orders/x".parse::<LeaseId>().is_err());
+        assert!("/1".parse::<LeaseId>().is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! shardline's wire contract: the gRPC services and messages of package
+//! `shardline.v1` (generated from `proto/shardline.proto`), plus the few
+//! domain types that cross the wire and their conversions.
+//!
+//! Invariant: no runtime logic lives here, only types and conversions, so
+//! the coordinator and the worker can change their internals freely.
+
+mod convert;
+mod domain;
+
+pub use convert::ConvertError;
+pub use domain::{LeaseId, LeaseKind};
+
+/// The generated code of package `shardline.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("shardline.v1");
+}
