@@ -1,1 +1,216 @@
-//! x
+//! Helpers for shardline's end-to-end tests: start the real binaries as
+//! child processes (on port 0, in temp dirs), talk to them over gRPC, and
+//! manage Kafka topics on the real broker.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`); the
+//! test command in the README does that.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use shardline_proto::v1::{admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
+use tonic::transport::Channel;
+
+/// Where the workspace's binaries are: `SHARDLINE_BIN_DIR`, else the target
+/// dir this test binary was built into.
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("SHARDLINE_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    // target/<profile>/deps/<test binary> → target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    profile_dir.join(name)
+}
+
+/// The Kafka bootstrap servers the tests use.
+pub fn kafka_brokers() -> String {
+    std::env::var("SHARDLINE_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A name no other test run used, for topics.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves
+/// nothing running.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill().context("kill -9")?;
+        self.child.wait().context("reap")?;
+        Ok(())
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        if rc != 0 {
+            bail!("kill({}, {signal}) failed: {}", self.pid(), std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `shardline-coordinator`.
+pub struct Coordinator {
+    pub proc: Proc,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl Coordinator {
+    /// Starts the binary with `config` (TOML; `listen` and `data_dir` are
+    /// added) and waits for its `listening ADDR` line.
+    pub fn start(config: &str, data_dir: &Path) -> Result<Self> {
+        Self::start_on(config, data_dir, "127.0.0.1:0")
+    }
+
+    pub fn start_on(config: &str, data_dir: &Path, listen: &str) -> Result<Self> {
+        let dir = data_dir.parent().unwrap_or(data_dir);
+        let path = dir.join(format!("coordinator-{}.toml", unique("cfg")));
+        let full = format!(
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nkafka_brokers = \"{}\"\n{config}",
+            data_dir.display(),
+            kafka_brokers()
+        );
+        std::fs::write(&path, full).context("write config")?;
+        let mut child = Command::new(bin("shardline-coordinator"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawn {} (built? cargo build --workspace --bins)", bin("shardline-coordinator").display()))?;
+        let stdout = child.stdout.take().context("coordinator stdout")?;
+        let proc = Proc { child, name: "coordinator".into() };
+        let addr = read_listening(stdout)?;
+        Ok(Self { proc, url: format!("http://{addr}"), data_dir: data_dir.to_owned() })
+    }
+
+    pub async fn admin(&self) -> Result<AdminApiClient<Channel>> {
+        AdminApiClient::connect(self.url.clone()).await.context("connect admin API")
+    }
+
+    pub async fn worker_api(&self) -> Result<WorkerApiClient<Channel>> {
+        WorkerApiClient::connect(self.url.clone()).await.context("connect worker API")
+    }
+}
+
+/// Reads child stdout until `listening ADDR`, then keeps draining it in a
+/// thread so the child never blocks on a full pipe.
+fn read_listening(stdout: std::process::ChildStdout) -> Result<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && let Some(addr) = line.strip_prefix("listening ") {
+                let _ = tx.send(addr.trim().to_owned());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).context("coordinator did not print `listening ADDR` within 30 s")
+}
+
+/// Starts a `shardline-worker` process.
+pub fn start_worker(coordinator_url: &str, worker_id: &str, handler: &str) -> Result<Proc> {
+    let child = Command::new(bin("shardline-worker"))
+        .args(["--coordinator", coordinator_url, "--worker-id", worker_id, "--handler", handler])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("spawn {}", bin("shardline-worker").display()))?;
+    Ok(Proc { child, name: worker_id.to_owned() })
+}
+
+fn admin_client() -> Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().context("kafka admin client")
+}
+
+/// Creates a topic on the real broker.
+pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
+    let admin = admin_client()?;
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics([&topic], &opts).await.context("create_topics")?;
+    for r in results {
+        r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Grows a topic to `total` partitions.
+pub async fn add_partitions(name: &str, total: usize) -> Result<()> {
+    let admin = admin_client()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results =
+        admin.create_partitions([&NewPartitions::new(name, total)], &opts).await.context("create_partitions")?;
+    for r in results {
+        r.map_err(|(t, e)| anyhow::anyhow!("add partitions to {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after
+/// `timeout` with the last state it saw.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

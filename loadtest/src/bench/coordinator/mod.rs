@@ -1,0 +1,124 @@
+//! `bench coordinator`: the real coordinator binary with static streams (no
+//! Kafka), driven over gRPC by simulated workers.
+//!
+//! Two modes, each against a fresh coordinator so neither inherits the
+//! other's store or memory:
+//! - [`checkpoints`]: one worker, many leases, checkpoints as fast as the
+//!   coordinator acknowledges them (durably: each waits for a group commit);
+//! - [`fleet`]: many workers heartbeating and checkpointing at the normal
+//!   1/s pace; heartbeat latency and the coordinator's memory are measured.
+
+mod checkpoints;
+mod fleet;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::ValueEnum;
+use serde_json::json;
+
+use crate::child;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Checkpoint throughput and latency of one worker with many leases.
+    Checkpoints,
+    /// Heartbeat latency and coordinator memory with a large fleet.
+    Fleet,
+    /// Both, one after the other.
+    Both,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Both)]
+    mode: Mode,
+    /// The coordinator binary [default: `shardline-coordinator` next to this
+    /// executable].
+    #[arg(long, env = "SHARDLINE_COORDINATOR_BIN")]
+    coordinator_bin: Option<PathBuf>,
+    /// Measured seconds per mode, after the warm-up [default: 10 for
+    /// checkpoints, 20 for fleet].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    duration: Option<u64>,
+    /// Also write the figures to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// HTTP/2 connections the simulated workers share round-robin.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    channels: u64,
+    /// Checkpoints mode: leases (partitions), one concurrent caller each.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    checkpoint_leases: u32,
+    /// Fleet mode: simulated workers.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    fleet_workers: u32,
+    /// Fleet mode: partitions of the one stream.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    fleet_partitions: u32,
+}
+
+/// The stream and handler every simulated worker hosts.
+const STREAM: &str = "bench";
+const HANDLER: &str = "bench";
+
+/// Runs the selected modes, prints their tables and writes the JSON.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let bin = match &args.coordinator_bin {
+        Some(bin) => bin.clone(),
+        None => child::default_bin()?,
+    };
+    let channels = usize::try_from(args.channels).context("--channels is too large")?;
+    let mut report = json!({
+        "coordinator_bin": bin.display().to_string(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "channels": channels,
+    });
+    if matches!(args.mode, Mode::Checkpoints | Mode::Both) {
+        let settings = checkpoints::Settings {
+            leases: args.checkpoint_leases,
+            channels,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(args.duration.unwrap_or(10)),
+        };
+        let figures = checkpoints::run(&bin, &settings).await.context("checkpoints benchmark failed")?;
+        figures.print(&settings);
+        report["checkpoints"] = figures.json(&settings);
+    }
+    if matches!(args.mode, Mode::Fleet | Mode::Both) {
+        let settings = fleet::Settings {
+            workers: args.fleet_workers,
+            partitions: args.fleet_partitions,
+            channels,
+            duration: Duration::from_secs(args.duration.unwrap_or(20)),
+        };
+        let figures = fleet::run(&bin, &settings).await.context("fleet benchmark failed")?;
+        figures.print(&settings);
+        report["fleet"] = figures.json(&settings);
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
+        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Fails the run when calls mostly fail: then the figures describe an
+/// error path, not the coordinator, and must not be mistaken for a result.
+fn check_calls(what: &str, ok: u64, failed: u64, first_error: Option<&str>) -> anyhow::Result<()> {
+    if ok == 0 || failed > ok {
+        anyhow::bail!(
+            "{what}: {ok} succeeded, {failed} failed; first error: {}",
+            first_error.unwrap_or("none recorded")
+        );
+    }
+    Ok(())
+}
+
+/// The target column: the figure, then whether it met the goal.
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}

@@ -1,0 +1,239 @@
+//! Black-box tests of the coordinator binary: real processes, real Kafka
+//! (tansu on 127.0.0.1:9092 via `scripts/brokers.sh up`), real sled.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use shardline_proto::LeaseId;
+use shardline_proto::v1;
+use shardline_tests::{Coordinator, add_partitions, bin, create_topic, eventually, start_worker, unique};
+use tokio::sync::Mutex;
+
+async fn leases(c: &Coordinator) -> Result<Vec<v1::LeaseInfo>> {
+    let mut admin = c.admin().await?;
+    Ok(admin.list_leases(v1::ListLeasesRequest::default()).await?.into_inner().leases)
+}
+
+fn id(info: &v1::LeaseInfo) -> Result<LeaseId> {
+    LeaseId::try_from(info.lease.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn owners(leases: &[v1::LeaseInfo]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for l in leases {
+        if !l.owner.is_empty() {
+            *counts.entry(l.owner.clone()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+fn acquired(instructions: &[v1::Instruction]) -> Vec<(LeaseId, u64)> {
+    instructions
+        .iter()
+        .filter_map(|i| match &i.kind {
+            Some(v1::instruction::Kind::Acquire(a)) => {
+                LeaseId::try_from(a.lease.as_ref()).ok().map(|l| (l, a.epoch))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn register_request(worker: &str, held: &[(LeaseId, u64)]) -> v1::RegisterRequest {
+    v1::RegisterRequest {
+        worker_id: worker.into(),
+        handlers: vec!["h".into()],
+        held: held.iter().map(|(l, e)| v1::HeldLease { lease: Some(l.into()), epoch: *e }).collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_the_field_and_starts_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, format!("data_dir = \"{}\"\nsession_timeout = \"5ms\"\n", data.display()))?;
+    let out = std::process::Command::new(bin("shardline-coordinator")).arg("--config").arg(&config).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(2), "exit {:?}: {stderr}", out.status.code());
+    ensure!(stderr.contains("`session_timeout` is 5ms; allowed: 200ms to 600s"), "{stderr}");
+    ensure!(!data.exists(), "nothing may be created for a bad config");
+
+    std::fs::write(&config, "[[streams]]\nname = \"x\"\nhandler = \"h\"\nbogus = 1\n")?;
+    let out = std::process::Command::new(bin("shardline-coordinator")).arg("--config").arg(&config).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(2), "exit {:?}: {stderr}", out.status.code());
+    ensure!(stderr.contains("unknown field `bogus`"), "{stderr}");
+    Ok(())
+}
+
+/// Discovery from the real broker: an 8-partition topic becomes 8 leases on
+/// a worker, and a partition added while running gets a lease too.
+#[tokio::test]
+async fn discovers_partitions_from_kafka_including_ones_added_while_running() -> Result<()> {
+    let topic = unique("disc");
+    create_topic(&topic, 8).await?;
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        "discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"h\"\n"
+    );
+    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let _worker = start_worker(&c.url, "w1", "h")?;
+    eventually(Duration::from_secs(20), "8 owned leases", || async {
+        let l = leases(&c).await?;
+        Ok((l.len() == 8 && l.iter().all(|l| l.owner == "w1")).then_some(()))
+    })
+    .await?;
+
+    add_partitions(&topic, 9).await?;
+    let found = eventually(Duration::from_secs(20), "the 9th partition's lease", || async {
+        let l = leases(&c).await?;
+        let ninth = l.iter().find(|l| id(l).is_ok_and(|i| i == LeaseId::shard(&topic, 8))).cloned();
+        Ok(ninth.filter(|n| n.owner == "w1"))
+    })
+    .await?;
+    ensure!(found.epoch == 1, "a new lease starts at epoch 1: {found:?}");
+    Ok(())
+}
+
+/// `kill -9` a worker: its leases are processing elsewhere within
+/// session_timeout + 2 s, and the dead worker's epochs are refused.
+#[tokio::test]
+async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are_fenced() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = "session_timeout = \"2s\"\nheartbeat_interval = \"200ms\"\n\
+                  [[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 6\n";
+    let c = Coordinator::start(config, &dir.path().join("data"))?;
+    let mut a = start_worker(&c.url, "a", "h")?;
+    eventually(Duration::from_secs(10), "a owns all", || async {
+        Ok((owners(&leases(&c).await?).get("a") == Some(&6)).then_some(()))
+    })
+    .await?;
+    let _b = start_worker(&c.url, "b", "h")?;
+    eventually(Duration::from_secs(10), "3 and 3", || async {
+        let o = owners(&leases(&c).await?);
+        Ok((o.get("a") == Some(&3) && o.get("b") == Some(&3)).then_some(()))
+    })
+    .await?;
+    let before: Vec<v1::LeaseInfo> = leases(&c).await?.into_iter().filter(|l| l.owner == "a").collect();
+
+    a.kill9()?;
+    let killed = Instant::now();
+    eventually(Duration::from_secs(4), "b owns all 6", || async {
+        Ok((owners(&leases(&c).await?).get("b") == Some(&6)).then_some(()))
+    })
+    .await?;
+    let took = killed.elapsed();
+    ensure!(took < Duration::from_secs(4), "failover took {took:?}; allowed: session_timeout (2 s) + 2 s");
+    eprintln!("failover after kill -9 took {took:?} (session_timeout 2 s)");
+
+    // The dead worker comes back as a zombie quoting its old epochs.
+    let mut api = c.worker_api().await?;
+    let entries = before
+        .iter()
+        .map(|l| v1::CheckpointEntry { lease: l.lease.clone(), epoch: l.epoch, offset: 1_000_000 })
+        .collect();
+    let reply = api.checkpoint(v1::CheckpointRequest { worker_id: "a".into(), entries }).await?.into_inner();
+    ensure!(reply.results.len() == 3);
+    for r in &reply.results {
+        ensure!(r.status == v1::CheckpointStatus::StaleEpoch as i32, "zombie checkpoint accepted: {r:?}");
+    }
+    ensure!(leases(&c).await?.iter().all(|l| l.checkpoint.is_none()), "no checkpoint moved");
+    let hb = api.heartbeat(v1::HeartbeatRequest { worker_id: "a".into(), load: None }).await;
+    ensure!(hb.is_err_and(|s| s.code() == tonic::Code::NotFound), "the dead worker must re-register");
+    Ok(())
+}
+
+/// A worker stopped with SIGTERM releases its leases; they move at once,
+/// not after the session timeout.
+#[tokio::test]
+async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = "session_timeout = \"30s\"\n[[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 4\n";
+    let c = Coordinator::start(config, &dir.path().join("data"))?;
+    let mut a = start_worker(&c.url, "a", "h")?;
+    let _b = start_worker(&c.url, "b", "h")?;
+    eventually(Duration::from_secs(10), "2 and 2", || async {
+        let o = owners(&leases(&c).await?);
+        Ok((o.get("a") == Some(&2) && o.get("b") == Some(&2)).then_some(()))
+    })
+    .await?;
+    a.signal(libc::SIGTERM)?;
+    let status = a.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.success(), "worker exit {status:?}");
+    eventually(Duration::from_secs(5), "b owns all 4 well before the 30 s timeout", || async {
+        Ok((owners(&leases(&c).await?).get("b") == Some(&4)).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// `kill -9` the coordinator while 16 writers checkpoint as fast as they can:
+/// after a restart every acknowledged checkpoint is there, and the worker
+/// that re-registers keeps its leases under the same epochs.
+#[tokio::test]
+async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let config = "[[streams]]\nname = \"crash\"\nhandler = \"h\"\npartitions = 16\n";
+    let mut c = Coordinator::start(config, &data)?;
+    let mut api = c.worker_api().await?;
+    let reply = api.register(register_request("w", &[])).await?.into_inner();
+    let held = acquired(&reply.instructions);
+    ensure!(held.len() == 16, "{reply:?}");
+
+    let acked: Arc<Mutex<BTreeMap<LeaseId, i64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (lease, epoch) in held.clone() {
+        let (mut api, acked, stop) = (api.clone(), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut offset = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                offset += 1;
+                let entry = v1::CheckpointEntry { lease: Some((&lease).into()), epoch, offset };
+                let request = v1::CheckpointRequest { worker_id: "w".into(), entries: vec![entry] };
+                match api.checkpoint(request).await {
+                    Ok(r) if r.get_ref().results.first().is_some_and(|r| r.status == 1) => {
+                        acked.lock().await.insert(lease.clone(), offset);
+                    }
+                    _ => break, // the coordinator is gone
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.proc.kill9()?;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+    let acked = acked.lock().await.clone();
+    let total: i64 = acked.values().sum();
+    ensure!(acked.len() == 16 && total > 100, "too few checkpoints acknowledged before the kill: {acked:?}");
+    eprintln!("{total} checkpoints acknowledged before kill -9");
+
+    let c = Coordinator::start(config, &data)?;
+    let after = leases(&c).await?;
+    ensure!(after.len() == 16);
+    for l in &after {
+        let lease = id(l)?;
+        let want = acked.get(&lease).copied().context("acked")?;
+        ensure!(l.checkpoint >= Some(want), "{lease}: checkpoint {:?} < acknowledged {want}", l.checkpoint);
+        ensure!(l.owner == "w", "{lease} kept by its owner across the restart: {l:?}");
+    }
+    // The worker comes back within the session timeout and keeps everything.
+    let mut api = c.worker_api().await?;
+    let reply = api.register(register_request("w", &held)).await?.into_inner();
+    let mut kept = acquired(&reply.instructions);
+    kept.sort();
+    let mut expected = held.clone();
+    expected.sort();
+    ensure!(kept == expected, "kept the same leases and epochs: {kept:?} vs {expected:?}");
+    Ok(())
+}
