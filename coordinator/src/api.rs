@@ -8,7 +8,9 @@ use shardline_proto::v1::{self, admin_api_server::AdminApi, worker_api_server::W
 use shardline_proto::{ConvertError, LeaseId};
 use tonic::{Request, Response, Status};
 
-use crate::core::{CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad};
+use crate::core::{
+    CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad,
+};
 use crate::service::{CheckpointCmd, Closed, Command, Handle};
 
 /// Serves both gRPC services over one service-loop handle.
@@ -38,11 +40,7 @@ fn closed(_: Closed) -> Status {
 }
 
 fn worker_id(id: &str) -> Result<String, Status> {
-    if id.is_empty() {
-        Err(Status::invalid_argument("worker_id is empty"))
-    } else {
-        Ok(id.to_owned())
-    }
+    if id.is_empty() { Err(Status::invalid_argument("worker_id is empty")) } else { Ok(id.to_owned()) }
 }
 
 fn instruction(i: Instruction) -> v1::Instruction {
@@ -53,8 +51,12 @@ fn instruction(i: Instruction) -> v1::Instruction {
             epoch,
             start: Some(v1::StartPosition::from_checkpoint(start)),
         }),
-        Instruction::Release { lease, epoch } => Kind::Release(v1::Release { lease: Some((&lease).into()), epoch }),
-        Instruction::Revoke { lease, epoch } => Kind::Revoke(v1::Revoke { lease: Some((&lease).into()), epoch }),
+        Instruction::Release { lease, epoch } => {
+            Kind::Release(v1::Release { lease: Some((&lease).into()), epoch })
+        }
+        Instruction::Revoke { lease, epoch } => {
+            Kind::Revoke(v1::Revoke { lease: Some((&lease).into()), epoch })
+        }
     };
     v1::Instruction { kind: Some(kind) }
 }
@@ -134,7 +136,10 @@ pub fn lease_info(lease: &Lease, now: std::time::Instant) -> v1::LeaseInfo {
 
 #[tonic::async_trait]
 impl WorkerApi for Api {
-    async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterReply>, Status> {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterReply>, Status> {
         let req = req.into_inner();
         let mut held = Vec::with_capacity(req.held.len());
         for h in &req.held {
@@ -147,7 +152,8 @@ impl WorkerApi for Api {
             capacity: req.capacity,
             held,
         };
-        let instructions = self.handle.call(|tx| Command::Register(registration, tx)).await.map_err(closed)?;
+        let instructions =
+            self.handle.call(|tx| Command::Register(registration, tx)).await.map_err(closed)?;
         Ok(Response::new(v1::RegisterReply {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             session_timeout_ms: self.session_timeout_ms,
@@ -155,7 +161,10 @@ impl WorkerApi for Api {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatReply>, Status> {
         let req = req.into_inner();
         let worker = worker_id(&req.worker_id)?;
         let load = load(req.load)?;
@@ -170,7 +179,10 @@ impl WorkerApi for Api {
         }
     }
 
-    async fn checkpoint(&self, req: Request<v1::CheckpointRequest>) -> Result<Response<v1::CheckpointReply>, Status> {
+    async fn checkpoint(
+        &self,
+        req: Request<v1::CheckpointRequest>,
+    ) -> Result<Response<v1::CheckpointReply>, Status> {
         let req = req.into_inner();
         let worker = worker_id(&req.worker_id)?;
         let mut entries = Vec::with_capacity(req.entries.len());
@@ -180,7 +192,9 @@ impl WorkerApi for Api {
         }
         let outcomes =
             self.handle.call(|reply| Command::Checkpoint { worker, entries, reply }).await.map_err(closed)?;
-        Ok(Response::new(v1::CheckpointReply { results: outcomes.into_iter().map(checkpoint_result).collect() }))
+        Ok(Response::new(v1::CheckpointReply {
+            results: outcomes.into_iter().map(checkpoint_result).collect(),
+        }))
     }
 
     async fn release_done(
@@ -239,7 +253,10 @@ impl AdminApi for Api {
         Ok(Response::new(v1::ListWorkersReply { workers }))
     }
 
-    async fn list_leases(&self, req: Request<v1::ListLeasesRequest>) -> Result<Response<v1::ListLeasesReply>, Status> {
+    async fn list_leases(
+        &self,
+        req: Request<v1::ListLeasesRequest>,
+    ) -> Result<Response<v1::ListLeasesReply>, Status> {
         let name = req.into_inner().name;
         let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
         let leases = snapshot
@@ -251,7 +268,10 @@ impl AdminApi for Api {
         Ok(Response::new(v1::ListLeasesReply { leases }))
     }
 
-    async fn get_checkpoint(&self, req: Request<v1::GetCheckpointRequest>) -> Result<Response<v1::LeaseInfo>, Status> {
+    async fn get_checkpoint(
+        &self,
+        req: Request<v1::GetCheckpointRequest>,
+    ) -> Result<Response<v1::LeaseInfo>, Status> {
         let id = LeaseId::try_from(req.into_inner().lease.as_ref()).map_err(bad)?;
         let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
         snapshot
@@ -262,15 +282,24 @@ impl AdminApi for Api {
             .ok_or_else(|| Status::not_found(format!("unknown lease `{id}`")))
     }
 
-    async fn set_checkpoint(&self, req: Request<v1::SetCheckpointRequest>) -> Result<Response<v1::LeaseInfo>, Status> {
+    async fn set_checkpoint(
+        &self,
+        req: Request<v1::SetCheckpointRequest>,
+    ) -> Result<Response<v1::LeaseInfo>, Status> {
         let req = req.into_inner();
         let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
         if req.offset < 0 {
-            return Err(Status::invalid_argument(format!("offset {} is negative; allowed: 0 or more", req.offset)));
+            return Err(Status::invalid_argument(format!(
+                "offset {} is negative; allowed: 0 or more",
+                req.offset
+            )));
         }
         let offset = req.offset;
-        let result =
-            self.handle.call(|reply| Command::SetCheckpoint { lease, offset, reply }).await.map_err(closed)?;
+        let result = self
+            .handle
+            .call(|reply| Command::SetCheckpoint { lease, offset, reply })
+            .await
+            .map_err(closed)?;
         match result {
             Ok(lease) => Ok(Response::new(lease_info(&lease, std::time::Instant::now()))),
             Err(e) => Err(Status::not_found(e.to_string())),

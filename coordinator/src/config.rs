@@ -121,8 +121,8 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut config = Self::parse(&text)
-            .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+        let mut config =
+            Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
         if let Ok(brokers) = std::env::var("SHARDLINE_KAFKA_BROKERS")
             && !brokers.is_empty()
         {
@@ -197,7 +197,10 @@ impl Config {
             check_name(&format!("subscriptions[{i}].topic"), &s.topic)?;
             check_name(&format!("subscriptions[{i}].handler"), &s.handler)?;
             if !(1..=1000).contains(&s.slots) {
-                return err(&format!("subscriptions[{i}].slots"), format!("is {}; allowed: 1 to 1000", s.slots));
+                return err(
+                    &format!("subscriptions[{i}].slots"),
+                    format!("is {}; allowed: 1 to 1000", s.slots),
+                );
             }
             if !names.insert(("subscription", s.name.clone())) {
                 return err(&format!("subscriptions[{i}].name"), format!("`{}` is listed twice", s.name));
@@ -236,6 +239,15 @@ mod tests {
         assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
         assert!(c.listen.ip().is_loopback());
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c =
+            Config::parse(include_str!("../../examples/coordinator.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.streams.len(), 1);
+        assert_eq!(c.subscriptions.first().map(|s| s.slots), Some(2));
     }
 
     #[test]

@@ -79,7 +79,8 @@ pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToke
                 .unwrap_or_else(|e| Err(DiscoveryError::Client(e.to_string())));
             match result {
                 Ok(count) => {
-                    metrics::gauge!("shardline_stream_partitions", "stream" => stream.name.clone()).set(count);
+                    metrics::gauge!("shardline_stream_partitions", "stream" => stream.name.clone())
+                        .set(count);
                     let command = Command::Discovered {
                         kind: LeaseKind::Shard,
                         name: stream.name.clone(),

@@ -12,7 +12,11 @@ use shardline_coordinator::config::Config;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "shardline-coordinator", version, about = "shardline's coordinator: leases, checkpoints, assignment")]
+#[command(
+    name = "shardline-coordinator",
+    version,
+    about = "shardline's coordinator: leases, checkpoints, assignment"
+)]
 struct Args {
     /// The TOML config file.
     #[arg(long, short, env = "SHARDLINE_CONFIG")]
@@ -23,6 +27,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -64,7 +69,8 @@ fn main() -> ExitCode {
 
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         tracing::error!("cannot install signal handlers");
         return;
     };

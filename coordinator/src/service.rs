@@ -49,13 +49,39 @@ type Reply<T> = oneshot::Sender<T>;
 #[derive(Debug)]
 pub enum Command {
     Register(Registration, Reply<Vec<Instruction>>),
-    Heartbeat { worker: String, load: WorkerLoad, reply: Reply<Result<Vec<Instruction>, CoreError>> },
-    Checkpoint { worker: String, entries: Vec<CheckpointCmd>, reply: Reply<Vec<CheckpointOutcome>> },
-    ReleaseDone { worker: String, lease: LeaseId, epoch: u64, offset: Option<i64>, reply: Reply<CheckpointOutcome> },
-    Deregister { worker: String, reply: Reply<()> },
+    Heartbeat {
+        worker: String,
+        load: WorkerLoad,
+        reply: Reply<Result<Vec<Instruction>, CoreError>>,
+    },
+    Checkpoint {
+        worker: String,
+        entries: Vec<CheckpointCmd>,
+        reply: Reply<Vec<CheckpointOutcome>>,
+    },
+    ReleaseDone {
+        worker: String,
+        lease: LeaseId,
+        epoch: u64,
+        offset: Option<i64>,
+        reply: Reply<CheckpointOutcome>,
+    },
+    Deregister {
+        worker: String,
+        reply: Reply<()>,
+    },
     /// Discovery: this mapping has `count` partitions or slots.
-    Discovered { kind: LeaseKind, name: String, handler: String, count: u32 },
-    SetCheckpoint { lease: LeaseId, offset: i64, reply: Reply<Result<Lease, CoreError>> },
+    Discovered {
+        kind: LeaseKind,
+        name: String,
+        handler: String,
+        count: u32,
+    },
+    SetCheckpoint {
+        lease: LeaseId,
+        offset: i64,
+        reply: Reply<Result<Lease, CoreError>>,
+    },
     Snapshot(Reply<Snapshot>),
 }
 
@@ -179,9 +205,8 @@ impl<S: LeaseStore> Service<S> {
 
     fn release_waiting(&mut self) {
         let durable = self.durable;
-        let (ready, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(seq, _)| *seq <= durable);
+        let (ready, pending): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|(seq, _)| *seq <= durable);
         self.waiting = pending;
         for (_, reply) in ready {
             reply();
@@ -320,7 +345,13 @@ mod tests {
         for i in heartbeat(&handle, "a").await.unwrap_or_default() {
             if let Instruction::Release { lease, epoch } = i {
                 let outcome = handle
-                    .call(|reply| Command::ReleaseDone { worker: "a".into(), lease, epoch, offset: None, reply })
+                    .call(|reply| Command::ReleaseDone {
+                        worker: "a".into(),
+                        lease,
+                        epoch,
+                        offset: None,
+                        reply,
+                    })
                     .await;
                 assert!(matches!(outcome, Ok(CheckpointOutcome::Ok { .. })));
             }
@@ -331,7 +362,11 @@ mod tests {
             heartbeat(&handle, "b").await.ok();
         }
         let alive = owners(&handle).await;
-        assert_eq!(alive.iter().filter(|o| o.as_deref() == Some("a")).count(), 2, "a alive at 9 s: {alive:?}");
+        assert_eq!(
+            alive.iter().filter(|o| o.as_deref() == Some("a")).count(),
+            2,
+            "a alive at 9 s: {alive:?}"
+        );
         for _ in 0..2 {
             tokio::time::sleep(Duration::from_secs(1)).await;
             heartbeat(&handle, "b").await.ok();

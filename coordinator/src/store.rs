@@ -204,7 +204,9 @@ mod tests {
         {
             let mut store = SledStore::open(&path)?;
             store.put(&record)?;
-            let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| StoreError::Io(e.to_string()))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| StoreError::Io(e.to_string()))?;
             rt.block_on(store.flush())?;
             // While it is open, a second opener is told it is locked.
             assert!(matches!(SledStore::open_existing(&path), Err(StoreError::Locked(_))));
@@ -216,7 +218,10 @@ mod tests {
         std::fs::create_dir_all(&foreign).map_err(|e| StoreError::Io(e.to_string()))?;
         std::fs::write(foreign.join("conf"), "x").map_err(|e| StoreError::Io(e.to_string()))?;
         assert!(matches!(SledStore::open(&foreign), Err(StoreError::Foreign { .. })));
-        assert!(matches!(SledStore::open_existing(&dir.path().join("none")), Err(StoreError::Foreign { .. })));
+        assert!(matches!(
+            SledStore::open_existing(&dir.path().join("none")),
+            Err(StoreError::Foreign { .. })
+        ));
         Ok(())
     }
 }

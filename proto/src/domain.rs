@@ -49,13 +49,11 @@ impl FromStr for LeaseId {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (kind, sep) = if s.contains('#') {
-            (LeaseKind::QueueSlot, '#')
-        } else {
-            (LeaseKind::Shard, '/')
-        };
+        let (kind, sep) = if s.contains('#') { (LeaseKind::QueueSlot, '#') } else { (LeaseKind::Shard, '/') };
         let bad = || {
-            format!("`{s}` is not a lease: expected STREAM/PARTITION (e.g. orders/3) or SUBSCRIPTION#SLOT (e.g. emails#0)")
+            format!(
+                "`{s}` is not a lease: expected STREAM/PARTITION (e.g. orders/3) or SUBSCRIPTION#SLOT (e.g. emails#0)"
+            )
         };
         let (name, index) = s.rsplit_once(sep).ok_or_else(bad)?;
         if name.is_empty() {

@@ -58,14 +58,16 @@ fn a_bad_config_exits_2_naming_the_field_and_starts_nothing() -> Result<()> {
     let data = dir.path().join("data");
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, format!("data_dir = \"{}\"\nsession_timeout = \"5ms\"\n", data.display()))?;
-    let out = std::process::Command::new(bin("shardline-coordinator")).arg("--config").arg(&config).output()?;
+    let out =
+        std::process::Command::new(bin("shardline-coordinator")).arg("--config").arg(&config).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.code() == Some(2), "exit {:?}: {stderr}", out.status.code());
     ensure!(stderr.contains("`session_timeout` is 5ms; allowed: 200ms to 600s"), "{stderr}");
     ensure!(!data.exists(), "nothing may be created for a bad config");
 
     std::fs::write(&config, "[[streams]]\nname = \"x\"\nhandler = \"h\"\nbogus = 1\n")?;
-    let out = std::process::Command::new(bin("shardline-coordinator")).arg("--config").arg(&config).output()?;
+    let out =
+        std::process::Command::new(bin("shardline-coordinator")).arg("--config").arg(&config).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.code() == Some(2), "exit {:?}: {stderr}", out.status.code());
     ensure!(stderr.contains("unknown field `bogus`"), "{stderr}");
@@ -79,9 +81,8 @@ async fn discovers_partitions_from_kafka_including_ones_added_while_running() ->
     let topic = unique("disc");
     create_topic(&topic, 8).await?;
     let dir = tempfile::tempdir()?;
-    let config = format!(
-        "discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"h\"\n"
-    );
+    let config =
+        format!("discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"h\"\n");
     let c = Coordinator::start(&config, &dir.path().join("data"))?;
     let _worker = start_worker(&c.url, "w1", "h")?;
     eventually(Duration::from_secs(20), "8 owned leases", || async {
@@ -154,7 +155,8 @@ async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are
 #[tokio::test]
 async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = "session_timeout = \"30s\"\n[[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 4\n";
+    let config =
+        "session_timeout = \"30s\"\n[[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 4\n";
     let c = Coordinator::start(config, &dir.path().join("data"))?;
     let mut a = start_worker(&c.url, "a", "h")?;
     let _b = start_worker(&c.url, "b", "h")?;

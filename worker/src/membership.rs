@@ -199,7 +199,12 @@ impl Session {
     }
 
     /// Confirms a release with the final checkpoint.
-    pub async fn release_done(&self, lease: &LeaseId, epoch: u64, offset: Option<i64>) -> Result<(), SessionError> {
+    pub async fn release_done(
+        &self,
+        lease: &LeaseId,
+        epoch: u64,
+        offset: Option<i64>,
+    ) -> Result<(), SessionError> {
         let message = v1::ReleaseDoneRequest {
             worker_id: self.cfg.worker_id.clone(),
             lease: Some(lease.into()),
@@ -207,7 +212,10 @@ impl Session {
             offset,
         };
         let reply = self.client.clone().release_done(self.request(message)).await?.into_inner();
-        status(lease.clone(), v1::CheckpointResult { status: reply.status, current_epoch: 0, checkpoint: None })
+        status(
+            lease.clone(),
+            v1::CheckpointResult { status: reply.status, current_epoch: 0, checkpoint: None },
+        )
     }
 
     pub async fn deregister(&self) -> Result<(), SessionError> {
@@ -269,9 +277,8 @@ fn status(lease: LeaseId, r: v1::CheckpointResult) -> Result<(), SessionError> {
 
 fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, SessionError> {
     use v1::instruction::Kind;
-    let lease = |id: Option<&v1::LeaseId>| {
-        LeaseId::try_from(id).map_err(|e| SessionError::Protocol(e.to_string()))
-    };
+    let lease =
+        |id: Option<&v1::LeaseId>| LeaseId::try_from(id).map_err(|e| SessionError::Protocol(e.to_string()));
     instructions
         .into_iter()
         .filter_map(|i| i.kind)

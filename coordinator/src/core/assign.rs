@@ -72,7 +72,8 @@ impl Core {
             let Some((lease, from, to)) = self.pick_move(&counts) else { break };
             let Some(l) = self.leases.get_mut(&lease) else { break };
             let epoch = l.record.epoch;
-            l.state = LeaseState::Releasing { to: Some(to.clone()), deadline: now + self.cfg.handoff_timeout };
+            l.state =
+                LeaseState::Releasing { to: Some(to.clone()), deadline: now + self.cfg.handoff_timeout };
             l.since = now;
             self.push(&from, Instruction::Release { lease, epoch });
             self.counters.rebalance_moves += 1;
@@ -104,7 +105,9 @@ impl Core {
                 let to = counts
                     .iter()
                     .filter(|(w, c)| {
-                        *w != from && **c + 2 <= from_count && self.eligible(w, lease.handler.as_deref(), counts)
+                        *w != from
+                            && **c + 2 <= from_count
+                            && self.eligible(w, lease.handler.as_deref(), counts)
                     })
                     .min_by_key(|(w, c)| (**c, (*w).clone()));
                 if let Some((to, _)) = to {

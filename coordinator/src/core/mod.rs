@@ -56,7 +56,10 @@ pub enum LeaseState {
     Owned,
     /// The owner was asked to release; `to` gets the lease once it confirms
     /// (or at `deadline`, forced). `to == None`: back to unassigned.
-    Releasing { to: Option<WorkerId>, deadline: Instant },
+    Releasing {
+        to: Option<WorkerId>,
+        deadline: Instant,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -127,9 +130,13 @@ pub struct Registration {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointOutcome {
     /// Accepted; the stored checkpoint (never lower than before).
-    Ok { checkpoint: Option<i64> },
+    Ok {
+        checkpoint: Option<i64>,
+    },
     /// The caller is not the owner under this epoch: it lost the lease.
-    Stale { current_epoch: u64 },
+    Stale {
+        current_epoch: u64,
+    },
     UnknownLease,
 }
 
@@ -197,8 +204,7 @@ impl Core {
                 }
                 None => LeaseState::Unassigned,
             };
-            core.leases
-                .insert(record.lease.clone(), Lease { record, handler: None, state, since: now });
+            core.leases.insert(record.lease.clone(), Lease { record, handler: None, state, since: now });
         }
         core
     }
@@ -322,7 +328,13 @@ impl Core {
     }
 
     /// Moves a checkpoint forward; fenced by owner and epoch.
-    pub fn checkpoint(&mut self, worker: &str, lease: &LeaseId, epoch: u64, offset: i64) -> CheckpointOutcome {
+    pub fn checkpoint(
+        &mut self,
+        worker: &str,
+        lease: &LeaseId,
+        epoch: u64,
+        offset: i64,
+    ) -> CheckpointOutcome {
         let Some(l) = self.leases.get_mut(lease) else { return CheckpointOutcome::UnknownLease };
         if l.record.owner.as_deref() != Some(worker) || l.record.epoch != epoch {
             return CheckpointOutcome::Stale { current_epoch: l.record.epoch };
@@ -410,7 +422,14 @@ impl Core {
 
     /// Discovery found `count` partitions (or configured `count` slots) of a
     /// mapping. New leases start unassigned with epoch 0; none is removed.
-    pub fn discovered(&mut self, now: Instant, kind: LeaseKind, name: &str, handler: &str, count: u32) -> u32 {
+    pub fn discovered(
+        &mut self,
+        now: Instant,
+        kind: LeaseKind,
+        name: &str,
+        handler: &str,
+        count: u32,
+    ) -> u32 {
         let mut added = 0;
         for index in 0..count {
             let id = LeaseId { kind, name: name.to_owned(), index };

@@ -188,13 +188,21 @@ enum Op {
     Heartbeat(u8),
     /// The worker confirms every release it has been asked for.
     Confirm(u8),
-    Checkpoint { worker: u8, lease: u8, advance: u8, stale: bool },
+    Checkpoint {
+        worker: u8,
+        lease: u8,
+        advance: u8,
+        stale: bool,
+    },
     Leave(u8),
     Advance(u16),
     Tick,
     Restart,
     AddPartitions(u8),
-    OperatorSet { lease: u8, offset: u8 },
+    OperatorSet {
+        lease: u8,
+        offset: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -222,7 +230,12 @@ struct SimWorker {
 }
 
 impl SimWorker {
-    fn apply(&mut self, instructions: Vec<Instruction>, grants: &mut BTreeMap<(LeaseId, u64), String>, me: &str) {
+    fn apply(
+        &mut self,
+        instructions: Vec<Instruction>,
+        grants: &mut BTreeMap<(LeaseId, u64), String>,
+        me: &str,
+    ) {
         for i in instructions {
             match i {
                 Instruction::Acquire { lease, epoch, start } => {
@@ -404,7 +417,9 @@ impl Model {
             let current: Vec<&String> = self
                 .workers
                 .iter()
-                .filter(|(_, s)| s.running.get(&lease.record.lease).is_some_and(|(e, _)| *e == lease.record.epoch))
+                .filter(|(_, s)| {
+                    s.running.get(&lease.record.lease).is_some_and(|(e, _)| *e == lease.record.epoch)
+                })
                 .map(|(n, _)| n)
                 .collect();
             assert!(current.len() <= 1, "{} run under its current epoch by {current:?}", lease.record.lease);

@@ -15,10 +15,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
 use serde_json::json;
 use shardline_proto::LeaseId;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -285,6 +285,9 @@ struct SimWorker {
     checkpoint: Latency,
     totals: Totals,
     first_error: Option<String>,
+    /// ReleaseDone calls in flight, and the limit on them.
+    confirming: JoinSet<Result<v1::CheckpointStatus, tonic::Status>>,
+    release_permits: Arc<Semaphore>,
 }
 
 impl SimWorker {
@@ -298,6 +301,8 @@ impl SimWorker {
             checkpoint: Latency::new()?,
             totals: Totals::default(),
             first_error: None,
+            confirming: JoinSet::new(),
+            release_permits: Arc::new(Semaphore::new(RELEASE_CONCURRENCY)),
         })
     }
 
@@ -310,6 +315,7 @@ impl SimWorker {
         let mut beat = true;
         loop {
             tick.tick().await;
+            self.count_releases(false).await;
             if self.shared.over() {
                 break;
             }
@@ -320,6 +326,7 @@ impl SimWorker {
             }
             beat = !beat;
         }
+        self.count_releases(true).await;
         Ok(WorkerResult {
             heartbeat: self.heartbeat,
             checkpoint: self.checkpoint,
@@ -364,7 +371,7 @@ impl SimWorker {
         self.held.clear();
         self.shared.held.fetch_sub(before as i64, Ordering::Relaxed);
         let releases = self.apply(reply.instructions)?;
-        self.release_all(releases).await;
+        self.confirm_releases(releases);
         Ok(())
     }
 
@@ -395,7 +402,7 @@ impl SimWorker {
             Ok(reply) => {
                 self.totals.heartbeats += 1;
                 match self.apply(reply.into_inner().instructions) {
-                    Ok(releases) => self.release_all(releases).await,
+                    Ok(releases) => self.confirm_releases(releases),
                     Err(e) => self.failed(format!("{e:#}")),
                 }
             }
@@ -508,34 +515,49 @@ impl SimWorker {
         }
     }
 
-    /// Confirms releases with the final offset, a few at a time.
-    async fn release_all(&mut self, releases: Vec<(v1::LeaseId, u64, i64)>) {
-        if releases.is_empty() {
-            return;
-        }
-        let calls = releases.into_iter().map(|(lease, epoch, offset)| {
+    /// Confirms releases with their final offset in the background, a few
+    /// at a time: like a real worker, a long handoff (the first workers give
+    /// up thousands of leases as the fleet joins) must not delay heartbeats,
+    /// or the worker would expire.
+    fn confirm_releases(&mut self, releases: Vec<(v1::LeaseId, u64, i64)>) {
+        for (lease, epoch, offset) in releases {
             let mut client = self.client.clone();
+            let permits = self.release_permits.clone();
             let request = v1::ReleaseDoneRequest {
                 worker_id: self.id.clone(),
                 lease: Some(lease),
                 epoch,
                 offset: Some(offset),
             };
-            async move { client.release_done(request).await }
-        });
-        let results: Vec<_> =
-            futures::stream::iter(calls).buffer_unordered(RELEASE_CONCURRENCY).collect().await;
-        for result in results {
-            match result.map(|r| r.into_inner().status()) {
-                Ok(v1::CheckpointStatus::Ok) => self.totals.releases += 1,
-                Ok(v1::CheckpointStatus::StaleEpoch) => self.totals.stale += 1,
-                Ok(other) => {
+            self.confirming.spawn(async move {
+                // The semaphore is never closed, so this only waits.
+                let _permit = permits.acquire().await;
+                client.release_done(request).await.map(|r| r.into_inner().status())
+            });
+        }
+    }
+
+    /// Counts the release confirmations that have finished; with `all`,
+    /// waits for the rest first.
+    async fn count_releases(&mut self, all: bool) {
+        loop {
+            let joined =
+                if all { self.confirming.join_next().await } else { self.confirming.try_join_next() };
+            let Some(joined) = joined else { return };
+            match joined {
+                Ok(Ok(v1::CheckpointStatus::Ok)) => self.totals.releases += 1,
+                Ok(Ok(v1::CheckpointStatus::StaleEpoch)) => self.totals.stale += 1,
+                Ok(Ok(other)) => {
                     self.totals.release_errors += 1;
                     self.failed(format!("ReleaseDone: {other:?}"));
                 }
-                Err(status) => {
+                Ok(Err(status)) => {
                     self.totals.release_errors += 1;
                     self.failed(format!("ReleaseDone failed: {status}"));
+                }
+                Err(e) => {
+                    self.totals.release_errors += 1;
+                    self.failed(format!("a ReleaseDone task failed: {e}"));
                 }
             }
         }

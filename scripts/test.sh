@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: brokers up, the binaries built (the end-to-end tests run
+# them as child processes), then every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+scripts/brokers.sh up
+cargo build --workspace --bins
+cargo test --workspace "$@"
