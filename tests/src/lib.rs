@@ -233,3 +233,21 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A loopback port that was free a moment ago, for a process that must come
+/// back on the same address (a restarted coordinator).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind port 0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `GET path` over plain HTTP/1.0 on loopback; returns the body.
+pub async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
+    Ok(body.to_owned())
+}

@@ -239,3 +239,79 @@ async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<
     ensure!(kept == expected, "kept the same leases and epochs: {kept:?} vs {expected:?}");
     Ok(())
 }
+
+/// A coordinator restart moves nothing: workers re-register quoting what
+/// they hold and keep it under the same epochs.
+#[tokio::test]
+async fn workers_keep_their_leases_across_a_coordinator_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let listen = format!("127.0.0.1:{}", shardline_tests::free_port()?);
+    let config = "heartbeat_interval = \"200ms\"\nsession_timeout = \"3s\"\n\
+                  [[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 6\n";
+    let mut c = Coordinator::start_on(config, &data, &listen)?;
+    let _a = start_worker(&c.url, "a", "h")?;
+    let _b = start_worker(&c.url, "b", "h")?;
+    let settled = |c: &Coordinator| {
+        let url = c.url.clone();
+        async move {
+            let mut admin = shardline_proto::v1::admin_api_client::AdminApiClient::connect(url).await?;
+            let l = admin.list_leases(v1::ListLeasesRequest::default()).await?.into_inner().leases;
+            let o = owners(&l);
+            let state_owned = l.iter().all(|l| l.state == v1::LeaseState::Owned as i32);
+            Ok::<_, anyhow::Error>(
+                (state_owned && o.get("a") == Some(&3) && o.get("b") == Some(&3)).then_some(l),
+            )
+        }
+    };
+    let before = eventually(Duration::from_secs(10), "3 and 3", || settled(&c)).await?;
+
+    c.proc.kill9()?;
+    let c = Coordinator::start_on(config, &data, &listen)?;
+    // Both workers must come back as registered (not merely restored) ...
+    eventually(Duration::from_secs(5), "both workers re-registered", || async {
+        let mut admin = c.admin().await?;
+        let w = admin.list_workers(v1::ListWorkersRequest {}).await?.into_inner().workers;
+        Ok((w.len() == 2 && w.iter().all(|w| !w.restored)).then_some(()))
+    })
+    .await?;
+    // ... and past a session timeout nothing has moved.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = leases(&c).await?;
+    let pairs =
+        |l: &[v1::LeaseInfo]| l.iter().map(|l| (id(l).ok(), l.owner.clone(), l.epoch)).collect::<Vec<_>>();
+    ensure!(pairs(&before) == pairs(&after), "leases moved across a restart:\n{before:?}\n{after:?}");
+    Ok(())
+}
+
+/// Off loopback a token is required; with one configured, calls without it
+/// are refused. Metrics are served on the configured address.
+#[tokio::test]
+async fn the_token_is_enforced_and_metrics_are_served() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let metrics = format!("127.0.0.1:{}", shardline_tests::free_port()?);
+    let config = format!(
+        "auth_token = \"s3cret\"\nmetrics_listen = \"{metrics}\"\n\
+         [[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 2\n"
+    );
+    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let mut admin = c.admin().await?;
+    let refused = admin.health(v1::HealthRequest {}).await;
+    ensure!(refused.is_err_and(|s| s.code() == tonic::Code::Unauthenticated), "call without a token");
+    let mut request = tonic::Request::new(v1::HealthRequest {});
+    request.metadata_mut().insert("authorization", "Bearer s3cret".parse()?);
+    ensure!(admin.health(request).await?.into_inner().status == "serving");
+
+    let mut api = c.worker_api().await?;
+    let mut request = tonic::Request::new(register_request("w", &[]));
+    request.metadata_mut().insert("authorization", "Bearer s3cret".parse()?);
+    ensure!(acquired(&api.register(request).await?.into_inner().instructions).len() == 2);
+    eventually(Duration::from_secs(5), "metrics", || async {
+        let body = shardline_tests::http_get(&metrics, "/metrics").await?;
+        Ok((body.contains("shardline_workers_live 1")
+            && body.contains("shardline_leases{state=\"owned\"} 2"))
+        .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
