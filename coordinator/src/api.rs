@@ -17,13 +17,15 @@ use crate::service::{CheckpointCmd, Closed, Command, Handle};
 #[derive(Clone)]
 pub struct Api {
     handle: Handle,
+    config: std::sync::Arc<crate::config::Config>,
     heartbeat_interval_ms: u64,
     session_timeout_ms: u64,
 }
 
 impl Api {
-    pub fn new(handle: Handle, cfg: &crate::config::Config) -> Self {
+    pub fn new(handle: Handle, cfg: std::sync::Arc<crate::config::Config>) -> Self {
         Self {
+            config: cfg.clone(),
             handle,
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
             session_timeout_ms: cfg.session_timeout.as_millis() as u64,
@@ -43,13 +45,14 @@ fn worker_id(id: &str) -> Result<String, Status> {
     if id.is_empty() { Err(Status::invalid_argument("worker_id is empty")) } else { Ok(id.to_owned()) }
 }
 
-fn instruction(i: Instruction) -> v1::Instruction {
+fn instruction(config: &crate::config::Config, i: Instruction) -> v1::Instruction {
     use v1::instruction::Kind;
     let kind = match i {
         Instruction::Acquire { lease, epoch, start } => Kind::Acquire(v1::Acquire {
             lease: Some((&lease).into()),
             epoch,
             start: Some(v1::StartPosition::from_checkpoint(start)),
+            mapping: config.mapping(&lease).as_ref().map(v1::Mapping::from),
         }),
         Instruction::Release { lease, epoch } => {
             Kind::Release(v1::Release { lease: Some((&lease).into()), epoch })
@@ -157,7 +160,7 @@ impl WorkerApi for Api {
         Ok(Response::new(v1::RegisterReply {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             session_timeout_ms: self.session_timeout_ms,
-            instructions: instructions.into_iter().map(instruction).collect(),
+            instructions: instructions.into_iter().map(|i| instruction(&self.config, i)).collect(),
         }))
     }
 
@@ -172,7 +175,7 @@ impl WorkerApi for Api {
             self.handle.call(|reply| Command::Heartbeat { worker, load, reply }).await.map_err(closed)?;
         match result {
             Ok(instructions) => Ok(Response::new(v1::HeartbeatReply {
-                instructions: instructions.into_iter().map(instruction).collect(),
+                instructions: instructions.into_iter().map(|i| instruction(&self.config, i)).collect(),
             })),
             Err(e @ CoreError::UnknownWorker(_)) => Err(Status::not_found(e.to_string())),
             Err(e) => Err(Status::internal(e.to_string())),

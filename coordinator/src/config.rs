@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use shardline_proto::{LeaseId, LeaseKind, Mapping, StartingPosition};
 
 use crate::core::CoreConfig;
 
@@ -63,6 +64,40 @@ pub struct StreamConfig {
     /// benchmarks of the coordinator alone. Leave unset in production.
     #[serde(default)]
     pub partitions: Option<u32>,
+    /// Most records per batch (1..10000).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Most payload bytes (key + value) per batch (1 KiB..64 MiB).
+    #[serde(default = "default_batch_bytes")]
+    pub max_batch_bytes: u64,
+    /// Wait up to this long to fill a batch (0..300 s).
+    #[serde(default, with = "humantime_serde")]
+    pub batch_window: Duration,
+    /// Where a shard without a checkpoint starts: `latest`, `trim_horizon`
+    /// or `at_timestamp` (then `starting_timestamp` is required).
+    #[serde(default)]
+    pub starting_position: StartingPosition,
+    /// RFC 3339 time for `at_timestamp`, e.g. `2026-11-27T10:00:00Z`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub starting_timestamp: Option<std::time::SystemTime>,
+}
+
+impl StreamConfig {
+    /// The mapping workers receive with every acquire of this stream's shards.
+    pub fn mapping(&self) -> Mapping {
+        let starting_timestamp_ms = self
+            .starting_timestamp
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        Mapping {
+            handler: self.handler.clone(),
+            batch_size: self.batch_size,
+            max_batch_bytes: self.max_batch_bytes,
+            batch_window: self.batch_window,
+            starting_position: self.starting_position,
+            starting_timestamp_ms,
+        }
+    }
 }
 
 /// A RabbitMQ subscription (durable queue bound to a topic exchange).
@@ -102,6 +137,12 @@ fn default_brokers() -> String {
 }
 fn default_slots() -> u32 {
     1
+}
+fn default_batch_size() -> u32 {
+    100
+}
+fn default_batch_bytes() -> u64 {
+    6 * 1024 * 1024
 }
 
 /// A config that cannot be used; the message names the field and the
@@ -188,6 +229,34 @@ impl Config {
             if s.partitions == Some(0) || s.partitions.is_some_and(|p| p > 100_000) {
                 return err(&format!("streams[{i}].partitions"), "allowed: 1 to 100000".into());
             }
+            let field = |f: &str| format!("streams[{i}].{f}");
+            if !(1..=10_000).contains(&s.batch_size) {
+                return err(&field("batch_size"), format!("is {}; allowed: 1 to 10000", s.batch_size));
+            }
+            if !(1024..=64 * 1024 * 1024).contains(&s.max_batch_bytes) {
+                return err(
+                    &field("max_batch_bytes"),
+                    format!("is {}; allowed: 1024 to 67108864 (64 MiB)", s.max_batch_bytes),
+                );
+            }
+            if s.batch_window > Duration::from_secs(300) {
+                return err(&field("batch_window"), format!("is {:?}; allowed: 0s to 300s", s.batch_window));
+            }
+            match (s.starting_position, s.starting_timestamp) {
+                (StartingPosition::AtTimestamp, None) => {
+                    return err(
+                        &field("starting_timestamp"),
+                        "is missing; required with starting_position = \"at_timestamp\" (RFC 3339)".into(),
+                    );
+                }
+                (StartingPosition::Latest | StartingPosition::TrimHorizon, Some(_)) => {
+                    return err(
+                        &field("starting_timestamp"),
+                        "is set; allowed only with starting_position = \"at_timestamp\"".into(),
+                    );
+                }
+                _ => {}
+            }
             if !names.insert(("stream", s.name.clone())) {
                 return err(&format!("streams[{i}].name"), format!("`{}` is listed twice", s.name));
             }
@@ -207,6 +276,18 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The mapping of a lease's stream or subscription, if configured.
+    pub fn mapping(&self, lease: &LeaseId) -> Option<Mapping> {
+        match lease.kind {
+            LeaseKind::Shard => self.streams.iter().find(|s| s.name == lease.name).map(StreamConfig::mapping),
+            LeaseKind::QueueSlot => self
+                .subscriptions
+                .iter()
+                .find(|s| s.name == lease.name)
+                .map(|s| Mapping::new(s.handler.clone())),
+        }
     }
 
     pub fn core(&self) -> CoreConfig {
@@ -263,6 +344,20 @@ mod tests {
         assert!(matches!(e, Ok(Err((f, _))) if f == "auth_token"));
         let e = bad("[[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\nslots = 0");
         assert!(matches!(e, Ok(Err((f, _))) if f == "subscriptions[0].slots"));
+        let stream = |extra: &str| bad(&format!("[[streams]]\nname = \"s\"\nhandler = \"h\"\n{extra}"));
+        assert!(matches!(stream("batch_size = 0"), Ok(Err((f, _))) if f == "streams[0].batch_size"));
+        assert!(
+            matches!(stream("batch_window = \"301s\""), Ok(Err((f, _))) if f == "streams[0].batch_window")
+        );
+        let e = stream("starting_position = \"at_timestamp\"");
+        assert!(matches!(e, Ok(Err((f, _))) if f == "streams[0].starting_timestamp"));
+        let ok =
+            stream("starting_position = \"at_timestamp\"\nstarting_timestamp = \"2026-11-27T10:00:00Z\"");
+        assert!(matches!(ok, Ok(Ok(()))), "{ok:?}");
+        assert!(
+            Config::parse("[[streams]]\nname = \"s\"\nhandler = \"h\"\nstarting_position = \"oldest\"")
+                .is_err()
+        );
         let unknown = Config::parse("sesion_timeout = \"1s\"");
         assert!(unknown.is_err_and(|e| e.contains("unknown field `sesion_timeout`")));
     }

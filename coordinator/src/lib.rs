@@ -63,7 +63,7 @@ pub async fn serve(
     let service_task = tokio::spawn(service.run(loop_stop.clone()));
     let discovery_task = tokio::spawn(discovery::run(config.clone(), handle.clone(), shutdown.clone()));
 
-    let api = api::Api::new(handle, &config);
+    let api = api::Api::new(handle, config.clone());
     let auth = api::Auth { token: config.auth_token.clone() };
     tracing::info!(%addr, streams = config.streams.len(), subscriptions = config.subscriptions.len(), "coordinator serving");
     on_ready(addr);

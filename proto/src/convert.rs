@@ -1,7 +1,7 @@
 //! Conversions between wire messages and domain types, done at the edge so
 //! nothing past the gRPC layer handles raw wire structs for identities.
 
-use crate::domain::{LeaseId, LeaseKind};
+use crate::domain::{LeaseId, LeaseKind, Mapping, StartingPosition};
 use crate::v1;
 
 /// A wire message that does not describe a valid domain value.
@@ -11,6 +11,8 @@ pub enum ConvertError {
     Missing(&'static str),
     #[error("lease kind {0} is not a shard (1) or a queue slot (2)")]
     BadKind(i32),
+    #[error("starting position {0} is not latest (1), trim_horizon (2) or at_timestamp (3)")]
+    BadStartingPosition(i32),
 }
 
 impl From<&LeaseId> for v1::LeaseId {
@@ -47,6 +49,51 @@ impl TryFrom<Option<&v1::LeaseId>> for LeaseId {
     }
 }
 
+impl From<&Mapping> for v1::Mapping {
+    fn from(m: &Mapping) -> Self {
+        let starting_position = match m.starting_position {
+            StartingPosition::Latest => v1::StartingPosition::Latest,
+            StartingPosition::TrimHorizon => v1::StartingPosition::TrimHorizon,
+            StartingPosition::AtTimestamp => v1::StartingPosition::AtTimestamp,
+        };
+        v1::Mapping {
+            handler: m.handler.clone(),
+            batch_size: m.batch_size,
+            max_batch_bytes: m.max_batch_bytes,
+            batch_window_ms: m.batch_window.as_millis() as u64,
+            starting_position: starting_position as i32,
+            starting_timestamp_ms: m.starting_timestamp_ms,
+        }
+    }
+}
+
+impl TryFrom<&v1::Mapping> for Mapping {
+    type Error = ConvertError;
+
+    fn try_from(m: &v1::Mapping) -> Result<Self, Self::Error> {
+        let starting_position = match v1::StartingPosition::try_from(m.starting_position) {
+            Ok(v1::StartingPosition::Latest) => StartingPosition::Latest,
+            Ok(v1::StartingPosition::TrimHorizon) => StartingPosition::TrimHorizon,
+            Ok(v1::StartingPosition::AtTimestamp) => StartingPosition::AtTimestamp,
+            _ => return Err(ConvertError::BadStartingPosition(m.starting_position)),
+        };
+        if m.handler.is_empty() {
+            return Err(ConvertError::Missing("mapping.handler"));
+        }
+        if m.batch_size == 0 {
+            return Err(ConvertError::Missing("mapping.batch_size"));
+        }
+        Ok(Mapping {
+            handler: m.handler.clone(),
+            batch_size: m.batch_size,
+            max_batch_bytes: m.max_batch_bytes.max(1),
+            batch_window: std::time::Duration::from_millis(m.batch_window_ms),
+            starting_position,
+            starting_timestamp_ms: m.starting_timestamp_ms,
+        })
+    }
+}
+
 impl v1::StartPosition {
     /// The wire form of "start at this checkpoint, or at the mapping's
     /// starting_position when there is none".
@@ -79,6 +126,16 @@ mod tests {
         let bad = v1::LeaseId { kind: 9, name: "x".into(), index: 0 };
         assert_eq!(LeaseId::try_from(&bad), Err(ConvertError::BadKind(9)));
         assert_eq!(LeaseId::try_from(None), Err(ConvertError::Missing("lease")));
+    }
+
+    #[test]
+    fn mapping_round_trips() {
+        let mut m = Mapping::new("log");
+        m.starting_position = StartingPosition::AtTimestamp;
+        m.starting_timestamp_ms = 1_700_000_000_000;
+        m.batch_window = std::time::Duration::from_millis(250);
+        assert_eq!(Mapping::try_from(&v1::Mapping::from(&m)), Ok(m));
+        assert!(Mapping::try_from(&v1::Mapping::default()).is_err());
     }
 
     #[test]

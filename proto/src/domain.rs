@@ -64,6 +64,49 @@ impl FromStr for LeaseId {
     }
 }
 
+/// Where a shard without a checkpoint starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartingPosition {
+    /// Only records produced after the lease starts.
+    #[default]
+    Latest,
+    /// The oldest record still in the partition.
+    TrimHorizon,
+    /// The first record at or after the mapping's starting timestamp.
+    AtTimestamp,
+}
+
+/// How a lease's records are batched and which handler runs them: the
+/// event source mapping, as the coordinator sends it with every acquire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub handler: String,
+    /// Most records per batch.
+    pub batch_size: u32,
+    /// Most payload bytes (key + value) per batch.
+    pub max_batch_bytes: u64,
+    /// How long to wait to fill a batch; zero: take what is there.
+    pub batch_window: std::time::Duration,
+    pub starting_position: StartingPosition,
+    /// Milliseconds since the Unix epoch, for `AtTimestamp`.
+    pub starting_timestamp_ms: i64,
+}
+
+impl Mapping {
+    /// DESIGN.md's defaults for a handler.
+    pub fn new(handler: impl Into<String>) -> Self {
+        Self {
+            handler: handler.into(),
+            batch_size: 100,
+            max_batch_bytes: 6 * 1024 * 1024,
+            batch_window: std::time::Duration::ZERO,
+            starting_position: StartingPosition::Latest,
+            starting_timestamp_ms: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,11 +159,24 @@ fn read_listening(stdout: std::process::ChildStdout) -> Result<String> {
     rx.recv_timeout(Duration::from_secs(30)).context("coordinator did not print `listening ADDR` within 30 s")
 }
 
-/// Starts a `shardline-worker` process.
+/// Starts a `shardline-worker` process hosting `handler` (with no settings).
 pub fn start_worker(coordinator_url: &str, worker_id: &str, handler: &str) -> Result<Proc> {
+    start_worker_with(coordinator_url, worker_id, &format!("[handlers.{handler}]\n"))
+}
+
+/// Starts a `shardline-worker` with `extra` appended to its config (handler
+/// tables, metrics_listen, ...).
+pub fn start_worker_with(coordinator_url: &str, worker_id: &str, extra: &str) -> Result<Proc> {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique(&format!("worker-{worker_id}"))));
+    let config = format!(
+        "coordinator = \"{coordinator_url}\"\nworker_id = \"{worker_id}\"\nkafka_brokers = \"{}\"\n{extra}",
+        kafka_brokers()
+    );
+    std::fs::write(&path, config).context("write worker config")?;
     let child = Command::new(bin("shardline-worker"))
-        .args(["--coordinator", coordinator_url, "--worker-id", worker_id, "--handler", handler])
-        .env("RUST_LOG", "info")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -46,7 +46,7 @@ fn acquired(instructions: &[v1::Instruction]) -> Vec<(LeaseId, u64)> {
 fn register_request(worker: &str, held: &[(LeaseId, u64)]) -> v1::RegisterRequest {
     v1::RegisterRequest {
         worker_id: worker.into(),
-        handlers: vec!["h".into()],
+        handlers: vec!["noop".into()],
         held: held.iter().map(|(l, e)| v1::HeldLease { lease: Some(l.into()), epoch: *e }).collect(),
         ..Default::default()
     }
@@ -65,7 +65,7 @@ fn a_bad_config_exits_2_naming_the_field_and_starts_nothing() -> Result<()> {
     ensure!(stderr.contains("`session_timeout` is 5ms; allowed: 200ms to 600s"), "{stderr}");
     ensure!(!data.exists(), "nothing may be created for a bad config");
 
-    std::fs::write(&config, "[[streams]]\nname = \"x\"\nhandler = \"h\"\nbogus = 1\n")?;
+    std::fs::write(&config, "[[streams]]\nname = \"x\"\nhandler = \"noop\"\nbogus = 1\n")?;
     let out =
         std::process::Command::new(bin("shardline-coordinator")).arg("--config").arg(&config).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -82,9 +82,9 @@ async fn discovers_partitions_from_kafka_including_ones_added_while_running() ->
     create_topic(&topic, 8).await?;
     let dir = tempfile::tempdir()?;
     let config =
-        format!("discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"h\"\n");
+        format!("discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"noop\"\n");
     let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let _worker = start_worker(&c.url, "w1", "h")?;
+    let _worker = start_worker(&c.url, "w1", "noop")?;
     eventually(Duration::from_secs(20), "8 owned leases", || async {
         let l = leases(&c).await?;
         Ok((l.len() == 8 && l.iter().all(|l| l.owner == "w1")).then_some(()))
@@ -108,14 +108,14 @@ async fn discovers_partitions_from_kafka_including_ones_added_while_running() ->
 async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are_fenced() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config = "session_timeout = \"2s\"\nheartbeat_interval = \"200ms\"\n\
-                  [[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 6\n";
+                  [[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 6\n";
     let c = Coordinator::start(config, &dir.path().join("data"))?;
-    let mut a = start_worker(&c.url, "a", "h")?;
+    let mut a = start_worker(&c.url, "a", "noop")?;
     eventually(Duration::from_secs(10), "a owns all", || async {
         Ok((owners(&leases(&c).await?).get("a") == Some(&6)).then_some(()))
     })
     .await?;
-    let _b = start_worker(&c.url, "b", "h")?;
+    let _b = start_worker(&c.url, "b", "noop")?;
     eventually(Duration::from_secs(10), "3 and 3", || async {
         let o = owners(&leases(&c).await?);
         Ok((o.get("a") == Some(&3) && o.get("b") == Some(&3)).then_some(()))
@@ -156,10 +156,10 @@ async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are
 async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config =
-        "session_timeout = \"30s\"\n[[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 4\n";
+        "session_timeout = \"30s\"\n[[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 4\n";
     let c = Coordinator::start(config, &dir.path().join("data"))?;
-    let mut a = start_worker(&c.url, "a", "h")?;
-    let _b = start_worker(&c.url, "b", "h")?;
+    let mut a = start_worker(&c.url, "a", "noop")?;
+    let _b = start_worker(&c.url, "b", "noop")?;
     eventually(Duration::from_secs(10), "2 and 2", || async {
         let o = owners(&leases(&c).await?);
         Ok((o.get("a") == Some(&2) && o.get("b") == Some(&2)).then_some(()))
@@ -182,7 +182,7 @@ async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<(
 async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let config = "[[streams]]\nname = \"crash\"\nhandler = \"h\"\npartitions = 16\n";
+    let config = "[[streams]]\nname = \"crash\"\nhandler = \"noop\"\npartitions = 16\n";
     let mut c = Coordinator::start(config, &data)?;
     let mut api = c.worker_api().await?;
     let reply = api.register(register_request("w", &[])).await?.into_inner();
@@ -248,10 +248,10 @@ async fn workers_keep_their_leases_across_a_coordinator_restart() -> Result<()> 
     let data = dir.path().join("data");
     let listen = format!("127.0.0.1:{}", shardline_tests::free_port()?);
     let config = "heartbeat_interval = \"200ms\"\nsession_timeout = \"3s\"\n\
-                  [[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 6\n";
+                  [[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 6\n";
     let mut c = Coordinator::start_on(config, &data, &listen)?;
-    let _a = start_worker(&c.url, "a", "h")?;
-    let _b = start_worker(&c.url, "b", "h")?;
+    let _a = start_worker(&c.url, "a", "noop")?;
+    let _b = start_worker(&c.url, "b", "noop")?;
     let settled = |c: &Coordinator| {
         let url = c.url.clone();
         async move {
@@ -292,7 +292,7 @@ async fn the_token_is_enforced_and_metrics_are_served() -> Result<()> {
     let metrics = format!("127.0.0.1:{}", shardline_tests::free_port()?);
     let config = format!(
         "auth_token = \"s3cret\"\nmetrics_listen = \"{metrics}\"\n\
-         [[streams]]\nname = \"static\"\nhandler = \"h\"\npartitions = 2\n"
+         [[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 2\n"
     );
     let c = Coordinator::start(&config, &dir.path().join("data"))?;
     let mut admin = c.admin().await?;

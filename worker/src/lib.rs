@@ -1,11 +1,47 @@
-//! shardline's worker library.
+//! shardline's worker: the handler SDK and the runtime.
 //!
-//! Today it holds the worker's side of the lease protocol ([`membership`])
-//! and a runtime that joins the fleet and holds leases ([`hold`]); the
-//! handler SDK, the Kafka and AMQP sources and the batch policy build on
-//! these (see the open issues and ARCHITECTURE.md).
+//! Write a [`Handler`] (`init` once per node, `handle` once per batch) and
+//! run it in your own `main`:
+//!
+//! ```no_run
+//! use shardline_worker::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError};
+//!
+//! struct Count;
+//!
+//! impl Handler for Count {
+//!     async fn init(_ctx: &InitContext) -> Result<Self, InitError> {
+//!         Ok(Count)
+//!     }
+//!     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+//!         println!("{} records", batch.len());
+//!         Ok(BatchResponse::default())
+//!     }
+//! }
+//!
+//! # async fn example() -> Result<(), shardline_worker::WorkerError> {
+//! let config = shardline_worker::WorkerConfig::parse("[handlers.count]\n").map_err(shardline_worker::WorkerError::Config)?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! shardline_worker::run(config, Handlers::new().with::<Count>("count"), shutdown).await
+//! # }
+//! ```
+//!
+//! Layers, bottom up: [`source`] (records from Kafka) → [`batcher`] →
+//! [`policy`] (retries; the handler runs here) → [`lease`] (one lease's
+//! loop) → [`runtime`] (instructions from the coordinator, drain on
+//! shutdown). [`membership`] and [`checkpointer`] talk to the coordinator.
 
-pub mod hold;
+pub mod batcher;
+pub mod builtin;
+pub mod checkpointer;
+pub mod config;
+pub mod handler;
+pub mod lease;
 pub mod membership;
+pub mod policy;
+pub mod runtime;
+pub mod source;
 
+pub use config::WorkerConfig;
+pub use handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
 pub use membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
+pub use runtime::{WorkerError, run};

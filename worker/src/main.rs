@@ -1,31 +1,25 @@
-//! `shardline-worker`: joins a coordinator's fleet and holds the leases it
-//! is given. The first SIGTERM/SIGINT releases every lease and leaves; a
-//! second exits at once.
+//! `shardline-worker --config FILE`: a worker node hosting the built-in
+//! handlers (`log`, `forward`, `sleep`, `noop`). A bad config exits 2 with
+//! a message naming the field. The first SIGTERM/SIGINT drains (finish
+//! in-flight batches, checkpoint, release every lease); a second exits at
+//! once.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use shardline_worker::{Session, SessionConfig};
+use shardline_worker::{WorkerConfig, WorkerError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "shardline-worker", version, about = "A shardline worker node")]
+#[command(name = "shardline-worker", version, about = "A shardline worker node with the built-in handlers")]
 struct Args {
-    /// The coordinator's gRPC URL.
-    #[arg(long, env = "SHARDLINE_COORDINATOR", default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
-    /// This worker's id; unique in the fleet. Default: host name, pid.
-    #[arg(long, env = "SHARDLINE_WORKER_ID")]
+    /// The TOML config file.
+    #[arg(long, short, env = "SHARDLINE_WORKER_CONFIG")]
+    config: PathBuf,
+    /// Overrides `worker_id` in the config.
+    #[arg(long)]
     worker_id: Option<String>,
-    /// A handler this worker hosts (repeat for several).
-    #[arg(long = "handler", required = true)]
-    handlers: Vec<String>,
-    /// Most leases to take; 0 = no limit.
-    #[arg(long, default_value_t = 0)]
-    capacity: u32,
-    /// Shared token for the coordinator.
-    #[arg(long, env = "SHARDLINE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -38,7 +32,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let worker_id = args.worker_id.unwrap_or_else(default_worker_id);
+    let mut config = match WorkerConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(id) = args.worker_id {
+        config.worker_id = Some(id);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -46,38 +49,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The session's channel needs the runtime's reactor: build it inside.
     runtime.block_on(async move {
-        let session = match Session::new(SessionConfig {
-            coordinator: args.coordinator,
-            worker_id,
-            address: String::new(),
-            handlers: args.handlers,
-            capacity: args.capacity,
-            token: args.token,
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-        };
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        match shardline_worker::hold::run(session, shutdown).await {
+        match shardline_worker::run(config, shardline_worker::builtin::handlers(), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e @ (WorkerError::Init(_) | WorkerError::Config(_))) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
         }
     })
-}
-
-fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    let host = if host.is_empty() { "worker".to_owned() } else { host };
-    format!("{host}-{}", std::process::id())
 }
 
 async fn signals(shutdown: CancellationToken) {
@@ -88,7 +74,7 @@ async fn signals(shutdown: CancellationToken) {
         return;
     };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("shutting down: releasing leases (send the signal again to exit at once)");
+    tracing::info!("draining: finishing batches and releasing leases (signal again to exit at once)");
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     std::process::exit(130);

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use shardline_proto::LeaseId;
 use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
+use shardline_proto::{LeaseId, Mapping};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -39,7 +39,7 @@ pub struct SessionConfig {
 pub enum LeaseEvent {
     /// Start (or restart, if running under an older epoch) from `start`
     /// (`None`: the mapping's starting_position).
-    Acquire { lease: LeaseId, epoch: u64, start: Option<i64> },
+    Acquire { lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Mapping> },
     /// Finish the in-flight batch, checkpoint, then call
     /// [`Session::release_done`].
     Release { lease: LeaseId, epoch: u64 },
@@ -288,6 +288,12 @@ fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, Session
                     lease: lease(a.lease.as_ref())?,
                     epoch: a.epoch,
                     start: a.start.and_then(|s| s.checkpoint()),
+                    mapping: a
+                        .mapping
+                        .as_ref()
+                        .map(Mapping::try_from)
+                        .transpose()
+                        .map_err(|e| SessionError::Protocol(e.to_string()))?,
                 },
                 Kind::Release(r) => LeaseEvent::Release { lease: lease(r.lease.as_ref())?, epoch: r.epoch },
                 Kind::Revoke(r) => LeaseEvent::Revoke { lease: lease(r.lease.as_ref())?, epoch: r.epoch },

@@ -1,0 +1,153 @@
+//! Cuts batches by count, bytes or time window (DESIGN.md "Batches").
+//!
+//! A batch starts with the first record available (waiting for it), then
+//! takes more until `batch_size` records, until the next record would pass
+//! `max_batch_bytes` (it is carried into the next batch), or until the
+//! window closes. With a zero window it takes only what is already
+//! buffered, so latency stays low when traffic is light.
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::Record;
+use crate::source::RecordReader;
+
+/// Batch limits, from the mapping.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub batch_size: usize,
+    pub max_batch_bytes: usize,
+    pub window: std::time::Duration,
+}
+
+/// Cuts batches from one reader; keeps the record that did not fit.
+pub struct Batcher<R> {
+    reader: R,
+    limits: Limits,
+    carry: Option<Record>,
+}
+
+impl<R: RecordReader> Batcher<R> {
+    pub fn new(reader: R, limits: Limits) -> Self {
+        Self { reader, limits, carry: None }
+    }
+
+    pub fn reader(&self) -> &R {
+        &self.reader
+    }
+
+    /// The next batch, or `None` when `stop` fires before a first record
+    /// arrives (a record already carried is never dropped: it is returned).
+    pub async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Record>> {
+        let first = match self.carry.take() {
+            Some(r) => r,
+            None => tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                r = self.reader.next() => r,
+            },
+        };
+        let deadline = Instant::now() + self.limits.window;
+        let mut bytes = first.payload_len();
+        let mut records = vec![first];
+        while records.len() < self.limits.batch_size {
+            let next = if self.limits.window.is_zero() {
+                self.reader.try_next()
+            } else {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => None,
+                    () = tokio::time::sleep_until(deadline) => None,
+                    r = self.reader.next() => Some(r),
+                }
+            };
+            let Some(record) = next else { break };
+            if bytes + record.payload_len() > self.limits.max_batch_bytes {
+                self.carry = Some(record);
+                break;
+            }
+            bytes += record.payload_len();
+            records.push(record);
+        }
+        Some(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A reader over a fixed list: records 0..n with `size`-byte values.
+    struct ListReader(Mutex<VecDeque<Record>>);
+
+    fn reader(n: i64, size: usize) -> ListReader {
+        let records = (0..n)
+            .map(|offset| Record {
+                key: None,
+                value: vec![0; size],
+                headers: vec![],
+                timestamp_ms: None,
+                stream: "s".into(),
+                partition: 0,
+                offset,
+            })
+            .collect();
+        ListReader(Mutex::new(records))
+    }
+
+    impl RecordReader for ListReader {
+        async fn next(&self) -> Record {
+            loop {
+                if let Some(r) = self.try_next() {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        fn try_next(&self) -> Option<Record> {
+            self.0.lock().ok()?.pop_front()
+        }
+    }
+
+    fn limits(batch_size: usize, max_batch_bytes: usize, window_ms: u64) -> Limits {
+        Limits { batch_size, max_batch_bytes, window: Duration::from_millis(window_ms) }
+    }
+
+    fn offsets(batch: &Option<Vec<Record>>) -> Vec<i64> {
+        batch.iter().flatten().map(|r| r.offset).collect()
+    }
+
+    #[tokio::test]
+    async fn cuts_by_count_and_carries_what_does_not_fit_in_bytes() {
+        let stop = CancellationToken::new();
+        let mut b = Batcher::new(reader(10, 10), limits(4, 1000, 0));
+        assert_eq!(offsets(&b.next_batch(&stop).await), vec![0, 1, 2, 3]);
+        let mut b = Batcher::new(reader(10, 10), limits(100, 35, 0));
+        assert_eq!(offsets(&b.next_batch(&stop).await), vec![0, 1, 2]);
+        assert_eq!(offsets(&b.next_batch(&stop).await), vec![3, 4, 5], "record 3 was carried, not lost");
+        // A record larger than the byte limit still goes, alone.
+        let mut b = Batcher::new(reader(2, 100), limits(100, 35, 0));
+        assert_eq!(offsets(&b.next_batch(&stop).await), vec![0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_waits_for_more_records_and_stop_ends_the_wait() {
+        let stop = CancellationToken::new();
+        let mut b = Batcher::new(reader(3, 1), limits(100, 1000, 500));
+        let started = Instant::now();
+        assert_eq!(offsets(&b.next_batch(&stop).await), vec![0, 1, 2]);
+        assert!(started.elapsed() >= Duration::from_millis(500), "waited for the window to fill the batch");
+        let mut b = Batcher::new(reader(3, 1), limits(2, 1000, 500));
+        let started = Instant::now();
+        assert_eq!(offsets(&b.next_batch(&stop).await), vec![0, 1]);
+        assert!(started.elapsed() < Duration::from_millis(500), "a full batch does not wait");
+        stop.cancel();
+        let mut b = Batcher::new(reader(0, 1), limits(2, 1000, 500));
+        assert!(b.next_batch(&stop).await.is_none());
+    }
+}

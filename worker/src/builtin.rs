@@ -1,0 +1,129 @@
+//! Handlers built into `shardline-worker`, so the system runs with no user
+//! code: `log` prints records, `forward` copies them to another Kafka topic
+//! (the load-test harness reads those as receipts), `sleep` simulates work,
+//! `noop` does nothing (for benchmarks of the machinery itself).
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError};
+
+/// Every built-in handler under its name.
+pub fn handlers() -> Handlers {
+    Handlers::new().with::<Log>("log").with::<Forward>("forward").with::<Sleep>("sleep").with::<Noop>("noop")
+}
+
+/// Prints each record as one line on stdout.
+pub struct Log;
+
+impl Handler for Log {
+    async fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        ctx.only(&[])?;
+        Ok(Log)
+    }
+
+    async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for r in &batch.records {
+            let key = r.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let line = writeln!(
+                out,
+                "{}/{}@{} key={key} value={}",
+                r.stream,
+                r.partition,
+                r.offset,
+                String::from_utf8_lossy(&r.value)
+            );
+            line.map_err(|e| HandlerError::new(format!("stdout: {e}")))?;
+        }
+        Ok(BatchResponse::default())
+    }
+}
+
+/// Writes each record to `topic`, keeping key and headers and adding
+/// `shardline.stream`, `shardline.partition`, `shardline.offset` and
+/// `shardline.worker` headers. The batch succeeds once the broker has
+/// acknowledged every record.
+pub struct Forward {
+    producer: FutureProducer,
+    topic: String,
+    worker: String,
+}
+
+impl Handler for Forward {
+    async fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        ctx.only(&["topic"])?;
+        let topic = ctx.string("topic")?.ok_or_else(|| ctx.error("`topic` is required"))?;
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &ctx.kafka_brokers)
+            .set("linger.ms", "5")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| ctx.error(format!("kafka producer: {e}")))?;
+        Ok(Forward { producer, topic, worker: ctx.worker_id.clone() })
+    }
+
+    async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        let sends = batch.records.iter().map(|r| {
+            let partition = r.partition.to_string();
+            let offset = r.offset.to_string();
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 4);
+            for (key, value) in &r.headers {
+                headers = headers.insert(Header { key, value: Some(value) });
+            }
+            headers = headers
+                .insert(Header { key: "shardline.stream", value: Some(&r.stream) })
+                .insert(Header { key: "shardline.partition", value: Some(&partition) })
+                .insert(Header { key: "shardline.offset", value: Some(&offset) })
+                .insert(Header { key: "shardline.worker", value: Some(&self.worker) });
+            let mut record = FutureRecord::to(&self.topic).payload(&r.value).headers(headers);
+            if let Some(key) = &r.key {
+                record = record.key(key);
+            }
+            self.producer.send(record, Duration::from_secs(30))
+        });
+        for result in futures::future::join_all(sends).await {
+            result.map_err(|(e, _)| HandlerError::new(format!("forward to {}: {e}", self.topic)))?;
+        }
+        Ok(BatchResponse::default())
+    }
+}
+
+/// Sleeps `per_batch` plus `per_record` × records: simulated work.
+pub struct Sleep {
+    per_batch: Duration,
+    per_record: Duration,
+}
+
+impl Handler for Sleep {
+    async fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        ctx.only(&["per_batch", "per_record"])?;
+        Ok(Sleep {
+            per_batch: ctx.duration("per_batch", Duration::ZERO)?,
+            per_record: ctx.duration("per_record", Duration::from_millis(1))?,
+        })
+    }
+
+    async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        tokio::time::sleep(self.per_batch + self.per_record * batch.len() as u32).await;
+        Ok(BatchResponse::default())
+    }
+}
+
+/// Does nothing; measures the machinery.
+pub struct Noop;
+
+impl Handler for Noop {
+    async fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        ctx.only(&[])?;
+        Ok(Noop)
+    }
+
+    async fn handle(&self, _batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        Ok(BatchResponse::default())
+    }
+}

@@ -1,0 +1,104 @@
+//! Sends checkpoints to the coordinator asynchronously, coalesced: only the
+//! newest position per lease matters, so while one call is in flight every
+//! new position simply replaces the pending one. The next batch never waits
+//! for the previous checkpoint's acknowledgement.
+//!
+//! A stale-epoch answer means the lease was lost: it is reported to the
+//! runtime, which stops that lease at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shardline_proto::LeaseId;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::membership::{Session, SessionError};
+
+/// Pending checkpoints, shared by the lease tasks (which submit) and the
+/// sender task.
+#[derive(Clone, Default)]
+pub struct Checkpointer {
+    pending: Arc<Mutex<HashMap<LeaseId, (u64, i64)>>>,
+    notify: Arc<Notify>,
+}
+
+impl Checkpointer {
+    /// Queues `offset` (the next offset to process) for `lease`.
+    pub fn submit(&self, lease: &LeaseId, epoch: u64, offset: i64) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(lease.clone(), (epoch, offset));
+        }
+        self.notify.notify_one();
+    }
+
+    /// Drops a pending checkpoint (the lease is released with its final
+    /// offset, or was lost).
+    pub fn forget(&self, lease: &LeaseId) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(lease);
+        }
+    }
+
+    fn take(&self) -> Vec<(LeaseId, u64, i64)> {
+        self.pending
+            .lock()
+            .map(|mut p| p.drain().map(|(lease, (epoch, offset))| (lease, epoch, offset)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Puts back entries whose call failed, unless a newer one arrived.
+    fn restore(&self, entries: Vec<(LeaseId, u64, i64)>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            for (lease, epoch, offset) in entries {
+                pending.entry(lease).or_insert((epoch, offset));
+            }
+        }
+    }
+
+    /// Sends until `stop`; reports lost leases as `(lease, epoch)`.
+    pub async fn run(self, session: Session, lost: mpsc::Sender<(LeaseId, u64)>, stop: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.notify.notified() => {}
+            }
+            let entries = self.take();
+            if entries.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            match session.checkpoint(entries.clone()).await {
+                Ok(results) => {
+                    failures = 0;
+                    metrics::histogram!("shardline_checkpoint_latency_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    for ((lease, epoch, _), result) in entries.into_iter().zip(results) {
+                        match result {
+                            Ok(()) => {}
+                            Err(SessionError::Fenced { current_epoch, .. }) => {
+                                tracing::warn!(%lease, epoch, current_epoch, "lease lost: checkpoint refused");
+                                let _ = lost.send((lease, epoch)).await;
+                            }
+                            Err(e) => tracing::warn!(%lease, error = %e, "checkpoint refused"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics::counter!("shardline_checkpoint_errors_total").increment(1);
+                    tracing::warn!(error = %e, "checkpoint call failed; retrying");
+                    self.restore(entries);
+                    let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    self.notify.notify_one();
+                }
+            }
+        }
+    }
+}

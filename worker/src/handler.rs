@@ -1,0 +1,226 @@
+//! The handler SDK: what user code implements, and what it is given.
+//!
+//! A [`Handler`] is built once per worker node by [`Handler::init`]; that
+//! one value (a connection pool, a model, a client) is shared by every batch
+//! of every lease the node runs. [`Handler::handle`] runs once per batch.
+//! [`Handlers`] holds several handlers by name, type-erased, so one worker
+//! binary can host many mappings.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardline_proto::LeaseId;
+
+/// One record as the handler sees it. Malformed payloads arrive as bytes:
+/// deserialising is the handler's job, and its errors are handler errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Milliseconds since the Unix epoch, when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    pub stream: String,
+    pub partition: u32,
+    pub offset: i64,
+}
+
+impl Record {
+    /// Key plus value bytes: what counts against `max_batch_bytes`.
+    pub fn payload_len(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.value.len()
+    }
+}
+
+/// One batch of records from one lease, in offset order.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    pub lease: LeaseId,
+    pub epoch: u64,
+    /// Records behind the end of the partition when the batch was cut
+    /// (-1 when not known yet).
+    pub lag: i64,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The checkpoint after this batch: the offset after its last record.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.records.last().map(|r| r.offset + 1)
+    }
+}
+
+/// What a handler returns for a successful batch. `failed` names records
+/// that failed individually (used with `report_item_failures`, a later
+/// setting); empty means the whole batch succeeded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchResponse {
+    /// Offsets of records that failed.
+    pub failed: Vec<i64>,
+}
+
+/// A batch failed. The batch policy decides what happens next (retry,
+/// later bisect or on_failure); the worker keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    pub message: String,
+}
+
+impl HandlerError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into() }
+    }
+}
+
+impl From<String> for HandlerError {
+    fn from(message: String) -> Self {
+        Self { message }
+    }
+}
+
+impl From<&str> for HandlerError {
+    fn from(message: &str) -> Self {
+        Self { message: message.to_owned() }
+    }
+}
+
+/// `init` failed: the worker does not join the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("init of handler `{handler}` failed: {message}")]
+pub struct InitError {
+    pub handler: String,
+    pub message: String,
+}
+
+/// What `init` gets: the handler's name and its settings from the worker
+/// config (`[handlers.NAME]`), plus the Kafka brokers for handlers that
+/// produce.
+#[derive(Debug, Clone)]
+pub struct InitContext {
+    pub name: String,
+    pub settings: toml::Table,
+    pub kafka_brokers: String,
+    pub worker_id: String,
+}
+
+impl InitContext {
+    /// An error for this handler, for `init` to return.
+    pub fn error(&self, message: impl Into<String>) -> InitError {
+        InitError { handler: self.name.clone(), message: message.into() }
+    }
+
+    /// A string setting; `None` when absent.
+    pub fn string(&self, key: &str) -> Result<Option<String>, InitError> {
+        match self.settings.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(self.error(format!("`{key}` must be a string, not {}", other.type_str()))),
+        }
+    }
+
+    /// A duration setting like `"5ms"`; `default` when absent.
+    pub fn duration(&self, key: &str, default: Duration) -> Result<Duration, InitError> {
+        match self.string(key)? {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(&s)
+                .map_err(|e| self.error(format!("`{key}` = \"{s}\" is not a duration like \"5ms\": {e}"))),
+        }
+    }
+
+    /// Fails on settings the handler does not know (like deny_unknown_fields).
+    pub fn only(&self, known: &[&str]) -> Result<(), InitError> {
+        match self.settings.keys().find(|k| !known.contains(&k.as_str())) {
+            None => Ok(()),
+            Some(k) => Err(self.error(format!("unknown setting `{k}`; allowed: {}", known.join(", ")))),
+        }
+    }
+}
+
+/// User code. `init` once per node; `handle` once per batch.
+pub trait Handler: Send + Sync + Sized + 'static {
+    /// Runs once per worker node, before the worker joins the fleet.
+    fn init(ctx: &InitContext) -> impl Future<Output = Result<Self, InitError>> + Send;
+
+    /// Runs once per batch. Return `Err` (or panic) to fail the whole batch.
+    fn handle(&self, batch: &Batch) -> impl Future<Output = Result<BatchResponse, HandlerError>> + Send;
+}
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A handler after `init`, type-erased so several can live in one map.
+pub trait DynHandler: Send + Sync {
+    fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<BatchResponse, HandlerError>>;
+}
+
+impl<H: Handler> DynHandler for H {
+    fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<BatchResponse, HandlerError>> {
+        Box::pin(Handler::handle(self, batch))
+    }
+}
+
+type Factory =
+    Box<dyn Fn(InitContext) -> BoxFuture<'static, Result<Arc<dyn DynHandler>, InitError>> + Send + Sync>;
+
+/// Handlers by name, before `init`.
+#[derive(Default)]
+pub struct Handlers {
+    factories: BTreeMap<String, Factory>,
+}
+
+impl Handlers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hosts handler type `H` under `name` (what mappings refer to).
+    pub fn with<H: Handler>(mut self, name: impl Into<String>) -> Self {
+        let factory: Factory = Box::new(|ctx: InitContext| {
+            Box::pin(async move {
+                let handler = H::init(&ctx).await?;
+                Ok(Arc::new(handler) as Arc<dyn DynHandler>)
+            })
+        });
+        self.factories.insert(name.into(), factory);
+        self
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.factories.contains_key(name)
+    }
+
+    /// Runs `init` of the named handlers once each; this node shares the
+    /// results for all its leases.
+    pub async fn init(
+        &self,
+        contexts: Vec<InitContext>,
+    ) -> Result<BTreeMap<String, Arc<dyn DynHandler>>, InitError> {
+        let mut ready = BTreeMap::new();
+        for ctx in contexts {
+            let name = ctx.name.clone();
+            let Some(factory) = self.factories.get(&name) else {
+                return Err(InitError { handler: name, message: "no such handler in this worker".into() });
+            };
+            let handler = factory(ctx).await?;
+            metrics::counter!("shardline_handler_inits_total", "handler" => name.clone()).increment(1);
+            tracing::info!(handler = %name, "handler initialised");
+            ready.insert(name, handler);
+        }
+        Ok(ready)
+    }
+}

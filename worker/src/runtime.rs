@@ -1,0 +1,330 @@
+//! The worker runtime: initialise handlers once, join the fleet, and turn
+//! the coordinator's instructions into lease tasks.
+//!
+//! One loop owns the table of running leases. Acquire starts a task,
+//! Release drains it and confirms with its final offset, Revoke (or a
+//! stale-epoch checkpoint) kills it at once. The first shutdown signal
+//! drains every lease within `drain_timeout`, confirms each release and
+//! deregisters, so leases move at once and without duplicates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use shardline_proto::{LeaseId, Mapping, v1};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpointer::Checkpointer;
+use crate::config::WorkerConfig;
+use crate::handler::{DynHandler, Handlers, InitContext, InitError};
+use crate::lease::{Exit, LeaseStats, LeaseTask};
+use crate::membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
+use crate::source::kafka::{KafkaSource, SourceError};
+
+/// Why a worker could not start or stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Bad config or handler settings: fix and restart (exit status 2).
+    #[error(transparent)]
+    Init(#[from] InitError),
+    #[error("config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+struct Running {
+    epoch: u64,
+    drain: CancellationToken,
+    kill: CancellationToken,
+}
+
+type StatsTable = Arc<Mutex<BTreeMap<LeaseId, (u64, Arc<LeaseStats>)>>>;
+
+/// Runs a worker hosting `handlers` until `shutdown` fires, then drains.
+pub async fn run(
+    config: WorkerConfig,
+    handlers: Handlers,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let worker_id = config.worker_id();
+    for name in config.handlers.keys() {
+        if !handlers.contains(name) {
+            let known: Vec<&str> = handlers.names().collect();
+            return Err(WorkerError::Config(format!(
+                "`handlers.{name}` is not a handler of this worker; allowed: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    let contexts = config
+        .handlers
+        .iter()
+        .map(|(name, settings)| InitContext {
+            name: name.clone(),
+            settings: settings.clone(),
+            kafka_brokers: config.kafka_brokers.clone(),
+            worker_id: worker_id.clone(),
+        })
+        .collect();
+    // Once per node: every lease and batch shares these.
+    let ready = handlers.init(contexts).await?;
+    if let Some(addr) = config.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr}: {e}")))?;
+    }
+    let source = KafkaSource::new(&config.kafka_brokers, &worker_id, config.fetch_queue_kib)?;
+    let session = Session::new(SessionConfig {
+        coordinator: config.coordinator.clone(),
+        worker_id: worker_id.clone(),
+        address: config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
+        handlers: ready.keys().cloned().collect(),
+        capacity: config.capacity,
+        token: config.auth_token.clone(),
+    })?;
+
+    let held = HeldLeases::default();
+    let stats: StatsTable = Arc::default();
+    let background = CancellationToken::new();
+    let checkpointer = Checkpointer::default();
+    let (lost_tx, mut lost_rx) = mpsc::channel(256);
+    tokio::spawn(checkpointer.clone().run(session.clone(), lost_tx, background.clone()));
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    let membership = tokio::spawn(session.clone().run(
+        held.clone(),
+        events_tx,
+        load_report(stats.clone()),
+        background.clone(),
+    ));
+
+    let mut rt = Runtime {
+        session,
+        source,
+        handlers: ready,
+        checkpointer,
+        held,
+        stats,
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+    };
+    tracing::info!(worker = %worker_id, "worker started");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(event) = events_rx.recv() => rt.on_event(event).await,
+            Some((lease, epoch)) = lost_rx.recv() => rt.stop(&lease, epoch, true),
+            Some(done) = rt.tasks.join_next(), if !rt.tasks.is_empty() => {
+                if let Ok((lease, epoch, exit)) = done {
+                    rt.finished(lease, epoch, exit).await;
+                }
+            }
+        }
+    }
+
+    // Drain: stop heartbeating new work, finish in-flight batches, confirm
+    // every release, leave.
+    tracing::info!(leases = rt.running.len(), timeout = ?config.drain_timeout, "draining");
+    membership.abort();
+    for r in rt.running.values() {
+        r.drain.cancel();
+    }
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    while !rt.tasks.is_empty() {
+        match tokio::time::timeout_at(deadline, rt.tasks.join_next()).await {
+            Ok(Some(Ok((lease, epoch, exit)))) => rt.finished(lease, epoch, exit).await,
+            Ok(Some(Err(_))) => {}
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(
+                    leases = rt.running.len(),
+                    "drain timed out; leaving the rest to the session timeout"
+                );
+                rt.tasks.abort_all();
+                break;
+            }
+        }
+    }
+    background.cancel();
+    rt.session.deregister().await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+struct Runtime {
+    session: Session,
+    source: KafkaSource,
+    handlers: BTreeMap<String, Arc<dyn DynHandler>>,
+    checkpointer: Checkpointer,
+    held: HeldLeases,
+    stats: StatsTable,
+    running: HashMap<LeaseId, Running>,
+    tasks: JoinSet<(LeaseId, u64, Exit)>,
+}
+
+impl Runtime {
+    async fn on_event(&mut self, event: LeaseEvent) {
+        match event {
+            LeaseEvent::Acquire { lease, epoch, start, mapping } => {
+                if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
+                    return; // the authoritative set after a re-register: already running
+                }
+                if let Some(old) = self.running.remove(&lease) {
+                    // A newer epoch (an operator moved the checkpoint): the
+                    // old run stops at once and checkpoints nothing more.
+                    old.kill.cancel();
+                    self.checkpointer.forget(&lease);
+                    while self.tasks.len() > self.running.len() {
+                        match self.tasks.join_next().await {
+                            Some(Ok((l, e, exit))) if l != lease || e != old.epoch => {
+                                self.finished(l, e, exit).await
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                self.start(lease, epoch, start, mapping).await;
+            }
+            LeaseEvent::Release { lease, epoch } => match self.running.get(&lease) {
+                Some(r) if r.epoch == epoch => r.drain.cancel(),
+                Some(_) => {}
+                None => {
+                    // Not running it (it never started): give it back as is.
+                    if let Err(e) = self.session.release_done(&lease, epoch, None).await {
+                        tracing::warn!(%lease, error = %e, "release confirmation failed");
+                    }
+                }
+            },
+            LeaseEvent::Revoke { lease, epoch } => self.stop(&lease, epoch, false),
+        }
+    }
+
+    async fn start(&mut self, lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Mapping>) {
+        let Some(mapping) = mapping else {
+            tracing::error!(%lease, "acquire without a mapping; giving it back");
+            let _ = self.session.release_done(&lease, epoch, None).await;
+            return;
+        };
+        let Some(handler) = self.handlers.get(&mapping.handler).cloned() else {
+            tracing::error!(%lease, handler = %mapping.handler, "no such handler here; giving the lease back");
+            let _ = self.session.release_done(&lease, epoch, None).await;
+            return;
+        };
+        if lease.kind != shardline_proto::LeaseKind::Shard {
+            tracing::error!(%lease, "queue slots are not supported by this worker yet; giving the lease back");
+            let _ = self.session.release_done(&lease, epoch, None).await;
+            return;
+        }
+        tracing::info!(%lease, epoch, ?start, handler = %mapping.handler, "lease acquired");
+        let stats = Arc::new(LeaseStats::default());
+        stats.position.store(start.unwrap_or(-1), Ordering::Relaxed);
+        stats.lag.store(-1, Ordering::Relaxed);
+        let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
+        let task = LeaseTask {
+            lease: lease.clone(),
+            epoch,
+            mapping,
+            start,
+            handler,
+            source: self.source.clone(),
+            checkpointer: self.checkpointer.clone(),
+            stats: stats.clone(),
+            drain: drain.clone(),
+            kill: kill.clone(),
+        };
+        let id = lease.clone();
+        self.tasks.spawn(async move { (id, epoch, task.run().await) });
+        self.held.insert(lease.clone(), epoch);
+        if let Ok(mut table) = self.stats.lock() {
+            table.insert(lease.clone(), (epoch, stats.clone()));
+        }
+        self.running.insert(lease, Running { epoch, drain, kill });
+    }
+
+    /// Stops a lease at once (lost, revoked): no more checkpoints.
+    fn stop(&mut self, lease: &LeaseId, epoch: u64, lost: bool) {
+        if let Some(r) = self.running.get(lease).filter(|r| r.epoch == epoch) {
+            tracing::warn!(%lease, epoch, lost, "stopping lease at once");
+            r.kill.cancel();
+            self.checkpointer.forget(lease);
+            self.held.remove(lease, epoch);
+            metrics::counter!("shardline_leases_lost_total").increment(1);
+        }
+    }
+
+    async fn finished(&mut self, lease: LeaseId, epoch: u64, exit: Exit) {
+        if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
+            self.running.remove(&lease);
+        }
+        self.held.remove(&lease, epoch);
+        if let Ok(mut table) = self.stats.lock()
+            && table.get(&lease).is_some_and(|(e, _)| *e == epoch)
+        {
+            table.remove(&lease);
+        }
+        if let Exit::Released(offset) = exit {
+            self.checkpointer.forget(&lease);
+            match self.session.release_done(&lease, epoch, offset).await {
+                Ok(()) => tracing::info!(%lease, epoch, ?offset, "lease released"),
+                Err(e) => {
+                    tracing::warn!(%lease, error = %e, "release confirmation failed; the coordinator forces it")
+                }
+            }
+        }
+    }
+}
+
+/// Builds each heartbeat's load report from the lease stats: rates are the
+/// change since the previous report.
+fn load_report(stats: StatsTable) -> impl Fn() -> v1::LoadReport + Send {
+    type Previous = (Instant, HashMap<LeaseId, (u64, u64)>, f64);
+    let previous: Mutex<Previous> = Mutex::new((Instant::now(), HashMap::new(), cpu_seconds()));
+    move || {
+        let Ok(table) = stats.lock() else { return v1::LoadReport::default() };
+        let Ok(mut prev) = previous.lock() else { return v1::LoadReport::default() };
+        let elapsed = prev.0.elapsed().as_secs_f64().max(1e-3);
+        let mut next = HashMap::new();
+        let leases = table
+            .iter()
+            .map(|(lease, (epoch, s))| {
+                let records = s.records.load(Ordering::Relaxed);
+                let busy = s.busy_micros.load(Ordering::Relaxed);
+                let (r0, b0) = prev.1.get(lease).copied().unwrap_or((records, busy));
+                next.insert(lease.clone(), (records, busy));
+                let rate = (records - r0) as f64 / elapsed;
+                v1::LeaseLoad {
+                    lease: Some(lease.into()),
+                    epoch: *epoch,
+                    position: s.position.load(Ordering::Relaxed),
+                    lag: s.lag.load(Ordering::Relaxed),
+                    records_in_per_s: rate,
+                    records_out_per_s: rate,
+                    busy_ratio: (busy - b0) as f64 / 1e6 / elapsed,
+                }
+            })
+            .collect();
+        let inflight = table.values().map(|(_, s)| s.in_flight.load(Ordering::Relaxed)).sum::<u64>();
+        let cpu_now = cpu_seconds();
+        let cpu = (cpu_now - prev.2).max(0.0) / elapsed;
+        *prev = (Instant::now(), next, cpu_now);
+        v1::LoadReport { leases, cpu, inflight_batches: inflight as u32 }
+    }
+}
+
+/// CPU seconds this process has used (user + system), from /proc; 0 where
+/// /proc is not there.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of those, in clock ticks (100 per second on Linux).
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}

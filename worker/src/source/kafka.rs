@@ -1,0 +1,267 @@
+//! The Kafka source: one rdkafka consumer per worker process, with one
+//! partition queue per leased shard.
+//!
+//! Partitions are assigned by hand (`incremental_assign`), never through a
+//! consumer group: the coordinator is the group. No offsets are committed to
+//! Kafka; checkpoints live in the coordinator.
+//!
+//! Memory is bounded on purpose: each partition buffers at most
+//! `fetch_queue_kib` of prefetched records. When a handler is slower than
+//! the broker, the buffer fills and librdkafka stops fetching that partition
+//! until the handler drains it (backpressure), whatever the backlog.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use shardline_proto::StartingPosition;
+
+use crate::handler::Record;
+
+/// Why the source could not do something. All are worth retrying: the
+/// broker may be down or the topic briefly missing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("partition {topic}/{partition} is already open on this worker")]
+    AlreadyOpen { topic: String, partition: u32 },
+}
+
+fn kafka(e: impl std::fmt::Display) -> SourceError {
+    SourceError::Kafka(e.to_string())
+}
+
+/// Where a partition starts when opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A checkpoint: the next offset to process.
+    Offset(i64),
+    /// The mapping's starting position (no checkpoint yet).
+    Position(StartingPosition, i64),
+}
+
+/// Keeps the high watermarks librdkafka reports in its statistics, so lag
+/// costs no extra broker round trip.
+#[derive(Default)]
+pub struct SourceContext {
+    high: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: Statistics) {
+        let Ok(mut high) = self.high.lock() else { return };
+        for (topic, t) in statistics.topics {
+            for (partition, p) in t.partitions {
+                if partition >= 0 && p.hi_offset >= 0 {
+                    high.insert((topic.clone(), partition), p.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
+type Queue = StreamPartitionQueue<SourceContext>;
+
+/// The worker's one Kafka consumer.
+#[derive(Clone)]
+pub struct KafkaSource {
+    consumer: Arc<StreamConsumer<SourceContext>>,
+}
+
+impl KafkaSource {
+    /// Creates the consumer and the task that serves its main queue (which
+    /// carries client events; records all go to partition queues).
+    pub fn new(brokers: &str, worker_id: &str, fetch_queue_kib: u32) -> Result<Self, SourceError> {
+        let consumer: StreamConsumer<SourceContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("client.id", format!("shardline-{worker_id}"))
+            // librdkafka wants a group id even for manual assignment; it is
+            // never used to join a group or commit.
+            .set("group.id", format!("shardline-worker-{worker_id}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            // A checkpoint older than the retention: start from the oldest
+            // record still there (at least once, never a silent skip ahead).
+            .set("auto.offset.reset", "earliest")
+            .set("queued.max.messages.kbytes", fetch_queue_kib.to_string())
+            .set("queued.min.messages", "10000")
+            .set("fetch.wait.max.ms", "100")
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(SourceContext::default())
+            .map_err(kafka)?;
+        let consumer = Arc::new(consumer);
+        let main = consumer.clone();
+        tokio::spawn(async move {
+            loop {
+                match main.recv().await {
+                    Ok(m) => tracing::warn!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        "record on the main queue"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka client error");
+                        metrics::counter!("shardline_kafka_errors_total").increment(1);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        Ok(Self { consumer })
+    }
+
+    /// Resolves `start` to a concrete offset and starts fetching the
+    /// partition from there. The offset is returned so the lease can
+    /// checkpoint it at once: a later owner then continues from the same
+    /// place even if no record was processed (no gap after `latest`).
+    pub async fn open(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: Start,
+    ) -> Result<(PartitionReader, i64), SourceError> {
+        let offset = self.resolve(topic, partition, start).await?;
+        let p = partition as i32;
+        let queue = self
+            .consumer
+            .split_partition_queue(topic, p)
+            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(offset)).map_err(kafka)?;
+        self.consumer.incremental_assign(&tpl).map_err(kafka)?;
+        let reader = PartitionReader { queue, source: self.clone(), topic: topic.into(), partition };
+        Ok((reader, offset))
+    }
+
+    async fn resolve(&self, topic: &str, partition: u32, start: Start) -> Result<i64, SourceError> {
+        let consumer = self.consumer.clone();
+        let topic = topic.to_owned();
+        let p = partition as i32;
+        let timeout = Duration::from_secs(10);
+        tokio::task::spawn_blocking(move || match start {
+            Start::Offset(o) => Ok(o),
+            Start::Position(StartingPosition::Latest, _) => {
+                consumer.fetch_watermarks(&topic, p, timeout).map(|(_, high)| high).map_err(kafka)
+            }
+            Start::Position(StartingPosition::TrimHorizon, _) => {
+                consumer.fetch_watermarks(&topic, p, timeout).map(|(low, _)| low).map_err(kafka)
+            }
+            Start::Position(StartingPosition::AtTimestamp, ts) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, p, Offset::Offset(ts)).map_err(kafka)?;
+                let found = consumer.offsets_for_times(tpl, timeout).map_err(kafka)?;
+                match found.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Ok(o),
+                    // No record at or after the time: start at the end.
+                    _ => consumer.fetch_watermarks(&topic, p, timeout).map(|(_, high)| high).map_err(kafka),
+                }
+            }
+        })
+        .await
+        .map_err(kafka)?
+    }
+
+    fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition as i32);
+        tpl
+    }
+
+    /// Stops fetching a partition (a failing batch is being retried: no
+    /// point prefetching more).
+    pub fn pause(&self, topic: &str, partition: u32) {
+        if let Err(e) = self.consumer.pause(&Self::tpl(topic, partition)) {
+            tracing::debug!(topic, partition, error = %e, "pause failed");
+        }
+    }
+
+    pub fn resume(&self, topic: &str, partition: u32) {
+        if let Err(e) = self.consumer.resume(&Self::tpl(topic, partition)) {
+            tracing::debug!(topic, partition, error = %e, "resume failed");
+        }
+    }
+
+    /// The partition's high watermark from the latest statistics.
+    pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
+        let high = self.consumer.context().high.lock().ok()?;
+        high.get(&(topic.to_owned(), partition as i32)).copied()
+    }
+}
+
+/// One leased partition's record queue. Dropping it stops fetching.
+pub struct PartitionReader {
+    queue: Queue,
+    source: KafkaSource,
+    pub topic: String,
+    pub partition: u32,
+}
+
+impl PartitionReader {
+    /// The next record, waiting for one. Transient client errors are
+    /// logged and waited out; this never gives up on its own (the lease is
+    /// stopped from outside).
+    pub async fn next(&self) -> Record {
+        loop {
+            match self.queue.recv().await {
+                Ok(m) => return self.record(&m),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// A record if one is already buffered; never waits.
+    pub fn try_next(&self) -> Option<Record> {
+        match self.queue.recv().now_or_never()? {
+            Ok(m) => Some(self.record(&m)),
+            Err(_) => None,
+        }
+    }
+
+    pub fn source(&self) -> &KafkaSource {
+        &self.source
+    }
+
+    fn record(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Record {
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+            timestamp_ms: m.timestamp().to_millis(),
+            stream: self.topic.clone(),
+            partition: self.partition,
+            offset: m.offset(),
+        }
+    }
+}
+
+impl Drop for PartitionReader {
+    fn drop(&mut self) {
+        let tpl = KafkaSource::tpl(&self.topic, self.partition);
+        if let Err(e) = self.source.consumer.incremental_unassign(&tpl) {
+            tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "unassign failed");
+        }
+    }
+}
