@@ -83,7 +83,11 @@ tansu_installed() {
 }
 
 kafka_up() {
-  if kafka_ready; then log "kafka (tansu) already up on $kafka_port"; return 0; fi
+  if kafka_ready; then
+    log "kafka (tansu) already up on $kafka_port"
+    [[ -f "$state/tansu.db" ]] && index_headers
+    return 0
+  fi
   if ! tansu_installed; then
     log "installing tansu $tansu_version (about 10 minutes on 2 cores, once)"
     cargo install --locked tansu --version "$tansu_version" --features dynostore,libsql
@@ -104,6 +108,21 @@ kafka_up() {
     tail -20 "$state/tansu.log" >&2 || true
     return 1
   fi
+  index_headers
+}
+
+# tansu 0.6.0 looks up each fetched record's headers with a query on an
+# unindexed table: every fetch scans all headers ever written, and a busy
+# topic stalls the whole broker within minutes. An index on the lookup key
+# makes it a point query. Safe to repeat; the table is tansu's own schema.
+index_headers() {
+  python3 - "$state/tansu.db" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=30)
+db.execute("create index if not exists shardline_header_record on header (topition, offset_id)")
+db.commit()
+PY
+  log "kafka (tansu) header index in place"
 }
 
 kafka_down() {
@@ -112,6 +131,11 @@ kafka_down() {
     rm -f "$state/tansu.pid"
   fi
   pkill -f "tansu broker --listener-url tcp://127.0.0.1:$kafka_port" 2>/dev/null || true
+  # Wait for the port to be free, so an `up` right after does not collide.
+  for _ in $(seq 1 50); do
+    pgrep -f "tansu broker --listener-url tcp://127.0.0.1:$kafka_port" >/dev/null || break
+    sleep 0.2
+  done
   log "kafka (tansu) stopped"
 }
 

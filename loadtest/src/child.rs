@@ -5,13 +5,14 @@
 //! The guard kills the child when dropped, so every early return (`?`), a
 //! panic or an interrupted run stops the coordinator too.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 
@@ -30,6 +31,7 @@ pub struct Coordinator {
     child: Child,
     pid: u32,
     addr: SocketAddr,
+    metrics_addr: SocketAddr,
     log: PathBuf,
     // Last field: dropped after `Drop::drop` has killed the child.
     _dir: tempfile::TempDir,
@@ -61,7 +63,8 @@ impl Coordinator {
             .context("cannot create a temporary directory")?;
         let config_path = dir.path().join("coordinator.toml");
         let log = dir.path().join("coordinator.log");
-        std::fs::write(&config_path, config_toml(&dir.path().join("data"), streams)?)
+        let metrics_addr = free_port().context("cannot find a free port for the metrics endpoint")?;
+        std::fs::write(&config_path, config_toml(&dir.path().join("data"), metrics_addr, streams)?)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -95,7 +98,8 @@ impl Coordinator {
             Ok(None)
         })
         .await;
-        let mut this = Self { child, pid, addr: SocketAddr::from(([127, 0, 0, 1], 0)), log, _dir: dir };
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut this = Self { child, pid, addr, metrics_addr, log, _dir: dir };
         let addr = match ready {
             Ok(Ok(Some(addr))) => addr,
             Ok(Ok(None)) => {
@@ -140,6 +144,29 @@ impl Coordinator {
         Ok(channels)
     }
 
+    /// Reads the coordinator's Prometheus endpoint: every sample, keyed by
+    /// `name{labels}` as printed. Plain HTTP/1.0 over a socket: one GET does
+    /// not justify an HTTP client dependency.
+    pub async fn scrape(&self) -> anyhow::Result<Metrics> {
+        let fetch = async {
+            let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await?;
+            let request = format!("GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.metrics_addr);
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .context("the metrics endpoint did not answer within 5 s")?
+            .with_context(|| format!("cannot read metrics from {}", self.metrics_addr))?;
+        let (head, body) = response.split_once("\r\n\r\n").context("a metrics response without a body")?;
+        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+            bail!("the metrics endpoint answered `{}`", head.lines().next().unwrap_or_default());
+        }
+        Ok(Metrics::parse(body))
+    }
+
     /// Fails if the coordinator has exited (crashed) while being measured.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         match self.child.try_wait() {
@@ -174,6 +201,9 @@ impl Coordinator {
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
+        if lines.is_empty() {
+            return "(empty)".to_owned();
+        }
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 }
@@ -185,11 +215,45 @@ impl Drop for Coordinator {
     }
 }
 
-/// The generated config: loopback, port 0, the temp data dir, static streams.
-fn config_toml(data_dir: &Path, streams: &[Stream<'_>]) -> anyhow::Result<String> {
+/// Prometheus samples by `name{labels}`.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics(BTreeMap<String, f64>);
+
+impl Metrics {
+    fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (key, value) = line.rsplit_once(' ')?;
+                Some((key.trim().to_owned(), value.trim().parse().ok()?))
+            })
+            .collect();
+        Self(samples)
+    }
+
+    /// A sample's value; absent (never recorded) reads as 0.
+    pub fn get(&self, key: &str) -> f64 {
+        self.0.get(key).copied().unwrap_or(0.0)
+    }
+}
+
+/// A loopback port free right now. The coordinator binds it a moment later;
+/// another process taking it in between would fail the start loudly.
+fn free_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()
+}
+
+/// The generated config: loopback, port 0, the temp data dir, metrics on
+/// (as in the example config, so their cost is measured too), static
+/// streams.
+fn config_toml(data_dir: &Path, metrics: SocketAddr, streams: &[Stream<'_>]) -> anyhow::Result<String> {
     let data_dir = data_dir.to_str().context("the temporary directory's path is not UTF-8")?;
     // A JSON string literal is a valid TOML basic string (same escapes).
-    let mut toml = format!("listen = \"127.0.0.1:0\"\ndata_dir = {}\n", serde_json::Value::from(data_dir));
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nmetrics_listen = \"{metrics}\"\ndata_dir = {}\n",
+        serde_json::Value::from(data_dir)
+    );
     for s in streams {
         toml.push_str(&format!(
             "\n[[streams]]\nname = {}\nhandler = {}\npartitions = {}\n",
@@ -208,12 +272,24 @@ mod tests {
     #[test]
     fn config_quotes_paths_and_lists_static_streams() -> anyhow::Result<()> {
         let streams = [Stream { name: "bench", handler: "bench", partitions: 64 }];
-        let toml = config_toml(Path::new("/tmp/a \"b\""), &streams)?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], 9400));
+        let toml = config_toml(Path::new("/tmp/a \"b\""), metrics, &streams)?;
+        assert!(toml.contains("metrics_listen = \"127.0.0.1:9400\""), "{toml}");
         assert!(toml.contains("data_dir = \"/tmp/a \\\"b\\\"\""), "{toml}");
         assert!(
             toml.contains("[[streams]]\nname = \"bench\"\nhandler = \"bench\"\npartitions = 64"),
             "{toml}"
         );
         Ok(())
+    }
+
+    #[test]
+    fn metrics_are_keyed_by_name_and_labels() {
+        let m = Metrics::parse(
+            "# TYPE x counter\nshardline_checkpoints_total{result=\"accepted\"} 12\nflush_count 3\nflush{quantile=\"0.99\"} 0.5\n",
+        );
+        assert_eq!(m.get("shardline_checkpoints_total{result=\"accepted\"}"), 12.0);
+        assert_eq!(m.get("flush{quantile=\"0.99\"}"), 0.5);
+        assert_eq!(m.get("missing"), 0.0);
     }
 }

@@ -11,6 +11,8 @@ mod bench;
 mod child;
 mod stats;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,7 +37,7 @@ enum BenchTarget {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = async {
         match cli.command {
@@ -44,9 +46,18 @@ async fn main() -> anyhow::Result<()> {
     };
     // Dropping `run` on a signal drops the child guards, which kill the
     // coordinators: an interrupted benchmark leaves no process behind.
-    tokio::select! {
+    let result = tokio::select! {
         result = run => result,
         signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The context chain says what failed; a backtrace (printed when
+            // RUST_BACKTRACE is set) would only bury it.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

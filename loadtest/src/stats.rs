@@ -94,6 +94,65 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// CPU time (user + system) a process has used so far. `/proc` reports it
+/// in USER_HZ ticks, which Linux fixes at 100/s for user space.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces: count from its `)`.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// Cores two processes used between two [`cpu_time`] readings: the
+/// coordinator and this harness share the machine, so both matter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuUse {
+    pub coordinator_cores: f64,
+    pub harness_cores: f64,
+}
+
+/// Reads both processes' CPU time at the start of a measurement.
+pub struct CpuMeter {
+    pid: u32,
+    started: std::time::Instant,
+    coordinator: Duration,
+    harness: Duration,
+}
+
+impl CpuMeter {
+    pub fn start(coordinator_pid: u32) -> Self {
+        Self {
+            pid: coordinator_pid,
+            started: std::time::Instant::now(),
+            coordinator: cpu_time(coordinator_pid).unwrap_or_default(),
+            harness: cpu_time(std::process::id()).unwrap_or_default(),
+        }
+    }
+
+    pub fn stop(&self) -> CpuUse {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let used = |now: Option<Duration>, then: Duration| {
+            now.map_or(0.0, |now| now.saturating_sub(then).as_secs_f64() / wall)
+        };
+        CpuUse {
+            coordinator_cores: used(cpu_time(self.pid), self.coordinator),
+            harness_cores: used(cpu_time(std::process::id()), self.harness),
+        }
+    }
+}
+
+impl CpuUse {
+    pub fn json(&self) -> serde_json::Value {
+        json!({ "coordinator_cores": round3(self.coordinator_cores), "harness_cores": round3(self.harness_cores) })
+    }
+
+    pub fn line(&self) -> String {
+        format!("{:.2} / {:.2}", self.coordinator_cores, self.harness_cores)
+    }
+}
+
 /// Samples a process's resident set every 200 ms and keeps the peak. The
 /// kernel's own peak (`VmHWM`) is read at the end too; sampling also shows
 /// the figure is not a one-off spike and works where VmHWM is missing.
@@ -156,8 +215,9 @@ mod tests {
     }
 
     #[test]
-    fn own_rss_is_readable() {
+    fn own_rss_and_cpu_are_readable() {
         let kib = proc_status_kib(std::process::id(), "VmRSS");
         assert!(kib.is_some_and(|k| k > 0), "{kib:?}");
+        assert!(cpu_time(std::process::id()).is_some());
     }
 }

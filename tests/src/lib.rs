@@ -5,6 +5,8 @@
 //! The binaries must be built first (`cargo build --workspace --bins`); the
 //! test command in the README does that.
 
+pub mod kafka;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

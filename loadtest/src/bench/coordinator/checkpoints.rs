@@ -15,9 +15,9 @@ use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::{HANDLER, STREAM, check_calls, verdict};
+use super::{GroupCommit, HANDLER, STREAM, check_calls, verdict};
 use crate::child::{Coordinator, Stream};
-use crate::stats::{Latency, RssSampler, Summary, mib, round3};
+use crate::stats::{CpuMeter, CpuUse, Latency, RssSampler, Summary, mib, round3};
 
 const TARGET_PER_S: f64 = 20_000.0;
 const WORKER_ID: &str = "bench-checkpointer";
@@ -37,6 +37,8 @@ pub struct Figures {
     errors: u64,
     heartbeat_errors: u64,
     peak_rss_kib: u64,
+    cpu: CpuUse,
+    group_commit: GroupCommit,
 }
 
 /// One lease as granted by the coordinator.
@@ -74,6 +76,9 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
         let client = WorkerApiClient::new(channels[i % channels.len()].clone());
         callers.spawn(caller(client, lease, measure_from, until));
     }
+    tokio::time::sleep_until(measure_from).await;
+    let cpu = CpuMeter::start(coordinator.pid());
+    let metrics_before = coordinator.scrape().await?;
     let mut latency = Latency::new()?;
     let (mut acknowledged, mut errors, mut first_error) = (0, 0, None);
     while let Some(joined) = callers.join_next().await {
@@ -83,6 +88,8 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
         errors += stats.errors;
         first_error = first_error.or(stats.first_error);
     }
+    let cpu = cpu.stop();
+    let metrics_after = coordinator.scrape().await?;
     heartbeats.abort();
 
     coordinator.check_alive()?;
@@ -96,6 +103,8 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
         errors,
         heartbeat_errors: heartbeat_errors.load(Ordering::Relaxed),
         peak_rss_kib,
+        cpu,
+        group_commit: GroupCommit::between(&metrics_before, &metrics_after, settings.duration),
     })
 }
 
@@ -231,6 +240,8 @@ impl Figures {
         println!("  {:<32} {:>12}", "errors", self.errors);
         println!("  {:<32} {:>12}", "heartbeat errors", self.heartbeat_errors);
         println!("  {:<32} {:>12.1}", "coordinator peak RSS (MiB)", mib(self.peak_rss_kib));
+        println!("  {:<32} {:>12}", "cores used coordinator / harness", self.cpu.line());
+        self.group_commit.print();
     }
 
     pub fn json(&self, s: &Settings) -> serde_json::Value {
@@ -247,6 +258,8 @@ impl Figures {
             "errors": self.errors,
             "heartbeat_errors": self.heartbeat_errors,
             "peak_rss_mib": round3(mib(self.peak_rss_kib)),
+            "cpu": self.cpu.json(),
+            "group_commit": self.group_commit.json(),
         })
     }
 }

@@ -23,9 +23,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::{HANDLER, STREAM, check_calls, verdict};
+use super::{GroupCommit, HANDLER, STREAM, check_calls, verdict};
 use crate::child::{Coordinator, Stream};
-use crate::stats::{Latency, RssSampler, Summary, mib, round3};
+use crate::stats::{CpuMeter, CpuUse, Latency, RssSampler, Summary, mib, round3};
 
 const TARGET_RSS_MIB: f64 = 150.0;
 /// Time between two workers' registrations: quick, but not one burst, so
@@ -61,6 +61,8 @@ pub struct Figures {
     not_owned_at_end: usize,
     sampled_peak_rss_kib: u64,
     hwm_kib: Option<u64>,
+    cpu: CpuUse,
+    group_commit: GroupCommit,
     totals: Totals,
 }
 
@@ -166,7 +168,12 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
     let from = Instant::now() + WARMUP;
     let until = from + settings.duration;
     shared.window.set((from, until)).map_err(|_| anyhow::anyhow!("the measurement window was set twice"))?;
+    tokio::time::sleep_until(from).await;
+    let cpu = CpuMeter::start(coordinator.pid());
+    let metrics_before = coordinator.scrape().await?;
     tokio::time::sleep_until(until).await;
+    let cpu = cpu.stop();
+    let group_commit = GroupCommit::between(&metrics_before, &coordinator.scrape().await?, settings.duration);
 
     let mut heartbeat = Latency::new()?;
     let mut checkpoint = Latency::new()?;
@@ -233,6 +240,8 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
         not_owned_at_end,
         sampled_peak_rss_kib,
         hwm_kib,
+        cpu,
+        group_commit,
         totals,
     })
 }
@@ -597,6 +606,8 @@ impl Figures {
             )
         );
         println!("  {:<32} {:>12}", "heartbeat p50 / p99 / max", self.heartbeat.line());
+        println!("  {:<32} {:>12}", "cores used coordinator / harness", self.cpu.line());
+        self.group_commit.print();
         println!("  {:<32} {:>12}", "heartbeats measured", self.heartbeat.count);
         println!(
             "  {:<32} {:>12}",
@@ -638,6 +649,8 @@ impl Figures {
             "target_rss_mib": TARGET_RSS_MIB,
             "target_met": self.peak_rss_mib() <= TARGET_RSS_MIB,
             "heartbeat_latency": self.heartbeat.json(),
+            "cpu": self.cpu.json(),
+            "group_commit": self.group_commit.json(),
             "checkpoint_call_latency": self.checkpoint_call.json(),
             "acknowledged_checkpoints_per_s": round3(self.checkpoints_per_s),
             "leases_per_worker": { "min": self.leases_min, "max": self.leases_max },

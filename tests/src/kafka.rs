@@ -1,0 +1,155 @@
+//! Producing test records and reading receipts on the real broker.
+//!
+//! Records carry their id in the value (`id-<n>`); the `forward` handler
+//! copies each processed record to a receipts topic with headers naming
+//! the source partition and offset and the worker that processed it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::kafka_brokers;
+
+pub fn producer() -> Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("linger.ms", "5")
+        .set("acks", "all")
+        .create()
+        .context("kafka producer")
+}
+
+/// Produces records `from..to` with keys `key-<n % keys>` and values
+/// `id-<n>`, waiting for every acknowledgement.
+pub async fn produce(producer: &FutureProducer, topic: &str, from: u64, to: u64, keys: u64) -> Result<()> {
+    let chunk = 1000;
+    let mut n = from;
+    while n < to {
+        let end = (n + chunk).min(to);
+        let sends: Vec<_> = (n..end)
+            .map(|i| {
+                let key = format!("key-{}", i % keys.max(1));
+                let value = format!("id-{i}");
+                async move {
+                    producer
+                        .send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(30))
+                        .await
+                        .map_err(|(e, _)| anyhow::anyhow!("produce {value}: {e}"))
+                }
+            })
+            .collect();
+        for r in futures::future::join_all(sends).await {
+            r?;
+        }
+        n = end;
+    }
+    Ok(())
+}
+
+/// One receipt: which record was processed, where it came from, by whom,
+/// and when the receipt was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub id: u64,
+    pub partition: u32,
+    pub offset: i64,
+    pub worker: String,
+    pub timestamp_ms: i64,
+}
+
+fn header(m: &impl Message, key: &str) -> Option<String> {
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Reads the receipts topic (all partitions, from the start) until `want`
+/// distinct ids have been seen and the topic has been quiet for `quiet`,
+/// or `timeout` passes. Returns receipts in topic order per partition.
+pub fn read_receipts(topic: &str, want: usize, quiet: Duration, timeout: Duration) -> Result<Vec<Receipt>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "shardline-test-receipts")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("receipt consumer")?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let started = std::time::Instant::now();
+    let mut last_new = std::time::Instant::now();
+    let mut receipts = Vec::new();
+    let mut ids = BTreeSet::new();
+    while started.elapsed() < timeout {
+        if ids.len() >= want && last_new.elapsed() >= quiet {
+            break;
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let m = m.context("receipt poll")?;
+        let value = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
+        let id = value.strip_prefix("id-").and_then(|v| v.parse::<u64>().ok()).context("receipt id")?;
+        let receipt = Receipt {
+            id,
+            partition: header(&m, "shardline.partition")
+                .and_then(|p| p.parse().ok())
+                .context("partition header")?,
+            offset: header(&m, "shardline.offset").and_then(|p| p.parse().ok()).context("offset header")?,
+            worker: header(&m, "shardline.worker").unwrap_or_default(),
+            timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+        };
+        ids.insert(id);
+        receipts.push(receipt);
+        last_new = std::time::Instant::now();
+    }
+    Ok(receipts)
+}
+
+/// What the receipts say about `produced` records.
+#[derive(Debug, Clone, Default)]
+pub struct Verdict {
+    pub unique: usize,
+    pub duplicates: usize,
+    pub lost: Vec<u64>,
+    /// Source partitions whose offsets went backwards in receipt order
+    /// outside a redelivery.
+    pub order_violations: usize,
+}
+
+/// Checks receipts of ids `0..produced`. With a one-partition receipts
+/// topic, receipt order is processing order.
+pub fn verify(receipts: &[Receipt], produced: u64) -> Verdict {
+    let mut seen = BTreeMap::<u64, usize>::new();
+    for r in receipts {
+        *seen.entry(r.id).or_default() += 1;
+    }
+    let lost = (0..produced).filter(|i| !seen.contains_key(i)).collect();
+    let duplicates = seen.values().map(|c| c - 1).sum();
+    // Per source partition, first-time receipts must come in offset order.
+    let mut highest = BTreeMap::<u32, i64>::new();
+    let mut first = BTreeSet::new();
+    let mut order_violations = 0;
+    for r in receipts {
+        if !first.insert(r.id) {
+            continue; // a redelivery may repeat older offsets
+        }
+        let h = highest.entry(r.partition).or_insert(-1);
+        if r.offset < *h {
+            order_violations += 1;
+        }
+        *h = (*h).max(r.offset);
+    }
+    Verdict { unique: seen.len(), duplicates, lost, order_violations }
+}
