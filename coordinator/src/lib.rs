@@ -71,7 +71,8 @@ pub async fn serve(
         .add_service(WorkerApiServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(AdminApiServer::with_interceptor(api, auth))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Nagle plus delayed ACKs would add ~40 ms to small replies.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         )
         .await;

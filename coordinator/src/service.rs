@@ -213,15 +213,21 @@ impl<S: LeaseStore> Service<S> {
         }
     }
 
-    /// Answers now if nothing unflushed could be revealed, else after the
-    /// next flush.
+    /// Answers after the writes so far are durable (now, if they are).
     fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, value: T) {
+        self.reply_if(true, tx, value);
+    }
+
+    /// Answers now when `reveals` is false (the reply carries nothing that
+    /// depends on unflushed writes, like an empty heartbeat), so liveness
+    /// never waits for someone else's fsync.
+    fn reply_if<T: Send + 'static>(&mut self, reveals: bool, tx: Reply<T>, value: T) {
         // Persist first so `written` covers what this command changed.
         if let Err(e) = self.persist() {
             tracing::error!(error = %e, "store write failed; dropping the reply");
             return;
         }
-        if self.written <= self.durable {
+        if !reveals || self.written <= self.durable {
             let _ = tx.send(value);
         } else {
             let seq = self.written;
@@ -240,7 +246,8 @@ impl<S: LeaseStore> Service<S> {
             }
             Command::Heartbeat { worker, load, reply } => {
                 let result = self.core.heartbeat(now, &worker, load);
-                self.reply(reply, result);
+                let reveals = result.as_ref().is_ok_and(|i| !i.is_empty());
+                self.reply_if(reveals, reply, result);
             }
             Command::Checkpoint { worker, entries, reply } => {
                 let outcomes: Vec<CheckpointOutcome> = entries
