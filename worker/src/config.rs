@@ -138,6 +138,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c =
+            WorkerConfig::parse(include_str!("../../examples/worker.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.handlers.keys().collect::<Vec<_>>(), ["forward", "log", "noop", "sleep"]);
+    }
+
+    #[test]
     fn parses_and_names_bad_fields() {
         let ok = WorkerConfig::parse("[handlers.log]\n[handlers.forward]\ntopic = \"r\"\n");
         let ok = ok.unwrap_or_else(|e| panic!("{e}"));
