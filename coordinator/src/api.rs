@@ -171,8 +171,12 @@ impl WorkerApi for Api {
         let req = req.into_inner();
         let worker = worker_id(&req.worker_id)?;
         let load = load(req.load)?;
-        let result =
-            self.handle.call(|reply| Command::Heartbeat { worker, load, reply }).await.map_err(closed)?;
+        let draining = req.draining;
+        let result = self
+            .handle
+            .call(|reply| Command::Heartbeat { worker, load, draining, reply })
+            .await
+            .map_err(closed)?;
         match result {
             Ok(instructions) => Ok(Response::new(v1::HeartbeatReply {
                 instructions: instructions.into_iter().map(|i| instruction(&self.config, i)).collect(),

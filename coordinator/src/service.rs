@@ -52,6 +52,7 @@ pub enum Command {
     Heartbeat {
         worker: String,
         load: WorkerLoad,
+        draining: bool,
         reply: Reply<Result<Vec<Instruction>, CoreError>>,
     },
     Checkpoint {
@@ -244,7 +245,10 @@ impl<S: LeaseStore> Service<S> {
                 tracing::info!(%worker, instructions = instructions.len(), "worker registered");
                 self.reply(reply, instructions);
             }
-            Command::Heartbeat { worker, load, reply } => {
+            Command::Heartbeat { worker, load, draining, reply } => {
+                if draining {
+                    self.core.drain(&worker);
+                }
                 let result = self.core.heartbeat(now, &worker, load);
                 let reveals = result.as_ref().is_ok_and(|i| !i.is_empty());
                 self.reply_if(reveals, reply, result);
@@ -332,7 +336,7 @@ mod tests {
     async fn heartbeat(handle: &Handle, worker: &str) -> Result<Vec<Instruction>, CoreError> {
         let worker = worker.to_owned();
         handle
-            .call(|reply| Command::Heartbeat { worker, load: WorkerLoad::default(), reply })
+            .call(|reply| Command::Heartbeat { worker, load: WorkerLoad::default(), draining: false, reply })
             .await
             .unwrap_or(Err(CoreError::UnknownWorker("closed".into())))
     }

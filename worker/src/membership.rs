@@ -168,8 +168,13 @@ impl Session {
 
     /// One heartbeat. `Ok(None)`: the coordinator does not know us (we
     /// expired or it restarted): register again.
-    pub async fn heartbeat(&self, load: v1::LoadReport) -> Result<Option<Vec<LeaseEvent>>, SessionError> {
-        let message = v1::HeartbeatRequest { worker_id: self.cfg.worker_id.clone(), load: Some(load) };
+    pub async fn heartbeat(
+        &self,
+        load: v1::LoadReport,
+        draining: bool,
+    ) -> Result<Option<Vec<LeaseEvent>>, SessionError> {
+        let message =
+            v1::HeartbeatRequest { worker_id: self.cfg.worker_id.clone(), load: Some(load), draining };
         match self.client.clone().heartbeat(self.request(message)).await {
             Ok(reply) => Ok(Some(events(reply.into_inner().instructions)?)),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
@@ -225,23 +230,29 @@ impl Session {
     }
 
     /// Registers, then heartbeats every interval until `shutdown`, sending
-    /// every instruction to `events`. `load` builds each heartbeat's report.
+    /// every instruction to `events`. `load` builds each heartbeat's report;
+    /// once `draining` fires, heartbeats say so (no new leases).
     pub async fn run(
         self,
         held: HeldLeases,
         events: mpsc::Sender<LeaseEvent>,
         load: impl Fn() -> v1::LoadReport + Send,
+        draining: CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), SessionError> {
         let (mut interval, initial) = self.register(&held, &shutdown).await?;
         forward(&events, initial).await;
         tracing::info!(worker = %self.cfg.worker_id, "registered with the coordinator");
+        let mut told_draining = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep(interval) => {}
+                // Tell the coordinator at once, not a heartbeat later.
+                () = draining.cancelled(), if !told_draining => {}
             }
-            match self.heartbeat(load()).await {
+            told_draining = draining.is_cancelled();
+            match self.heartbeat(load(), told_draining).await {
                 Ok(Some(instructions)) => forward(&events, instructions).await,
                 Ok(None) => {
                     tracing::warn!(worker = %self.cfg.worker_id, "coordinator lost our session; registering again");

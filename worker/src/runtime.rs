@@ -93,6 +93,7 @@ pub async fn run(
     let held = HeldLeases::default();
     let stats: StatsTable = Arc::default();
     let background = CancellationToken::new();
+    let draining = CancellationToken::new();
     let checkpointer = Checkpointer::default();
     let (lost_tx, mut lost_rx) = mpsc::channel(256);
     tokio::spawn(checkpointer.clone().run(session.clone(), lost_tx, background.clone()));
@@ -101,6 +102,7 @@ pub async fn run(
         held.clone(),
         events_tx,
         load_report(stats.clone()),
+        draining.clone(),
         background.clone(),
     ));
 
@@ -113,6 +115,7 @@ pub async fn run(
         stats,
         running: HashMap::new(),
         tasks: JoinSet::new(),
+        draining: false,
     };
     tracing::info!(worker = %worker_id, "worker started");
     loop {
@@ -128,29 +131,33 @@ pub async fn run(
         }
     }
 
-    // Drain: stop heartbeating new work, finish in-flight batches, confirm
-    // every release, leave.
+    // Drain: keep heartbeating (saying we are draining, so nothing new
+    // comes), finish in-flight batches, confirm every release, then leave.
     tracing::info!(leases = rt.running.len(), timeout = ?config.drain_timeout, "draining");
-    membership.abort();
+    draining.cancel();
+    rt.draining = true;
     for r in rt.running.values() {
         r.drain.cancel();
     }
-    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    let deadline = tokio::time::sleep(config.drain_timeout);
+    tokio::pin!(deadline);
     while !rt.tasks.is_empty() {
-        match tokio::time::timeout_at(deadline, rt.tasks.join_next()).await {
-            Ok(Some(Ok((lease, epoch, exit)))) => rt.finished(lease, epoch, exit).await,
-            Ok(Some(Err(_))) => {}
-            Ok(None) => break,
-            Err(_) => {
-                tracing::warn!(
-                    leases = rt.running.len(),
-                    "drain timed out; leaving the rest to the session timeout"
-                );
+        tokio::select! {
+            () = &mut deadline => {
+                tracing::warn!(leases = rt.running.len(), "drain timed out; the rest move after the session timeout");
                 rt.tasks.abort_all();
                 break;
             }
+            Some(event) = events_rx.recv() => rt.on_event(event).await,
+            Some((lease, epoch)) = lost_rx.recv() => rt.stop(&lease, epoch, true),
+            Some(done) = rt.tasks.join_next() => {
+                if let Ok((lease, epoch, exit)) = done {
+                    rt.finished(lease, epoch, exit).await;
+                }
+            }
         }
     }
+    membership.abort();
     background.cancel();
     rt.session.deregister().await?;
     tracing::info!("worker stopped");
@@ -166,6 +173,8 @@ struct Runtime {
     stats: StatsTable,
     running: HashMap<LeaseId, Running>,
     tasks: JoinSet<(LeaseId, u64, Exit)>,
+    /// Shutting down: leases offered now are given straight back.
+    draining: bool,
 }
 
 impl Runtime {
@@ -206,6 +215,10 @@ impl Runtime {
     }
 
     async fn start(&mut self, lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Mapping>) {
+        if self.draining {
+            let _ = self.session.release_done(&lease, epoch, start).await;
+            return;
+        }
         let Some(mapping) = mapping else {
             tracing::error!(%lease, "acquire without a mapping; giving it back");
             let _ = self.session.release_done(&lease, epoch, None).await;

@@ -20,7 +20,7 @@ impl Core {
     /// How many leases each registered worker has or is about to get.
     pub(crate) fn lease_counts(&self) -> BTreeMap<WorkerId, u32> {
         let mut counts: BTreeMap<WorkerId, u32> =
-            self.workers.values().filter(|w| !w.restored).map(|w| (w.id.clone(), 0)).collect();
+            self.workers.values().filter(|w| !w.restored && !w.draining).map(|w| (w.id.clone(), 0)).collect();
         for lease in self.leases.values() {
             let holder = match &lease.state {
                 LeaseState::Owned => lease.record.owner.as_ref(),
@@ -37,6 +37,7 @@ impl Core {
     fn eligible(&self, worker: &str, handler: Option<&str>, counts: &BTreeMap<WorkerId, u32>) -> bool {
         let (Some(w), Some(handler)) = (self.workers.get(worker), handler) else { return false };
         !w.restored
+            && !w.draining
             && w.handlers.contains(handler)
             && (w.capacity == 0 || counts.get(worker).copied().unwrap_or(0) < w.capacity)
     }

@@ -112,6 +112,8 @@ pub struct Worker {
     /// Known only from the store after a coordinator restart; it keeps its
     /// leases until it registers again or its session times out.
     pub restored: bool,
+    /// Shutting down: gets no new leases, keeps releasing its own.
+    pub draining: bool,
     pub load: WorkerLoad,
 }
 
@@ -198,6 +200,7 @@ impl Core {
                         capacity: 0,
                         last_seen: now,
                         restored: true,
+                        draining: false,
                         load: WorkerLoad::default(),
                     });
                     LeaseState::Owned
@@ -258,8 +261,10 @@ impl Core {
             capacity: 0,
             last_seen: now,
             restored: false,
+            draining: false,
             load: WorkerLoad::default(),
         });
+        worker.draining = false;
         worker.address = reg.address;
         worker.handlers = reg.handlers;
         worker.capacity = reg.capacity;
@@ -324,6 +329,14 @@ impl Core {
             }
             // A restored worker must register so we learn what it still runs.
             _ => Err(CoreError::UnknownWorker(worker.to_owned())),
+        }
+    }
+
+    /// The worker is shutting down: it gets no new leases (nor handoffs)
+    /// while it finishes and releases what it has.
+    pub fn drain(&mut self, worker: &str) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.draining = true;
         }
     }
 
@@ -510,7 +523,7 @@ impl Core {
     /// Ends a release: the lease goes to `to` if it is still a live,
     /// registered worker, else back to unassigned.
     fn finish_release(&mut self, now: Instant, lease: &LeaseId, to: Option<WorkerId>) {
-        match to.filter(|w| self.workers.get(w).is_some_and(|w| !w.restored)) {
+        match to.filter(|w| self.workers.get(w).is_some_and(|w| !w.restored && !w.draining)) {
             Some(to) => self.grant(now, lease, &to),
             None => self.unassign(now, lease),
         }

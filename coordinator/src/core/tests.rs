@@ -171,6 +171,20 @@ fn operator_set_bumps_the_epoch_and_restarts_the_owner() {
 }
 
 #[test]
+fn a_draining_worker_gets_nothing_new_and_its_releases_go_to_others() {
+    let t0 = Instant::now();
+    let mut core = core_with(4, t0);
+    core.register(t0, reg("a"));
+    core.drain("a");
+    core.register(t0, reg("b"));
+    assert_eq!(core.owned_by("b").count(), 0, "no handoff is planned from a draining worker");
+    let lease = LeaseId::shard("s", 0);
+    assert!(matches!(core.release_done(t0, "a", &lease, 1, Some(5)), CheckpointOutcome::Ok { .. }));
+    let l = core.lease(&lease).map(|l| (l.record.owner.clone(), l.record.epoch, l.record.checkpoint));
+    assert_eq!(l, Some((Some("b".into()), 2, Some(5))), "released to a live peer, not back to a");
+}
+
+#[test]
 fn workers_only_get_leases_of_handlers_they_host() {
     let t0 = Instant::now();
     let mut core = core_with(2, t0);

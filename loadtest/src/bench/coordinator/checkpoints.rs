@@ -57,7 +57,7 @@ struct CallerStats {
 }
 
 pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
-    let stream = Stream { name: STREAM, handler: HANDLER, partitions: settings.leases };
+    let stream = Stream::fixed(STREAM, HANDLER, settings.leases);
     let mut coordinator = Coordinator::start(bin, &[stream]).await?;
     let rss = RssSampler::start(coordinator.pid());
     let channels = coordinator.channels(settings.channels).await?;
@@ -126,7 +126,7 @@ async fn acquire_all(client: &mut WorkerApiClient<Channel>, leases: u32) -> anyh
             bail!("only {} of {leases} leases granted within 10 s of registering", granted.len());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let request = v1::HeartbeatRequest { worker_id: WORKER_ID.into(), load: None };
+        let request = v1::HeartbeatRequest { worker_id: WORKER_ID.into(), load: None, draining: false };
         let reply = client.heartbeat(request).await.context("Heartbeat failed")?.into_inner();
         collect_acquires(reply.instructions, &mut granted)?;
     }
@@ -154,7 +154,7 @@ async fn heartbeat_loop(mut client: WorkerApiClient<Channel>, errors: Arc<Atomic
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let request = v1::HeartbeatRequest { worker_id: WORKER_ID.into(), load: None };
+        let request = v1::HeartbeatRequest { worker_id: WORKER_ID.into(), load: None, draining: false };
         match client.heartbeat(request).await {
             // Instructions would mean a lease moved: the checkpoints of that
             // lease then fail as stale and are counted as errors there.

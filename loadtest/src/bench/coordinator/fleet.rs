@@ -133,7 +133,7 @@ struct WorkerResult {
 }
 
 pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
-    let stream = Stream { name: STREAM, handler: HANDLER, partitions: settings.partitions };
+    let stream = Stream::fixed(STREAM, HANDLER, settings.partitions);
     let mut coordinator = Coordinator::start(bin, &[stream]).await?;
     let rss = RssSampler::start(coordinator.pid());
     let channels = coordinator.channels(settings.channels).await?;
@@ -401,6 +401,7 @@ impl SimWorker {
         let request = v1::HeartbeatRequest {
             worker_id: self.id.clone(),
             load: Some(v1::LoadReport { leases, cpu: 0.1, inflight_batches: 0 }),
+            draining: false,
         };
         let started = Instant::now();
         let result = self.client.heartbeat(request).await;

@@ -68,7 +68,7 @@ const HANDLER: &str = "bench";
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let bin = match &args.coordinator_bin {
         Some(bin) => bin.clone(),
-        None => child::default_bin()?,
+        None => child::default_bin("shardline-coordinator")?,
     };
     let channels = usize::try_from(args.channels).context("--channels is too large")?;
     let mut report = json!({
