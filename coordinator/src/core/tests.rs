@@ -454,6 +454,29 @@ impl Model {
     }
 }
 
+/// The model's balance check only applies once handoffs settle; make sure
+/// ordinary traffic does settle, so the property test is not vacuous.
+#[test]
+fn handoffs_settle_into_balance_under_ordinary_traffic() {
+    let mut model = Model::new();
+    model.step(Op::AddPartitions(3));
+    for w in 0..3 {
+        model.step(Op::Join(w));
+    }
+    for _ in 0..3 {
+        for w in 0..3 {
+            model.step(Op::Heartbeat(w));
+            model.step(Op::Confirm(w));
+        }
+        model.step(Op::Tick);
+    }
+    assert!(model.core.leases().all(|l| l.state == LeaseState::Owned), "settled");
+    let counts = model.core.lease_counts();
+    assert_eq!(counts.values().sum::<u32>(), 7);
+    assert!(counts.values().all(|c| (2..=3).contains(c)), "{counts:?}");
+    model.check_balanced();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
