@@ -34,6 +34,10 @@ enum BenchTarget {
     /// The coordinator alone (static streams, no Kafka): checkpoint
     /// throughput, and a simulated fleet's heartbeat latency and memory.
     Coordinator(bench::coordinator::Args),
+    /// End to end through a real Kafka-compatible broker: a raw rdkafka
+    /// consumer's rate against the coordinator and one worker's, and the
+    /// worker's memory.
+    Kafka(bench::kafka::Args),
 }
 
 #[tokio::main]
@@ -42,10 +46,11 @@ async fn main() -> ExitCode {
     let run = async {
         match cli.command {
             Command::Bench(BenchTarget::Coordinator(args)) => bench::coordinator::run(args).await,
+            Command::Bench(BenchTarget::Kafka(args)) => bench::kafka::run(args).await,
         }
     };
     // Dropping `run` on a signal drops the child guards, which kill the
-    // coordinators: an interrupted benchmark leaves no process behind.
+    // coordinators and workers: an interrupted benchmark leaves no process behind.
     let result = tokio::select! {
         result = run => result,
         signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),

@@ -153,6 +153,28 @@ impl CpuUse {
     }
 }
 
+/// Cores one process uses over a measurement: its CPU time since
+/// [`ProcCpu::start`] over the wall time since then. Reading several
+/// processes side by side (worker, coordinator, broker, harness) shows which
+/// one saturates the machine.
+pub struct ProcCpu {
+    pid: u32,
+    started: std::time::Instant,
+    cpu: Option<Duration>,
+}
+
+impl ProcCpu {
+    pub fn start(pid: u32) -> Self {
+        Self { pid, started: std::time::Instant::now(), cpu: cpu_time(pid) }
+    }
+
+    /// `None` when the process could not be read (gone, or never there).
+    pub fn cores(&self) -> Option<f64> {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        Some(cpu_time(self.pid)?.saturating_sub(self.cpu?).as_secs_f64() / wall)
+    }
+}
+
 /// Samples a process's resident set every 200 ms and keeps the peak. The
 /// kernel's own peak (`VmHWM`) is read at the end too; sampling also shows
 /// the figure is not a one-off spike and works where VmHWM is missing.

@@ -18,6 +18,7 @@ use anyhow::Context;
 use clap::ValueEnum;
 use serde_json::json;
 
+use super::verdict;
 use crate::child;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,9 +165,4 @@ impl GroupCommit {
         );
         println!("  {:<32} {:>12.1}", "checkpoints per flush", self.checkpoints_per_flush);
     }
-}
-
-/// The target column: the figure, then whether it met the goal.
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "MISSED" }
 }

@@ -1,0 +1,134 @@
+//! `shardline-worker` as a child: a generated config naming the coordinator,
+//! the brokers, one handler and a metrics port. The worker prints nothing
+//! when ready; the caller watches the coordinator (leases, checkpoints)
+//! instead, which is what a benchmark of the whole system measures anyway.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::Context;
+use tokio::process::Command;
+
+use super::{Metrics, Proc, check_bin, free_port, quote, temp_dir};
+
+/// What goes into the worker's config.
+pub struct WorkerSettings<'a> {
+    /// The coordinator's gRPC URL.
+    pub coordinator: &'a str,
+    pub worker_id: &'a str,
+    pub kafka_brokers: &'a str,
+    /// The one handler hosted (`noop`, `sleep`).
+    pub handler: &'a str,
+    /// The handler's settings, as `key = "value"` string settings.
+    pub handler_settings: &'a [(&'a str, String)],
+    /// `fetch_queue_kib`; `None`: the worker's default.
+    pub fetch_queue_kib: Option<u32>,
+}
+
+/// A running `shardline-worker`; killed on drop.
+pub struct Worker {
+    proc: Proc,
+    metrics_addr: SocketAddr,
+    // Last field: removed after the child has been killed.
+    _dir: tempfile::TempDir,
+}
+
+impl Worker {
+    /// Writes the config and starts `bin`; returns as soon as the process
+    /// runs (the clock of a throughput measurement starts here).
+    pub fn start(bin: &Path, settings: &WorkerSettings<'_>) -> anyhow::Result<Self> {
+        check_bin(bin, "worker", "--worker-bin")?;
+        let dir = temp_dir()?;
+        let config_path = dir.path().join("worker.toml");
+        let metrics_addr = free_port().context("cannot find a free port for the worker's metrics")?;
+        std::fs::write(&config_path, config_toml(metrics_addr, settings))
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        let mut command = Command::new(bin);
+        // Handlers such as `log` print records on stdout; nobody reads them.
+        command.arg("--config").arg(&config_path).stdout(Stdio::null());
+        let proc = Proc::spawn("worker", command, dir.path().join("worker.log"))?;
+        Ok(Self { proc, metrics_addr, _dir: dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    /// Reads the worker's Prometheus endpoint (records, batches, checkpoint
+    /// latency as the worker sees them).
+    pub async fn scrape(&self) -> anyhow::Result<Metrics> {
+        super::scrape(self.metrics_addr).await
+    }
+
+    /// Fails if the worker has exited (crashed) while being measured.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.proc.check_alive()
+    }
+
+    /// The kernel's peak resident set of the worker so far, in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        crate::stats::proc_status_kib(self.proc.pid, "VmHWM")
+    }
+
+    /// Kills the worker and waits for it to be gone.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.proc.stop().await
+    }
+
+    /// The last `n` lines of the worker's log, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        self.proc.log_tail(n)
+    }
+}
+
+fn config_toml(metrics: SocketAddr, s: &WorkerSettings<'_>) -> String {
+    let mut toml = format!(
+        "coordinator = {}\nworker_id = {}\nkafka_brokers = {}\nmetrics_listen = \"{metrics}\"\n",
+        quote(s.coordinator),
+        quote(s.worker_id),
+        quote(s.kafka_brokers)
+    );
+    if let Some(kib) = s.fetch_queue_kib {
+        toml.push_str(&format!("fetch_queue_kib = {kib}\n"));
+    }
+    toml.push_str(&format!("\n[handlers.{}]\n", quote(s.handler)));
+    for (key, value) in s.handler_settings {
+        toml.push_str(&format!("{key} = {}\n", quote(value)));
+    }
+    toml
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_names_coordinator_brokers_metrics_and_handler() {
+        let settings = WorkerSettings {
+            coordinator: "http://127.0.0.1:7400",
+            worker_id: "bench",
+            kafka_brokers: "127.0.0.1:9092",
+            handler: "noop",
+            handler_settings: &[],
+            fetch_queue_kib: Some(1024),
+        };
+        let toml = config_toml(SocketAddr::from(([127, 0, 0, 1], 9500)), &settings);
+        assert_eq!(
+            toml,
+            "coordinator = \"http://127.0.0.1:7400\"\nworker_id = \"bench\"\nkafka_brokers = \"127.0.0.1:9092\"\n\
+             metrics_listen = \"127.0.0.1:9500\"\nfetch_queue_kib = 1024\n\n[handlers.\"noop\"]\n"
+        );
+        let toml = config_toml(
+            SocketAddr::from(([127, 0, 0, 1], 9500)),
+            &WorkerSettings { fetch_queue_kib: None, ..settings },
+        );
+        assert!(!toml.contains("fetch_queue_kib"), "{toml}");
+        let sleep = [("per_batch", "1s".to_owned())];
+        let toml = config_toml(
+            SocketAddr::from(([127, 0, 0, 1], 9500)),
+            &WorkerSettings { handler: "sleep", handler_settings: &sleep, ..settings },
+        );
+        assert!(toml.ends_with("[handlers.\"sleep\"]\nper_batch = \"1s\"\n"), "{toml}");
+    }
+}
