@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use shardline_proto::v1::{admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
+use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
 use tonic::transport::Channel;
 
 /// Where the workspace's binaries are: `SHARDLINE_BIN_DIR`, else the target
@@ -138,6 +138,18 @@ impl Coordinator {
         AdminApiClient::connect(self.url.clone()).await.context("connect admin API")
     }
 
+    /// Every lease as the admin API lists it.
+    pub async fn leases(&self) -> Result<Vec<v1::LeaseInfo>> {
+        let mut admin = self.admin().await?;
+        Ok(admin.list_leases(v1::ListLeasesRequest::default()).await?.into_inner().leases)
+    }
+
+    /// Every known worker as the admin API lists it.
+    pub async fn workers(&self) -> Result<Vec<v1::WorkerInfo>> {
+        let mut admin = self.admin().await?;
+        Ok(admin.list_workers(v1::ListWorkersRequest {}).await?.into_inner().workers)
+    }
+
     pub async fn worker_api(&self) -> Result<WorkerApiClient<Channel>> {
         WorkerApiClient::connect(self.url.clone()).await.context("connect worker API")
     }
@@ -206,7 +218,8 @@ pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
 /// does not implement that API (key 37 is absent from its ApiVersions), so
 /// there the topic is deleted and created again with `total` partitions:
 /// to the coordinator's discovery that is the same event, a topic whose
-/// partition count grew while it ran.
+/// partition count grew while it ran. Beware: tansu's DeleteTopics deletes
+/// every topic of the cluster; see tests/tests/discovery.rs.
 pub async fn add_partitions(name: &str, total: usize) -> Result<()> {
     let admin = admin_client()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -247,6 +260,15 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How many leases each worker owns.
+pub fn owners(leases: &[v1::LeaseInfo]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for l in leases.iter().filter(|l| !l.owner.is_empty()) {
+        *counts.entry(l.owner.clone()).or_default() += 1;
+    }
+    counts
 }
 
 /// A loopback port that was free a moment ago, for a process that must come

@@ -9,26 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use shardline_proto::LeaseId;
 use shardline_proto::v1;
-use shardline_tests::{Coordinator, add_partitions, bin, create_topic, eventually, start_worker, unique};
+use shardline_tests::{Coordinator, bin, eventually, owners, start_worker};
 use tokio::sync::Mutex;
-
-async fn leases(c: &Coordinator) -> Result<Vec<v1::LeaseInfo>> {
-    let mut admin = c.admin().await?;
-    Ok(admin.list_leases(v1::ListLeasesRequest::default()).await?.into_inner().leases)
-}
 
 fn id(info: &v1::LeaseInfo) -> Result<LeaseId> {
     LeaseId::try_from(info.lease.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn owners(leases: &[v1::LeaseInfo]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for l in leases {
-        if !l.owner.is_empty() {
-            *counts.entry(l.owner.clone()).or_default() += 1;
-        }
-    }
-    counts
 }
 
 fn acquired(instructions: &[v1::Instruction]) -> Vec<(LeaseId, u64)> {
@@ -74,48 +59,6 @@ fn a_bad_config_exits_2_naming_the_field_and_starts_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Discovery from the real broker: an 8-partition topic becomes 8 leases on
-/// a worker, and a partition added while running gets a lease too. The
-/// worker is a gRPC client that only holds leases: tansu 0.6.0 can panic
-/// when a topic is re-created (its stand-in for adding partitions) while a
-/// consumer fetches from it.
-#[tokio::test]
-async fn discovers_partitions_from_kafka_including_ones_added_while_running() -> Result<()> {
-    let topic = unique("disc");
-    create_topic(&topic, 8).await?;
-    let dir = tempfile::tempdir()?;
-    let config =
-        format!("discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"noop\"\n");
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let mut api = c.worker_api().await?;
-    api.register(register_request("w1", &[])).await?;
-    let heartbeats = tokio::spawn(async move {
-        loop {
-            let request = v1::HeartbeatRequest { worker_id: "w1".into(), load: None, draining: false };
-            if api.heartbeat(request).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-    eventually(Duration::from_secs(20), "8 owned leases", || async {
-        let l = leases(&c).await?;
-        Ok((l.len() == 8 && l.iter().all(|l| l.owner == "w1")).then_some(()))
-    })
-    .await?;
-
-    add_partitions(&topic, 9).await?;
-    let found = eventually(Duration::from_secs(20), "the 9th partition's lease", || async {
-        let l = leases(&c).await?;
-        let ninth = l.iter().find(|l| id(l).is_ok_and(|i| i == LeaseId::shard(&topic, 8))).cloned();
-        Ok(ninth.filter(|n| n.owner == "w1"))
-    })
-    .await?;
-    ensure!(found.epoch == 1, "a new lease starts at epoch 1: {found:?}");
-    heartbeats.abort();
-    Ok(())
-}
-
 /// `kill -9` a worker: its leases are processing elsewhere within
 /// session_timeout + 2 s, and the dead worker's epochs are refused.
 #[tokio::test]
@@ -126,21 +69,21 @@ async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are
     let c = Coordinator::start(config, &dir.path().join("data"))?;
     let mut a = start_worker(&c.url, "a", "noop")?;
     eventually(Duration::from_secs(10), "a owns all", || async {
-        Ok((owners(&leases(&c).await?).get("a") == Some(&6)).then_some(()))
+        Ok((owners(&c.leases().await?).get("a") == Some(&6)).then_some(()))
     })
     .await?;
     let _b = start_worker(&c.url, "b", "noop")?;
     eventually(Duration::from_secs(10), "3 and 3", || async {
-        let o = owners(&leases(&c).await?);
+        let o = owners(&c.leases().await?);
         Ok((o.get("a") == Some(&3) && o.get("b") == Some(&3)).then_some(()))
     })
     .await?;
-    let before: Vec<v1::LeaseInfo> = leases(&c).await?.into_iter().filter(|l| l.owner == "a").collect();
+    let before: Vec<v1::LeaseInfo> = c.leases().await?.into_iter().filter(|l| l.owner == "a").collect();
 
     a.kill9()?;
     let killed = Instant::now();
     eventually(Duration::from_secs(4), "b owns all 6", || async {
-        Ok((owners(&leases(&c).await?).get("b") == Some(&6)).then_some(()))
+        Ok((owners(&c.leases().await?).get("b") == Some(&6)).then_some(()))
     })
     .await?;
     let took = killed.elapsed();
@@ -158,7 +101,7 @@ async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are
     for r in &reply.results {
         ensure!(r.status == v1::CheckpointStatus::StaleEpoch as i32, "zombie checkpoint accepted: {r:?}");
     }
-    ensure!(leases(&c).await?.iter().all(|l| l.checkpoint.is_none()), "no checkpoint moved");
+    ensure!(c.leases().await?.iter().all(|l| l.checkpoint.is_none()), "no checkpoint moved");
     let hb = api.heartbeat(v1::HeartbeatRequest { worker_id: "a".into(), load: None, draining: false }).await;
     ensure!(hb.is_err_and(|s| s.code() == tonic::Code::NotFound), "the dead worker must re-register");
     Ok(())
@@ -175,7 +118,7 @@ async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<(
     let mut a = start_worker(&c.url, "a", "noop")?;
     let _b = start_worker(&c.url, "b", "noop")?;
     eventually(Duration::from_secs(10), "2 and 2", || async {
-        let o = owners(&leases(&c).await?);
+        let o = owners(&c.leases().await?);
         Ok((o.get("a") == Some(&2) && o.get("b") == Some(&2)).then_some(()))
     })
     .await?;
@@ -183,7 +126,7 @@ async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<(
     let status = a.wait_exit(Duration::from_secs(10))?;
     ensure!(status.success(), "worker exit {status:?}");
     eventually(Duration::from_secs(5), "b owns all 4 well before the 30 s timeout", || async {
-        Ok((owners(&leases(&c).await?).get("b") == Some(&4)).then_some(()))
+        Ok((owners(&c.leases().await?).get("b") == Some(&4)).then_some(()))
     })
     .await?;
     Ok(())
@@ -235,7 +178,7 @@ async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<
     eprintln!("{total} checkpoints acknowledged before kill -9");
 
     let c = Coordinator::start(config, &data)?;
-    let after = leases(&c).await?;
+    let after = c.leases().await?;
     ensure!(after.len() == 16);
     for l in &after {
         let lease = id(l)?;
@@ -291,7 +234,7 @@ async fn workers_keep_their_leases_across_a_coordinator_restart() -> Result<()> 
     .await?;
     // ... and past a session timeout nothing has moved.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let after = leases(&c).await?;
+    let after = c.leases().await?;
     let pairs =
         |l: &[v1::LeaseInfo]| l.iter().map(|l| (id(l).ok(), l.owner.clone(), l.epoch)).collect::<Vec<_>>();
     ensure!(pairs(&before) == pairs(&after), "leases moved across a restart:\n{before:?}\n{after:?}");

@@ -1,47 +1,532 @@
 //! Black-box tests of workers processing Kafka shards: real coordinator and
 //! worker binaries, real Kafka (tansu), the `forward` handler writing a
 //! receipt per processed record to a one-partition receipts topic.
+//!
+//! The tests in this file run one at a time (`SERIAL`): each starts a
+//! coordinator, several workers and a producer, and the machine they run on
+//! has few cores; timings (failover) mean little when they share it.
 
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Result, ensure};
-use shardline_tests::kafka::{produce, producer, read_receipts, verify};
-use shardline_tests::{Coordinator, create_topic, start_worker_with, unique};
+use anyhow::{Context, Result, ensure};
+use shardline_proto::v1;
+use shardline_tests::kafka::{Receipt, Verdict, produce, producer, read_receipts, verify};
+use shardline_tests::{
+    Coordinator, create_topic, eventually, free_port, http_get, owners, start_worker_with, unique,
+};
+use tokio::task::JoinHandle;
+
+/// One test at a time in this file (see the module docs).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Distinct keys of the produced records (spread over every partition).
+const KEYS: u64 = 500;
+
+/// Records per second produced while workers run.
+const RATE: u64 = 2_500;
 
 fn forward(receipts: &str) -> String {
     format!("[handlers.forward]\ntopic = \"{receipts}\"\n")
 }
 
+/// A worker config hosting `forward` and serving metrics on `metrics`.
+fn forward_with_metrics(receipts: &str, metrics: &str) -> String {
+    format!("metrics_listen = \"{metrics}\"\n{}", forward(receipts))
+}
+
 fn coordinator_config(topic: &str) -> String {
+    coordinator_config_with(topic, 500, "")
+}
+
+/// `extra` goes before the stream table (top-level settings).
+fn coordinator_config_with(topic: &str, batch_size: u32, extra: &str) -> String {
     format!(
-        "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\n\
+        "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\n{extra}\
          [[streams]]\nname = \"{topic}\"\nhandler = \"forward\"\nstarting_position = \"trim_horizon\"\n\
-         batch_size = 500\n"
+         batch_size = {batch_size}\n"
     )
+}
+
+fn loopback() -> Result<String> {
+    Ok(format!("127.0.0.1:{}", free_port()?))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn partition(info: &v1::LeaseInfo) -> Option<u32> {
+    info.lease.as_ref().map(|l| l.index)
+}
+
+fn owned_by(leases: &[v1::LeaseInfo], worker: &str) -> BTreeSet<u32> {
+    leases.iter().filter(|l| l.owner == worker).filter_map(partition).collect()
+}
+
+/// Waits until all `total` leases are owned (none releasing) and the
+/// per-worker counts, largest first, are `spread`. Returns the table.
+async fn settled(
+    c: &Coordinator,
+    total: usize,
+    spread: &[usize],
+    timeout: Duration,
+) -> Result<Vec<v1::LeaseInfo>> {
+    eventually(timeout, &format!("{total} owned leases spread {spread:?}"), || async {
+        let l = c.leases().await?;
+        let all_owned = l.len() == total && l.iter().all(|l| l.state == v1::LeaseState::Owned as i32);
+        let mut counts: Vec<usize> = owners(&l).into_values().collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        ensure!(all_owned && counts == spread, "leases now: {:?}", owners(&l));
+        Ok(Some(l))
+    })
+    .await
+}
+
+/// Waits until `worker` owns leases and has processed records on every one
+/// of them (its checkpoints are past 0); returns their partitions.
+async fn processing(c: &Coordinator, worker: &str) -> Result<BTreeSet<u32>> {
+    eventually(Duration::from_secs(20), &format!("{worker} to process on all its leases"), || async {
+        let l = c.leases().await?;
+        let mine: Vec<&v1::LeaseInfo> = l.iter().filter(|l| l.owner == worker).collect();
+        let busy = !mine.is_empty() && mine.iter().all(|l| l.checkpoint.is_some_and(|c| c > 0));
+        Ok(busy.then(|| mine.iter().filter_map(|l| partition(l)).collect()))
+    })
+    .await
+}
+
+/// Records produced in the background at a steady rate until stopped.
+struct Feed {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Result<u64>>,
+}
+
+impl Feed {
+    /// Produces ids `0, 1, ...` in chunks of `per_s / 10` every 100 ms
+    /// (slower if the broker is slower).
+    fn start(topic: &str, per_s: u64) -> Self {
+        let (topic, stop) = (topic.to_owned(), Arc::new(AtomicBool::new(false)));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let producer = producer()?;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n = 0;
+            while !flag.load(Ordering::Relaxed) {
+                tick.tick().await;
+                produce(&producer, &topic, n, n + per_s / 10, KEYS).await?;
+                n += per_s / 10;
+            }
+            Ok(n)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops producing; returns how many records were produced (ids
+    /// `0..n`, every one acknowledged).
+    async fn stop(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+/// Reads receipts until all `produced` ids are there and the topic has been
+/// quiet for 3 s (late duplicates), at most 90 s.
+async fn receipts_of(topic: &str, produced: u64) -> Result<Vec<Receipt>> {
+    let topic = topic.to_owned();
+    let want = usize::try_from(produced)?;
+    tokio::task::spawn_blocking(move || {
+        read_receipts(&topic, want, Duration::from_secs(3), Duration::from_secs(90))
+    })
+    .await?
+}
+
+/// Prints the verdict and checks that nothing was lost and first
+/// deliveries kept partition order.
+fn check(v: &Verdict, what: &str) -> Result<()> {
+    eprintln!(
+        "{what}: {} unique, {} duplicates, {} lost, {} order violations",
+        v.unique,
+        v.duplicates,
+        v.lost.len(),
+        v.order_violations
+    );
+    ensure!(v.lost.is_empty(), "lost {} records, e.g. {:?}", v.lost.len(), &v.lost[..v.lost.len().min(10)]);
+    ensure!(v.order_violations == 0, "{} order violations", v.order_violations);
+    Ok(())
+}
+
+fn by_worker(receipts: &[Receipt]) -> BTreeMap<&str, usize> {
+    let mut counts = BTreeMap::new();
+    for r in receipts {
+        *counts.entry(r.worker.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+/// The value of one series (`name` or `name{labels}`) in a Prometheus
+/// text exposition.
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Scrapes `/metrics` at `addr` and reads `series`; absent reads as 0.
+async fn scrape(addr: &str, series: &str) -> Result<f64> {
+    let body = http_get(addr, "/metrics").await?;
+    Ok(metric(&body, series).unwrap_or(0.0))
+}
+
+/// Polls ListLeases every 100 ms until stopped and records every time a
+/// lease's checkpoint is lower than one seen before.
+struct CheckpointWatch {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Result<(usize, Vec<String>)>>,
+}
+
+impl CheckpointWatch {
+    fn start(c: &Coordinator) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, flag) = (c.url.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut admin = v1::admin_api_client::AdminApiClient::connect(url).await?;
+            let mut highest = BTreeMap::<u32, i64>::new();
+            let (mut samples, mut backwards) = (0, Vec::new());
+            while !flag.load(Ordering::Relaxed) {
+                let table = admin.list_leases(v1::ListLeasesRequest::default()).await?.into_inner().leases;
+                samples += 1;
+                for l in &table {
+                    let (Some(p), Some(checkpoint)) = (partition(l), l.checkpoint) else { continue };
+                    let seen = highest.entry(p).or_insert(checkpoint);
+                    if checkpoint < *seen {
+                        backwards.push(format!(
+                            "partition {p}: checkpoint {checkpoint} after {seen} (owner {:?}, epoch {})",
+                            l.owner, l.epoch
+                        ));
+                    }
+                    *seen = (*seen).max(checkpoint);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok((samples, backwards))
+        });
+        Self { stop, task }
+    }
+
+    /// Stops polling; returns how many tables were read and every backward
+    /// move seen.
+    async fn finish(self) -> Result<(usize, Vec<String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
 }
 
 /// 8 partitions, 2 workers, 20,000 keyed records: all processed, none
 /// twice, order kept per partition.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_process_every_record_once_in_partition_order() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let (topic, receipts) = (unique("orders"), unique("receipts"));
     create_topic(&topic, 8).await?;
     create_topic(&receipts, 1).await?;
     let n = 20_000;
-    produce(&producer()?, &topic, 0, n, 500).await?;
+    produce(&producer()?, &topic, 0, n, KEYS).await?;
 
     let dir = tempfile::tempdir()?;
     let c = Coordinator::start(&coordinator_config(&topic), &dir.path().join("data"))?;
     let _a = start_worker_with(&c.url, "a", &forward(&receipts))?;
     let _b = start_worker_with(&c.url, "b", &forward(&receipts))?;
 
-    let got = read_receipts(&receipts, n as usize, Duration::from_secs(2), Duration::from_secs(90))?;
+    let got = receipts_of(&receipts, n).await?;
     let v = verify(&got, n);
-    eprintln!("receipts: {} unique, {} duplicates, {} lost", v.unique, v.duplicates, v.lost.len());
-    ensure!(v.lost.is_empty(), "lost {} records, e.g. {:?}", v.lost.len(), &v.lost[..v.lost.len().min(10)]);
+    check(&v, "two workers")?;
     ensure!(v.duplicates == 0, "{} duplicates", v.duplicates);
-    ensure!(v.order_violations == 0, "{} order violations", v.order_violations);
-    let workers: std::collections::BTreeSet<&str> = got.iter().map(|r| r.worker.as_str()).collect();
+    let workers: BTreeSet<&str> = got.iter().map(|r| r.worker.as_str()).collect();
     ensure!(workers.len() == 2, "both workers processed records: {workers:?}");
+    Ok(())
+}
+
+/// `kill -9` one of three workers while records keep coming: nothing is
+/// lost (what it processed but had not checkpointed comes again), and each
+/// of its partitions is processing on another worker within
+/// session_timeout (3 s) + 2 s, measured by receipt timestamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_worker_mid_stream_loses_nothing_and_its_partitions_resume_within_the_target()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (topic, receipts) = (unique("kill9"), unique("receipts"));
+    create_topic(&topic, 8).await?;
+    create_topic(&receipts, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let c = Coordinator::start(&coordinator_config(&topic), &dir.path().join("data"))?;
+    let _a = start_worker_with(&c.url, "a", &forward(&receipts))?;
+    let mut b = start_worker_with(&c.url, "b", &forward(&receipts))?;
+    let _c = start_worker_with(&c.url, "c", &forward(&receipts))?;
+    settled(&c, 8, &[3, 3, 2], Duration::from_secs(30)).await?;
+
+    let feed = Feed::start(&topic, RATE);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victims = processing(&c, "b").await?;
+    let killed_ms = now_ms();
+    b.kill9()?;
+    // Produce for longer than the failover takes, so every partition has
+    // new records to process after it.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let n = feed.stop().await?;
+
+    let got = receipts_of(&receipts, n).await?;
+    let v = verify(&got, n);
+    check(&v, "kill -9")?;
+    eprintln!(
+        "kill -9: {} duplicates (allowed: b's uncheckpointed work); receipts by worker {:?}",
+        v.duplicates,
+        by_worker(&got)
+    );
+
+    let mut worst = 0;
+    for p in &victims {
+        let resumed = got
+            .iter()
+            .filter(|r| r.partition == *p && r.worker != "b" && r.timestamp_ms > killed_ms)
+            .map(|r| r.timestamp_ms)
+            .min()
+            .with_context(|| {
+                format!("partition {p} (b's) has no receipt from another worker after the kill")
+            })?;
+        eprintln!("kill -9: partition {p} resumed {} ms after the kill", resumed - killed_ms);
+        worst = worst.max(resumed - killed_ms);
+    }
+    eprintln!(
+        "kill -9: failover took {worst} ms for partitions {victims:?} (session_timeout 3 s, target 5 s)"
+    );
+    ensure!(worst < 7_000, "failover took {worst} ms; allowed: session_timeout (3 s) + 2 s + 2 s slack");
+    Ok(())
+}
+
+/// A third worker joins while two process a stream: leases move to it by
+/// graceful handoff only (no duplicate, nothing lost, nothing forced) and
+/// end spread 3/3/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_duplicates() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (topic, receipts) = (unique("scale"), unique("receipts"));
+    create_topic(&topic, 8).await?;
+    create_topic(&receipts, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let metrics = loopback()?;
+    let config = coordinator_config_with(&topic, 500, &format!("metrics_listen = \"{metrics}\"\n"));
+    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let _a = start_worker_with(&c.url, "a", &forward(&receipts))?;
+    let _b = start_worker_with(&c.url, "b", &forward(&receipts))?;
+    settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
+
+    let feed = Feed::start(&topic, RATE);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    processing(&c, "a").await?;
+    processing(&c, "b").await?;
+    let _c = start_worker_with(&c.url, "c", &forward(&receipts))?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n = feed.stop().await?;
+    let table = settled(&c, 8, &[3, 3, 2], Duration::from_secs(30)).await?;
+    let spread = owners(&table);
+    eprintln!("scale-out: leases at the end {spread:?}");
+    ensure!(spread.get("c").is_some_and(|&n| n >= 2), "c got its share: {spread:?}");
+
+    let got = receipts_of(&receipts, n).await?;
+    let v = verify(&got, n);
+    check(&v, "scale-out")?;
+    let counts = by_worker(&got);
+    eprintln!("scale-out: receipts by worker {counts:?}");
+    ensure!(v.duplicates == 0, "{} duplicates after graceful handoffs", v.duplicates);
+    ensure!(counts.get("c").is_some_and(|&n| n > 0), "c processed nothing: {counts:?}");
+
+    let body = http_get(&metrics, "/metrics").await?;
+    let moves = metric(&body, "shardline_rebalance_moves_total").unwrap_or(0.0);
+    let forced = metric(&body, "shardline_handoffs_forced_total").unwrap_or(0.0);
+    let failovers = metric(&body, "shardline_failovers_total").unwrap_or(0.0);
+    eprintln!(
+        "scale-out: coordinator rebalance moves {moves}, forced handoffs {forced}, failovers {failovers}"
+    );
+    ensure!(moves >= 2.0, "the balancer moved {moves} leases; c needed 2");
+    ensure!(
+        forced == 0.0 && failovers == 0.0,
+        "handoffs were forced: {forced} forced, {failovers} failovers"
+    );
+    Ok(())
+}
+
+/// A worker frozen (SIGSTOP) past the session timeout loses its leases;
+/// when it wakes up (SIGCONT) it is fenced: it stops every lease it held,
+/// no checkpoint ever moves backwards, and nothing is lost.
+///
+/// Evidence of the fencing is the zombie's own `shardline_leases_lost_total`
+/// (one per lease it held: each is stopped either because a stale
+/// checkpoint was refused or because the re-registration revoked it). The
+/// coordinator's `shardline_checkpoints_total{result="refused"}` is only
+/// printed: whether the zombie sends a stale checkpoint at all is a race
+/// between its first batch after waking and its heartbeat → re-register
+/// (both outcomes were seen), and graceful handoffs elsewhere also cause
+/// refusals (an in-flight checkpoint landing after `ReleaseDone`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wakes() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (topic, receipts) = (unique("zombie"), unique("receipts"));
+    create_topic(&topic, 8).await?;
+    create_topic(&receipts, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let coordinator_metrics = loopback()?;
+    let config =
+        coordinator_config_with(&topic, 500, &format!("metrics_listen = \"{coordinator_metrics}\"\n"));
+    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let zombie_metrics = loopback()?;
+    let zombie = start_worker_with(&c.url, "z", &forward_with_metrics(&receipts, &zombie_metrics))?;
+    let _b = start_worker_with(&c.url, "b", &forward(&receipts))?;
+    settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
+    let watch = CheckpointWatch::start(&c);
+
+    let feed = Feed::start(&topic, RATE);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = processing(&c, "z").await?;
+    zombie.signal(libc::SIGSTOP)?;
+    let frozen = Instant::now();
+
+    // Still frozen: the coordinator has taken everything from it.
+    let table = eventually(Duration::from_secs(15), "z to lose every lease while frozen", || async {
+        let l = c.leases().await?;
+        Ok((owned_by(&l, "z").is_empty() && owners(&l).get("b") == Some(&8)).then_some(l))
+    })
+    .await?;
+    let lost_after = frozen.elapsed();
+    let gone = !c.workers().await?.iter().any(|w| w.worker_id == "z");
+    eprintln!(
+        "zombie: z lost {held:?} {lost_after:?} after SIGSTOP (session_timeout 3 s); still listed: {}",
+        !gone
+    );
+    ensure!(gone, "an expired worker is no longer listed");
+    ensure!(owned_by(&table, "b").is_superset(&held), "b took over z's partitions");
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(frozen.elapsed())).await;
+    let woke_ms = now_ms();
+    zombie.signal(libc::SIGCONT)?;
+
+    // It wakes up, finds its session gone, re-registers and is told to stop
+    // every lease it held (or has a stale checkpoint refused first).
+    eventually(Duration::from_secs(15), "z to re-register", || async {
+        Ok(c.workers().await?.iter().any(|w| w.worker_id == "z").then_some(()))
+    })
+    .await?;
+    let lost = eventually(Duration::from_secs(15), "z to count its lost leases", || async {
+        let lost = scrape(&zombie_metrics, "shardline_leases_lost_total").await?;
+        Ok((lost >= held.len() as f64).then_some(lost))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = feed.stop().await?;
+
+    let got = receipts_of(&receipts, n).await?;
+    let v = verify(&got, n);
+    check(&v, "zombie")?;
+    // What z processed after waking (old leases before the revoke reached
+    // it, and leases the balancer gave it back), and how much of that other
+    // workers processed too.
+    let by_others: BTreeSet<u64> = got.iter().filter(|r| r.worker != "z").map(|r| r.id).collect();
+    let woke: Vec<&Receipt> = got.iter().filter(|r| r.worker == "z" && r.timestamp_ms > woke_ms).collect();
+    let redone = woke.iter().filter(|r| by_others.contains(&r.id)).count();
+    let (samples, backwards) = watch.finish().await?;
+    let refused = scrape(&coordinator_metrics, "shardline_checkpoints_total{result=\"refused\"}").await?;
+    let accepted = scrape(&coordinator_metrics, "shardline_checkpoints_total{result=\"accepted\"}").await?;
+    eprintln!(
+        "zombie: z counted {lost} lost leases (held {}); coordinator refused {refused} checkpoints, \
+         accepted {accepted}; {} duplicates; receipts by worker {:?} ({} by z after SIGCONT, {redone} of \
+         them also processed by b); {samples} lease tables watched",
+        held.len(),
+        v.duplicates,
+        by_worker(&got),
+        woke.len()
+    );
+    ensure!(samples >= 50, "watched only {samples} lease tables");
+    ensure!(backwards.is_empty(), "checkpoints moved backwards:\n{}", backwards.join("\n"));
+    Ok(())
+}
+
+/// `init` runs once per worker process, however many leases and batches
+/// it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_init_runs_once_per_worker_process() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (topic, receipts) = (unique("init"), unique("receipts"));
+    create_topic(&topic, 8).await?;
+    create_topic(&receipts, 1).await?;
+    let n = 8_000;
+    produce(&producer()?, &topic, 0, n, KEYS).await?;
+
+    let dir = tempfile::tempdir()?;
+    let c = Coordinator::start(&coordinator_config_with(&topic, 50, ""), &dir.path().join("data"))?;
+    let addrs = [("a", loopback()?), ("b", loopback()?)];
+    let mut procs = Vec::new();
+    for (id, addr) in &addrs {
+        procs.push(start_worker_with(&c.url, id, &forward_with_metrics(&receipts, addr))?);
+    }
+    let got = receipts_of(&receipts, n).await?;
+    let v = verify(&got, n);
+    check(&v, "init once")?;
+    settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
+
+    for (id, addr) in &addrs {
+        let body = http_get(addr, "/metrics").await?;
+        let inits = metric(&body, "shardline_handler_inits_total{handler=\"forward\"}");
+        let batches = metric(&body, "shardline_batches_total{handler=\"forward\"}");
+        eprintln!("init once: worker {id}: inits {inits:?}, batches {batches:?}");
+        ensure!(batches.is_some_and(|b| b > 8.0), "worker {id} ran {batches:?} batches; want more than 8");
+        let series: Vec<&str> = body.lines().filter(|l| l.starts_with("shardline_")).collect();
+        ensure!(
+            inits == Some(1.0),
+            "worker {id}: handler inits {inits:?}; want exactly 1; series: {series:#?}"
+        );
+    }
+    Ok(())
+}
+
+/// SIGTERM: the worker drains, hands every lease over (no duplicate,
+/// nothing lost, no failover by timeout) and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_leases_over_without_duplicates_and_exits_0() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (topic, receipts) = (unique("term"), unique("receipts"));
+    create_topic(&topic, 8).await?;
+    create_topic(&receipts, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let metrics = loopback()?;
+    let config = coordinator_config_with(&topic, 500, &format!("metrics_listen = \"{metrics}\"\n"));
+    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let mut a = start_worker_with(&c.url, "a", &forward(&receipts))?;
+    let _b = start_worker_with(&c.url, "b", &forward(&receipts))?;
+    settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
+
+    let feed = Feed::start(&topic, RATE);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let moving = processing(&c, "a").await?;
+    a.signal(libc::SIGTERM)?;
+    let status = tokio::task::spawn_blocking(move || a.wait_exit(Duration::from_secs(30))).await??;
+    ensure!(status.success(), "worker a exited with {status:?}");
+    let table = settled(&c, 8, &[8], Duration::from_secs(20)).await?;
+    ensure!(owned_by(&table, "b").is_superset(&moving), "b took over {moving:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = feed.stop().await?;
+
+    let got = receipts_of(&receipts, n).await?;
+    let v = verify(&got, n);
+    check(&v, "sigterm")?;
+    eprintln!("sigterm: receipts by worker {:?}", by_worker(&got));
+    ensure!(v.duplicates == 0, "{} duplicates after a graceful stop", v.duplicates);
+    let body = http_get(&metrics, "/metrics").await?;
+    let expired = metric(&body, "shardline_workers_expired_total").unwrap_or(0.0);
+    let failovers = metric(&body, "shardline_failovers_total").unwrap_or(0.0);
+    ensure!(
+        expired == 0.0 && failovers == 0.0,
+        "leases moved by timeout: {expired} expired, {failovers} failovers"
+    );
     Ok(())
 }

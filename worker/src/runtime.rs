@@ -40,6 +40,8 @@ pub enum WorkerError {
 
 struct Running {
     epoch: u64,
+    /// Killed and on its way out; a second stop is a no-op.
+    stopping: bool,
     drain: CancellationToken,
     kill: CancellationToken,
 }
@@ -72,14 +74,15 @@ pub async fn run(
             worker_id: worker_id.clone(),
         })
         .collect();
-    // Once per node: every lease and batch shares these.
-    let ready = handlers.init(contexts).await?;
+    // Before init, so what init records (the init counter) is exported.
     if let Some(addr) = config.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
             .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr}: {e}")))?;
     }
+    // Once per node: every lease and batch shares these.
+    let ready = handlers.init(contexts).await?;
     let source = KafkaSource::new(&config.kafka_brokers, &worker_id, config.fetch_queue_kib)?;
     let session = Session::new(SessionConfig {
         coordinator: config.coordinator.clone(),
@@ -159,6 +162,8 @@ pub async fn run(
     }
     membership.abort();
     background.cancel();
+    // Every partition queue goes before the consumer they belong to.
+    while rt.tasks.join_next().await.is_some() {}
     rt.session.deregister().await?;
     tracing::info!("worker stopped");
     Ok(())
@@ -257,12 +262,13 @@ impl Runtime {
         if let Ok(mut table) = self.stats.lock() {
             table.insert(lease.clone(), (epoch, stats.clone()));
         }
-        self.running.insert(lease, Running { epoch, drain, kill });
+        self.running.insert(lease, Running { epoch, stopping: false, drain, kill });
     }
 
     /// Stops a lease at once (lost, revoked): no more checkpoints.
     fn stop(&mut self, lease: &LeaseId, epoch: u64, lost: bool) {
-        if let Some(r) = self.running.get(lease).filter(|r| r.epoch == epoch) {
+        if let Some(r) = self.running.get_mut(lease).filter(|r| r.epoch == epoch && !r.stopping) {
+            r.stopping = true;
             tracing::warn!(%lease, epoch, lost, "stopping lease at once");
             r.kill.cancel();
             self.checkpointer.forget(lease);
