@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Metrics, Proc, check_bin, free_port, quote, temp_dir};
+use super::{Proc, Running, check_bin, free_port, quote, temp_dir};
 
 /// How long the binary gets to open its store and bind.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -51,11 +51,8 @@ pub struct Setup<'a> {
 
 /// A running `shardline-coordinator`; killed on drop.
 pub struct Coordinator {
-    proc: Proc,
+    run: Running,
     addr: SocketAddr,
-    metrics_addr: SocketAddr,
-    // Last field: removed after the child has been killed.
-    _dir: tempfile::TempDir,
 }
 
 impl Coordinator {
@@ -105,11 +102,7 @@ impl Coordinator {
         // Keep draining stdout: nothing else is expected there, but a full
         // pipe must never block the coordinator.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { proc, addr, metrics_addr, _dir: dir })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.proc.pid
+        Ok(Self { run: Running { proc, metrics_addr, _dir: dir }, addr })
     }
 
     /// The gRPC URL, as a worker's `coordinator` setting.
@@ -136,31 +129,6 @@ impl Coordinator {
             channels.push(channel);
         }
         Ok(channels)
-    }
-
-    /// Reads the coordinator's Prometheus endpoint.
-    pub async fn scrape(&self) -> anyhow::Result<Metrics> {
-        super::scrape(self.metrics_addr).await
-    }
-
-    /// Fails if the coordinator has exited (crashed) while being measured.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        self.proc.check_alive()
-    }
-
-    /// The kernel's peak resident set of the coordinator so far, in KiB.
-    pub fn peak_rss_kib(&self) -> Option<u64> {
-        crate::stats::proc_status_kib(self.proc.pid, "VmHWM")
-    }
-
-    /// Kills the coordinator and waits for it to be gone.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.proc.stop().await
-    }
-
-    /// The last `n` lines of the coordinator's log, for error messages.
-    pub fn log_tail(&self, n: usize) -> String {
-        self.proc.log_tail(n)
     }
 }
 
@@ -190,6 +158,27 @@ fn config_toml(data_dir: &Path, metrics: SocketAddr, setup: &Setup<'_>) -> anyho
         }
     }
     Ok(toml)
+}
+
+impl Coordinator {
+    /// Kills the coordinator and waits for it to be gone.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.run.stop().await
+    }
+}
+
+impl std::ops::Deref for Coordinator {
+    type Target = Running;
+
+    fn deref(&self) -> &Running {
+        &self.run
+    }
+}
+
+impl std::ops::DerefMut for Coordinator {
+    fn deref_mut(&mut self) -> &mut Running {
+        &mut self.run
+    }
 }
 
 #[cfg(test)]

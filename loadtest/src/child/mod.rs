@@ -122,6 +122,47 @@ impl Drop for Proc {
     }
 }
 
+/// A running binary: its process, its metrics endpoint and the throwaway
+/// directory with its config, log and data. `Coordinator` and `Worker`
+/// deref to it.
+pub struct Running {
+    proc: Proc,
+    metrics_addr: SocketAddr,
+    // Last field: removed after the child has been killed.
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    /// Reads the child's Prometheus endpoint.
+    pub async fn scrape(&self) -> anyhow::Result<Metrics> {
+        scrape(self.metrics_addr).await
+    }
+
+    /// Fails if the child has exited (crashed) while being measured.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.proc.check_alive()
+    }
+
+    /// The kernel's peak resident set of the child so far, in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        crate::stats::proc_status_kib(self.proc.pid, "VmHWM")
+    }
+
+    /// Kills the child and waits for it to be gone.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.proc.stop().await
+    }
+
+    /// The last `n` lines of the child's log, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        self.proc.log_tail(n)
+    }
+}
+
 /// A throwaway directory for one child's config, log and data.
 fn temp_dir() -> anyhow::Result<tempfile::TempDir> {
     tempfile::Builder::new()

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use anyhow::Context;
 use tokio::process::Command;
 
-use super::{Metrics, Proc, check_bin, free_port, quote, temp_dir};
+use super::{Proc, Running, check_bin, free_port, quote, temp_dir};
 
 /// What goes into the worker's config.
 pub struct WorkerSettings<'a> {
@@ -28,10 +28,7 @@ pub struct WorkerSettings<'a> {
 
 /// A running `shardline-worker`; killed on drop.
 pub struct Worker {
-    proc: Proc,
-    metrics_addr: SocketAddr,
-    // Last field: removed after the child has been killed.
-    _dir: tempfile::TempDir,
+    run: Running,
 }
 
 impl Worker {
@@ -48,37 +45,7 @@ impl Worker {
         // Handlers such as `log` print records on stdout; nobody reads them.
         command.arg("--config").arg(&config_path).stdout(Stdio::null());
         let proc = Proc::spawn("worker", command, dir.path().join("worker.log"))?;
-        Ok(Self { proc, metrics_addr, _dir: dir })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.proc.pid
-    }
-
-    /// Reads the worker's Prometheus endpoint (records, batches, checkpoint
-    /// latency as the worker sees them).
-    pub async fn scrape(&self) -> anyhow::Result<Metrics> {
-        super::scrape(self.metrics_addr).await
-    }
-
-    /// Fails if the worker has exited (crashed) while being measured.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        self.proc.check_alive()
-    }
-
-    /// The kernel's peak resident set of the worker so far, in KiB.
-    pub fn peak_rss_kib(&self) -> Option<u64> {
-        crate::stats::proc_status_kib(self.proc.pid, "VmHWM")
-    }
-
-    /// Kills the worker and waits for it to be gone.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.proc.stop().await
-    }
-
-    /// The last `n` lines of the worker's log, for error messages.
-    pub fn log_tail(&self, n: usize) -> String {
-        self.proc.log_tail(n)
+        Ok(Self { run: Running { proc, metrics_addr, _dir: dir } })
     }
 }
 
@@ -97,6 +64,27 @@ fn config_toml(metrics: SocketAddr, s: &WorkerSettings<'_>) -> String {
         toml.push_str(&format!("{key} = {}\n", quote(value)));
     }
     toml
+}
+
+impl Worker {
+    /// Kills the worker and waits for it to be gone.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.run.stop().await
+    }
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Running;
+
+    fn deref(&self) -> &Running {
+        &self.run
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Running {
+        &mut self.run
+    }
 }
 
 #[cfg(test)]
