@@ -28,6 +28,15 @@ const KEYS: u64 = 500;
 /// Records per second produced while workers run.
 const RATE: u64 = 2_500;
 
+/// A fresh 8-partition stream and its one-partition receipts topic (one
+/// partition, so receipt order is processing order).
+async fn topics(name: &str) -> Result<(String, String)> {
+    let (topic, receipts) = (unique(name), unique("receipts"));
+    create_topic(&topic, 8).await?;
+    create_topic(&receipts, 1).await?;
+    Ok((topic, receipts))
+}
+
 fn forward(receipts: &str) -> String {
     format!("[handlers.forward]\ntopic = \"{receipts}\"\n")
 }
@@ -229,9 +238,7 @@ impl CheckpointWatch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_process_every_record_once_in_partition_order() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (topic, receipts) = (unique("orders"), unique("receipts"));
-    create_topic(&topic, 8).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = topics("orders").await?;
     let n = 20_000;
     produce(&producer()?, &topic, 0, n, KEYS).await?;
 
@@ -257,9 +264,7 @@ async fn two_workers_process_every_record_once_in_partition_order() -> Result<()
 async fn kill_9_of_a_worker_mid_stream_loses_nothing_and_its_partitions_resume_within_the_target()
 -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (topic, receipts) = (unique("kill9"), unique("receipts"));
-    create_topic(&topic, 8).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = topics("kill9").await?;
     let dir = tempfile::tempdir()?;
     let c = Coordinator::start(&coordinator_config(&topic), &dir.path().join("data"))?;
     let _a = start_worker_with(&c.url, "a", &forward(&receipts))?;
@@ -312,9 +317,7 @@ async fn kill_9_of_a_worker_mid_stream_loses_nothing_and_its_partitions_resume_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_duplicates() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (topic, receipts) = (unique("scale"), unique("receipts"));
-    create_topic(&topic, 8).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = topics("scale").await?;
     let dir = tempfile::tempdir()?;
     let metrics = loopback()?;
     let config = coordinator_config_with(&topic, 500, &format!("metrics_listen = \"{metrics}\"\n"));
@@ -373,9 +376,7 @@ async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_du
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wakes() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (topic, receipts) = (unique("zombie"), unique("receipts"));
-    create_topic(&topic, 8).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = topics("zombie").await?;
     let dir = tempfile::tempdir()?;
     let coordinator_metrics = loopback()?;
     let config =
@@ -456,9 +457,7 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_init_runs_once_per_worker_process() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (topic, receipts) = (unique("init"), unique("receipts"));
-    create_topic(&topic, 8).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = topics("init").await?;
     let n = 8_000;
     produce(&producer()?, &topic, 0, n, KEYS).await?;
 
@@ -494,9 +493,7 @@ async fn handler_init_runs_once_per_worker_process() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_leases_over_without_duplicates_and_exits_0() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (topic, receipts) = (unique("term"), unique("receipts"));
-    create_topic(&topic, 8).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = topics("term").await?;
     let dir = tempfile::tempdir()?;
     let metrics = loopback()?;
     let config = coordinator_config_with(&topic, 500, &format!("metrics_listen = \"{metrics}\"\n"));
