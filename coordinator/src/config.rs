@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use shardline_proto::{LeaseId, LeaseKind, Mapping, StartingPosition};
+use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
 
 use crate::core::CoreConfig;
 
@@ -80,6 +80,69 @@ pub struct StreamConfig {
     /// RFC 3339 time for `at_timestamp`, e.g. `2026-11-27T10:00:00Z`.
     #[serde(default, with = "humantime_serde::option")]
     pub starting_timestamp: Option<std::time::SystemTime>,
+    /// Retries of a failing batch: -1 (until the records expire) or 0..10000.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: i32,
+    /// Backoff between attempts of the same batch.
+    #[serde(default)]
+    pub retry_backoff: BackoffConfig,
+    /// Split a failing batch in two and retry the halves, down to the record.
+    #[serde(default)]
+    pub bisect_on_error: bool,
+    /// The handler's response names failed records (Lambda's
+    /// ReportBatchItemFailures); the shard checkpoints before the first.
+    #[serde(default)]
+    pub report_item_failures: bool,
+    /// Older records skip the handler and go to on_failure (60 s..7 days).
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_record_age: Option<Duration>,
+    /// Kafka topic that receives records that gave up; absent: discarded.
+    #[serde(default)]
+    pub on_failure: Option<String>,
+    /// Concurrent batches per shard (1..10); order is kept per record key.
+    #[serde(default = "default_parallelization")]
+    pub parallelization_factor: u32,
+    /// A batch running longer than this fails (1 s..900 s).
+    #[serde(default = "default_handler_timeout", with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    /// Only records whose JSON value passes this reach the handler.
+    #[serde(default)]
+    pub filter: Option<FilterConfig>,
+}
+
+/// Exponential backoff between attempts of a failing batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub initial: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub max: Duration,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    #[serde(default = "default_true")]
+    pub jitter: bool,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self { initial: default_retry_initial(), max: default_retry_max(), multiplier: 2.0, jitter: true }
+    }
+}
+
+/// A test on one field of the record's JSON value: exactly one of
+/// `equals`, `exists`, `prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Dotted path, e.g. `order.type`.
+    pub field: String,
+    #[serde(default)]
+    pub equals: Option<toml::Value>,
+    #[serde(default)]
+    pub exists: Option<bool>,
+    #[serde(default)]
+    pub prefix: Option<String>,
 }
 
 impl StreamConfig {
@@ -96,7 +159,34 @@ impl StreamConfig {
             batch_window: self.batch_window,
             starting_position: self.starting_position,
             starting_timestamp_ms,
+            policy: FailurePolicy {
+                max_retries: u32::try_from(self.max_retries).ok(),
+                retry_initial: self.retry_backoff.initial,
+                retry_max: self.retry_backoff.max,
+                retry_multiplier: self.retry_backoff.multiplier,
+                retry_jitter: self.retry_backoff.jitter,
+                bisect_on_error: self.bisect_on_error,
+                report_item_failures: self.report_item_failures,
+                max_record_age: self.max_record_age,
+                on_failure: self.on_failure.clone(),
+                handler_timeout: self.handler_timeout,
+            },
+            parallelization_factor: self.parallelization_factor,
+            filter: self.filter.as_ref().and_then(FilterConfig::to_filter),
         }
+    }
+}
+
+impl FilterConfig {
+    /// `None` only for an invalid filter, which `validate` refuses first.
+    fn to_filter(&self) -> Option<Filter> {
+        let test = match (&self.equals, self.exists, &self.prefix) {
+            (Some(v), None, None) => FilterTest::Equals(serde_json::to_string(v).ok()?),
+            (None, Some(true), None) => FilterTest::Exists,
+            (None, None, Some(p)) => FilterTest::Prefix(p.clone()),
+            _ => return None,
+        };
+        Some(Filter { field: self.field.clone(), test })
     }
 }
 
@@ -137,6 +227,27 @@ fn default_brokers() -> String {
 }
 fn default_slots() -> u32 {
     1
+}
+fn default_max_retries() -> i32 {
+    -1
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_parallelization() -> u32 {
+    1
+}
+fn default_handler_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_batch_size() -> u32 {
     100
@@ -257,6 +368,65 @@ impl Config {
                 }
                 _ => {}
             }
+            if !(-1..=10_000).contains(&s.max_retries) {
+                return err(
+                    &field("max_retries"),
+                    format!("is {}; allowed: -1 (until expired) or 0 to 10000", s.max_retries),
+                );
+            }
+            let b = &s.retry_backoff;
+            if b.initial < Duration::from_millis(1) || b.initial > b.max || b.max > Duration::from_secs(900) {
+                return err(
+                    &field("retry_backoff"),
+                    format!("is {:?} to {:?}; allowed: 1ms <= initial <= max <= 900s", b.initial, b.max),
+                );
+            }
+            if !(1.0..=10.0).contains(&b.multiplier) {
+                return err(
+                    &field("retry_backoff.multiplier"),
+                    format!("is {}; allowed: 1.0 to 10.0", b.multiplier),
+                );
+            }
+            if let Some(age) = s.max_record_age
+                && !(Duration::from_secs(60)..=Duration::from_secs(604_800)).contains(&age)
+            {
+                return err(
+                    &field("max_record_age"),
+                    format!("is {age:?}; allowed: 60s to 7 days (604800s)"),
+                );
+            }
+            if let Some(topic) = &s.on_failure {
+                check_name(&field("on_failure"), topic)?;
+                if topic == &s.name {
+                    return err(&field("on_failure"), "is the stream itself; allowed: another topic".into());
+                }
+            }
+            if !(1..=10).contains(&s.parallelization_factor) {
+                return err(
+                    &field("parallelization_factor"),
+                    format!("is {}; allowed: 1 to 10", s.parallelization_factor),
+                );
+            }
+            if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&s.handler_timeout) {
+                return err(
+                    &field("handler_timeout"),
+                    format!("is {:?}; allowed: 1s to 900s", s.handler_timeout),
+                );
+            }
+            if let Some(f) = &s.filter {
+                if f.field.is_empty() || f.field.split('.').any(str::is_empty) {
+                    return err(
+                        &field("filter.field"),
+                        format!("is `{}`; allowed: a dotted path like order.type", f.field),
+                    );
+                }
+                if f.exists == Some(false) || f.to_filter().is_none() {
+                    return err(
+                        &field("filter"),
+                        "allowed: exactly one of equals = VALUE, exists = true, prefix = \"TEXT\"".into(),
+                    );
+                }
+            }
             if !names.insert(("stream", s.name.clone())) {
                 return err(&format!("streams[{i}].name"), format!("`{}` is listed twice", s.name));
             }
@@ -358,6 +528,25 @@ mod tests {
             Config::parse("[[streams]]\nname = \"s\"\nhandler = \"h\"\nstarting_position = \"oldest\"")
                 .is_err()
         );
+        for (extra, field) in [
+            ("max_retries = -2", "streams[0].max_retries"),
+            ("max_record_age = \"5s\"", "streams[0].max_record_age"),
+            ("parallelization_factor = 11", "streams[0].parallelization_factor"),
+            ("handler_timeout = \"0s\"", "streams[0].handler_timeout"),
+            ("on_failure = \"s\"", "streams[0].on_failure"),
+            ("retry_backoff = { initial = \"2s\", max = \"1s\" }", "streams[0].retry_backoff"),
+            ("filter = { field = \"a\", exists = true, prefix = \"x\" }", "streams[0].filter"),
+            ("filter = { field = \"a..b\", exists = true }", "streams[0].filter.field"),
+        ] {
+            assert!(matches!(stream(extra), Ok(Err((f, _))) if f == field), "{extra}: {:?}", stream(extra));
+        }
+        let full = stream(
+            "max_retries = 3\nbisect_on_error = true\nreport_item_failures = true\nmax_record_age = \"1h\"\n\
+             on_failure = \"dlq\"\nparallelization_factor = 4\nhandler_timeout = \"5s\"\n\
+             retry_backoff = { initial = \"10ms\", max = \"1s\", multiplier = 3.0, jitter = false }\n\
+             filter = { field = \"kind\", equals = \"order\" }",
+        );
+        assert!(matches!(full, Ok(Ok(()))), "{full:?}");
         let unknown = Config::parse("sesion_timeout = \"1s\"");
         assert!(unknown.is_err_and(|e| e.contains("unknown field `sesion_timeout`")));
     }

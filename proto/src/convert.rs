@@ -1,7 +1,9 @@
 //! Conversions between wire messages and domain types, done at the edge so
 //! nothing past the gRPC layer handles raw wire structs for identities.
 
-use crate::domain::{LeaseId, LeaseKind, Mapping, StartingPosition};
+use std::time::Duration;
+
+use crate::domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
 use crate::v1;
 
 /// A wire message that does not describe a valid domain value.
@@ -63,6 +65,25 @@ impl From<&Mapping> for v1::Mapping {
             batch_window_ms: m.batch_window.as_millis() as u64,
             starting_position: starting_position as i32,
             starting_timestamp_ms: m.starting_timestamp_ms,
+            max_retries: m.policy.max_retries.map_or(-1, |r| i32::try_from(r).unwrap_or(i32::MAX)),
+            retry_initial_ms: m.policy.retry_initial.as_millis() as u64,
+            retry_max_ms: m.policy.retry_max.as_millis() as u64,
+            retry_multiplier: m.policy.retry_multiplier,
+            retry_jitter: m.policy.retry_jitter,
+            bisect_on_error: m.policy.bisect_on_error,
+            report_item_failures: m.policy.report_item_failures,
+            max_record_age_ms: m.policy.max_record_age.map_or(-1, |a| a.as_millis() as i64),
+            on_failure: m.policy.on_failure.clone().unwrap_or_default(),
+            parallelization_factor: m.parallelization_factor,
+            handler_timeout_ms: m.policy.handler_timeout.as_millis() as u64,
+            filter: m.filter.as_ref().map(|f| v1::Filter {
+                field: f.field.clone(),
+                test: Some(match &f.test {
+                    FilterTest::Equals(json) => v1::filter::Test::EqualsJson(json.clone()),
+                    FilterTest::Exists => v1::filter::Test::Exists(true),
+                    FilterTest::Prefix(p) => v1::filter::Test::Prefix(p.clone()),
+                }),
+            }),
         }
     }
 }
@@ -90,6 +111,31 @@ impl TryFrom<&v1::Mapping> for Mapping {
             batch_window: std::time::Duration::from_millis(m.batch_window_ms),
             starting_position,
             starting_timestamp_ms: m.starting_timestamp_ms,
+            policy: FailurePolicy {
+                max_retries: u32::try_from(m.max_retries).ok(),
+                retry_initial: Duration::from_millis(m.retry_initial_ms.max(1)),
+                retry_max: Duration::from_millis(m.retry_max_ms.max(m.retry_initial_ms).max(1)),
+                retry_multiplier: if m.retry_multiplier >= 1.0 { m.retry_multiplier } else { 2.0 },
+                retry_jitter: m.retry_jitter,
+                bisect_on_error: m.bisect_on_error,
+                report_item_failures: m.report_item_failures,
+                max_record_age: u64::try_from(m.max_record_age_ms).ok().map(Duration::from_millis),
+                on_failure: Some(m.on_failure.clone()).filter(|t| !t.is_empty()),
+                handler_timeout: Duration::from_millis(m.handler_timeout_ms.max(1)),
+            },
+            parallelization_factor: m.parallelization_factor.clamp(1, 10),
+            filter: match &m.filter {
+                None => None,
+                Some(f) => Some(Filter {
+                    field: f.field.clone(),
+                    test: match &f.test {
+                        Some(v1::filter::Test::EqualsJson(j)) => FilterTest::Equals(j.clone()),
+                        Some(v1::filter::Test::Exists(_)) => FilterTest::Exists,
+                        Some(v1::filter::Test::Prefix(p)) => FilterTest::Prefix(p.clone()),
+                        None => return Err(ConvertError::Missing("mapping.filter.test")),
+                    },
+                }),
+            },
         })
     }
 }
@@ -134,6 +180,12 @@ mod tests {
         m.starting_position = StartingPosition::AtTimestamp;
         m.starting_timestamp_ms = 1_700_000_000_000;
         m.batch_window = std::time::Duration::from_millis(250);
+        m.policy.max_retries = Some(3);
+        m.policy.bisect_on_error = true;
+        m.policy.max_record_age = Some(Duration::from_secs(60));
+        m.policy.on_failure = Some("dlq".into());
+        m.parallelization_factor = 4;
+        m.filter = Some(Filter { field: "a.b".into(), test: FilterTest::Prefix("x".into()) });
         assert_eq!(Mapping::try_from(&v1::Mapping::from(&m)), Ok(m));
         assert!(Mapping::try_from(&v1::Mapping::default()).is_err());
     }

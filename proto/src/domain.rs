@@ -1,6 +1,7 @@
 //! Domain types shared by the coordinator, the worker and the CLI.
 
 use std::fmt;
+use std::time::Duration;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -79,7 +80,7 @@ pub enum StartingPosition {
 
 /// How a lease's records are batched and which handler runs them: the
 /// event source mapping, as the coordinator sends it with every acquire.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Mapping {
     pub handler: String,
     /// Most records per batch.
@@ -91,6 +92,68 @@ pub struct Mapping {
     pub starting_position: StartingPosition,
     /// Milliseconds since the Unix epoch, for `AtTimestamp`.
     pub starting_timestamp_ms: i64,
+    /// What happens when the handler fails.
+    pub policy: FailurePolicy,
+    /// Concurrent batches per shard (1..10); order is kept per record key.
+    pub parallelization_factor: u32,
+    /// Records that do not match skip the handler (and are checkpointed past).
+    pub filter: Option<Filter>,
+}
+
+/// Lambda's failure settings for a mapping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailurePolicy {
+    /// Retries of a failing batch; `None`: until the records expire.
+    pub max_retries: Option<u32>,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub retry_multiplier: f64,
+    pub retry_jitter: bool,
+    /// Split a failing batch in two and retry the halves.
+    pub bisect_on_error: bool,
+    /// The handler names failed records; the rest count as done.
+    pub report_item_failures: bool,
+    /// Older records skip the handler and go to on_failure.
+    pub max_record_age: Option<Duration>,
+    /// Kafka topic for records that gave up; `None`: discarded.
+    pub on_failure: Option<String>,
+    /// A batch running longer fails.
+    pub handler_timeout: Duration,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: None,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            retry_multiplier: 2.0,
+            retry_jitter: true,
+            bisect_on_error: false,
+            report_item_failures: false,
+            max_record_age: None,
+            on_failure: None,
+            handler_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A test on one field of a record's JSON value (Lambda's filter criteria,
+/// reduced to the common cases).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    /// Dotted path into the JSON object.
+    pub field: String,
+    pub test: FilterTest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterTest {
+    /// Equals this JSON value (kept as JSON text).
+    Equals(String),
+    Exists,
+    /// A string starting with this.
+    Prefix(String),
 }
 
 impl Mapping {
@@ -103,6 +166,9 @@ impl Mapping {
             batch_window: std::time::Duration::ZERO,
             starting_position: StartingPosition::Latest,
             starting_timestamp_ms: 0,
+            policy: FailurePolicy::default(),
+            parallelization_factor: 1,
+            filter: None,
         }
     }
 }

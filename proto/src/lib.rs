@@ -9,7 +9,7 @@ mod convert;
 mod domain;
 
 pub use convert::ConvertError;
-pub use domain::{LeaseId, LeaseKind, Mapping, StartingPosition};
+pub use domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
 
 /// The generated code of package `shardline.v1`.
 #[allow(clippy::all, missing_docs)]
