@@ -1,8 +1,8 @@
 //! Domain types shared by the coordinator, the worker and the CLI.
 
 use std::fmt;
-use std::time::Duration;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 

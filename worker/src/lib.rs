@@ -34,6 +34,7 @@ pub mod batcher;
 pub mod builtin;
 pub mod checkpointer;
 pub mod config;
+pub mod failure;
 pub mod handler;
 pub mod lease;
 pub mod membership;

@@ -35,11 +35,11 @@ pub struct SessionConfig {
 }
 
 /// What the runtime must do with a lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum LeaseEvent {
     /// Start (or restart, if running under an older epoch) from `start`
     /// (`None`: the mapping's starting_position).
-    Acquire { lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Mapping> },
+    Acquire { lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Box<Mapping>> },
     /// Finish the in-flight batch, checkpoint, then call
     /// [`Session::release_done`].
     Release { lease: LeaseId, epoch: u64 },
@@ -304,6 +304,7 @@ fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, Session
                         .as_ref()
                         .map(Mapping::try_from)
                         .transpose()
+                        .map(|m| m.map(Box::new))
                         .map_err(|e| SessionError::Protocol(e.to_string()))?,
                 },
                 Kind::Release(r) => LeaseEvent::Release { lease: lease(r.lease.as_ref())?, epoch: r.epoch },

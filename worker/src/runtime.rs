@@ -19,10 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
+use crate::failure::KafkaFailureSink;
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
 use crate::lease::{Exit, LeaseStats, LeaseTask};
 use crate::membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
+use crate::policy::{Discard, FailureSink};
 use crate::source::kafka::{KafkaSource, SourceError};
+use rdkafka::producer::FutureProducer;
 
 /// Why a worker could not start or stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,12 @@ pub async fn run(
     }
     // Once per node: every lease and batch shares these.
     let ready = handlers.init(contexts).await?;
+    let failure_producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .map_err(|e| WorkerError::Source(SourceError::Kafka(e.to_string())))?;
     let source = KafkaSource::new(&config.kafka_brokers, &worker_id, config.fetch_queue_kib)?;
     let session = Session::new(SessionConfig {
         coordinator: config.coordinator.clone(),
@@ -114,6 +123,7 @@ pub async fn run(
         source,
         handlers: ready,
         checkpointer,
+        failure_producer,
         held,
         stats,
         running: HashMap::new(),
@@ -174,6 +184,8 @@ struct Runtime {
     source: KafkaSource,
     handlers: BTreeMap<String, Arc<dyn DynHandler>>,
     checkpointer: Checkpointer,
+    /// Writes records that gave up to their mapping's on_failure topic.
+    failure_producer: FutureProducer,
     held: HeldLeases,
     stats: StatsTable,
     running: HashMap<LeaseId, Running>,
@@ -219,12 +231,12 @@ impl Runtime {
         }
     }
 
-    async fn start(&mut self, lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Mapping>) {
+    async fn start(&mut self, lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Box<Mapping>>) {
         if self.draining {
             let _ = self.session.release_done(&lease, epoch, start).await;
             return;
         }
-        let Some(mapping) = mapping else {
+        let Some(mapping) = mapping.map(|m| *m) else {
             tracing::error!(%lease, "acquire without a mapping; giving it back");
             let _ = self.session.release_done(&lease, epoch, None).await;
             return;
@@ -244,12 +256,19 @@ impl Runtime {
         stats.position.store(start.unwrap_or(-1), Ordering::Relaxed);
         stats.lag.store(-1, Ordering::Relaxed);
         let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
+        let sink: Arc<dyn FailureSink> = match &mapping.policy.on_failure {
+            Some(topic) => {
+                Arc::new(KafkaFailureSink { producer: self.failure_producer.clone(), topic: topic.clone() })
+            }
+            None => Arc::new(Discard),
+        };
         let task = LeaseTask {
             lease: lease.clone(),
             epoch,
             mapping,
             start,
             handler,
+            sink,
             source: self.source.clone(),
             checkpointer: self.checkpointer.clone(),
             stats: stats.clone(),

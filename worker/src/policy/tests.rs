@@ -1,0 +1,272 @@
+//! Unit tests of the batch policy: checkpoint arithmetic with gaps, bisect
+//! trees, item failures, record age, timeouts, filters.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::handler::{Batch, BatchResponse, BoxFuture, DynHandler, HandlerError, Record};
+
+type Script = dyn Fn(&Batch) -> Result<BatchResponse, HandlerError> + Send + Sync;
+
+/// A handler driven by a closure that records every batch it was given.
+struct Scripted {
+    script: Box<Script>,
+    delay: Duration,
+    calls: Mutex<Vec<Vec<i64>>>,
+}
+
+impl Scripted {
+    fn new(script: impl Fn(&Batch) -> Result<BatchResponse, HandlerError> + Send + Sync + 'static) -> Self {
+        Self { script: Box::new(script), delay: Duration::ZERO, calls: Mutex::new(Vec::new()) }
+    }
+
+    fn calls(&self) -> Vec<Vec<i64>> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// How often each offset reached the handler.
+    fn seen(&self, offset: i64) -> usize {
+        self.calls().iter().flatten().filter(|o| **o == offset).count()
+    }
+}
+
+impl DynHandler for Scripted {
+    fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<BatchResponse, HandlerError>> {
+        Box::pin(async move {
+            if let Ok(mut calls) = self.calls.lock() {
+                calls.push(batch.records.iter().map(|r| r.offset).collect());
+            }
+            tokio::time::sleep(self.delay).await;
+            (self.script)(batch)
+        })
+    }
+}
+
+#[derive(Default)]
+struct Recording(Mutex<Vec<(Vec<i64>, GaveUp)>>);
+
+impl FailureSink for Recording {
+    fn send<'a>(&'a self, records: &'a [Record], why: &'a GaveUp) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if let Ok(mut got) = self.0.lock() {
+                got.push((records.iter().map(|r| r.offset).collect(), why.clone()));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Recording {
+    fn got(&self) -> Vec<(Vec<i64>, GaveUp)> {
+        self.0.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+}
+
+fn records(offsets: impl IntoIterator<Item = i64>) -> Vec<Record> {
+    offsets
+        .into_iter()
+        .map(|offset| Record {
+            key: None,
+            value: format!("{{\"n\":{offset},\"kind\":\"k{}\"}}", offset % 2).into_bytes(),
+            headers: vec![],
+            timestamp_ms: None,
+            stream: "s".into(),
+            partition: 0,
+            offset,
+        })
+        .collect()
+}
+
+fn policy() -> FailurePolicy {
+    FailurePolicy { retry_initial: Duration::from_millis(1), retry_jitter: false, ..FailurePolicy::default() }
+}
+
+/// Runs a lane over `input` and returns its stats and final checkpoint.
+async fn run(
+    handler: &Scripted,
+    policy: &FailurePolicy,
+    filter: Option<&CompiledFilter>,
+    sink: &Recording,
+    input: Vec<Record>,
+) -> (Result<LaneStats, Stopped>, i64) {
+    let completion = Mutex::new(Completion::new(input.first().map_or(0, |r| r.offset)));
+    if let Ok(mut c) = completion.lock() {
+        c.add(input.iter().map(|r| r.offset));
+    }
+    let stop = CancellationToken::new();
+    let lease = LeaseId::shard("s", 0);
+    let progress = |_: i64| {};
+    let lane = Lane {
+        handler,
+        name: "test",
+        policy,
+        filter,
+        sink,
+        hooks: &(),
+        stop: &stop,
+        lease: &lease,
+        epoch: 1,
+        lag: 0,
+        completion: &completion,
+        progress: &progress,
+    };
+    let stats = lane.process(input).await;
+    let position = completion.lock().map(|c| c.position()).unwrap_or(-1);
+    (stats, position)
+}
+
+#[test]
+fn the_checkpoint_is_the_first_unfinished_record_across_gaps() {
+    let mut c = Completion::new(0);
+    c.add([0, 1, 2, 5, 6]);
+    assert_eq!(c.finish(1), None, "0 is not finished yet");
+    assert_eq!(c.finish(0), Some(2));
+    assert_eq!(c.finish(5), None, "2 still blocks");
+    assert_eq!(c.finish(2), Some(6), "the offset gap 3..5 is skipped");
+    assert_eq!(c.finish(6), Some(7));
+    assert_eq!(c.finish(6), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bisect_isolates_one_poison_record_and_handles_the_rest_once() {
+    let handler = Scripted::new(|b| {
+        if b.records.iter().any(|r| r.offset == 11) {
+            Err("poison".into())
+        } else {
+            Ok(BatchResponse::default())
+        }
+    });
+    let policy = FailurePolicy { bisect_on_error: true, max_retries: Some(3), ..policy() };
+    let sink = Recording::default();
+    let (stats, position) = run(&handler, &policy, None, &sink, records(0..16)).await;
+    let got = sink.got();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, vec![11]);
+    assert_eq!((got[0].1.reason, got[0].1.attempts), (Reason::RetriesExhausted, 4));
+    assert_eq!(position, 16);
+    assert_eq!(stats.map(|s| (s.handled, s.gave_up)), Ok((15, 1)));
+    // The bisect tree: 16 → 8+8 → (8..16) 4+4 → (8..12) 2+2 → (10..12) 1+1.
+    for healthy in (0..16).filter(|o| *o != 11) {
+        let succeeded = handler.calls().iter().filter(|c| c.contains(&healthy) && !c.contains(&11)).count();
+        assert_eq!(succeeded, 1, "record {healthy} handled once in a successful batch");
+    }
+    assert_eq!(handler.calls().iter().filter(|c| c.as_slice() == [11]).count(), 4, "1 try + 3 retries alone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_bisect_the_whole_batch_gives_up_after_max_retries() {
+    let handler = Scripted::new(|_| Err("down".into()));
+    let policy = FailurePolicy { max_retries: Some(2), ..policy() };
+    let sink = Recording::default();
+    let (_, position) = run(&handler, &policy, None, &sink, records(0..4)).await;
+    assert_eq!(handler.calls().len(), 3);
+    assert_eq!(sink.got().first().map(|g| g.0.clone()), Some(vec![0, 1, 2, 3]));
+    assert_eq!(position, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reported_item_failures_retry_from_the_first_failed_record_only() {
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let handler = Scripted::new(move |_| {
+        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            Ok(BatchResponse { failed: vec![7, 4] })
+        } else {
+            Ok(BatchResponse::default())
+        }
+    });
+    let policy = FailurePolicy { report_item_failures: true, ..policy() };
+    let sink = Recording::default();
+    let (stats, position) = run(&handler, &policy, None, &sink, records(0..10)).await;
+    assert_eq!(handler.calls(), vec![(0..10).collect::<Vec<_>>(), (4..10).collect()]);
+    assert!((0..4).all(|o| handler.seen(o) == 1), "records before the first failure are not reprocessed");
+    assert_eq!(position, 10);
+    assert_eq!(stats.map(|s| s.handled), Ok(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn naming_a_record_outside_the_batch_fails_the_whole_batch() {
+    let handler = Scripted::new(|_| Ok(BatchResponse { failed: vec![99] }));
+    let policy = FailurePolicy { report_item_failures: true, max_retries: Some(0), ..policy() };
+    let sink = Recording::default();
+    let (stats, position) = run(&handler, &policy, None, &sink, records(0..3)).await;
+    assert_eq!(sink.got().first().map(|g| g.0.clone()), Some(vec![0, 1, 2]));
+    assert_eq!((stats.map(|s| s.gave_up), position), (Ok(3), 3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_older_than_max_record_age_skip_the_handler() {
+    let handler = Scripted::new(|_| Ok(BatchResponse::default()));
+    let policy = FailurePolicy { max_record_age: Some(Duration::from_secs(60)), ..policy() };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut input = records(0..4);
+    input[1].timestamp_ms = Some(now as i64 - 3_600_000);
+    input[2].timestamp_ms = Some(now as i64);
+    let sink = Recording::default();
+    let (_, position) = run(&handler, &policy, None, &sink, input).await;
+    assert_eq!(sink.got().first().map(|g| (g.0.clone(), g.1.reason)), Some((vec![1], Reason::TooOld)));
+    assert_eq!(handler.calls(), vec![vec![0, 2, 3]]);
+    assert_eq!(position, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_running_past_the_timeout_fails_and_gives_up_as_timed_out() {
+    let mut handler = Scripted::new(|_| Ok(BatchResponse::default()));
+    handler.delay = Duration::from_secs(10);
+    let policy = FailurePolicy { handler_timeout: Duration::from_secs(1), max_retries: Some(1), ..policy() };
+    let sink = Recording::default();
+    let (_, position) = run(&handler, &policy, None, &sink, records(0..2)).await;
+    assert_eq!(handler.calls().len(), 2);
+    assert_eq!(sink.got().first().map(|g| g.1.reason), Some(Reason::HandlerTimeout));
+    assert_eq!(position, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn filtered_records_are_finished_without_the_handler() {
+    let handler = Scripted::new(|_| Ok(BatchResponse::default()));
+    let filter =
+        CompiledFilter::new(&Filter { field: "kind".into(), test: FilterTest::Equals("\"k0\"".into()) });
+    let filter = filter.unwrap_or_else(|e| panic!("{e}"));
+    let sink = Recording::default();
+    let (stats, position) = run(&handler, &policy(), Some(&filter), &sink, records(0..6)).await;
+    assert_eq!(handler.calls(), vec![vec![0, 2, 4]]);
+    assert_eq!(stats.map(|s| s.filtered), Ok(3));
+    assert_eq!(position, 6);
+}
+
+#[test]
+fn filters_test_one_field_of_the_json_value() {
+    let f = |field: &str, test: FilterTest| {
+        CompiledFilter::new(&Filter { field: field.into(), test }).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let v = br#"{"order":{"type":"refund","id":"A-17"},"n":3}"#;
+    assert!(f("order.type", FilterTest::Equals("\"refund\"".into())).matches(v));
+    assert!(!f("order.type", FilterTest::Equals("\"sale\"".into())).matches(v));
+    assert!(f("n", FilterTest::Equals("3".into())).matches(v));
+    assert!(f("order.id", FilterTest::Exists).matches(v));
+    assert!(!f("order.missing", FilterTest::Exists).matches(v));
+    assert!(f("order.id", FilterTest::Prefix("A-".into())).matches(v));
+    assert!(!f("n", FilterTest::Prefix("3".into())).matches(v), "prefix only matches strings");
+    assert!(!f("n", FilterTest::Exists).matches(b"not json"));
+    assert!(
+        CompiledFilter::new(&Filter { field: "a".into(), test: FilterTest::Equals("{".into()) }).is_err()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_and_panics_are_retried_until_success_when_retries_are_unlimited() {
+    let calls = std::sync::atomic::AtomicU32::new(0);
+    let handler = Scripted::new(move |_| match calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+        0 => Err("boom".into()),
+        1 => panic!("kaboom"),
+        _ => Ok(BatchResponse::default()),
+    });
+    let sink = Recording::default();
+    let (stats, position) = run(&handler, &policy(), None, &sink, records(0..2)).await;
+    assert_eq!(stats.map(|s| s.attempts), Ok(3));
+    assert!(sink.got().is_empty());
+    assert_eq!(position, 2);
+}
