@@ -22,7 +22,7 @@ fn bad_worker_configs_exit_2_naming_the_problem() -> Result<()> {
         ("fetch_queue_kib = 1\n[handlers.log]\n", "`fetch_queue_kib` is 1; allowed: 64 to 1048576"),
         (
             "[handlers.nope]\n",
-            "`handlers.nope` is not a handler of this worker; allowed: forward, log, noop, sleep",
+            "`handlers.nope` is not a handler of this worker; allowed: chaos, forward, log, noop, sleep",
         ),
         ("[handlers.forward]\n", "init of handler `forward` failed: `topic` is required"),
         ("[handlers.sleep]\nper_record = \"soon\"\n", "`per_record` = \"soon\" is not a duration"),

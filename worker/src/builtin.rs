@@ -13,7 +13,76 @@ use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, Init
 
 /// Every built-in handler under its name.
 pub fn handlers() -> Handlers {
-    Handlers::new().with::<Log>("log").with::<Forward>("forward").with::<Sleep>("sleep").with::<Noop>("noop")
+    Handlers::new()
+        .with::<Log>("log")
+        .with::<Forward>("forward")
+        .with::<Sleep>("sleep")
+        .with::<Noop>("noop")
+        .with::<Chaos>("chaos")
+}
+
+/// Fault injection for tests and load tests of the batch policy. A record
+/// whose value contains `poison` fails its batch (or, with `report_items`,
+/// is reported as a failed item); `sleep_per_batch` / `sleep_per_record`
+/// simulate work (and handler timeouts). Records of a batch that succeeds,
+/// and with `report_items` the records not reported, are forwarded to
+/// `topic` as receipts, like `forward`.
+pub struct Chaos {
+    forward: Option<Forward>,
+    poison: Option<String>,
+    report_items: bool,
+    per_batch: Duration,
+    per_record: Duration,
+}
+
+impl Handler for Chaos {
+    async fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        ctx.only(&["topic", "poison", "report_items", "sleep_per_batch", "sleep_per_record"])?;
+        let forward = match ctx.string("topic")? {
+            Some(_) => {
+                let mut forward_ctx = ctx.clone();
+                forward_ctx.settings.retain(|k, _| k == "topic");
+                Some(Forward::init(&forward_ctx).await?)
+            }
+            None => None,
+        };
+        let report_items = match ctx.settings.get("report_items") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(other) => return Err(ctx.error(format!("`report_items` must be true or false, not {other}"))),
+        };
+        Ok(Chaos {
+            forward,
+            poison: ctx.string("poison")?,
+            report_items,
+            per_batch: ctx.duration("sleep_per_batch", Duration::ZERO)?,
+            per_record: ctx.duration("sleep_per_record", Duration::ZERO)?,
+        })
+    }
+
+    async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        tokio::time::sleep(self.per_batch + self.per_record * batch.len() as u32).await;
+        let poisoned: Vec<i64> = match &self.poison {
+            Some(p) => batch
+                .records
+                .iter()
+                .filter(|r| String::from_utf8_lossy(&r.value).contains(p.as_str()))
+                .map(|r| r.offset)
+                .collect(),
+            None => Vec::new(),
+        };
+        if !poisoned.is_empty() && !self.report_items {
+            return Err(HandlerError::new(format!("poison records at offsets {poisoned:?}")));
+        }
+        if let Some(forward) = &self.forward {
+            let healthy = Batch {
+                records: batch.records.iter().filter(|r| !poisoned.contains(&r.offset)).cloned().collect(),
+                ..batch.clone()
+            };
+            forward.handle(&healthy).await?;
+        }
+        Ok(BatchResponse { failed: poisoned })
+    }
 }
 
 /// Prints each record as one line on stdout.
