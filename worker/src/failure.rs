@@ -46,6 +46,8 @@ impl FailureSink for KafkaFailureSink {
             for result in futures::future::join_all(sends).await {
                 result.map_err(|(e, _)| format!("on_failure topic {}: {e}", self.topic))?;
             }
+            metrics::counter!("shardline_on_failure_total", "reason" => why.reason.as_str())
+                .increment(records.len() as u64);
             Ok(())
         })
     }

@@ -339,8 +339,6 @@ impl Lane<'_> {
         loop {
             match self.sink.send(records, why).await {
                 Ok(()) => {
-                    metrics::counter!("shardline_on_failure_total", "reason" => why.reason.as_str())
-                        .increment(records.len() as u64);
                     self.finish(records);
                     return Ok(());
                 }
