@@ -49,7 +49,9 @@ impl Handler for Chaos {
         let report_items = match ctx.settings.get("report_items") {
             None => false,
             Some(toml::Value::Boolean(b)) => *b,
-            Some(other) => return Err(ctx.error(format!("`report_items` must be true or false, not {other}"))),
+            Some(other) => {
+                return Err(ctx.error(format!("`report_items` must be true or false, not {other}")));
+            }
         };
         Ok(Chaos {
             forward,
