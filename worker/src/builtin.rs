@@ -6,8 +6,7 @@
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError};
 
@@ -139,27 +138,16 @@ impl Handler for Forward {
     }
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
-        let sends = batch.records.iter().map(|r| {
-            let partition = r.partition.to_string();
-            let offset = r.offset.to_string();
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 4);
-            for (key, value) in &r.headers {
-                headers = headers.insert(Header { key, value: Some(value) });
-            }
-            headers = headers
-                .insert(Header { key: "shardline.stream", value: Some(&r.stream) })
-                .insert(Header { key: "shardline.partition", value: Some(&partition) })
-                .insert(Header { key: "shardline.offset", value: Some(&offset) })
-                .insert(Header { key: "shardline.worker", value: Some(&self.worker) });
-            let mut record = FutureRecord::to(&self.topic).payload(&r.value).headers(headers);
-            if let Some(key) = &r.key {
-                record = record.key(key);
-            }
-            self.producer.send(record, Duration::from_secs(30))
-        });
-        for result in futures::future::join_all(sends).await {
-            result.map_err(|(e, _)| HandlerError::new(format!("forward to {}: {e}", self.topic)))?;
-        }
+        crate::failure::copy_to(&self.producer, &self.topic, &batch.records, |r| {
+            vec![
+                ("shardline.stream", r.stream.clone()),
+                ("shardline.partition", r.partition.to_string()),
+                ("shardline.offset", r.offset.to_string()),
+                ("shardline.worker", self.worker.clone()),
+            ]
+        })
+        .await
+        .map_err(HandlerError::new)?;
         Ok(BatchResponse::default())
     }
 }
