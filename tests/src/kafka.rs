@@ -153,3 +153,91 @@ pub fn verify(receipts: &[Receipt], produced: u64) -> Verdict {
     }
     Verdict { unique: seen.len(), duplicates, lost, order_violations }
 }
+
+/// One record read back from a topic, with its key, headers and timestamp
+/// (records in an `on_failure` topic; receipts whose values are not
+/// `id-<n>`).
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: String,
+    pub headers: Vec<(String, String)>,
+    pub timestamp: rdkafka::Timestamp,
+}
+
+impl Consumed {
+    /// The first header named `key`.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads every record of `topic` (all partitions, from the start) up to the
+/// high watermarks as they are when called; records in offset order per
+/// partition, partitions one after another. Fails if they have not all
+/// arrived within `timeout`.
+pub fn read_topic(topic: &str, timeout: Duration) -> Result<Vec<Consumed>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "shardline-test-read-topic")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("topic reader")?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in 0..partitions as i32 {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            ends.insert(p, high);
+        }
+    }
+    let mut by_partition = BTreeMap::<i32, Vec<Consumed>>::new();
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    consumer.assign(&tpl)?;
+    let started = std::time::Instant::now();
+    let mut open = ends.clone();
+    while !open.is_empty() {
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "read {topic}: partitions {open:?} not read to their high watermarks within {timeout:?}"
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let m = m.with_context(|| format!("poll {topic}"))?;
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(String::from_utf8_lossy).unwrap_or_default().into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (partition, offset) = (m.partition(), m.offset());
+        if open.get(&partition).is_some_and(|&high| offset + 1 >= high) {
+            open.remove(&partition);
+        }
+        if ends.get(&partition).is_some_and(|&high| offset < high) {
+            by_partition.entry(partition).or_default().push(Consumed {
+                partition,
+                offset,
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().map(String::from_utf8_lossy).unwrap_or_default().into_owned(),
+                headers,
+                timestamp: m.timestamp(),
+            });
+        }
+    }
+    Ok(by_partition.into_values().flatten().collect())
+}

@@ -188,6 +188,17 @@ impl Lane<'_> {
 
     /// Runs `records` (in order) until every one is finished.
     pub async fn process(&self, records: Vec<Record>) -> Result<LaneStats, Stopped> {
+        let mut paused = false;
+        let result = self.run(records, &mut paused).await;
+        // However the failing records ended (retried to success, bisected,
+        // given up), the source must fetch again.
+        if paused {
+            self.hooks.recovered();
+        }
+        result
+    }
+
+    async fn run(&self, records: Vec<Record>, paused: &mut bool) -> Result<LaneStats, Stopped> {
         let mut stats = LaneStats::default();
         let (records, skipped): (Vec<Record>, Vec<Record>) =
             records.into_iter().partition(|r| self.filter.is_none_or(|f| f.matches(&r.value)));
@@ -222,9 +233,6 @@ impl Lane<'_> {
             stats.busy += started.elapsed();
             let failure = match result {
                 Ok(response) if response.failed.is_empty() || !self.policy.report_item_failures => {
-                    if attempts > 1 {
-                        self.hooks.recovered();
-                    }
                     stats.handled += fresh.len() as u64;
                     self.finish(&fresh);
                     continue;
@@ -237,25 +245,29 @@ impl Lane<'_> {
                         let failed = rest.split_off(first);
                         stats.handled += rest.len() as u64;
                         self.finish(&rest);
+                        let named = Some(response.failed);
                         (
                             failed,
                             HandlerError::new("the handler reported failed records"),
                             Reason::RetriesExhausted,
+                            named,
                         )
                     }
                     _ => (
                         fresh,
                         HandlerError::new("the handler named records that are not in the batch"),
                         Reason::RetriesExhausted,
+                        None,
                     ),
                 },
-                Err((e, reason)) => (fresh, e, reason),
+                Err((e, reason)) => (fresh, e, reason, None),
             };
-            let (failed, error, reason) = failure;
+            let (failed, error, reason, named) = failure;
             metrics::counter!("shardline_handler_errors_total", "handler" => self.name.to_owned())
                 .increment(1);
-            if attempts == 1 {
+            if !*paused {
                 self.hooks.failing();
+                *paused = true;
             }
             if self.policy.bisect_on_error && failed.len() > 1 {
                 let mut first = failed;
@@ -267,9 +279,17 @@ impl Lane<'_> {
             }
             let exhausted = self.policy.max_retries.is_some_and(|max| attempts > max);
             if exhausted {
+                // With item failures, only the records the handler named in
+                // its last answer gave up; the others it handled then.
+                let (gave_up, handled): (Vec<Record>, Vec<Record>) = match &named {
+                    Some(named) => failed.into_iter().partition(|r| named.contains(&r.offset)),
+                    None => (failed, Vec::new()),
+                };
+                stats.handled += handled.len() as u64;
+                self.finish(&handled);
                 let why = GaveUp { reason, attempts, error: error.message };
-                stats.gave_up += failed.len() as u64;
-                self.give_up(&failed, &why).await?;
+                stats.gave_up += gave_up.len() as u64;
+                self.give_up(&gave_up, &why).await?;
                 continue;
             }
             let wait = self.backoff(attempts);

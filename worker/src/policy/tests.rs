@@ -187,6 +187,74 @@ async fn reported_item_failures_retry_from_the_first_failed_record_only() {
     assert_eq!(stats.map(|s| s.handled), Ok(10));
 }
 
+/// Counts pause/resume calls.
+#[derive(Default)]
+struct Pauses(std::sync::atomic::AtomicI32);
+
+impl Hooks for Pauses {
+    fn failing(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn recovered(&self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_source_is_resumed_however_failing_records_end() {
+    for (bisect, max_retries) in [(false, Some(0)), (true, Some(1)), (false, None)] {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let handler = Scripted::new(move |b| {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if b.records.iter().any(|r| r.offset == 2) && n < 3 {
+                Err("poison".into())
+            } else {
+                Ok(BatchResponse::default())
+            }
+        });
+        let policy = FailurePolicy { bisect_on_error: bisect, max_retries, ..policy() };
+        let pauses = Pauses::default();
+        let completion = Mutex::new(Completion::new(0));
+        if let Ok(mut c) = completion.lock() {
+            c.add(0..4);
+        }
+        let (stop, lease, progress) = (CancellationToken::new(), LeaseId::shard("s", 0), |_: i64| {});
+        let sink = Recording::default();
+        let lane = Lane {
+            handler: &handler,
+            name: "test",
+            policy: &policy,
+            filter: None,
+            sink: &sink,
+            hooks: &pauses,
+            stop: &stop,
+            lease: &lease,
+            epoch: 1,
+            lag: 0,
+            completion: &completion,
+            progress: &progress,
+        };
+        assert!(lane.process(records(0..4)).await.is_ok());
+        assert_eq!(
+            pauses.0.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "paused and resumed: {bisect} {max_retries:?}"
+        );
+        assert_eq!(completion.lock().map(|c| c.position()).ok(), Some(4));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_exhausted_item_failures_only_the_named_records_give_up() {
+    let handler = Scripted::new(|_| Ok(BatchResponse { failed: vec![5] }));
+    let policy = FailurePolicy { report_item_failures: true, max_retries: Some(1), ..policy() };
+    let sink = Recording::default();
+    let (stats, position) = run(&handler, &policy, None, &sink, records(0..8)).await;
+    assert_eq!(sink.got().iter().map(|g| g.0.clone()).collect::<Vec<_>>(), vec![vec![5]]);
+    assert_eq!(stats.map(|s| (s.handled, s.gave_up)), Ok((7, 1)));
+    assert_eq!(position, 8);
+}
+
 #[tokio::test(start_paused = true)]
 async fn naming_a_record_outside_the_batch_fails_the_whole_batch() {
     let handler = Scripted::new(|_| Ok(BatchResponse { failed: vec![99] }));
