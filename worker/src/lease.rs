@@ -110,47 +110,103 @@ impl LeaseTask {
             self.stats.position.store(position, Ordering::Relaxed);
         };
         let labels = [("handler", self.mapping.handler.clone())];
-        loop {
-            let position = completion.lock().map_or(opened_at, |c| c.position());
-            if self.drain.is_cancelled() {
-                return Exit::Released(Some(position));
-            }
-            let records = tokio::select! {
-                biased;
-                () = self.kill.cancelled() => return Exit::Killed,
-                b = batcher.next_batch(&self.drain) => b,
-            };
-            let Some(records) = records else { return Exit::Released(Some(position)) };
+        let lag_now = AtomicI64::new(-1);
+        let lane = |lag: i64| Lane {
+            handler: &*self.handler,
+            name: &self.mapping.handler,
+            policy: &self.mapping.policy,
+            filter: filter.as_ref(),
+            sink: &*self.sink,
+            hooks: &hooks,
+            stop: &self.kill,
+            lease: &self.lease,
+            epoch: self.epoch,
+            lag,
+            completion: &completion,
+            progress: &progress,
+        };
+        // Runs one batch through the policy and counts it.
+        let handle = |records: Vec<Record>| async {
             let n = records.len() as u64;
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let done = lane(lag_now.load(Ordering::Relaxed)).process(records).await;
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let done = done?;
+            self.stats.records.fetch_add(n, Ordering::Relaxed);
+            self.stats.busy_micros.fetch_add(done.busy.as_micros() as u64, Ordering::Relaxed);
+            metrics::counter!("shardline_records_total", &labels).increment(n);
+            metrics::counter!("shardline_batches_total", &labels).increment(1);
+            Ok::<_, Stopped>(())
+        };
+        // Cuts the next batch; `None` when draining.
+        let mut cut = async || {
+            let records = batcher.next_batch(&self.drain).await?;
+            let position = completion.lock().map_or(opened_at, |c| c.position());
             let last = records.last().map_or(position, |r| r.offset + 1);
             let lag = self.source.high_watermark(&topic, partition).map_or(-1, |h| (h - last).max(0));
+            lag_now.store(lag, Ordering::Relaxed);
+            self.stats.lag.store(lag, Ordering::Relaxed);
+            metrics::gauge!("shardline_lease_lag", "lease" => self.lease.to_string()).set(lag as f64);
             if let Ok(mut c) = completion.lock() {
                 c.add(records.iter().map(|r| r.offset));
             }
-            let lane = Lane {
-                handler: &*self.handler,
-                name: &self.mapping.handler,
-                policy: &self.mapping.policy,
-                filter: filter.as_ref(),
-                sink: &*self.sink,
-                hooks: &hooks,
-                stop: &self.kill,
-                lease: &self.lease,
-                epoch: self.epoch,
-                lag,
-                completion: &completion,
-                progress: &progress,
+            Some(records)
+        };
+        let finished = if lanes == 1 {
+            let sequential = async {
+                while !self.drain.is_cancelled() {
+                    let Some(records) = cut().await else { break };
+                    handle(records).await?;
+                }
+                Ok::<_, Stopped>(())
             };
-            self.stats.in_flight.store(lanes as u64, Ordering::Relaxed);
-            let done = run_lanes(&lane, records, lanes, batch_size).await;
-            self.stats.in_flight.store(0, Ordering::Relaxed);
-            let Ok(busy) = done else { return Exit::Killed };
-            self.stats.lag.store(lag, Ordering::Relaxed);
-            self.stats.records.fetch_add(n, Ordering::Relaxed);
-            self.stats.busy_micros.fetch_add(busy.as_micros() as u64, Ordering::Relaxed);
-            metrics::counter!("shardline_records_total", &labels).increment(n);
-            metrics::counter!("shardline_batches_total", &labels).increment(1);
-            metrics::gauge!("shardline_lease_lag", "lease" => self.lease.to_string()).set(lag as f64);
+            tokio::select! {
+                biased;
+                () = self.kill.cancelled() => Err(Stopped),
+                r = sequential => r,
+            }
+        } else {
+            // One queue per lane, records routed by key: every lane works
+            // through its own records as they come, so one slow key does not
+            // hold back the others, and a key's records stay in order.
+            let (senders, receivers): (Vec<_>, Vec<_>) =
+                (0..lanes).map(|_| tokio::sync::mpsc::channel::<Record>(batch_size * 2)).unzip();
+            let (drain, handle) = (&self.drain, &handle);
+            let dispatch = async move {
+                while !drain.is_cancelled() {
+                    let Some(records) = cut().await else { break };
+                    for r in records {
+                        let i = lane_of(&r, lanes);
+                        if senders[i].send(r).await.is_err() {
+                            return; // that lane stopped: the lease is ending
+                        }
+                    }
+                }
+            };
+            let workers = receivers.into_iter().map(|mut rx| async move {
+                while let Some(first) = rx.recv().await {
+                    let mut batch = vec![first];
+                    while batch.len() < batch_size {
+                        match rx.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    handle(batch).await?;
+                }
+                Ok::<_, Stopped>(())
+            });
+            tokio::select! {
+                biased;
+                () = self.kill.cancelled() => Err(Stopped),
+                ((), results) = futures::future::join(dispatch, futures::future::join_all(workers)) => {
+                    results.into_iter().collect::<Result<Vec<()>, Stopped>>().map(|_| ())
+                }
+            }
+        };
+        match finished {
+            Ok(()) => Exit::Released(Some(completion.lock().map_or(opened_at, |c| c.position()))),
+            Err(Stopped) => Exit::Killed,
         }
     }
 
@@ -180,41 +236,16 @@ impl LeaseTask {
     }
 }
 
-/// Runs one cut of records through `lanes` concurrent lanes. Records are
-/// assigned to lanes by key, so records of one key stay in order; keyless
-/// records spread by offset. Each lane handles its records in batches of
-/// `batch_size`, one after another. Returns the time spent in handlers.
-async fn run_lanes(
-    lane: &Lane<'_>,
-    records: Vec<Record>,
-    lanes: usize,
-    batch_size: usize,
-) -> Result<std::time::Duration, Stopped> {
-    let mut split: Vec<Vec<Record>> = (0..lanes).map(|_| Vec::new()).collect();
-    for r in records {
-        let i = match &r.key {
-            Some(key) if lanes > 1 => {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                key.hash(&mut h);
-                (h.finish() % lanes as u64) as usize
-            }
-            _ => r.offset.rem_euclid(lanes as i64) as usize,
-        };
-        split[i].push(r);
-    }
-    let runs = split.into_iter().filter(|l| !l.is_empty()).map(|mut records| async move {
-        let mut busy = std::time::Duration::ZERO;
-        while !records.is_empty() {
-            let rest = records.split_off(records.len().min(batch_size.max(1)));
-            busy += lane.process(records).await?.busy;
-            records = rest;
+/// The lane of a record: by key hash, so a key's records stay in order;
+/// keyless records spread by offset.
+fn lane_of(r: &Record, lanes: usize) -> usize {
+    match &r.key {
+        Some(key) => {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            (h.finish() % lanes as u64) as usize
         }
-        Ok::<_, Stopped>(busy)
-    });
-    let mut busy = std::time::Duration::ZERO;
-    for r in futures::future::join_all(runs).await {
-        busy += r?;
+        None => r.offset.rem_euclid(lanes as i64) as usize,
     }
-    Ok(busy)
 }
