@@ -93,6 +93,17 @@ async fn run(
     sink: &Recording,
     input: Vec<Record>,
 ) -> (Result<LaneStats, Stopped>, i64) {
+    run_with_hooks(handler, policy, filter, sink, &(), input).await
+}
+
+async fn run_with_hooks(
+    handler: &Scripted,
+    policy: &FailurePolicy,
+    filter: Option<&CompiledFilter>,
+    sink: &Recording,
+    hooks: &dyn Hooks,
+    input: Vec<Record>,
+) -> (Result<LaneStats, Stopped>, i64) {
     let completion = Mutex::new(Completion::new(input.first().map_or(0, |r| r.offset)));
     if let Ok(mut c) = completion.lock() {
         c.add(input.iter().map(|r| r.offset));
@@ -106,7 +117,7 @@ async fn run(
         policy,
         filter,
         sink,
-        hooks: &(),
+        hooks,
         stop: &stop,
         lease: &lease,
         epoch: 1,
@@ -214,33 +225,15 @@ async fn the_source_is_resumed_however_failing_records_end() {
         });
         let policy = FailurePolicy { bisect_on_error: bisect, max_retries, ..policy() };
         let pauses = Pauses::default();
-        let completion = Mutex::new(Completion::new(0));
-        if let Ok(mut c) = completion.lock() {
-            c.add(0..4);
-        }
-        let (stop, lease, progress) = (CancellationToken::new(), LeaseId::shard("s", 0), |_: i64| {});
         let sink = Recording::default();
-        let lane = Lane {
-            handler: &handler,
-            name: "test",
-            policy: &policy,
-            filter: None,
-            sink: &sink,
-            hooks: &pauses,
-            stop: &stop,
-            lease: &lease,
-            epoch: 1,
-            lag: 0,
-            completion: &completion,
-            progress: &progress,
-        };
-        assert!(lane.process(records(0..4)).await.is_ok());
+        let (stats, position) = run_with_hooks(&handler, &policy, None, &sink, &pauses, records(0..4)).await;
+        assert!(stats.is_ok());
         assert_eq!(
             pauses.0.load(std::sync::atomic::Ordering::SeqCst),
             0,
             "paused and resumed: {bisect} {max_retries:?}"
         );
-        assert_eq!(completion.lock().map(|c| c.position()).ok(), Some(4));
+        assert_eq!(position, 4);
     }
 }
 
