@@ -36,6 +36,8 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// RabbitMQ subscriptions: slots, depth, retrying, dead-lettered.
+    Subscriptions,
     /// Read or move one checkpoint.
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
@@ -136,6 +138,11 @@ async fn run(cli: Cli) -> Result<()> {
             let leases = admin.client.list_leases(req).await?.into_inner().leases;
             print_leases(&leases, cli.json)?;
         }
+        Cmd::Subscriptions => {
+            let req = admin.req(v1::ListSubscriptionsRequest {});
+            let subs = admin.client.list_subscriptions(req).await.map_err(status)?.into_inner().subscriptions;
+            print_subscriptions(&subs, cli.json)?;
+        }
         Cmd::Checkpoint(CheckpointCmd::Get { lease }) => {
             let req = admin.req(v1::GetCheckpointRequest { lease: Some((&lease).into()) });
             let info = admin.client.get_checkpoint(req).await.map_err(status)?.into_inner();
@@ -177,6 +184,7 @@ fn state(s: i32) -> &'static str {
         Ok(v1::LeaseState::Owned) => "owned",
         Ok(v1::LeaseState::Releasing) => "releasing",
         Ok(v1::LeaseState::Unassigned) => "unassigned",
+        Ok(v1::LeaseState::Parked) => "parked",
         _ => "unknown",
     }
 }
@@ -215,6 +223,47 @@ fn print_leases(leases: &[v1::LeaseInfo], json: bool) -> Result<()> {
             checkpoint,
             since
         );
+    }
+    Ok(())
+}
+
+fn print_subscriptions(subs: &[v1::SubscriptionInfo], json: bool) -> Result<()> {
+    if json {
+        let rows: Vec<_> = subs
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "subscription": s.name, "topic": s.topic, "handler": s.handler, "queue_type": s.queue_type,
+                    "slots": s.slots, "min_slots": s.min_slots, "max_concurrency": s.max_concurrency,
+                    "depth": s.depth, "consumers": s.consumers, "unacked": s.unacked, "retrying": s.retrying,
+                    "dead_lettered": s.dead_lettered, "drain_rate": s.drain_rate,
+                    "read_ms_ago": s.read_ms_ago, "error": (!s.error.is_empty()).then_some(&s.error),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
+        "SUBSCRIPTION", "TOPIC", "SLOTS", "DEPTH", "CONSUMERS", "UNACKED", "RETRYING", "DLQ", "MSG/S"
+    );
+    for s in subs {
+        println!(
+            "{:<24} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9.1}",
+            s.name,
+            s.topic,
+            format!("{}/{}", s.slots, s.max_concurrency),
+            s.depth,
+            s.consumers,
+            s.unacked,
+            s.retrying,
+            s.dead_lettered,
+            s.drain_rate
+        );
+        if !s.error.is_empty() {
+            println!("  error: {}", s.error);
+        }
     }
     Ok(())
 }

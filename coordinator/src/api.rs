@@ -17,14 +17,20 @@ use crate::service::{CheckpointCmd, Closed, Command, Handle};
 #[derive(Clone)]
 pub struct Api {
     handle: Handle,
+    subscriptions: crate::amqp::StatusTable,
     config: std::sync::Arc<crate::config::Config>,
     heartbeat_interval_ms: u64,
     session_timeout_ms: u64,
 }
 
 impl Api {
-    pub fn new(handle: Handle, cfg: std::sync::Arc<crate::config::Config>) -> Self {
+    pub fn new(
+        handle: Handle,
+        cfg: std::sync::Arc<crate::config::Config>,
+        subscriptions: crate::amqp::StatusTable,
+    ) -> Self {
         Self {
+            subscriptions,
             config: cfg.clone(),
             handle,
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
@@ -95,7 +101,12 @@ fn load(report: Option<v1::LoadReport>) -> Result<WorkerLoad, Status> {
             },
         );
     }
-    Ok(WorkerLoad { cpu: report.cpu, inflight_batches: report.inflight_batches, leases })
+    Ok(WorkerLoad {
+        cpu: report.cpu,
+        inflight_batches: report.inflight_batches,
+        leases,
+        unhealthy: Vec::new(),
+    })
 }
 
 fn load_report(load: &WorkerLoad) -> v1::LoadReport {
@@ -124,6 +135,7 @@ pub fn lease_info(lease: &Lease, now: std::time::Instant) -> v1::LeaseInfo {
         LeaseState::Owned => (v1::LeaseState::Owned, String::new()),
         LeaseState::Releasing { to, .. } => (v1::LeaseState::Releasing, to.clone().unwrap_or_default()),
         LeaseState::Unassigned => (v1::LeaseState::Unassigned, String::new()),
+        LeaseState::Parked => (v1::LeaseState::Parked, String::new()),
     };
     v1::LeaseInfo {
         lease: Some((&lease.record.lease).into()),
@@ -170,7 +182,8 @@ impl WorkerApi for Api {
     ) -> Result<Response<v1::HeartbeatReply>, Status> {
         let req = req.into_inner();
         let worker = worker_id(&req.worker_id)?;
-        let load = load(req.load)?;
+        let mut load = load(req.load)?;
+        load.unhealthy = req.unhealthy;
         let draining = req.draining;
         let result = self
             .handle
@@ -255,6 +268,8 @@ impl AdminApi for Api {
                 last_heartbeat_ms_ago: snapshot.now.saturating_duration_since(w.last_seen).as_millis() as u64,
                 load: Some(load_report(&w.load)),
                 restored: w.restored,
+                unhealthy: w.load.unhealthy.clone(),
+                draining: w.draining,
             })
             .collect();
         Ok(Response::new(v1::ListWorkersReply { workers }))
@@ -321,6 +336,34 @@ impl AdminApi for Api {
             leases: snapshot.leases.len() as u32,
             version: env!("CARGO_PKG_VERSION").into(),
         }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        _req: Request<v1::ListSubscriptionsRequest>,
+    ) -> Result<Response<v1::ListSubscriptionsReply>, Status> {
+        let table = self.subscriptions.lock().map_err(|_| Status::internal("subscription table poisoned"))?;
+        let subscriptions = table
+            .values()
+            .map(|s| v1::SubscriptionInfo {
+                name: s.name.clone(),
+                topic: s.topic.clone(),
+                handler: s.handler.clone(),
+                slots: s.slots,
+                min_slots: s.min_slots,
+                max_concurrency: s.max_concurrency,
+                depth: s.depth,
+                consumers: s.consumers,
+                retrying: s.retrying,
+                dead_lettered: s.dead_lettered,
+                unacked: s.unacked,
+                drain_rate: s.drain_rate,
+                read_ms_ago: s.read_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+                error: s.error.clone().unwrap_or_default(),
+                queue_type: s.queue_type.clone(),
+            })
+            .collect();
+        Ok(Response::new(v1::ListSubscriptionsReply { subscriptions }))
     }
 }
 

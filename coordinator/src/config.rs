@@ -47,14 +47,23 @@ pub struct Config {
     /// Kafka topics whose partitions become leases.
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
+    /// RabbitMQ URL (`amqp://` or `amqps://`); env `SHARDLINE_AMQP_URL`
+    /// overrides. Used only when subscriptions are configured.
+    #[serde(default = "default_amqp_url")]
+    pub amqp_url: String,
+    /// How often subscription depths are read and slots rescaled.
+    #[serde(default = "default_scale_interval", with = "humantime_serde")]
+    pub scale_interval: Duration,
+    /// RabbitMQ exchanges producers publish to.
+    #[serde(default)]
+    pub topics: Vec<TopicConfig>,
     /// RabbitMQ subscription queues whose slots become leases.
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
 }
 
 /// A Kafka topic mapped to a handler.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct StreamConfig {
     /// The Kafka topic.
     pub name: String,
@@ -62,8 +71,35 @@ pub struct StreamConfig {
     pub handler: String,
     /// A fixed partition count instead of Kafka metadata discovery, for
     /// benchmarks of the coordinator alone. Leave unset in production.
-    #[serde(default)]
     pub partitions: Option<u32>,
+    /// Batching and failure handling.
+    pub settings: MappingSettings,
+}
+
+/// The fields of `[[streams]]` that are not mapping settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamFields {
+    name: String,
+    handler: String,
+    #[serde(default)]
+    partitions: Option<u32>,
+}
+
+const STREAM_FIELDS: &[&str] = &["name", "handler", "partitions"];
+
+impl<'de> Deserialize<'de> for StreamConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (own, settings) = split_fields::<D, StreamFields>(d, STREAM_FIELDS, "stream")?;
+        Ok(Self { name: own.name, handler: own.handler, partitions: own.partitions, settings })
+    }
+}
+
+/// Batch and failure settings of a mapping (DESIGN.md "Batches and handler
+/// semantics"): the same keys for streams and subscriptions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSettings {
     /// Most records per batch (1..10000).
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
@@ -110,6 +146,24 @@ pub struct StreamConfig {
     pub filter: Option<FilterConfig>,
 }
 
+/// Splits one `[[streams]]` / `[[subscriptions]]` table into its own fields
+/// and the shared mapping settings, each parsed strictly: serde cannot
+/// combine `flatten` with `deny_unknown_fields`, and a typo must be an error.
+fn split_fields<'de, D, T>(d: D, own: &[&str], what: &str) -> Result<(T, MappingSettings), D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    let table = toml::Table::deserialize(d)?;
+    let (mine, rest): (toml::Table, toml::Table) =
+        table.into_iter().partition(|(k, _)| own.contains(&k.as_str()));
+    let mine = T::deserialize(toml::Value::Table(mine)).map_err(|e| D::Error::custom(e.message()))?;
+    let settings = MappingSettings::deserialize(toml::Value::Table(rest))
+        .map_err(|e| D::Error::custom(format!("{} (a {what} also takes {})", e.message(), own.join(", "))))?;
+    Ok((mine, settings))
+}
+
 /// Exponential backoff between attempts of a failing batch.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,15 +199,15 @@ pub struct FilterConfig {
     pub prefix: Option<String>,
 }
 
-impl StreamConfig {
-    /// The mapping workers receive with every acquire of this stream's shards.
-    pub fn mapping(&self) -> Mapping {
+impl MappingSettings {
+    /// The mapping workers receive with every acquire of a lease.
+    pub fn mapping(&self, handler: &str) -> Mapping {
         let starting_timestamp_ms = self
             .starting_timestamp
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as i64);
         Mapping {
-            handler: self.handler.clone(),
+            handler: handler.to_owned(),
             batch_size: self.batch_size,
             max_batch_bytes: self.max_batch_bytes,
             batch_window: self.batch_window,
@@ -190,18 +244,110 @@ impl FilterConfig {
     }
 }
 
-/// A RabbitMQ subscription (durable queue bound to a topic exchange).
+/// A RabbitMQ topic: the exchange producers publish to (SNS topic).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// The exchange name.
+    pub name: String,
+    /// `fanout` (every subscription gets every message) or `topic`
+    /// (subscriptions choose by `binding_key`).
+    #[serde(default)]
+    pub kind: TopicKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicKind {
+    #[default]
+    Fanout,
+    Topic,
+}
+
+/// The queue type of a subscription and its retry and dead-letter queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    /// Quorum where the broker supports them (RabbitMQ 3.8+), else classic.
+    #[default]
+    Auto,
+    Quorum,
+    Classic,
+}
+
+/// A RabbitMQ subscription: a durable queue bound to a topic (SQS queue
+/// subscribed to SNS), consumed through 1..N queue slots.
+#[derive(Debug, Clone)]
 pub struct SubscriptionConfig {
     /// The queue name.
     pub name: String,
-    /// The exchange producers publish to.
+    /// The topic (exchange) it is bound to; must be listed under `[[topics]]`.
     pub topic: String,
     pub handler: String,
-    /// Queue slots (concurrent consumers) of this subscription.
-    #[serde(default = "default_slots")]
-    pub slots: u32,
+    /// For `kind = "topic"` exchanges: the binding key (default `#`, all).
+    pub binding_key: Option<String>,
+    pub queue_type: QueueType,
+    /// Fewest queue slots (concurrent consumers); the scaler starts here.
+    pub min_slots: u32,
+    /// Most queue slots (Lambda's maximum concurrency).
+    pub max_concurrency: u32,
+    /// Add slots while the backlog would take longer than this to drain.
+    pub drain_target: Duration,
+    /// Remove one slot after the queue has been idle this long.
+    pub scale_down_after: Duration,
+    /// Batching and failure handling (no `on_failure`: records that give up
+    /// go to the subscription's dead-letter queue).
+    pub settings: MappingSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionFields {
+    name: String,
+    topic: String,
+    handler: String,
+    #[serde(default)]
+    binding_key: Option<String>,
+    #[serde(default)]
+    queue_type: QueueType,
+    #[serde(default = "default_min_slots")]
+    min_slots: u32,
+    #[serde(default = "default_max_concurrency")]
+    max_concurrency: u32,
+    #[serde(default = "default_drain_target", with = "humantime_serde")]
+    drain_target: Duration,
+    #[serde(default = "default_scale_down_after", with = "humantime_serde")]
+    scale_down_after: Duration,
+}
+
+const SUBSCRIPTION_FIELDS: &[&str] = &[
+    "name",
+    "topic",
+    "handler",
+    "binding_key",
+    "queue_type",
+    "min_slots",
+    "max_concurrency",
+    "drain_target",
+    "scale_down_after",
+];
+
+impl<'de> Deserialize<'de> for SubscriptionConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (own, settings) = split_fields::<D, SubscriptionFields>(d, SUBSCRIPTION_FIELDS, "subscription")?;
+        Ok(Self {
+            name: own.name,
+            topic: own.topic,
+            handler: own.handler,
+            binding_key: own.binding_key,
+            queue_type: own.queue_type,
+            min_slots: own.min_slots,
+            max_concurrency: own.max_concurrency,
+            drain_target: own.drain_target,
+            scale_down_after: own.scale_down_after,
+            settings,
+        })
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -225,8 +371,23 @@ fn default_discovery() -> Duration {
 fn default_brokers() -> String {
     "127.0.0.1:9092".into()
 }
-fn default_slots() -> u32 {
+fn default_min_slots() -> u32 {
     1
+}
+fn default_max_concurrency() -> u32 {
+    10
+}
+fn default_drain_target() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_scale_down_after() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_scale_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_amqp_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
 }
 fn default_max_retries() -> i32 {
     -1
@@ -279,6 +440,11 @@ impl Config {
             && !brokers.is_empty()
         {
             config.kafka_brokers = brokers;
+        }
+        if let Ok(url) = std::env::var("SHARDLINE_AMQP_URL")
+            && !url.is_empty()
+        {
+            config.amqp_url = url;
         }
         if let Ok(token) = std::env::var("SHARDLINE_TOKEN")
             && !token.is_empty()
@@ -340,109 +506,105 @@ impl Config {
             if s.partitions == Some(0) || s.partitions.is_some_and(|p| p > 100_000) {
                 return err(&format!("streams[{i}].partitions"), "allowed: 1 to 100000".into());
             }
-            let field = |f: &str| format!("streams[{i}].{f}");
-            if !(1..=10_000).contains(&s.batch_size) {
-                return err(&field("batch_size"), format!("is {}; allowed: 1 to 10000", s.batch_size));
-            }
-            if !(1024..=64 * 1024 * 1024).contains(&s.max_batch_bytes) {
+            validate_settings(&format!("streams[{i}]"), &s.settings)?;
+            if s.settings.on_failure.as_ref() == Some(&s.name) {
                 return err(
-                    &field("max_batch_bytes"),
-                    format!("is {}; allowed: 1024 to 67108864 (64 MiB)", s.max_batch_bytes),
+                    &format!("streams[{i}].on_failure"),
+                    "is the stream itself; allowed: another topic".into(),
                 );
-            }
-            if s.batch_window > Duration::from_secs(300) {
-                return err(&field("batch_window"), format!("is {:?}; allowed: 0s to 300s", s.batch_window));
-            }
-            match (s.starting_position, s.starting_timestamp) {
-                (StartingPosition::AtTimestamp, None) => {
-                    return err(
-                        &field("starting_timestamp"),
-                        "is missing; required with starting_position = \"at_timestamp\" (RFC 3339)".into(),
-                    );
-                }
-                (StartingPosition::Latest | StartingPosition::TrimHorizon, Some(_)) => {
-                    return err(
-                        &field("starting_timestamp"),
-                        "is set; allowed only with starting_position = \"at_timestamp\"".into(),
-                    );
-                }
-                _ => {}
-            }
-            if !(-1..=10_000).contains(&s.max_retries) {
-                return err(
-                    &field("max_retries"),
-                    format!("is {}; allowed: -1 (until expired) or 0 to 10000", s.max_retries),
-                );
-            }
-            let b = &s.retry_backoff;
-            if b.initial < Duration::from_millis(1) || b.initial > b.max || b.max > Duration::from_secs(900) {
-                return err(
-                    &field("retry_backoff"),
-                    format!("is {:?} to {:?}; allowed: 1ms <= initial <= max <= 900s", b.initial, b.max),
-                );
-            }
-            if !(1.0..=10.0).contains(&b.multiplier) {
-                return err(
-                    &field("retry_backoff.multiplier"),
-                    format!("is {}; allowed: 1.0 to 10.0", b.multiplier),
-                );
-            }
-            if let Some(age) = s.max_record_age
-                && !(Duration::from_secs(60)..=Duration::from_secs(604_800)).contains(&age)
-            {
-                return err(
-                    &field("max_record_age"),
-                    format!("is {age:?}; allowed: 60s to 7 days (604800s)"),
-                );
-            }
-            if let Some(topic) = &s.on_failure {
-                check_name(&field("on_failure"), topic)?;
-                if topic == &s.name {
-                    return err(&field("on_failure"), "is the stream itself; allowed: another topic".into());
-                }
-            }
-            if !(1..=10).contains(&s.parallelization_factor) {
-                return err(
-                    &field("parallelization_factor"),
-                    format!("is {}; allowed: 1 to 10", s.parallelization_factor),
-                );
-            }
-            if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&s.handler_timeout) {
-                return err(
-                    &field("handler_timeout"),
-                    format!("is {:?}; allowed: 1s to 900s", s.handler_timeout),
-                );
-            }
-            if let Some(f) = &s.filter {
-                if f.field.is_empty() || f.field.split('.').any(str::is_empty) {
-                    return err(
-                        &field("filter.field"),
-                        format!("is `{}`; allowed: a dotted path like order.type", f.field),
-                    );
-                }
-                if f.exists == Some(false) || f.to_filter().is_none() {
-                    return err(
-                        &field("filter"),
-                        "allowed: exactly one of equals = VALUE, exists = true, prefix = \"TEXT\"".into(),
-                    );
-                }
             }
             if !names.insert(("stream", s.name.clone())) {
                 return err(&format!("streams[{i}].name"), format!("`{}` is listed twice", s.name));
             }
         }
+        range("scale_interval", self.scale_interval, ms(100), ms(60_000))?;
+        let mut topics = std::collections::BTreeMap::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            check_name(&format!("topics[{i}].name"), &t.name)?;
+            if topics.insert(t.name.clone(), t.kind).is_some() {
+                return err(&format!("topics[{i}].name"), format!("`{}` is listed twice", t.name));
+            }
+        }
+        if !self.subscriptions.is_empty()
+            && !self.amqp_url.starts_with("amqp://")
+            && !self.amqp_url.starts_with("amqps://")
+        {
+            return err("amqp_url", "allowed: amqp://USER:PASS@HOST:PORT/VHOST or amqps://...".into());
+        }
         for (i, s) in self.subscriptions.iter().enumerate() {
-            check_name(&format!("subscriptions[{i}].name"), &s.name)?;
-            check_name(&format!("subscriptions[{i}].topic"), &s.topic)?;
-            check_name(&format!("subscriptions[{i}].handler"), &s.handler)?;
-            if !(1..=1000).contains(&s.slots) {
+            let field = |f: &str| format!("subscriptions[{i}].{f}");
+            check_name(&field("name"), &s.name)?;
+            check_name(&field("handler"), &s.handler)?;
+            let Some(kind) = topics.get(&s.topic) else {
+                let known: Vec<&str> = topics.keys().map(String::as_str).collect();
                 return err(
-                    &format!("subscriptions[{i}].slots"),
-                    format!("is {}; allowed: 1 to 1000", s.slots),
+                    &field("topic"),
+                    format!("is `{}`, which is not under [[topics]]; allowed: {}", s.topic, or_none(&known)),
+                );
+            };
+            match (kind, &s.binding_key) {
+                (TopicKind::Fanout, Some(_)) => {
+                    return err(
+                        &field("binding_key"),
+                        format!(
+                            "is set, but topic `{}` is a fanout; allowed only with kind = \"topic\"",
+                            s.topic
+                        ),
+                    );
+                }
+                (_, Some(key)) if key.is_empty() || key.len() > 255 => {
+                    return err(
+                        &field("binding_key"),
+                        "allowed: 1 to 255 characters, e.g. orders.* or #".into(),
+                    );
+                }
+                _ => {}
+            }
+            if !(1..=1000).contains(&s.max_concurrency) {
+                return err(
+                    &field("max_concurrency"),
+                    format!("is {}; allowed: 1 to 1000", s.max_concurrency),
+                );
+            }
+            if !(1..=s.max_concurrency).contains(&s.min_slots) {
+                return err(
+                    &field("min_slots"),
+                    format!("is {}; allowed: 1 to max_concurrency ({})", s.min_slots, s.max_concurrency),
+                );
+            }
+            range(&field("drain_target"), s.drain_target, ms(100), ms(3_600_000))?;
+            range(&field("scale_down_after"), s.scale_down_after, ms(100), ms(86_400_000))?;
+            validate_settings(&format!("subscriptions[{i}]"), &s.settings)?;
+            let q = &s.settings;
+            if q.on_failure.is_some() {
+                return err(
+                    &field("on_failure"),
+                    format!(
+                        "is set; records of a subscription that give up go to its dead-letter queue `{}`; allowed: unset",
+                        shardline_proto::topology::dead_letter_queue(&s.name)
+                    ),
+                );
+            }
+            if q.parallelization_factor != 1 {
+                return err(
+                    &field("parallelization_factor"),
+                    "allowed: 1 (a subscription scales by queue slots: min_slots, max_concurrency)".into(),
+                );
+            }
+            if q.starting_position != StartingPosition::Latest || q.starting_timestamp.is_some() {
+                return err(
+                    &field("starting_position"),
+                    "is set; allowed: unset (a queue has no positions)".into(),
                 );
             }
             if !names.insert(("subscription", s.name.clone())) {
-                return err(&format!("subscriptions[{i}].name"), format!("`{}` is listed twice", s.name));
+                return err(&field("name"), format!("`{}` is listed twice", s.name));
+            }
+            if topics.contains_key(&s.name) {
+                return err(
+                    &field("name"),
+                    format!("`{}` is also a topic; allowed: a name no topic has", s.name),
+                );
             }
         }
         Ok(())
@@ -451,18 +613,105 @@ impl Config {
     /// The mapping of a lease's stream or subscription, if configured.
     pub fn mapping(&self, lease: &LeaseId) -> Option<Mapping> {
         match lease.kind {
-            LeaseKind::Shard => self.streams.iter().find(|s| s.name == lease.name).map(StreamConfig::mapping),
+            LeaseKind::Shard => {
+                self.streams.iter().find(|s| s.name == lease.name).map(|s| s.settings.mapping(&s.handler))
+            }
             LeaseKind::QueueSlot => self
                 .subscriptions
                 .iter()
                 .find(|s| s.name == lease.name)
-                .map(|s| Mapping::new(s.handler.clone())),
+                .map(|s| s.settings.mapping(&s.handler)),
         }
     }
 
     pub fn core(&self) -> CoreConfig {
         CoreConfig { session_timeout: self.session_timeout, handoff_timeout: self.handoff_timeout }
     }
+}
+
+/// Checks the mapping settings shared by streams and subscriptions.
+fn validate_settings(prefix: &str, s: &MappingSettings) -> Result<(), (String, String)> {
+    let err = |field: &str, problem: String| Err((field.to_owned(), problem));
+    let field = |f: &str| format!("{prefix}.{f}");
+    if !(1..=10_000).contains(&s.batch_size) {
+        return err(&field("batch_size"), format!("is {}; allowed: 1 to 10000", s.batch_size));
+    }
+    if !(1024..=64 * 1024 * 1024).contains(&s.max_batch_bytes) {
+        return err(
+            &field("max_batch_bytes"),
+            format!("is {}; allowed: 1024 to 67108864 (64 MiB)", s.max_batch_bytes),
+        );
+    }
+    if s.batch_window > Duration::from_secs(300) {
+        return err(&field("batch_window"), format!("is {:?}; allowed: 0s to 300s", s.batch_window));
+    }
+    match (s.starting_position, s.starting_timestamp) {
+        (StartingPosition::AtTimestamp, None) => {
+            return err(
+                &field("starting_timestamp"),
+                "is missing; required with starting_position = \"at_timestamp\" (RFC 3339)".into(),
+            );
+        }
+        (StartingPosition::Latest | StartingPosition::TrimHorizon, Some(_)) => {
+            return err(
+                &field("starting_timestamp"),
+                "is set; allowed only with starting_position = \"at_timestamp\"".into(),
+            );
+        }
+        _ => {}
+    }
+    if !(-1..=10_000).contains(&s.max_retries) {
+        return err(
+            &field("max_retries"),
+            format!("is {}; allowed: -1 (until expired) or 0 to 10000", s.max_retries),
+        );
+    }
+    let b = &s.retry_backoff;
+    if b.initial < Duration::from_millis(1) || b.initial > b.max || b.max > Duration::from_secs(900) {
+        return err(
+            &field("retry_backoff"),
+            format!("is {:?} to {:?}; allowed: 1ms <= initial <= max <= 900s", b.initial, b.max),
+        );
+    }
+    if !(1.0..=10.0).contains(&b.multiplier) {
+        return err(&field("retry_backoff.multiplier"), format!("is {}; allowed: 1.0 to 10.0", b.multiplier));
+    }
+    if let Some(age) = s.max_record_age
+        && !(Duration::from_secs(60)..=Duration::from_secs(604_800)).contains(&age)
+    {
+        return err(&field("max_record_age"), format!("is {age:?}; allowed: 60s to 7 days (604800s)"));
+    }
+    if let Some(topic) = &s.on_failure {
+        check_name(&field("on_failure"), topic)?;
+    }
+    if !(1..=10).contains(&s.parallelization_factor) {
+        return err(
+            &field("parallelization_factor"),
+            format!("is {}; allowed: 1 to 10", s.parallelization_factor),
+        );
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&s.handler_timeout) {
+        return err(&field("handler_timeout"), format!("is {:?}; allowed: 1s to 900s", s.handler_timeout));
+    }
+    if let Some(f) = &s.filter {
+        if f.field.is_empty() || f.field.split('.').any(str::is_empty) {
+            return err(
+                &field("filter.field"),
+                format!("is `{}`; allowed: a dotted path like order.type", f.field),
+            );
+        }
+        if f.exists == Some(false) || f.to_filter().is_none() {
+            return err(
+                &field("filter"),
+                "allowed: exactly one of equals = VALUE, exists = true, prefix = \"TEXT\"".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn or_none(names: &[&str]) -> String {
+    if names.is_empty() { "none are configured".into() } else { names.join(", ") }
 }
 
 /// Names end up in lease ids (`name/3`, `name#0`), Kafka topics and AMQP
@@ -498,7 +747,7 @@ mod tests {
             Config::parse(include_str!("../../examples/coordinator.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.streams.len(), 1);
-        assert_eq!(c.subscriptions.first().map(|s| s.slots), Some(2));
+        assert_eq!(c.subscriptions.first().map(|s| (s.min_slots, s.max_concurrency)), Some((1, 10)));
     }
 
     #[test]
@@ -512,8 +761,33 @@ mod tests {
         assert!(matches!(e, Ok(Err((f, _))) if f == "streams[0].name"));
         let e = bad("listen = \"0.0.0.0:7400\"");
         assert!(matches!(e, Ok(Err((f, _))) if f == "auth_token"));
-        let e = bad("[[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\nslots = 0");
-        assert!(matches!(e, Ok(Err((f, _))) if f == "subscriptions[0].slots"));
+        let sub = |extra: &str| {
+            bad(&format!(
+                "[[topics]]\nname = \"t\"\n[[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\n{extra}"
+            ))
+        };
+        assert!(matches!(sub(""), Ok(Ok(()))), "{:?}", sub(""));
+        for (extra, field) in [
+            ("min_slots = 0", "subscriptions[0].min_slots"),
+            ("min_slots = 5\nmax_concurrency = 4", "subscriptions[0].min_slots"),
+            ("max_concurrency = 1001", "subscriptions[0].max_concurrency"),
+            ("binding_key = \"a.*\"", "subscriptions[0].binding_key"),
+            ("on_failure = \"x\"", "subscriptions[0].on_failure"),
+            ("parallelization_factor = 2", "subscriptions[0].parallelization_factor"),
+            ("starting_position = \"trim_horizon\"", "subscriptions[0].starting_position"),
+            ("batch_size = 0", "subscriptions[0].batch_size"),
+            ("drain_target = \"1ms\"", "subscriptions[0].drain_target"),
+        ] {
+            assert!(matches!(sub(extra), Ok(Err((f, _))) if f == field), "{extra}: {:?}", sub(extra));
+        }
+        let e = bad("[[subscriptions]]\nname = \"q\"\ntopic = \"nope\"\nhandler = \"h\"");
+        assert!(
+            matches!(e, Ok(Err((f, p))) if f == "subscriptions[0].topic" && p.contains("not under [[topics]]"))
+        );
+        let typo = Config::parse(
+            "[[topics]]\nname = \"t\"\n[[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\nmax_concurency = 3",
+        );
+        assert!(typo.is_err_and(|e| e.contains("unknown field `max_concurency`") && e.contains("max_concurrency")));
         let stream = |extra: &str| bad(&format!("[[streams]]\nname = \"s\"\nhandler = \"h\"\n{extra}"));
         assert!(matches!(stream("batch_size = 0"), Ok(Err((f, _))) if f == "streams[0].batch_size"));
         assert!(

@@ -1,7 +1,7 @@
 //! Shard discovery: the partitions of each configured stream come from Kafka
 //! metadata (through rdkafka), re-read every `discovery_interval`, so a
-//! partition added while running gets a lease. Subscription slots come from
-//! the config. Discovery only ever adds leases.
+//! partition added while running gets a lease. Discovery only ever adds
+//! leases. (Queue slots come from [`crate::amqp`]'s scaler.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,20 +23,9 @@ pub enum DiscoveryError {
     NoTopic(String),
 }
 
-/// Sends the configured subscriptions and fixed-size streams once, then
+/// Sends the fixed-size streams once, then
 /// reads Kafka metadata for the other streams until `shutdown`.
 pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToken) {
-    for s in &config.subscriptions {
-        let command = Command::Discovered {
-            kind: LeaseKind::QueueSlot,
-            name: s.name.clone(),
-            handler: s.handler.clone(),
-            count: s.slots,
-        };
-        if handle.send(command).await.is_err() {
-            return;
-        }
-    }
     for s in config.streams.iter().filter(|s| s.partitions.is_some()) {
         let command = Command::Discovered {
             kind: LeaseKind::Shard,

@@ -5,13 +5,16 @@
 //! Layers, bottom up: [`core`] (pure lease table and assignment) →
 //! [`store`] (durable records) → [`service`] (the IO loop, group commit) →
 //! [`api`] (gRPC edge) → [`serve`] (wiring). [`discovery`] feeds new
-//! partitions in; [`config`] is checked before anything starts.
+//! partitions in; [`amqp`] declares RabbitMQ topology and sets queue slots
+//! with [`scale`]; [`config`] is checked before anything starts.
 
+pub mod amqp;
 pub mod api;
 pub mod config;
 pub mod core;
 pub mod discovery;
 pub mod metrics;
+pub mod scale;
 pub mod service;
 pub mod store;
 
@@ -63,7 +66,10 @@ pub async fn serve(
     let service_task = tokio::spawn(service.run(loop_stop.clone()));
     let discovery_task = tokio::spawn(discovery::run(config.clone(), handle.clone(), shutdown.clone()));
 
-    let api = api::Api::new(handle, config.clone());
+    let subscriptions = amqp::StatusTable::default();
+    let amqp_task =
+        tokio::spawn(amqp::run(config.clone(), handle.clone(), subscriptions.clone(), shutdown.clone()));
+    let api = api::Api::new(handle, config.clone(), subscriptions);
     let auth = api::Auth { token: config.auth_token.clone() };
     tracing::info!(%addr, streams = config.streams.len(), subscriptions = config.subscriptions.len(), "coordinator serving");
     on_ready(addr);
@@ -78,6 +84,7 @@ pub async fn serve(
         .await;
     // The API is closed: let the loop make everything durable, then stop.
     discovery_task.abort();
+    amqp_task.abort();
     loop_stop.cancel();
     let stored = service_task.await.map_err(|e| StoreError::Io(format!("service loop panicked: {e}")))?;
     served?;

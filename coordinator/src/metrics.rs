@@ -28,17 +28,19 @@ pub(crate) fn flush_done(took: Duration) {
 
 /// Republishes the gauges and the core's cumulative counters.
 pub(crate) fn publish(core: &Core) {
-    let (mut owned, mut releasing, mut unassigned) = (0u32, 0u32, 0u32);
+    let (mut owned, mut releasing, mut unassigned, mut parked) = (0u32, 0u32, 0u32, 0u32);
     for lease in core.leases() {
         match lease.state {
             LeaseState::Owned => owned += 1,
             LeaseState::Releasing { .. } => releasing += 1,
             LeaseState::Unassigned => unassigned += 1,
+            LeaseState::Parked => parked += 1,
         }
     }
     metrics::gauge!("shardline_leases", "state" => "owned").set(owned);
     metrics::gauge!("shardline_leases", "state" => "releasing").set(releasing);
     metrics::gauge!("shardline_leases", "state" => "unassigned").set(unassigned);
+    metrics::gauge!("shardline_leases", "state" => "parked").set(parked);
     metrics::gauge!("shardline_workers_live").set(core.workers().filter(|w| !w.restored).count() as f64);
     let c = core.counters();
     metrics::counter!("shardline_failovers_total").absolute(c.failovers);

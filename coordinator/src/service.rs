@@ -78,6 +78,12 @@ pub enum Command {
         handler: String,
         count: u32,
     },
+    /// The scaler: this subscription now has `count` queue slots.
+    SetSlots {
+        name: String,
+        handler: String,
+        count: u32,
+    },
     SetCheckpoint {
         lease: LeaseId,
         offset: i64,
@@ -276,6 +282,12 @@ impl<S: LeaseStore> Service<S> {
                 let added = self.core.discovered(now, kind, &name, &handler, count);
                 if added > 0 {
                     tracing::info!(stream = %name, added, total = count, "new leases discovered");
+                }
+            }
+            Command::SetSlots { name, handler, count } => {
+                let changed = self.core.set_slots(now, &name, &handler, count);
+                if changed > 0 {
+                    tracing::info!(subscription = %name, slots = count, changed, "queue slots set");
                 }
             }
             Command::SetCheckpoint { lease, offset, reply } => {

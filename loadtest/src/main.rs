@@ -38,6 +38,10 @@ enum BenchTarget {
     /// consumer's rate against the coordinator and one worker's, and the
     /// worker's memory.
     Kafka(bench::kafka::Args),
+    /// End to end through a real RabbitMQ: a raw lapin consumer's rate
+    /// against the coordinator and one worker's on the same queue, and the
+    /// worker's memory.
+    Amqp(bench::amqp::Args),
 }
 
 #[tokio::main]
@@ -47,6 +51,7 @@ async fn main() -> ExitCode {
         match cli.command {
             Command::Bench(BenchTarget::Coordinator(args)) => bench::coordinator::run(args).await,
             Command::Bench(BenchTarget::Kafka(args)) => bench::kafka::run(args).await,
+            Command::Bench(BenchTarget::Amqp(args)) => bench::amqp::run(args).await,
         }
     };
     // Dropping `run` on a signal drops the child guards, which kill the

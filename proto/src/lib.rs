@@ -7,6 +7,7 @@
 
 mod convert;
 mod domain;
+pub mod topology;
 
 pub use convert::ConvertError;
 pub use domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};

@@ -1,10 +1,11 @@
 //! Helpers for shardline's end-to-end tests: start the real binaries as
 //! child processes (on port 0, in temp dirs), talk to them over gRPC, and
-//! manage Kafka topics on the real broker.
+//! manage Kafka topics and RabbitMQ queues on the real brokers.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`); the
 //! test command in the README does that.
 
+pub mod amqp;
 pub mod kafka;
 
 use std::path::{Path, PathBuf};
@@ -68,6 +69,15 @@ impl Proc {
             bail!("kill({}, {signal}) failed: {}", self.pid(), std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Still running (not exited, not killed)?
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Waits for the process to exit, up to `timeout`.

@@ -1,13 +1,15 @@
 //! Handlers built into `shardline-worker`, so the system runs with no user
 //! code: `log` prints records, `forward` copies them to another Kafka topic
-//! (the load-test harness reads those as receipts), `sleep` simulates work,
-//! `noop` does nothing (for benchmarks of the machinery itself).
+//! or RabbitMQ exchange (the load-test harness reads those as receipts),
+//! `sleep` simulates work, `noop` does nothing (for benchmarks of the
+//! machinery itself), `chaos` injects failures.
 
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
+use crate::amqp::{Message, Publisher};
 use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError};
 
 /// Every built-in handler under its name.
@@ -36,14 +38,13 @@ pub struct Chaos {
 
 impl Handler for Chaos {
     async fn init(ctx: &InitContext) -> Result<Self, InitError> {
-        ctx.only(&["topic", "poison", "report_items", "sleep_per_batch", "sleep_per_record"])?;
-        let forward = match ctx.string("topic")? {
-            Some(_) => {
-                let mut forward_ctx = ctx.clone();
-                forward_ctx.settings.retain(|k, _| k == "topic");
-                Some(Forward::init(&forward_ctx).await?)
-            }
-            None => None,
+        ctx.only(&["topic", "exchange", "poison", "report_items", "sleep_per_batch", "sleep_per_record"])?;
+        let forward = if ctx.settings.contains_key("topic") || ctx.settings.contains_key("exchange") {
+            let mut forward_ctx = ctx.clone();
+            forward_ctx.settings.retain(|k, _| k == "topic" || k == "exchange");
+            Some(Forward::init(&forward_ctx).await?)
+        } else {
+            None
         };
         let report_items = match ctx.settings.get("report_items") {
             None => false,
@@ -114,40 +115,81 @@ impl Handler for Log {
     }
 }
 
-/// Writes each record to `topic`, keeping key and headers and adding
-/// `shardline.stream`, `shardline.partition`, `shardline.offset` and
-/// `shardline.worker` headers. The batch succeeds once the broker has
-/// acknowledged every record.
+/// Writes each record to Kafka `topic` or to RabbitMQ `exchange` (exactly
+/// one), keeping key and headers and adding `shardline.stream`,
+/// `shardline.partition`, `shardline.offset` and `shardline.worker`
+/// headers. The batch succeeds once the broker has acknowledged (Kafka) or
+/// confirmed and routed (RabbitMQ) every record.
 pub struct Forward {
-    producer: FutureProducer,
-    topic: String,
+    to: Destination,
     worker: String,
+}
+
+enum Destination {
+    Kafka { producer: FutureProducer, topic: String },
+    Amqp { publisher: Publisher, exchange: String },
 }
 
 impl Handler for Forward {
     async fn init(ctx: &InitContext) -> Result<Self, InitError> {
-        ctx.only(&["topic"])?;
-        let topic = ctx.string("topic")?.ok_or_else(|| ctx.error("`topic` is required"))?;
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &ctx.kafka_brokers)
-            .set("linger.ms", "5")
-            .set("acks", "all")
-            .create()
-            .map_err(|e| ctx.error(format!("kafka producer: {e}")))?;
-        Ok(Forward { producer, topic, worker: ctx.worker_id.clone() })
+        ctx.only(&["topic", "exchange"])?;
+        let to = match (ctx.string("topic")?, ctx.string("exchange")?) {
+            (Some(topic), None) => {
+                let producer = ClientConfig::new()
+                    .set("bootstrap.servers", &ctx.kafka_brokers)
+                    .set("linger.ms", "5")
+                    .set("acks", "all")
+                    .create()
+                    .map_err(|e| ctx.error(format!("kafka producer: {e}")))?;
+                Destination::Kafka { producer, topic }
+            }
+            (None, Some(exchange)) => {
+                Destination::Amqp { publisher: Publisher::new(ctx.amqp.clone()), exchange }
+            }
+            _ => return Err(ctx.error("set exactly one of `topic` (Kafka) or `exchange` (RabbitMQ)")),
+        };
+        Ok(Forward { to, worker: ctx.worker_id.clone() })
     }
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
-        crate::failure::copy_to(&self.producer, &self.topic, &batch.records, |r| {
+        let source = |r: &crate::handler::Record| {
             vec![
                 ("shardline.stream", r.stream.clone()),
                 ("shardline.partition", r.partition.to_string()),
                 ("shardline.offset", r.offset.to_string()),
                 ("shardline.worker", self.worker.clone()),
             ]
-        })
-        .await
-        .map_err(HandlerError::new)?;
+        };
+        match &self.to {
+            Destination::Kafka { producer, topic } => {
+                crate::failure::copy_to(producer, topic, &batch.records, source)
+                    .await
+                    .map_err(HandlerError::new)?;
+            }
+            Destination::Amqp { publisher, exchange } => {
+                let messages: Vec<Message> = batch
+                    .records
+                    .iter()
+                    .map(|r| {
+                        let added = source(r);
+                        let headers = r
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_slice()))
+                            .chain(added.iter().map(|(k, v)| (*k, v.as_bytes())));
+                        Message {
+                            exchange: exchange.clone(),
+                            body: r.value.clone(),
+                            headers: crate::amqp::field_table(headers),
+                            message_id: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                            timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
+                            ..Message::default()
+                        }
+                    })
+                    .collect();
+                publisher.publish(&messages).await.map_err(HandlerError::new)?;
+            }
+        }
         Ok(BatchResponse::default())
     }
 }

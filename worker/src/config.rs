@@ -29,6 +29,10 @@ pub struct WorkerConfig {
     /// Kafka bootstrap servers; env `SHARDLINE_KAFKA_BROKERS` overrides.
     #[serde(default = "default_brokers")]
     pub kafka_brokers: String,
+    /// RabbitMQ URL for queue slots; env `SHARDLINE_AMQP_URL` overrides.
+    /// The worker connects only once it is given a queue slot.
+    #[serde(default = "default_amqp_url")]
+    pub amqp_url: String,
     /// Most leases this worker takes; 0 = no limit.
     #[serde(default)]
     pub capacity: u32,
@@ -50,6 +54,9 @@ fn default_coordinator() -> String {
 }
 fn default_brokers() -> String {
     "127.0.0.1:9092".into()
+}
+fn default_amqp_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
 }
 fn default_drain() -> Duration {
     Duration::from_secs(30)
@@ -80,6 +87,9 @@ impl WorkerConfig {
         }
         if let Some(v) = env("SHARDLINE_KAFKA_BROKERS") {
             config.kafka_brokers = v;
+        }
+        if let Some(v) = env("SHARDLINE_AMQP_URL") {
+            config.amqp_url = v;
         }
         if let Some(v) = env("SHARDLINE_TOKEN") {
             config.auth_token = Some(v);
@@ -116,6 +126,9 @@ impl WorkerConfig {
         }
         if !(64..=1_048_576).contains(&self.fetch_queue_kib) {
             return err("fetch_queue_kib", format!("is {}; allowed: 64 to 1048576", self.fetch_queue_kib));
+        }
+        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+            return err("amqp_url", "allowed: amqp://USER:PASS@HOST:PORT/VHOST or amqps://...".into());
         }
         if self.kafka_brokers.trim().is_empty() {
             return err("kafka_brokers", "is empty; allowed: host:port[,host:port...]".into());

@@ -105,13 +105,15 @@ pub struct InitError {
 }
 
 /// What `init` gets: the handler's name and its settings from the worker
-/// config (`[handlers.NAME]`), plus the Kafka brokers for handlers that
-/// produce.
+/// config (`[handlers.NAME]`), plus the Kafka brokers and the worker's
+/// RabbitMQ connection for handlers that produce.
 #[derive(Debug, Clone)]
 pub struct InitContext {
     pub name: String,
     pub settings: toml::Table,
     pub kafka_brokers: String,
+    /// The worker's one AMQP connection (it connects on first use).
+    pub amqp: crate::amqp::Amqp,
     pub worker_id: String,
 }
 

@@ -25,11 +25,14 @@
 //! # }
 //! ```
 //!
-//! Layers, bottom up: [`source`] (records from Kafka) → [`batcher`] →
-//! [`policy`] (retries; the handler runs here) → [`lease`] (one lease's
-//! loop) → [`runtime`] (instructions from the coordinator, drain on
-//! shutdown). [`membership`] and [`checkpointer`] talk to the coordinator.
+//! Layers, bottom up: [`source`] (records from Kafka) and [`amqp`]
+//! (deliveries from RabbitMQ) → [`batcher`] → [`policy`] (retries; the
+//! handler runs here) → [`lease`] (one shard's loop) or [`amqp::slot`] (one
+//! queue slot's loop) → [`runtime`] (instructions from the coordinator,
+//! drain on shutdown). [`membership`] and [`checkpointer`] talk to the
+//! coordinator.
 
+pub mod amqp;
 pub mod batcher;
 pub mod builtin;
 pub mod checkpointer;

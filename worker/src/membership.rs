@@ -171,10 +171,15 @@ impl Session {
     pub async fn heartbeat(
         &self,
         load: v1::LoadReport,
+        unhealthy: Vec<String>,
         draining: bool,
     ) -> Result<Option<Vec<LeaseEvent>>, SessionError> {
-        let message =
-            v1::HeartbeatRequest { worker_id: self.cfg.worker_id.clone(), load: Some(load), draining };
+        let message = v1::HeartbeatRequest {
+            worker_id: self.cfg.worker_id.clone(),
+            load: Some(load),
+            draining,
+            unhealthy,
+        };
         match self.client.clone().heartbeat(self.request(message)).await {
             Ok(reply) => Ok(Some(events(reply.into_inner().instructions)?)),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
@@ -230,13 +235,14 @@ impl Session {
     }
 
     /// Registers, then heartbeats every interval until `shutdown`, sending
-    /// every instruction to `events`. `load` builds each heartbeat's report;
+    /// every instruction to `events`. `load` builds each heartbeat's report
+    /// (and the worker's health problems, if any);
     /// once `draining` fires, heartbeats say so (no new leases).
     pub async fn run(
         self,
         held: HeldLeases,
         events: mpsc::Sender<LeaseEvent>,
-        load: impl Fn() -> v1::LoadReport + Send,
+        load: impl Fn() -> (v1::LoadReport, Vec<String>) + Send,
         draining: CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), SessionError> {
@@ -252,7 +258,8 @@ impl Session {
                 () = draining.cancelled(), if !told_draining => {}
             }
             told_draining = draining.is_cancelled();
-            match self.heartbeat(load(), told_draining).await {
+            let (report, unhealthy) = load();
+            match self.heartbeat(report, unhealthy, told_draining).await {
                 Ok(Some(instructions)) => forward(&events, instructions).await,
                 Ok(None) => {
                     tracing::warn!(worker = %self.cfg.worker_id, "coordinator lost our session; registering again");

@@ -12,11 +12,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use shardline_proto::{LeaseId, Mapping, v1};
+use shardline_proto::{LeaseId, LeaseKind, Mapping, v1};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::slot::SlotTask;
+use crate::amqp::{Amqp, Publisher};
 use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
 use crate::failure::KafkaFailureSink;
@@ -67,6 +69,8 @@ pub async fn run(
             )));
         }
     }
+    // One AMQP connection per process, opened when first needed.
+    let amqp = Amqp::new(config.amqp_url.clone(), format!("shardline-worker {worker_id}"));
     let contexts = config
         .handlers
         .iter()
@@ -74,6 +78,7 @@ pub async fn run(
             name: name.clone(),
             settings: settings.clone(),
             kafka_brokers: config.kafka_brokers.clone(),
+            amqp: amqp.clone(),
             worker_id: worker_id.clone(),
         })
         .collect();
@@ -113,7 +118,7 @@ pub async fn run(
     let membership = tokio::spawn(session.clone().run(
         held.clone(),
         events_tx,
-        load_report(stats.clone()),
+        load_report(stats.clone(), amqp.clone()),
         draining.clone(),
         background.clone(),
     ));
@@ -124,6 +129,9 @@ pub async fn run(
         handlers: ready,
         checkpointer,
         failure_producer,
+        publisher: Publisher::new(amqp.clone()),
+        amqp,
+        worker_id: worker_id.clone(),
         held,
         stats,
         running: HashMap::new(),
@@ -186,6 +194,10 @@ struct Runtime {
     checkpointer: Checkpointer,
     /// Writes records that gave up to their mapping's on_failure topic.
     failure_producer: FutureProducer,
+    amqp: Amqp,
+    /// Retries and dead letters of queue slots.
+    publisher: Publisher,
+    worker_id: String,
     held: HeldLeases,
     stats: StatsTable,
     running: HashMap<LeaseId, Running>,
@@ -246,37 +258,49 @@ impl Runtime {
             let _ = self.session.release_done(&lease, epoch, None).await;
             return;
         };
-        if lease.kind != shardline_proto::LeaseKind::Shard {
-            tracing::error!(%lease, "queue slots are not supported by this worker yet; giving the lease back");
-            let _ = self.session.release_done(&lease, epoch, None).await;
-            return;
-        }
         tracing::info!(%lease, epoch, ?start, handler = %mapping.handler, "lease acquired");
         let stats = Arc::new(LeaseStats::default());
         stats.position.store(start.unwrap_or(-1), Ordering::Relaxed);
         stats.lag.store(-1, Ordering::Relaxed);
         let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
-        let sink: Arc<dyn FailureSink> = match &mapping.policy.on_failure {
-            Some(topic) => {
-                Arc::new(KafkaFailureSink { producer: self.failure_producer.clone(), topic: topic.clone() })
-            }
-            None => Arc::new(Discard),
-        };
-        let task = LeaseTask {
-            lease: lease.clone(),
-            epoch,
-            mapping,
-            start,
-            handler,
-            sink,
-            source: self.source.clone(),
-            checkpointer: self.checkpointer.clone(),
-            stats: stats.clone(),
-            drain: drain.clone(),
-            kill: kill.clone(),
-        };
         let id = lease.clone();
-        self.tasks.spawn(async move { (id, epoch, task.run().await) });
+        if lease.kind == LeaseKind::QueueSlot {
+            let task = SlotTask {
+                lease: lease.clone(),
+                epoch,
+                mapping,
+                handler,
+                amqp: self.amqp.clone(),
+                publisher: self.publisher.clone(),
+                worker_id: self.worker_id.clone(),
+                stats: stats.clone(),
+                drain: drain.clone(),
+                kill: kill.clone(),
+            };
+            self.tasks.spawn(async move { (id, epoch, task.run().await) });
+        } else {
+            let sink: Arc<dyn FailureSink> = match &mapping.policy.on_failure {
+                Some(topic) => Arc::new(KafkaFailureSink {
+                    producer: self.failure_producer.clone(),
+                    topic: topic.clone(),
+                }),
+                None => Arc::new(Discard),
+            };
+            let task = LeaseTask {
+                lease: lease.clone(),
+                epoch,
+                mapping,
+                start,
+                handler,
+                sink,
+                source: self.source.clone(),
+                checkpointer: self.checkpointer.clone(),
+                stats: stats.clone(),
+                drain: drain.clone(),
+                kill: kill.clone(),
+            };
+            self.tasks.spawn(async move { (id, epoch, task.run().await) });
+        }
         self.held.insert(lease.clone(), epoch);
         if let Ok(mut table) = self.stats.lock() {
             table.insert(lease.clone(), (epoch, stats.clone()));
@@ -320,12 +344,13 @@ impl Runtime {
 
 /// Builds each heartbeat's load report from the lease stats: rates are the
 /// change since the previous report.
-fn load_report(stats: StatsTable) -> impl Fn() -> v1::LoadReport + Send {
+fn load_report(stats: StatsTable, amqp: Amqp) -> impl Fn() -> (v1::LoadReport, Vec<String>) + Send {
     type Previous = (Instant, HashMap<LeaseId, (u64, u64)>, f64);
     let previous: Mutex<Previous> = Mutex::new((Instant::now(), HashMap::new(), cpu_seconds()));
     move || {
-        let Ok(table) = stats.lock() else { return v1::LoadReport::default() };
-        let Ok(mut prev) = previous.lock() else { return v1::LoadReport::default() };
+        let unhealthy: Vec<String> = amqp.problem().into_iter().collect();
+        let Ok(table) = stats.lock() else { return (v1::LoadReport::default(), unhealthy) };
+        let Ok(mut prev) = previous.lock() else { return (v1::LoadReport::default(), unhealthy) };
         let elapsed = prev.0.elapsed().as_secs_f64().max(1e-3);
         let mut next = HashMap::new();
         let leases = table
@@ -351,7 +376,7 @@ fn load_report(stats: StatsTable) -> impl Fn() -> v1::LoadReport + Send {
         let cpu_now = cpu_seconds();
         let cpu = (cpu_now - prev.2).max(0.0) / elapsed;
         *prev = (Instant::now(), next, cpu_now);
-        v1::LoadReport { leases, cpu, inflight_batches: inflight as u32 }
+        (v1::LoadReport { leases, cpu, inflight_batches: inflight as u32 }, unhealthy)
     }
 }
 

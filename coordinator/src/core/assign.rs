@@ -25,7 +25,7 @@ impl Core {
             let holder = match &lease.state {
                 LeaseState::Owned => lease.record.owner.as_ref(),
                 LeaseState::Releasing { to, .. } => to.as_ref(),
-                LeaseState::Unassigned => None,
+                LeaseState::Unassigned | LeaseState::Parked => None,
             };
             if let Some(count) = holder.and_then(|h| counts.get_mut(h)) {
                 *count += 1;

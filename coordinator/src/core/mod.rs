@@ -60,6 +60,9 @@ pub enum LeaseState {
         to: Option<WorkerId>,
         deadline: Instant,
     },
+    /// A queue slot above its subscription's current slot count: kept (with
+    /// its epoch) for when the subscription grows again, never assigned.
+    Parked,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +102,9 @@ pub struct WorkerLoad {
     pub cpu: f64,
     pub inflight_batches: u32,
     pub leases: BTreeMap<LeaseId, LeaseLoad>,
+    /// The worker's own health report (e.g. its broker connection is down);
+    /// empty when healthy.
+    pub unhealthy: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +177,8 @@ pub struct Core {
     outbox: BTreeMap<WorkerId, Vec<Instruction>>,
     dirty: BTreeSet<LeaseId>,
     counters: Counters,
+    /// Each subscription's current slot count: slots at or above it park.
+    slot_limits: BTreeMap<String, u32>,
 }
 
 impl Core {
@@ -182,6 +190,7 @@ impl Core {
             outbox: BTreeMap::new(),
             dirty: BTreeSet::new(),
             counters: Counters::default(),
+            slot_limits: BTreeMap::new(),
         }
     }
 
@@ -464,6 +473,68 @@ impl Core {
         added
     }
 
+    /// A subscription now has `count` queue slots (the scaler's decision).
+    /// Missing slots are created, parked ones below `count` become
+    /// assignable; slots at or above `count` park: unassigned ones at once,
+    /// owned ones after a graceful release (the owner finishes its batch
+    /// and acks, so nothing is redelivered). Returns the slots that changed.
+    pub fn set_slots(&mut self, now: Instant, name: &str, handler: &str, count: u32) -> u32 {
+        self.slot_limits.insert(name.to_owned(), count);
+        let mut changed = 0;
+        for index in 0..count {
+            let id = LeaseId::slot(name, index);
+            let lease = self.leases.entry(id.clone()).or_insert_with(|| {
+                self.dirty.insert(id.clone());
+                Lease {
+                    record: LeaseRecord { lease: id.clone(), epoch: 0, owner: None, checkpoint: None },
+                    handler: None,
+                    state: LeaseState::Parked,
+                    since: now,
+                }
+            });
+            lease.handler = Some(handler.to_owned());
+            if lease.state == LeaseState::Parked {
+                lease.state = LeaseState::Unassigned;
+                lease.since = now;
+                changed += 1;
+            }
+        }
+        let above: Vec<LeaseId> = self
+            .leases
+            .range(LeaseId::slot(name, count)..)
+            .take_while(|(id, _)| id.kind == LeaseKind::QueueSlot && id.name == name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in above {
+            let Some(l) = self.leases.get_mut(&id) else { continue };
+            l.handler = Some(handler.to_owned());
+            match (&mut l.state, l.record.owner.clone()) {
+                (LeaseState::Unassigned, _) => {
+                    l.state = LeaseState::Parked;
+                    l.since = now;
+                    changed += 1;
+                }
+                (LeaseState::Owned, Some(owner)) => {
+                    let epoch = l.record.epoch;
+                    l.state = LeaseState::Releasing { to: None, deadline: now + self.cfg.handoff_timeout };
+                    l.since = now;
+                    self.push(&owner, Instruction::Release { lease: id, epoch });
+                    changed += 1;
+                }
+                (LeaseState::Releasing { to, .. }, _) => *to = None,
+                _ => {}
+            }
+        }
+        self.assign(now);
+        changed
+    }
+
+    /// Whether a queue slot is above its subscription's slot count.
+    fn over_limit(&self, lease: &LeaseId) -> bool {
+        lease.kind == LeaseKind::QueueSlot
+            && self.slot_limits.get(&lease.name).is_some_and(|limit| lease.index >= *limit)
+    }
+
     /// An operator sets a checkpoint (backwards too). The epoch goes up so
     /// the current owner cannot overwrite it; the owner is told to restart
     /// from the new position.
@@ -512,9 +583,10 @@ impl Core {
     }
 
     fn unassign(&mut self, now: Instant, lease: &LeaseId) {
+        let parked = self.over_limit(lease);
         if let Some(l) = self.leases.get_mut(lease) {
             l.record.owner = None;
-            l.state = LeaseState::Unassigned;
+            l.state = if parked { LeaseState::Parked } else { LeaseState::Unassigned };
             l.since = now;
             self.dirty.insert(lease.clone());
         }
@@ -523,6 +595,7 @@ impl Core {
     /// Ends a release: the lease goes to `to` if it is still a live,
     /// registered worker, else back to unassigned.
     fn finish_release(&mut self, now: Instant, lease: &LeaseId, to: Option<WorkerId>) {
+        let to = to.filter(|_| !self.over_limit(lease));
         match to.filter(|w| self.workers.get(w).is_some_and(|w| !w.restored && !w.draining)) {
             Some(to) => self.grant(now, lease, &to),
             None => self.unassign(now, lease),

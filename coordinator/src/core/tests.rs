@@ -217,6 +217,8 @@ enum Op {
         lease: u8,
         offset: u8,
     },
+    /// The scaler gives the subscription this many slots.
+    SetSlots(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -232,6 +234,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Restart),
         1 => (1u8..4).prop_map(Op::AddPartitions),
         1 => (0u8..16, 0u8..50).prop_map(|(lease, offset)| Op::OperatorSet { lease, offset }),
+        1 => (1u8..7).prop_map(Op::SetSlots),
     ]
 }
 
@@ -282,6 +285,8 @@ struct Model {
     /// The highest checkpoint acknowledged per lease (reset by operator sets).
     acked: BTreeMap<LeaseId, i64>,
     partitions: u32,
+    /// Queue slots of subscription `q`.
+    slots: u32,
 }
 
 impl Model {
@@ -295,8 +300,10 @@ impl Model {
             grants: BTreeMap::new(),
             acked: BTreeMap::new(),
             partitions: 4,
+            slots: 2,
         };
         model.core.discovered(now, LeaseKind::Shard, "s", H, model.partitions);
+        model.core.set_slots(now, "q", H, model.slots);
         model
     }
 
@@ -387,6 +394,7 @@ impl Model {
                 let records = self.store.values().cloned().collect();
                 self.core = Core::restore(self.core.config(), records, now);
                 self.core.discovered(now, LeaseKind::Shard, "s", H, self.partitions);
+                self.core.set_slots(now, "q", H, self.slots);
             }
             Op::AddPartitions(n) => {
                 self.partitions = (self.partitions + u32::from(n)).min(16);
@@ -397,6 +405,10 @@ impl Model {
                 if self.core.set_checkpoint(now, &lease, i64::from(offset)).is_ok() {
                     self.acked.insert(lease, i64::from(offset));
                 }
+            }
+            Op::SetSlots(n) => {
+                self.slots = u32::from(n);
+                self.core.set_slots(now, "q", H, self.slots);
             }
         }
         self.persist();
@@ -416,7 +428,20 @@ impl Model {
             if let Some(owner) = &r.owner {
                 assert!(self.core.workers().any(|w| &w.id == owner), "{} owned by gone {owner}", r.lease);
             } else {
-                assert_eq!(lease.state, LeaseState::Unassigned);
+                assert!(matches!(lease.state, LeaseState::Unassigned | LeaseState::Parked), "{lease:?}");
+            }
+            // Slots above the subscription's count are parked or on their way
+            // out; the others are never parked.
+            if r.lease.kind == LeaseKind::QueueSlot {
+                let above = r.lease.index >= self.slots;
+                match &lease.state {
+                    LeaseState::Parked => assert!(above, "{} parked below {}", r.lease, self.slots),
+                    LeaseState::Releasing { to, .. } if above => {
+                        assert!(to.is_none(), "{} handed on", r.lease)
+                    }
+                    LeaseState::Releasing { .. } => {}
+                    other => assert!(!above, "{} is {other:?} above {} slots", r.lease, self.slots),
+                }
             }
             // No acknowledged checkpoint is lost or regresses.
             if let Some(acked) = self.acked.get(&r.lease) {
@@ -472,9 +497,33 @@ fn handoffs_settle_into_balance_under_ordinary_traffic() {
     }
     assert!(model.core.leases().all(|l| l.state == LeaseState::Owned), "settled");
     let counts = model.core.lease_counts();
-    assert_eq!(counts.values().sum::<u32>(), 7);
-    assert!(counts.values().all(|c| (2..=3).contains(c)), "{counts:?}");
+    assert_eq!(counts.values().sum::<u32>(), 9, "7 shards and 2 queue slots");
+    assert!(counts.values().all(|c| *c == 3), "{counts:?}");
     model.check_balanced();
+}
+
+/// Shrinking a subscription parks its top slots only after their owners
+/// confirm (they finish their batch and ack); growing it again reuses them.
+#[test]
+fn slots_park_gracefully_and_come_back() {
+    let mut model = Model::new();
+    model.step(Op::Join(0));
+    model.step(Op::SetSlots(4));
+    let slot = |m: &Model, i: u32| m.core.lease(&LeaseId::slot("q", i)).map(|l| l.state.clone());
+    assert_eq!(slot(&model, 3), Some(LeaseState::Owned));
+    model.step(Op::SetSlots(1));
+    assert!(matches!(slot(&model, 3), Some(LeaseState::Releasing { to: None, .. })), "asked, not taken");
+    model.step(Op::Heartbeat(0));
+    model.step(Op::Confirm(0));
+    for i in 1..4 {
+        assert_eq!(slot(&model, i), Some(LeaseState::Parked), "slot {i}");
+    }
+    assert_eq!(slot(&model, 0), Some(LeaseState::Owned));
+    let epoch = model.core.lease(&LeaseId::slot("q", 2)).map(|l| l.record.epoch);
+    model.step(Op::SetSlots(3));
+    assert_eq!(slot(&model, 2), Some(LeaseState::Owned));
+    assert_eq!(model.core.lease(&LeaseId::slot("q", 2)).map(|l| l.record.epoch), epoch.map(|e| e + 1));
+    assert_eq!(slot(&model, 3), Some(LeaseState::Parked));
 }
 
 proptest! {

@@ -47,6 +47,10 @@ pub struct Setup<'a> {
     pub streams: &'a [Stream<'a>],
     /// `None`: no Kafka settings (static streams need none).
     pub kafka: Option<Discovery<'a>>,
+    /// TOML added verbatim after the top-level settings (its own top-level
+    /// keys first, then tables), for what the typed fields do not cover,
+    /// such as RabbitMQ topics and subscriptions.
+    pub extra: Option<&'a str>,
 }
 
 /// A running `shardline-coordinator`; killed on drop.
@@ -58,7 +62,7 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts `bin` with static streams (no Kafka).
     pub async fn start(bin: &Path, streams: &[Stream<'_>]) -> anyhow::Result<Self> {
-        Self::start_with(bin, &Setup { streams, kafka: None }).await
+        Self::start_with(bin, &Setup { streams, kafka: None, extra: None }).await
     }
 
     /// Starts `bin` on a loopback port chosen by the OS and waits for its
@@ -145,6 +149,14 @@ fn config_toml(data_dir: &Path, metrics: SocketAddr, setup: &Setup<'_>) -> anyho
             kafka.interval.as_millis().max(1)
         ));
     }
+    if let Some(extra) = setup.extra {
+        // Before the streams: the extra text's top-level keys must not land
+        // inside a `[[streams]]` table.
+        toml.push_str(extra);
+        if !extra.ends_with('\n') {
+            toml.push('\n');
+        }
+    }
     for s in setup.streams {
         toml.push_str(&format!("\n[[streams]]\nname = {}\nhandler = {}\n", quote(s.name), quote(s.handler)));
         if let Some(partitions) = s.partitions {
@@ -189,8 +201,11 @@ mod tests {
     fn config_quotes_paths_and_lists_static_streams() -> anyhow::Result<()> {
         let streams = [Stream::fixed("bench", "bench", 64)];
         let metrics = SocketAddr::from(([127, 0, 0, 1], 9400));
-        let toml =
-            config_toml(Path::new("/tmp/a \"b\""), metrics, &Setup { streams: &streams, kafka: None })?;
+        let toml = config_toml(
+            Path::new("/tmp/a \"b\""),
+            metrics,
+            &Setup { streams: &streams, kafka: None, extra: None },
+        )?;
         assert!(toml.contains("metrics_listen = \"127.0.0.1:9400\""), "{toml}");
         assert!(toml.contains("data_dir = \"/tmp/a \\\"b\\\"\""), "{toml}");
         assert!(
@@ -213,6 +228,7 @@ mod tests {
         let setup = Setup {
             streams: &streams,
             kafka: Some(Discovery { brokers: "127.0.0.1:9092", interval: Duration::from_millis(500) }),
+            extra: None,
         };
         let toml = config_toml(Path::new("/tmp/d"), SocketAddr::from(([127, 0, 0, 1], 1)), &setup)?;
         assert!(
@@ -221,6 +237,15 @@ mod tests {
         );
         assert!(toml.contains("batch_size = 1000\nstarting_position = \"trim_horizon\""), "{toml}");
         assert!(!toml.contains("partitions"), "{toml}");
+        Ok(())
+    }
+
+    #[test]
+    fn config_puts_extra_text_before_the_streams() -> anyhow::Result<()> {
+        let streams = [Stream::fixed("bench", "bench", 1)];
+        let setup = Setup { streams: &streams, kafka: None, extra: Some("scale_interval = \"500ms\"") };
+        let toml = config_toml(Path::new("/tmp/d"), SocketAddr::from(([127, 0, 0, 1], 1)), &setup)?;
+        assert!(toml.contains("scale_interval = \"500ms\"\n\n[[streams]]"), "{toml}");
         Ok(())
     }
 }

@@ -66,6 +66,7 @@ impl Proc {
             // fail); the generated config says everything.
             .env_remove("SHARDLINE_TOKEN")
             .env_remove("SHARDLINE_KAFKA_BROKERS")
+            .env_remove("SHARDLINE_AMQP_URL")
             .env_remove("SHARDLINE_CONFIG")
             .env_remove("SHARDLINE_COORDINATOR")
             .env_remove("SHARDLINE_WORKER_CONFIG")
@@ -236,7 +237,7 @@ fn free_port() -> std::io::Result<SocketAddr> {
 
 /// A TOML string literal: a JSON string is a valid TOML basic string (same
 /// escapes), so paths and names with quotes stay valid.
-fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 

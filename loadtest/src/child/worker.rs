@@ -24,6 +24,8 @@ pub struct WorkerSettings<'a> {
     pub handler_settings: &'a [(&'a str, String)],
     /// `fetch_queue_kib`; `None`: the worker's default.
     pub fetch_queue_kib: Option<u32>,
+    /// `amqp_url`; `None`: the worker's default (local RabbitMQ).
+    pub amqp_url: Option<&'a str>,
 }
 
 /// A running `shardline-worker`; killed on drop.
@@ -58,6 +60,9 @@ fn config_toml(metrics: SocketAddr, s: &WorkerSettings<'_>) -> String {
     );
     if let Some(kib) = s.fetch_queue_kib {
         toml.push_str(&format!("fetch_queue_kib = {kib}\n"));
+    }
+    if let Some(url) = s.amqp_url {
+        toml.push_str(&format!("amqp_url = {}\n", quote(url)));
     }
     toml.push_str(&format!("\n[handlers.{}]\n", quote(s.handler)));
     for (key, value) in s.handler_settings {
@@ -100,6 +105,7 @@ mod tests {
             handler: "noop",
             handler_settings: &[],
             fetch_queue_kib: Some(1024),
+            amqp_url: None,
         };
         let toml = config_toml(SocketAddr::from(([127, 0, 0, 1], 9500)), &settings);
         assert_eq!(
@@ -112,6 +118,11 @@ mod tests {
             &WorkerSettings { fetch_queue_kib: None, ..settings },
         );
         assert!(!toml.contains("fetch_queue_kib"), "{toml}");
+        let toml = config_toml(
+            SocketAddr::from(([127, 0, 0, 1], 9500)),
+            &WorkerSettings { amqp_url: Some("amqp://u:p@h:5672/%2f"), ..settings },
+        );
+        assert!(toml.contains("amqp_url = \"amqp://u:p@h:5672/%2f\"\n"), "{toml}");
         let sleep = [("per_batch", "1s".to_owned())];
         let toml = config_toml(
             SocketAddr::from(([127, 0, 0, 1], 9500)),

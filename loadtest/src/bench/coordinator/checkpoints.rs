@@ -126,7 +126,12 @@ async fn acquire_all(client: &mut WorkerApiClient<Channel>, leases: u32) -> anyh
             bail!("only {} of {leases} leases granted within 10 s of registering", granted.len());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let request = v1::HeartbeatRequest { worker_id: WORKER_ID.into(), load: None, draining: false };
+        let request = v1::HeartbeatRequest {
+            worker_id: WORKER_ID.into(),
+            load: None,
+            draining: false,
+            unhealthy: vec![],
+        };
         let reply = client.heartbeat(request).await.context("Heartbeat failed")?.into_inner();
         collect_acquires(reply.instructions, &mut granted)?;
     }
@@ -154,7 +159,12 @@ async fn heartbeat_loop(mut client: WorkerApiClient<Channel>, errors: Arc<Atomic
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let request = v1::HeartbeatRequest { worker_id: WORKER_ID.into(), load: None, draining: false };
+        let request = v1::HeartbeatRequest {
+            worker_id: WORKER_ID.into(),
+            load: None,
+            draining: false,
+            unhealthy: vec![],
+        };
         match client.heartbeat(request).await {
             // Instructions would mean a lease moved: the checkpoints of that
             // lease then fail as stale and are counted as errors there.

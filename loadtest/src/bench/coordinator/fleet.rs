@@ -402,6 +402,7 @@ impl SimWorker {
             worker_id: self.id.clone(),
             load: Some(v1::LoadReport { leases, cpu: 0.1, inflight_batches: 0 }),
             draining: false,
+            unhealthy: vec![],
         };
         let started = Instant::now();
         let result = self.client.heartbeat(request).await;

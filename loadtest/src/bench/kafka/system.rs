@@ -138,6 +138,7 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<SystemFigures> {
     let setup = Setup {
         streams: &streams,
         kafka: Some(Discovery { brokers: s.brokers, interval: DISCOVERY_INTERVAL }),
+        extra: None,
     };
     let mut coordinator = Coordinator::start_with(s.coordinator_bin, &setup).await?;
     let channel = coordinator.channels(1).await?.remove(0);
@@ -156,6 +157,7 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<SystemFigures> {
         handler,
         handler_settings: &handler_settings,
         fetch_queue_kib: s.fetch_queue_kib,
+        amqp_url: None,
     };
     let mut worker = Worker::start(s.worker_bin, &settings)?;
     let rss = RssSampler::start(worker.pid());

@@ -1,0 +1,467 @@
+//! The coordinator's side of RabbitMQ: it declares the topology from the
+//! config (idempotently, at start and after every reconnect), reads each
+//! subscription's queues every `scale_interval`, and sets the number of
+//! queue slots with [`crate::scale`]. It never consumes a message.
+//!
+//! A declaration RabbitMQ refuses (a queue that exists with other
+//! arguments, say) is logged, shown by `ListSubscriptions` and counted in
+//! `shardline_topology_errors_total`; it is never retried with other
+//! arguments. Slots keep being leased: workers consume the queue as it is.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use shardline_proto::{LeaseKind, topology};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, QueueType, SubscriptionConfig, TopicKind};
+use crate::core::LeaseState;
+use crate::scale::{Bounds, Reading, Scaler};
+use crate::service::{Command, Handle};
+
+/// What the admin API shows of a subscription.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionStatus {
+    pub name: String,
+    pub topic: String,
+    pub handler: String,
+    pub slots: u32,
+    pub min_slots: u32,
+    pub max_concurrency: u32,
+    pub depth: u64,
+    pub consumers: u32,
+    pub retrying: u64,
+    pub dead_lettered: u64,
+    pub unacked: u64,
+    pub drain_rate: f64,
+    pub read_at: Option<Instant>,
+    pub error: Option<String>,
+    pub queue_type: String,
+}
+
+/// Shared with the admin API; written only by [`run`].
+pub type StatusTable = Arc<Mutex<BTreeMap<String, SubscriptionStatus>>>;
+
+/// The queues of one subscription as RabbitMQ counts them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Depths {
+    depth: u64,
+    consumers: u32,
+    retrying: u64,
+    dead_lettered: u64,
+}
+
+/// Declares topology, reads depths and scales slots until `shutdown`.
+pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutdown: CancellationToken) {
+    if config.subscriptions.is_empty() {
+        return;
+    }
+    // Slots first, broker second: workers can be leased their slots (and
+    // wait for RabbitMQ themselves) even while RabbitMQ is down.
+    let owned = owned_slots(&handle).await;
+    let mut scalers: BTreeMap<String, Scaler> = BTreeMap::new();
+    for s in &config.subscriptions {
+        let scaler = Scaler::new(bounds(s), owned.get(&s.name).copied().unwrap_or(0));
+        set_slots(&handle, s, scaler.slots()).await;
+        if let Ok(mut table) = status.lock() {
+            table.insert(
+                s.name.clone(),
+                SubscriptionStatus {
+                    name: s.name.clone(),
+                    topic: s.topic.clone(),
+                    handler: s.handler.clone(),
+                    slots: scaler.slots(),
+                    min_slots: s.min_slots,
+                    max_concurrency: s.max_concurrency,
+                    ..SubscriptionStatus::default()
+                },
+            );
+        }
+        scalers.insert(s.name.clone(), scaler);
+    }
+
+    let mut wait = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let connection = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = Connection::connect(&config.amqp_url, props("shardline-coordinator")) => c,
+        };
+        let connection = match connection {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, ?wait, "cannot connect to RabbitMQ; retrying");
+                mark_all(&status, &format!("RabbitMQ unreachable: {e}"));
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        wait = Duration::from_millis(200);
+        tracing::info!("connected to RabbitMQ; declaring topology");
+        let types = declare_all(&connection, &config, &status).await;
+        // Read and scale until the connection breaks.
+        let mut ticker = tokio::time::interval(config.scale_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while connection.status().connected() {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    let _ = connection.close(200, "coordinator stopping".into()).await;
+                    return;
+                }
+                _ = ticker.tick() => {}
+            }
+            let loads = slot_loads(&handle).await;
+            for s in &config.subscriptions {
+                let depths = match read_depths(&connection, s, &types).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(subscription = %s.name, error = %e, "cannot read queue depths");
+                        mark(&status, &s.name, |st| st.error = Some(e.clone()));
+                        continue;
+                    }
+                };
+                let load = loads.get(&s.name).copied().unwrap_or_default();
+                let Some(scaler) = scalers.get_mut(&s.name) else { continue };
+                let before = scaler.slots();
+                let reading = Reading { depth: depths.depth, drain_rate: load.rate, busy: load.busy };
+                let slots = scaler.next(Instant::now(), reading);
+                if slots != before {
+                    tracing::info!(
+                        subscription = %s.name, from = before, to = slots, depth = depths.depth,
+                        drain_rate = load.rate, "scaling queue slots"
+                    );
+                    set_slots(&handle, s, slots).await;
+                }
+                publish_metrics(&s.name, &depths, slots);
+                mark(&status, &s.name, |st| {
+                    st.slots = slots;
+                    st.depth = depths.depth;
+                    st.consumers = depths.consumers;
+                    st.retrying = depths.retrying;
+                    st.dead_lettered = depths.dead_lettered;
+                    st.unacked = load.unacked;
+                    st.drain_rate = load.rate;
+                    st.read_at = Some(Instant::now());
+                    if st.error.as_deref().is_some_and(|e| e.starts_with("RabbitMQ unreachable")) {
+                        st.error = None;
+                    }
+                });
+            }
+        }
+        tracing::warn!("lost the RabbitMQ connection; reconnecting");
+        mark_all(&status, "RabbitMQ connection lost; reconnecting");
+    }
+}
+
+fn props(name: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(name.into())
+}
+
+fn bounds(s: &SubscriptionConfig) -> Bounds {
+    Bounds {
+        min: s.min_slots,
+        max: s.max_concurrency,
+        drain_target: s.drain_target,
+        scale_down_after: s.scale_down_after,
+    }
+}
+
+async fn set_slots(handle: &Handle, s: &SubscriptionConfig, count: u32) {
+    let command = Command::SetSlots { name: s.name.clone(), handler: s.handler.clone(), count };
+    let _ = handle.send(command).await;
+}
+
+fn mark(status: &StatusTable, name: &str, f: impl FnOnce(&mut SubscriptionStatus)) {
+    if let Ok(mut table) = status.lock()
+        && let Some(st) = table.get_mut(name)
+    {
+        f(st);
+    }
+}
+
+fn mark_all(status: &StatusTable, error: &str) {
+    if let Ok(mut table) = status.lock() {
+        for st in table.values_mut() {
+            st.error = Some(error.to_owned());
+        }
+    }
+}
+
+fn publish_metrics(name: &str, d: &Depths, slots: u32) {
+    let sub = name.to_owned();
+    metrics::gauge!("shardline_subscription_depth", "subscription" => sub.clone()).set(d.depth as f64);
+    metrics::gauge!("shardline_subscription_retrying", "subscription" => sub.clone()).set(d.retrying as f64);
+    metrics::gauge!("shardline_subscription_dead_lettered", "subscription" => sub.clone())
+        .set(d.dead_lettered as f64);
+    metrics::gauge!("shardline_subscription_slots", "subscription" => sub).set(f64::from(slots));
+}
+
+/// Slot leases with an owner, per subscription (after a restart, the
+/// scaler starts from what was running rather than from `min_slots`).
+async fn owned_slots(handle: &Handle) -> BTreeMap<String, u32> {
+    let mut owned = BTreeMap::new();
+    if let Ok(snapshot) = handle.call(Command::Snapshot).await {
+        for l in snapshot.leases {
+            if l.record.lease.kind == LeaseKind::QueueSlot && l.record.owner.is_some() {
+                *owned.entry(l.record.lease.name.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    owned
+}
+
+/// What the workers report of a subscription's slots.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotLoad {
+    rate: f64,
+    busy: f64,
+    unacked: u64,
+}
+
+async fn slot_loads(handle: &Handle) -> BTreeMap<String, SlotLoad> {
+    let mut loads: BTreeMap<String, SlotLoad> = BTreeMap::new();
+    let Ok(snapshot) = handle.call(Command::Snapshot).await else { return loads };
+    let live: BTreeMap<_, _> = snapshot
+        .leases
+        .iter()
+        .filter(|l| l.record.lease.kind == LeaseKind::QueueSlot && l.state != LeaseState::Parked)
+        .map(|l| ((l.record.lease.clone(), l.record.owner.clone()), ()))
+        .collect();
+    for w in &snapshot.workers {
+        for (lease, load) in &w.load.leases {
+            if !live.contains_key(&(lease.clone(), Some(w.id.clone()))) {
+                continue;
+            }
+            let entry = loads.entry(lease.name.clone()).or_default();
+            entry.rate += load.records_out_per_s;
+            entry.busy += load.busy_ratio;
+            // For a queue slot, `lag` is what it holds unacknowledged.
+            entry.unacked += u64::try_from(load.lag).unwrap_or(0);
+        }
+    }
+    loads
+}
+
+/// The `x-queue-type` a subscription's queues get.
+fn queue_type_arg(t: QueueType) -> &'static str {
+    match t {
+        QueueType::Classic => "classic",
+        QueueType::Auto | QueueType::Quorum => "quorum",
+    }
+}
+
+fn queue_args(queue_type: &str, extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.into()));
+    for (k, v) in extra {
+        args.insert((*k).into(), v.clone());
+    }
+    args
+}
+
+/// Declares every topic and subscription; returns each subscription's
+/// queue type as declared. Errors are recorded per subscription.
+async fn declare_all(
+    connection: &Connection,
+    config: &Config,
+    status: &StatusTable,
+) -> BTreeMap<String, &'static str> {
+    let mut types = BTreeMap::new();
+    for t in &config.topics {
+        let kind = match t.kind {
+            TopicKind::Fanout => ExchangeKind::Fanout,
+            TopicKind::Topic => ExchangeKind::Topic,
+        };
+        let result = with_channel(connection, async |ch| {
+            ch.exchange_declare(t.name.as_str().into(), kind, durable_exchange(), FieldTable::default()).await
+        })
+        .await;
+        if let Err(e) = result {
+            topology_error(
+                status,
+                config,
+                &t.name,
+                format!("cannot declare topic exchange `{}`: {e}", t.name),
+            );
+        }
+    }
+    for s in &config.subscriptions {
+        let kind = config.topics.iter().find(|t| t.name == s.topic).map_or(TopicKind::Fanout, |t| t.kind);
+        let mut queue_type = queue_type_arg(s.queue_type);
+        let mut result = declare_subscription(connection, s, kind, queue_type).await;
+        if s.queue_type == QueueType::Auto
+            && let Err(e) = &result
+            && !e.contains("inequivalent")
+            && !e.contains("unreachable")
+        {
+            // Not a conflict: the broker does not do quorum queues.
+            tracing::info!(subscription = %s.name, error = %e, "quorum queues refused; using classic queues");
+            queue_type = "classic";
+            result = declare_subscription(connection, s, kind, queue_type).await;
+        }
+        match result {
+            Ok(()) => {
+                types.insert(s.name.clone(), queue_type);
+                mark(status, &s.name, |st| {
+                    st.error = None;
+                    st.queue_type = queue_type.to_owned();
+                });
+            }
+            Err(e) => topology_error(status, config, &s.name, e),
+        }
+    }
+    types
+}
+
+fn topology_error(status: &StatusTable, config: &Config, name: &str, message: String) {
+    tracing::error!(%name, error = %message, "RabbitMQ refused a declaration; fix the broker or the config");
+    metrics::counter!("shardline_topology_errors_total").increment(1);
+    // A topic's error belongs to each subscription bound to it.
+    for s in config.subscriptions.iter().filter(|s| s.name == name || s.topic == name) {
+        mark(status, &s.name, |st| st.error = Some(message.clone()));
+    }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }
+}
+
+/// The subscription queue bound to its topic, its dead-letter exchange and
+/// queue, and one retry queue per delay (see [`topology`]).
+async fn declare_subscription(
+    connection: &Connection,
+    s: &SubscriptionConfig,
+    topic_kind: TopicKind,
+    queue_type: &str,
+) -> Result<(), String> {
+    let dlx = topology::dead_letter_exchange(&s.name);
+    let dlq = topology::dead_letter_queue(&s.name);
+    let binding = match topic_kind {
+        TopicKind::Fanout => String::new(),
+        TopicKind::Topic => s.binding_key.clone().unwrap_or_else(|| "#".into()),
+    };
+    let what = |thing: &str, e: lapin::Error| {
+        let hint = if e.to_string().contains("inequivalent") {
+            " — it exists with other arguments; delete it (after draining) or change the config to match"
+        } else {
+            ""
+        };
+        format!("subscription `{}`: cannot declare {thing} as {queue_type}: {e}{hint}", s.name)
+    };
+    with_channel(connection, async |ch| {
+        ch.exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await
+    })
+    .await
+    .map_err(|e| what(&format!("dead-letter exchange `{dlx}`"), e))?;
+    with_channel(connection, async |ch| {
+        ch.queue_declare(dlq.as_str().into(), durable_queue(), queue_args(queue_type, &[])).await?;
+        ch.queue_bind(
+            dlq.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    })
+    .await
+    .map_err(|e| what(&format!("dead-letter queue `{dlq}`"), e))?;
+    // What the broker itself dead-letters (a quorum queue's delivery limit,
+    // a rejected message) lands in the DLQ instead of vanishing.
+    let main_args =
+        queue_args(queue_type, &[("x-dead-letter-exchange", AMQPValue::LongString(dlx.as_str().into()))]);
+    with_channel(connection, async |ch| {
+        ch.queue_declare(s.name.as_str().into(), durable_queue(), main_args.clone()).await?;
+        ch.queue_bind(
+            s.name.as_str().into(),
+            s.topic.as_str().into(),
+            binding.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    })
+    .await
+    .map_err(|e| what(&format!("queue `{}`", s.name), e))?;
+    let policy = s.settings.mapping(&s.handler).policy;
+    for delay in topology::retry_delays(&policy) {
+        let name = topology::retry_queue(&s.name, delay);
+        let args = queue_args(
+            queue_type,
+            &[
+                ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),
+                ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+                ("x-dead-letter-routing-key", AMQPValue::LongString(s.name.as_str().into())),
+            ],
+        );
+        with_channel(connection, async |ch| {
+            ch.queue_declare(name.as_str().into(), durable_queue(), args.clone()).await.map(|_| ())
+        })
+        .await
+        .map_err(|e| what(&format!("retry queue `{name}`"), e))?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a fresh channel and closes it: a refused declaration closes
+/// its channel, so one channel per step keeps errors apart.
+async fn with_channel<T>(
+    connection: &Connection,
+    f: impl AsyncFnOnce(&Channel) -> Result<T, lapin::Error>,
+) -> Result<T, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let result = f(&channel).await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "done".into()).await;
+    }
+    result
+}
+
+/// Passive declares (which never create anything) of the subscription's
+/// queues: ready messages and consumers of the queue, plus what waits in
+/// its retry and dead-letter queues.
+async fn read_depths(
+    connection: &Connection,
+    s: &SubscriptionConfig,
+    types: &BTreeMap<String, &'static str>,
+) -> Result<Depths, String> {
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let count = async |queue: String| {
+        with_channel(connection, async |ch| {
+            ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await
+        })
+        .await
+        .map_err(|e| format!("queue `{queue}`: {e}"))
+    };
+    let main = count(s.name.clone()).await?;
+    let mut depths = Depths {
+        depth: u64::from(main.message_count()),
+        consumers: main.consumer_count(),
+        ..Depths::default()
+    };
+    if types.contains_key(&s.name) {
+        depths.dead_lettered = u64::from(count(topology::dead_letter_queue(&s.name)).await?.message_count());
+        let policy = s.settings.mapping(&s.handler).policy;
+        for delay in topology::retry_delays(&policy) {
+            depths.retrying += u64::from(count(topology::retry_queue(&s.name, delay)).await?.message_count());
+        }
+    }
+    Ok(depths)
+}

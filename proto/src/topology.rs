@@ -1,0 +1,109 @@
+//! The RabbitMQ names and retry delays of a subscription, in one place so
+//! the coordinator (which declares them) and the worker (which publishes to
+//! them) cannot disagree.
+//!
+//! For a subscription `S` bound to a topic exchange:
+//!
+//! - `S` is the durable queue its slots consume;
+//! - `S.dlx` is a fanout exchange and `S.dlq` the queue bound to it: records
+//!   that gave up end there (the queue `S` dead-letters there too, so what
+//!   the broker itself rejects is kept, not dropped);
+//! - `S.retry.<ms>` is one queue per retry delay with a queue-wide TTL of
+//!   `<ms>` that dead-letters back to `S` through the default exchange. A
+//!   queue per delay (not per-message TTLs in one queue) because RabbitMQ
+//!   expires messages only at the head of a queue: a 30 s retry would hold
+//!   back a 100 ms one behind it.
+
+use std::time::Duration;
+
+use crate::FailurePolicy;
+
+/// The dead-letter exchange of a subscription.
+pub fn dead_letter_exchange(subscription: &str) -> String {
+    format!("{subscription}.dlx")
+}
+
+/// The dead-letter queue of a subscription.
+pub fn dead_letter_queue(subscription: &str) -> String {
+    format!("{subscription}.dlq")
+}
+
+/// The retry queue that holds messages for `delay` before they go back.
+pub fn retry_queue(subscription: &str, delay: Duration) -> String {
+    format!("{subscription}.retry.{}", delay.as_millis())
+}
+
+/// Header carrying how many times a message has failed so far.
+pub const ATTEMPTS_HEADER: &str = "shardline.attempts";
+
+/// Header listing when each attempt failed (Unix ms, comma-separated).
+pub const FAILED_AT_HEADER: &str = "shardline.attempts_failed_at";
+
+/// Most distinct retry delays per subscription (so most retry queues).
+const MAX_TIERS: usize = 16;
+
+/// The delays between attempts of a failing message: `retry_initial`,
+/// growing by `retry_multiplier` up to `retry_max`. Attempt `n` (1-based)
+/// waits `delays[min(n, len) - 1]`. Jitter does not apply: each delay is a
+/// queue, so the set must be finite and known to both sides.
+pub fn retry_delays(policy: &FailurePolicy) -> Vec<Duration> {
+    let mut delays = Vec::new();
+    let mut delay = policy.retry_initial.max(Duration::from_millis(1));
+    while delays.len() < MAX_TIERS {
+        // Whole milliseconds: the delay is a queue name and an x-message-ttl.
+        let ms = Duration::from_millis(delay.as_millis().max(1) as u64);
+        if ms >= policy.retry_max || delays.len() + 1 == MAX_TIERS {
+            delays.push(Duration::from_millis(policy.retry_max.as_millis().max(1) as u64));
+            break;
+        }
+        delays.push(ms);
+        if policy.retry_multiplier <= 1.0 {
+            break;
+        }
+        delay = delay.mul_f64(policy.retry_multiplier);
+    }
+    delays.dedup();
+    delays
+}
+
+/// The delay before attempt `attempt` (1-based) of a failing message.
+pub fn retry_delay(delays: &[Duration], attempt: u32) -> Duration {
+    let i = (attempt.max(1) as usize - 1).min(delays.len().saturating_sub(1));
+    delays.get(i).copied().unwrap_or(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(initial_ms: u64, max_ms: u64, multiplier: f64) -> FailurePolicy {
+        FailurePolicy {
+            retry_initial: Duration::from_millis(initial_ms),
+            retry_max: Duration::from_millis(max_ms),
+            retry_multiplier: multiplier,
+            ..FailurePolicy::default()
+        }
+    }
+
+    #[test]
+    fn delays_grow_to_the_cap_and_stay_there() {
+        let ms = |v: &[u64]| v.iter().map(|m| Duration::from_millis(*m)).collect::<Vec<_>>();
+        let d = retry_delays(&policy(100, 30_000, 2.0));
+        assert_eq!(d, ms(&[100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000]));
+        assert_eq!(retry_delay(&d, 1), Duration::from_millis(100));
+        assert_eq!(retry_delay(&d, 3), Duration::from_millis(400));
+        assert_eq!(retry_delay(&d, 50), Duration::from_millis(30_000));
+        // A multiplier of 1: one delay; initial == max: one delay.
+        assert_eq!(retry_delays(&policy(500, 30_000, 1.0)), ms(&[500]));
+        assert_eq!(retry_delays(&policy(500, 500, 2.0)), ms(&[500]));
+        // A tiny multiplier cannot make hundreds of queues.
+        assert!(retry_delays(&policy(1, 900_000, 1.01)).len() <= MAX_TIERS);
+    }
+
+    #[test]
+    fn names_are_derived_from_the_subscription() {
+        assert_eq!(dead_letter_exchange("emails"), "emails.dlx");
+        assert_eq!(dead_letter_queue("emails"), "emails.dlq");
+        assert_eq!(retry_queue("emails", Duration::from_millis(400)), "emails.retry.400");
+    }
+}

@@ -1,0 +1,407 @@
+//! RabbitMQ as SNS/SQS, end to end: the real coordinator and worker
+//! binaries against the real RabbitMQ. The coordinator declares the
+//! topology from its config; messages are published with confirms; the
+//! built-in `forward` / `chaos` handlers publish a receipt per processed
+//! message to a receipts exchange, whose queue the test reads back.
+//!
+//! One test at a time (`SERIAL`): one restarts RabbitMQ's app, and all of
+//! them start several processes on a small machine.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use shardline_proto::v1;
+use shardline_tests::amqp::{
+    Got, channel, counts, delete_queues, depth, drain_queue, publish_ids, publisher, rabbitmqctl,
+    receipts_exchange,
+};
+use shardline_tests::{Coordinator, Proc, eventually, start_worker_with, unique};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const TIMINGS: &str =
+    "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\nscale_interval = \"500ms\"\n";
+
+/// Names of one test's topology, deleted at the end.
+struct Names {
+    topic: String,
+    subs: Vec<String>,
+    receipts: Vec<String>,
+}
+
+impl Names {
+    fn new(subs: usize) -> Self {
+        Self {
+            topic: unique("t"),
+            subs: (0..subs).map(|_| unique("s")).collect(),
+            receipts: (0..subs).map(|_| unique("r")).collect(),
+        }
+    }
+
+    /// Every queue the test made (the coordinator's retry and dead-letter
+    /// queues included), for cleanup.
+    fn queues(&self) -> Vec<String> {
+        let mut q: Vec<String> = self.receipts.iter().map(|r| format!("{r}.q")).collect();
+        for s in &self.subs {
+            q.push(s.clone());
+            q.push(shardline_proto::topology::dead_letter_queue(s));
+        }
+        q
+    }
+}
+
+/// A coordinator and its workers, killed on drop (workers first).
+struct Run {
+    workers: Vec<Proc>,
+    c: Coordinator,
+    _dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn start(config: &str, worker: &str, ids: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let c = Coordinator::start(&format!("{TIMINGS}{config}"), &dir.path().join("data"))?;
+        let workers = ids.iter().map(|id| start_worker_with(&c.url, id, worker)).collect::<Result<_>>()?;
+        Ok(Self { workers, c, _dir: dir })
+    }
+
+    async fn subscription(&self, name: &str) -> Result<v1::SubscriptionInfo> {
+        let reply = self.c.admin().await?.list_subscriptions(v1::ListSubscriptionsRequest {}).await?;
+        reply.into_inner().subscriptions.into_iter().find(|s| s.name == name).context("subscription listed")
+    }
+
+    /// Waits until the coordinator has declared the topology and the
+    /// subscription's slots are consuming.
+    async fn consuming(&self, name: &str, consumers: u32) -> Result<()> {
+        eventually(Duration::from_secs(30), "slots consuming", || async {
+            let s = self.subscription(name).await?;
+            ensure!(s.error.is_empty(), "topology error: {}", s.error);
+            ensure!(s.consumers >= consumers, "{} consumers of {consumers}", s.consumers);
+            Ok(Some(()))
+        })
+        .await
+    }
+}
+
+/// `[[topics]]` plus one `[[subscriptions]]` per (name, handler, settings).
+fn topology(topic: &str, subs: &[(&str, &str, &str)]) -> String {
+    let mut c = format!("[[topics]]\nname = \"{topic}\"\n");
+    for (name, handler, settings) in subs {
+        c.push_str(&format!(
+            "[[subscriptions]]\nname = \"{name}\"\ntopic = \"{topic}\"\nhandler = \"{handler}\"\n{settings}\n"
+        ));
+    }
+    c
+}
+
+/// Reads receipts until every id in `0..n` was seen (or `timeout`).
+async fn receipts(queue: &str, n: u64, timeout: Duration) -> Result<Vec<Got>> {
+    let got = drain_queue(queue, n as usize, Duration::from_secs(2), timeout).await?;
+    let seen = counts(&got);
+    let missing: Vec<u64> = (0..n).filter(|i| !seen.contains_key(i)).take(10).collect();
+    ensure!(missing.is_empty(), "{queue}: {} of {n} ids seen; missing e.g. {missing:?}", seen.len());
+    Ok(got)
+}
+
+fn duplicates(got: &[Got]) -> usize {
+    got.len() - counts(got).len()
+}
+
+async fn declare_receipts(names: &Names) -> Result<()> {
+    let (_connection, ch) = channel().await?;
+    for r in &names.receipts {
+        receipts_exchange(&ch, r).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fan_out_delivers_every_message_to_each_subscription() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(2);
+    declare_receipts(&names).await?;
+    let (a, b) = (&names.subs[0], &names.subs[1]);
+    let config = topology(
+        &names.topic,
+        &[
+            (a, "forward", "min_slots = 2\nmax_concurrency = 2\nbatch_size = 100"),
+            (b, "chaos", "batch_size = 10"),
+        ],
+    );
+    let worker = format!(
+        "[handlers.forward]\nexchange = \"{}\"\n[handlers.chaos]\nexchange = \"{}\"\n",
+        names.receipts[0], names.receipts[1]
+    );
+    let run = Run::start(&config, &worker, &["w1", "w2"])?;
+    run.consuming(a, 2).await?;
+    run.consuming(b, 1).await?;
+
+    let n = 10_000;
+    let started = Instant::now();
+    publish_ids(&publisher(), &names.topic, 0, n).await?;
+    println!("published {n} with confirms in {:?}", started.elapsed());
+    let got_a = receipts(&format!("{}.q", names.receipts[0]), n, Duration::from_secs(120)).await?;
+    let got_b = receipts(&format!("{}.q", names.receipts[1]), n, Duration::from_secs(120)).await?;
+    println!(
+        "subscription {a} (forward): {} receipts, {} duplicates; subscription {b} (chaos): {} receipts, {} duplicates; {:?}",
+        got_a.len(),
+        duplicates(&got_a),
+        got_b.len(),
+        duplicates(&got_b),
+        started.elapsed()
+    );
+    // The receipts name the subscription each message came through.
+    ensure!(
+        got_a.iter().all(|g| g.header("shardline.stream") == Some(a.as_str())),
+        "receipts of {a} say {a}"
+    );
+    ensure!(
+        got_b.iter().all(|g| g.header("shardline.stream") == Some(b.as_str())),
+        "receipts of {b} say {b}"
+    );
+    ensure!(depth(a).await? == 0 && depth(b).await? == 0, "both subscription queues drained");
+    drop(run);
+    delete_queues(&names.queues()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_batch_loses_nothing_and_counts_redeliveries() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    declare_receipts(&names).await?;
+    let sub = &names.subs[0];
+    let batch = 20;
+    let config = topology(
+        &names.topic,
+        &[(sub, "chaos", &format!("min_slots = 2\nmax_concurrency = 2\nbatch_size = {batch}"))],
+    );
+    let worker =
+        format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"40ms\"\n", names.receipts[0]);
+    let mut run = Run::start(&config, &worker, &["w1", "w2"])?;
+    run.consuming(sub, 2).await?;
+    let leases = run.c.leases().await?;
+    ensure!(
+        shardline_tests::owners(&leases).len() == 2,
+        "one slot per worker: {:?}",
+        shardline_tests::owners(&leases)
+    );
+
+    let n = 4_000;
+    publish_ids(&publisher(), &names.topic, 0, n).await?;
+    // Mid-stream: some processed, most still queued.
+    eventually(Duration::from_secs(60), "processing under way", || async {
+        let d = depth(sub).await?;
+        ensure!(d < (n as u32) * 3 / 4, "depth {d}");
+        Ok(Some(()))
+    })
+    .await?;
+    run.workers[0].kill9()?;
+    let killed_at = Instant::now();
+    println!("killed w1 with {} messages still queued", depth(sub).await?);
+
+    let got = receipts(&format!("{}.q", names.receipts[0]), n, Duration::from_secs(180)).await?;
+    let dups = duplicates(&got);
+    println!(
+        "{n} published, {} distinct processed, 0 lost, {dups} processed twice (redelivered after kill -9), {:?} after the kill",
+        counts(&got).len(),
+        killed_at.elapsed()
+    );
+    // Only what the killed slot held unacknowledged can come twice: its
+    // in-flight batch and its prefetch (2 batches).
+    ensure!(dups <= 2 * batch, "{dups} duplicates; at most {} were unacked by the killed worker", 2 * batch);
+    drop(run);
+    delete_queues(&names.queues()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_message_retries_with_growing_delays_then_dead_letters_while_others_flow() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    declare_receipts(&names).await?;
+    let sub = &names.subs[0];
+    let settings = "batch_size = 20\nmax_retries = 3\nbisect_on_error = true\n\
+                    retry_backoff = { initial = \"1s\", max = \"8s\", multiplier = 2.0 }";
+    let config = topology(&names.topic, &[(sub, "chaos", settings)]);
+    let worker = format!("[handlers.chaos]\nexchange = \"{}\"\npoison = \"id-777\"\n", names.receipts[0]);
+    let run = Run::start(&config, &worker, &["w1"])?;
+    run.consuming(sub, 1).await?;
+    let receipts_q = format!("{}.q", names.receipts[0]);
+    let dlq = shardline_proto::topology::dead_letter_queue(sub);
+
+    // 1,000 messages, one of them poison (only id-777 contains "id-777").
+    publish_ids(&publisher(), &names.topic, 0, 1000).await?;
+    let first = drain_queue(&receipts_q, 999, Duration::from_millis(500), Duration::from_secs(60)).await?;
+    // More traffic while the poison waits out its retries.
+    publish_ids(&publisher(), &names.topic, 1000, 1500).await?;
+    let second = drain_queue(&receipts_q, 500, Duration::from_millis(500), Duration::from_secs(60)).await?;
+    let in_retry = depth(&dlq).await?;
+    let mut all = first;
+    all.extend(second);
+    let seen = counts(&all);
+    let healthy: BTreeSet<u64> = (0..1500).filter(|i| *i != 777).collect();
+    ensure!(healthy.iter().all(|i| seen.contains_key(i)), "every healthy message processed");
+    ensure!(!seen.contains_key(&777), "the poison was never reported processed");
+    ensure!(in_retry == 0, "the poison was still retrying while 1,499 others flowed (dlq depth {in_retry})");
+
+    // Then it gives up: 1 + 3 retries, in the dead-letter queue.
+    let dead = drain_queue(&dlq, 1, Duration::from_millis(500), Duration::from_secs(60)).await?;
+    ensure!(dead.len() == 1, "one dead letter, got {}", dead.len());
+    let d = &dead[0];
+    println!("dead letter: {} {:?}", d.body, d.headers);
+    ensure!(d.body == "id-777", "the poison dead-lettered, not {}", d.body);
+    ensure!(
+        d.header("shardline.attempts") == Some("4"),
+        "attempts header {:?}",
+        d.header("shardline.attempts")
+    );
+    ensure!(
+        d.header("shardline.reason") == Some("retries_exhausted"),
+        "reason {:?}",
+        d.header("shardline.reason")
+    );
+    ensure!(
+        d.header("shardline.error").is_some_and(|e| e.contains("poison")),
+        "error {:?}",
+        d.header("shardline.error")
+    );
+    ensure!(d.header("shardline.source.subscription") == Some(sub.as_str()), "source header");
+    let times: Vec<u64> = d
+        .header("shardline.attempts_failed_at")
+        .context("attempt history header")?
+        .split(',')
+        .map(|t| t.parse().context("a time"))
+        .collect::<Result<_>>()?;
+    ensure!(times.len() == 4, "four failed attempts: {times:?}");
+    let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("gaps between attempts (ms): {gaps:?} (retry delays 1000, 2000, 4000)");
+    for (gap, delay) in gaps.iter().zip([1000, 2000, 4000]) {
+        ensure!(*gap >= delay, "gap {gap} ms shorter than the {delay} ms retry delay: {gaps:?}");
+    }
+    ensure!(gaps.windows(2).all(|w| w[1] > w[0]), "delays grow: {gaps:?}");
+    drop(run);
+    let mut queues = names.queues();
+    let policy = shardline_proto::FailurePolicy {
+        retry_initial: Duration::from_secs(1),
+        retry_max: Duration::from_secs(8),
+        ..shardline_proto::FailurePolicy::default()
+    };
+    for delay in shardline_proto::topology::retry_delays(&policy) {
+        queues.push(shardline_proto::topology::retry_queue(sub, delay));
+    }
+    delete_queues(&queues).await
+}
+
+/// Starts RabbitMQ's app again if a test stopped it, however it ends.
+struct RestartGuard;
+
+impl Drop for RestartGuard {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["start_app"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    declare_receipts(&names).await?;
+    let sub = &names.subs[0];
+    let config =
+        topology(&names.topic, &[(sub, "chaos", "min_slots = 2\nmax_concurrency = 2\nbatch_size = 20")]);
+    let worker =
+        format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"30ms\"\n", names.receipts[0]);
+    let mut run = Run::start(&config, &worker, &["w1", "w2"])?;
+    run.consuming(sub, 2).await?;
+
+    let n = 4_000;
+    publish_ids(&publisher(), &names.topic, 0, n).await?;
+    eventually(Duration::from_secs(60), "processing under way", || async {
+        let d = depth(sub).await?;
+        ensure!(d < (n as u32) * 3 / 4, "depth {d}");
+        Ok(Some(()))
+    })
+    .await?;
+    let guard = RestartGuard;
+    rabbitmqctl(&["stop_app"])?;
+    let stopped = Instant::now();
+    // The workers notice and say so in their heartbeats.
+    let unhealthy = eventually(Duration::from_secs(20), "a worker reports unhealthy", || async {
+        let workers = run.c.workers().await?;
+        let sick: Vec<String> = workers
+            .iter()
+            .filter(|w| !w.unhealthy.is_empty())
+            .map(|w| format!("{}: {:?}", w.worker_id, w.unhealthy))
+            .collect();
+        ensure!(!sick.is_empty(), "all healthy");
+        Ok(Some(sick))
+    })
+    .await?;
+    println!("while RabbitMQ was down: {unhealthy:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"])?;
+    drop(guard);
+    println!("RabbitMQ app stopped for {:?}", stopped.elapsed());
+
+    let got = receipts(&format!("{}.q", names.receipts[0]), n, Duration::from_secs(180)).await?;
+    println!("{n} published, {} processed, 0 lost, {} processed twice", counts(&got).len(), duplicates(&got));
+    for w in &mut run.workers {
+        ensure!(w.child_running(), "worker {} kept running through the restart", w.name());
+    }
+    eventually(Duration::from_secs(20), "healthy again", || async {
+        let workers = run.c.workers().await?;
+        ensure!(workers.len() == 2 && workers.iter().all(|w| w.unhealthy.is_empty()), "{workers:?}");
+        Ok(Some(()))
+    })
+    .await?;
+    drop(run);
+    delete_queues(&names.queues()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    declare_receipts(&names).await?;
+    let sub = &names.subs[0];
+    let settings = "min_slots = 1\nmax_concurrency = 4\nbatch_size = 10\ndrain_target = \"2s\"\nscale_down_after = \"3s\"";
+    let config = topology(&names.topic, &[(sub, "chaos", settings)]);
+    let worker =
+        format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"20ms\"\n", names.receipts[0]);
+    let run = Run::start(&config, &worker, &["w1", "w2"])?;
+    run.consuming(sub, 1).await?;
+
+    let n = 20_000;
+    publish_ids(&publisher(), &names.topic, 0, n).await?;
+    let started = Instant::now();
+    let mut history: Vec<(u64, u32, u64)> = Vec::new();
+    let mut peak = 0;
+    // Sample until drained and back at min_slots (or give up).
+    while started.elapsed() < Duration::from_secs(240) {
+        let s = run.subscription(sub).await?;
+        if history.last().is_none_or(|(_, slots, _)| *slots != s.slots) {
+            println!("t={:>5.1}s slots={} depth={}", started.elapsed().as_secs_f64(), s.slots, s.depth);
+        }
+        history.push((started.elapsed().as_millis() as u64, s.slots, s.depth));
+        peak = peak.max(s.slots);
+        if peak > 1 && s.slots == 1 && s.depth == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("slot counts over time (ms, slots, depth): {history:?}");
+    ensure!(peak >= 3, "the backlog grew the slots (peak {peak})");
+    let last = history.last().map_or(0, |h| h.1);
+    ensure!(last == 1, "slots back to min_slots after the drain (now {last})");
+    let got = receipts(&format!("{}.q", names.receipts[0]), n, Duration::from_secs(60)).await?;
+    println!("{n} processed with a peak of {peak} slots; {} duplicates", duplicates(&got));
+    // Parked slots are not owned by anyone.
+    let leases = run.c.leases().await?;
+    let owned = leases
+        .iter()
+        .filter(|l| l.lease.as_ref().is_some_and(|id| &id.name == sub) && !l.owner.is_empty())
+        .count();
+    ensure!(owned == 1, "one slot owned after scaling down, {owned} are");
+    drop(run);
+    delete_queues(&names.queues()).await
+}

@@ -1,0 +1,154 @@
+//! RabbitMQ on the worker: one AMQP connection per process (DESIGN.md),
+//! with a channel per queue slot and one for publishing.
+//!
+//! [`Amqp`] owns the connection. It connects on first use, and whoever
+//! finds it broken reconnects it with backoff (one at a time); until it is
+//! back the worker reports itself unhealthy in its heartbeats. Channels are
+//! not recovered: a queue slot that loses its channel opens a new one and
+//! consumes again, and RabbitMQ has already put its unacknowledged
+//! deliveries back in the queue, so nothing acknowledged is ever lost and
+//! nothing unacknowledged is ever skipped.
+
+mod publish;
+pub mod slot;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+
+pub use publish::{Message, Publisher};
+
+/// The process's AMQP connection; cheap to clone.
+#[derive(Clone)]
+pub struct Amqp {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    name: String,
+    connection: tokio::sync::Mutex<Option<Connection>>,
+    /// Why the connection is down, while it is.
+    problem: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Amqp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: show the host part only.
+        let host = self.inner.url.rsplit('@').next().unwrap_or_default();
+        f.debug_struct("Amqp").field("host", &host).finish()
+    }
+}
+
+impl Amqp {
+    /// A handle that connects to `url` on first use; `name` shows in
+    /// RabbitMQ's connection list.
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                url: url.into(),
+                name: name.into(),
+                connection: tokio::sync::Mutex::new(None),
+                problem: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// `Some(reason)` while the connection is down.
+    pub fn problem(&self) -> Option<String> {
+        self.inner.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.inner.problem.lock() {
+            *p = problem;
+        }
+        metrics::gauge!("shardline_amqp_connected").set(if self.problem().is_some() { 0.0 } else { 1.0 });
+    }
+
+    /// A new channel, reconnecting with backoff as long as it takes;
+    /// `None` once `stop` fires.
+    pub async fn channel(&self, stop: &CancellationToken) -> Option<Channel> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.try_channel().await {
+                Ok(channel) => return Some(channel),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?wait, "RabbitMQ unavailable; retrying");
+                    self.set_problem(Some(format!("amqp: {e}")));
+                    metrics::counter!("shardline_source_errors_total").increment(1);
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn try_channel(&self) -> Result<Channel, lapin::Error> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| c.status().connected()) {
+            match connection.create_channel().await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => tracing::warn!(error = %e, "cannot open a channel; reconnecting"),
+            }
+        }
+        *slot = None;
+        let props = ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
+        let connection = Connection::connect(&self.inner.url, props).await?;
+        let channel = connection.create_channel().await?;
+        *slot = Some(connection);
+        if self.problem().is_some() {
+            tracing::info!("RabbitMQ connection re-established");
+        }
+        self.set_problem(None);
+        Ok(channel)
+    }
+
+    /// Marks the connection down after a channel died under us, so the
+    /// worker reports unhealthy until someone reconnects.
+    pub fn broken(&self, why: &str) {
+        self.set_problem(Some(format!("amqp: {why}")));
+    }
+}
+
+/// A header value as bytes for [`crate::handler::Record`]: strings as they
+/// are, numbers and booleans in decimal text, anything else in debug form.
+pub fn header_bytes(value: &AMQPValue) -> Vec<u8> {
+    match value {
+        AMQPValue::LongString(s) => s.as_bytes().to_vec(),
+        AMQPValue::ShortString(s) => s.as_str().as_bytes().to_vec(),
+        AMQPValue::ByteArray(b) => b.as_slice().to_vec(),
+        AMQPValue::Boolean(b) => b.to_string().into_bytes(),
+        AMQPValue::ShortShortInt(n) => n.to_string().into_bytes(),
+        AMQPValue::ShortShortUInt(n) => n.to_string().into_bytes(),
+        AMQPValue::ShortInt(n) => n.to_string().into_bytes(),
+        AMQPValue::ShortUInt(n) => n.to_string().into_bytes(),
+        AMQPValue::LongInt(n) => n.to_string().into_bytes(),
+        AMQPValue::LongUInt(n) => n.to_string().into_bytes(),
+        AMQPValue::LongLongInt(n) => n.to_string().into_bytes(),
+        AMQPValue::Timestamp(n) => n.to_string().into_bytes(),
+        other => format!("{other:?}").into_bytes(),
+    }
+}
+
+/// Headers RabbitMQ adds when it dead-letters. A republished message must
+/// not carry them: RabbitMQ would see its own `x-death` trail, take the
+/// retry loop for a dead-letter cycle and drop the message.
+pub(crate) fn is_broker_header(key: &str) -> bool {
+    key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
+}
+
+/// Builds AMQP headers from byte headers (as long strings).
+pub fn field_table<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        table.insert(k.into(), AMQPValue::LongString(v.to_vec().into()));
+    }
+    table
+}

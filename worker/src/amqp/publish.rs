@@ -1,0 +1,130 @@
+//! Publishing with publisher confirms: [`Publisher::publish`] returns only
+//! once RabbitMQ has taken responsibility for every message (confirmed, and
+//! routed to at least one queue: messages are `mandatory`, so one that no
+//! queue would keep is an error, not a silent drop).
+//!
+//! Used for retries and dead letters by queue slots, by the `forward`
+//! handler's AMQP mode, and by tests, examples and the load-test harness as
+//! the producer. Persistent delivery mode, so a confirmed message on a
+//! durable queue survives a broker restart.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use tokio_util::sync::CancellationToken;
+
+use super::Amqp;
+
+/// One message to publish.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub headers: FieldTable,
+    /// Kept as the AMQP `message-id` property (and the record key).
+    pub message_id: Option<String>,
+    /// Seconds since the Unix epoch (AMQP `timestamp`); `None`: now.
+    pub timestamp: Option<u64>,
+    /// Other properties to carry over (content type and the like).
+    pub properties: Option<BasicProperties>,
+}
+
+/// A confirm-mode channel on an [`Amqp`] connection, reopened when it
+/// breaks. Cheap to clone; clones share the channel.
+#[derive(Clone)]
+pub struct Publisher {
+    amqp: Amqp,
+    channel: std::sync::Arc<tokio::sync::Mutex<Option<Channel>>>,
+}
+
+impl Publisher {
+    pub fn new(amqp: Amqp) -> Self {
+        Self { amqp, channel: Default::default() }
+    }
+
+    /// A publisher on its own connection to `url`.
+    pub fn connect(url: &str, name: &str) -> Self {
+        Self::new(Amqp::new(url, name))
+    }
+
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut slot = self.channel.lock().await;
+        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        // One attempt through the connection's backoff, bounded so a
+        // caller's own retry policy stays in charge.
+        let stop = CancellationToken::new();
+        let guard = stop.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            guard.cancel();
+        });
+        let channel = self.amqp.channel(&stop).await;
+        timer.abort();
+        let channel = channel
+            .ok_or_else(|| self.amqp.problem().unwrap_or_else(|| "amqp: no connection within 5s".into()))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| format!("confirm.select: {e}"))?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Publishes every message and waits for all their confirms. `Err`
+    /// names the first message that was not confirmed or not routed; the
+    /// caller must treat all of them as not published (some may have been:
+    /// at-least-once).
+    pub async fn publish(&self, messages: &[Message]) -> Result<(), String> {
+        let channel = self.channel().await?;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut props = m.properties.clone().unwrap_or_default();
+            props = props
+                .with_delivery_mode(2)
+                .with_headers(m.headers.clone())
+                .with_timestamp(m.timestamp.unwrap_or(now));
+            if let Some(id) = &m.message_id {
+                props = props.with_message_id(id.as_str().into());
+            }
+            let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+            let confirm = channel
+                .basic_publish(
+                    m.exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    options,
+                    &m.body,
+                    props,
+                )
+                .await
+                .map_err(|e| self.failed(format!("publish to `{}`: {e}", m.exchange)))?;
+            confirms.push((m, confirm));
+        }
+        for (m, confirm) in confirms {
+            let confirmation =
+                confirm.await.map_err(|e| self.failed(format!("confirm from `{}`: {e}", m.exchange)))?;
+            if confirmation.is_nack() {
+                return Err(format!("RabbitMQ refused (nack) a message for exchange `{}`", m.exchange));
+            }
+            if confirmation.take_message().is_some() {
+                return Err(format!(
+                    "no queue is bound to exchange `{}` with routing key `{}`: the message would be lost",
+                    m.exchange, m.routing_key
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a channel that failed, so the next publish opens a new one.
+    fn failed(&self, message: String) -> String {
+        if let Ok(mut slot) = self.channel.try_lock() {
+            *slot = None;
+        }
+        message
+    }
+}
