@@ -60,13 +60,10 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
     if config.subscriptions.is_empty() {
         return;
     }
-    // Slots first, broker second: workers can be leased their slots (and
-    // wait for RabbitMQ themselves) even while RabbitMQ is down.
     let owned = owned_slots(&handle).await;
     let mut scalers: BTreeMap<String, Scaler> = BTreeMap::new();
     for s in &config.subscriptions {
         let scaler = Scaler::new(bounds(s), owned.get(&s.name).copied().unwrap_or(0));
-        set_slots(&handle, s, scaler.slots()).await;
         if let Ok(mut table) = status.lock() {
             table.insert(
                 s.name.clone(),
@@ -83,7 +80,10 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
         }
         scalers.insert(s.name.clone(), scaler);
     }
-
+    // Slots are leased after the first declaration attempt (so workers do
+    // not consume queues that are about to be declared), but whether or not
+    // RabbitMQ answered: workers wait for the broker themselves.
+    let mut slots_set = false;
     let mut wait = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let connection = tokio::select! {
@@ -95,6 +95,10 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
             Err(e) => {
                 tracing::warn!(error = %e, ?wait, "cannot connect to RabbitMQ; retrying");
                 mark_all(&status, &format!("RabbitMQ unreachable: {e}"));
+                if !slots_set {
+                    slots_set = true;
+                    set_all_slots(&handle, &config, &scalers).await;
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
@@ -106,6 +110,10 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
         wait = Duration::from_millis(200);
         tracing::info!("connected to RabbitMQ; declaring topology");
         let types = declare_all(&connection, &config, &status).await;
+        if !slots_set {
+            slots_set = true;
+            set_all_slots(&handle, &config, &scalers).await;
+        }
         // Read and scale until the connection breaks.
         let mut ticker = tokio::time::interval(config.scale_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -170,6 +178,14 @@ fn bounds(s: &SubscriptionConfig) -> Bounds {
         max: s.max_concurrency,
         drain_target: s.drain_target,
         scale_down_after: s.scale_down_after,
+    }
+}
+
+async fn set_all_slots(handle: &Handle, config: &Config, scalers: &BTreeMap<String, Scaler>) {
+    for s in &config.subscriptions {
+        if let Some(scaler) = scalers.get(&s.name) {
+            set_slots(handle, s, scaler.slots()).await;
+        }
     }
 }
 

@@ -298,3 +298,16 @@ pub async fn http_get(addr: &str, path: &str) -> Result<String> {
     let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
     Ok(body.to_owned())
 }
+
+/// The value of one Prometheus `series` (name with labels, as printed).
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Scrapes `/metrics` at `addr` and reads `series`; absent reads as 0.
+pub async fn scrape(addr: &str, series: &str) -> Result<f64> {
+    let body = http_get(addr, "/metrics").await?;
+    Ok(metric(&body, series).unwrap_or(0.0))
+}

@@ -16,7 +16,7 @@ use shardline_tests::amqp::{
     Got, channel, counts, delete_queues, depth, drain_queue, publish_ids, publisher, rabbitmqctl,
     receipts_exchange,
 };
-use shardline_tests::{Coordinator, Proc, eventually, start_worker_with, unique};
+use shardline_tests::{Coordinator, Proc, eventually, free_port, scrape, start_worker_with, unique};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -60,9 +60,16 @@ struct Run {
 
 impl Run {
     fn start(config: &str, worker: &str, ids: &[&str]) -> Result<Self> {
+        let workers: Vec<(&str, String)> = ids.iter().map(|id| (*id, worker.to_owned())).collect();
+        Self::start_each(config, &workers)
+    }
+
+    /// One worker per (id, config).
+    fn start_each(config: &str, workers: &[(&str, String)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let c = Coordinator::start(&format!("{TIMINGS}{config}"), &dir.path().join("data"))?;
-        let workers = ids.iter().map(|id| start_worker_with(&c.url, id, worker)).collect::<Result<_>>()?;
+        let workers =
+            workers.iter().map(|(id, cfg)| start_worker_with(&c.url, id, cfg)).collect::<Result<_>>()?;
         Ok(Self { workers, c, _dir: dir })
     }
 
@@ -178,7 +185,9 @@ async fn kill_9_mid_batch_loses_nothing_and_counts_redeliveries() -> Result<()> 
     );
     let worker =
         format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"40ms\"\n", names.receipts[0]);
-    let mut run = Run::start(&config, &worker, &["w1", "w2"])?;
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let survivor = format!("metrics_listen = \"{metrics}\"\n{worker}");
+    let mut run = Run::start_each(&config, &[("w1", worker.clone()), ("w2", survivor)])?;
     run.consuming(sub, 2).await?;
     let leases = run.c.leases().await?;
     ensure!(
@@ -202,11 +211,16 @@ async fn kill_9_mid_batch_loses_nothing_and_counts_redeliveries() -> Result<()> 
 
     let got = receipts(&format!("{}.q", names.receipts[0]), n, Duration::from_secs(180)).await?;
     let dups = duplicates(&got);
+    let redelivered = scrape(&metrics, "shardline_redeliveries_total").await?;
     println!(
-        "{n} published, {} distinct processed, 0 lost, {dups} processed twice (redelivered after kill -9), {:?} after the kill",
+        "{n} published, {} distinct processed, 0 lost; {redelivered} redelivered to w2 after the kill -9, \
+         {dups} of them processed twice; all done {:?} after the kill",
         counts(&got).len(),
         killed_at.elapsed()
     );
+    // The killed worker held a prefetch it had not acked: RabbitMQ gave it
+    // to the survivor, marked redelivered.
+    ensure!(redelivered >= 1.0, "no redelivery counted after killing a consuming worker");
     // Only what the killed slot held unacknowledged can come twice: its
     // in-flight batch and its prefetch (2 batches).
     ensure!(dups <= 2 * batch, "{dups} duplicates; at most {} were unacked by the killed worker", 2 * batch);
@@ -322,6 +336,12 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
         Ok(Some(()))
     })
     .await?;
+    let healthy = async || {
+        let workers = run.c.workers().await?;
+        ensure!(workers.len() == 2 && workers.iter().all(|w| w.unhealthy.is_empty()), "{workers:?}");
+        Ok(Some(()))
+    };
+    eventually(Duration::from_secs(20), "healthy workers", healthy).await?;
     let guard = RestartGuard;
     rabbitmqctl(&["stop_app"])?;
     let stopped = Instant::now();
@@ -348,12 +368,7 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
     for w in &mut run.workers {
         ensure!(w.child_running(), "worker {} kept running through the restart", w.name());
     }
-    eventually(Duration::from_secs(20), "healthy again", || async {
-        let workers = run.c.workers().await?;
-        ensure!(workers.len() == 2 && workers.iter().all(|w| w.unhealthy.is_empty()), "{workers:?}");
-        Ok(Some(()))
-    })
-    .await?;
+    eventually(Duration::from_secs(20), "healthy again", healthy).await?;
     drop(run);
     delete_queues(&names.queues()).await
 }
@@ -370,10 +385,11 @@ async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<
         format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"20ms\"\n", names.receipts[0]);
     let run = Run::start(&config, &worker, &["w1", "w2"])?;
     run.consuming(sub, 1).await?;
+    let topic = names.topic.clone();
 
     let n = 20_000;
-    publish_ids(&publisher(), &names.topic, 0, n).await?;
     let started = Instant::now();
+    let publishing = tokio::spawn(async move { publish_ids(&publisher(), &topic, 0, n).await });
     let mut history: Vec<(u64, u32, u64)> = Vec::new();
     let mut peak = 0;
     // Sample until drained and back at min_slots (or give up).
@@ -384,11 +400,12 @@ async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<
         }
         history.push((started.elapsed().as_millis() as u64, s.slots, s.depth));
         peak = peak.max(s.slots);
-        if peak > 1 && s.slots == 1 && s.depth == 0 {
+        if peak > 1 && s.slots == 1 && s.depth == 0 && publishing.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    publishing.await??;
     println!("slot counts over time (ms, slots, depth): {history:?}");
     ensure!(peak >= 3, "the backlog grew the slots (peak {peak})");
     let last = history.last().map_or(0, |h| h.1);

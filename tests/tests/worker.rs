@@ -15,7 +15,8 @@ use anyhow::{Context, Result, ensure};
 use shardline_proto::v1;
 use shardline_tests::kafka::{Receipt, Verdict, produce, producer, read_receipts, verify};
 use shardline_tests::{
-    Coordinator, create_topic, eventually, free_port, http_get, owners, start_worker_with, unique,
+    Coordinator, create_topic, eventually, free_port, http_get, metric, owners, scrape, start_worker_with,
+    unique,
 };
 use tokio::task::JoinHandle;
 
@@ -177,18 +178,6 @@ fn by_worker(receipts: &[Receipt]) -> BTreeMap<&str, usize> {
 
 /// The value of one series (`name` or `name{labels}`) in a Prometheus
 /// text exposition.
-fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Scrapes `/metrics` at `addr` and reads `series`; absent reads as 0.
-async fn scrape(addr: &str, series: &str) -> Result<f64> {
-    let body = http_get(addr, "/metrics").await?;
-    Ok(metric(&body, series).unwrap_or(0.0))
-}
-
 /// Polls ListLeases every 100 ms until stopped and records every time a
 /// lease's checkpoint is lower than one seen before.
 struct CheckpointWatch {

@@ -91,13 +91,6 @@ pub async fn run(
     }
     // Once per node: every lease and batch shares these.
     let ready = handlers.init(contexts).await?;
-    let failure_producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .map_err(|e| WorkerError::Source(SourceError::Kafka(e.to_string())))?;
-    let source = KafkaSource::new(&config.kafka_brokers, &worker_id, config.fetch_queue_kib)?;
     let session = Session::new(SessionConfig {
         coordinator: config.coordinator.clone(),
         worker_id: worker_id.clone(),
@@ -125,10 +118,10 @@ pub async fn run(
 
     let mut rt = Runtime {
         session,
-        source,
+        kafka: None,
+        kafka_config: (config.kafka_brokers.clone(), worker_id.clone(), config.fetch_queue_kib),
         handlers: ready,
         checkpointer,
-        failure_producer,
         publisher: Publisher::new(amqp.clone()),
         amqp,
         worker_id: worker_id.clone(),
@@ -189,11 +182,13 @@ pub async fn run(
 
 struct Runtime {
     session: Session,
-    source: KafkaSource,
+    /// The Kafka consumer and on_failure producer, made at the first shard
+    /// lease: a worker that only runs queue slots never talks to Kafka.
+    kafka: Option<(KafkaSource, FutureProducer)>,
+    /// Brokers, client id and fetch queue size for making them.
+    kafka_config: (String, String, u32),
     handlers: BTreeMap<String, Arc<dyn DynHandler>>,
     checkpointer: Checkpointer,
-    /// Writes records that gave up to their mapping's on_failure topic.
-    failure_producer: FutureProducer,
     amqp: Amqp,
     /// Retries and dead letters of queue slots.
     publisher: Publisher,
@@ -258,6 +253,17 @@ impl Runtime {
             let _ = self.session.release_done(&lease, epoch, None).await;
             return;
         };
+        let kafka = match lease.kind {
+            LeaseKind::QueueSlot => None,
+            LeaseKind::Shard => match self.kafka() {
+                Ok(kafka) => Some(kafka),
+                Err(e) => {
+                    tracing::error!(%lease, error = %e, "cannot create the Kafka client; giving the lease back");
+                    let _ = self.session.release_done(&lease, epoch, start).await;
+                    return;
+                }
+            },
+        };
         tracing::info!(%lease, epoch, ?start, handler = %mapping.handler, "lease acquired");
         let stats = Arc::new(LeaseStats::default());
         stats.position.store(start.unwrap_or(-1), Ordering::Relaxed);
@@ -279,11 +285,9 @@ impl Runtime {
             };
             self.tasks.spawn(async move { (id, epoch, task.run().await) });
         } else {
+            let Some((source, producer)) = kafka else { return };
             let sink: Arc<dyn FailureSink> = match &mapping.policy.on_failure {
-                Some(topic) => Arc::new(KafkaFailureSink {
-                    producer: self.failure_producer.clone(),
-                    topic: topic.clone(),
-                }),
+                Some(topic) => Arc::new(KafkaFailureSink { producer, topic: topic.clone() }),
                 None => Arc::new(Discard),
             };
             let task = LeaseTask {
@@ -293,7 +297,7 @@ impl Runtime {
                 start,
                 handler,
                 sink,
-                source: self.source.clone(),
+                source,
                 checkpointer: self.checkpointer.clone(),
                 stats: stats.clone(),
                 drain: drain.clone(),
@@ -306,6 +310,23 @@ impl Runtime {
             table.insert(lease.clone(), (epoch, stats.clone()));
         }
         self.running.insert(lease, Running { epoch, stopping: false, drain, kill });
+    }
+
+    /// The Kafka consumer and producer, made on first use.
+    fn kafka(&mut self) -> Result<(KafkaSource, FutureProducer), SourceError> {
+        if let Some((source, producer)) = &self.kafka {
+            return Ok((source.clone(), producer.clone()));
+        }
+        let (brokers, client_id, fetch_queue_kib) = &self.kafka_config;
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .map_err(|e| SourceError::Kafka(e.to_string()))?;
+        let source = KafkaSource::new(brokers, client_id, *fetch_queue_kib)?;
+        self.kafka = Some((source.clone(), producer.clone()));
+        Ok((source, producer))
     }
 
     /// Stops a lease at once (lost, revoked): no more checkpoints.

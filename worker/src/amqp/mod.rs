@@ -109,12 +109,6 @@ impl Amqp {
         self.set_problem(None);
         Ok(channel)
     }
-
-    /// Marks the connection down after a channel died under us, so the
-    /// worker reports unhealthy until someone reconnects.
-    pub fn broken(&self, why: &str) {
-        self.set_problem(Some(format!("amqp: {why}")));
-    }
 }
 
 /// A header value as bytes for [`crate::handler::Record`]: strings as they

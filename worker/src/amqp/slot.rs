@@ -78,25 +78,29 @@ impl SlotTask {
             }
             stop_any.cancel();
         });
+        let mut wait = Duration::from_millis(200);
         let exit = loop {
             let Some(channel) = self.amqp.channel(&stop).await else {
                 break if self.kill.is_cancelled() { Exit::Killed } else { Exit::Released(None) };
             };
             match self.session(&channel, filter.as_ref()).await {
                 Ok(Session::Done(exit)) => break exit,
-                Ok(Session::Broken) => {}
+                Ok(Session::Broken) => wait = Duration::from_millis(200),
                 Err(e) => {
-                    tracing::warn!(lease = %self.lease, error = %e, "queue slot channel failed; reopening");
-                    self.amqp.broken(&e);
+                    // A channel-level refusal (say the queue is not declared
+                    // yet) is this slot's problem, not the connection's.
+                    tracing::warn!(lease = %self.lease, error = %e, ?wait, "queue slot cannot consume; retrying");
+                    metrics::counter!("shardline_source_errors_total").increment(1);
                 }
             }
             // The channel is gone; RabbitMQ requeued what it had not seen
-            // acked. Back off briefly before consuming again.
+            // acked. Back off before consuming again.
             let _ = channel.close(200, "reopening".into()).await;
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = tokio::time::sleep(wait) => {}
             }
+            wait = (wait * 2).min(Duration::from_secs(5));
             if self.kill.is_cancelled() {
                 break Exit::Killed;
             }

@@ -311,7 +311,7 @@ impl Figures {
         println!(
             "  {:<36} {:>12}",
             "redelivered raw / shardline",
-            format!("{} / {:.0}", raw.redelivered, w.redeliveries)
+            format!("{} / {}", raw.redelivered, w.redeliveries)
         );
         if w.records > args.messages as f64 {
             println!("  note: the worker handled {:.0} messages for {} published", w.records, args.messages);

@@ -153,7 +153,9 @@ impl SystemFigures {
 pub struct WorkerMetrics {
     pub records: f64,
     pub batches: f64,
-    pub redeliveries: f64,
+    /// A count: an integer, so an absent metric (an empty sum, -0.0) prints
+    /// as 0.
+    pub redeliveries: u64,
     pub mean_handler_ms: f64,
 }
 
@@ -163,7 +165,7 @@ impl WorkerMetrics {
         Self {
             records: m.sum(RECORDS),
             batches: m.sum("shardline_batches_total"),
-            redeliveries: m.sum("shardline_redeliveries_total"),
+            redeliveries: m.sum("shardline_redeliveries_total") as u64,
             mean_handler_ms: if count > 0.0 {
                 m.sum("shardline_handler_duration_seconds_sum") * 1000.0 / count
             } else {
