@@ -1,21 +1,40 @@
-//! `shardline`: the operator's view of a running coordinator (its admin
-//! API): workers, leases, checkpoints. Tables for people, `--json` for
-//! scripts. Exit status 2 for usage errors, 1 for runtime failures.
+//! `shardline`: the operator's view of a coordinator: workers, leases,
+//! checkpoints with lag, subscriptions, usage; moving, exporting and
+//! importing checkpoints. Tables for people, `--json` for scripts.
+//!
+//! Online (default) it talks to the coordinator's admin API. Offline
+//! (`--data-dir DIR`) it opens the coordinator's sled store directly while
+//! the coordinator is stopped, and refuses a locked, foreign or newer store
+//! without touching it.
+//!
+//! Exit status: 0 done, 1 a runtime failure (unreachable coordinator or
+//! broker, locked store), 2 a usage error (bad flag, unknown lease, offset
+//! out of range, malformed time or file). Nothing is written on any error.
+
+mod backend;
+mod output;
 
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
-use shardline_proto::LeaseId;
-use shardline_proto::v1::{self, admin_api_client::AdminApiClient};
-use tonic::transport::Channel;
+use clap::{Args, Parser, Subcommand};
+use shardline_coordinator::offsets::Target;
+use shardline_proto::{LeaseId, LeaseKind};
+
+use crate::backend::Backend;
 
 #[derive(Parser)]
-#[command(name = "shardline", version, about = "Inspect and steer a shardline coordinator")]
+#[command(name = "shardline", version, about = "Inspect and steer shardline: workers, leases, checkpoints")]
 struct Cli {
-    /// The coordinator's gRPC URL.
+    /// The coordinator's gRPC URL (online mode).
     #[arg(long, global = true, env = "SHARDLINE_COORDINATOR", default_value = "http://127.0.0.1:7400")]
     coordinator: String,
+    /// Work on a stopped coordinator's store directory instead (offline).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// Kafka brokers, for offsets in offline mode.
+    #[arg(long, global = true, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
     /// Shared token, when the coordinator requires one.
     #[arg(long, global = true, env = "SHARDLINE_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -28,38 +47,134 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Live workers: id, leases held, last heartbeat.
+    /// Workers: id, address, leases held, last heartbeat, load, health.
     Workers,
-    /// Leases: owner, epoch, state, checkpoint.
+    /// Leases: owner, epoch, state, since when.
     Leases {
-        /// Only this stream or subscription.
+        /// Only the shards of this stream.
+        #[arg(long, conflicts_with = "subscription")]
+        stream: Option<String>,
+        /// Only the queue slots of this subscription.
         #[arg(long)]
-        name: Option<String>,
+        subscription: Option<String>,
     },
-    /// RabbitMQ subscriptions: slots, depth, retrying, dead-lettered.
+    /// Per shard: checkpoint, earliest and latest offsets, lag, owner; per
+    /// subscription: depth, consumers, unacked, dead-lettered.
+    Checkpoints {
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// RabbitMQ subscriptions: slots, depth, consumers, unacked, retrying, DLQ.
     Subscriptions,
-    /// Read or move one checkpoint.
+    /// Read or move checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
+    /// Every checkpoint as JSON (stdout, or --output FILE).
+    Export {
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Checkpoints from an export; all are checked before any is written.
+    Import {
+        /// The export file (`-`: stdin).
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
+    /// Handler time per mapping, metered in 100 ms units.
+    Usage {
+        /// RFC 3339 time or a duration ago (e.g. `1h`); default: all kept.
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Is the coordinator serving?
     Health,
 }
 
 #[derive(Subcommand)]
 enum CheckpointCmd {
-    /// Shows one lease's checkpoint: STREAM/PARTITION or SUBSCRIPTION#SLOT.
+    /// One shard's checkpoint: STREAM/PARTITION.
     Get { lease: LeaseId },
-    /// Sets a checkpoint (bumps the epoch so the owner restarts from it).
+    /// Moves one shard's checkpoint; the epoch goes up, so the owner
+    /// restarts from the new position.
     Set {
         lease: LeaseId,
-        /// The next offset to process.
+        #[command(flatten)]
+        to: To,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
+    /// Moves every shard of a stream.
+    Reset {
         #[arg(long)]
-        offset: i64,
-        /// Do it; without this, only say what would change.
-        #[arg(long)]
-        yes: bool,
+        stream: String,
+        #[command(flatten)]
+        to: ToEdge,
+        #[command(flatten)]
+        confirm: Confirm,
     },
 }
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct To {
+    /// The next offset to process.
+    #[arg(long)]
+    offset: Option<i64>,
+    #[arg(long)]
+    earliest: bool,
+    #[arg(long)]
+    latest: bool,
+    /// The first record at or after this time (RFC 3339 or Unix ms).
+    #[arg(long)]
+    timestamp: Option<String>,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct ToEdge {
+    #[arg(long)]
+    earliest: bool,
+    #[arg(long)]
+    latest: bool,
+    /// The first record at or after this time (RFC 3339 or Unix ms).
+    #[arg(long)]
+    timestamp: Option<String>,
+}
+
+#[derive(Args)]
+struct Confirm {
+    /// Apply the change.
+    #[arg(long, conflicts_with = "dry_run")]
+    yes: bool,
+    /// Only print what would change.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Why a command failed, and so its exit status.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad input: exit 2.
+    Usage(String),
+    /// Something outside is down or refuses: exit 1.
+    Runtime(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        match s.code() {
+            Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::FailedPrecondition => {
+                Failure::Usage(s.message().to_owned())
+            }
+            Code::Unauthenticated => Failure::Runtime(format!("{} (see --token)", s.message())),
+            _ => Failure::Runtime(s.message().to_owned()),
+        }
+    }
+}
+
+type Result<T, E = Failure> = std::result::Result<T, E>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -72,198 +187,147 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
+        Err(Failure::Usage(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(m)) => {
+            eprintln!("error: {m}");
             ExitCode::FAILURE
         }
     }
 }
 
-struct Admin {
-    client: AdminApiClient<Channel>,
-    token: Option<String>,
+/// Parses `--timestamp`: RFC 3339 or Unix milliseconds.
+fn parse_time(flag: &str, value: &str) -> Result<i64> {
+    if let Ok(ms) = value.parse::<i64>()
+        && ms >= 0
+    {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(value)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            Failure::Usage(format!(
+                "{flag} `{value}` is not a time; allowed: RFC 3339 like 2026-11-27T10:00:00Z, or Unix milliseconds"
+            ))
+        })
 }
 
-impl Admin {
-    async fn connect(url: &str, token: Option<String>) -> Result<Self> {
-        let client = AdminApiClient::connect(url.to_owned()).await.with_context(|| {
-            format!("cannot reach the coordinator at {url} (is it running? see --coordinator)")
-        })?;
-        Ok(Self { client, token })
+/// Parses `--since`: a time, or a duration ago.
+fn parse_since(value: &str) -> Result<i64> {
+    if let Ok(ago) = humantime::parse_duration(value) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        return Ok(now.saturating_sub(ago).as_millis() as i64);
     }
+    parse_time("--since", value).map_err(|_| {
+        Failure::Usage(format!(
+            "--since `{value}` is not a time; allowed: RFC 3339 like 2026-11-27T10:00:00Z, Unix milliseconds, or a duration ago like 1h"
+        ))
+    })
+}
 
-    fn req<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &self.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
+fn target(to: &To) -> Result<Target> {
+    Ok(match (to.offset, to.earliest, to.latest, &to.timestamp) {
+        (Some(o), ..) if o < 0 => {
+            return Err(Failure::Usage(format!("--offset {o} is negative; allowed: 0 or more")));
         }
-        request
-    }
+        (Some(o), ..) => Target::Offset(o),
+        (_, true, ..) => Target::Earliest,
+        (_, _, true, _) => Target::Latest,
+        (_, _, _, Some(t)) => Target::Timestamp(parse_time("--timestamp", t)?),
+        _ => {
+            return Err(Failure::Usage(
+                "one of --offset, --earliest, --latest, --timestamp is required".into(),
+            ));
+        }
+    })
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let mut admin = Admin::connect(&cli.coordinator, cli.token.clone()).await?;
+    let json = cli.json;
+    let mut backend = match &cli.data_dir {
+        Some(dir) => Backend::offline(dir, &cli.kafka_brokers)?,
+        None => Backend::online(&cli.coordinator, cli.token.clone()).await?,
+    };
     match cli.command {
-        Cmd::Workers => {
-            let req = admin.req(v1::ListWorkersRequest {});
-            let workers = admin.client.list_workers(req).await?.into_inner().workers;
-            if cli.json {
-                let rows: Vec<_> = workers
-                    .iter()
-                    .map(|w| {
-                        serde_json::json!({
-                            "worker_id": w.worker_id, "address": w.address, "handlers": w.handlers,
-                            "leases": w.leases, "last_heartbeat_ms_ago": w.last_heartbeat_ms_ago,
-                            "restored": w.restored,
-                        })
+        Cmd::Workers => output::workers(&backend.workers().await?, json),
+        Cmd::Leases { stream, subscription } => {
+            let (kind, name) = match (stream, subscription) {
+                (Some(s), _) => (Some(LeaseKind::Shard), Some(s)),
+                (_, Some(q)) => (Some(LeaseKind::QueueSlot), Some(q)),
+                _ => (None, None),
+            };
+            let leases = backend.leases().await?;
+            let picked: Vec<_> = leases
+                .into_iter()
+                .filter(|l| {
+                    let id = l.lease.as_ref().and_then(|id| LeaseId::try_from(Some(id)).ok());
+                    id.is_some_and(|id| {
+                        kind.is_none_or(|k| id.kind == k) && name.as_ref().is_none_or(|n| &id.name == n)
                     })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{:<32} {:>7} {:>14}  HANDLERS", "WORKER", "LEASES", "LAST BEAT");
-                for w in workers {
-                    let beat = if w.restored {
-                        "restored".to_owned()
-                    } else {
-                        format!("{}ms ago", w.last_heartbeat_ms_ago)
-                    };
-                    println!("{:<32} {:>7} {:>14}  {}", w.worker_id, w.leases, beat, w.handlers.join(","));
+                })
+                .collect();
+            if let (Some(n), true) = (&name, picked.is_empty()) {
+                let what = if kind == Some(LeaseKind::Shard) { "stream" } else { "subscription" };
+                return Err(Failure::Usage(format!("unknown {what} `{n}`: it has no leases")));
+            }
+            output::leases(&picked, json)
+        }
+        Cmd::Checkpoints { stream } => {
+            let shards = backend.checkpoints(stream.as_deref().unwrap_or_default()).await?;
+            let subs =
+                if stream.is_none() { backend.subscriptions().await.unwrap_or_default() } else { Vec::new() };
+            output::checkpoints(&shards, &subs, json)
+        }
+        Cmd::Subscriptions => output::subscriptions(&backend.subscriptions().await?, json),
+        Cmd::Checkpoint(CheckpointCmd::Get { lease }) => {
+            let leases = backend.leases().await?;
+            let found = leases.into_iter().find(|l| {
+                l.lease.as_ref().is_some_and(|id| LeaseId::try_from(Some(id)).ok().as_ref() == Some(&lease))
+            });
+            let Some(info) = found else { return Err(Failure::Usage(format!("unknown lease `{lease}`"))) };
+            output::leases(&[info], json)
+        }
+        Cmd::Checkpoint(CheckpointCmd::Set { lease, to, confirm }) => {
+            let plan = backend.set(&lease, target(&to)?, !confirm.yes).await?;
+            output::plan(&plan, confirm.dry_run, json)
+        }
+        Cmd::Checkpoint(CheckpointCmd::Reset { stream, to, confirm }) => {
+            let to = To { offset: None, earliest: to.earliest, latest: to.latest, timestamp: to.timestamp };
+            let plan = backend.reset(&stream, target(&to)?, !confirm.yes).await?;
+            output::plan(&plan, confirm.dry_run, json)
+        }
+        Cmd::Export { output: path } => {
+            let text = output::export(&backend.export().await?)?;
+            match path {
+                Some(p) => std::fs::write(&p, text)
+                    .map_err(|e| Failure::Runtime(format!("cannot write {}: {e}", p.display()))),
+                None => {
+                    println!("{text}");
+                    Ok(())
                 }
             }
         }
-        Cmd::Leases { name } => {
-            let req = admin.req(v1::ListLeasesRequest { name: name.unwrap_or_default() });
-            let leases = admin.client.list_leases(req).await?.into_inner().leases;
-            print_leases(&leases, cli.json)?;
+        Cmd::Import { file, confirm } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Failure::Runtime(format!("stdin: {e}")))?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?
+            };
+            let entries = output::parse_export(&text)
+                .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
+            let plan = backend.import(entries, !confirm.yes).await?;
+            output::plan(&plan, confirm.dry_run, json)
         }
-        Cmd::Subscriptions => {
-            let req = admin.req(v1::ListSubscriptionsRequest {});
-            let subs = admin.client.list_subscriptions(req).await.map_err(status)?.into_inner().subscriptions;
-            print_subscriptions(&subs, cli.json)?;
+        Cmd::Usage { since } => {
+            let since_ms = since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
+            output::usage(&backend.usage(since_ms).await?, json)
         }
-        Cmd::Checkpoint(CheckpointCmd::Get { lease }) => {
-            let req = admin.req(v1::GetCheckpointRequest { lease: Some((&lease).into()) });
-            let info = admin.client.get_checkpoint(req).await.map_err(status)?.into_inner();
-            print_leases(&[info], cli.json)?;
-        }
-        Cmd::Checkpoint(CheckpointCmd::Set { lease, offset, yes }) => {
-            if offset < 0 {
-                bail!("--offset {offset} is negative; allowed: 0 or more");
-            }
-            let req = admin.req(v1::GetCheckpointRequest { lease: Some((&lease).into()) });
-            let info = admin.client.get_checkpoint(req).await.map_err(status)?.into_inner();
-            let current = info.checkpoint.map_or("none".to_owned(), |c| c.to_string());
-            println!("{lease}: checkpoint {current} -> {offset}; epoch {} -> {}", info.epoch, info.epoch + 1);
-            if !yes {
-                println!("dry run: add --yes to apply");
-                return Ok(());
-            }
-            let req = admin.req(v1::SetCheckpointRequest { lease: Some((&lease).into()), offset });
-            let info = admin.client.set_checkpoint(req).await.map_err(status)?.into_inner();
-            print_leases(&[info], cli.json)?;
-        }
-        Cmd::Health => {
-            let reply = admin.client.health(admin.req(v1::HealthRequest {})).await?.into_inner();
-            println!(
-                "{} (version {}, {} workers, {} leases)",
-                reply.status, reply.version, reply.workers, reply.leases
-            );
-        }
+        Cmd::Health => output::health(&backend.health().await?, json),
     }
-    Ok(())
-}
-
-fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
-}
-
-fn state(s: i32) -> &'static str {
-    match v1::LeaseState::try_from(s) {
-        Ok(v1::LeaseState::Owned) => "owned",
-        Ok(v1::LeaseState::Releasing) => "releasing",
-        Ok(v1::LeaseState::Unassigned) => "unassigned",
-        Ok(v1::LeaseState::Parked) => "parked",
-        _ => "unknown",
-    }
-}
-
-fn print_leases(leases: &[v1::LeaseInfo], json: bool) -> Result<()> {
-    let id =
-        |l: &v1::LeaseInfo| LeaseId::try_from(l.lease.as_ref()).map_or("?".to_owned(), |i| i.to_string());
-    if json {
-        let rows: Vec<_> = leases
-            .iter()
-            .map(|l| {
-                serde_json::json!({
-                    "lease": id(l), "owner": (!l.owner.is_empty()).then_some(&l.owner), "epoch": l.epoch,
-                    "state": state(l.state), "checkpoint": l.checkpoint, "since_ms_ago": l.since_ms_ago,
-                    "handoff_to": (!l.handoff_to.is_empty()).then_some(&l.handoff_to), "handler": l.handler,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:<28} {:<24} {:>6} {:<11} {:>12} {:>10}",
-        "LEASE", "OWNER", "EPOCH", "STATE", "CHECKPOINT", "SINCE"
-    );
-    for l in leases {
-        let owner = if l.owner.is_empty() { "-" } else { &l.owner };
-        let checkpoint = l.checkpoint.map_or("-".to_owned(), |c| c.to_string());
-        let since = format!("{}s", l.since_ms_ago / 1000);
-        println!(
-            "{:<28} {:<24} {:>6} {:<11} {:>12} {:>10}",
-            id(l),
-            owner,
-            l.epoch,
-            state(l.state),
-            checkpoint,
-            since
-        );
-    }
-    Ok(())
-}
-
-fn print_subscriptions(subs: &[v1::SubscriptionInfo], json: bool) -> Result<()> {
-    if json {
-        let rows: Vec<_> = subs
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "subscription": s.name, "topic": s.topic, "handler": s.handler, "queue_type": s.queue_type,
-                    "slots": s.slots, "min_slots": s.min_slots, "max_concurrency": s.max_concurrency,
-                    "depth": s.depth, "consumers": s.consumers, "unacked": s.unacked, "retrying": s.retrying,
-                    "dead_lettered": s.dead_lettered, "drain_rate": s.drain_rate,
-                    "read_ms_ago": s.read_ms_ago, "error": (!s.error.is_empty()).then_some(&s.error),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:<24} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
-        "SUBSCRIPTION", "TOPIC", "SLOTS", "DEPTH", "CONSUMERS", "UNACKED", "RETRYING", "DLQ", "MSG/S"
-    );
-    for s in subs {
-        println!(
-            "{:<24} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9.1}",
-            s.name,
-            s.topic,
-            format!("{}/{}", s.slots, s.max_concurrency),
-            s.depth,
-            s.consumers,
-            s.unacked,
-            s.retrying,
-            s.dead_lettered,
-            s.drain_rate
-        );
-        if !s.error.is_empty() {
-            println!("  error: {}", s.error);
-        }
-    }
-    Ok(())
 }

@@ -5,18 +5,21 @@
 use std::collections::BTreeSet;
 
 use shardline_proto::v1::{self, admin_api_server::AdminApi, worker_api_server::WorkerApi};
-use shardline_proto::{ConvertError, LeaseId};
+use shardline_proto::{ConvertError, LeaseId, LeaseKind};
 use tonic::{Request, Response, Status};
 
 use crate::core::{
     CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad,
 };
+use crate::offsets::{ResolveError, Target};
 use crate::service::{CheckpointCmd, Closed, Command, Handle};
 
 /// Serves both gRPC services over one service-loop handle.
 #[derive(Clone)]
 pub struct Api {
     handle: Handle,
+    /// Kafka offsets for checkpoint listings and operator moves.
+    offsets: Option<crate::offsets::Offsets>,
     subscriptions: crate::amqp::StatusTable,
     config: std::sync::Arc<crate::config::Config>,
     heartbeat_interval_ms: u64,
@@ -29,7 +32,15 @@ impl Api {
         cfg: std::sync::Arc<crate::config::Config>,
         subscriptions: crate::amqp::StatusTable,
     ) -> Self {
+        let offsets = match crate::offsets::Offsets::new(&cfg.kafka_brokers) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Kafka client: checkpoint listings will lack offsets");
+                None
+            }
+        };
         Self {
+            offsets,
             subscriptions,
             config: cfg.clone(),
             handle,
@@ -101,11 +112,26 @@ fn load(report: Option<v1::LoadReport>) -> Result<WorkerLoad, Status> {
             },
         );
     }
+    let usage = report
+        .usage
+        .into_iter()
+        .map(|u| {
+            let counts = crate::usage::Counts {
+                handler: u.handler,
+                batches: u.batches,
+                records: u.records,
+                handler_ms: u.handler_ms,
+                billed_units: u.billed_units,
+            };
+            (u.mapping, counts)
+        })
+        .collect();
     Ok(WorkerLoad {
         cpu: report.cpu,
         inflight_batches: report.inflight_batches,
         leases,
         unhealthy: Vec::new(),
+        usage,
     })
 }
 
@@ -126,6 +152,7 @@ fn load_report(load: &WorkerLoad) -> v1::LoadReport {
             .collect(),
         cpu: load.cpu,
         inflight_batches: load.inflight_batches,
+        usage: Vec::new(),
     }
 }
 
@@ -307,25 +334,86 @@ impl AdminApi for Api {
     async fn set_checkpoint(
         &self,
         req: Request<v1::SetCheckpointRequest>,
-    ) -> Result<Response<v1::LeaseInfo>, Status> {
+    ) -> Result<Response<v1::CheckpointPlan>, Status> {
         let req = req.into_inner();
         let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
-        if req.offset < 0 {
-            return Err(Status::invalid_argument(format!(
-                "offset {} is negative; allowed: 0 or more",
-                req.offset
-            )));
+        let target = target(req.target)?;
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        if !snapshot.leases.iter().any(|l| l.record.lease == lease) {
+            return Err(unknown_lease(&lease, &snapshot.leases));
         }
-        let offset = req.offset;
-        let result = self
-            .handle
-            .call(|reply| Command::SetCheckpoint { lease, offset, reply })
-            .await
-            .map_err(closed)?;
-        match result {
-            Ok(lease) => Ok(Response::new(lease_info(&lease, std::time::Instant::now()))),
-            Err(e) => Err(Status::not_found(e.to_string())),
+        let offset = self.resolve(&lease, target).await?;
+        self.apply(vec![(lease, offset)], req.dry_run).await
+    }
+
+    async fn reset_checkpoints(
+        &self,
+        req: Request<v1::ResetCheckpointsRequest>,
+    ) -> Result<Response<v1::CheckpointPlan>, Status> {
+        let req = req.into_inner();
+        let target = target(req.target)?;
+        let shards = self.shards(&req.stream).await?;
+        let mut changes = Vec::with_capacity(shards.len());
+        for lease in shards {
+            let offset = self.resolve(&lease.record.lease, target).await?;
+            changes.push((lease.record.lease, offset));
         }
+        self.apply(changes, req.dry_run).await
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<v1::ListCheckpointsRequest>,
+    ) -> Result<Response<v1::ListCheckpointsReply>, Status> {
+        let shards = self.shards(&req.into_inner().stream).await?;
+        let now = std::time::Instant::now();
+        let lookups = shards.iter().map(|l| shard_checkpoint(self.offsets.as_ref(), l, now));
+        let shards = futures::future::join_all(lookups).await;
+        Ok(Response::new(v1::ListCheckpointsReply { shards }))
+    }
+
+    async fn export_checkpoints(
+        &self,
+        _req: Request<v1::ExportCheckpointsRequest>,
+    ) -> Result<Response<v1::ExportCheckpointsReply>, Status> {
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let checkpoints = snapshot
+            .leases
+            .iter()
+            .filter_map(|l| {
+                Some(v1::ExportedCheckpoint {
+                    lease: Some((&l.record.lease).into()),
+                    checkpoint: l.record.checkpoint?,
+                    epoch: l.record.epoch,
+                })
+            })
+            .collect();
+        Ok(Response::new(v1::ExportCheckpointsReply { checkpoints }))
+    }
+
+    async fn import_checkpoints(
+        &self,
+        req: Request<v1::ImportCheckpointsRequest>,
+    ) -> Result<Response<v1::CheckpointPlan>, Status> {
+        let req = req.into_inner();
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let mut changes = Vec::with_capacity(req.checkpoints.len());
+        for c in &req.checkpoints {
+            let lease = LeaseId::try_from(c.lease.as_ref()).map_err(bad)?;
+            if !snapshot.leases.iter().any(|l| l.record.lease == lease) {
+                return Err(unknown_lease(&lease, &snapshot.leases));
+            }
+            let offset = self.resolve(&lease, Target::Offset(c.checkpoint)).await?;
+            changes.push((lease, offset));
+        }
+        self.apply(changes, req.dry_run).await
+    }
+
+    async fn usage(&self, req: Request<v1::UsageRequest>) -> Result<Response<v1::UsageReply>, Status> {
+        let since_ms = req.into_inner().since_ms;
+        let (totals, from_ms) =
+            self.handle.call(|reply| Command::Usage { since_ms, reply }).await.map_err(closed)?;
+        Ok(Response::new(usage_reply(totals, from_ms)))
     }
 
     async fn health(&self, _req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
@@ -364,6 +452,133 @@ impl AdminApi for Api {
             })
             .collect();
         Ok(Response::new(v1::ListSubscriptionsReply { subscriptions }))
+    }
+}
+
+/// A shard's checkpoint with its partition's offsets and lag (offsets
+/// unknown, -1, when Kafka does not answer). Shared with the offline CLI.
+pub async fn shard_checkpoint(
+    offsets: Option<&crate::offsets::Offsets>,
+    l: &Lease,
+    now: std::time::Instant,
+) -> v1::ShardCheckpoint {
+    let id = &l.record.lease;
+    let marks = match offsets {
+        Some(o) => o.watermarks(&id.name, id.index).await,
+        None => Err("no Kafka client".to_owned()),
+    };
+    let (earliest, latest, lag, watermark_error) = match marks {
+        Ok((earliest, latest)) => {
+            let position = l.record.checkpoint.unwrap_or(earliest);
+            (earliest, latest, (latest - position).max(0), String::new())
+        }
+        Err(e) => (-1, -1, -1, e),
+    };
+    v1::ShardCheckpoint { lease: Some(lease_info(l, now)), earliest, latest, lag, watermark_error }
+}
+
+/// The plan of an operator change: each lease as it was and where it goes.
+pub fn plan(before: Vec<crate::core::Before>, to: Vec<i64>, applied: bool) -> v1::CheckpointPlan {
+    let changes = before
+        .into_iter()
+        .zip(to)
+        .map(|(b, to)| v1::CheckpointChange {
+            lease: Some((&b.lease).into()),
+            owner: b.owner.unwrap_or_default(),
+            epoch: b.epoch,
+            from: b.checkpoint,
+            to,
+        })
+        .collect();
+    v1::CheckpointPlan { changes, applied }
+}
+
+/// Usage totals on the wire.
+pub fn usage_reply(totals: Vec<(String, crate::usage::Counts)>, from_ms: i64) -> v1::UsageReply {
+    let usage = totals
+        .into_iter()
+        .map(|(mapping, c)| v1::MappingUsage {
+            mapping,
+            handler: c.handler,
+            batches: c.batches,
+            records: c.records,
+            handler_ms: c.handler_ms,
+            billed_units: c.billed_units,
+        })
+        .collect();
+    v1::UsageReply { usage, from_ms }
+}
+
+fn target(t: Option<v1::Target>) -> Result<Target, Status> {
+    use v1::target::To;
+    match t.and_then(|t| t.to) {
+        Some(To::Offset(o)) => Ok(Target::Offset(o)),
+        Some(To::Earliest(_)) => Ok(Target::Earliest),
+        Some(To::Latest(_)) => Ok(Target::Latest),
+        Some(To::TimestampMs(ms)) => Ok(Target::Timestamp(ms)),
+        None => Err(Status::invalid_argument("no target; allowed: offset, earliest, latest or timestamp")),
+    }
+}
+
+fn unknown_lease(lease: &LeaseId, leases: &[Lease]) -> Status {
+    let same: Vec<u32> =
+        leases.iter().filter(|l| l.record.lease.name == lease.name).map(|l| l.record.lease.index).collect();
+    match (same.first(), same.last()) {
+        (Some(first), Some(last)) => {
+            Status::not_found(format!("unknown lease `{lease}`; `{}` has {first}..={last}", lease.name))
+        }
+        _ => {
+            Status::not_found(format!("unknown lease `{lease}`: no stream or subscription `{}`", lease.name))
+        }
+    }
+}
+
+impl Api {
+    /// The shards of `stream` (every stream's when empty); an unknown
+    /// stream is an error naming the known ones.
+    async fn shards(&self, stream: &str) -> Result<Vec<Lease>, Status> {
+        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let shards: Vec<Lease> = snapshot
+            .leases
+            .into_iter()
+            .filter(|l| l.record.lease.kind == LeaseKind::Shard)
+            .filter(|l| stream.is_empty() || l.record.lease.name == stream)
+            .collect();
+        if shards.is_empty() && !stream.is_empty() {
+            let known: BTreeSet<&str> = self.config.streams.iter().map(|s| s.name.as_str()).collect();
+            let known: Vec<&str> = known.into_iter().collect();
+            return Err(Status::not_found(format!(
+                "unknown stream `{stream}`; known: {}",
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            )));
+        }
+        Ok(shards)
+    }
+
+    async fn resolve(&self, lease: &LeaseId, target: Target) -> Result<i64, Status> {
+        let offsets = self.offsets.as_ref().ok_or_else(|| Status::unavailable("no Kafka client"))?;
+        crate::offsets::resolve(offsets, lease, target).await.map_err(|e| match e {
+            ResolveError::Invalid(m) => Status::out_of_range(m),
+            ResolveError::Unavailable(m) => Status::unavailable(m),
+        })
+    }
+
+    async fn apply(
+        &self,
+        changes: Vec<(LeaseId, i64)>,
+        dry_run: bool,
+    ) -> Result<Response<v1::CheckpointPlan>, Status> {
+        let to: Vec<i64> = changes.iter().map(|(_, o)| *o).collect();
+        let result = self
+            .handle
+            .call(|reply| Command::SetCheckpoints { changes, dry_run, reply })
+            .await
+            .map_err(closed)?;
+        let before = result.map_err(|e| match e {
+            CoreError::UnknownLease(_) => Status::not_found(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        })?;
+        Ok(Response::new(plan(before, to, !dry_run)))
     }
 }
 

@@ -14,9 +14,11 @@ pub mod config;
 pub mod core;
 pub mod discovery;
 pub mod metrics;
+pub mod offsets;
 pub mod scale;
 pub mod service;
 pub mod store;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

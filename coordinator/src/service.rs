@@ -17,9 +17,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{CheckpointOutcome, Core, CoreError, Instruction, Lease, Registration, Worker, WorkerLoad};
+use crate::core::{
+    Before, CheckpointOutcome, Core, CoreError, Instruction, Lease, Registration, Worker, WorkerLoad,
+};
 use crate::metrics as m;
 use crate::store::{LeaseStore, StoreError};
+use crate::usage::Meter;
 
 /// How often the loop ticks the core (expiry, forced handoffs, assignment).
 /// Well under a heartbeat, so failover detection adds little to the timeout.
@@ -89,7 +92,24 @@ pub enum Command {
         offset: i64,
         reply: Reply<Result<Lease, CoreError>>,
     },
+    /// An operator sets (or with `dry_run` only checks) many checkpoints,
+    /// all or nothing.
+    SetCheckpoints {
+        changes: Vec<(LeaseId, i64)>,
+        dry_run: bool,
+        reply: Reply<Result<Vec<Before>, CoreError>>,
+    },
+    /// Handler usage per mapping since `since_ms`, and the first minute counted.
+    Usage {
+        since_ms: i64,
+        reply: Reply<(Vec<(String, crate::usage::Counts)>, i64)>,
+    },
     Snapshot(Reply<Snapshot>),
+}
+
+/// Milliseconds since the Unix epoch (usage buckets are wall-clock minutes).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A cloneable handle to the loop.
@@ -122,6 +142,7 @@ type Deferred = Box<dyn FnOnce() + Send>;
 /// Owns the core and the store; see the module docs.
 pub struct Service<S: LeaseStore> {
     core: Core,
+    meter: Meter,
     store: S,
     rx: mpsc::Receiver<Command>,
     /// Writes made so far, and writes known durable.
@@ -137,8 +158,10 @@ impl<S: LeaseStore> Service<S> {
     pub fn new(store: S, cfg: crate::core::CoreConfig) -> Result<(Self, Handle), StoreError> {
         let records = store.load()?;
         let core = Core::restore(cfg, records, Instant::now().into_std());
+        let meter = Meter::restore(store.load_usage()?);
         let (tx, rx) = mpsc::channel(4096);
-        let service = Self { core, store, rx, written: 0, durable: 0, waiting: Vec::new(), flushing: None };
+        let service =
+            Self { core, meter, store, rx, written: 0, durable: 0, waiting: Vec::new(), flushing: None };
         Ok((service, Handle { tx }))
     }
 
@@ -172,6 +195,7 @@ impl<S: LeaseStore> Service<S> {
                 _ = tick.tick() => {
                     self.core.tick(Instant::now().into_std());
                     self.persist()?;
+                    self.persist_usage()?;
                     m::publish(&self.core);
                 }
             }
@@ -206,6 +230,19 @@ impl<S: LeaseStore> Service<S> {
         for record in self.core.take_dirty() {
             self.store.put(&record)?;
             self.written += 1;
+        }
+        Ok(())
+    }
+
+    /// Usage buckets are written as they change and made durable by the
+    /// next flush (or sled's own periodic one): a meter, not a contract.
+    fn persist_usage(&mut self) -> Result<(), StoreError> {
+        let (changed, expired) = self.meter.take_dirty(unix_ms());
+        for (key, counts) in &changed {
+            self.store.put_usage(key, Some(counts))?;
+        }
+        for key in &expired {
+            self.store.put_usage(key, None)?;
         }
         Ok(())
     }
@@ -251,11 +288,15 @@ impl<S: LeaseStore> Service<S> {
                 tracing::info!(%worker, instructions = instructions.len(), "worker registered");
                 self.reply(reply, instructions);
             }
-            Command::Heartbeat { worker, load, draining, reply } => {
+            Command::Heartbeat { worker, mut load, draining, reply } => {
                 if draining {
                     self.core.drain(&worker);
                 }
+                let usage = std::mem::take(&mut load.usage);
                 let result = self.core.heartbeat(now, &worker, load);
+                if result.is_ok() {
+                    self.meter.observe(&worker, unix_ms(), usage);
+                }
                 let reveals = result.as_ref().is_ok_and(|i| !i.is_empty());
                 self.reply_if(reveals, reply, result);
             }
@@ -275,6 +316,7 @@ impl<S: LeaseStore> Service<S> {
             }
             Command::Deregister { worker, reply } => {
                 self.core.deregister(now, &worker);
+                self.meter.forget(&worker);
                 tracing::info!(%worker, "worker deregistered");
                 self.reply(reply, ());
             }
@@ -299,6 +341,20 @@ impl<S: LeaseStore> Service<S> {
                     self.core.lease(&lease).cloned().ok_or_else(|| CoreError::UnknownLease(lease.clone()))
                 });
                 self.reply(reply, result);
+            }
+            Command::SetCheckpoints { changes, dry_run, reply } => {
+                let result = if dry_run {
+                    self.core.check_checkpoints(&changes)
+                } else {
+                    self.core.set_checkpoints(now, &changes)
+                };
+                if result.is_ok() && !dry_run {
+                    tracing::warn!(leases = changes.len(), "checkpoints set by an operator");
+                }
+                self.reply(reply, result);
+            }
+            Command::Usage { since_ms, reply } => {
+                let _ = reply.send(self.meter.totals(since_ms));
             }
             Command::Snapshot(reply) => {
                 let snapshot = Snapshot {

@@ -14,11 +14,13 @@ use std::sync::{Arc, Mutex};
 use shardline_proto::LeaseId;
 
 use crate::core::LeaseRecord;
+use crate::usage::{BucketKey, Counts};
 
 /// Marks a sled directory as a shardline store, with its format version.
 pub const FORMAT_KEY: &[u8] = b"shardline.format";
 pub const FORMAT_VERSION: u32 = 1;
 const LEASES_TREE: &str = "leases";
+const USAGE_TREE: &str = "usage";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,12 +47,17 @@ pub trait LeaseStore: Send + 'static {
     /// Makes every earlier `put` durable. Runs off the service loop, so the
     /// loop keeps taking requests while the disk works.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static;
+    /// Every usage bucket, for [`crate::usage::Meter::restore`].
+    fn load_usage(&self) -> Result<Vec<(BucketKey, Counts)>, StoreError>;
+    /// Writes (or with `None` deletes) a usage bucket; durable after a flush.
+    fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError>;
 }
 
 /// The embedded default: sled, one tree of JSON lease records.
 pub struct SledStore {
     db: sled::Db,
     leases: sled::Tree,
+    usage: sled::Tree,
 }
 
 impl SledStore {
@@ -78,7 +85,8 @@ impl SledStore {
             }
         }
         let leases = db.open_tree(LEASES_TREE).map_err(io)?;
-        Ok(Self { db, leases })
+        let usage = db.open_tree(USAGE_TREE).map_err(io)?;
+        Ok(Self { db, leases, usage })
     }
 
     /// Opens an existing store for reading only: refuses to create one.
@@ -100,7 +108,8 @@ impl SledStore {
             }
         }
         let leases = db.open_tree(LEASES_TREE).map_err(io)?;
-        Ok(Self { db, leases })
+        let usage = db.open_tree(USAGE_TREE).map_err(io)?;
+        Ok(Self { db, leases, usage })
     }
 }
 
@@ -132,6 +141,13 @@ fn key(lease: &LeaseId) -> Vec<u8> {
     serde_json::to_vec(lease).unwrap_or_default()
 }
 
+/// Minute first, big-endian, so buckets sort by time.
+fn usage_key((minute, mapping): &BucketKey) -> Vec<u8> {
+    let mut k = minute.to_be_bytes().to_vec();
+    k.extend_from_slice(mapping.as_bytes());
+    k
+}
+
 impl LeaseStore for SledStore {
     fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         self.leases
@@ -152,6 +168,40 @@ impl LeaseStore for SledStore {
         Ok(())
     }
 
+    fn load_usage(&self) -> Result<Vec<(BucketKey, Counts)>, StoreError> {
+        self.usage
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(io)?;
+                let corrupt = |reason: String| StoreError::Corrupt {
+                    key: format!("usage/{}", String::from_utf8_lossy(&k)),
+                    reason,
+                };
+                let minute = k
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(i64::from_be_bytes)
+                    .ok_or_else(|| corrupt("short key".into()))?;
+                let mapping = String::from_utf8_lossy(&k[8..]).into_owned();
+                let counts = serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
+                Ok(((minute, mapping), counts))
+            })
+            .collect()
+    }
+
+    fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError> {
+        match counts {
+            Some(c) => {
+                let value = serde_json::to_vec(c).map_err(|e| StoreError::Io(e.to_string()))?;
+                self.usage.insert(usage_key(key), value).map_err(io)?;
+            }
+            None => {
+                self.usage.remove(usage_key(key)).map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let db = self.db.clone();
         async move {
@@ -168,6 +218,7 @@ impl LeaseStore for SledStore {
 #[derive(Clone, Default)]
 pub struct MemStore {
     records: Arc<Mutex<BTreeMap<LeaseId, LeaseRecord>>>,
+    usage: Arc<Mutex<BTreeMap<BucketKey, Counts>>>,
 }
 
 impl LeaseStore for MemStore {
@@ -184,6 +235,20 @@ impl LeaseStore for MemStore {
 
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         std::future::ready(Ok(()))
+    }
+
+    fn load_usage(&self) -> Result<Vec<(BucketKey, Counts)>, StoreError> {
+        let usage = self.usage.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(usage.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError> {
+        let mut usage = self.usage.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        match counts {
+            Some(c) => usage.insert(key.clone(), c.clone()),
+            None => usage.remove(key),
+        };
+        Ok(())
     }
 }
 

@@ -28,6 +28,33 @@ pub struct LeaseStats {
     pub in_flight: AtomicU64,
 }
 
+/// Handler use per mapping since the process started, reported with every
+/// heartbeat (the coordinator meters it). Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct UsageMeter(Arc<Mutex<std::collections::BTreeMap<String, shardline_proto::v1::MappingUsage>>>);
+
+impl UsageMeter {
+    /// Adds one processed batch of `mapping`.
+    pub fn add(&self, mapping: &str, handler: &str, records: u64, done: &crate::policy::LaneStats) {
+        let Ok(mut table) = self.0.lock() else { return };
+        let u = table.entry(mapping.to_owned()).or_insert_with(|| shardline_proto::v1::MappingUsage {
+            mapping: mapping.to_owned(),
+            handler: handler.to_owned(),
+            ..Default::default()
+        });
+        u.batches += 1;
+        u.records += records;
+        u.handler_ms += done.busy.as_millis() as u64;
+        u.billed_units += done.billed_units;
+        metrics::counter!("shardline_handler_billed_units_total", "handler" => handler.to_owned())
+            .increment(done.billed_units);
+    }
+
+    pub fn snapshot(&self) -> Vec<shardline_proto::v1::MappingUsage> {
+        self.0.lock().map(|t| t.values().cloned().collect()).unwrap_or_default()
+    }
+}
+
 /// Everything a lease task needs.
 pub struct LeaseTask {
     pub lease: LeaseId,
@@ -41,6 +68,7 @@ pub struct LeaseTask {
     pub source: KafkaSource,
     pub checkpointer: Checkpointer,
     pub stats: Arc<LeaseStats>,
+    pub usage: UsageMeter,
     /// Fires on release or shutdown: finish the in-flight batch, then stop.
     pub drain: CancellationToken,
     /// Fires when the lease is lost or revoked: stop at once.
@@ -134,6 +162,7 @@ impl LeaseTask {
             let done = done?;
             self.stats.records.fetch_add(n, Ordering::Relaxed);
             self.stats.busy_micros.fetch_add(done.busy.as_micros() as u64, Ordering::Relaxed);
+            self.usage.add(&self.lease.name, &self.mapping.handler, n, &done);
             metrics::counter!("shardline_records_total", &labels).increment(n);
             metrics::counter!("shardline_batches_total", &labels).increment(1);
             Ok::<_, Stopped>(())

@@ -146,6 +146,9 @@ pub struct LaneStats {
     pub gave_up: u64,
     pub attempts: u64,
     pub busy: Duration,
+    /// Each attempt's duration rounded up to 100 ms, summed (Lambda's
+    /// metering unit).
+    pub billed_units: u64,
 }
 
 /// Everything a lane needs; shared by the lanes of one lease.
@@ -230,7 +233,9 @@ impl Lane<'_> {
             stats.attempts += 1;
             let started = Instant::now();
             let result = self.attempt(&fresh).await?;
-            stats.busy += started.elapsed();
+            let took = started.elapsed();
+            stats.busy += took;
+            stats.billed_units += took.as_millis().div_ceil(100).max(1) as u64;
             let failure = match result {
                 Ok(response) if response.failed.is_empty() || !self.policy.report_item_failures => {
                     stats.handled += fresh.len() as u64;

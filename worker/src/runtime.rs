@@ -23,7 +23,7 @@ use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
 use crate::failure::KafkaFailureSink;
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
-use crate::lease::{Exit, LeaseStats, LeaseTask};
+use crate::lease::{Exit, LeaseStats, LeaseTask, UsageMeter};
 use crate::membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
 use crate::policy::{Discard, FailureSink};
 use crate::source::kafka::{KafkaSource, SourceError};
@@ -101,6 +101,7 @@ pub async fn run(
     })?;
 
     let held = HeldLeases::default();
+    let usage = UsageMeter::default();
     let stats: StatsTable = Arc::default();
     let background = CancellationToken::new();
     let draining = CancellationToken::new();
@@ -111,7 +112,7 @@ pub async fn run(
     let membership = tokio::spawn(session.clone().run(
         held.clone(),
         events_tx,
-        load_report(stats.clone(), amqp.clone()),
+        load_report(stats.clone(), amqp.clone(), usage.clone()),
         draining.clone(),
         background.clone(),
     ));
@@ -123,6 +124,7 @@ pub async fn run(
         handlers: ready,
         checkpointer,
         publisher: Publisher::new(amqp.clone()),
+        usage,
         amqp,
         worker_id: worker_id.clone(),
         held,
@@ -192,6 +194,7 @@ struct Runtime {
     amqp: Amqp,
     /// Retries and dead letters of queue slots.
     publisher: Publisher,
+    usage: UsageMeter,
     worker_id: String,
     held: HeldLeases,
     stats: StatsTable,
@@ -280,6 +283,7 @@ impl Runtime {
                 publisher: self.publisher.clone(),
                 worker_id: self.worker_id.clone(),
                 stats: stats.clone(),
+                usage: self.usage.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
@@ -300,6 +304,7 @@ impl Runtime {
                 source,
                 checkpointer: self.checkpointer.clone(),
                 stats: stats.clone(),
+                usage: self.usage.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
@@ -365,7 +370,11 @@ impl Runtime {
 
 /// Builds each heartbeat's load report from the lease stats: rates are the
 /// change since the previous report.
-fn load_report(stats: StatsTable, amqp: Amqp) -> impl Fn() -> (v1::LoadReport, Vec<String>) + Send {
+fn load_report(
+    stats: StatsTable,
+    amqp: Amqp,
+    usage: UsageMeter,
+) -> impl Fn() -> (v1::LoadReport, Vec<String>) + Send {
     type Previous = (Instant, HashMap<LeaseId, (u64, u64)>, f64);
     let previous: Mutex<Previous> = Mutex::new((Instant::now(), HashMap::new(), cpu_seconds()));
     move || {
@@ -397,7 +406,10 @@ fn load_report(stats: StatsTable, amqp: Amqp) -> impl Fn() -> (v1::LoadReport, V
         let cpu_now = cpu_seconds();
         let cpu = (cpu_now - prev.2).max(0.0) / elapsed;
         *prev = (Instant::now(), next, cpu_now);
-        (v1::LoadReport { leases, cpu, inflight_batches: inflight as u32 }, unhealthy)
+        (
+            v1::LoadReport { leases, cpu, inflight_batches: inflight as u32, usage: usage.snapshot() },
+            unhealthy,
+        )
     }
 }
 

@@ -105,6 +105,8 @@ pub struct WorkerLoad {
     /// The worker's own health report (e.g. its broker connection is down);
     /// empty when healthy.
     pub unhealthy: Vec<String>,
+    /// Handler use per mapping, cumulative since the worker started.
+    pub usage: Vec<(String, crate::usage::Counts)>,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +136,15 @@ pub struct Registration {
     pub held: Vec<(LeaseId, u64)>,
 }
 
+/// A lease as it was before an operator changed its checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Before {
+    pub lease: LeaseId,
+    pub owner: Option<WorkerId>,
+    pub epoch: u64,
+    pub checkpoint: Option<i64>,
+}
+
 /// The answer to a checkpoint or a release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointOutcome {
@@ -154,6 +165,12 @@ pub enum CoreError {
     UnknownWorker(WorkerId),
     #[error("unknown lease `{0}`")]
     UnknownLease(LeaseId),
+    #[error("`{0}` is a queue slot; only shards have checkpoints")]
+    NotAShard(LeaseId),
+    #[error("`{0}`: offset {1} is negative; allowed: 0 or more")]
+    NegativeOffset(LeaseId, i64),
+    #[error("`{0}` is listed twice")]
+    Duplicate(LeaseId),
 }
 
 /// Counters the IO layer turns into metrics.
@@ -559,6 +576,48 @@ impl Core {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Sets many checkpoints at once (an operator reset or import): every
+    /// lease is checked first (it exists and is a shard, and appears once),
+    /// so either all change or none does. Returns each lease's state before
+    /// the change: (lease, owner, epoch, checkpoint).
+    pub fn set_checkpoints(
+        &mut self,
+        now: Instant,
+        changes: &[(LeaseId, i64)],
+    ) -> Result<Vec<Before>, CoreError> {
+        let before = self.check_checkpoints(changes)?;
+        for (lease, offset) in changes {
+            self.set_checkpoint(now, lease, *offset)?;
+        }
+        Ok(before)
+    }
+
+    /// What [`Core::set_checkpoints`] checks, without changing anything (a
+    /// dry run).
+    pub fn check_checkpoints(&self, changes: &[(LeaseId, i64)]) -> Result<Vec<Before>, CoreError> {
+        let mut seen = BTreeSet::new();
+        let mut before = Vec::with_capacity(changes.len());
+        for (lease, offset) in changes {
+            let l = self.leases.get(lease).ok_or_else(|| CoreError::UnknownLease(lease.clone()))?;
+            if lease.kind != LeaseKind::Shard {
+                return Err(CoreError::NotAShard(lease.clone()));
+            }
+            if *offset < 0 {
+                return Err(CoreError::NegativeOffset(lease.clone(), *offset));
+            }
+            if !seen.insert(lease.clone()) {
+                return Err(CoreError::Duplicate(lease.clone()));
+            }
+            before.push(Before {
+                lease: lease.clone(),
+                owner: l.record.owner.clone(),
+                epoch: l.record.epoch,
+                checkpoint: l.record.checkpoint,
+            });
+        }
+        Ok(before)
     }
 
     // ------------------------------------------------------------ internals

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Amqp, Message, Publisher, header_bytes, is_broker_header};
 use crate::batcher::{Batcher, Limits};
 use crate::handler::{BoxFuture, DynHandler, Record};
-use crate::lease::{Exit, LeaseStats};
+use crate::lease::{Exit, LeaseStats, UsageMeter};
 use crate::policy::{CompiledFilter, Completion, FailureSink, GaveUp, Lane, Reason, Stopped};
 use crate::source::RecordReader;
 
@@ -45,6 +45,7 @@ pub struct SlotTask {
     pub publisher: Publisher,
     pub worker_id: String,
     pub stats: Arc<LeaseStats>,
+    pub usage: UsageMeter,
     /// Fires on release or shutdown: finish the in-flight batch, then stop.
     pub drain: CancellationToken,
     /// Fires when the lease is lost or revoked: stop at once.
@@ -220,6 +221,7 @@ impl SlotTask {
                 }
                 self.stats.records.fetch_add(n, Ordering::Relaxed);
                 self.stats.busy_micros.fetch_add(done.busy.as_micros() as u64, Ordering::Relaxed);
+                self.usage.add(&self.lease.name, &self.mapping.handler, n, &done);
                 self.stats.position.store(acked.load(Ordering::Relaxed), Ordering::Relaxed);
                 self.stats.lag.store(
                     (received.load(Ordering::Relaxed) - acked.load(Ordering::Relaxed)).max(0),

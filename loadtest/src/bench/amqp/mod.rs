@@ -222,7 +222,7 @@ async fn measure(
 }
 
 /// `a / b / c` with `-` for figures that could not be read.
-fn figures(values: &[Option<f64>]) -> String {
+fn joined(values: &[Option<f64>]) -> String {
     values.iter().map(|v| v.map_or("-".to_owned(), |c| format!("{c:.2}"))).collect::<Vec<_>>().join(" / ")
 }
 
@@ -291,16 +291,16 @@ impl Figures {
             "worker consuming after (s)",
             sys.consuming_s.map_or("never seen".to_owned(), |s| format!("{s:.2}"))
         );
-        println!("  {:<36} {:>12}", "cores raw consumer / broker", figures(&[raw.cores, raw.broker_cores]));
+        println!("  {:<36} {:>12}", "cores raw consumer / broker", joined(&[raw.cores, raw.broker_cores]));
         println!(
             "  {:<36} {:>12}",
             "CPU us/message raw / worker",
-            figures(&[self.raw_cpu_us_per_message(args), self.worker_cpu_us_per_message(args)])
+            joined(&[self.raw_cpu_us_per_message(args), self.worker_cpu_us_per_message(args)])
         );
         println!(
             "  {:<36} {:>12}",
             "cores worker / coord / harness / broker",
-            figures(&[sys.worker_cores, sys.coordinator_cores, sys.harness_cores, sys.broker_cores])
+            joined(&[sys.worker_cores, sys.coordinator_cores, sys.harness_cores, sys.broker_cores])
         );
         println!(
             "  {:<36} {:>12}",

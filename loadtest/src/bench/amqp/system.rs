@@ -40,8 +40,8 @@ pub const POLL: Duration = Duration::from_millis(50);
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Progress is kept for the report at this resolution.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
-/// The worker opens a Kafka client at start whatever it consumes; this is
-/// its default address, and nothing here makes it fetch.
+/// The worker's config names Kafka whatever it consumes; this is its
+/// default address, and with no shard leased it is never contacted.
 const KAFKA_BROKERS: &str = "127.0.0.1:9092";
 const RECORDS: &str = "shardline_records_total";
 

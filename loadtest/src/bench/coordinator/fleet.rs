@@ -400,7 +400,7 @@ impl SimWorker {
             .collect();
         let request = v1::HeartbeatRequest {
             worker_id: self.id.clone(),
-            load: Some(v1::LoadReport { leases, cpu: 0.1, inflight_batches: 0 }),
+            load: Some(v1::LoadReport { leases, cpu: 0.1, inflight_batches: 0, usage: vec![] }),
             draining: false,
             unhealthy: vec![],
         };
