@@ -24,7 +24,10 @@ fn bad_worker_configs_exit_2_naming_the_problem() -> Result<()> {
             "[handlers.nope]\n",
             "`handlers.nope` is not a handler of this worker; allowed: chaos, forward, log, noop, sleep",
         ),
-        ("[handlers.forward]\n", "init of handler `forward` failed: `topic` is required"),
+        (
+            "[handlers.forward]\n",
+            "init of handler `forward` failed: set exactly one of `topic` (Kafka) or `exchange` (RabbitMQ)",
+        ),
         ("[handlers.sleep]\nper_record = \"soon\"\n", "`per_record` = \"soon\" is not a duration"),
         ("[handlers.log]\nverbose = true\n", "unknown setting `verbose`"),
         ("drain = \"1s\"\n[handlers.log]\n", "unknown field `drain`"),

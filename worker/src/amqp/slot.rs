@@ -279,7 +279,7 @@ async fn pump(
         if delivery.redelivered {
             metrics::counter!("shardline_redeliveries_total").increment(1);
         }
-        let record = record(&lease, &delivery);
+        let record = record(&lease, delivery.delivery_tag, &delivery.properties, delivery.data);
         if let Ok(mut props) = properties.lock() {
             props.insert(tag, delivery.properties);
         }
@@ -294,21 +294,20 @@ async fn pump(
 
 /// A delivery as the handler sees it: the subscription as `stream`, the
 /// slot as `partition`, the delivery tag as `offset`, the message id as key.
-fn record(lease: &LeaseId, d: &lapin::message::Delivery) -> Record {
-    let headers = d
-        .properties
+fn record(lease: &LeaseId, tag: u64, properties: &BasicProperties, data: Vec<u8>) -> Record {
+    let headers = properties
         .headers()
         .as_ref()
         .map(|h| h.inner().iter().map(|(k, v)| (k.as_str().to_owned(), header_bytes(v))).collect())
         .unwrap_or_default();
     Record {
-        key: d.properties.message_id().as_ref().map(|id| id.as_str().as_bytes().to_vec()),
-        value: d.data.clone(),
+        key: properties.message_id().as_ref().map(|id| id.as_str().as_bytes().to_vec()),
+        value: data,
         headers,
-        timestamp_ms: d.properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
+        timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
         stream: lease.name.clone(),
         partition: lease.index,
-        offset: d.delivery_tag as i64,
+        offset: tag as i64,
     }
 }
 
