@@ -380,6 +380,13 @@ pub fn usage(reply: &v1::UsageReply, json: bool) -> Result<()> {
             ]
         })
         .collect();
+    if rows.is_empty() {
+        println!(
+            "no handler usage recorded{}",
+            if reply.from_ms > 0 { format!(" since {since}") } else { String::new() }
+        );
+        return Ok(());
+    }
     table(&["MAPPING", "HANDLER", "BATCHES", "RECORDS", "HANDLER S", "100MS UNITS", "BILLED S"], &rows);
     println!("since {since}");
     Ok(())

@@ -422,3 +422,37 @@ async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<
     drop(run);
     delete_queues(&names.queues()).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_that_exists_with_other_arguments_is_reported_not_redeclared() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    let sub = &names.subs[0];
+    // Someone made the queue by hand, classic and without a dead-letter
+    // exchange; the config asks for a quorum queue.
+    let (_connection, ch) = channel().await?;
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare(sub.as_str().into(), durable, lapin::types::FieldTable::default()).await?;
+    let config = topology(&names.topic, &[(sub, "noop", "queue_type = \"quorum\"")]);
+    let run = Run::start(&config, "[handlers.noop]\n", &[])?;
+    let error = eventually(Duration::from_secs(30), "the conflict reported", || async {
+        let s = run.subscription(sub).await?;
+        ensure!(!s.error.is_empty(), "no error yet");
+        Ok(Some(s.error))
+    })
+    .await?;
+    println!("reported: {error}");
+    ensure!(
+        error.contains(sub.as_str()) && error.contains("inequivalent"),
+        "names the queue and the conflict: {error}"
+    );
+    ensure!(error.contains("exists with other arguments"), "says what to do: {error}");
+    // The queue was left as it was: still classic, still there.
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    ch.queue_declare(sub.as_str().into(), passive, lapin::types::FieldTable::default()).await?;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("classic".into()));
+    ch.queue_declare(sub.as_str().into(), durable, args).await.context("still a classic queue")?;
+    drop(run);
+    delete_queues(&names.queues()).await
+}
