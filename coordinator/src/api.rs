@@ -192,6 +192,7 @@ impl WorkerApi for Api {
             address: req.address,
             handlers: req.handlers.into_iter().collect::<BTreeSet<_>>(),
             capacity: req.capacity,
+            concurrency: req.concurrency,
             held,
         };
         let instructions =
@@ -297,9 +298,18 @@ impl AdminApi for Api {
                 restored: w.restored,
                 unhealthy: w.load.unhealthy.clone(),
                 draining: w.draining,
+                utilisation: snapshot.utilisation.get(&w.id).copied().unwrap_or(0.0),
+                concurrency: w.concurrency,
             })
             .collect();
-        Ok(Response::new(v1::ListWorkersReply { workers }))
+        Ok(Response::new(v1::ListWorkersReply {
+            workers,
+            desired_workers: snapshot.desired_workers,
+            strategy: match self.config.core().balancer.strategy {
+                crate::core::Strategy::Count => "count".into(),
+                crate::core::Strategy::Load => "load".into(),
+            },
+        }))
     }
 
     async fn list_leases(

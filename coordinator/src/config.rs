@@ -54,6 +54,9 @@ pub struct Config {
     /// How often subscription depths are read and slots rescaled.
     #[serde(default = "default_scale_interval", with = "humantime_serde")]
     pub scale_interval: Duration,
+    /// Lease placement: `count` or `load` (the default) and its knobs.
+    #[serde(default)]
+    pub balancer: BalancerConfig,
     /// RabbitMQ exchanges producers publish to.
     #[serde(default)]
     pub topics: Vec<TopicConfig>,
@@ -242,6 +245,85 @@ impl FilterConfig {
         };
         Some(Filter { field: self.field.clone(), test })
     }
+}
+
+/// `[balancer]`: how leases are placed (DESIGN.md "placement").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerConfig {
+    /// `load` (counts as far as load allows, and moves off drowning
+    /// workers) or `count` (lease counts within one).
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// A worker above the fleet's mean utilisation × (1 + threshold) is
+    /// overloaded (0.05..5).
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Below this utilisation no worker counts as overloaded (0..1).
+    #[serde(default = "default_min_utilisation")]
+    pub min_utilisation: f64,
+    /// Most leases one plan moves (1..1000).
+    #[serde(default = "default_max_moves")]
+    pub max_moves: usize,
+    /// Overloaded this long before a plan.
+    #[serde(default = "default_stable_for", with = "humantime_serde")]
+    pub stable_for: Duration,
+    /// No plan this long after the last.
+    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// A moved lease's reports are ignored this long.
+    #[serde(default = "default_settle", with = "humantime_serde")]
+    pub settle: Duration,
+    /// Weight of the newest report in the moving average (0.01..1).
+    #[serde(default = "default_ema_alpha")]
+    pub ema_alpha: f64,
+    /// The utilisation `shardline_desired_workers` plans for (0.05..1).
+    #[serde(default = "default_target_utilisation")]
+    pub target_utilisation: f64,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self {
+            strategy: default_strategy(),
+            threshold: default_threshold(),
+            min_utilisation: default_min_utilisation(),
+            max_moves: default_max_moves(),
+            stable_for: default_stable_for(),
+            cooldown: default_cooldown(),
+            settle: default_settle(),
+            ema_alpha: default_ema_alpha(),
+            target_utilisation: default_target_utilisation(),
+        }
+    }
+}
+
+fn default_strategy() -> String {
+    "load".into()
+}
+fn default_threshold() -> f64 {
+    0.2
+}
+fn default_min_utilisation() -> f64 {
+    0.5
+}
+fn default_max_moves() -> usize {
+    8
+}
+fn default_stable_for() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_settle() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_ema_alpha() -> f64 {
+    0.3
+}
+fn default_target_utilisation() -> f64 {
+    0.7
 }
 
 /// A RabbitMQ topic: the exchange producers publish to (SNS topic).
@@ -518,6 +600,23 @@ impl Config {
             }
         }
         range("scale_interval", self.scale_interval, ms(100), ms(60_000))?;
+        let b = &self.balancer;
+        if b.strategy != "load" && b.strategy != "count" {
+            return err("balancer.strategy", format!("is `{}`; allowed: load, count", b.strategy));
+        }
+        let frac = |field: &str, v: f64, lo: f64, hi: f64| {
+            if (lo..=hi).contains(&v) { Ok(()) } else { err(field, format!("is {v}; allowed: {lo} to {hi}")) }
+        };
+        frac("balancer.threshold", b.threshold, 0.05, 5.0)?;
+        frac("balancer.min_utilisation", b.min_utilisation, 0.0, 1.0)?;
+        frac("balancer.ema_alpha", b.ema_alpha, 0.01, 1.0)?;
+        frac("balancer.target_utilisation", b.target_utilisation, 0.05, 1.0)?;
+        if !(1..=1000).contains(&b.max_moves) {
+            return err("balancer.max_moves", format!("is {}; allowed: 1 to 1000", b.max_moves));
+        }
+        range("balancer.stable_for", b.stable_for, ms(0), ms(3_600_000))?;
+        range("balancer.cooldown", b.cooldown, ms(0), ms(3_600_000))?;
+        range("balancer.settle", b.settle, ms(0), ms(600_000))?;
         let mut topics = std::collections::BTreeMap::new();
         for (i, t) in self.topics.iter().enumerate() {
             check_name(&format!("topics[{i}].name"), &t.name)?;
@@ -625,7 +724,23 @@ impl Config {
     }
 
     pub fn core(&self) -> CoreConfig {
-        CoreConfig { session_timeout: self.session_timeout, handoff_timeout: self.handoff_timeout }
+        let b = &self.balancer;
+        let balancer = crate::core::Balancer {
+            strategy: if b.strategy == "count" {
+                crate::core::Strategy::Count
+            } else {
+                crate::core::Strategy::Load
+            },
+            threshold: b.threshold,
+            min_utilisation: b.min_utilisation,
+            max_moves: b.max_moves,
+            stable_for: b.stable_for,
+            cooldown: b.cooldown,
+            settle: b.settle,
+            ema_alpha: b.ema_alpha,
+            target_utilisation: b.target_utilisation,
+        };
+        CoreConfig { session_timeout: self.session_timeout, handoff_timeout: self.handoff_timeout, balancer }
     }
 }
 

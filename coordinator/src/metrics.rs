@@ -47,4 +47,9 @@ pub(crate) fn publish(core: &Core) {
     metrics::counter!("shardline_workers_expired_total").absolute(c.expired_workers);
     metrics::counter!("shardline_rebalance_moves_total").absolute(c.rebalance_moves);
     metrics::counter!("shardline_handoffs_forced_total").absolute(c.forced_handoffs);
+    metrics::counter!("shardline_load_moves_total").absolute(c.load_moves);
+    metrics::gauge!("shardline_desired_workers").set(f64::from(core.desired_workers()));
+    for (worker, u) in core.utilisation() {
+        metrics::gauge!("shardline_worker_utilisation", "worker" => worker).set(u);
+    }
 }

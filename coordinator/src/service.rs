@@ -44,6 +44,9 @@ pub struct Snapshot {
     pub workers: Vec<Worker>,
     pub leases: Vec<Lease>,
     pub now: std::time::Instant,
+    /// Each worker's utilisation as the balancer sees it.
+    pub utilisation: std::collections::BTreeMap<String, f64>,
+    pub desired_workers: u32,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -361,6 +364,8 @@ impl<S: LeaseStore> Service<S> {
                     workers: self.core.workers().cloned().collect(),
                     leases: self.core.leases().cloned().collect(),
                     now,
+                    utilisation: self.core.utilisation(),
+                    desired_workers: self.core.desired_workers(),
                 };
                 let _ = reply.send(snapshot);
             }

@@ -91,10 +91,15 @@ impl SledStore {
 
     /// Opens an existing store for reading only: refuses to create one.
     pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
-        if !path.join("conf").exists() {
+        // sled creates what is missing when it opens a directory, so check it
+        // looks like a sled database first: a foreign directory must be left
+        // exactly as it was.
+        let conf = std::fs::read(path.join("conf")).unwrap_or_default();
+        let sled_like = path.join("db").is_file() && String::from_utf8_lossy(&conf).contains("segment_size");
+        if !sled_like {
             return Err(StoreError::Foreign {
                 path: path.display().to_string(),
-                reason: "no sled database there".into(),
+                reason: "no sled database there (its `conf` and `db` files are missing or not sled's)".into(),
             });
         }
         let db = sled::Config::new().path(path).open().map_err(|e| open_error(path, e))?;

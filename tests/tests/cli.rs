@@ -381,7 +381,8 @@ async fn checkpoints_show_true_lag_against_the_brokers_watermarks() -> Result<()
 /// S/0 --offset 50` without `--yes`, and with `--dry-run`, changes nothing;
 /// with `--yes` the epoch goes up by one, the owner processes 50..199 a
 /// second time (0..49 stay processed once) and the checkpoint comes back
-/// to 200.
+/// to 200. The owner then carries on under the new epoch: it keeps
+/// heartbeating, processes new records and meters every record it handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_set_moves_the_owner_to_the_new_offset() -> Result<()> {
     let _serial = SERIAL.lock().await;

@@ -33,6 +33,11 @@ pub struct WorkerConfig {
     /// The worker connects only once it is given a queue slot.
     #[serde(default = "default_amqp_url")]
     pub amqp_url: String,
+    /// Most batches this worker runs at once, over all its leases (its node's
+    /// capacity; the load balancer measures utilisation against it).
+    /// 0: no limit, and the CPU count is reported as capacity.
+    #[serde(default)]
+    pub max_inflight_batches: u32,
     /// Most leases this worker takes; 0 = no limit.
     #[serde(default)]
     pub capacity: u32,
@@ -124,6 +129,12 @@ impl WorkerConfig {
         if self.drain_timeout > Duration::from_secs(3600) {
             return err("drain_timeout", format!("is {:?}; allowed: 0s to 3600s", self.drain_timeout));
         }
+        if self.max_inflight_batches > 10_000 {
+            return err(
+                "max_inflight_batches",
+                format!("is {}; allowed: 0 (no limit) to 10000", self.max_inflight_batches),
+            );
+        }
         if !(64..=1_048_576).contains(&self.fetch_queue_kib) {
             return err("fetch_queue_kib", format!("is {}; allowed: 64 to 1048576", self.fetch_queue_kib));
         }
@@ -134,6 +145,14 @@ impl WorkerConfig {
             return err("kafka_brokers", "is empty; allowed: host:port[,host:port...]".into());
         }
         Ok(())
+    }
+
+    /// The batches this worker runs at once, as told to the coordinator.
+    pub fn concurrency(&self) -> u32 {
+        match self.max_inflight_batches {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            n => n,
+        }
     }
 
     pub fn worker_id(&self) -> String {

@@ -69,6 +69,8 @@ pub struct LeaseTask {
     pub checkpointer: Checkpointer,
     pub stats: Arc<LeaseStats>,
     pub usage: UsageMeter,
+    /// The node's `max_inflight_batches` permits (none: no limit).
+    pub inflight: Option<Arc<tokio::sync::Semaphore>>,
     /// Fires on release or shutdown: finish the in-flight batch, then stop.
     pub drain: CancellationToken,
     /// Fires when the lease is lost or revoked: stop at once.
@@ -156,6 +158,11 @@ impl LeaseTask {
         // Runs one batch through the policy and counts it.
         let handle = |records: Vec<Record>| async {
             let n = records.len() as u64;
+            // The node's batch budget (max_inflight_batches), shared by all leases.
+            let _permit = match &self.inflight {
+                Some(s) => s.clone().acquire_owned().await.ok(),
+                None => None,
+            };
             self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let done = lane(lag_now.load(Ordering::Relaxed)).process(records).await;
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);

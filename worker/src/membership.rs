@@ -30,6 +30,8 @@ pub struct SessionConfig {
     pub handlers: Vec<String>,
     /// Most leases to take; 0 = no limit.
     pub capacity: u32,
+    /// Batches this worker runs at once (the balancer's capacity unit).
+    pub concurrency: u32,
     /// Sent as `authorization: Bearer TOKEN` when set.
     pub token: Option<String>,
 }
@@ -144,6 +146,7 @@ impl Session {
                 handlers: self.cfg.handlers.clone(),
                 capacity: self.cfg.capacity,
                 held,
+                concurrency: self.cfg.concurrency,
             };
             let reply = self.client.clone().register(self.request(message)).await?.into_inner();
             let events = events(reply.instructions)?;

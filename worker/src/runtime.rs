@@ -97,6 +97,7 @@ pub async fn run(
         address: config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
         handlers: ready.keys().cloned().collect(),
         capacity: config.capacity,
+        concurrency: config.concurrency(),
         token: config.auth_token.clone(),
     })?;
 
@@ -125,6 +126,8 @@ pub async fn run(
         checkpointer,
         publisher: Publisher::new(amqp.clone()),
         usage,
+        inflight: (config.max_inflight_batches > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches as usize))),
         amqp,
         worker_id: worker_id.clone(),
         held,
@@ -195,6 +198,8 @@ struct Runtime {
     /// Retries and dead letters of queue slots.
     publisher: Publisher,
     usage: UsageMeter,
+    /// `max_inflight_batches` permits, shared by every lease.
+    inflight: Option<Arc<tokio::sync::Semaphore>>,
     worker_id: String,
     held: HeldLeases,
     stats: StatsTable,
@@ -284,6 +289,7 @@ impl Runtime {
                 worker_id: self.worker_id.clone(),
                 stats: stats.clone(),
                 usage: self.usage.clone(),
+                inflight: self.inflight.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
@@ -305,6 +311,7 @@ impl Runtime {
                 checkpointer: self.checkpointer.clone(),
                 stats: stats.clone(),
                 usage: self.usage.clone(),
+                inflight: self.inflight.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
@@ -389,6 +396,8 @@ fn load_report(
                 let records = s.records.load(Ordering::Relaxed);
                 let busy = s.busy_micros.load(Ordering::Relaxed);
                 let (r0, b0) = prev.1.get(lease).copied().unwrap_or((records, busy));
+                // A lease restarted under a new epoch counts from zero again.
+                let (r0, b0) = if records < r0 || busy < b0 { (0, 0) } else { (r0, b0) };
                 next.insert(lease.clone(), (records, busy));
                 let rate = (records - r0) as f64 / elapsed;
                 v1::LeaseLoad {

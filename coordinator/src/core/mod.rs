@@ -13,6 +13,7 @@
 //! current owner quoting its current epoch.
 
 mod assign;
+pub mod balance;
 #[cfg(test)]
 mod tests;
 
@@ -24,18 +25,89 @@ use shardline_proto::{LeaseId, LeaseKind};
 
 pub type WorkerId = String;
 
-/// The timeouts the core needs; the rest of the config lives in the IO layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The timeouts and balancing knobs the core needs; the rest of the config
+/// lives in the IO layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CoreConfig {
     /// A worker silent this long is dead and loses its leases.
     pub session_timeout: Duration,
     /// A graceful handoff not confirmed within this is forced (epoch + 1).
     pub handoff_timeout: Duration,
+    pub balancer: Balancer,
+}
+
+/// How leases are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Lease counts within one per worker (KCL 2.x, Kafka's sticky assignors).
+    #[default]
+    Count,
+    /// Counts as far as load allows, and load moves when a worker drowns.
+    Load,
+}
+
+/// The `[balancer]` settings (see [`balance`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Balancer {
+    pub strategy: Strategy,
+    pub threshold: f64,
+    pub min_utilisation: f64,
+    pub max_moves: usize,
+    /// A worker must stay overloaded this long before a plan.
+    pub stable_for: Duration,
+    /// No new plan this long after one.
+    pub cooldown: Duration,
+    /// A lease's reports are ignored this long after it changed owner.
+    pub settle: Duration,
+    /// Weight of the newest report in the moving average (0..1].
+    pub ema_alpha: f64,
+    /// Utilisation `desired_workers` plans for.
+    pub target_utilisation: f64,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Count,
+            threshold: 0.2,
+            min_utilisation: 0.5,
+            max_moves: 8,
+            stable_for: Duration::from_secs(5),
+            cooldown: Duration::from_secs(10),
+            settle: Duration::from_secs(3),
+            ema_alpha: 0.3,
+            target_utilisation: 0.7,
+        }
+    }
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        Self { session_timeout: Duration::from_secs(10), handoff_timeout: Duration::from_secs(30) }
+        Self {
+            session_timeout: Duration::from_secs(10),
+            handoff_timeout: Duration::from_secs(30),
+            balancer: Balancer::default(),
+        }
+    }
+}
+
+/// What the core knows of a lease's load, from its owner's heartbeats.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseModel {
+    /// Handler seconds per second, smoothed.
+    pub weight: f64,
+    /// Whether any report has been taken in yet.
+    pub measured: bool,
+    /// The last few lag reports, oldest first.
+    pub lags: std::collections::VecDeque<i64>,
+    /// Reports before this are ignored (the lease just moved).
+    pub settle_until: Option<Instant>,
+}
+
+impl LeaseModel {
+    /// Lag rose on each of the last reports.
+    pub fn lag_growing(&self) -> bool {
+        self.lags.len() >= 3 && self.lags.iter().zip(self.lags.iter().skip(1)).all(|(a, b)| b > a)
     }
 }
 
@@ -123,6 +195,8 @@ pub struct Worker {
     /// Shutting down: gets no new leases, keeps releasing its own.
     pub draining: bool,
     pub load: WorkerLoad,
+    /// Batches it runs at once: the denominator of its utilisation.
+    pub concurrency: u32,
 }
 
 /// A worker joining (or re-joining).
@@ -132,6 +206,8 @@ pub struct Registration {
     pub address: String,
     pub handlers: BTreeSet<String>,
     pub capacity: u32,
+    /// Batches it runs at once (its node's concurrency); 0: unknown (1).
+    pub concurrency: u32,
     /// Leases the worker still runs, with the epoch it runs them under.
     pub held: Vec<(LeaseId, u64)>,
 }
@@ -183,6 +259,8 @@ pub struct Counters {
     /// Graceful handoffs started by the balancer.
     pub rebalance_moves: u64,
     pub forced_handoffs: u64,
+    /// Moves planned by the `load` strategy (also in `rebalance_moves`).
+    pub load_moves: u64,
 }
 
 /// The lease table and membership.
@@ -196,6 +274,12 @@ pub struct Core {
     counters: Counters,
     /// Each subscription's current slot count: slots at or above it park.
     slot_limits: BTreeMap<String, u32>,
+    /// Load per lease, for the `load` strategy.
+    model: BTreeMap<LeaseId, LeaseModel>,
+    /// Since when some worker has been overloaded, and when the last load
+    /// plan was made.
+    overloaded_since: Option<Instant>,
+    last_plan: Option<Instant>,
 }
 
 impl Core {
@@ -208,6 +292,9 @@ impl Core {
             dirty: BTreeSet::new(),
             counters: Counters::default(),
             slot_limits: BTreeMap::new(),
+            model: BTreeMap::new(),
+            overloaded_since: None,
+            last_plan: None,
         }
     }
 
@@ -228,6 +315,7 @@ impl Core {
                         restored: true,
                         draining: false,
                         load: WorkerLoad::default(),
+                        concurrency: 1,
                     });
                     LeaseState::Owned
                 }
@@ -289,8 +377,10 @@ impl Core {
             restored: false,
             draining: false,
             load: WorkerLoad::default(),
+            concurrency: 1,
         });
         worker.draining = false;
+        worker.concurrency = reg.concurrency.max(1);
         worker.address = reg.address;
         worker.handlers = reg.handlers;
         worker.capacity = reg.capacity;
@@ -350,6 +440,25 @@ impl Core {
         match self.workers.get_mut(worker) {
             Some(w) if !w.restored => {
                 w.last_seen = now;
+                let alpha = self.cfg.balancer.ema_alpha.clamp(0.01, 1.0);
+                for (lease, l) in &load.leases {
+                    let owned =
+                        self.leases.get(lease).is_some_and(|x| x.record.owner.as_deref() == Some(worker));
+                    let m = self.model.entry(lease.clone()).or_default();
+                    if !owned || m.settle_until.is_some_and(|t| now < t) {
+                        continue;
+                    }
+                    m.weight = if m.measured {
+                        alpha * l.busy_ratio + (1.0 - alpha) * m.weight
+                    } else {
+                        l.busy_ratio
+                    };
+                    m.measured = true;
+                    m.lags.push_back(l.lag);
+                    while m.lags.len() > 3 {
+                        m.lags.pop_front();
+                    }
+                }
                 w.load = load;
                 Ok(self.outbox.remove(worker).unwrap_or_default())
             }
@@ -457,6 +566,9 @@ impl Core {
             self.finish_release(now, &lease, to);
         }
         self.assign(now);
+        if self.cfg.balancer.strategy == Strategy::Load {
+            self.rebalance_load(now);
+        }
     }
 
     /// Discovery found `count` partitions (or configured `count` slots) of a
@@ -630,6 +742,10 @@ impl Core {
 
     /// Gives a lease to a worker under a new epoch.
     fn grant(&mut self, now: Instant, lease: &LeaseId, worker: &str) {
+        let settle = self.cfg.balancer.settle;
+        let m = self.model.entry(lease.clone()).or_default();
+        m.settle_until = Some(now + settle);
+        m.lags.clear();
         let Some(l) = self.leases.get_mut(lease) else { return };
         l.record.epoch += 1;
         l.record.owner = Some(worker.to_owned());

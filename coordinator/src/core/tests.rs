@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use proptest::strategy::Strategy;
 use shardline_proto::{LeaseId, LeaseKind};
 
 use super::*;
@@ -287,13 +288,33 @@ struct Model {
     partitions: u32,
     /// Queue slots of subscription `q`.
     slots: u32,
+    /// Heartbeats report load (busy ratios; shards 0 and 1 hot).
+    loaded: bool,
 }
 
 impl Model {
     fn new() -> Self {
+        Self::with(CoreConfig::default())
+    }
+
+    /// The `load` strategy, with heartbeats that report load.
+    fn loaded() -> Self {
+        let balancer = Balancer {
+            strategy: super::Strategy::Load,
+            stable_for: Duration::from_millis(500),
+            cooldown: Duration::from_secs(1),
+            settle: Duration::from_millis(300),
+            ..Balancer::default()
+        };
+        let mut model = Self::with(CoreConfig { balancer, ..CoreConfig::default() });
+        model.loaded = true;
+        model
+    }
+
+    fn with(cfg: CoreConfig) -> Self {
         let now = Instant::now();
         let mut model = Self {
-            core: Core::new(CoreConfig::default()),
+            core: Core::new(cfg),
             now,
             store: BTreeMap::new(),
             workers: BTreeMap::new(),
@@ -301,6 +322,7 @@ impl Model {
             acked: BTreeMap::new(),
             partitions: 4,
             slots: 2,
+            loaded: false,
         };
         model.core.discovered(now, LeaseKind::Shard, "s", H, model.partitions);
         model.core.set_slots(now, "q", H, model.slots);
@@ -330,8 +352,24 @@ impl Model {
             }
             Op::Heartbeat(w) => {
                 let name = Self::name(w);
+                let mut load = WorkerLoad::default();
+                if self.loaded
+                    && let Some(sim) = self.workers.get(&name)
+                {
+                    for (lease, (_, position)) in &sim.running {
+                        let hot = lease.kind == LeaseKind::Shard && lease.index < 2;
+                        let busy = if hot { 0.9 } else { 0.1 };
+                        let l = LeaseLoad {
+                            position: *position,
+                            lag: 0,
+                            busy_ratio: busy,
+                            ..LeaseLoad::default()
+                        };
+                        load.leases.insert(lease.clone(), l);
+                    }
+                }
                 if let Some(sim) = self.workers.get_mut(&name)
-                    && let Ok(instructions) = self.core.heartbeat(now, &name, WorkerLoad::default())
+                    && let Ok(instructions) = self.core.heartbeat(now, &name, load)
                 {
                     sim.apply(instructions, &mut self.grants, &name);
                 }
@@ -540,4 +578,81 @@ proptest! {
             }
         }
     }
+
+    /// Fencing, ownership, checkpoints and slots hold under `load` too (its
+    /// moves are graceful handoffs like any other).
+    #[test]
+    fn lease_table_invariants_hold_under_the_load_strategy(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut model = Model::loaded();
+        for op in ops {
+            model.step(op);
+        }
+    }
+}
+
+/// The `load` strategy on the real core: an overload must last
+/// `stable_for` before a plan, the plan splits the hot leases, and a steady
+/// load afterwards moves nothing more.
+#[test]
+fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
+    let balancer = Balancer {
+        strategy: super::Strategy::Load,
+        stable_for: Duration::from_secs(1),
+        cooldown: Duration::from_secs(5),
+        settle: Duration::ZERO,
+        ..Balancer::default()
+    };
+    let t = Instant::now();
+    let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
+    core.discovered(t, LeaseKind::Shard, "s", H, 4);
+    core.register(t, reg("w0"));
+    core.register(t, reg("w1"));
+    // w0 hands two shards to w1 (count balance, before any load is known).
+    for i in core.heartbeat(t, "w0", WorkerLoad::default()).unwrap_or_default() {
+        if let Instruction::Release { lease, epoch } = i {
+            core.release_done(t, "w0", &lease, epoch, None);
+        }
+    }
+    let on = |core: &Core, w: &str| -> BTreeSet<u32> {
+        core.leases().filter(|l| l.record.owner.as_deref() == Some(w)).map(|l| l.record.lease.index).collect()
+    };
+    assert_eq!((on(&core, "w0").len(), on(&core, "w1").len()), (2, 2), "counts first");
+    // Both of w0's shards run hot; w1's are light.
+    let report = |core: &Core, w: &str, now: Instant| {
+        let leases = on(core, w)
+            .into_iter()
+            .map(|i| {
+                let busy = if w == "w0" { 0.9 } else { 0.1 };
+                (LeaseId::shard("s", i), LeaseLoad { busy_ratio: busy, ..LeaseLoad::default() })
+            })
+            .collect();
+        (now, WorkerLoad { leases, ..WorkerLoad::default() })
+    };
+    let beat = |core: &mut Core, w: &str, now: Instant| {
+        let (now, load) = report(core, w, now);
+        core.heartbeat(now, w, load).unwrap_or_default()
+    };
+    beat(&mut core, "w0", t);
+    beat(&mut core, "w1", t);
+    core.tick(t);
+    core.tick(t + Duration::from_millis(500));
+    assert_eq!(core.counters().load_moves, 0, "not before stable_for");
+    core.tick(t + Duration::from_secs(1));
+    assert_eq!(core.counters().load_moves, 1, "one hot shard moves");
+    let released = beat(&mut core, "w0", t + Duration::from_secs(1));
+    let Some(Instruction::Release { lease, epoch }) = released.first().cloned() else {
+        panic!("w0 is asked to release: {released:?}");
+    };
+    core.release_done(t + Duration::from_secs(1), "w0", &lease, epoch, None);
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.owner.clone()).as_deref(), Some("w1"));
+    // The same load from here on: nothing more moves.
+    for s in 2..30 {
+        let now = t + Duration::from_secs(s);
+        beat(&mut core, "w0", now);
+        beat(&mut core, "w1", now);
+        core.tick(now);
+    }
+    assert_eq!(core.counters().load_moves, 1, "no flapping under a steady load");
+    // 0.9 + 3 × 0.1 of handler time at 0.7 per worker.
+    assert_eq!(core.desired_workers(), 2);
 }

@@ -46,6 +46,8 @@ pub struct SlotTask {
     pub worker_id: String,
     pub stats: Arc<LeaseStats>,
     pub usage: UsageMeter,
+    /// The node's `max_inflight_batches` permits (none: no limit).
+    pub inflight: Option<Arc<tokio::sync::Semaphore>>,
     /// Fires on release or shutdown: finish the in-flight batch, then stop.
     pub drain: CancellationToken,
     /// Fires when the lease is lost or revoked: stop at once.
@@ -201,6 +203,11 @@ impl SlotTask {
                 if let Ok(mut c) = completion.lock() {
                     c.add(records.iter().map(|r| r.offset));
                 }
+                // The node's batch budget (max_inflight_batches), shared by all leases.
+                let _permit = match &self.inflight {
+                    Some(s) => s.clone().acquire_owned().await.ok(),
+                    None => None,
+                };
                 self.stats.in_flight.store(1, Ordering::Relaxed);
                 let done = lane.process(records).await;
                 self.stats.in_flight.store(0, Ordering::Relaxed);

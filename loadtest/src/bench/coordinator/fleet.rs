@@ -372,6 +372,7 @@ impl SimWorker {
             handlers: vec![HANDLER.into()],
             capacity: 0,
             held,
+            concurrency: 1,
         };
         let reply = self.client.register(request).await.context("Register failed")?.into_inner();
         // The reply is the authoritative set: Acquire for every lease kept
