@@ -77,7 +77,8 @@ fn worker_state(w: &v1::WorkerInfo) -> String {
     }
 }
 
-pub fn workers(workers: &[v1::WorkerInfo], json: bool) -> Result<()> {
+pub fn workers(reply: &v1::ListWorkersReply, json: bool) -> Result<()> {
+    let workers = &reply.workers;
     if json {
         let rows: Vec<Value> = workers
             .iter()
@@ -89,10 +90,13 @@ pub fn workers(workers: &[v1::WorkerInfo], json: bool) -> Result<()> {
                     "cpu": load.cpu, "inflight_batches": load.inflight_batches,
                     "records_per_s": load.leases.iter().map(|l| l.records_out_per_s).sum::<f64>(),
                     "state": worker_state(w), "unhealthy": w.unhealthy,
+                    "utilisation": w.utilisation, "concurrency": w.concurrency,
                 })
             })
             .collect();
-        return print_json(&Value::Array(rows));
+        return print_json(&json!({
+            "workers": rows, "desired_workers": reply.desired_workers, "strategy": reply.strategy,
+        }));
     }
     let rows: Vec<Vec<String>> = workers
         .iter()
@@ -106,12 +110,14 @@ pub fn workers(workers: &[v1::WorkerInfo], json: bool) -> Result<()> {
                 if w.restored { "-".into() } else { ago(w.last_heartbeat_ms_ago) },
                 format!("{:.2}", load.cpu),
                 format!("{rate:.0}"),
+                format!("{:.0}%", w.utilisation * 100.0),
                 w.handlers.join(","),
                 worker_state(w),
             ]
         })
         .collect();
-    table(&["WORKER", "ADDRESS", "LEASES", "LAST BEAT", "CPU", "REC/S", "HANDLERS", "STATE"], &rows);
+    table(&["WORKER", "ADDRESS", "LEASES", "LAST BEAT", "CPU", "REC/S", "UTIL", "HANDLERS", "STATE"], &rows);
+    println!("desired workers: {} (placement: {})", reply.desired_workers, dash(&reply.strategy));
     Ok(())
 }
 

@@ -416,7 +416,7 @@ async fn checkpoint_set_moves_the_owner_to_the_new_offset() -> Result<()> {
         .says("dry run: nothing changed")?;
     let plan =
         online(&c, &["--json", "checkpoint", "set", &lease, "--offset", "50", "--dry-run"]).await?.json()?;
-    ensure!(plan.get("applied") == &Json::Bool(false), "dry run applied: {plan:?}");
+    ensure!(!plan.get("applied").bool()?, "dry run applied: {plan:?}");
     let change = plan.get("changes").items()?.first().context("dry run plan has no change")?.clone();
     ensure!(
         change.get("lease").str()? == lease
@@ -439,7 +439,7 @@ async fn checkpoint_set_moves_the_owner_to_the_new_offset() -> Result<()> {
     // --yes: applied; the owner restarts from 50 under epoch + 1.
     let plan =
         online(&c, &["--json", "checkpoint", "set", &lease, "--offset", "50", "--yes"]).await?.json()?;
-    ensure!(plan.get("applied") == &Json::Bool(true), "set --yes not applied: {plan:?}");
+    ensure!(plan.get("applied").bool()?, "set --yes not applied: {plan:?}");
     let change = plan.get("changes").items()?.first().context("plan has no change")?.clone();
     ensure!(
         change.get("from").opt_i64()? == Some(200)
@@ -478,7 +478,7 @@ async fn checkpoint_set_moves_the_owner_to_the_new_offset() -> Result<()> {
     // (200 + 150 again + 50 new).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let workers = online(&c, &["--json", "workers"]).await?.json()?;
-    let a = workers.items()?.iter().find(|w| w.get("worker_id").str().ok() == Some("a")).cloned();
+    let a = workers.get("workers").items()?.iter().find(|w| w.get("worker_id").str().ok() == Some("a")).cloned();
     let a = a.with_context(|| format!("worker a is gone after the set: {workers:?}"))?;
     ensure!(
         a.get("leases").u64()? == 1
@@ -663,7 +663,7 @@ async fn export_then_import_into_a_fresh_coordinator_reproduces_every_checkpoint
     };
     let b = fresh("b").await?;
     let plan = online(&b, &["--json", "import", &file_s, "--yes"]).await?.json()?;
-    ensure!(plan.get("applied") == &Json::Bool(true), "import --yes not applied: {plan:?}");
+    ensure!(plan.get("applied").bool()?, "import --yes not applied: {plan:?}");
     ensure!(plan.get("changes").items()?.len() == 3, "import plan {plan:?}");
     let from_b = exported(&online(&b, &["--json", "export"]).await?.json()?)?;
     let pairs_b: BTreeMap<String, i64> = from_b.iter().map(|(l, (c, _))| (l.clone(), *c)).collect();
@@ -868,196 +868,50 @@ async fn usage_reports_handler_time_in_100ms_units() -> Result<()> {
 
 // ---------------------------------------------------------- JSON reading
 
-/// A JSON value; numbers keep their text.
+/// A JSON value from the CLI's `--json` output, with accessors that fail
+/// with the value in the message.
 #[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(String),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-static NULL: Json = Json::Null;
+struct Json(serde_json::Value);
 
 impl Json {
     fn parse(text: &str) -> Result<Json> {
-        let mut p = JsonParser { s: text.as_bytes(), i: 0 };
-        let v = p.value()?;
-        p.ws();
-        ensure!(p.i == p.s.len(), "trailing text at byte {}", p.i);
-        Ok(v)
+        Ok(Json(serde_json::from_str(text).with_context(|| format!("not JSON: {text}"))?))
     }
 
     /// The field `key` of an object; null when absent.
-    fn get(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(fields) => fields.iter().find(|(k, _)| k == key).map_or(&NULL, |(_, v)| v),
-            _ => &NULL,
-        }
+    fn get(&self, key: &str) -> Json {
+        Json(self.0.get(key).cloned().unwrap_or(serde_json::Value::Null))
     }
 
-    fn items(&self) -> Result<&[Json]> {
-        match self {
-            Json::Arr(items) => Ok(items),
-            other => bail!("not an array: {other:?}"),
+    fn items(&self) -> Result<Vec<Json>> {
+        match &self.0 {
+            serde_json::Value::Array(items) => Ok(items.iter().cloned().map(Json).collect()),
+            other => bail!("not an array: {other}"),
         }
     }
 
     fn str(&self) -> Result<&str> {
-        match self {
-            Json::Str(s) => Ok(s),
-            other => bail!("not a string: {other:?}"),
-        }
+        self.0.as_str().with_context(|| format!("not a string: {}", self.0))
+    }
+
+    fn bool(&self) -> Result<bool> {
+        self.0.as_bool().with_context(|| format!("not a boolean: {}", self.0))
     }
 
     fn i64(&self) -> Result<i64> {
-        match self {
-            Json::Num(n) => n.parse().with_context(|| format!("not an integer: {n}")),
-            other => bail!("not a number: {other:?}"),
-        }
+        self.0.as_i64().with_context(|| format!("not an integer: {}", self.0))
     }
 
     fn u64(&self) -> Result<u64> {
-        Ok(u64::try_from(self.i64()?)?)
+        self.0.as_u64().with_context(|| format!("not an unsigned integer: {}", self.0))
     }
 
     fn f64(&self) -> Result<f64> {
-        match self {
-            Json::Num(n) => n.parse().with_context(|| format!("not a number: {n}")),
-            other => bail!("not a number: {other:?}"),
-        }
+        self.0.as_f64().with_context(|| format!("not a number: {}", self.0))
     }
 
     /// An integer or null.
     fn opt_i64(&self) -> Result<Option<i64>> {
-        match self {
-            Json::Null => Ok(None),
-            other => other.i64().map(Some),
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, b: u8) -> Result<()> {
-        self.ws();
-        ensure!(self.s.get(self.i) == Some(&b), "expected `{}` at byte {}", b as char, self.i);
-        self.i += 1;
-        Ok(())
-    }
-
-    fn value(&mut self) -> Result<Json> {
-        self.ws();
-        let Some(&b) = self.s.get(self.i) else { bail!("unexpected end of JSON") };
-        match b {
-            b'{' => {
-                self.i += 1;
-                let mut fields = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(fields));
-                }
-                loop {
-                    self.ws();
-                    let key = self.string()?;
-                    self.eat(b':')?;
-                    fields.push((key, self.value()?));
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(fields));
-                        }
-                        _ => bail!("expected `,` or `}}` at byte {}", self.i),
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(items));
-                }
-                loop {
-                    items.push(self.value()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(items));
-                        }
-                        _ => bail!("expected `,` or `]` at byte {}", self.i),
-                    }
-                }
-            }
-            b'"' => Ok(Json::Str(self.string()?)),
-            _ => {
-                for (word, v) in
-                    [("true", Json::Bool(true)), ("false", Json::Bool(false)), ("null", Json::Null)]
-                {
-                    if self.s[self.i..].starts_with(word.as_bytes()) {
-                        self.i += word.len();
-                        return Ok(v);
-                    }
-                }
-                let start = self.i;
-                while self.s.get(self.i).is_some_and(|c| c.is_ascii_digit() || b"+-.eE".contains(c)) {
-                    self.i += 1;
-                }
-                ensure!(self.i > start, "unexpected `{}` at byte {start}", b as char);
-                Ok(Json::Num(String::from_utf8_lossy(&self.s[start..self.i]).into_owned()))
-            }
-        }
-    }
-
-    fn string(&mut self) -> Result<String> {
-        ensure!(self.s.get(self.i) == Some(&b'"'), "expected a string at byte {}", self.i);
-        self.i += 1;
-        let mut out = Vec::new();
-        loop {
-            let Some(&b) = self.s.get(self.i) else { bail!("unterminated string") };
-            self.i += 1;
-            match b {
-                b'"' => return Ok(String::from_utf8(out)?),
-                b'\\' => {
-                    let Some(&e) = self.s.get(self.i) else { bail!("unterminated escape") };
-                    self.i += 1;
-                    let c = match e {
-                        b'n' => '\n',
-                        b't' => '\t',
-                        b'r' => '\r',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'u' => {
-                            let hex = self.s.get(self.i..self.i + 4).context("short \\u escape")?;
-                            self.i += 4;
-                            let code = u32::from_str_radix(std::str::from_utf8(hex)?, 16)?;
-                            char::from_u32(code).unwrap_or('\u{fffd}')
-                        }
-                        other => other as char,
-                    };
-                    let mut buf = [0; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                }
-                other => out.push(other),
-            }
-        }
+        if self.0.is_null() { Ok(None) } else { self.i64().map(Some) }
     }
 }
