@@ -3,12 +3,15 @@
 //! benchmark lives under [`bench`], the child-process and measurement
 //! plumbing in [`child`] and [`stats`].
 //!
-//! Exit status: non-zero only when the harness itself fails (a binary does
-//! not start, calls fail). Missed targets are printed, never asserted: the
-//! figures depend on the machine and its noise.
+//! Exit status of `bench`: non-zero only when the harness itself fails (a
+//! binary does not start, calls fail). Missed targets are printed, never
+//! asserted: the figures depend on the machine and its noise. `run`
+//! asserts its scenario's thresholds (exit 1) and exits 2 for an invalid
+//! scenario file.
 
 mod bench;
 mod child;
+mod run;
 mod stats;
 
 use std::process::ExitCode;
@@ -27,6 +30,12 @@ enum Command {
     /// Measures one component in isolation and prints its figures.
     #[command(subcommand)]
     Bench(BenchTarget),
+    /// Runs a load-test scenario (TOML) against the real coordinator and
+    /// workers: records produced on a rate profile, faults on schedule,
+    /// every record verified through receipts (lost, duplicates, order,
+    /// latency, recovery per fault). Exit 0: every threshold held; 1: one
+    /// broke or the run failed; 2: the scenario is invalid.
+    Run(run::Args),
 }
 
 #[derive(Subcommand)]
@@ -49,19 +58,32 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = async {
         match cli.command {
-            Command::Bench(BenchTarget::Coordinator(args)) => bench::coordinator::run(args).await,
-            Command::Bench(BenchTarget::Kafka(args)) => bench::kafka::run(args).await,
-            Command::Bench(BenchTarget::Amqp(args)) => bench::amqp::run(args).await,
+            Command::Bench(BenchTarget::Coordinator(args)) => {
+                bench::coordinator::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchTarget::Kafka(args)) => {
+                bench::kafka::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchTarget::Amqp(args)) => {
+                bench::amqp::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Run(args) => run::run(args).await,
         }
     };
-    // Dropping `run` on a signal drops the child guards, which kill the
-    // coordinators and workers: an interrupted benchmark leaves no process behind.
+    // Dropping `run` on a signal (Ctrl-C is SIGINT) drops the child guards,
+    // which kill the coordinators and workers: an interrupted benchmark or
+    // scenario leaves no process behind.
     let result = tokio::select! {
         result = run => result,
         signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
+        // A scenario that cannot run is a usage error, like a bad flag.
+        Err(e) if e.downcast_ref::<run::BadScenario>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             // The context chain says what failed; a backtrace (printed when
             // RUST_BACKTRACE is set) would only bury it.

@@ -38,6 +38,12 @@ impl Latency {
         self.hist.add(&other.hist).context("cannot merge latency histograms")
     }
 
+    /// The latency at quantile `q` (0..=1) in ms; 0 when nothing was
+    /// recorded.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.hist.is_empty() { 0.0 } else { self.hist.value_at_quantile(q) as f64 / 1000.0 }
+    }
+
     pub fn summary(&self) -> Summary {
         let ms = |micros: u64| micros as f64 / 1000.0;
         if self.hist.is_empty() {

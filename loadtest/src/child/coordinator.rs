@@ -3,7 +3,7 @@
 //! prints `listening ADDR`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -57,6 +57,8 @@ pub struct Setup<'a> {
 pub struct Coordinator {
     run: Running,
     addr: SocketAddr,
+    /// How many times [`Coordinator::restart`] ran: names each new log.
+    restarts: u32,
 }
 
 impl Coordinator {
@@ -75,38 +77,38 @@ impl Coordinator {
         std::fs::write(&config_path, config_toml(&dir.path().join("data"), metrics_addr, setup)?)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
 
-        let mut command = Command::new(bin);
-        command.arg("--config").arg(&config_path).stdout(Stdio::piped());
-        let mut proc = Proc::spawn("coordinator", command, dir.path().join("coordinator.log"))?;
-        let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
+        let (proc, addr) = spawn_and_wait(bin, &config_path, dir.path().join("coordinator.log")).await?;
+        Ok(Self { run: Running { proc, metrics_addr, _dir: dir }, addr, restarts: 0 })
+    }
 
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(START_TIMEOUT, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix("listening ") {
-                    return Ok::<_, std::io::Error>(Some(addr.trim().to_owned()));
-                }
-            }
-            Ok(None)
-        })
-        .await;
-        let addr = match ready {
-            Ok(Ok(Some(addr))) => addr,
-            Ok(Ok(None)) => {
-                let status = proc.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-                bail!("the coordinator exited ({status}) before listening; its log:\n{}", proc.log_tail(20));
-            }
-            Ok(Err(e)) => bail!("cannot read the coordinator's stdout: {e}"),
-            Err(_) => bail!(
-                "the coordinator printed no `listening` line within {START_TIMEOUT:?}; its log:\n{}",
-                proc.log_tail(20)
-            ),
-        };
-        let addr = addr.parse().with_context(|| format!("bad address in `listening {addr}`"))?;
-        // Keep draining stdout: nothing else is expected there, but a full
-        // pipe must never block the coordinator.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { run: Running { proc, metrics_addr, _dir: dir }, addr })
+    /// `kill -9`s the coordinator and starts `bin` again on the same
+    /// address, config and data directory: workers reconnect to the URL
+    /// they have, and the lease store is what the killed process left.
+    /// Returns once the new process listens.
+    pub async fn restart(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let dir = self.run._dir.path().to_owned();
+        let config_path = dir.join("coordinator.toml");
+        let config = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?;
+        // The first start let the OS choose the port; the workers know that
+        // one now, so the new process must bind exactly it.
+        let pinned = config.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", self.addr), 1);
+        std::fs::write(&config_path, pinned)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        self.run.proc.child.start_kill().context("cannot kill the coordinator")?;
+        tokio::time::timeout(Duration::from_secs(10), self.run.proc.child.wait())
+            .await
+            .context("the coordinator did not exit within 10 s of SIGKILL")?
+            .context("cannot wait for the coordinator")?;
+        self.restarts += 1;
+        // A log per incarnation: the killed one's log stays readable.
+        let log = dir.join(format!("coordinator-{}.log", self.restarts));
+        let (proc, addr) = spawn_and_wait(bin, &config_path, log).await?;
+        if addr != self.addr {
+            bail!("the restarted coordinator listens on {addr}, not {}", self.addr);
+        }
+        self.run.proc = proc;
+        Ok(())
     }
 
     /// The gRPC URL, as a worker's `coordinator` setting.
@@ -134,6 +136,43 @@ impl Coordinator {
         }
         Ok(channels)
     }
+}
+
+/// Starts `bin --config config_path` and waits for its `listening ADDR`
+/// line; stdout is drained afterwards so a full pipe never blocks it.
+async fn spawn_and_wait(bin: &Path, config_path: &Path, log: PathBuf) -> anyhow::Result<(Proc, SocketAddr)> {
+    let mut command = Command::new(bin);
+    command.arg("--config").arg(config_path).stdout(Stdio::piped());
+    let mut proc = Proc::spawn("coordinator", command, log)?;
+    let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
+
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(START_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(addr) = line.strip_prefix("listening ") {
+                return Ok::<_, std::io::Error>(Some(addr.trim().to_owned()));
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    let addr = match ready {
+        Ok(Ok(Some(addr))) => addr,
+        Ok(Ok(None)) => {
+            let status = proc.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            bail!("the coordinator exited ({status}) before listening; its log:\n{}", proc.log_tail(20));
+        }
+        Ok(Err(e)) => bail!("cannot read the coordinator's stdout: {e}"),
+        Err(_) => bail!(
+            "the coordinator printed no `listening` line within {START_TIMEOUT:?}; its log:\n{}",
+            proc.log_tail(20)
+        ),
+    };
+    let addr = addr.parse().with_context(|| format!("bad address in `listening {addr}`"))?;
+    // Keep draining stdout: nothing else is expected there, but a full
+    // pipe must never block the coordinator.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((proc, addr))
 }
 
 /// The generated config: loopback, port 0, the temp data dir, metrics on

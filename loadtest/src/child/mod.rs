@@ -60,6 +60,20 @@ impl Proc {
     fn spawn(name: &'static str, mut command: Command, log: PathBuf) -> anyhow::Result<Self> {
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl(2), which is async-signal-safe and touches no memory
+        // of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                // Kill-on-drop needs the harness to unwind; this covers a
+                // harness that is SIGKILLed or aborts: the kernel kills the
+                // child with it, so no coordinator or worker is orphaned.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = command
             // Hermetic: an operator's token, brokers or config in this shell
             // must not change what is measured (a token would make every call
@@ -161,6 +175,12 @@ impl Running {
     /// The last `n` lines of the child's log, for error messages.
     pub fn log_tail(&self, n: usize) -> String {
         self.proc.log_tail(n)
+    }
+
+    /// The throwaway directory with the child's config and logs (gone once
+    /// the guard is dropped).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 }
 

@@ -1,0 +1,346 @@
+//! The processes of a run and what the coordinator says about them: the
+//! coordinator (unless `--external`), the workers by index, the faults
+//! done to them, and the lease table watched once a second.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use shardline_proto::v1::admin_api_client::AdminApiClient;
+use shardline_proto::v1::{self, LeaseState};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::child::{Coordinator, Running, Worker, WorkerSettings};
+
+/// The handler every worker hosts and every mapping names.
+pub const HANDLER: &str = "chaos";
+/// One admin call, at most: a coordinator being restarted must not stall
+/// the run.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What each worker's config says besides its id.
+pub struct WorkerTemplate {
+    pub kafka_brokers: String,
+    pub amqp_url: String,
+    /// The `chaos` handler's settings (receipts destination, sleeps).
+    pub settings: Vec<(&'static str, String)>,
+    /// Appended to `w<i>`: empty with the harness's own coordinator, a run
+    /// id with an external one (which may remember earlier runs' workers).
+    pub id_suffix: String,
+}
+
+pub struct WorkerSlot {
+    pub id: String,
+    /// `None` once killed (or crashed).
+    proc: Option<Worker>,
+    pub stopped: bool,
+}
+
+pub struct Fleet {
+    coordinator: Option<Coordinator>,
+    coordinator_bin: PathBuf,
+    worker_bin: PathBuf,
+    url: String,
+    template: WorkerTemplate,
+    workers: Vec<WorkerSlot>,
+    /// Children that exited on their own, with their logs' tails.
+    crashes: Vec<String>,
+    /// Where to copy every child's logs before its directory goes
+    /// (`--logs`).
+    logs: Option<PathBuf>,
+}
+
+impl Fleet {
+    pub fn new(
+        coordinator: Option<Coordinator>,
+        url: String,
+        coordinator_bin: PathBuf,
+        worker_bin: PathBuf,
+        template: WorkerTemplate,
+    ) -> Self {
+        Self {
+            coordinator,
+            coordinator_bin,
+            worker_bin,
+            url,
+            template,
+            workers: Vec::new(),
+            crashes: Vec::new(),
+            logs: None,
+        }
+    }
+
+    /// Keeps every child's logs in `dir`: a killed worker's when it is
+    /// killed, the rest at shutdown.
+    pub fn keep_logs(&mut self, dir: PathBuf) {
+        self.logs = Some(dir);
+    }
+
+    /// Copies the `*.log` files of `running` to the logs directory as
+    /// `<name>-<file>`; failures only warn (the run's result stands).
+    fn save_logs(&self, name: &str, running: &Running) {
+        let Some(to) = &self.logs else { return };
+        let copy = || -> std::io::Result<()> {
+            std::fs::create_dir_all(to)?;
+            for entry in std::fs::read_dir(running.dir())? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "log")
+                    && let Some(file) = path.file_name().and_then(|f| f.to_str())
+                {
+                    std::fs::copy(&path, to.join(format!("{name}-{file}")))?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = copy() {
+            eprintln!("warning: cannot keep the logs of {name} in {}: {e}", to.display());
+        }
+    }
+
+    /// Starts worker number `len()`; returns its id.
+    pub fn start_worker(&mut self) -> anyhow::Result<String> {
+        let id = format!("w{}{}", self.workers.len(), self.template.id_suffix);
+        let settings = WorkerSettings {
+            coordinator: &self.url,
+            worker_id: &id,
+            kafka_brokers: &self.template.kafka_brokers,
+            handler: HANDLER,
+            handler_settings: &self.template.settings,
+            fetch_queue_kib: None,
+            amqp_url: Some(&self.template.amqp_url),
+        };
+        let worker = Worker::start(&self.worker_bin, &settings)?;
+        self.workers.push(WorkerSlot { id: id.clone(), proc: Some(worker), stopped: false });
+        Ok(id)
+    }
+
+    pub fn worker_id(&self, index: usize) -> Option<&str> {
+        self.workers.get(index).map(|w| w.id.as_str())
+    }
+
+    /// SIGKILLs worker `index` and waits for it to be gone.
+    pub async fn kill9(&mut self, index: usize) -> anyhow::Result<()> {
+        let slot = self.workers.get_mut(index).with_context(|| format!("no worker {index}"))?;
+        let worker = slot.proc.take().with_context(|| format!("worker {} is not running", slot.id))?;
+        let id = slot.id.clone();
+        self.save_logs(&id, &worker);
+        worker.stop().await
+    }
+
+    /// Sends SIGSTOP or SIGCONT to worker `index`.
+    pub fn signal(&mut self, index: usize, stop: bool) -> anyhow::Result<()> {
+        let slot = self.workers.get_mut(index).with_context(|| format!("no worker {index}"))?;
+        let worker = slot.proc.as_ref().with_context(|| format!("worker {} is not running", slot.id))?;
+        let pid = libc::pid_t::try_from(worker.pid()).context("a pid out of range")?;
+        let signal = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) only sends a signal; the pid is our own child,
+        // which cannot have been reaped (and the pid reused) while its
+        // guard holds it.
+        let rc = unsafe { libc::kill(pid, signal) };
+        if rc != 0 {
+            bail!("cannot signal worker {}: {}", slot.id, std::io::Error::last_os_error());
+        }
+        slot.stopped = stop;
+        Ok(())
+    }
+
+    /// SIGKILLs the coordinator and starts it again on its store.
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        let coordinator =
+            self.coordinator.as_mut().context("no coordinator of ours to restart (--external)")?;
+        coordinator.restart(&self.coordinator_bin).await
+    }
+
+    /// Notices children that exited on their own; returns the new ones'
+    /// descriptions (also kept for the report).
+    pub fn check(&mut self) -> Vec<String> {
+        let mut new = Vec::new();
+        let mut gone = Vec::new();
+        for slot in &mut self.workers {
+            if let Some(worker) = slot.proc.as_mut()
+                && let Err(e) = worker.check_alive()
+            {
+                new.push(format!("worker {}: {e:#}", slot.id));
+                gone.extend(slot.proc.take().map(|w| (slot.id.clone(), w)));
+            }
+        }
+        for (id, worker) in gone {
+            self.save_logs(&id, &worker);
+        }
+        if let Some(coordinator) = self.coordinator.as_mut()
+            && let Err(e) = coordinator.check_alive()
+        {
+            new.push(format!("coordinator: {e:#}"));
+            if let Some(coordinator) = self.coordinator.take() {
+                self.save_logs("coordinator", &coordinator);
+            }
+        }
+        self.crashes.extend(new.iter().cloned());
+        new
+    }
+
+    pub fn crashes(&self) -> &[String] {
+        &self.crashes
+    }
+
+    /// Kills every worker, then the coordinator, waiting for each.
+    pub async fn shutdown(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let workers: Vec<(String, Worker)> =
+            self.workers.iter_mut().filter_map(|slot| Some((slot.id.clone(), slot.proc.take()?))).collect();
+        for (id, worker) in workers {
+            self.save_logs(&id, &worker);
+            if let Err(e) = worker.stop().await {
+                errors.push(format!("worker {id}: {e:#}"));
+            }
+        }
+        if let Some(coordinator) = self.coordinator.take() {
+            self.save_logs("coordinator", &coordinator);
+            if let Err(e) = coordinator.stop().await {
+                errors.push(format!("coordinator: {e:#}"));
+            }
+        }
+        errors
+    }
+}
+
+/// One lease as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseView {
+    pub name: String,
+    pub index: u32,
+    /// Empty when unassigned.
+    pub owner: String,
+    pub parked: bool,
+}
+
+/// The coordinator's admin API. The channel connects lazily and again
+/// after every failure, so it outlives a coordinator restart.
+#[derive(Clone)]
+pub struct Admin {
+    client: AdminApiClient<Channel>,
+}
+
+impl Admin {
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(url.to_owned())
+            .with_context(|| format!("bad coordinator URL {url}"))?
+            .connect_timeout(ADMIN_TIMEOUT)
+            .timeout(ADMIN_TIMEOUT)
+            .connect_lazy();
+        Ok(Self { client: AdminApiClient::new(channel) })
+    }
+
+    /// The leases of `names` (streams or subscriptions).
+    pub async fn leases(&self, names: &[String]) -> anyhow::Result<Vec<LeaseView>> {
+        let reply = self
+            .client
+            .clone()
+            .list_leases(v1::ListLeasesRequest { name: String::new() })
+            .await
+            .context("ListLeases failed")?
+            .into_inner();
+        Ok(reply
+            .leases
+            .into_iter()
+            .filter_map(|l| {
+                let id = l.lease?;
+                let parked = l.state == LeaseState::Parked as i32;
+                names.contains(&id.name).then_some(LeaseView {
+                    name: id.name,
+                    index: id.index,
+                    owner: l.owner,
+                    parked,
+                })
+            })
+            .collect())
+    }
+
+    pub async fn subscriptions(&self) -> anyhow::Result<Vec<v1::SubscriptionInfo>> {
+        Ok(self
+            .client
+            .clone()
+            .list_subscriptions(v1::ListSubscriptionsRequest {})
+            .await
+            .context("ListSubscriptions failed")?
+            .into_inner()
+            .subscriptions)
+    }
+}
+
+/// The lease table as last seen, and how many times a lease changed hands.
+#[derive(Debug, Default)]
+pub struct LeaseWatch {
+    /// Current owner ("" when unassigned) by (name, index).
+    current: BTreeMap<(String, u32), String>,
+    /// Last non-empty owner by (name, index).
+    last_owner: BTreeMap<(String, u32), String>,
+    pub moves: u64,
+}
+
+impl LeaseWatch {
+    /// Takes a new listing: a lease counts as moved when its owner differs
+    /// from its previous owner, unassigned gaps in between ignored (a
+    /// failover passes through "unassigned"; a first grant is no move).
+    pub fn update(&mut self, leases: &[LeaseView]) {
+        for l in leases {
+            let key = (l.name.clone(), l.index);
+            if !l.owner.is_empty() {
+                if self.last_owner.get(&key).is_some_and(|prev| *prev != l.owner) {
+                    self.moves += 1;
+                }
+                self.last_owner.insert(key.clone(), l.owner.clone());
+            }
+            self.current.insert(key, l.owner.clone());
+        }
+    }
+
+    /// The leases `owner` held at the last listing.
+    pub fn owned_by(&self, owner: &str) -> Vec<(String, u32)> {
+        self.current.iter().filter(|(_, o)| o.as_str() == owner).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+/// Whether every expected lease is owned, and by how many workers.
+pub fn assignment(leases: &[LeaseView], expected: usize) -> (bool, usize) {
+    let active: Vec<&LeaseView> = leases.iter().filter(|l| !l.parked).collect();
+    let all_owned = active.len() >= expected && active.iter().all(|l| !l.owner.is_empty());
+    let mut owners: Vec<&str> = active.iter().map(|l| l.owner.as_str()).filter(|o| !o.is_empty()).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    (all_owned, owners.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(index: u32, owner: &str) -> LeaseView {
+        LeaseView { name: "s".into(), index, owner: owner.into(), parked: false }
+    }
+
+    #[test]
+    fn moves_count_owner_changes_across_unassigned_gaps() {
+        let mut w = LeaseWatch::default();
+        w.update(&[lease(0, "a"), lease(1, "")]);
+        w.update(&[lease(0, "a"), lease(1, "b")]);
+        assert_eq!(w.moves, 0, "first grants are no moves");
+        w.update(&[lease(0, ""), lease(1, "b")]);
+        assert_eq!(w.owned_by("a"), Vec::<(String, u32)>::new());
+        w.update(&[lease(0, "c"), lease(1, "a")]);
+        assert_eq!(w.moves, 2);
+        assert_eq!(w.owned_by("a"), vec![("s".to_owned(), 1)]);
+        w.update(&[lease(0, "c"), lease(1, "a")]);
+        assert_eq!(w.moves, 2);
+    }
+
+    #[test]
+    fn assignment_needs_every_active_lease_owned() {
+        assert_eq!(assignment(&[lease(0, "a"), lease(1, "")], 2), (false, 1));
+        assert_eq!(assignment(&[lease(0, "a"), lease(1, "b"), lease(2, "a")], 3), (true, 2));
+        assert_eq!(assignment(&[lease(0, "a")], 2), (false, 1), "a lease not listed yet");
+        let parked = LeaseView { parked: true, ..lease(1, "") };
+        assert_eq!(assignment(&[lease(0, "a"), parked], 1), (true, 1));
+    }
+}

@@ -1,0 +1,638 @@
+//! The run's books: every record sent (and whether the broker took it) and
+//! every receipt read back, then the verdict computed from them.
+//!
+//! The producer and the receipt readers write here while the run goes on
+//! (cheap appends and counters behind one mutex, at a few thousand records
+//! a second); [`Ledger::analyze`] derives everything reported afterwards
+//! from the raw log, so the figures are a pure function of what happened
+//! and are unit-tested without brokers.
+//!
+//! Units of account: a "destination" is the Kafka stream, or one RabbitMQ
+//! subscription (a fanout delivers every message to each, and each must
+//! process it). `processed` counts (destination, id) pairs processed at
+//! least once, so it equals `produced × destinations` when nothing is lost.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::payload::Stamp;
+use crate::stats::Latency;
+
+/// The books as the run's tasks share them.
+pub type Books = std::sync::Arc<std::sync::Mutex<Ledger>>;
+
+/// The ledger, even if a task panicked while holding it: the books are
+/// appends and counters, still worth reporting.
+pub fn lock(books: &std::sync::Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    books.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Lost ids listed in the report, at most.
+const LOST_SAMPLE: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendState {
+    /// Handed to the client, no answer yet.
+    Pending,
+    /// Acknowledged (Kafka acks=all) or confirmed and routed (RabbitMQ) at
+    /// this wall-clock ms.
+    Acked(u64),
+    /// The broker refused it or the client gave up: not counted as
+    /// produced (it may still be processed: "unconfirmed").
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub key: u32,
+    pub sent_ms: u64,
+    pub state: SendState,
+}
+
+/// One receipt: a record some worker processed.
+#[derive(Debug, Clone, Copy)]
+pub struct Receipt {
+    pub id: u64,
+    /// Index into the destinations.
+    pub sub: u16,
+    /// The lease it was processed under: partition or queue slot.
+    pub shard: u32,
+    /// Index into the interned worker names.
+    pub worker: u16,
+    /// When it was processed (Kafka: the receipt's timestamp, set by the
+    /// worker's producer) or read (RabbitMQ), wall-clock ms.
+    pub at_ms: u64,
+}
+
+/// What the live counters say, for the progress bar and the drain loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub sent: u64,
+    pub acked: u64,
+    pub failed: u64,
+    /// (destination, id) pairs processed at least once.
+    pub processed: u64,
+    /// Acknowledged pairs not processed yet.
+    pub lag: u64,
+}
+
+pub struct Ledger {
+    run: String,
+    start_ms: u64,
+    destinations: Vec<String>,
+    /// Per-key order is only promised by partitioned streams.
+    order_check: bool,
+    sent: Vec<Sent>,
+    receipts: Vec<Receipt>,
+    workers: Vec<String>,
+    /// Receipts per id, one vector per destination (grown on demand).
+    seen: Vec<Vec<u32>>,
+    acked: u64,
+    failed: u64,
+    processed: u64,
+    /// (destination, id) pairs both acknowledged and processed.
+    done: u64,
+    /// Receipts of other runs or not ours at all.
+    foreign: u64,
+}
+
+/// Where a fault hit: one shard (partition or queue slot) of a
+/// destination, or a whole destination (any of its slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Scope {
+    pub sub: usize,
+    pub shard: Option<u32>,
+}
+
+/// A fault as executed, for the recovery figures.
+#[derive(Debug, Clone)]
+pub struct FaultEvent {
+    /// `kill9 w0` and the like.
+    pub label: String,
+    /// When it took effect, wall-clock ms.
+    pub at_ms: u64,
+    /// What it interrupted; empty: nothing to recover.
+    pub scopes: Vec<Scope>,
+    /// Receipts from this worker do not count as recovery (a killed
+    /// worker's last receipts may still be in flight).
+    pub exclude_worker: Option<String>,
+    /// Why it did not run, when it failed.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    pub label: String,
+    pub at_s: f64,
+    /// `None`: nothing affected, or (with `unrecovered`) not recovered.
+    pub recovery_s: Option<f64>,
+    pub affected: usize,
+    /// Scopes that never saw a receipt after the fault.
+    pub unrecovered: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DestinationFigures {
+    pub name: String,
+    pub processed: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+    pub lost_sample: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LatencyFigures {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LatencyFigures {
+    fn of(latency: &Latency, count: u64) -> Self {
+        Self {
+            count,
+            p50_ms: latency.quantile_ms(0.50),
+            p95_ms: latency.quantile_ms(0.95),
+            p99_ms: latency.quantile_ms(0.99),
+            max_ms: latency.quantile_ms(1.0),
+        }
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Row {
+    pub t: u64,
+    /// Acknowledged in this second.
+    pub produced: u64,
+    /// First-time (destination, id) pairs processed in this second.
+    pub processed: u64,
+    /// Acknowledged pairs not yet processed at the end of this second.
+    pub lag: u64,
+    /// Slowest first-time receipt of this second.
+    pub max_latency_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    pub produced: u64,
+    /// Sent but never acknowledged.
+    pub unacknowledged: u64,
+    pub destinations: Vec<DestinationFigures>,
+    pub processed: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+    /// Unacknowledged records that were processed anyway.
+    pub unconfirmed_processed: u64,
+    pub foreign: u64,
+    /// `None` where order is not promised (queues).
+    pub order_violations: Option<u64>,
+    pub latency: LatencyFigures,
+    /// From send to the broker's acknowledgement: the broker's share of
+    /// `latency`, to tell a slow broker from a slow system.
+    pub ack_latency: LatencyFigures,
+    pub throughput_per_s: f64,
+    pub timeline: Vec<Row>,
+    pub recoveries: Vec<Recovery>,
+    /// Receipts per worker name.
+    pub per_worker: Vec<(String, u64)>,
+}
+
+impl Ledger {
+    pub fn new(run: &str, destinations: Vec<String>, order_check: bool) -> Self {
+        let n = destinations.len();
+        Self {
+            run: run.to_owned(),
+            start_ms: 0,
+            destinations,
+            order_check,
+            sent: Vec::new(),
+            receipts: Vec::new(),
+            workers: Vec::new(),
+            seen: vec![Vec::new(); n],
+            acked: 0,
+            failed: 0,
+            processed: 0,
+            done: 0,
+            foreign: 0,
+        }
+    }
+
+    /// Second 0 of the timeline and of every `at_s`.
+    pub fn set_start(&mut self, start_ms: u64) {
+        self.start_ms = start_ms;
+    }
+
+    /// Books a record about to be sent; returns its id.
+    pub fn send(&mut self, key: u32, sent_ms: u64) -> u64 {
+        let id = self.sent.len() as u64;
+        self.sent.push(Sent { key, sent_ms, state: SendState::Pending });
+        id
+    }
+
+    pub fn acked(&mut self, id: u64, at_ms: u64) {
+        let Some(sent) = self.sent.get_mut(id as usize) else { return };
+        if sent.state != SendState::Pending {
+            return;
+        }
+        sent.state = SendState::Acked(at_ms);
+        self.acked += 1;
+        // A receipt can beat the acknowledgement to us.
+        self.done += self.seen.iter().filter(|s| s.get(id as usize).is_some_and(|&c| c > 0)).count() as u64;
+    }
+
+    pub fn failed(&mut self, id: u64) {
+        if let Some(sent) = self.sent.get_mut(id as usize)
+            && sent.state == SendState::Pending
+        {
+            sent.state = SendState::Failed;
+            self.failed += 1;
+        }
+    }
+
+    /// Books something read from the receipts that is no receipt of
+    /// this run (no stamp, no headers).
+    pub fn foreign(&mut self) {
+        self.foreign += 1;
+    }
+
+    /// Books a receipt from destination `stream`.
+    pub fn receipt(&mut self, stamp: &Stamp, stream: &str, shard: u32, worker: &str, at_ms: u64) {
+        let sub = self.destinations.iter().position(|d| d == stream);
+        let (Some(sub), true, true) = (sub, stamp.run == self.run, (stamp.id as usize) < self.sent.len())
+        else {
+            self.foreign += 1;
+            return;
+        };
+        let worker = match self.workers.iter().position(|w| w == worker) {
+            Some(i) => i,
+            None => {
+                self.workers.push(worker.to_owned());
+                self.workers.len() - 1
+            }
+        };
+        let id = stamp.id as usize;
+        let seen = &mut self.seen[sub];
+        if seen.len() <= id {
+            seen.resize(id + 1, 0);
+        }
+        seen[id] += 1;
+        if seen[id] == 1 {
+            self.processed += 1;
+            if matches!(self.sent[id].state, SendState::Acked(_)) {
+                self.done += 1;
+            }
+        }
+        self.receipts.push(Receipt {
+            id: stamp.id,
+            sub: sub as u16,
+            shard,
+            worker: u16::try_from(worker).unwrap_or(u16::MAX),
+            at_ms,
+        });
+    }
+
+    pub fn progress(&self) -> Progress {
+        let expected = self.acked * self.destinations.len() as u64;
+        Progress {
+            sent: self.sent.len() as u64,
+            acked: self.acked,
+            failed: self.failed,
+            processed: self.processed,
+            lag: expected.saturating_sub(self.done),
+        }
+    }
+
+    /// Every acknowledged record processed by every destination, and no
+    /// send still waiting for its answer.
+    pub fn complete(&self) -> bool {
+        let p = self.progress();
+        p.lag == 0 && p.acked + p.failed == p.sent
+    }
+
+    fn rel_s(&self, ms: u64) -> f64 {
+        (ms as f64 - self.start_ms as f64) / 1000.0
+    }
+
+    /// The verdict on everything booked, with each fault's recovery.
+    pub fn analyze(&self, faults: &[FaultEvent]) -> anyhow::Result<Analysis> {
+        let subs = self.destinations.len();
+        let produced = self.acked;
+        let mut destinations = Vec::with_capacity(subs);
+        let mut unconfirmed_processed = 0;
+        for (sub, name) in self.destinations.iter().enumerate() {
+            let seen = &self.seen[sub];
+            let mut figures = DestinationFigures { name: name.clone(), ..DestinationFigures::default() };
+            for (id, sent) in self.sent.iter().enumerate() {
+                let count = seen.get(id).copied().unwrap_or(0);
+                figures.duplicates += u64::from(count.saturating_sub(1));
+                match (sent.state, count) {
+                    (SendState::Acked(_), 0) => {
+                        figures.lost += 1;
+                        if figures.lost_sample.len() < LOST_SAMPLE {
+                            figures.lost_sample.push(id as u64);
+                        }
+                    }
+                    (SendState::Acked(_), _) => figures.processed += 1,
+                    (_, 0) => {}
+                    (_, _) => unconfirmed_processed += 1,
+                }
+            }
+            destinations.push(figures);
+        }
+
+        // One pass over receipts in arrival order: first-time receipts give
+        // latency, order and the timeline.
+        let mut first = vec![vec![false; self.sent.len()]; subs];
+        let mut latency = Latency::new()?;
+        let mut last_of_key: HashMap<(u16, u32), u64> = HashMap::new();
+        let mut order_violations = 0u64;
+        let mut processed_at: Vec<u64> = Vec::with_capacity(self.receipts.len());
+        let mut per_worker = vec![0u64; self.workers.len()];
+        let mut last_first_ms = self.start_ms;
+        let mut rows: HashMap<u64, Row> = HashMap::new();
+        let bucket = |ms: u64| ms.saturating_sub(self.start_ms) / 1000;
+        for r in &self.receipts {
+            per_worker[usize::from(r.worker)] += 1;
+            let id = r.id as usize;
+            let is_first = &mut first[usize::from(r.sub)][id];
+            if *is_first {
+                continue;
+            }
+            *is_first = true;
+            let sent = &self.sent[id];
+            let ms = r.at_ms.saturating_sub(sent.sent_ms);
+            if matches!(sent.state, SendState::Acked(_)) {
+                latency.record(Duration::from_millis(ms));
+            }
+            let row = rows.entry(bucket(r.at_ms)).or_default();
+            row.processed += 1;
+            row.max_latency_ms = row.max_latency_ms.max(ms);
+            processed_at.push(r.at_ms);
+            last_first_ms = last_first_ms.max(r.at_ms);
+            if self.order_check {
+                let last = last_of_key.entry((r.sub, sent.key)).or_insert(r.id);
+                if r.id < *last {
+                    order_violations += 1;
+                }
+                *last = (*last).max(r.id);
+            }
+        }
+        let mut ack_latency = Latency::new()?;
+        for sent in &self.sent {
+            if let SendState::Acked(at) = sent.state {
+                rows.entry(bucket(at)).or_default().produced += 1;
+                ack_latency.record(Duration::from_millis(at.saturating_sub(sent.sent_ms)));
+            }
+        }
+        let seconds = rows.keys().max().map_or(0, |last| last + 1);
+        let mut timeline = Vec::with_capacity(seconds as usize);
+        let (mut acked, mut processed) = (0u64, 0u64);
+        for t in 0..seconds {
+            let mut row = rows.get(&t).copied().unwrap_or_default();
+            row.t = t;
+            acked += row.produced;
+            processed += row.processed;
+            row.lag = (acked * subs as u64).saturating_sub(processed);
+            timeline.push(row);
+        }
+
+        let processed: u64 = destinations.iter().map(|d| d.processed).sum();
+        let elapsed_s = (last_first_ms.saturating_sub(self.start_ms)) as f64 / 1000.0;
+        let recoveries = faults.iter().map(|f| self.recovery(f)).collect();
+        Ok(Analysis {
+            produced,
+            unacknowledged: self.sent.len() as u64 - produced,
+            processed,
+            duplicates: destinations.iter().map(|d| d.duplicates).sum(),
+            lost: destinations.iter().map(|d| d.lost).sum(),
+            destinations,
+            unconfirmed_processed,
+            foreign: self.foreign,
+            order_violations: self.order_check.then_some(order_violations),
+            latency: LatencyFigures::of(&latency, processed_at.len() as u64),
+            ack_latency: LatencyFigures::of(&ack_latency, produced),
+            throughput_per_s: if elapsed_s > 0.0 { processed as f64 / elapsed_s } else { 0.0 },
+            timeline,
+            recoveries,
+            per_worker: self.workers.iter().cloned().zip(per_worker).collect(),
+        })
+    }
+
+    /// From the fault to the first receipt of every scope it hit (by
+    /// another worker than the faulted one), the slowest of them.
+    fn recovery(&self, fault: &FaultEvent) -> Recovery {
+        let excluded = fault
+            .exclude_worker
+            .as_ref()
+            .and_then(|name| self.workers.iter().position(|w| w == name))
+            .map(|i| u16::try_from(i).unwrap_or(u16::MAX));
+        let mut slowest: Option<u64> = None;
+        let mut unrecovered = Vec::new();
+        for scope in &fault.scopes {
+            let first = self
+                .receipts
+                .iter()
+                .filter(|r| {
+                    usize::from(r.sub) == scope.sub
+                        && scope.shard.is_none_or(|s| s == r.shard)
+                        && r.at_ms >= fault.at_ms
+                        && Some(r.worker) != excluded
+                })
+                .map(|r| r.at_ms)
+                .min();
+            match first {
+                Some(ms) => slowest = Some(slowest.unwrap_or(0).max(ms - fault.at_ms)),
+                None => unrecovered.push(self.scope_name(scope)),
+            }
+        }
+        let recovery_s = if unrecovered.is_empty() { slowest.map(|ms| ms as f64 / 1000.0) } else { None };
+        Recovery {
+            label: fault.label.clone(),
+            at_s: self.rel_s(fault.at_ms),
+            recovery_s,
+            affected: fault.scopes.len(),
+            unrecovered,
+            error: fault.error.clone(),
+        }
+    }
+
+    /// `stream/3` for a shard, `subscription#1` for a slot (the CLI's
+    /// lease notation), the bare name for a whole destination.
+    fn scope_name(&self, scope: &Scope) -> String {
+        let name = self.destinations.get(scope.sub).map_or("?", String::as_str);
+        match (scope.shard, self.order_check) {
+            (None, _) => name.to_owned(),
+            (Some(s), true) => format!("{name}/{s}"),
+            (Some(s), false) => format!("{name}#{s}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_000_000;
+
+    fn stamp(id: u64) -> Stamp {
+        Stamp { run: "r".into(), id, sent_ms: 0 }
+    }
+
+    /// `n` records, key = id % keys, sent 10 ms
+    /// apart from T0 and acknowledged 5 ms later.
+    fn ledger(n: u64, keys: u32, destinations: &[&str]) -> Ledger {
+        let mut l =
+            Ledger::new("r", destinations.iter().map(|d| d.to_string()).collect(), destinations.len() == 1);
+        l.set_start(T0);
+        for i in 0..n {
+            let key = (i % u64::from(keys)) as u32;
+            let id = l.send(key, T0 + i * 10);
+            l.acked(id, T0 + i * 10 + 5);
+        }
+        l
+    }
+
+    #[test]
+    fn counts_lost_duplicates_and_latency() -> anyhow::Result<()> {
+        let mut l = ledger(10, 4, &["s"]);
+        for i in 0..9 {
+            l.receipt(&stamp(i), "s", (i % 2) as u32, "w0", T0 + i * 10 + 100);
+        }
+        l.receipt(&stamp(3), "s", 1, "w1", T0 + 500);
+        assert_eq!(l.progress(), Progress { sent: 10, acked: 10, failed: 0, processed: 9, lag: 1 });
+        assert!(!l.complete());
+        let a = l.analyze(&[])?;
+        assert_eq!((a.produced, a.processed, a.duplicates, a.lost), (10, 9, 1, 1));
+        assert_eq!(a.destinations[0].lost_sample, vec![9]);
+        assert_eq!(a.order_violations, Some(0));
+        assert!((a.latency.p50_ms - 100.0).abs() < 1.0, "{:?}", a.latency);
+        assert_eq!(a.latency.count, 9);
+        assert_eq!(a.per_worker, vec![("w0".to_owned(), 9), ("w1".to_owned(), 1)]);
+        Ok(())
+    }
+
+    #[test]
+    fn foreign_receipts_are_set_aside() -> anyhow::Result<()> {
+        let mut l = ledger(2, 1, &["s"]);
+        l.receipt(&Stamp { run: "other".into(), id: 0, sent_ms: 0 }, "s", 0, "w", T0);
+        l.receipt(&stamp(0), "elsewhere", 0, "w", T0);
+        l.receipt(&stamp(99), "s", 0, "w", T0);
+        let a = l.analyze(&[])?;
+        assert_eq!((a.foreign, a.processed, a.lost), (3, 0, 2));
+        Ok(())
+    }
+
+    #[test]
+    fn a_receipt_before_its_ack_still_completes() {
+        let mut l = Ledger::new("r", vec!["s".into()], true);
+        let id = l.send(0, T0);
+        l.receipt(&stamp(id), "s", 0, "w", T0 + 1);
+        assert!(!l.complete(), "the send is still pending");
+        l.acked(id, T0 + 2);
+        assert!(l.complete());
+    }
+
+    #[test]
+    fn failed_sends_are_not_produced_but_may_be_processed() -> anyhow::Result<()> {
+        let mut l = Ledger::new("r", vec!["s".into()], true);
+        let a = l.send(0, T0);
+        let b = l.send(0, T0);
+        l.acked(a, T0);
+        l.failed(b);
+        l.receipt(&stamp(b), "s", 0, "w", T0 + 10);
+        l.receipt(&stamp(a), "s", 0, "w", T0 + 10);
+        assert!(l.complete());
+        let x = l.analyze(&[])?;
+        assert_eq!(
+            (x.produced, x.unacknowledged, x.processed, x.lost, x.unconfirmed_processed),
+            (1, 1, 1, 0, 1)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn per_key_order_counts_first_time_receipts_only() -> anyhow::Result<()> {
+        let mut l = ledger(6, 2, &["s"]);
+        // Key 0: ids 0, 2, 4; key 1: ids 1, 3, 5.
+        for id in [0, 1, 4, 3, 2, 5, 0, 1] {
+            l.receipt(&stamp(id), "s", 0, "w", T0 + 100);
+        }
+        let a = l.analyze(&[])?;
+        // 2 after 4 (key 0); the redelivered 0 and 1 are duplicates, not
+        // violations.
+        assert_eq!(a.order_violations, Some(1));
+        assert_eq!(a.duplicates, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn fanout_destinations_are_accounted_separately() -> anyhow::Result<()> {
+        let mut l = ledger(3, 1, &["a", "b"]);
+        for id in 0..3 {
+            l.receipt(&stamp(id), "a", 0, "w", T0 + 50);
+        }
+        l.receipt(&stamp(0), "b", 1, "w", T0 + 50);
+        assert_eq!(l.progress().lag, 2);
+        let x = l.analyze(&[])?;
+        assert_eq!(x.order_violations, None, "queues promise no order");
+        assert_eq!((x.processed, x.lost), (4, 2));
+        assert_eq!((x.destinations[0].lost, x.destinations[1].lost), (0, 2));
+        assert_eq!(x.destinations[1].lost_sample, vec![1, 2]);
+        Ok(())
+    }
+
+    #[test]
+    fn timeline_has_rates_and_lag_per_second() -> anyhow::Result<()> {
+        // 300 records over 3 s (10 ms apart), each processed 1.5 s later.
+        let mut l = ledger(300, 10, &["s"]);
+        for id in 0..300 {
+            l.receipt(&stamp(id), "s", 0, "w", T0 + id * 10 + 1500);
+        }
+        let a = l.analyze(&[])?;
+        assert_eq!(a.timeline.len(), 5);
+        assert_eq!(a.timeline[0], Row { t: 0, produced: 100, processed: 0, lag: 100, max_latency_ms: 0 });
+        assert_eq!(a.timeline[1].processed, 50);
+        assert_eq!(a.timeline[1].lag, 150);
+        assert_eq!(a.timeline[4].lag, 0);
+        assert_eq!(a.timeline.iter().map(|r| r.processed).sum::<u64>(), 300);
+        assert_eq!(a.timeline[2].max_latency_ms, 1500);
+        // 300 processed by the last receipt at 4.49 s.
+        assert!((a.throughput_per_s - 300.0 / 4.49).abs() < 0.01, "{}", a.throughput_per_s);
+        Ok(())
+    }
+
+    #[test]
+    fn recovery_waits_for_every_affected_shard_from_another_worker() -> anyhow::Result<()> {
+        let mut l = ledger(4, 4, &["s"]);
+        let fault_ms = T0 + 10_000;
+        // The killed worker's in-flight receipt right after the fault does
+        // not count; partition 1 recovers at +3 s, partition 2 at +4.5 s.
+        l.receipt(&stamp(1), "s", 1, "dead", fault_ms + 10);
+        l.receipt(&stamp(1), "s", 1, "w1", fault_ms + 3000);
+        l.receipt(&stamp(2), "s", 2, "w2", fault_ms - 1000);
+        l.receipt(&stamp(2), "s", 2, "w2", fault_ms + 4500);
+        let kill = FaultEvent {
+            label: "kill9 dead".into(),
+            at_ms: fault_ms,
+            scopes: vec![Scope { sub: 0, shard: Some(1) }, Scope { sub: 0, shard: Some(2) }],
+            exclude_worker: Some("dead".into()),
+            error: None,
+        };
+        let never = FaultEvent { scopes: vec![Scope { sub: 0, shard: Some(3) }], ..kill.clone() };
+        let nothing = FaultEvent { scopes: vec![], ..kill.clone() };
+        let whole =
+            FaultEvent { scopes: vec![Scope { sub: 0, shard: None }], exclude_worker: None, ..kill.clone() };
+        let a = l.analyze(&[kill, never, nothing, whole])?;
+        let r = &a.recoveries;
+        assert_eq!(r[0].recovery_s, Some(4.5));
+        assert!((r[0].at_s - 10.0).abs() < 1e-9);
+        assert_eq!((r[1].recovery_s, r[1].unrecovered.clone()), (None, vec!["s/3".to_owned()]));
+        assert_eq!((r[2].recovery_s, r[2].affected), (None, 0));
+        assert_eq!(r[3].recovery_s, Some(0.01));
+        Ok(())
+    }
+}

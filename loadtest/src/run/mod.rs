@@ -1,0 +1,882 @@
+//! `shardline-loadtest run SCENARIO`: the whole system under load and
+//! faults, verified record by record.
+//!
+//! One run:
+//! 1. [`scenario`]: read and check the file (exit 2 on any mistake, before
+//!    anything starts);
+//! 2. create unique names: a Kafka topic and a receipts topic, or a fanout
+//!    topic with subscriptions and a receipts exchange + queue;
+//! 3. [`fleet`]: start the real coordinator (unless `--external`) and the
+//!    workers, all hosting the built-in `chaos` handler, which sleeps as
+//!    the scenario says and forwards every record it processed to the
+//!    receipts destination once the broker has it;
+//! 4. produce on the [`rate`] schedule with real producers (acks=all, or
+//!    publisher confirms), execute the faults on theirs, watch the lease
+//!    table; then stop producing and drain;
+//! 5. [`ledger`]: match receipts to what the broker acknowledged: lost,
+//!    duplicates, per-key order, latency, timeline, recovery per fault;
+//! 6. [`report`] and [`chart`]; the exit status says whether every
+//!    threshold held (0), one broke or the harness failed (1), or the
+//!    scenario is invalid (2).
+//!
+//! Everything started is stopped at the end, on an error, and on Ctrl-C
+//! (the guards kill the children when the run is dropped).
+
+mod amqp;
+mod chart;
+mod fleet;
+mod kafka;
+mod ledger;
+mod payload;
+mod rate;
+mod report;
+mod scenario;
+
+pub use scenario::BadScenario;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::time::Instant;
+
+use crate::child::{self, Coordinator, Discovery, Setup, quote};
+use fleet::{Admin, Fleet, LeaseWatch, WorkerTemplate};
+use ledger::{Books, FaultEvent, Ledger, Scope, lock};
+use payload::now_ms;
+use scenario::{Action, Fault, Kind, Scenario};
+
+/// How long the coordinator and workers get to have every lease owned.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// After every lease is owned, how long to wait for the balancer to give
+/// each worker a share before producing anyway.
+const BALANCE_TIMEOUT: Duration = Duration::from_secs(20);
+/// After the last record is processed, how long to keep reading receipts:
+/// a zombie's or a redelivery's late duplicates land in the report.
+const SETTLE: Duration = Duration::from_secs(1);
+/// How often the progress line is refreshed.
+const REFRESH: Duration = Duration::from_millis(250);
+/// Without a terminal, a plain progress line this often (CI logs).
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The scenario file (TOML), e.g. `loadtest/scenarios/steady.toml`.
+    scenario: PathBuf,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Also draw produce rate, processing rate and lag over time, with the
+    /// faults marked, as SVG to this file.
+    #[arg(long, value_name = "PATH.svg")]
+    chart: Option<PathBuf>,
+    /// Use this running coordinator instead of starting one. Its config
+    /// must map `--stream` to the handler `chaos`; the harness still starts
+    /// the workers (pointed at it), so worker faults work, but
+    /// `restart_coordinator` does not.
+    #[arg(long, value_name = "COORDINATOR_URL", requires = "stream")]
+    external: Option<String>,
+    /// With `--external`: the Kafka topic of its `[[streams]]` entry, or
+    /// the RabbitMQ topic (exchange) whose subscriptions to load. A missing
+    /// Kafka topic is created with the scenario's partitions.
+    #[arg(long, value_name = "NAME", requires = "external")]
+    stream: Option<String>,
+    /// The coordinator binary [default: `shardline-coordinator` next to
+    /// this executable].
+    #[arg(long, env = "SHARDLINE_COORDINATOR_BIN")]
+    coordinator_bin: Option<PathBuf>,
+    /// The worker binary [default: `shardline-worker` next to this
+    /// executable].
+    #[arg(long, env = "SHARDLINE_WORKER_BIN")]
+    worker_bin: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// RabbitMQ.
+    #[arg(long, env = "SHARDLINE_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// Keep the coordinator's and workers' logs in this directory (they
+    /// are deleted with their temporary directories otherwise).
+    #[arg(long, value_name = "DIR")]
+    logs: Option<PathBuf>,
+}
+
+/// The names and settings of one run.
+struct Plan {
+    run: String,
+    kind: Kind,
+    /// Kafka: the source topic (the stream). RabbitMQ: the fanout topic.
+    stream: String,
+    /// Where receipts are booked against: the stream, or each subscription.
+    destinations: Vec<String>,
+    /// The receipts topic, or exchange + queue.
+    receipts: String,
+    partitions: u32,
+    external: bool,
+}
+
+impl Plan {
+    /// The scopes a whole-system fault (coordinator restart, broker stop)
+    /// interrupts: every partition, or every subscription.
+    fn everything(&self) -> Vec<Scope> {
+        match self.kind {
+            Kind::Kafka => (0..self.partitions).map(|p| Scope { sub: 0, shard: Some(p) }).collect(),
+            Kind::Rabbitmq => (0..self.destinations.len()).map(|sub| Scope { sub, shard: None }).collect(),
+        }
+    }
+
+    fn amqp_names(&self) -> amqp::Names {
+        amqp::Names {
+            topic: self.stream.clone(),
+            subscriptions: self.destinations.clone(),
+            receipts: self.receipts.clone(),
+        }
+    }
+}
+
+/// Aborts a spawned task when dropped: an interrupted or failed run must
+/// not leave its producer or fault tasks (and the children they hold)
+/// behind.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let scenario = Scenario::load(&args.scenario)?;
+    if args.external.is_some() && scenario.faults.iter().any(|f| f.action == Action::RestartCoordinator) {
+        return Err(BadScenario(
+            "action `restart_coordinator` needs the harness's own coordinator; run without --external".into(),
+        )
+        .into());
+    }
+    let profile = scenario.profile()?;
+    let worker_bin = match &args.worker_bin {
+        Some(bin) => bin.clone(),
+        None => child::default_bin("shardline-worker")?,
+    };
+    child::check_bin(&worker_bin, "worker", "--worker-bin")?;
+    let coordinator_bin = match &args.coordinator_bin {
+        Some(bin) => bin.clone(),
+        None => child::default_bin("shardline-coordinator")?,
+    };
+    if args.external.is_none() {
+        child::check_bin(&coordinator_bin, "coordinator", "--coordinator-bin")?;
+    }
+
+    let run_id = run_id(&scenario.name);
+    let base = format!("shardline-lt-{run_id}");
+    let kind = scenario.target.kind;
+    let stream = args.stream.clone().unwrap_or_else(|| base.clone());
+    let mut plan = Plan {
+        run: run_id.clone(),
+        kind,
+        destinations: match kind {
+            Kind::Kafka => vec![stream.clone()],
+            Kind::Rabbitmq => (0..scenario.target.subscriptions()).map(|i| format!("{base}-s{i}")).collect(),
+        },
+        stream,
+        receipts: format!("{base}-receipts"),
+        partitions: scenario.target.partitions(),
+        external: args.external.is_some(),
+    };
+    let pb = progress_bar();
+    say(&pb, &format!("{}: run {run_id} ({}), receipts in {}", scenario.name, kind.as_str(), plan.receipts));
+
+    // The receipts destination exists before any worker could write to it.
+    match kind {
+        Kind::Kafka => {
+            kafka::create_topic(&args.brokers, &plan.stream, plan.partitions, plan.external).await?;
+            kafka::create_topic(&args.brokers, &plan.receipts, kafka::RECEIPT_PARTITIONS, false).await?;
+        }
+        Kind::Rabbitmq => amqp::declare_receipts(&args.amqp_url, &plan.receipts).await?,
+    }
+
+    let (coordinator, url) = match &args.external {
+        Some(url) => (None, url.clone()),
+        None => {
+            let extra = coordinator_extra(&scenario, &plan, &args.amqp_url);
+            let kafka = (kind == Kind::Kafka)
+                .then(|| Discovery { brokers: &args.brokers, interval: Duration::from_secs(1) });
+            let setup = Setup { streams: &[], kafka, extra: Some(&extra) };
+            let coordinator = Coordinator::start_with(&coordinator_bin, &setup).await?;
+            let url = coordinator.url();
+            (Some(coordinator), url)
+        }
+    };
+    let admin = Admin::new(&url)?;
+    let expected_leases = match kind {
+        Kind::Kafka => plan.partitions as usize,
+        Kind::Rabbitmq => {
+            let slots = wait_topology(&admin, &mut plan).await?;
+            if plan.external { slots } else { plan.destinations.len() * scenario.target.slots() as usize }
+        }
+    };
+
+    let books: Books =
+        Arc::new(Mutex::new(Ledger::new(&run_id, plan.destinations.clone(), kind == Kind::Kafka)));
+    // Started before any worker: every receipt is booked as it arrives,
+    // so receipt times mean processing times.
+    let kafka_reader = match kind {
+        Kind::Kafka => Some(kafka::ReceiptReader::start(&args.brokers, &plan.receipts, books.clone())?),
+        Kind::Rabbitmq => None,
+    };
+    let amqp_reader = match kind {
+        Kind::Rabbitmq => Some(amqp::ReceiptReader::start(&args.amqp_url, &plan.receipts, books.clone())),
+        Kind::Kafka => None,
+    };
+
+    let template = WorkerTemplate {
+        kafka_brokers: args.brokers.clone(),
+        amqp_url: args.amqp_url.clone(),
+        settings: handler_settings(&scenario, &plan),
+        id_suffix: if plan.external { format!("-{run_id}") } else { String::new() },
+    };
+    let fleet = Arc::new(tokio::sync::Mutex::new(Fleet::new(
+        coordinator,
+        url.clone(),
+        coordinator_bin,
+        worker_bin,
+        template,
+    )));
+    {
+        let mut f = fleet.lock().await;
+        if let Some(dir) = &args.logs {
+            f.keep_logs(dir.clone());
+        }
+        for _ in 0..scenario.workers {
+            f.start_worker()?;
+        }
+    }
+    wait_ready(&admin, &plan.destinations, expected_leases, scenario.workers, &fleet, &pb).await?;
+
+    // Second 0: producing starts, fault times count from here.
+    let started = Instant::now();
+    lock(&books).set_start(now_ms());
+    let plan = Arc::new(plan);
+    let mut producer =
+        AbortOnDrop(tokio::spawn(producer(&scenario, &args, &plan, profile).run(books.clone(), started)));
+    let watch = Arc::new(Mutex::new(LeaseWatch::default()));
+    let _watcher =
+        AbortOnDrop(tokio::spawn(watch_leases(admin.clone(), plan.destinations.clone(), watch.clone())));
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut faults = AbortOnDrop(tokio::spawn(run_faults(FaultContext {
+        faults: scenario.faults.clone(),
+        fleet: fleet.clone(),
+        admin: admin.clone(),
+        watch: watch.clone(),
+        plan: plan.clone(),
+        started,
+        events: events.clone(),
+        pb: pb.clone(),
+    })));
+
+    let mut warnings = Vec::new();
+    let mut produced_at: Option<Instant> = None;
+    let mut drained = false;
+    let mut tick = tokio::time::interval(REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_plain, mut last_check) = (Instant::now(), Instant::now());
+    loop {
+        tick.tick().await;
+        if produced_at.is_none() && producer.0.is_finished() {
+            produced_at = Some(Instant::now());
+            match (&mut producer.0).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warnings.push(format!("the producer stopped early: {e:#}")),
+                Err(e) => warnings.push(format!("the producer task failed: {e}")),
+            }
+        }
+        let (progress, complete) = {
+            let ledger = lock(&books);
+            (ledger.progress(), ledger.complete())
+        };
+        let phase = if produced_at.is_some() { "draining" } else { "producing" };
+        let line = format!(
+            "{phase}  produced {}  processed {}  lag {}{}",
+            progress.acked,
+            progress.processed,
+            progress.lag,
+            if progress.failed > 0 { format!("  unacknowledged {}", progress.failed) } else { String::new() }
+        );
+        pb.set_message(line.clone());
+        if pb.is_hidden() && last_plain.elapsed() >= PLAIN_EVERY {
+            last_plain = Instant::now();
+            eprintln!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+        }
+        if last_check.elapsed() >= Duration::from_secs(1) {
+            last_check = Instant::now();
+            // Not while a fault holds the fleet (a restart takes seconds):
+            // the next check catches up.
+            if let Ok(mut f) = fleet.try_lock() {
+                for crash in f.check() {
+                    say(&pb, &format!("crashed: {crash}"));
+                }
+            }
+        }
+        if let Some(at) = produced_at {
+            if complete {
+                drained = true;
+                break;
+            }
+            if at.elapsed() >= scenario.drain_timeout {
+                break;
+            }
+        }
+    }
+    let drain_s = produced_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+    if !drained {
+        // What the coordinator says about the stragglers, while it still
+        // runs: the first thing to look at when records are missing.
+        warnings.extend(stall_report(&admin, &plan).await);
+    }
+    if drained {
+        tokio::time::sleep(SETTLE).await;
+    }
+    // Faults all fall within `duration`, so the task has finished unless a
+    // broker command hangs; what did run is in `events` either way.
+    if tokio::time::timeout(Duration::from_secs(30), &mut faults.0).await.is_err() {
+        warnings.push("the fault schedule did not finish; stopped it".into());
+    }
+    drop(faults);
+    let lease_moves = lock_watch(&watch).moves;
+    pb.finish_and_clear();
+
+    let mut fleet = fleet.lock().await;
+    let crashes = {
+        // A last look, so a crash in the final second is reported too.
+        fleet.check();
+        fleet.crashes().to_vec()
+    };
+    warnings.extend(fleet.shutdown().await);
+    drop(fleet);
+    if let Some(reader) = kafka_reader {
+        reader.stop().await?;
+    }
+    if let Some(reader) = amqp_reader {
+        warnings.extend(reader.stop().await);
+    }
+    if kind == Kind::Rabbitmq {
+        warnings.extend(amqp::cleanup(&args.amqp_url, &plan.amqp_names(), !plan.external).await);
+    }
+
+    let fault_events = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let analysis = lock(&books).analyze(&fault_events)?;
+    let outcome = report::Outcome {
+        scenario: &scenario,
+        run: &run_id,
+        analysis: &analysis,
+        lease_moves,
+        crashes: &crashes,
+        warnings: &warnings,
+        drained,
+        drain_s,
+    };
+    println!("{}", outcome.table());
+    println!("{}", outcome.summary_line());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&outcome.json()).context("cannot encode the JSON report")?;
+        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.chart {
+        let markers: Vec<chart::Marker> = analysis
+            .recoveries
+            .iter()
+            .map(|r| chart::Marker { at_s: r.at_s, label: r.label.clone() })
+            .collect();
+        chart::write(path, &format!("{} ({})", scenario.name, run_id), &analysis.timeline, &markers)?;
+    }
+    let breaches = outcome.breaches();
+    if breaches.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{}: FAILED: {}", scenario.name, breaches.join("; "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The leases of the run and (RabbitMQ) each subscription's queue as the
+/// coordinator reports them, one line each.
+async fn stall_report(admin: &Admin, plan: &Plan) -> Vec<String> {
+    let mut lines = Vec::new();
+    match admin.leases(&plan.destinations).await {
+        Ok(leases) => {
+            let table: Vec<String> = leases
+                .iter()
+                .map(|l| {
+                    format!("{}/{}={}", l.name, l.index, if l.owner.is_empty() { "-" } else { &l.owner })
+                })
+                .collect();
+            lines.push(format!("at the drain timeout, leases: {}", table.join(" ")));
+        }
+        Err(e) => lines.push(format!("at the drain timeout, leases unknown: {e:#}")),
+    }
+    if plan.kind == Kind::Rabbitmq
+        && let Ok(subs) = admin.subscriptions().await
+    {
+        for s in subs.iter().filter(|s| plan.destinations.contains(&s.name)) {
+            lines.push(format!(
+                "at the drain timeout, {}: slots {}, depth {}, consumers {}, unacked {}, retrying {}, dead-lettered {}{}",
+                s.name,
+                s.slots,
+                s.depth,
+                s.consumers,
+                s.unacked,
+                s.retrying,
+                s.dead_lettered,
+                if s.error.is_empty() { String::new() } else { format!(", error: {}", s.error) }
+            ));
+        }
+    }
+    lines
+}
+
+/// `<name>-<pid>-<ms>`: unique per run on this machine, and only
+/// characters topic, queue and lease names accept.
+fn run_id(name: &str) -> String {
+    format!("{name}-{}-{}", std::process::id(), now_ms())
+}
+
+/// The coordinator config past what [`Setup`] writes: the scenario's
+/// `[coordinator]` keys, RabbitMQ's URL, then the mapping tables with the
+/// scenario's `[mapping]` keys.
+fn coordinator_extra(s: &Scenario, plan: &Plan, amqp_url: &str) -> String {
+    let mut toml = render_keys(&s.coordinator);
+    match plan.kind {
+        Kind::Kafka => {
+            toml.push_str(&format!(
+                "\n[[streams]]\nname = {}\nhandler = \"{}\"\n\
+                 # Nothing produced before a lease's first grant may be skipped.\n\
+                 starting_position = \"trim_horizon\"\n",
+                quote(&plan.stream),
+                fleet::HANDLER
+            ));
+            toml.push_str(&render_keys(&s.mapping));
+        }
+        Kind::Rabbitmq => {
+            toml.push_str(&format!("amqp_url = {}\n", quote(amqp_url)));
+            toml.push_str(&format!("\n[[topics]]\nname = {}\nkind = \"fanout\"\n", quote(&plan.stream)));
+            let slots = s.target.slots();
+            for sub in &plan.destinations {
+                toml.push_str(&format!(
+                    "\n[[subscriptions]]\nname = {}\ntopic = {}\nhandler = \"{}\"\n\
+                     min_slots = {slots}\nmax_concurrency = {slots}\n",
+                    quote(sub),
+                    quote(&plan.stream),
+                    fleet::HANDLER
+                ));
+                toml.push_str(&render_keys(&s.mapping));
+            }
+        }
+    }
+    toml
+}
+
+/// `key = value` lines, values inline (`{ initial = "1s" }` for tables),
+/// so they can go inside an array-of-tables entry.
+fn render_keys(table: &toml::Table) -> String {
+    let mut out = String::new();
+    for (key, value) in table {
+        let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let key = if bare { key.clone() } else { quote(key) };
+        out.push_str(&format!("{key} = {value}\n"));
+    }
+    out
+}
+
+/// The `chaos` handler's settings: where receipts go and how long a batch
+/// takes.
+fn handler_settings(s: &Scenario, plan: &Plan) -> Vec<(&'static str, String)> {
+    let destination = match plan.kind {
+        Kind::Kafka => "topic",
+        Kind::Rabbitmq => "exchange",
+    };
+    vec![
+        (destination, plan.receipts.clone()),
+        ("sleep_per_batch", humantime::format_duration(s.handler.per_batch).to_string()),
+        ("sleep_per_record", humantime::format_duration(s.handler.per_record).to_string()),
+    ]
+}
+
+/// RabbitMQ: waits until the coordinator has declared every subscription
+/// (with `--external`: learns them from its topic). Returns the slot count
+/// over all subscriptions.
+async fn wait_topology(admin: &Admin, plan: &mut Plan) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let listed = admin.subscriptions().await;
+        if let Ok(subs) = &listed {
+            if plan.external {
+                let ours: Vec<_> = subs.iter().filter(|s| s.topic == plan.stream).collect();
+                if !ours.is_empty() {
+                    plan.destinations = ours.iter().map(|s| s.name.clone()).collect();
+                    return Ok(ours.iter().map(|s| s.slots as usize).sum());
+                }
+            } else {
+                let declared = plan
+                    .destinations
+                    .iter()
+                    .all(|d| subs.iter().any(|s| &s.name == d && !s.queue_type.is_empty()));
+                if declared {
+                    return Ok(0);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let why = match listed {
+                Ok(subs) => {
+                    let errors: Vec<String> = subs
+                        .iter()
+                        .filter(|s| !s.error.is_empty())
+                        .map(|s| format!("{}: {}", s.name, s.error))
+                        .collect();
+                    if plan.external {
+                        format!("no subscription of topic {} is configured", plan.stream)
+                    } else {
+                        format!(
+                            "not all declared ({})",
+                            if errors.is_empty() { "no error".into() } else { errors.join("; ") }
+                        )
+                    }
+                }
+                Err(e) => format!("{e:#}"),
+            };
+            bail!("the coordinator's subscriptions are not ready after {READY_TIMEOUT:?}: {why}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until every expected lease is owned and, if it comes within
+/// [`BALANCE_TIMEOUT`], spread over the workers: a measurement that starts
+/// with all leases on the first worker measures the balancer, not the
+/// scenario.
+async fn wait_ready(
+    admin: &Admin,
+    destinations: &[String],
+    expected: usize,
+    workers: usize,
+    fleet: &tokio::sync::Mutex<Fleet>,
+    pb: &ProgressBar,
+) -> anyhow::Result<()> {
+    if workers == 0 {
+        return Ok(());
+    }
+    pb.set_message(format!("waiting for {expected} leases to be owned by {workers} workers"));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut owned_since: Option<Instant> = None;
+    let mut last;
+    loop {
+        let crashes = fleet.lock().await.check();
+        if !crashes.is_empty() {
+            bail!("a process exited while starting: {}", crashes.join("\n"));
+        }
+        match admin.leases(destinations).await {
+            Ok(leases) => {
+                let (all_owned, owners) = fleet::assignment(&leases, expected);
+                let owned = leases.iter().filter(|l| !l.owner.is_empty()).count();
+                last = format!("{owned} of {expected} leases owned, by {owners} workers");
+                if all_owned {
+                    if owners >= workers.min(expected) {
+                        return Ok(());
+                    }
+                    let since = *owned_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= BALANCE_TIMEOUT {
+                        say(pb, &format!("warning: starting unbalanced: {last}"));
+                        return Ok(());
+                    }
+                }
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("the fleet is not ready after {READY_TIMEOUT:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The producer for the target, owning everything it needs so it can run
+/// as its own task.
+enum Producer {
+    Kafka(kafka::ProduceSpec),
+    Amqp(amqp::ProduceSpec),
+}
+
+impl Producer {
+    async fn run(self, books: Books, started: Instant) -> anyhow::Result<()> {
+        match self {
+            Producer::Kafka(spec) => kafka::produce(spec, books, started).await,
+            Producer::Amqp(spec) => amqp::produce(spec, books, started).await,
+        }
+    }
+}
+
+fn producer(s: &Scenario, args: &Args, plan: &Plan, profile: rate::Profile) -> Producer {
+    match plan.kind {
+        Kind::Kafka => Producer::Kafka(kafka::ProduceSpec {
+            brokers: args.brokers.clone(),
+            topic: plan.stream.clone(),
+            run: plan.run.clone(),
+            partitions: plan.partitions,
+            keys: s.records.keys,
+            size: s.records.size,
+            profile,
+            duration: s.duration,
+        }),
+        Kind::Rabbitmq => Producer::Amqp(amqp::ProduceSpec {
+            url: args.amqp_url.clone(),
+            exchange: plan.stream.clone(),
+            run: plan.run.clone(),
+            keys: s.records.keys,
+            size: s.records.size,
+            profile,
+            duration: s.duration,
+        }),
+    }
+}
+
+fn lock_watch(watch: &Mutex<LeaseWatch>) -> std::sync::MutexGuard<'_, LeaseWatch> {
+    watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Lists the leases once a second for the move count and the owners at
+/// fault time. Failures (a coordinator restarting) just skip a second.
+async fn watch_leases(admin: Admin, destinations: Vec<String>, watch: Arc<Mutex<LeaseWatch>>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Ok(leases) = admin.leases(&destinations).await {
+            lock_watch(&watch).update(&leases);
+        }
+    }
+}
+
+struct FaultContext {
+    faults: Vec<Fault>,
+    fleet: Arc<tokio::sync::Mutex<Fleet>>,
+    admin: Admin,
+    watch: Arc<Mutex<LeaseWatch>>,
+    plan: Arc<Plan>,
+    started: Instant,
+    /// Filled as faults run, so an interrupted schedule still reports.
+    events: Arc<Mutex<Vec<FaultEvent>>>,
+    pb: ProgressBar,
+}
+
+/// Runs each fault at its time.
+async fn run_faults(cx: FaultContext) {
+    for fault in &cx.faults {
+        tokio::time::sleep_until(cx.started + fault.at).await;
+        let event = execute(&cx, fault).await;
+        let what = match &event.error {
+            Some(e) => format!("FAILED: {e}"),
+            None if event.scopes.is_empty() => String::new(),
+            None => format!("({} affected)", event.scopes.len()),
+        };
+        say(&cx.pb, &format!("[{:>5.1}s] fault {} {what}", cx.started.elapsed().as_secs_f64(), event.label));
+        cx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+    }
+}
+
+async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
+    let action = fault.action;
+    let mut event = FaultEvent {
+        label: action.as_str().to_owned(),
+        at_ms: now_ms(),
+        scopes: Vec::new(),
+        exclude_worker: None,
+        error: None,
+    };
+    let result: anyhow::Result<()> = async {
+        match action {
+            Action::Kill9 | Action::Sigstop | Action::Sigcont => {
+                let index = fault.worker.context("no worker index")?;
+                let id = cx.fleet.lock().await.worker_id(index).map(str::to_owned);
+                let id = id.with_context(|| format!("worker {index} was never started"))?;
+                event.label = format!("{} {id}", action.as_str());
+                if action != Action::Sigcont {
+                    event.scopes = owned_scopes(cx, &id).await;
+                    event.exclude_worker = Some(id);
+                }
+                let mut fleet = cx.fleet.lock().await;
+                event.at_ms = now_ms();
+                match action {
+                    Action::Kill9 => fleet.kill9(index).await,
+                    _ => fleet.signal(index, action == Action::Sigstop),
+                }
+            }
+            Action::StartWorker => {
+                let mut fleet = cx.fleet.lock().await;
+                event.at_ms = now_ms();
+                let id = fleet.start_worker()?;
+                event.label = format!("start_worker {id}");
+                Ok(())
+            }
+            Action::RestartCoordinator => {
+                event.scopes = cx.plan.everything();
+                let mut fleet = cx.fleet.lock().await;
+                event.at_ms = now_ms();
+                fleet.restart_coordinator().await
+            }
+            Action::RabbitStop | Action::RabbitStart => {
+                let command = if action == Action::RabbitStop { "stop_app" } else { "start_app" };
+                rabbitmqctl(command).await?;
+                // From when the command returns: the broker is down (or up)
+                // only then.
+                event.at_ms = now_ms();
+                event.scopes = cx.plan.everything();
+                Ok(())
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        event.error = Some(format!("{e:#}"));
+    }
+    event
+}
+
+/// The leases `worker` owns right now, as scopes: from a fresh listing, or
+/// the last one the watcher saw if the coordinator does not answer.
+async fn owned_scopes(cx: &FaultContext, worker: &str) -> Vec<Scope> {
+    let owned: Vec<(String, u32)> = match cx.admin.leases(&cx.plan.destinations).await {
+        Ok(leases) => leases.into_iter().filter(|l| l.owner == worker).map(|l| (l.name, l.index)).collect(),
+        Err(_) => lock_watch(&cx.watch).owned_by(worker),
+    };
+    owned
+        .into_iter()
+        .filter_map(|(name, index)| {
+            let sub = cx.plan.destinations.iter().position(|d| *d == name)?;
+            Some(Scope { sub, shard: Some(index) })
+        })
+        .collect()
+}
+
+/// `rabbitmqctl ARGS`, failing with its output.
+async fn rabbitmqctl(command: &str) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .arg(command)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("cannot run rabbitmqctl (is RabbitMQ installed on this machine?)")?;
+    if !output.status.success() {
+        bail!(
+            "rabbitmqctl {command} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A spinner on stderr: elapsed time and the live counts. Hidden (and
+/// replaced by plain lines) when stderr is not a terminal.
+fn progress_bar() -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    // The template is a constant; if indicatif refused it, the default
+    // spinner still shows the message.
+    let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    pb.set_style(style);
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden.
+fn say(pb: &ProgressBar, line: &str) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(kind: Kind, destinations: &[&str]) -> Plan {
+        Plan {
+            run: "r".into(),
+            kind,
+            stream: "lt-t".into(),
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            receipts: "lt-t-receipts".into(),
+            partitions: 4,
+            external: false,
+        }
+    }
+
+    fn scenario(target: &str) -> Result<Scenario, BadScenario> {
+        Scenario::parse(&format!(
+            "name = \"x\"\nduration = \"20s\"\nworkers = 2\n{target}\n[rate]\nprofile = \"constant\"\n\
+             per_second = 10\n[handler]\nper_batch = \"2ms\"\n[mapping]\nbatch_size = 50\n\
+             retry_backoff = {{ initial = \"1s\", max = \"5s\" }}\n[coordinator]\nsession_timeout = \"3s\"\n"
+        ))
+    }
+
+    #[test]
+    fn kafka_config_has_one_trim_horizon_stream_with_the_mapping() -> Result<(), Box<dyn std::error::Error>> {
+        let s = scenario("[target]\nkind = \"kafka\"\npartitions = 4")?;
+        let text = coordinator_extra(&s, &plan(Kind::Kafka, &["lt-t"]), "amqp://x");
+        assert!(text.starts_with("session_timeout = \"3s\"\n"), "{text}");
+        assert!(text.contains("[[streams]]\nname = \"lt-t\"\nhandler = \"chaos\"\n"), "{text}");
+        assert!(text.contains("starting_position = \"trim_horizon\"\nbatch_size = 50\n"), "{text}");
+        // Parses as TOML, the inline table inside the stream.
+        let parsed: toml::Table = toml::from_str(&text)?;
+        let stream = &parsed["streams"][0];
+        assert_eq!(stream["retry_backoff"]["max"].as_str(), Some("5s"));
+        assert!(!text.contains("amqp_url"));
+        Ok(())
+    }
+
+    #[test]
+    fn rabbitmq_config_has_a_fanout_topic_and_fixed_slot_subscriptions()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let s = scenario("[target]\nkind = \"rabbitmq\"\nsubscriptions = 2\nslots = 3")?;
+        let text = coordinator_extra(&s, &plan(Kind::Rabbitmq, &["lt-t-s0", "lt-t-s1"]), "amqp://g:g@h/%2f");
+        let parsed: toml::Table = toml::from_str(&text)?;
+        assert_eq!(parsed["amqp_url"].as_str(), Some("amqp://g:g@h/%2f"));
+        assert_eq!(parsed["topics"][0]["name"].as_str(), Some("lt-t"));
+        let subs = parsed["subscriptions"].as_array().map(Vec::len);
+        assert_eq!(subs, Some(2));
+        let s1 = &parsed["subscriptions"][1];
+        assert_eq!(s1["name"].as_str(), Some("lt-t-s1"));
+        assert_eq!((s1["min_slots"].as_integer(), s1["max_concurrency"].as_integer()), (Some(3), Some(3)));
+        assert_eq!(s1["batch_size"].as_integer(), Some(50));
+        Ok(())
+    }
+
+    #[test]
+    fn handler_settings_name_the_receipts_and_sleeps() -> Result<(), BadScenario> {
+        let s = scenario("[target]\nkind = \"rabbitmq\"")?;
+        let settings = handler_settings(&s, &plan(Kind::Rabbitmq, &["a"]));
+        assert_eq!(
+            settings,
+            vec![
+                ("exchange", "lt-t-receipts".to_owned()),
+                ("sleep_per_batch", "2ms".to_owned()),
+                ("sleep_per_record", "0s".to_owned())
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn whole_system_faults_hit_every_partition_or_subscription() {
+        assert_eq!(plan(Kind::Kafka, &["t"]).everything().len(), 4);
+        assert_eq!(
+            plan(Kind::Rabbitmq, &["a", "b"]).everything(),
+            vec![Scope { sub: 0, shard: None }, Scope { sub: 1, shard: None }]
+        );
+    }
+}

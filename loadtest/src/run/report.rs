@@ -1,0 +1,404 @@
+//! What a finished run prints and writes: the human table, the one-line
+//! summary, the `--json` document, and the thresholds verdict.
+//!
+//! Everything is derived from one [`Outcome`] so the three forms cannot
+//! disagree.
+
+use serde_json::json;
+
+use super::ledger::{Analysis, Recovery};
+use super::scenario::{Kind, Scenario};
+use crate::stats::round3;
+
+/// A finished run: the analysis plus what the harness saw around it.
+pub struct Outcome<'a> {
+    pub scenario: &'a Scenario,
+    pub run: &'a str,
+    pub analysis: &'a Analysis,
+    pub lease_moves: u64,
+    /// Children that exited on their own.
+    pub crashes: &'a [String],
+    /// Harness-side trouble worth a line (producer error, cleanup).
+    pub warnings: &'a [String],
+    /// Whether every acknowledged record was processed before the drain
+    /// timeout.
+    pub drained: bool,
+    /// Seconds from the end of producing to the end of the drain.
+    pub drain_s: f64,
+}
+
+impl Outcome<'_> {
+    fn destinations(&self) -> usize {
+        self.analysis.destinations.len()
+    }
+
+    /// The thresholds the run broke, each as a sentence naming it.
+    pub fn breaches(&self) -> Vec<String> {
+        let a = self.analysis;
+        let t = &self.scenario.thresholds;
+        let mut out = Vec::new();
+        if a.produced == 0 {
+            out.push("nothing was produced: the broker acknowledged no record".to_owned());
+        }
+        if a.lost > t.max_lost {
+            out.push(format!("lost {} > max_lost {}", a.lost, t.max_lost));
+        }
+        if let Some(max) = t.max_p99_ms
+            && a.latency.p99_ms > max
+        {
+            out.push(format!("p99 {:.0} ms > max_p99_ms {max}", a.latency.p99_ms));
+        }
+        if let Some(max) = t.max_duplicates
+            && a.duplicates > max
+        {
+            out.push(format!("duplicates {} > max_duplicates {max}", a.duplicates));
+        }
+        if let (Some(max), Some(found)) = (t.max_order_violations, a.order_violations)
+            && found > max
+        {
+            out.push(format!("order violations {found} > max_order_violations {max}"));
+        }
+        if let Some(min) = t.min_throughput_per_s
+            && a.throughput_per_s < min
+        {
+            out.push(format!("throughput {:.0}/s < min_throughput_per_s {min}", a.throughput_per_s));
+        }
+        for r in &a.recoveries {
+            if let Some(e) = &r.error {
+                out.push(format!("fault `{}` failed: {e}", r.label));
+                continue;
+            }
+            let Some(max) = t.max_recovery_s else { continue };
+            if r.affected == 0 {
+                continue;
+            }
+            match r.recovery_s {
+                Some(s) if s > max => {
+                    out.push(format!("`{}` recovered in {s:.1} s > max_recovery_s {max}", r.label));
+                }
+                Some(_) => {}
+                None => out.push(format!("`{}` never recovered ({})", r.label, r.unrecovered.join(", "))),
+            }
+        }
+        for crash in self.crashes {
+            out.push(format!("a process exited on its own: {}", first_line(crash)));
+        }
+        out
+    }
+
+    /// `name: produced N, processed N, lost 0, dup D, p99 X ms, throughput T/s, recoveries [..]`.
+    pub fn summary_line(&self) -> String {
+        let a = self.analysis;
+        let fanout = if self.destinations() > 1 {
+            format!(" (x{} subscriptions)", self.destinations())
+        } else {
+            String::new()
+        };
+        let recoveries: Vec<String> =
+            a.recoveries.iter().map(|r| format!("{} {}", short_label(r), recovery_text(r))).collect();
+        format!(
+            "{}: produced {}{fanout}, processed {}, lost {}, dup {}, p99 {:.0} ms, throughput {:.0}/s, recoveries [{}]",
+            self.scenario.name,
+            a.produced,
+            a.processed,
+            a.lost,
+            a.duplicates,
+            a.latency.p99_ms,
+            a.throughput_per_s,
+            recoveries.join(", ")
+        )
+    }
+
+    /// The human report: counts, latency, faults, then verdict.
+    pub fn table(&self) -> String {
+        let a = self.analysis;
+        let s = self.scenario;
+        let mut rows: Vec<(String, String)> = vec![
+            ("scenario".into(), format!("{} ({}, run {})", s.name, s.target.kind.as_str(), self.run)),
+            ("produced (acknowledged)".into(), a.produced.to_string()),
+        ];
+        if a.unacknowledged > 0 {
+            rows.push(("sent, not acknowledged".into(), a.unacknowledged.to_string()));
+        }
+        if self.destinations() > 1 {
+            rows.push((
+                "expected (x subscriptions)".into(),
+                (a.produced * self.destinations() as u64).to_string(),
+            ));
+        }
+        rows.push(("processed (unique)".into(), a.processed.to_string()));
+        rows.push(("lost".into(), a.lost.to_string()));
+        rows.push(("duplicates".into(), a.duplicates.to_string()));
+        if a.unconfirmed_processed > 0 {
+            rows.push(("unconfirmed but processed".into(), a.unconfirmed_processed.to_string()));
+        }
+        if a.foreign > 0 {
+            rows.push(("foreign receipts (ignored)".into(), a.foreign.to_string()));
+        }
+        rows.push((
+            "per-key order violations".into(),
+            a.order_violations.map_or("not checked (queues keep no order)".into(), |n| n.to_string()),
+        ));
+        if self.destinations() > 1 {
+            for d in &a.destinations {
+                rows.push((
+                    format!("  {}", d.name),
+                    format!("processed {}, lost {}, dup {}", d.processed, d.lost, d.duplicates),
+                ));
+            }
+        }
+        for d in &a.destinations {
+            if !d.lost_sample.is_empty() {
+                rows.push((format!("lost ids ({})", d.name), format!("{:?}", d.lost_sample)));
+            }
+        }
+        let l = &a.latency;
+        rows.push((
+            "latency p50 / p95 / p99 / max".into(),
+            format!("{:.0} / {:.0} / {:.0} / {:.0} ms", l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms),
+        ));
+        let k = &a.ack_latency;
+        rows.push((
+            "  of which broker ack p50 / p99".into(),
+            format!("{:.0} / {:.0} ms (send to acknowledgement)", k.p50_ms, k.p99_ms),
+        ));
+        rows.push(("throughput".into(), format!("{:.0} records/s", a.throughput_per_s)));
+        rows.push((
+            "drain".into(),
+            format!("{:.1} s{}", self.drain_s, if self.drained { "" } else { " (timed out)" }),
+        ));
+        rows.push(("lease moves".into(), self.lease_moves.to_string()));
+        let workers: Vec<String> = a.per_worker.iter().map(|(w, n)| format!("{w} {n}")).collect();
+        rows.push(("receipts per worker".into(), workers.join(", ")));
+        for r in &a.recoveries {
+            let mut text = recovery_text(r);
+            if r.affected > 0 {
+                text.push_str(&format!(" ({} affected)", r.affected));
+            }
+            if let Some(e) = &r.error {
+                text = format!("FAILED: {e}");
+            }
+            rows.push((format!("fault {} @{:.1}s", r.label, r.at_s), format!("recovery {text}")));
+        }
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for (k, v) in rows {
+            out.push_str(&format!("  {k:<width$}  {v}\n"));
+        }
+        for w in self.warnings {
+            out.push_str(&format!("  warning: {w}\n"));
+        }
+        for c in self.crashes {
+            out.push_str(&format!("  crashed: {c}\n"));
+        }
+        let breaches = self.breaches();
+        if breaches.is_empty() {
+            out.push_str("  verdict: PASS\n");
+        } else {
+            for b in &breaches {
+                out.push_str(&format!("  threshold broken: {b}\n"));
+            }
+            out.push_str("  verdict: FAIL\n");
+        }
+        out
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let a = self.analysis;
+        let l = &a.latency;
+        let breaches = self.breaches();
+        json!({
+            "name": self.scenario.name,
+            "target": self.scenario.target.kind.as_str(),
+            "run": self.run,
+            "passed": breaches.is_empty(),
+            "breaches": breaches,
+            "produced": a.produced,
+            "unacknowledged": a.unacknowledged,
+            "subscriptions": if self.scenario.target.kind == Kind::Rabbitmq { Some(self.destinations()) } else { None },
+            "expected": a.produced * self.destinations() as u64,
+            "processed": a.processed,
+            "duplicates": a.duplicates,
+            "lost": a.lost,
+            "unconfirmed_processed": a.unconfirmed_processed,
+            "foreign_receipts": a.foreign,
+            "order_violations": a.order_violations,
+            "latency_ms": {
+                "samples": l.count,
+                "p50": round3(l.p50_ms),
+                "p95": round3(l.p95_ms),
+                "p99": round3(l.p99_ms),
+                "max": round3(l.max_ms),
+            },
+            "ack_latency_ms": {
+                "p50": round3(a.ack_latency.p50_ms),
+                "p99": round3(a.ack_latency.p99_ms),
+                "max": round3(a.ack_latency.max_ms),
+            },
+            "throughput_per_s": round3(a.throughput_per_s),
+            "drained": self.drained,
+            "drain_s": round3(self.drain_s),
+            "lease_moves": self.lease_moves,
+            "recoveries": a.recoveries.iter().map(|r| json!({
+                "fault": r.label,
+                "at_s": round3(r.at_s),
+                "recovery_s": r.recovery_s.map(round3),
+                "affected": r.affected,
+                "unrecovered": r.unrecovered,
+                "error": r.error,
+            })).collect::<Vec<_>>(),
+            "per_subscription": a.destinations.iter().map(|d| json!({
+                "name": d.name,
+                "processed": d.processed,
+                "duplicates": d.duplicates,
+                "lost": d.lost,
+                "lost_sample": d.lost_sample,
+            })).collect::<Vec<_>>(),
+            "per_worker": a.per_worker.iter().map(|(w, n)| json!({ "worker": w, "receipts": n })).collect::<Vec<_>>(),
+            "timeline": a.timeline.iter().map(|r| json!({
+                "t": r.t,
+                "produced": r.produced,
+                "processed": r.processed,
+                "lag": r.lag,
+                "max_latency_ms": r.max_latency_ms,
+            })).collect::<Vec<_>>(),
+            "crashes": self.crashes,
+            "warnings": self.warnings,
+        })
+    }
+}
+
+/// `kill9@10s` for the summary line.
+fn short_label(r: &Recovery) -> String {
+    let action = r.label.split_whitespace().next().unwrap_or(&r.label);
+    format!("{action}@{:.0}s", r.at_s)
+}
+
+/// `4.21s`, `-` (nothing affected) or `never`.
+fn recovery_text(r: &Recovery) -> String {
+    match (r.affected, r.recovery_s, &r.error) {
+        (_, _, Some(_)) => "failed".into(),
+        (0, _, _) => "-".into(),
+        (_, Some(s), _) => format!("{s:.2}s"),
+        (_, None, _) => format!("never ({})", r.unrecovered.join(", ")),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::ledger::{DestinationFigures, LatencyFigures};
+
+    fn analysis() -> Analysis {
+        Analysis {
+            produced: 100,
+            unacknowledged: 0,
+            destinations: vec![DestinationFigures {
+                name: "t".into(),
+                processed: 99,
+                duplicates: 3,
+                lost: 1,
+                lost_sample: vec![7],
+            }],
+            processed: 99,
+            duplicates: 3,
+            lost: 1,
+            unconfirmed_processed: 0,
+            foreign: 0,
+            order_violations: Some(0),
+            latency: LatencyFigures { count: 99, p50_ms: 10.0, p95_ms: 20.0, p99_ms: 300.0, max_ms: 900.0 },
+            ack_latency: LatencyFigures::default(),
+            throughput_per_s: 50.0,
+            timeline: Vec::new(),
+            recoveries: vec![
+                Recovery {
+                    label: "kill9 w0".into(),
+                    at_s: 10.0,
+                    recovery_s: Some(4.25),
+                    affected: 3,
+                    unrecovered: vec![],
+                    error: None,
+                },
+                Recovery {
+                    label: "start_worker w3".into(),
+                    at_s: 20.0,
+                    recovery_s: None,
+                    affected: 0,
+                    unrecovered: vec![],
+                    error: None,
+                },
+            ],
+            per_worker: vec![("w0".into(), 102)],
+        }
+    }
+
+    fn scenario(extra: &str) -> Result<Scenario, crate::run::scenario::BadScenario> {
+        Scenario::parse(&format!(
+            "name = \"x\"\nduration = \"20s\"\nworkers = 1\n[target]\nkind = \"kafka\"\npartitions = 2\n\
+             [rate]\nprofile = \"constant\"\nper_second = 10\n{extra}"
+        ))
+    }
+
+    #[test]
+    fn summary_and_breaches_name_what_failed() -> Result<(), crate::run::scenario::BadScenario> {
+        let a = analysis();
+        let s = scenario("[thresholds]\nmax_p99_ms = 200\nmax_recovery_s = 4\n")?;
+        let o = Outcome {
+            scenario: &s,
+            run: "r",
+            analysis: &a,
+            lease_moves: 2,
+            crashes: &[],
+            warnings: &[],
+            drained: true,
+            drain_s: 1.0,
+        };
+        assert_eq!(
+            o.summary_line(),
+            "x: produced 100, processed 99, lost 1, dup 3, p99 300 ms, throughput 50/s, recoveries [kill9@10s 4.25s, start_worker@20s -]"
+        );
+        let b = o.breaches();
+        assert_eq!(b.len(), 3, "{b:?}");
+        assert!(b[0].contains("lost 1 > max_lost 0"));
+        assert!(b[1].contains("max_p99_ms"));
+        assert!(b[2].contains("recovered in 4.2 s > max_recovery_s 4"), "{b:?}");
+        assert!(o.table().contains("verdict: FAIL"));
+        let j = o.json();
+        assert_eq!(j["lost"], 1);
+        assert_eq!(j["latency_ms"]["p99"], 300.0);
+        assert_eq!(j["recoveries"][0]["recovery_s"], 4.25);
+        assert_eq!(j["recoveries"][1]["recovery_s"], serde_json::Value::Null);
+        assert_eq!(j["passed"], false);
+        Ok(())
+    }
+
+    #[test]
+    fn a_clean_run_passes() -> Result<(), crate::run::scenario::BadScenario> {
+        let mut a = analysis();
+        a.lost = 0;
+        let s = scenario("")?;
+        let o = Outcome {
+            scenario: &s,
+            run: "r",
+            analysis: &a,
+            lease_moves: 0,
+            crashes: &[],
+            warnings: &[],
+            drained: true,
+            drain_s: 0.5,
+        };
+        assert!(o.breaches().is_empty());
+        assert!(o.table().contains("verdict: PASS"));
+        let crashed = ["worker w1: exited (signal 6)\nlog...".to_owned()];
+        let o = Outcome { crashes: &crashed, ..o };
+        assert_eq!(
+            o.breaches(),
+            vec!["a process exited on its own: worker w1: exited (signal 6)".to_owned()]
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,771 @@
+//! The scenario file: what to run (target, load, handler, faults) and what
+//! counts as passing (thresholds).
+//!
+//! Parsing is strict, like the binaries' own configs: every table denies
+//! unknown fields, so a typo (`per_secnd`) is an error naming the field and
+//! its line instead of a default silently used. Checks that serde cannot
+//! express (fields of another rate profile, a fault on a worker that is
+//! already dead, a key the harness sets itself) are in
+//! [`Scenario::validate`] and name the field as `table.field`. Any of these
+//! errors is a [`BadScenario`]: exit status 2, nothing started.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::rate::Profile;
+
+/// A scenario that cannot run as written; the message names the field.
+#[derive(Debug)]
+pub struct BadScenario(pub String);
+
+impl fmt::Display for BadScenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadScenario {}
+
+fn bad(message: impl Into<String>) -> BadScenario {
+    BadScenario(message.into())
+}
+
+/// Longest scenario name: it becomes part of topic, queue and exchange
+/// names, which have length limits of their own.
+const MAX_NAME: usize = 40;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// How long records are produced.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// How long to wait after producing for every record to be processed;
+    /// what is still missing then is lost.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Workers started before producing begins.
+    pub workers: usize,
+    pub target: Target,
+    #[serde(default)]
+    pub records: Records,
+    pub rate: Rate,
+    #[serde(default)]
+    pub handler: HandlerSpec,
+    /// Copied into the `[[streams]]` / `[[subscriptions]]` table; the
+    /// coordinator validates the values.
+    #[serde(default)]
+    pub mapping: toml::Table,
+    /// Copied to the coordinator config's top level.
+    #[serde(default)]
+    pub coordinator: toml::Table,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub thresholds: Thresholds,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Kafka,
+    Rabbitmq,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Kafka => "kafka",
+            Kind::Rabbitmq => "rabbitmq",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub kind: Kind,
+    /// Kafka: partitions of the topic (one lease each).
+    pub partitions: Option<u32>,
+    /// RabbitMQ: subscriptions on one fanout topic (default 1).
+    pub subscriptions: Option<u32>,
+    /// RabbitMQ: fixed queue slots per subscription (default 1).
+    pub slots: Option<u32>,
+}
+
+impl Target {
+    /// Kafka partitions (validated present for Kafka; 0 otherwise).
+    pub fn partitions(&self) -> u32 {
+        self.partitions.unwrap_or(0)
+    }
+
+    pub fn subscriptions(&self) -> u32 {
+        self.subscriptions.unwrap_or(1)
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots.unwrap_or(1)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Records {
+    /// Bytes of each record's value (padded JSON).
+    #[serde(default = "default_size")]
+    pub size: usize,
+    /// Distinct keys (`k-<n>`), for the per-key order check.
+    #[serde(default = "default_keys")]
+    pub keys: u32,
+}
+
+fn default_size() -> usize {
+    200
+}
+
+fn default_keys() -> u32 {
+    1000
+}
+
+impl Default for Records {
+    fn default() -> Self {
+        Self { size: default_size(), keys: default_keys() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileKind {
+    Constant,
+    Step,
+    Spike,
+    Ramp,
+}
+
+impl ProfileKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ProfileKind::Constant => "constant",
+            ProfileKind::Step => "step",
+            ProfileKind::Spike => "spike",
+            ProfileKind::Ramp => "ramp",
+        }
+    }
+}
+
+/// `[rate]` as written: one flat table whose fields depend on `profile`.
+/// Flat rather than a tagged enum so an error can say "`rate.from` does not
+/// apply to profile `constant`" instead of serde's generic variant message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub profile: ProfileKind,
+    pub per_second: Option<f64>,
+    /// `[[seconds, rate], ...]`.
+    pub steps: Option<Vec<(f64, f64)>>,
+    pub from: Option<f64>,
+    pub to: Option<f64>,
+    pub factor: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub at: Option<Duration>,
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub for_: Option<Duration>,
+    /// Spike: extra load only on these Kafka partitions.
+    pub partitions: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerSpec {
+    /// The `chaos` handler's `sleep_per_batch`.
+    #[serde(default, with = "humantime_serde")]
+    pub per_batch: Duration,
+    /// The `chaos` handler's `sleep_per_record`.
+    #[serde(default, with = "humantime_serde")]
+    pub per_record: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// SIGKILL a worker.
+    Kill9,
+    /// Start one more worker (the next index).
+    StartWorker,
+    /// Freeze a worker: it stops heartbeating but keeps its sockets.
+    Sigstop,
+    /// Thaw a frozen worker, which may act as a zombie for a moment.
+    Sigcont,
+    /// SIGKILL the coordinator and start it again on the same store.
+    RestartCoordinator,
+    /// `rabbitmqctl stop_app`.
+    RabbitStop,
+    /// `rabbitmqctl start_app`.
+    RabbitStart,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Kill9 => "kill9",
+            Action::StartWorker => "start_worker",
+            Action::Sigstop => "sigstop",
+            Action::Sigcont => "sigcont",
+            Action::RestartCoordinator => "restart_coordinator",
+            Action::RabbitStop => "rabbit_stop",
+            Action::RabbitStart => "rabbit_start",
+        }
+    }
+
+    fn takes_worker(self) -> bool {
+        matches!(self, Action::Kill9 | Action::Sigstop | Action::Sigcont)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Since producing started.
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    pub action: Action,
+    /// The worker's index (0-based, in start order) for kill9, sigstop and
+    /// sigcont.
+    pub worker: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    #[serde(default)]
+    pub max_lost: u64,
+    pub max_p99_ms: Option<f64>,
+    pub max_duplicates: Option<u64>,
+    /// Kafka only: first-time receipts of a key out of id order.
+    pub max_order_violations: Option<u64>,
+    /// Every fault with affected shards must recover within this.
+    pub max_recovery_s: Option<f64>,
+    pub min_throughput_per_s: Option<f64>,
+}
+
+/// Mapping keys the harness writes itself: the names are per run, the
+/// handler is `chaos`, slots come from `target.slots`, and
+/// `starting_position` must be `trim_horizon` so nothing produced before a
+/// lease is first granted is skipped (that would read as lost).
+const RESERVED_MAPPING: &[&str] =
+    &["name", "handler", "topic", "partitions", "starting_position", "min_slots", "max_concurrency"];
+
+/// Coordinator keys the harness writes itself (addresses, store, brokers,
+/// the mappings).
+const RESERVED_COORDINATOR: &[&str] = &[
+    "listen",
+    "metrics_listen",
+    "data_dir",
+    "auth_token",
+    "kafka_brokers",
+    "discovery_interval",
+    "amqp_url",
+    "streams",
+    "topics",
+    "subscriptions",
+];
+
+impl Scenario {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, BadScenario> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read scenario {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| bad(format!("scenario {}: {e}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, BadScenario> {
+        // toml's message shows the line and names the unknown or mistyped
+        // field; it is passed on whole.
+        let scenario: Scenario =
+            toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().to_owned()))?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    fn validate(&self) -> Result<(), BadScenario> {
+        if self.name.is_empty()
+            || self.name.len() > MAX_NAME
+            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad(format!(
+                "`name` is {:?}; allowed: 1 to {MAX_NAME} of a-z, A-Z, 0-9, `-`, `_`",
+                self.name
+            )));
+        }
+        if self.duration.is_zero() || self.duration > Duration::from_secs(3600) {
+            return Err(bad(format!("`duration` is {:?}; allowed: 1ms to 1h", self.duration)));
+        }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(bad(format!("`drain_timeout` is {:?}; allowed: up to 1h", self.drain_timeout)));
+        }
+        if self.workers > 64 {
+            return Err(bad(format!("`workers` is {}; allowed: 0 to 64", self.workers)));
+        }
+        self.validate_target()?;
+        if !(1..=1 << 20).contains(&self.records.size) {
+            return Err(bad(format!("`records.size` is {}; allowed: 1 to 1048576", self.records.size)));
+        }
+        if !(1..=10_000_000).contains(&self.records.keys) {
+            return Err(bad(format!("`records.keys` is {}; allowed: 1 to 10000000", self.records.keys)));
+        }
+        self.profile()?;
+        for key in self.mapping.keys() {
+            if RESERVED_MAPPING.contains(&key.as_str()) {
+                return Err(bad(format!("`mapping.{key}` is set by the harness; remove it")));
+            }
+        }
+        for key in self.coordinator.keys() {
+            if RESERVED_COORDINATOR.contains(&key.as_str()) {
+                return Err(bad(format!("`coordinator.{key}` is set by the harness; remove it")));
+            }
+        }
+        self.validate_faults()?;
+        Ok(())
+    }
+
+    fn validate_target(&self) -> Result<(), BadScenario> {
+        let t = &self.target;
+        match t.kind {
+            Kind::Kafka => {
+                let Some(partitions) = t.partitions else {
+                    return Err(bad("`target.partitions` is required for kind `kafka`"));
+                };
+                if !(1..=256).contains(&partitions) {
+                    return Err(bad(format!("`target.partitions` is {partitions}; allowed: 1 to 256")));
+                }
+                for (field, value) in [("subscriptions", t.subscriptions), ("slots", t.slots)] {
+                    if value.is_some() {
+                        return Err(bad(format!("`target.{field}` applies to kind `rabbitmq` only")));
+                    }
+                }
+            }
+            Kind::Rabbitmq => {
+                if t.partitions.is_some() {
+                    return Err(bad("`target.partitions` applies to kind `kafka` only"));
+                }
+                if !(1..=16).contains(&t.subscriptions()) {
+                    return Err(bad(format!(
+                        "`target.subscriptions` is {}; allowed: 1 to 16",
+                        t.subscriptions()
+                    )));
+                }
+                if !(1..=64).contains(&t.slots()) {
+                    return Err(bad(format!("`target.slots` is {}; allowed: 1 to 64", t.slots())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rate profile, checking that exactly the fields of the chosen
+    /// profile are set.
+    pub fn profile(&self) -> Result<Profile, BadScenario> {
+        let r = &self.rate;
+        let kind = r.profile;
+        let set: BTreeMap<&str, bool> = BTreeMap::from([
+            ("per_second", r.per_second.is_some()),
+            ("steps", r.steps.is_some()),
+            ("from", r.from.is_some()),
+            ("to", r.to.is_some()),
+            ("factor", r.factor.is_some()),
+            ("at", r.at.is_some()),
+            ("for", r.for_.is_some()),
+            ("partitions", r.partitions.is_some()),
+        ]);
+        let (required, optional): (&[&str], &[&str]) = match kind {
+            ProfileKind::Constant => (&["per_second"], &[]),
+            ProfileKind::Step => (&["steps"], &[]),
+            ProfileKind::Ramp => (&["from", "to"], &[]),
+            ProfileKind::Spike => (&["per_second", "factor", "at", "for"], &["partitions"]),
+        };
+        for (field, present) in &set {
+            if *present && !required.contains(field) && !optional.contains(field) {
+                return Err(bad(format!("`rate.{field}` does not apply to profile `{}`", kind.as_str())));
+            }
+        }
+        for field in required {
+            if !set.get(field).copied().unwrap_or(false) {
+                return Err(bad(format!("`rate.{field}` is required for profile `{}`", kind.as_str())));
+            }
+        }
+        let rate_ok = |field: &str, v: f64, zero_ok: bool| {
+            if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v <= 100_000.0 {
+                Ok(v)
+            } else {
+                Err(bad(format!(
+                    "`rate.{field}` is {v}; allowed: {} to 100000 records per second",
+                    if zero_ok { "0" } else { "above 0" }
+                )))
+            }
+        };
+        let duration = self.duration.as_secs_f64();
+        let profile = match kind {
+            ProfileKind::Constant => {
+                Profile::Constant { per_second: rate_ok("per_second", r.per_second.unwrap_or(0.0), false)? }
+            }
+            ProfileKind::Ramp => Profile::Ramp {
+                from: rate_ok("from", r.from.unwrap_or(0.0), true)?,
+                to: rate_ok("to", r.to.unwrap_or(0.0), true)?,
+                over: duration,
+            },
+            ProfileKind::Step => {
+                let steps = r.steps.clone().unwrap_or_default();
+                if steps.first().is_none_or(|(t, _)| *t != 0.0) {
+                    return Err(bad(
+                        "`rate.steps` must start with a step at second 0, e.g. [[0, 500], [20, 2000]]",
+                    ));
+                }
+                for pair in steps.windows(2) {
+                    if pair[1].0 <= pair[0].0 {
+                        return Err(bad(format!(
+                            "`rate.steps` must be in increasing time order; {} comes after {}",
+                            pair[1].0, pair[0].0
+                        )));
+                    }
+                }
+                for (i, (at, per_second)) in steps.iter().enumerate() {
+                    if !at.is_finite() || *at > duration {
+                        return Err(bad(format!(
+                            "`rate.steps[{i}]` starts at {at} s, after the run's {duration} s"
+                        )));
+                    }
+                    rate_ok(&format!("steps[{i}]"), *per_second, true)?;
+                }
+                Profile::Step { steps }
+            }
+            ProfileKind::Spike => {
+                let per_second = rate_ok("per_second", r.per_second.unwrap_or(0.0), false)?;
+                let factor = r.factor.unwrap_or(1.0);
+                if !(factor.is_finite() && (1.0..=1000.0).contains(&factor)) {
+                    return Err(bad(format!("`rate.factor` is {factor}; allowed: 1 to 1000")));
+                }
+                let at = r.at.unwrap_or_default();
+                let len = r.for_.unwrap_or_default();
+                if at + len > self.duration || len.is_zero() {
+                    return Err(bad(format!(
+                        "`rate.at` + `rate.for` is {:?} + {:?}; the spike must be non-empty and end within `duration` ({:?})",
+                        at, len, self.duration
+                    )));
+                }
+                let partitions = match &r.partitions {
+                    None => None,
+                    Some(list) => Some(self.spike_partitions(list)?),
+                };
+                Profile::Spike {
+                    per_second,
+                    factor,
+                    at: at.as_secs_f64(),
+                    len: len.as_secs_f64(),
+                    partitions,
+                }
+            }
+        };
+        Ok(profile)
+    }
+
+    /// Checks a spike's partitions: Kafka only, in range, distinct, and
+    /// each reachable by at least one key (the extra load is keyed like the
+    /// rest so per-key order stays checkable).
+    fn spike_partitions(&self, list: &[u32]) -> Result<Vec<u32>, BadScenario> {
+        if self.target.kind != Kind::Kafka {
+            return Err(bad("`rate.partitions` applies to kind `kafka` only"));
+        }
+        let partitions = self.target.partitions();
+        if list.is_empty() {
+            return Err(bad("`rate.partitions` is empty; omit it to spike every partition"));
+        }
+        let mut seen = Vec::new();
+        for &p in list {
+            if p >= partitions {
+                return Err(bad(format!(
+                    "`rate.partitions` names partition {p}; the topic has 0..{partitions}"
+                )));
+            }
+            if seen.contains(&p) {
+                return Err(bad(format!("`rate.partitions` names partition {p} twice")));
+            }
+            seen.push(p);
+        }
+        for &p in list {
+            if !(0..self.records.keys).any(|k| super::payload::partition_of(k, partitions) == p) {
+                return Err(bad(format!(
+                    "no key of `records.keys` = {} maps to partition {p}; raise `records.keys`",
+                    self.records.keys
+                )));
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Replays the faults against worker states so a fault on a worker
+    /// that is not there (never started, already killed) or in the wrong
+    /// state is caught before anything starts.
+    fn validate_faults(&self) -> Result<(), BadScenario> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum State {
+            Running,
+            Stopped,
+            Dead,
+        }
+        let mut workers = vec![State::Running; self.workers];
+        let mut previous = Duration::ZERO;
+        for (i, fault) in self.faults.iter().enumerate() {
+            let field = format!("faults[{i}]");
+            if fault.at < previous {
+                return Err(bad(format!(
+                    "`{field}.at` is before the fault above it; list faults in time order"
+                )));
+            }
+            previous = fault.at;
+            if fault.at >= self.duration {
+                return Err(bad(format!(
+                    "`{field}.at` is {:?}, not within `duration` ({:?})",
+                    fault.at, self.duration
+                )));
+            }
+            let action = fault.action.as_str();
+            match (fault.action.takes_worker(), fault.worker) {
+                (true, None) => {
+                    return Err(bad(format!("`{field}.worker` is required for action `{action}`")));
+                }
+                (false, Some(_)) => {
+                    return Err(bad(format!("`{field}.worker` does not apply to action `{action}`")));
+                }
+                _ => {}
+            }
+            if matches!(fault.action, Action::RabbitStop | Action::RabbitStart)
+                && self.target.kind != Kind::Rabbitmq
+            {
+                return Err(bad(format!("`{field}.action` `{action}` needs kind `rabbitmq`")));
+            }
+            let Some(w) = fault.worker else {
+                if fault.action == Action::StartWorker {
+                    workers.push(State::Running);
+                }
+                continue;
+            };
+            let Some(state) = workers.get_mut(w) else {
+                return Err(bad(format!(
+                    "`{field}.worker` is {w}, but only {} workers exist then (0-based)",
+                    workers.len()
+                )));
+            };
+            let (need, next) = match fault.action {
+                Action::Kill9 => (None, State::Dead),
+                Action::Sigstop => (Some(State::Running), State::Stopped),
+                Action::Sigcont => (Some(State::Stopped), State::Running),
+                _ => continue,
+            };
+            let wrong = match need {
+                None => *state == State::Dead,
+                Some(need) => *state != need,
+            };
+            if wrong {
+                let now = match *state {
+                    State::Running => "running",
+                    State::Stopped => "stopped",
+                    State::Dead => "already killed",
+                };
+                return Err(bad(format!("`{field}`: worker {w} is {now}; `{action}` does not apply")));
+            }
+            *state = next;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAILOVER: &str = r#"
+name = "failover"
+duration = "40s"
+workers = 3
+[target]
+kind = "kafka"
+partitions = 8
+[records]
+size = 200
+keys = 1000
+[rate]
+profile = "constant"
+per_second = 1000
+[handler]
+per_batch = "2ms"
+per_record = "0ms"
+[mapping]
+batch_size = 100
+[coordinator]
+heartbeat_interval = "300ms"
+session_timeout = "3s"
+[[faults]]
+at = "10s"
+action = "kill9"
+worker = 0
+[thresholds]
+max_lost = 0
+max_p99_ms = 10000
+"#;
+
+    fn err(text: &str) -> String {
+        match Scenario::parse(text) {
+            Ok(_) => panic!("parsed: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_documented_example_parses() -> Result<(), BadScenario> {
+        let s = Scenario::parse(FAILOVER)?;
+        assert_eq!(s.name, "failover");
+        assert_eq!(s.duration, Duration::from_secs(40));
+        assert_eq!(s.drain_timeout, Duration::from_secs(60));
+        assert_eq!(s.target.partitions(), 8);
+        assert_eq!(s.handler.per_batch, Duration::from_millis(2));
+        assert_eq!(s.mapping.get("batch_size").and_then(|v| v.as_integer()), Some(100));
+        assert_eq!(s.faults.len(), 1);
+        assert_eq!(s.faults[0].action, Action::Kill9);
+        assert_eq!(s.thresholds.max_p99_ms, Some(10000.0));
+        assert!(matches!(s.profile()?, Profile::Constant { per_second } if per_second == 1000.0));
+        Ok(())
+    }
+
+    #[test]
+    fn every_shipped_scenario_is_valid() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let s = Scenario::load(&path)?;
+            // The file name is the scenario name, so `run scenarios/X.toml`
+            // reports as X.
+            assert_eq!(path.file_stem().and_then(|n| n.to_str()), Some(s.name.as_str()));
+            names.push(s.name);
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "ci-short",
+                "coordinator-restart",
+                "failover",
+                "rabbit-fanout",
+                "scale-out",
+                "spike",
+                "steady",
+                "zombie"
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = err(&FAILOVER.replace("per_second = 1000", "per_secnd = 1000"));
+        assert!(e.contains("per_secnd"), "{e}");
+        let e = err(&FAILOVER.replace("kind = \"kafka\"", "kind = \"kafka\"\nshards = 3"));
+        assert!(e.contains("unknown field `shards`"), "{e}");
+        let e = err(&format!("{FAILOVER}\nbogus = 1\n"));
+        assert!(e.contains("bogus"), "{e}");
+        let e = err(&FAILOVER.replace("worker = 0", "worker = 0\nsignal = 9"));
+        assert!(e.contains("unknown field `signal`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = err(&FAILOVER.replace("kind = \"kafka\"", "kind = \"pulsar\""));
+        assert!(e.contains("pulsar"), "{e}");
+        let e = err(&FAILOVER.replace("action = \"kill9\"", "action = \"reboot\""));
+        assert!(e.contains("reboot"), "{e}");
+        let e = err(&FAILOVER.replace("duration = \"40s\"", "duration = \"forty\""));
+        assert!(e.contains("duration"), "{e}");
+    }
+
+    #[test]
+    fn profile_fields_must_match_the_profile() {
+        let e = err(&FAILOVER.replace("per_second = 1000", "per_second = 1000\nfrom = 5"));
+        assert!(e.contains("`rate.from` does not apply to profile `constant`"), "{e}");
+        let e =
+            err(&FAILOVER
+                .replace("profile = \"constant\"\nper_second = 1000", "profile = \"ramp\"\nfrom = 5"));
+        assert!(e.contains("`rate.to` is required"), "{e}");
+        let e = err(&FAILOVER.replace("per_second = 1000", "per_second = -3"));
+        assert!(e.contains("`rate.per_second`"), "{e}");
+        let e = err(&FAILOVER
+            .replace("profile = \"constant\"\nper_second = 1000", "profile = \"step\"\nsteps = [[5, 10]]"));
+        assert!(e.contains("second 0"), "{e}");
+    }
+
+    #[test]
+    fn spike_partitions_are_checked() -> Result<(), BadScenario> {
+        let spike = FAILOVER.replace(
+            "profile = \"constant\"\nper_second = 1000",
+            "profile = \"spike\"\nper_second = 500\nfactor = 10\nat = \"10s\"\nfor = \"20s\"\npartitions = [0, 1]",
+        );
+        let s = Scenario::parse(&spike)?;
+        assert!(matches!(s.profile()?, Profile::Spike { partitions: Some(ref p), .. } if p == &[0, 1]));
+        let e = err(&spike.replace("[0, 1]", "[0, 9]"));
+        assert!(e.contains("partition 9"), "{e}");
+        let e = err(&spike.replace("for = \"20s\"", "for = \"35s\""));
+        assert!(e.contains("rate.for"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn reserved_keys_are_refused() {
+        let e =
+            err(&FAILOVER.replace("batch_size = 100", "batch_size = 100\nstarting_position = \"latest\""));
+        assert!(e.contains("`mapping.starting_position` is set by the harness"), "{e}");
+        let e =
+            err(&FAILOVER
+                .replace("session_timeout = \"3s\"", "session_timeout = \"3s\"\nlisten = \"0.0.0.0:1\""));
+        assert!(e.contains("`coordinator.listen`"), "{e}");
+    }
+
+    #[test]
+    fn faults_are_replayed_against_worker_states() {
+        let e = err(&FAILOVER.replace("worker = 0", "worker = 3"));
+        assert!(e.contains("`faults[0].worker` is 3"), "{e}");
+        let twice = format!("{FAILOVER}\n[[faults]]\nat = \"20s\"\naction = \"kill9\"\nworker = 0\n");
+        let e = err(&twice);
+        assert!(e.contains("already killed"), "{e}");
+        let cont = FAILOVER.replace("action = \"kill9\"", "action = \"sigcont\"");
+        assert!(err(&cont).contains("is running"));
+        let late = FAILOVER.replace("at = \"10s\"", "at = \"50s\"");
+        assert!(err(&late).contains("not within `duration`"));
+        let rabbit = FAILOVER.replace("action = \"kill9\"\nworker = 0", "action = \"rabbit_stop\"");
+        assert!(err(&rabbit).contains("needs kind `rabbitmq`"));
+        // A started worker can be faulted afterwards.
+        let scale = format!(
+            "{}\n[[faults]]\nat = \"20s\"\naction = \"kill9\"\nworker = 3\n",
+            FAILOVER.replace("action = \"kill9\"\nworker = 0", "action = \"start_worker\"")
+        );
+        assert!(Scenario::parse(&scale).is_ok());
+    }
+
+    #[test]
+    fn rabbitmq_targets_take_subscriptions_not_partitions() -> Result<(), BadScenario> {
+        let rabbit = FAILOVER
+            .replace("kind = \"kafka\"\npartitions = 8", "kind = \"rabbitmq\"\nsubscriptions = 2\nslots = 2");
+        let s = Scenario::parse(&rabbit)?;
+        assert_eq!((s.target.subscriptions(), s.target.slots()), (2, 2));
+        let e = err(&FAILOVER.replace("partitions = 8", "partitions = 8\nslots = 2"));
+        assert!(e.contains("`target.slots` applies to kind `rabbitmq` only"), "{e}");
+        Ok(())
+    }
+}
