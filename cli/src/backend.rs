@@ -87,10 +87,10 @@ impl Backend {
         ))
     }
 
-    pub async fn workers(&mut self) -> Result<Vec<v1::WorkerInfo>> {
+    pub async fn workers(&mut self) -> Result<v1::ListWorkersReply> {
         match self {
             Self::Online(o) => {
-                Ok(o.client.list_workers(o.req(v1::ListWorkersRequest {})).await?.into_inner().workers)
+                Ok(o.client.list_workers(o.req(v1::ListWorkersRequest {})).await?.into_inner())
             }
             Self::Offline(_) => Err(self.offline_only("workers")),
         }

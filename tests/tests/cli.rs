@@ -478,7 +478,8 @@ async fn checkpoint_set_moves_the_owner_to_the_new_offset() -> Result<()> {
     // (200 + 150 again + 50 new).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let workers = online(&c, &["--json", "workers"]).await?.json()?;
-    let a = workers.get("workers").items()?.iter().find(|w| w.get("worker_id").str().ok() == Some("a")).cloned();
+    let a =
+        workers.get("workers").items()?.iter().find(|w| w.get("worker_id").str().ok() == Some("a")).cloned();
     let a = a.with_context(|| format!("worker a is gone after the set: {workers:?}"))?;
     ensure!(
         a.get("leases").u64()? == 1
