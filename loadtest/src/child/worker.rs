@@ -26,6 +26,8 @@ pub struct WorkerSettings<'a> {
     pub fetch_queue_kib: Option<u32>,
     /// `amqp_url`; `None`: the worker's default (local RabbitMQ).
     pub amqp_url: Option<&'a str>,
+    /// The node's capacity in concurrent batches; `None`: no limit.
+    pub max_inflight_batches: Option<u32>,
 }
 
 /// A running `shardline-worker`; killed on drop.
@@ -63,6 +65,9 @@ fn config_toml(metrics: SocketAddr, s: &WorkerSettings<'_>) -> String {
     }
     if let Some(url) = s.amqp_url {
         toml.push_str(&format!("amqp_url = {}\n", quote(url)));
+    }
+    if let Some(n) = s.max_inflight_batches {
+        toml.push_str(&format!("max_inflight_batches = {n}\n"));
     }
     toml.push_str(&format!("\n[handlers.{}]\n", quote(s.handler)));
     for (key, value) in s.handler_settings {
@@ -106,6 +111,7 @@ mod tests {
             handler_settings: &[],
             fetch_queue_kib: Some(1024),
             amqp_url: None,
+            max_inflight_batches: None,
         };
         let toml = config_toml(SocketAddr::from(([127, 0, 0, 1], 9500)), &settings);
         assert_eq!(

@@ -25,6 +25,8 @@ pub struct WorkerTemplate {
     pub amqp_url: String,
     /// The `chaos` handler's settings (receipts destination, sleeps).
     pub settings: Vec<(&'static str, String)>,
+    /// The workers' node capacity (`max_inflight_batches`), if limited.
+    pub max_inflight_batches: Option<u32>,
     /// Appended to `w<i>`: empty with the harness's own coordinator, a run
     /// id with an external one (which may remember earlier runs' workers).
     pub id_suffix: String,
@@ -109,6 +111,7 @@ impl Fleet {
             handler_settings: &self.template.settings,
             fetch_queue_kib: None,
             amqp_url: Some(&self.template.amqp_url),
+            max_inflight_batches: self.template.max_inflight_batches,
         };
         let worker = Worker::start(&self.worker_bin, &settings)?;
         self.workers.push(WorkerSlot { id: id.clone(), proc: Some(worker), stopped: false });

@@ -24,6 +24,7 @@
 
 mod amqp;
 mod chart;
+mod compare;
 mod fleet;
 mod kafka;
 mod ledger;
@@ -148,8 +149,32 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// What one run leaves for a comparison between strategies.
+pub struct RunResult {
+    pub exit: ExitCode,
+    pub timeline: Vec<ledger::Row>,
+    pub p99_ms: f64,
+    pub lease_moves: u64,
+    pub lost: u64,
+    pub json: serde_json::Value,
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let scenario = Scenario::load(&args.scenario)?;
+    if scenario.strategies.is_empty() {
+        let (json, chart) = (args.json.clone(), args.chart.clone());
+        return Ok(run_one(&args, scenario, json, chart).await?.exit);
+    }
+    compare::run(&args, scenario).await
+}
+
+/// Runs the scenario once; writes its JSON and chart where asked.
+async fn run_one(
+    args: &Args,
+    scenario: Scenario,
+    json_path: Option<PathBuf>,
+    chart_path: Option<PathBuf>,
+) -> anyhow::Result<RunResult> {
     if args.external.is_some() && scenario.faults.iter().any(|f| f.action == Action::RestartCoordinator) {
         return Err(BadScenario(
             "action `restart_coordinator` needs the harness's own coordinator; run without --external".into(),
@@ -236,6 +261,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         kafka_brokers: args.brokers.clone(),
         amqp_url: args.amqp_url.clone(),
         settings: handler_settings(&scenario, &plan),
+        max_inflight_batches: scenario.max_inflight_batches,
         id_suffix: if plan.external { format!("-{run_id}") } else { String::new() },
     };
     let fleet = Arc::new(tokio::sync::Mutex::new(Fleet::new(
@@ -380,11 +406,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     println!("{}", outcome.table());
     println!("{}", outcome.summary_line());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&outcome.json()).context("cannot encode the JSON report")?;
+    let json = outcome.json();
+    if let Some(path) = &json_path {
+        let text = serde_json::to_string_pretty(&json).context("cannot encode the JSON report")?;
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if let Some(path) = &args.chart {
+    if let Some(path) = &chart_path {
         let markers: Vec<chart::Marker> = analysis
             .recoveries
             .iter()
@@ -393,12 +420,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         chart::write(path, &format!("{} ({})", scenario.name, run_id), &analysis.timeline, &markers)?;
     }
     let breaches = outcome.breaches();
-    if breaches.is_empty() {
-        Ok(ExitCode::SUCCESS)
+    let exit = if breaches.is_empty() {
+        ExitCode::SUCCESS
     } else {
         eprintln!("{}: FAILED: {}", scenario.name, breaches.join("; "));
-        Ok(ExitCode::FAILURE)
-    }
+        ExitCode::FAILURE
+    };
+    Ok(RunResult {
+        exit,
+        timeline: analysis.timeline.clone(),
+        p99_ms: analysis.latency.p99_ms,
+        lease_moves,
+        lost: analysis.lost,
+        json,
+    })
 }
 
 /// The leases of the run and (RabbitMQ) each subscription's queue as the
@@ -448,6 +483,9 @@ fn run_id(name: &str) -> String {
 /// scenario's `[mapping]` keys.
 fn coordinator_extra(s: &Scenario, plan: &Plan, amqp_url: &str) -> String {
     let mut toml = render_keys(&s.coordinator);
+    if let Some(strategy) = &s.strategy {
+        toml.push_str(&format!("balancer = {{ strategy = {} }}\n", quote(strategy)));
+    }
     match plan.kind {
         Kind::Kafka => {
             toml.push_str(&format!(

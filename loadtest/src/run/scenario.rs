@@ -66,6 +66,18 @@ pub struct Scenario {
     pub coordinator: toml::Table,
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Run the whole scenario once per placement strategy, in this order,
+    /// and compare how fast each drains a spike (e.g. `["count", "load"]`).
+    #[serde(default)]
+    pub strategies: Vec<String>,
+    /// Each worker's `max_inflight_batches`: its node's capacity in
+    /// concurrent batches (unset: no limit).
+    #[serde(default)]
+    pub max_inflight_batches: Option<u32>,
+    /// The strategy of the current run (set by the harness from
+    /// `strategies`, never read from the file).
+    #[serde(skip)]
+    pub strategy: Option<String>,
     #[serde(default)]
     pub thresholds: Thresholds,
 }
@@ -255,6 +267,9 @@ pub struct Thresholds {
     /// Every fault with affected shards must recover within this.
     pub max_recovery_s: Option<f64>,
     pub min_throughput_per_s: Option<f64>,
+    /// With `strategies`: the first strategy's spike drain time over the
+    /// last one's must be at least this.
+    pub min_speedup: Option<f64>,
 }
 
 /// Mapping keys the harness writes itself: the names are per run, the
@@ -297,6 +312,21 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<(), BadScenario> {
+        for st in &self.strategies {
+            if st != "count" && st != "load" {
+                return Err(BadScenario(format!("`strategies` has `{st}`; allowed: count, load")));
+            }
+        }
+        if !self.strategies.is_empty() && (self.rate.at.is_none() || self.rate.for_.is_none()) {
+            return Err(BadScenario(
+                "`strategies` compares spike drain times; it needs a spike (`rate.at` and `rate.for`)".into(),
+            ));
+        }
+        if self.coordinator.contains_key("balancer") && !self.strategies.is_empty() {
+            return Err(BadScenario(
+                "`coordinator.balancer` and `strategies` both set the strategy; keep one".into(),
+            ));
+        }
         if self.name.is_empty()
             || self.name.len() > MAX_NAME
             || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')

@@ -195,6 +195,7 @@ pub async fn run(mut coordinator: Coordinator, s: &Settings<'_>) -> anyhow::Resu
         handler_settings: &[],
         fetch_queue_kib: None,
         amqp_url: Some(s.url),
+        max_inflight_batches: None,
     };
     let mut worker = Worker::start(s.worker_bin, &settings)?;
     let rss = RssSampler::start(worker.pid());

@@ -158,6 +158,7 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<SystemFigures> {
         handler_settings: &handler_settings,
         fetch_queue_kib: s.fetch_queue_kib,
         amqp_url: None,
+        max_inflight_batches: None,
     };
     let mut worker = Worker::start(s.worker_bin, &settings)?;
     let rss = RssSampler::start(worker.pid());
