@@ -287,7 +287,7 @@ async fn run_one(
     lock(&books).set_start(now_ms());
     let plan = Arc::new(plan);
     let mut producer =
-        AbortOnDrop(tokio::spawn(producer(&scenario, &args, &plan, profile).run(books.clone(), started)));
+        AbortOnDrop(tokio::spawn(producer(&scenario, args, &plan, profile).run(books.clone(), started)));
     let watch = Arc::new(Mutex::new(LeaseWatch::default()));
     let _watcher =
         AbortOnDrop(tokio::spawn(watch_leases(admin.clone(), plan.destinations.clone(), watch.clone())));

@@ -694,6 +694,7 @@ max_p99_ms = 10000
                 "ci-short",
                 "coordinator-restart",
                 "failover",
+                "hot-shards",
                 "rabbit-fanout",
                 "scale-out",
                 "spike",
