@@ -656,3 +656,50 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
     // 0.9 + 3 × 0.1 of handler time at 0.7 per worker.
     assert_eq!(core.desired_workers(), 2);
 }
+
+/// A worker joining a busy fleet gets its share within two heartbeats: its
+/// peers are asked to release at their next heartbeat, and it is granted
+/// what they confirm at its own next one (releases here confirm at once;
+/// a real worker first finishes its in-flight batch).
+#[test]
+fn a_joining_worker_fills_within_two_heartbeats_under_load() {
+    let balancer =
+        Balancer { strategy: super::Strategy::Load, settle: Duration::ZERO, ..Balancer::default() };
+    let t = Instant::now();
+    let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
+    core.discovered(t, LeaseKind::Shard, "s", H, 9);
+    for w in ["w0", "w1"] {
+        core.register(t, reg(w));
+    }
+    let settle_round = |core: &mut Core, now: Instant| {
+        for w in ["w0", "w1", "w2"] {
+            let busy = |i: u32| LeaseLoad { busy_ratio: 0.05 * f64::from(i % 3 + 1), ..LeaseLoad::default() };
+            let leases = core
+                .leases()
+                .filter(|l| l.record.owner.as_deref() == Some(w))
+                .map(|l| (l.record.lease.clone(), busy(l.record.lease.index)))
+                .collect();
+            for i in
+                core.heartbeat(now, w, WorkerLoad { leases, ..WorkerLoad::default() }).unwrap_or_default()
+            {
+                if let Instruction::Release { lease, epoch } = i {
+                    core.release_done(now, w, &lease, epoch, None);
+                }
+            }
+        }
+        core.tick(now);
+    };
+    for s in 0..3 {
+        settle_round(&mut core, t + Duration::from_secs(s));
+    }
+    core.register(t + Duration::from_secs(3), reg("w2"));
+    let owned = |core: &Core| core.leases().filter(|l| l.record.owner.as_deref() == Some("w2")).count();
+    let mut beats = 0;
+    while owned(&core) < 3 && beats < 5 {
+        beats += 1;
+        settle_round(&mut core, t + Duration::from_secs(3 + beats));
+    }
+    println!("the joining worker owned its 3 of 9 leases after {beats} heartbeat round(s)");
+    assert_eq!(owned(&core), 3, "its share");
+    assert!(beats <= 2, "took {beats} heartbeat rounds");
+}

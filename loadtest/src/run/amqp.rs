@@ -8,6 +8,7 @@
 //! and reconnects on the next publish; the reader reconnects in a loop and
 //! recognizes receipts RabbitMQ hands it a second time.
 
+use crate::bench::amqp::with_channel;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use shardline_proto::{FailurePolicy, topology};
 use shardline_worker::amqp::{Message, Publisher, header_bytes};
 use tokio::sync::{Semaphore, watch};
@@ -62,27 +63,6 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
         .await
         .with_context(|| format!("RabbitMQ did not accept a connection within {CALL_TIMEOUT:?}"))?
         .context("cannot connect to RabbitMQ")
-}
-
-/// Runs `f` on a fresh channel: RabbitMQ closes a channel on any refused
-/// call, so one channel per call keeps a failure from spoiling the next.
-async fn with_channel<T>(
-    connection: &Connection,
-    f: impl AsyncFnOnce(&Channel) -> Result<T, lapin::Error>,
-) -> anyhow::Result<T> {
-    let call = async {
-        let channel = connection.create_channel().await?;
-        let result = f(&channel).await;
-        if channel.status().connected() {
-            // The result is known; a failed close changes nothing about it.
-            let _ = channel.close(200, "done".into()).await;
-        }
-        result
-    };
-    tokio::time::timeout(CALL_TIMEOUT, call)
-        .await
-        .with_context(|| format!("RabbitMQ did not answer within {CALL_TIMEOUT:?}"))?
-        .map_err(anyhow::Error::from)
 }
 
 /// Declares the receipts fanout exchange and a durable queue bound to it,

@@ -18,6 +18,8 @@
 //! queues and exchanges of the run are deleted afterwards.
 
 mod queue;
+
+pub(crate) use queue::with_channel;
 mod raw;
 mod system;
 

@@ -79,7 +79,7 @@ pub fn without_password(url: &str) -> String {
 /// Runs `f` on a fresh channel and closes it: RabbitMQ closes a channel on
 /// any refused call (a passive declare of a missing queue, say), so one
 /// channel per call keeps a failure from spoiling the next call.
-async fn with_channel<T>(
+pub(crate) async fn with_channel<T>(
     connection: &Connection,
     f: impl AsyncFnOnce(&Channel) -> Result<T, lapin::Error>,
 ) -> anyhow::Result<T> {
