@@ -419,8 +419,12 @@ async fn declare_subscription(
     let policy = s.settings.mapping(&s.handler).policy;
     for delay in topology::retry_delays(&policy) {
         let name = topology::retry_queue(&s.name, delay);
+        // Retry queues are classic whatever the subscription's type: they
+        // only hold messages for a delay, durable and persistent is enough,
+        // and a quorum queue per delay (10 per subscription) is a Raft
+        // cluster each, which a small broker pays for on every start.
         let args = queue_args(
-            queue_type,
+            "classic",
             &[
                 ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),
                 ("x-dead-letter-exchange", AMQPValue::LongString("".into())),

@@ -43,9 +43,12 @@ impl Names {
     /// queues included), for cleanup.
     fn queues(&self) -> Vec<String> {
         let mut q: Vec<String> = self.receipts.iter().map(|r| format!("{r}.q")).collect();
+        let default_delays =
+            shardline_proto::topology::retry_delays(&shardline_proto::FailurePolicy::default());
         for s in &self.subs {
             q.push(s.clone());
             q.push(shardline_proto::topology::dead_letter_queue(s));
+            q.extend(default_delays.iter().map(|d| shardline_proto::topology::retry_queue(s, *d)));
         }
         q
     }
