@@ -52,7 +52,12 @@ impl Core {
     /// The eligible worker with the fewest leases (ties: lowest id); under
     /// `load`, the least utilised one first.
     fn least_loaded(&self, handler: Option<&str>, counts: &BTreeMap<WorkerId, u32>) -> Option<WorkerId> {
-        let util = self.utilisation();
+        // Only `load` looks at utilisation: computing it walks every lease,
+        // and this runs once per unassigned lease.
+        let util = match self.cfg.balancer.strategy {
+            Strategy::Count => BTreeMap::new(),
+            Strategy::Load => self.utilisation(),
+        };
         let key = |w: &WorkerId| match self.cfg.balancer.strategy {
             Strategy::Count => 0,
             // Whole percent, so tiny measurement noise falls back to counts.
