@@ -9,7 +9,7 @@ use shardline_proto::{ConvertError, LeaseId, LeaseKind};
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad,
+    Beat, CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad,
 };
 use crate::offsets::{ResolveError, Target};
 use crate::service::{CheckpointCmd, Closed, Command, Handle};
@@ -68,7 +68,7 @@ fn instruction(config: &crate::config::Config, i: Instruction) -> v1::Instructio
         Instruction::Acquire { lease, epoch, start } => Kind::Acquire(v1::Acquire {
             lease: Some((&lease).into()),
             epoch,
-            start: Some(v1::StartPosition::from_checkpoint(start)),
+            start: Some(start.into()),
             mapping: config.mapping(&lease).as_ref().map(v1::Mapping::from),
         }),
         Instruction::Release { lease, epoch } => {
@@ -94,6 +94,10 @@ fn checkpoint_result(outcome: CheckpointOutcome) -> v1::CheckpointResult {
             v1::CheckpointResult { status: S::UnknownLease as i32, current_epoch: 0, checkpoint: None }
         }
     }
+}
+
+fn held(held: &[v1::HeldLease]) -> Result<Vec<(LeaseId, u64)>, Status> {
+    held.iter().map(|h| Ok((LeaseId::try_from(h.lease.as_ref()).map_err(bad)?, h.epoch))).collect()
 }
 
 fn load(report: Option<v1::LoadReport>) -> Result<WorkerLoad, Status> {
@@ -183,17 +187,14 @@ impl WorkerApi for Api {
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterReply>, Status> {
         let req = req.into_inner();
-        let mut held = Vec::with_capacity(req.held.len());
-        for h in &req.held {
-            held.push((LeaseId::try_from(h.lease.as_ref()).map_err(bad)?, h.epoch));
-        }
         let registration = Registration {
             worker: worker_id(&req.worker_id)?,
             address: req.address,
             handlers: req.handlers.into_iter().collect::<BTreeSet<_>>(),
             capacity: req.capacity,
             concurrency: req.concurrency,
-            held,
+            held: held(&req.held)?,
+            incarnation: req.incarnation,
         };
         let instructions =
             self.handle.call(|tx| Command::Register(registration, tx)).await.map_err(closed)?;
@@ -212,10 +213,11 @@ impl WorkerApi for Api {
         let worker = worker_id(&req.worker_id)?;
         let mut load = load(req.load)?;
         load.unhealthy = req.unhealthy;
+        let beat = Beat { incarnation: req.incarnation, held: held(&req.held)?.into_iter().collect(), load };
         let draining = req.draining;
         let result = self
             .handle
-            .call(|reply| Command::Heartbeat { worker, load, draining, reply })
+            .call(|reply| Command::Heartbeat { worker, beat, draining, reply })
             .await
             .map_err(closed)?;
         match result {
@@ -223,6 +225,7 @@ impl WorkerApi for Api {
                 instructions: instructions.into_iter().map(|i| instruction(&self.config, i)).collect(),
             })),
             Err(e @ CoreError::UnknownWorker(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ CoreError::Superseded(_)) => Err(Status::failed_precondition(e.to_string())),
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }

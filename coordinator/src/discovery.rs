@@ -66,6 +66,16 @@ pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToke
             let result = tokio::task::spawn_blocking(move || partition_count(&consumer, &topic, timeout))
                 .await
                 .unwrap_or_else(|e| Err(DiscoveryError::Client(e.to_string())));
+            // A missing topic is reported as zero partitions: the mapping
+            // exists from now on, so the partitions of a topic created later
+            // start at the earliest offset, not at `latest`.
+            let result = match result {
+                Err(DiscoveryError::NoTopic(topic)) => {
+                    tracing::debug!(%topic, "topic does not exist yet");
+                    Ok(0)
+                }
+                other => other,
+            };
             match result {
                 Ok(count) => {
                     metrics::gauge!("shardline_stream_partitions", "stream" => stream.name.clone())

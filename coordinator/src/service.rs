@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{
-    Before, CheckpointOutcome, Core, CoreError, Instruction, Lease, Registration, Worker, WorkerLoad,
+    Beat, Before, CheckpointOutcome, Core, CoreError, Instruction, Lease, Registration, Worker,
 };
 use crate::metrics as m;
 use crate::store::{LeaseStore, StoreError};
@@ -57,7 +57,7 @@ pub enum Command {
     Register(Registration, Reply<Vec<Instruction>>),
     Heartbeat {
         worker: String,
-        load: WorkerLoad,
+        beat: Beat,
         draining: bool,
         reply: Reply<Result<Vec<Instruction>, CoreError>>,
     },
@@ -291,13 +291,13 @@ impl<S: LeaseStore> Service<S> {
                 tracing::info!(%worker, instructions = instructions.len(), "worker registered");
                 self.reply(reply, instructions);
             }
-            Command::Heartbeat { worker, mut load, draining, reply } => {
-                if draining {
-                    self.core.drain(&worker);
-                }
-                let usage = std::mem::take(&mut load.usage);
-                let result = self.core.heartbeat(now, &worker, load);
+            Command::Heartbeat { worker, mut beat, draining, reply } => {
+                let usage = std::mem::take(&mut beat.load.usage);
+                let result = self.core.heartbeat(now, &worker, beat);
                 if result.is_ok() {
+                    if draining {
+                        self.core.drain(&worker);
+                    }
                     self.meter.observe(&worker, unix_ms(), usage);
                 }
                 let reveals = result.as_ref().is_ok_and(|i| !i.is_empty());
@@ -409,7 +409,7 @@ mod tests {
     async fn heartbeat(handle: &Handle, worker: &str) -> Result<Vec<Instruction>, CoreError> {
         let worker = worker.to_owned();
         handle
-            .call(|reply| Command::Heartbeat { worker, load: WorkerLoad::default(), draining: false, reply })
+            .call(|reply| Command::Heartbeat { worker, beat: Beat::default(), draining: false, reply })
             .await
             .unwrap_or(Err(CoreError::UnknownWorker("closed".into())))
     }

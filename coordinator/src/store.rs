@@ -270,6 +270,7 @@ mod tests {
             epoch: 4,
             owner: Some("w1".into()),
             checkpoint: Some(1234),
+            from_earliest: true,
         };
         {
             let mut store = SledStore::open(&path)?;

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
+use crate::domain::{
+    FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition,
+};
 use crate::v1;
 
 /// A wire message that does not describe a valid domain value.
@@ -140,23 +142,32 @@ impl TryFrom<&v1::Mapping> for Mapping {
     }
 }
 
-impl v1::StartPosition {
-    /// The wire form of "start at this checkpoint, or at the mapping's
-    /// starting_position when there is none".
-    pub fn from_checkpoint(checkpoint: Option<i64>) -> Self {
-        let position = match checkpoint {
-            Some(offset) => v1::start_position::Position::Offset(offset),
-            None => v1::start_position::Position::MappingDefault(true),
+impl From<Start> for v1::StartPosition {
+    fn from(start: Start) -> Self {
+        use v1::start_position::Position;
+        let position = match start {
+            Start::Checkpoint(offset) => Position::Offset(offset),
+            Start::MappingDefault => Position::MappingDefault(true),
+            Start::Earliest => Position::Earliest(true),
         };
         v1::StartPosition { position: Some(position) }
     }
+}
 
-    /// The checkpoint to start from; `None` means the mapping's default.
-    pub fn checkpoint(&self) -> Option<i64> {
+impl v1::StartPosition {
+    /// Where to start; an unset position means the mapping's default.
+    pub fn start(&self) -> Start {
+        use v1::start_position::Position;
         match self.position {
-            Some(v1::start_position::Position::Offset(o)) => Some(o),
-            _ => None,
+            Some(Position::Offset(offset)) => Start::Checkpoint(offset),
+            Some(Position::Earliest(true)) => Start::Earliest,
+            _ => Start::MappingDefault,
         }
+    }
+
+    /// The checkpoint to start from; `None` when the lease has none.
+    pub fn checkpoint(&self) -> Option<i64> {
+        self.start().checkpoint()
     }
 }
 
@@ -192,7 +203,9 @@ mod tests {
 
     #[test]
     fn start_position_round_trips() {
-        assert_eq!(v1::StartPosition::from_checkpoint(Some(5)).checkpoint(), Some(5));
-        assert_eq!(v1::StartPosition::from_checkpoint(None).checkpoint(), None);
+        for start in [Start::Checkpoint(5), Start::MappingDefault, Start::Earliest] {
+            assert_eq!(v1::StartPosition::from(start).start(), start);
+        }
+        assert_eq!(v1::StartPosition::default().start(), Start::MappingDefault);
     }
 }

@@ -78,6 +78,29 @@ pub enum StartingPosition {
     AtTimestamp,
 }
 
+/// Where a newly acquired lease starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Its checkpoint: the next offset to process.
+    Checkpoint(i64),
+    /// No checkpoint yet: the mapping's `starting_position`.
+    MappingDefault,
+    /// No checkpoint yet, and the partition appeared after its mapping was
+    /// created: the oldest record, whatever `starting_position` says
+    /// (records written before anyone read it are not skipped).
+    Earliest,
+}
+
+impl Start {
+    /// The checkpoint, if the lease has one.
+    pub fn checkpoint(self) -> Option<i64> {
+        match self {
+            Start::Checkpoint(offset) => Some(offset),
+            Start::MappingDefault | Start::Earliest => None,
+        }
+    }
+}
+
 /// How a lease's records are batched and which handler runs them: the
 /// event source mapping, as the coordinator sends it with every acquire.
 #[derive(Debug, Clone, PartialEq)]

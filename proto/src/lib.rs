@@ -10,7 +10,7 @@ mod domain;
 pub mod topology;
 
 pub use convert::ConvertError;
-pub use domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
+pub use domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition};
 
 /// The generated code of package `shardline.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -102,14 +102,7 @@ async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are
         ensure!(r.status == v1::CheckpointStatus::StaleEpoch as i32, "zombie checkpoint accepted: {r:?}");
     }
     ensure!(c.leases().await?.iter().all(|l| l.checkpoint.is_none()), "no checkpoint moved");
-    let hb = api
-        .heartbeat(v1::HeartbeatRequest {
-            worker_id: "a".into(),
-            load: None,
-            draining: false,
-            unhealthy: vec![],
-        })
-        .await;
+    let hb = api.heartbeat(v1::HeartbeatRequest { worker_id: "a".into(), ..Default::default() }).await;
     ensure!(hb.is_err_and(|s| s.code() == tonic::Code::NotFound), "the dead worker must re-register");
     Ok(())
 }

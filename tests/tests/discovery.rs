@@ -36,12 +36,7 @@ async fn discovers_partitions_from_kafka_including_ones_added_while_running() ->
     .await?;
     let heartbeats = tokio::spawn(async move {
         loop {
-            let request = v1::HeartbeatRequest {
-                worker_id: "w1".into(),
-                load: None,
-                draining: false,
-                unhealthy: vec![],
-            };
+            let request = v1::HeartbeatRequest { worker_id: "w1".into(), load: None, ..Default::default() };
             if api.heartbeat(request).await.is_err() {
                 return;
             }

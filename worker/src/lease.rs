@@ -1,20 +1,22 @@
 //! One lease's life on a worker: open the partition at the checkpoint (or
-//! the mapping's starting position), then loop cut batch → policy/handler →
-//! checkpoint, until the lease is released (finish the batch, report the
-//! final offset) or lost (stop at once, checkpoint nothing).
+//! the mapping's starting position), make that start durable in the
+//! coordinator, then loop cut batch → policy/handler → checkpoint, until the
+//! lease is released (finish the batch, report the final offset) or lost
+//! (stop at once, checkpoint nothing).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shardline_proto::{LeaseId, Mapping};
+use shardline_proto::{LeaseId, Mapping, Start, StartingPosition};
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{Batcher, Limits};
 use crate::checkpointer::Checkpointer;
 use crate::handler::{DynHandler, Record};
+use crate::membership::{Session, SessionError};
 use crate::policy::{CompiledFilter, Completion, FailureSink, Hooks, Lane, Stopped};
-use crate::source::kafka::{KafkaSource, Start};
+use crate::source::kafka::{self, KafkaSource};
 
 /// Live figures of one lease, read by the heartbeat's load report.
 #[derive(Debug, Default)]
@@ -60,12 +62,15 @@ pub struct LeaseTask {
     pub lease: LeaseId,
     pub epoch: u64,
     pub mapping: Mapping,
-    /// The checkpoint to start from; `None`: the mapping's starting position.
-    pub start: Option<i64>,
+    /// Where to start: the checkpoint, or the mapping's starting position,
+    /// or (a partition that appeared after the mapping) the earliest offset.
+    pub start: Start,
     pub handler: Arc<dyn DynHandler>,
     /// Where records that gave up go (on_failure, or discard).
     pub sink: Arc<dyn FailureSink>,
     pub source: KafkaSource,
+    /// For making the resolved start durable before the first batch.
+    pub session: Session,
     pub checkpointer: Checkpointer,
     pub stats: Arc<LeaseStats>,
     pub usage: UsageMeter,
@@ -75,6 +80,15 @@ pub struct LeaseTask {
     pub drain: CancellationToken,
     /// Fires when the lease is lost or revoked: stop at once.
     pub kill: CancellationToken,
+}
+
+/// Whether the start of a lease became durable.
+enum Pinned {
+    Yes,
+    /// Fenced or revoked meanwhile.
+    Lost,
+    /// Released before it could start.
+    Drained,
 }
 
 /// How a lease task ended.
@@ -105,13 +119,23 @@ impl Hooks for PauseOnFailure<'_> {
 impl LeaseTask {
     pub async fn run(self) -> Exit {
         let Some((reader, opened_at)) = self.open().await else {
-            return if self.kill.is_cancelled() { Exit::Killed } else { Exit::Released(self.start) };
+            return if self.kill.is_cancelled() {
+                Exit::Killed
+            } else {
+                Exit::Released(self.start.checkpoint())
+            };
         };
         self.stats.position.store(opened_at, Ordering::Relaxed);
-        if self.start != Some(opened_at) {
-            // Pin the resolved start (e.g. `latest`), so a later owner
-            // continues here even if nothing is processed before a handoff.
-            self.checkpointer.submit(&self.lease, self.epoch, opened_at);
+        if self.start != Start::Checkpoint(opened_at) {
+            // The resolved start (e.g. `latest`) is acknowledged as the
+            // checkpoint before the first batch runs: a later owner then
+            // continues here even if this worker dies before its first
+            // checkpoint, instead of at the *then* latest offset.
+            match self.pin(opened_at).await {
+                Pinned::Yes => {}
+                Pinned::Lost => return Exit::Killed,
+                Pinned::Drained => return Exit::Released(self.start.checkpoint()),
+            }
         }
         let lanes = self.mapping.parallelization_factor.clamp(1, 10) as usize;
         let batch_size = self.mapping.batch_size as usize;
@@ -246,12 +270,45 @@ impl LeaseTask {
         }
     }
 
+    /// Checkpoints the resolved start and waits for the acknowledgement,
+    /// retrying while the coordinator is unreachable.
+    async fn pin(&self, offset: i64) -> Pinned {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let call = self.session.checkpoint(vec![(self.lease.clone(), self.epoch, offset)]);
+            let result = tokio::select! {
+                () = self.kill.cancelled() => return Pinned::Lost,
+                () = self.drain.cancelled() => return Pinned::Drained,
+                result = call => result,
+            };
+            match result.map(|mut r| r.pop()) {
+                Ok(Some(Ok(()))) => return Pinned::Yes,
+                Ok(Some(Err(SessionError::Fenced { .. }))) => return Pinned::Lost,
+                Ok(other) => {
+                    tracing::warn!(lease = %self.lease, ?other, "start checkpoint refused; retrying")
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %self.lease, error = %e, "start checkpoint failed; retrying")
+                }
+            }
+            tokio::select! {
+                () = self.kill.cancelled() => return Pinned::Lost,
+                () = self.drain.cancelled() => return Pinned::Drained,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
     /// Opens the partition, retrying with backoff while the broker or topic
     /// is unavailable. `None`: killed or drained before it opened.
     async fn open(&self) -> Option<(crate::source::kafka::PartitionReader, i64)> {
         let start = match self.start {
-            Some(offset) => Start::Offset(offset),
-            None => Start::Position(self.mapping.starting_position, self.mapping.starting_timestamp_ms),
+            Start::Checkpoint(offset) => kafka::Start::Offset(offset),
+            Start::MappingDefault => {
+                kafka::Start::Position(self.mapping.starting_position, self.mapping.starting_timestamp_ms)
+            }
+            Start::Earliest => kafka::Start::Position(StartingPosition::TrimHorizon, 0),
         };
         let mut wait = Duration::from_millis(100);
         loop {

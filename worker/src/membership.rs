@@ -4,17 +4,34 @@
 //!
 //! The session knows nothing about records: it turns instructions into
 //! [`LeaseEvent`]s for the runtime and keeps the set of leases the runtime
-//! says it runs ([`HeldLeases`]), which it quotes when it registers again so
-//! a coordinator restart moves nothing.
+//! says it runs ([`HeldLeases`]). It quotes that set in every heartbeat, so
+//! the coordinator re-sends whatever a lost reply carried, and when it
+//! registers again, so a coordinator restart moves nothing.
+//!
+//! **Self-fencing.** The coordinator grants a silent worker's leases away
+//! `session_timeout` after the last heartbeat it *received*. A heartbeat is
+//! received after it was sent, so a worker that has had no acknowledged
+//! heartbeat for `session_timeout - margin`, counted from when the last
+//! acknowledged one was *sent*, is still inside its session on any clock
+//! that runs at the coordinator's rate. At that point the session trips the
+//! [`Fence`]: every lease task stops at once (in-flight handler futures are
+//! dropped, no new batch or retry starts), the held set is emptied, and
+//! instructions received before the trip are ignored. The margin (see
+//! [`fence_after`]) is the time a tripped worker has to stop what it runs
+//! before anyone else may start it: a fifth of the session, and at least two
+//! heartbeat intervals. When the coordinator answers again, the worker
+//! rejoins: its heartbeats quote no leases, so it is sent what it still owns,
+//! or, if it was expired, it registers afresh.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
-use shardline_proto::{LeaseId, Mapping};
+use shardline_proto::{LeaseId, Mapping, Start};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
@@ -39,9 +56,8 @@ pub struct SessionConfig {
 /// What the runtime must do with a lease.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LeaseEvent {
-    /// Start (or restart, if running under an older epoch) from `start`
-    /// (`None`: the mapping's starting_position).
-    Acquire { lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Box<Mapping>> },
+    /// Start (or restart, if running under an older epoch) from `start`.
+    Acquire { lease: LeaseId, epoch: u64, start: Start, mapping: Option<Box<Mapping>> },
     /// Finish the in-flight batch, checkpoint, then call
     /// [`Session::release_done`].
     Release { lease: LeaseId, epoch: u64 },
@@ -60,34 +76,104 @@ pub enum SessionError {
     /// The coordinator says another owner or a newer epoch holds the lease.
     #[error("lease {lease} lost: current epoch is {current_epoch}")]
     Fenced { lease: LeaseId, current_epoch: u64 },
+    /// Another process registered under this worker's id: this one must
+    /// stop (not retryable: two processes must not share an id).
+    #[error("{0}")]
+    Superseded(String),
     #[error("bad instruction from the coordinator: {0}")]
     Protocol(String),
 }
 
 /// The leases the runtime runs, by epoch: shared between the runtime (which
-/// updates it) and the session (which quotes it when re-registering).
+/// updates it) and the session (which quotes it in heartbeats and when
+/// re-registering).
 #[derive(Debug, Clone, Default)]
 pub struct HeldLeases(Arc<Mutex<BTreeMap<LeaseId, u64>>>);
 
 impl HeldLeases {
+    // The map is plain data with no invariant a panicking writer could
+    // break half-way, so a poisoned lock is taken over rather than dropped.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<LeaseId, u64>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn insert(&self, lease: LeaseId, epoch: u64) {
-        if let Ok(mut held) = self.0.lock() {
-            held.insert(lease, epoch);
-        }
+        self.lock().insert(lease, epoch);
     }
 
     /// Removes the lease if it is held under `epoch` (an older instruction
     /// never stops a newer run).
     pub fn remove(&self, lease: &LeaseId, epoch: u64) -> bool {
-        match self.0.lock() {
-            Ok(mut held) if held.get(lease) == Some(&epoch) => held.remove(lease).is_some(),
-            _ => false,
-        }
+        let mut held = self.lock();
+        if held.get(lease) == Some(&epoch) { held.remove(lease).is_some() } else { false }
     }
 
     pub fn snapshot(&self) -> BTreeMap<LeaseId, u64> {
-        self.0.lock().map(|h| h.clone()).unwrap_or_default()
+        self.lock().clone()
     }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn wire(&self) -> Vec<v1::HeldLease> {
+        self.lock()
+            .iter()
+            .map(|(lease, epoch)| v1::HeldLease { lease: Some(lease.into()), epoch: *epoch })
+            .collect()
+    }
+}
+
+/// The worker's self-fence, shared by the session (which trips it when the
+/// coordinator has been silent too long) and the runtime (whose lease tasks
+/// stop the moment it trips, whatever the runtime loop is busy with).
+///
+/// Each trip starts a new generation; instructions carry the generation
+/// they arrived in, so one received before a trip is never acted on after.
+#[derive(Debug, Clone, Default)]
+pub struct Fence(Arc<Mutex<(u64, CancellationToken)>>);
+
+impl Fence {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, CancellationToken)> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().0
+    }
+
+    /// The kill token of a lease started on an instruction of `generation`
+    /// (cancelled when the fence trips); `None` if it has tripped since that
+    /// instruction arrived, which must then be ignored.
+    pub fn token(&self, generation: u64) -> Option<CancellationToken> {
+        let fence = self.lock();
+        (fence.0 == generation).then(|| fence.1.child_token())
+    }
+
+    /// Stops every lease started before now.
+    pub fn trip(&self) {
+        let mut fence = self.lock();
+        fence.1.cancel();
+        fence.0 += 1;
+        fence.1 = CancellationToken::new();
+    }
+}
+
+/// How long after the last acknowledged heartbeat was sent a worker fences
+/// itself: `session_timeout - margin`, the margin being a fifth of the
+/// session and at least two heartbeat intervals (see the module docs).
+pub fn fence_after(session_timeout: Duration, heartbeat_interval: Duration) -> Duration {
+    let margin = (session_timeout / 5).max(heartbeat_interval * 2);
+    session_timeout.saturating_sub(margin).max(heartbeat_interval)
+}
+
+/// What a registration answered.
+struct Registered {
+    interval: Duration,
+    fence_after: Duration,
+    /// When the request that got this answer was sent.
+    sent: Instant,
+    events: Vec<LeaseEvent>,
 }
 
 /// A connection to the coordinator for one worker.
@@ -95,6 +181,9 @@ impl HeldLeases {
 pub struct Session {
     cfg: SessionConfig,
     client: WorkerApiClient<Channel>,
+    /// Drawn once per process: a registration under a known id with another
+    /// incarnation fences the older process.
+    incarnation: u64,
 }
 
 impl Session {
@@ -110,7 +199,7 @@ impl Session {
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        Ok(Self { cfg, client: WorkerApiClient::new(channel) })
+        Ok(Self { cfg, client: WorkerApiClient::new(channel), incarnation: incarnation() })
     }
 
     pub fn worker_id(&self) -> &str {
@@ -129,28 +218,31 @@ impl Session {
 
     /// Registers, quoting what the worker still runs; retries with backoff
     /// until the coordinator answers or `shutdown` fires.
-    pub async fn register(
+    async fn register(
         &self,
         held: &HeldLeases,
         shutdown: &CancellationToken,
-    ) -> Result<(Duration, Vec<LeaseEvent>), SessionError> {
+    ) -> Result<Registered, SessionError> {
         let attempt = || async {
-            let held = held
-                .snapshot()
-                .into_iter()
-                .map(|(lease, epoch)| v1::HeldLease { lease: Some((&lease).into()), epoch })
-                .collect();
             let message = v1::RegisterRequest {
                 worker_id: self.cfg.worker_id.clone(),
                 address: self.cfg.address.clone(),
                 handlers: self.cfg.handlers.clone(),
                 capacity: self.cfg.capacity,
-                held,
+                held: held.wire(),
                 concurrency: self.cfg.concurrency,
+                incarnation: self.incarnation,
             };
+            let sent = Instant::now();
             let reply = self.client.clone().register(self.request(message)).await?.into_inner();
-            let events = events(reply.instructions)?;
-            Ok::<_, SessionError>((Duration::from_millis(reply.heartbeat_interval_ms.max(50)), events))
+            let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(50));
+            let session_timeout = Duration::from_millis(reply.session_timeout_ms.max(100));
+            Ok::<_, SessionError>(Registered {
+                interval,
+                fence_after: fence_after(session_timeout, interval),
+                sent,
+                events: events(reply.instructions)?,
+            })
         };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -169,23 +261,33 @@ impl Session {
         }
     }
 
-    /// One heartbeat. `Ok(None)`: the coordinator does not know us (we
-    /// expired or it restarted): register again.
-    pub async fn heartbeat(
+    /// One heartbeat, quoting every lease the worker runs. `Ok(None)`: the
+    /// coordinator does not know us (we expired or it restarted): register
+    /// again.
+    async fn heartbeat(
         &self,
+        held: &HeldLeases,
         load: v1::LoadReport,
         unhealthy: Vec<String>,
         draining: bool,
+        timeout: Duration,
     ) -> Result<Option<Vec<LeaseEvent>>, SessionError> {
         let message = v1::HeartbeatRequest {
             worker_id: self.cfg.worker_id.clone(),
             load: Some(load),
             draining,
             unhealthy,
+            held: held.wire(),
+            incarnation: self.incarnation,
         };
-        match self.client.clone().heartbeat(self.request(message)).await {
+        let mut request = self.request(message);
+        request.set_timeout(timeout);
+        match self.client.clone().heartbeat(request).await {
             Ok(reply) => Ok(Some(events(reply.into_inner().instructions)?)),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                Err(SessionError::Superseded(status.message().to_owned()))
+            }
             Err(status) => Err(status.into()),
         }
     }
@@ -238,37 +340,72 @@ impl Session {
     }
 
     /// Registers, then heartbeats every interval until `shutdown`, sending
-    /// every instruction to `events`. `load` builds each heartbeat's report
-    /// (and the worker's health problems, if any);
-    /// once `draining` fires, heartbeats say so (no new leases).
+    /// every instruction to `events` with the fence generation it arrived
+    /// in. `load` builds each heartbeat's report (and the worker's health
+    /// problems, if any); once `draining` fires, heartbeats say so (no new
+    /// leases). Trips `fence` when the coordinator has been silent too long
+    /// (see the module docs); returns [`SessionError::Superseded`] when
+    /// another process took over this worker's id.
     pub async fn run(
         self,
-        held: HeldLeases,
-        events: mpsc::Sender<LeaseEvent>,
-        load: impl Fn() -> (v1::LoadReport, Vec<String>) + Send,
-        draining: CancellationToken,
-        shutdown: CancellationToken,
+        ctx: SessionRun<impl Fn() -> (v1::LoadReport, Vec<String>) + Send>,
     ) -> Result<(), SessionError> {
-        let (mut interval, initial) = self.register(&held, &shutdown).await?;
-        forward(&events, initial).await;
+        let SessionRun { held, events, load, fence, draining, shutdown } = ctx;
+        let mut joined = self.register(&held, &shutdown).await?;
+        forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
         tracing::info!(worker = %self.cfg.worker_id, "registered with the coordinator");
+        let mut acked = joined.sent;
+        let mut fenced = false;
         let mut told_draining = false;
         loop {
+            let fence_at = acked + joined.fence_after;
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep_until(fence_at), if !fenced => {
+                    self.trip(&fence, &held, acked);
+                    fenced = true;
+                    continue;
+                }
+                () = tokio::time::sleep(joined.interval) => {}
                 // Tell the coordinator at once, not a heartbeat later.
                 () = draining.cancelled(), if !told_draining => {}
             }
             told_draining = draining.is_cancelled();
             let (report, unhealthy) = load();
-            match self.heartbeat(report, unhealthy, told_draining).await {
-                Ok(Some(instructions)) => forward(&events, instructions).await,
+            let sent = Instant::now();
+            // A hung call must not hold back the next heartbeat for long.
+            let timeout = (joined.fence_after / 3).max(joined.interval);
+            let call = self.heartbeat(&held, report, unhealthy, told_draining, timeout);
+            let result = tokio::select! {
+                biased;
+                result = call => result,
+                () = tokio::time::sleep_until(fence_at), if !fenced => {
+                    self.trip(&fence, &held, acked);
+                    fenced = true;
+                    continue;
+                }
+            };
+            match result {
+                Ok(Some(instructions)) => {
+                    acked = sent;
+                    if std::mem::take(&mut fenced) {
+                        tracing::warn!(worker = %self.cfg.worker_id, "the coordinator answers again; rejoining");
+                    }
+                    forward(&events, fence.generation(), instructions).await;
+                }
                 Ok(None) => {
                     tracing::warn!(worker = %self.cfg.worker_id, "coordinator lost our session; registering again");
-                    let (i, instructions) = self.register(&held, &shutdown).await?;
-                    interval = i;
-                    forward(&events, instructions).await;
+                    joined = self.register(&held, &shutdown).await?;
+                    acked = joined.sent;
+                    fenced = false;
+                    forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
+                }
+                Err(e @ SessionError::Superseded(_)) => {
+                    fence.trip();
+                    held.clear();
+                    tracing::error!(worker = %self.cfg.worker_id, error = %e, "stopping every lease: another process uses this worker id");
+                    return Err(e);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat failed; retrying next interval");
@@ -276,11 +413,46 @@ impl Session {
             }
         }
     }
+
+    /// Self-fencing: the coordinator may hand our leases to others soon.
+    fn trip(&self, fence: &Fence, held: &HeldLeases, acked: Instant) {
+        let leases = held.snapshot().len();
+        fence.trip();
+        held.clear();
+        metrics::counter!("shardline_self_fenced_total").increment(1);
+        tracing::error!(
+            worker = %self.cfg.worker_id,
+            leases,
+            silent_for = ?acked.elapsed(),
+            "no heartbeat acknowledged for too long: stopped every lease (self-fenced) until the coordinator answers"
+        );
+    }
 }
 
-async fn forward(tx: &mpsc::Sender<LeaseEvent>, events: Vec<LeaseEvent>) {
+/// What [`Session::run`] works with.
+pub struct SessionRun<L> {
+    pub held: HeldLeases,
+    pub events: mpsc::Sender<(u64, LeaseEvent)>,
+    /// Builds each heartbeat's load report and health problems.
+    pub load: L,
+    pub fence: Fence,
+    pub draining: CancellationToken,
+    pub shutdown: CancellationToken,
+}
+
+/// A number no other process of this id is likely to draw.
+fn incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    h.finish()
+}
+
+async fn forward(tx: &mpsc::Sender<(u64, LeaseEvent)>, generation: u64, events: Vec<LeaseEvent>) {
     for event in events {
-        if tx.send(event).await.is_err() {
+        if tx.send((generation, event)).await.is_err() {
+            tracing::debug!("the runtime is gone; dropping instructions");
             return;
         }
     }
@@ -308,7 +480,7 @@ fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, Session
                 Kind::Acquire(a) => LeaseEvent::Acquire {
                     lease: lease(a.lease.as_ref())?,
                     epoch: a.epoch,
-                    start: a.start.and_then(|s| s.checkpoint()),
+                    start: a.start.map_or(Start::MappingDefault, |s| s.start()),
                     mapping: a
                         .mapping
                         .as_ref()

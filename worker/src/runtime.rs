@@ -3,16 +3,19 @@
 //!
 //! One loop owns the table of running leases. Acquire starts a task,
 //! Release drains it and confirms with its final offset, Revoke (or a
-//! stale-epoch checkpoint) kills it at once. The first shutdown signal
-//! drains every lease within `drain_timeout`, confirms each release and
-//! deregisters, so leases move at once and without duplicates.
+//! stale-epoch checkpoint) kills it at once. A task that dies (panics)
+//! gives its lease back, so the shard moves instead of staying stuck. The
+//! session's [`Fence`] kills every task directly when the coordinator has
+//! been silent too long, whatever this loop is doing. The first shutdown
+//! signal drains every lease within `drain_timeout`, confirms each release
+//! and deregisters, so leases move at once and without duplicates.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use shardline_proto::{LeaseId, LeaseKind, Mapping, v1};
+use shardline_proto::{LeaseId, LeaseKind, Mapping, Start, v1};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +27,7 @@ use crate::config::WorkerConfig;
 use crate::failure::KafkaFailureSink;
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
 use crate::lease::{Exit, LeaseStats, LeaseTask, UsageMeter};
-use crate::membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
+use crate::membership::{Fence, HeldLeases, LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
 use crate::policy::{Discard, FailureSink};
 use crate::source::kafka::{KafkaSource, SourceError};
 use rdkafka::producer::FutureProducer;
@@ -41,6 +44,9 @@ pub enum WorkerError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// A task the worker cannot run without died: a bug, reported loudly.
+    #[error("{0}")]
+    TaskDied(String),
 }
 
 struct Running {
@@ -110,13 +116,15 @@ pub async fn run(
     let (lost_tx, mut lost_rx) = mpsc::channel(256);
     tokio::spawn(checkpointer.clone().run(session.clone(), lost_tx, background.clone()));
     let (events_tx, mut events_rx) = mpsc::channel(1024);
-    let membership = tokio::spawn(session.clone().run(
-        held.clone(),
-        events_tx,
-        load_report(stats.clone(), amqp.clone(), usage.clone()),
-        draining.clone(),
-        background.clone(),
-    ));
+    let fence = Fence::default();
+    let mut membership = tokio::spawn(session.clone().run(SessionRun {
+        held: held.clone(),
+        events: events_tx,
+        load: load_report(stats.clone(), amqp.clone(), usage.clone()),
+        fence: fence.clone(),
+        draining: draining.clone(),
+        shutdown: background.clone(),
+    }));
 
     let mut rt = Runtime {
         session,
@@ -131,22 +139,21 @@ pub async fn run(
         amqp,
         worker_id: worker_id.clone(),
         held,
+        fence,
         stats,
         running: HashMap::new(),
         tasks: JoinSet::new(),
+        task_leases: HashMap::new(),
         draining: false,
     };
     tracing::info!(worker = %worker_id, "worker started");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(event) = events_rx.recv() => rt.on_event(event).await,
+            Some((generation, event)) = events_rx.recv() => rt.on_event(generation, event).await,
             Some((lease, epoch)) = lost_rx.recv() => rt.stop(&lease, epoch, true),
-            Some(done) = rt.tasks.join_next(), if !rt.tasks.is_empty() => {
-                if let Ok((lease, epoch, exit)) = done {
-                    rt.finished(lease, epoch, exit).await;
-                }
-            }
+            Some(done) = rt.tasks.join_next_with_id(), if !rt.tasks.is_empty() => rt.joined(done).await,
+            session = &mut membership => return rt.session_ended(session, background).await,
         }
     }
 
@@ -167,19 +174,22 @@ pub async fn run(
                 rt.tasks.abort_all();
                 break;
             }
-            Some(event) = events_rx.recv() => rt.on_event(event).await,
+            Some((generation, event)) = events_rx.recv() => rt.on_event(generation, event).await,
             Some((lease, epoch)) = lost_rx.recv() => rt.stop(&lease, epoch, true),
-            Some(done) = rt.tasks.join_next() => {
-                if let Ok((lease, epoch, exit)) = done {
-                    rt.finished(lease, epoch, exit).await;
-                }
-            }
+            Some(done) = rt.tasks.join_next_with_id() => rt.joined(done).await,
+            session = &mut membership => return rt.session_ended(session, background).await,
         }
     }
     membership.abort();
     background.cancel();
     // Every partition queue goes before the consumer they belong to.
-    while rt.tasks.join_next().await.is_some() {}
+    while let Some(done) = rt.tasks.join_next().await {
+        if let Err(e) = done
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "a lease task panicked while the worker stopped");
+        }
+    }
     rt.session.deregister().await?;
     tracing::info!("worker stopped");
     Ok(())
@@ -203,14 +213,25 @@ struct Runtime {
     worker_id: String,
     held: HeldLeases,
     stats: StatsTable,
+    /// Trips when the coordinator has been silent too long: every lease
+    /// task's kill token is its child.
+    fence: Fence,
     running: HashMap<LeaseId, Running>,
     tasks: JoinSet<(LeaseId, u64, Exit)>,
+    /// Which lease each task runs, for a task that dies without saying.
+    task_leases: HashMap<tokio::task::Id, (LeaseId, u64)>,
     /// Shutting down: leases offered now are given straight back.
     draining: bool,
 }
 
 impl Runtime {
-    async fn on_event(&mut self, event: LeaseEvent) {
+    async fn on_event(&mut self, generation: u64, event: LeaseEvent) {
+        if generation != self.fence.generation() {
+            // Sent before the worker fenced itself: the coordinator may have
+            // given the lease away since. It re-sends what still holds.
+            tracing::debug!(?event, "ignoring an instruction from before the self-fence");
+            return;
+        }
         match event {
             LeaseEvent::Acquire { lease, epoch, start, mapping } => {
                 if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
@@ -222,43 +243,53 @@ impl Runtime {
                     old.kill.cancel();
                     self.checkpointer.forget(&lease);
                     while self.tasks.len() > self.running.len() {
-                        match self.tasks.join_next().await {
-                            Some(Ok((l, e, exit))) if l != lease || e != old.epoch => {
-                                self.finished(l, e, exit).await
-                            }
-                            _ => break,
+                        let Some(done) = self.tasks.join_next_with_id().await else { break };
+                        let old_run = match &done {
+                            Ok((_, (l, e, _))) => *l == lease && *e == old.epoch,
+                            Err(e) => self.task_leases.get(&e.id()) == Some(&(lease.clone(), old.epoch)),
+                        };
+                        if old_run {
+                            self.forget_task(&done);
+                            break;
                         }
+                        self.joined(done).await;
                     }
                 }
-                self.start(lease, epoch, start, mapping).await;
+                self.start(generation, lease, epoch, start, mapping).await;
             }
             LeaseEvent::Release { lease, epoch } => match self.running.get(&lease) {
                 Some(r) if r.epoch == epoch => r.drain.cancel(),
                 Some(_) => {}
                 None => {
-                    // Not running it (it never started): give it back as is.
-                    if let Err(e) = self.session.release_done(&lease, epoch, None).await {
-                        tracing::warn!(%lease, error = %e, "release confirmation failed");
-                    }
+                    // Not running it (it never started, or its Acquire was
+                    // lost): give it back as is.
+                    self.give_back(&lease, epoch, None).await;
                 }
             },
             LeaseEvent::Revoke { lease, epoch } => self.stop(&lease, epoch, false),
         }
     }
 
-    async fn start(&mut self, lease: LeaseId, epoch: u64, start: Option<i64>, mapping: Option<Box<Mapping>>) {
+    async fn start(
+        &mut self,
+        generation: u64,
+        lease: LeaseId,
+        epoch: u64,
+        start: Start,
+        mapping: Option<Box<Mapping>>,
+    ) {
         if self.draining {
-            let _ = self.session.release_done(&lease, epoch, start).await;
+            self.give_back(&lease, epoch, start.checkpoint()).await;
             return;
         }
         let Some(mapping) = mapping.map(|m| *m) else {
             tracing::error!(%lease, "acquire without a mapping; giving it back");
-            let _ = self.session.release_done(&lease, epoch, None).await;
+            self.give_back(&lease, epoch, None).await;
             return;
         };
         let Some(handler) = self.handlers.get(&mapping.handler).cloned() else {
             tracing::error!(%lease, handler = %mapping.handler, "no such handler here; giving the lease back");
-            let _ = self.session.release_done(&lease, epoch, None).await;
+            self.give_back(&lease, epoch, None).await;
             return;
         };
         let kafka = match lease.kind {
@@ -267,16 +298,20 @@ impl Runtime {
                 Ok(kafka) => Some(kafka),
                 Err(e) => {
                     tracing::error!(%lease, error = %e, "cannot create the Kafka client; giving the lease back");
-                    let _ = self.session.release_done(&lease, epoch, start).await;
+                    self.give_back(&lease, epoch, start.checkpoint()).await;
                     return;
                 }
             },
         };
+        let Some(kill) = self.fence.token(generation) else {
+            tracing::debug!(%lease, "fenced since this acquire arrived; not starting it");
+            return;
+        };
         tracing::info!(%lease, epoch, ?start, handler = %mapping.handler, "lease acquired");
         let stats = Arc::new(LeaseStats::default());
-        stats.position.store(start.unwrap_or(-1), Ordering::Relaxed);
+        stats.position.store(start.checkpoint().unwrap_or(-1), Ordering::Relaxed);
         stats.lag.store(-1, Ordering::Relaxed);
-        let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
+        let drain = CancellationToken::new();
         let id = lease.clone();
         if lease.kind == LeaseKind::QueueSlot {
             let task = SlotTask {
@@ -293,7 +328,8 @@ impl Runtime {
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
-            self.tasks.spawn(async move { (id, epoch, task.run().await) });
+            let task = self.tasks.spawn(async move { (id, epoch, task.run().await) });
+            self.task_leases.insert(task.id(), (lease.clone(), epoch));
         } else {
             let Some((source, producer)) = kafka else { return };
             let sink: Arc<dyn FailureSink> = match &mapping.policy.on_failure {
@@ -308,6 +344,7 @@ impl Runtime {
                 handler,
                 sink,
                 source,
+                session: self.session.clone(),
                 checkpointer: self.checkpointer.clone(),
                 stats: stats.clone(),
                 usage: self.usage.clone(),
@@ -315,7 +352,8 @@ impl Runtime {
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
-            self.tasks.spawn(async move { (id, epoch, task.run().await) });
+            let task = self.tasks.spawn(async move { (id, epoch, task.run().await) });
+            self.task_leases.insert(task.id(), (lease.clone(), epoch));
         }
         self.held.insert(lease.clone(), epoch);
         if let Ok(mut table) = self.stats.lock() {
@@ -350,6 +388,67 @@ impl Runtime {
             self.checkpointer.forget(lease);
             self.held.remove(lease, epoch);
             metrics::counter!("shardline_leases_lost_total").increment(1);
+        }
+    }
+
+    /// Confirms a release of a lease this worker does not run.
+    async fn give_back(&self, lease: &LeaseId, epoch: u64, offset: Option<i64>) {
+        if let Err(e) = self.session.release_done(lease, epoch, offset).await {
+            tracing::warn!(%lease, epoch, error = %e, "giving the lease back failed; the coordinator re-sends it");
+        }
+    }
+
+    /// A task ended: by itself, or by dying (a panic the policy did not
+    /// catch). A dead task's lease is given back with its last acknowledged
+    /// checkpoint (at least once), so the coordinator grants it again.
+    async fn joined(
+        &mut self,
+        done: Result<(tokio::task::Id, (LeaseId, u64, Exit)), tokio::task::JoinError>,
+    ) {
+        let Some((lease, epoch)) = self.forget_task(&done) else { return };
+        let exit = match done {
+            Ok((_, (_, _, exit))) => exit,
+            Err(e) => {
+                tracing::error!(%lease, epoch, error = %e, "lease task died; giving the lease back");
+                metrics::counter!("shardline_lease_task_failures_total").increment(1);
+                if self.running.get(&lease).is_some_and(|r| r.epoch == epoch && r.stopping) {
+                    Exit::Killed
+                } else {
+                    Exit::Released(None)
+                }
+            }
+        };
+        self.finished(lease, epoch, exit).await;
+    }
+
+    /// Drops the task's entry; its lease and epoch.
+    fn forget_task(
+        &mut self,
+        done: &Result<(tokio::task::Id, (LeaseId, u64, Exit)), tokio::task::JoinError>,
+    ) -> Option<(LeaseId, u64)> {
+        let id = match done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        self.task_leases.remove(&id)
+    }
+
+    /// The session ended by itself: another process took over this
+    /// worker's id (it already stopped every lease), or it could not
+    /// register before shutdown.
+    async fn session_ended(
+        mut self,
+        session: Result<Result<(), SessionError>, tokio::task::JoinError>,
+        background: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        background.cancel();
+        self.fence.trip();
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        match session {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(WorkerError::TaskDied(format!("the session task died: {e}"))),
         }
     }
 

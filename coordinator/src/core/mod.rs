@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use shardline_proto::{LeaseId, LeaseKind};
+use shardline_proto::{LeaseId, LeaseKind, Start};
 
 pub type WorkerId = String;
 
@@ -120,6 +120,28 @@ pub struct LeaseRecord {
     pub owner: Option<WorkerId>,
     /// The next offset to process; `None` until the first checkpoint.
     pub checkpoint: Option<i64>,
+    /// A partition that appeared after its mapping was created: without a
+    /// checkpoint it starts at the oldest record, not at the mapping's
+    /// `starting_position` (which is for the partitions present when the
+    /// mapping was created).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_earliest: bool,
+}
+
+impl LeaseRecord {
+    /// A lease nobody has held yet.
+    pub fn new(lease: LeaseId) -> Self {
+        Self { lease, epoch: 0, owner: None, checkpoint: None, from_earliest: false }
+    }
+
+    /// Where its next owner starts.
+    pub fn start(&self) -> Start {
+        match self.checkpoint {
+            Some(offset) => Start::Checkpoint(offset),
+            None if self.from_earliest => Start::Earliest,
+            None => Start::MappingDefault,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,12 +172,35 @@ pub struct Lease {
 /// What a worker is told to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Instruction {
-    /// Start processing from `start` (`None`: the mapping's starting_position).
-    Acquire { lease: LeaseId, epoch: u64, start: Option<i64> },
-    /// Finish the in-flight batch, checkpoint, then confirm with release_done.
+    /// Start processing from `start`. Idempotent: a worker already running
+    /// the lease under `epoch` ignores it.
+    Acquire { lease: LeaseId, epoch: u64, start: Start },
+    /// Finish the in-flight batch, checkpoint, then confirm with
+    /// release_done (at once, with no offset, when not running it).
     Release { lease: LeaseId, epoch: u64 },
-    /// Stop at once without checkpointing.
+    /// Stop at once without checkpointing (a no-op unless running `epoch`).
     Revoke { lease: LeaseId, epoch: u64 },
+}
+
+impl Instruction {
+    pub fn lease(&self) -> &LeaseId {
+        match self {
+            Instruction::Acquire { lease, .. }
+            | Instruction::Release { lease, .. }
+            | Instruction::Revoke { lease, .. } => lease,
+        }
+    }
+}
+
+/// One heartbeat: liveness, what the worker runs, and its load.
+#[derive(Debug, Clone, Default)]
+pub struct Beat {
+    /// The incarnation the worker registered with.
+    pub incarnation: u64,
+    /// Every lease the worker runs now, with its epoch: the table is
+    /// reconciled against it, so any lost instruction is sent again.
+    pub held: BTreeMap<LeaseId, u64>,
+    pub load: WorkerLoad,
 }
 
 /// Per-lease figures from a worker's heartbeat.
@@ -197,6 +242,10 @@ pub struct Worker {
     pub load: WorkerLoad,
     /// Batches it runs at once: the denominator of its utilisation.
     pub concurrency: u32,
+    /// The process that registered last under this id; `None` for a worker
+    /// known only from the store (restored), which keeps its epochs when it
+    /// comes back whatever its incarnation.
+    pub incarnation: Option<u64>,
 }
 
 /// A worker joining (or re-joining).
@@ -210,6 +259,9 @@ pub struct Registration {
     pub concurrency: u32,
     /// Leases the worker still runs, with the epoch it runs them under.
     pub held: Vec<(LeaseId, u64)>,
+    /// Drawn once per process: another value under a known id is a new
+    /// process, whose leases get new epochs.
+    pub incarnation: u64,
 }
 
 /// A lease as it was before an operator changed its checkpoint.
@@ -239,6 +291,10 @@ pub enum CheckpointOutcome {
 pub enum CoreError {
     #[error("unknown worker `{0}`: register again")]
     UnknownWorker(WorkerId),
+    /// Another process registered under the same worker id since: this one
+    /// is fenced and must stop (two live processes must not share an id).
+    #[error("worker `{0}` was superseded by a newer process registered under the same id")]
+    Superseded(WorkerId),
     #[error("unknown lease `{0}`")]
     UnknownLease(LeaseId),
     #[error("`{0}` is a queue slot; only shards have checkpoints")]
@@ -280,6 +336,10 @@ pub struct Core {
     /// plan was made.
     overloaded_since: Option<Instant>,
     last_plan: Option<Instant>,
+    /// Streams discovery has reported at least once (with or without
+    /// partitions): a partition that appears later starts at the earliest
+    /// offset. Rebuilt on restore from the streams with leases.
+    known_streams: BTreeSet<String>,
 }
 
 impl Core {
@@ -295,6 +355,7 @@ impl Core {
             model: BTreeMap::new(),
             overloaded_since: None,
             last_plan: None,
+            known_streams: BTreeSet::new(),
         }
     }
 
@@ -316,11 +377,15 @@ impl Core {
                         draining: false,
                         load: WorkerLoad::default(),
                         concurrency: 1,
+                        incarnation: None,
                     });
                     LeaseState::Owned
                 }
                 None => LeaseState::Unassigned,
             };
+            if record.lease.kind == LeaseKind::Shard {
+                core.known_streams.insert(record.lease.name.clone());
+            }
             core.leases.insert(record.lease.clone(), Lease { record, handler: None, state, since: now });
         }
         core
@@ -366,8 +431,15 @@ impl Core {
 
     /// A worker joins, or re-joins after a coordinator restart or a lost
     /// session. The reply is the worker's authoritative lease set.
+    ///
+    /// A registration under a known id with another incarnation is a new
+    /// process: every lease the id owns gets epoch + 1 (and one it was
+    /// releasing goes on to its receiver), so the older process, if it is
+    /// still alive, is fenced from checkpointing and told it was superseded.
     pub fn register(&mut self, now: Instant, reg: Registration) -> Vec<Instruction> {
         let id = reg.worker.clone();
+        let known = self.workers.get(&id).and_then(|w| w.incarnation);
+        let restored = self.workers.get(&id).is_some_and(|w| w.restored);
         let worker = self.workers.entry(id.clone()).or_insert_with(|| Worker {
             id: id.clone(),
             address: String::new(),
@@ -378,6 +450,7 @@ impl Core {
             draining: false,
             load: WorkerLoad::default(),
             concurrency: 1,
+            incarnation: None,
         });
         worker.draining = false;
         worker.concurrency = reg.concurrency.max(1);
@@ -386,10 +459,18 @@ impl Core {
         worker.capacity = reg.capacity;
         worker.last_seen = now;
         worker.restored = false;
+        worker.incarnation = Some(reg.incarnation);
         // The reply replaces whatever was queued: it states the whole truth.
         self.outbox.remove(&id);
-
         let held: BTreeMap<LeaseId, u64> = reg.held.into_iter().collect();
+        if known.is_some_and(|k| k != reg.incarnation) {
+            self.new_incarnation(now, &id, &BTreeMap::new());
+        } else if restored {
+            // Known only from the store: which process ran these is unknown,
+            // so only what it quotes keeps its epoch.
+            self.new_incarnation(now, &id, &held);
+        }
+
         let mut reply = Vec::new();
         for (lease, epoch) in &held {
             let keeps = self
@@ -414,14 +495,14 @@ impl Core {
                     reply.push(Instruction::Acquire {
                         lease: lease_id.clone(),
                         epoch,
-                        start: lease.record.checkpoint,
+                        start: lease.record.start(),
                     });
                     reply.push(Instruction::Release { lease: lease_id, epoch });
                 }
                 _ => reply.push(Instruction::Acquire {
                     lease: lease_id,
                     epoch: lease.record.epoch,
-                    start: lease.record.checkpoint,
+                    start: lease.record.start(),
                 }),
             }
         }
@@ -430,18 +511,48 @@ impl Core {
         reply
     }
 
-    /// Liveness and load; returns the instructions queued for the worker.
+    /// Another process took over a worker id: what the id owns gets a new
+    /// epoch (the new process is told in the registration reply) unless the
+    /// registration quotes it in `keep` under its current epoch; what it was
+    /// releasing goes on to its receiver, since the new process never ran it.
+    fn new_incarnation(&mut self, now: Instant, worker: &str, keep: &BTreeMap<LeaseId, u64>) {
+        let owned: Vec<(LeaseId, LeaseState)> = self
+            .owned_by(worker)
+            .filter(|l| keep.get(&l.record.lease) != Some(&l.record.epoch))
+            .map(|l| (l.record.lease.clone(), l.state.clone()))
+            .collect();
+        for (id, state) in owned {
+            match state {
+                LeaseState::Releasing { to, .. } => self.finish_release(now, &id, to),
+                _ => {
+                    if let Some(l) = self.leases.get_mut(&id) {
+                        l.record.epoch += 1;
+                        l.since = now;
+                        self.dirty.insert(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Liveness and load; returns the instructions for the worker: those
+    /// queued since its last heartbeat, plus whatever its `held` set shows
+    /// it missed (replies get lost; every instruction is idempotent, so
+    /// sending one twice is harmless).
     pub fn heartbeat(
         &mut self,
         now: Instant,
         worker: &str,
-        load: WorkerLoad,
+        beat: Beat,
     ) -> Result<Vec<Instruction>, CoreError> {
         match self.workers.get_mut(worker) {
+            Some(w) if w.incarnation.is_some_and(|i| i != beat.incarnation) => {
+                Err(CoreError::Superseded(worker.to_owned()))
+            }
             Some(w) if !w.restored => {
                 w.last_seen = now;
                 let alpha = self.cfg.balancer.ema_alpha.clamp(0.01, 1.0);
-                for (lease, l) in &load.leases {
+                for (lease, l) in &beat.load.leases {
                     let owned =
                         self.leases.get(lease).is_some_and(|x| x.record.owner.as_deref() == Some(worker));
                     let m = self.model.entry(lease.clone()).or_default();
@@ -459,11 +570,46 @@ impl Core {
                         m.lags.pop_front();
                     }
                 }
-                w.load = load;
+                w.load = beat.load;
+                self.reconcile(worker, &beat.held);
                 Ok(self.outbox.remove(worker).unwrap_or_default())
             }
             // A restored worker must register so we learn what it still runs.
             _ => Err(CoreError::UnknownWorker(worker.to_owned())),
+        }
+    }
+
+    /// Compares what a worker runs with what the table gives it and queues
+    /// what makes them agree: Acquire for an owned lease it does not run
+    /// (a lost Acquire), Release again for one being released (a lost
+    /// Release; a worker not running it confirms at once), Revoke for one
+    /// it runs under an epoch that is no longer its own (a lost Revoke).
+    /// Leases with an instruction already queued are left to it.
+    fn reconcile(&mut self, worker: &str, held: &BTreeMap<LeaseId, u64>) {
+        let queued: BTreeSet<LeaseId> =
+            self.outbox.get(worker).into_iter().flatten().map(|i| i.lease().clone()).collect();
+        let mut missing = Vec::new();
+        for l in self.owned_by(worker).filter(|l| !queued.contains(&l.record.lease)) {
+            let (lease, epoch) = (l.record.lease.clone(), l.record.epoch);
+            let runs = held.get(&lease) == Some(&epoch);
+            match l.state {
+                LeaseState::Owned if !runs => {
+                    missing.push(Instruction::Acquire { lease, epoch, start: l.record.start() })
+                }
+                LeaseState::Releasing { .. } => missing.push(Instruction::Release { lease, epoch }),
+                _ => {}
+            }
+        }
+        for (lease, epoch) in held.iter().filter(|(lease, _)| !queued.contains(*lease)) {
+            // An owned lease under another epoch got its Acquire above, which
+            // replaces the old run on the worker.
+            let ours = self.leases.get(lease).is_some_and(|l| l.record.owner.as_deref() == Some(worker));
+            if !ours {
+                missing.push(Instruction::Revoke { lease: lease.clone(), epoch: *epoch });
+            }
+        }
+        for instruction in missing {
+            self.push(worker, instruction);
         }
     }
 
@@ -582,13 +728,17 @@ impl Core {
         count: u32,
     ) -> u32 {
         let mut added = 0;
+        // The mapping's first discovery is its creation: those partitions
+        // start at its starting_position; any that appear later (or a topic
+        // created after the mapping) start at the earliest offset.
+        let created_before = !self.known_streams.insert(name.to_owned()) && kind == LeaseKind::Shard;
         for index in 0..count {
             let id = LeaseId { kind, name: name.to_owned(), index };
             let lease = self.leases.entry(id.clone()).or_insert_with(|| {
                 added += 1;
                 self.dirty.insert(id.clone());
                 Lease {
-                    record: LeaseRecord { lease: id.clone(), epoch: 0, owner: None, checkpoint: None },
+                    record: LeaseRecord { from_earliest: created_before, ..LeaseRecord::new(id.clone()) },
                     handler: None,
                     state: LeaseState::Unassigned,
                     since: now,
@@ -615,7 +765,7 @@ impl Core {
             let lease = self.leases.entry(id.clone()).or_insert_with(|| {
                 self.dirty.insert(id.clone());
                 Lease {
-                    record: LeaseRecord { lease: id.clone(), epoch: 0, owner: None, checkpoint: None },
+                    record: LeaseRecord::new(id.clone()),
                     handler: None,
                     state: LeaseState::Parked,
                     since: now,
@@ -675,7 +825,7 @@ impl Core {
         let epoch = l.record.epoch;
         match (l.state.clone(), l.record.owner.clone()) {
             (LeaseState::Owned, Some(owner)) => {
-                let start = Some(offset);
+                let start = Start::Checkpoint(offset);
                 self.push(&owner, Instruction::Acquire { lease: lease.clone(), epoch, start });
             }
             (LeaseState::Releasing { to, .. }, owner) => {
@@ -753,7 +903,7 @@ impl Core {
         l.since = now;
         self.dirty.insert(lease.clone());
         let instruction =
-            Instruction::Acquire { lease: lease.clone(), epoch: l.record.epoch, start: l.record.checkpoint };
+            Instruction::Acquire { lease: lease.clone(), epoch: l.record.epoch, start: l.record.start() };
         self.push(worker, instruction);
     }
 

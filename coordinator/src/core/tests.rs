@@ -21,6 +21,28 @@ fn reg(worker: &str) -> Registration {
     }
 }
 
+/// What a worker that does as it is told runs: every lease the table gives
+/// it, under its epoch, except those whose instruction is still on its way.
+fn obedient(core: &Core, worker: &str) -> BTreeMap<LeaseId, u64> {
+    let queued: BTreeSet<&LeaseId> =
+        core.outbox.get(worker).into_iter().flatten().map(Instruction::lease).collect();
+    core.owned_by(worker)
+        .filter(|l| !queued.contains(&l.record.lease))
+        .map(|l| (l.record.lease.clone(), l.record.epoch))
+        .collect()
+}
+
+/// A heartbeat from an obedient worker of the first incarnation.
+fn beat(
+    core: &mut Core,
+    now: Instant,
+    worker: &str,
+    load: WorkerLoad,
+) -> Result<Vec<Instruction>, CoreError> {
+    let held = obedient(core, worker);
+    core.heartbeat(now, worker, Beat { incarnation: 0, held, load })
+}
+
 fn core_with(partitions: u32, now: Instant) -> Core {
     let mut core = Core::new(CoreConfig::default());
     core.discovered(now, LeaseKind::Shard, "s", H, partitions);
@@ -53,8 +75,7 @@ fn a_join_moves_only_what_balance_needs_and_by_graceful_handoff() {
     core.register(now, reg("a"));
     let b = core.register(now, reg("b"));
     assert!(acquired(&b).is_empty(), "b gets leases only after a releases them");
-    let released: Vec<(LeaseId, u64)> = core
-        .heartbeat(now, "a", WorkerLoad::default())
+    let released: Vec<(LeaseId, u64)> = beat(&mut core, now, "a", WorkerLoad::default())
         .unwrap_or_default()
         .into_iter()
         .filter_map(|i| match i {
@@ -67,11 +88,15 @@ fn a_join_moves_only_what_balance_needs_and_by_graceful_handoff() {
         assert_eq!(core.checkpoint("a", lease, *epoch, 10), CheckpointOutcome::Ok { checkpoint: Some(10) });
         assert!(matches!(core.release_done(now, "a", lease, *epoch, Some(11)), CheckpointOutcome::Ok { .. }));
     }
-    let got = core.heartbeat(now, "b", WorkerLoad::default()).unwrap_or_default();
+    let got = beat(&mut core, now, "b", WorkerLoad::default()).unwrap_or_default();
     assert_eq!(got.len(), 4);
     for i in got {
         let Instruction::Acquire { epoch, start, .. } = i else { panic!("expected acquire, got {i:?}") };
-        assert_eq!((epoch, start), (2, Some(11)), "the new owner starts where the old one stopped");
+        assert_eq!(
+            (epoch, start),
+            (2, Start::Checkpoint(11)),
+            "the new owner starts where the old one stopped"
+        );
     }
 }
 
@@ -82,7 +107,7 @@ fn a_silent_worker_expires_after_the_session_timeout_and_its_leases_move() {
     core.register(t0, reg("a"));
     core.register(t0, reg("b"));
     // Let the initial handoff settle: a confirms every release.
-    for i in core.heartbeat(t0, "a", WorkerLoad::default()).unwrap_or_default() {
+    for i in beat(&mut core, t0, "a", WorkerLoad::default()).unwrap_or_default() {
         if let Instruction::Release { lease, epoch } = i {
             core.release_done(t0, "a", &lease, epoch, None);
         }
@@ -90,7 +115,7 @@ fn a_silent_worker_expires_after_the_session_timeout_and_its_leases_move() {
     let timeout = core.config().session_timeout;
     // b keeps heartbeating; a falls silent.
     let just_before = t0 + timeout;
-    core.heartbeat(just_before, "b", WorkerLoad::default()).ok();
+    beat(&mut core, just_before, "b", WorkerLoad::default()).ok();
     core.tick(just_before);
     assert_eq!(core.owned_by("a").count(), 2, "not dead before the timeout");
     let after = t0 + timeout + Duration::from_millis(1);
@@ -102,7 +127,7 @@ fn a_silent_worker_expires_after_the_session_timeout_and_its_leases_move() {
     let lease = LeaseId::shard("s", 3);
     let l = core.lease(&lease).map(|l| l.record.clone());
     assert!(matches!(core.checkpoint("a", &lease, 1, 99), CheckpointOutcome::Stale { .. }), "{l:?}");
-    assert_eq!(core.heartbeat(after, "a", WorkerLoad::default()), Err(CoreError::UnknownWorker("a".into())));
+    assert_eq!(beat(&mut core, after, "a", WorkerLoad::default()), Err(CoreError::UnknownWorker("a".into())));
 }
 
 #[test]
@@ -111,15 +136,15 @@ fn an_unconfirmed_handoff_is_forced_after_the_handoff_timeout() {
     let mut core = core_with(2, t0);
     core.register(t0, reg("a"));
     core.register(t0, reg("b"));
-    let released = core.heartbeat(t0, "a", WorkerLoad::default()).unwrap_or_default();
+    let released = beat(&mut core, t0, "a", WorkerLoad::default()).unwrap_or_default();
     assert_eq!(released.len(), 1);
     let t1 = t0 + core.config().handoff_timeout;
-    core.heartbeat(t1, "a", WorkerLoad::default()).ok();
-    core.heartbeat(t1, "b", WorkerLoad::default()).ok();
+    beat(&mut core, t1, "a", WorkerLoad::default()).ok();
+    beat(&mut core, t1, "b", WorkerLoad::default()).ok();
     core.tick(t1);
     assert_eq!(core.owned_by("b").count(), 1);
     assert_eq!(core.counters().forced_handoffs, 1);
-    let to_a = core.heartbeat(t1, "a", WorkerLoad::default()).unwrap_or_default();
+    let to_a = beat(&mut core, t1, "a", WorkerLoad::default()).unwrap_or_default();
     assert!(matches!(to_a.as_slice(), [Instruction::Revoke { .. }]), "{to_a:?}");
 }
 
@@ -148,7 +173,7 @@ fn restart_keeps_leases_of_workers_that_come_back_and_frees_the_rest() {
     core.register(t0, reg("b"));
     assert_eq!(core.owned_by("b").count(), 0, "a's leases wait for a");
     let later = t0 + core.config().session_timeout + Duration::from_millis(1);
-    core.heartbeat(later, "b", WorkerLoad::default()).ok();
+    beat(&mut core, later, "b", WorkerLoad::default()).ok();
     core.tick(later);
     assert_eq!(core.owned_by("b").count(), 4);
 }
@@ -162,8 +187,11 @@ fn operator_set_bumps_the_epoch_and_restarts_the_owner() {
     core.checkpoint("a", &lease, 1, 100);
     assert_eq!(core.set_checkpoint(t0, &lease, 5), Ok(()));
     assert!(matches!(core.checkpoint("a", &lease, 1, 101), CheckpointOutcome::Stale { current_epoch: 2 }));
-    let to_a = core.heartbeat(t0, "a", WorkerLoad::default()).unwrap_or_default();
-    assert_eq!(to_a, vec![Instruction::Acquire { lease: lease.clone(), epoch: 2, start: Some(5) }]);
+    let to_a = beat(&mut core, t0, "a", WorkerLoad::default()).unwrap_or_default();
+    assert_eq!(
+        to_a,
+        vec![Instruction::Acquire { lease: lease.clone(), epoch: 2, start: Start::Checkpoint(5) }]
+    );
     assert_eq!(core.checkpoint("a", &lease, 2, 6), CheckpointOutcome::Ok { checkpoint: Some(6) });
     assert_eq!(
         core.set_checkpoint(t0, &LeaseId::shard("nope", 0), 1),
@@ -195,12 +223,94 @@ fn workers_only_get_leases_of_handlers_they_host() {
     assert!(core.lease(&LeaseId::slot("q", 0)).is_some_and(|l| l.record.owner.is_none()));
 }
 
+#[test]
+fn a_lost_reply_is_made_good_by_the_next_heartbeat() {
+    let t0 = Instant::now();
+    let mut core = core_with(2, t0);
+    core.register(t0, reg("a"));
+    core.register(t0, reg("b"));
+    // a's reply with its Release is lost; it still runs both leases.
+    let lost = beat(&mut core, t0, "a", WorkerLoad::default()).unwrap_or_default();
+    let [Instruction::Release { lease, epoch }] = lost.as_slice() else { panic!("one release: {lost:?}") };
+    let held: BTreeMap<LeaseId, u64> = (0..2).map(|p| (LeaseId::shard("s", p), 1)).collect();
+    let again = core.heartbeat(t0, "a", Beat { held: held.clone(), ..Beat::default() }).unwrap_or_default();
+    assert_eq!(again, vec![Instruction::Release { lease: lease.clone(), epoch: *epoch }], "sent again");
+    core.release_done(t0, "a", lease, *epoch, Some(7));
+    // b's reply with the Acquire is lost too: it runs nothing.
+    let lost = core.heartbeat(t0, "b", Beat::default()).unwrap_or_default();
+    assert!(matches!(lost.as_slice(), [Instruction::Acquire { .. }]), "{lost:?}");
+    let again = core.heartbeat(t0, "b", Beat::default()).unwrap_or_default();
+    assert_eq!(
+        again,
+        vec![Instruction::Acquire { lease: lease.clone(), epoch: 2, start: Start::Checkpoint(7) }]
+    );
+    // a lost its Revoke-free view: it still reports the lease it gave away.
+    let stale = core.heartbeat(t0, "a", Beat { held, ..Beat::default() }).unwrap_or_default();
+    assert_eq!(stale, vec![Instruction::Revoke { lease: lease.clone(), epoch: 1 }]);
+}
+
+#[test]
+fn a_second_process_under_one_id_gets_new_epochs_and_the_first_is_superseded() {
+    let t0 = Instant::now();
+    let mut core = core_with(2, t0);
+    let first = Registration { incarnation: 11, ..reg("a") };
+    assert!(acquired(&core.register(t0, first)).iter().all(|(_, e)| *e == 1));
+    let second = Registration { incarnation: 22, ..reg("a") };
+    let got = acquired(&core.register(t0, second));
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|(_, e)| *e == 2), "new epochs for the new process: {got:?}");
+    let lease = LeaseId::shard("s", 0);
+    assert!(matches!(core.checkpoint("a", &lease, 1, 5), CheckpointOutcome::Stale { current_epoch: 2 }));
+    let old = core.heartbeat(t0, "a", Beat { incarnation: 11, ..Beat::default() });
+    assert_eq!(old, Err(CoreError::Superseded("a".into())));
+    let new =
+        core.heartbeat(t0, "a", Beat { incarnation: 22, held: obedient(&core, "a"), ..Beat::default() });
+    assert_eq!(new, Ok(vec![]));
+}
+
+#[test]
+fn partitions_that_appear_after_the_mapping_start_at_the_earliest_offset() {
+    let t0 = Instant::now();
+    let mut core = Core::new(CoreConfig::default());
+    // Created while its topic does not exist yet: the topic's partitions
+    // all come later.
+    core.discovered(t0, LeaseKind::Shard, "late", H, 0);
+    core.discovered(t0, LeaseKind::Shard, "s", H, 2);
+    core.discovered(t0, LeaseKind::Shard, "late", H, 2);
+    core.discovered(t0, LeaseKind::Shard, "s", H, 3);
+    let starts: BTreeMap<LeaseId, Start> = core
+        .register(t0, reg("a"))
+        .into_iter()
+        .filter_map(|i| match i {
+            Instruction::Acquire { lease, start, .. } => Some((lease, start)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts[&LeaseId::shard("s", 0)], Start::MappingDefault);
+    assert_eq!(starts[&LeaseId::shard("s", 1)], Start::MappingDefault);
+    assert_eq!(starts[&LeaseId::shard("s", 2)], Start::Earliest, "added later");
+    assert_eq!(starts[&LeaseId::shard("late", 0)], Start::Earliest, "topic created after the mapping");
+    // A restart keeps that: the records say so.
+    let records = core.leases().map(|l| l.record.clone()).collect();
+    let mut core = Core::restore(CoreConfig::default(), records, t0);
+    core.discovered(t0, LeaseKind::Shard, "s", H, 4);
+    assert_eq!(core.lease(&LeaseId::shard("s", 3)).map(|l| l.record.start()), Some(Start::Earliest));
+    assert_eq!(core.lease(&LeaseId::shard("s", 2)).map(|l| l.record.start()), Some(Start::Earliest));
+}
+
 // ---------------------------------------------------------------- properties
 
 #[derive(Debug, Clone)]
 enum Op {
     Join(u8),
-    Heartbeat(u8),
+    /// `lost`: the reply never reaches the worker (timeout, reset).
+    Heartbeat {
+        worker: u8,
+        lost: bool,
+    },
+    /// A second process starts under the worker's id; the first lives on
+    /// as a zombie that must be fenced.
+    Reincarnate(u8),
     /// The worker confirms every release it has been asked for.
     Confirm(u8),
     Checkpoint {
@@ -225,7 +335,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => (0u8..5).prop_map(Op::Join),
-        4 => (0u8..5).prop_map(Op::Heartbeat),
+        4 => (0u8..5, prop::bool::weighted(0.25)).prop_map(|(worker, lost)| Op::Heartbeat { worker, lost }),
+        1 => (0u8..5).prop_map(Op::Reincarnate),
         2 => (0u8..5).prop_map(Op::Confirm),
         4 => (0u8..5, 0u8..16, 0u8..20, any::<bool>())
             .prop_map(|(worker, lease, advance, stale)| Op::Checkpoint { worker, lease, advance, stale }),
@@ -245,6 +356,7 @@ fn op() -> impl Strategy<Value = Op> {
 struct SimWorker {
     running: BTreeMap<LeaseId, (u64, i64)>,
     to_release: Vec<(LeaseId, u64)>,
+    incarnation: u64,
 }
 
 impl SimWorker {
@@ -262,7 +374,10 @@ impl SimWorker {
                         previous.as_deref().is_none_or(|p| p == me),
                         "epoch {epoch} of {lease} granted to {previous:?} and to {me}"
                     );
-                    self.running.insert(lease, (epoch, start.unwrap_or(0)));
+                    // Idempotent: a lease already run under this epoch keeps its position.
+                    if self.running.get(&lease).is_none_or(|(e, _)| *e != epoch) {
+                        self.running.insert(lease, (epoch, start.checkpoint().unwrap_or(0)));
+                    }
                 }
                 Instruction::Release { lease, epoch } => self.to_release.push((lease, epoch)),
                 Instruction::Revoke { lease, epoch } => {
@@ -290,6 +405,8 @@ struct Model {
     slots: u32,
     /// Heartbeats report load (busy ratios; shards 0 and 1 hot).
     loaded: bool,
+    /// Older processes of reincarnated workers, still running what they ran.
+    zombies: Vec<SimWorker>,
 }
 
 impl Model {
@@ -323,6 +440,7 @@ impl Model {
             partitions: 4,
             slots: 2,
             loaded: false,
+            zombies: Vec::new(),
         };
         model.core.discovered(now, LeaseKind::Shard, "s", H, model.partitions);
         model.core.set_slots(now, "q", H, model.slots);
@@ -340,17 +458,23 @@ impl Model {
     fn step(&mut self, op: Op) {
         let now = self.now;
         match op {
-            Op::Join(w) => {
+            Op::Join(w) => self.join(&Self::name(w)),
+            Op::Reincarnate(w) => {
                 let name = Self::name(w);
-                let sim = self.workers.entry(name.clone()).or_default();
-                let mut r = reg(&name);
-                r.held = sim.running.iter().map(|(l, (e, _))| (l.clone(), *e)).collect();
-                let reply = self.core.register(now, r);
-                sim.running.clear();
-                sim.to_release.clear();
-                sim.apply(reply, &mut self.grants, &name);
+                let Some(sim) = self.workers.get_mut(&name) else { return };
+                let fresh = SimWorker { incarnation: sim.incarnation + 1, ..SimWorker::default() };
+                let old = std::mem::replace(sim, fresh);
+                self.join(&name);
+                for (lease, (epoch, _)) in &old.running {
+                    let l = self.core.lease(lease).map(|l| (l.record.owner.clone(), l.record.epoch));
+                    assert!(
+                        l != Some((Some(name.clone()), *epoch)),
+                        "{lease}: the new process of {name} shares epoch {epoch} with the old one"
+                    );
+                }
+                self.zombies.push(old);
             }
-            Op::Heartbeat(w) => {
+            Op::Heartbeat { worker: w, lost } => {
                 let name = Self::name(w);
                 let mut load = WorkerLoad::default();
                 if self.loaded
@@ -368,10 +492,14 @@ impl Model {
                         load.leases.insert(lease.clone(), l);
                     }
                 }
-                if let Some(sim) = self.workers.get_mut(&name)
-                    && let Ok(instructions) = self.core.heartbeat(now, &name, load)
-                {
-                    sim.apply(instructions, &mut self.grants, &name);
+                let Some(sim) = self.workers.get_mut(&name) else { return };
+                let held = sim.running.iter().map(|(l, (e, _))| (l.clone(), *e)).collect();
+                match self.core.heartbeat(now, &name, Beat { incarnation: sim.incarnation, held, load }) {
+                    Ok(_) if lost => {}
+                    Ok(instructions) => sim.apply(instructions, &mut self.grants, &name),
+                    // Expired: it registers again, as the real worker does.
+                    Err(CoreError::UnknownWorker(_)) if !lost => self.join(&name),
+                    Err(_) => {}
                 }
             }
             Op::Confirm(w) => {
@@ -453,6 +581,57 @@ impl Model {
         self.check();
     }
 
+    /// Registers (again), quoting what the worker runs.
+    fn join(&mut self, name: &str) {
+        let sim = self.workers.entry(name.to_owned()).or_default();
+        let mut r = reg(name);
+        r.held = sim.running.iter().map(|(l, (e, _))| (l.clone(), *e)).collect();
+        r.incarnation = sim.incarnation;
+        let reply = self.core.register(self.now, r);
+        sim.running.clear();
+        sim.to_release.clear();
+        sim.apply(reply, &mut self.grants, name);
+    }
+
+    /// Two rounds in which every worker heartbeats (no reply lost) and
+    /// confirms its releases, with no time passing, and a last heartbeat
+    /// each; then every lease the
+    /// table gives a worker runs there under its epoch, and no worker runs a
+    /// lease the table does not give it: nothing lost stays lost.
+    fn check_reconciled(&mut self) {
+        let names: Vec<u8> = (0..5).filter(|w| self.workers.contains_key(&Self::name(*w))).collect();
+        for _ in 0..2 {
+            for w in &names {
+                self.step(Op::Heartbeat { worker: *w, lost: false });
+                self.step(Op::Confirm(*w));
+            }
+        }
+        // Releases confirmed late in the last round grant leases to workers
+        // that heartbeated earlier in it: one more heartbeat delivers them.
+        for w in &names {
+            self.step(Op::Heartbeat { worker: *w, lost: false });
+        }
+        for lease in self.core.leases() {
+            let r = &lease.record;
+            if let (Some(owner), LeaseState::Owned) = (&r.owner, &lease.state) {
+                let runs = self.workers.get(owner).and_then(|s| s.running.get(&r.lease)).map(|(e, _)| *e);
+                assert_eq!(
+                    runs,
+                    Some(r.epoch),
+                    "{} is {owner}'s (epoch {}) but not run there",
+                    r.lease,
+                    r.epoch
+                );
+            }
+        }
+        for (name, sim) in &self.workers {
+            for (lease, (epoch, _)) in &sim.running {
+                let l = self.core.lease(lease).map(|l| (l.record.owner.clone(), l.record.epoch));
+                assert_eq!(l, Some((Some(name.clone()), *epoch)), "{name} still runs {lease} at {epoch}");
+            }
+        }
+    }
+
     fn persist(&mut self) {
         for record in self.core.take_dirty() {
             self.store.insert(record.lease.clone(), record);
@@ -491,13 +670,11 @@ impl Model {
         // At most one worker can move a lease's checkpoint: the owner under the
         // current epoch. Any other simulated holder quotes an older epoch.
         for lease in self.core.leases() {
-            let current: Vec<&String> = self
+            let current: Vec<&SimWorker> = self
                 .workers
-                .iter()
-                .filter(|(_, s)| {
-                    s.running.get(&lease.record.lease).is_some_and(|(e, _)| *e == lease.record.epoch)
-                })
-                .map(|(n, _)| n)
+                .values()
+                .chain(&self.zombies)
+                .filter(|s| s.running.get(&lease.record.lease).is_some_and(|(e, _)| *e == lease.record.epoch))
                 .collect();
             assert!(current.len() <= 1, "{} run under its current epoch by {current:?}", lease.record.lease);
         }
@@ -528,7 +705,7 @@ fn handoffs_settle_into_balance_under_ordinary_traffic() {
     }
     for _ in 0..3 {
         for w in 0..3 {
-            model.step(Op::Heartbeat(w));
+            model.step(Op::Heartbeat { worker: w, lost: false });
             model.step(Op::Confirm(w));
         }
         model.step(Op::Tick);
@@ -551,7 +728,7 @@ fn slots_park_gracefully_and_come_back() {
     assert_eq!(slot(&model, 3), Some(LeaseState::Owned));
     model.step(Op::SetSlots(1));
     assert!(matches!(slot(&model, 3), Some(LeaseState::Releasing { to: None, .. })), "asked, not taken");
-    model.step(Op::Heartbeat(0));
+    model.step(Op::Heartbeat { worker: 0, lost: false });
     model.step(Op::Confirm(0));
     for i in 1..4 {
         assert_eq!(slot(&model, i), Some(LeaseState::Parked), "slot {i}");
@@ -577,6 +754,7 @@ proptest! {
                 model.check_balanced();
             }
         }
+        model.check_reconciled();
     }
 
     /// Fencing, ownership, checkpoints and slots hold under `load` too (its
@@ -587,6 +765,7 @@ proptest! {
         for op in ops {
             model.step(op);
         }
+        model.check_reconciled();
     }
 }
 
@@ -608,7 +787,7 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
     core.register(t, reg("w0"));
     core.register(t, reg("w1"));
     // w0 hands two shards to w1 (count balance, before any load is known).
-    for i in core.heartbeat(t, "w0", WorkerLoad::default()).unwrap_or_default() {
+    for i in beat(&mut core, t, "w0", WorkerLoad::default()).unwrap_or_default() {
         if let Instruction::Release { lease, epoch } = i {
             core.release_done(t, "w0", &lease, epoch, None);
         }
@@ -628,18 +807,18 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
             .collect();
         (now, WorkerLoad { leases, ..WorkerLoad::default() })
     };
-    let beat = |core: &mut Core, w: &str, now: Instant| {
+    let loaded_beat = |core: &mut Core, w: &str, now: Instant| {
         let (now, load) = report(core, w, now);
-        core.heartbeat(now, w, load).unwrap_or_default()
+        beat(core, now, w, load).unwrap_or_default()
     };
-    beat(&mut core, "w0", t);
-    beat(&mut core, "w1", t);
+    loaded_beat(&mut core, "w0", t);
+    loaded_beat(&mut core, "w1", t);
     core.tick(t);
     core.tick(t + Duration::from_millis(500));
     assert_eq!(core.counters().load_moves, 0, "not before stable_for");
     core.tick(t + Duration::from_secs(1));
     assert_eq!(core.counters().load_moves, 1, "one hot shard moves");
-    let released = beat(&mut core, "w0", t + Duration::from_secs(1));
+    let released = loaded_beat(&mut core, "w0", t + Duration::from_secs(1));
     let Some(Instruction::Release { lease, epoch }) = released.first().cloned() else {
         panic!("w0 is asked to release: {released:?}");
     };
@@ -648,8 +827,8 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
     // The same load from here on: nothing more moves.
     for s in 2..30 {
         let now = t + Duration::from_secs(s);
-        beat(&mut core, "w0", now);
-        beat(&mut core, "w1", now);
+        loaded_beat(&mut core, "w0", now);
+        loaded_beat(&mut core, "w1", now);
         core.tick(now);
     }
     assert_eq!(core.counters().load_moves, 1, "no flapping under a steady load");
@@ -679,9 +858,7 @@ fn a_joining_worker_fills_within_two_heartbeats_under_load() {
                 .filter(|l| l.record.owner.as_deref() == Some(w))
                 .map(|l| (l.record.lease.clone(), busy(l.record.lease.index)))
                 .collect();
-            for i in
-                core.heartbeat(now, w, WorkerLoad { leases, ..WorkerLoad::default() }).unwrap_or_default()
-            {
+            for i in beat(core, now, w, WorkerLoad { leases, ..WorkerLoad::default() }).unwrap_or_default() {
                 if let Instruction::Release { lease, epoch } = i {
                     core.release_done(now, w, &lease, epoch, None);
                 }

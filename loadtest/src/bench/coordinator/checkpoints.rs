@@ -67,7 +67,7 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
 
     // Keeps the session alive for the whole run (10 s default timeout).
     let heartbeat_errors = Arc::new(AtomicU64::new(0));
-    let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), heartbeat_errors.clone()));
+    let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), held(&granted), heartbeat_errors.clone()));
 
     let measure_from = Instant::now() + settings.warmup;
     let until = measure_from + settings.duration;
@@ -126,12 +126,8 @@ async fn acquire_all(client: &mut WorkerApiClient<Channel>, leases: u32) -> anyh
             bail!("only {} of {leases} leases granted within 10 s of registering", granted.len());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let request = v1::HeartbeatRequest {
-            worker_id: WORKER_ID.into(),
-            load: None,
-            draining: false,
-            unhealthy: vec![],
-        };
+        let request =
+            v1::HeartbeatRequest { worker_id: WORKER_ID.into(), held: held(&granted), ..Default::default() };
         let reply = client.heartbeat(request).await.context("Heartbeat failed")?.into_inner();
         collect_acquires(reply.instructions, &mut granted)?;
     }
@@ -154,17 +150,23 @@ fn collect_acquires(instructions: Vec<v1::Instruction>, granted: &mut Vec<Grante
     Ok(())
 }
 
-async fn heartbeat_loop(mut client: WorkerApiClient<Channel>, errors: Arc<AtomicU64>) {
+/// What the worker runs, as its heartbeats quote it (so the coordinator
+/// re-sends nothing).
+fn held(granted: &[Granted]) -> Vec<v1::HeldLease> {
+    granted.iter().map(|g| v1::HeldLease { lease: Some(g.lease.clone()), epoch: g.epoch }).collect()
+}
+
+async fn heartbeat_loop(
+    mut client: WorkerApiClient<Channel>,
+    held: Vec<v1::HeldLease>,
+    errors: Arc<AtomicU64>,
+) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let request = v1::HeartbeatRequest {
-            worker_id: WORKER_ID.into(),
-            load: None,
-            draining: false,
-            unhealthy: vec![],
-        };
+        let request =
+            v1::HeartbeatRequest { worker_id: WORKER_ID.into(), held: held.clone(), ..Default::default() };
         match client.heartbeat(request).await {
             // Instructions would mean a lease moved: the checkpoints of that
             // lease then fail as stale and are counted as errors there.

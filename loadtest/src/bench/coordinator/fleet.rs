@@ -373,6 +373,7 @@ impl SimWorker {
             capacity: 0,
             held,
             concurrency: 1,
+            incarnation: 0,
         };
         let reply = self.client.register(request).await.context("Register failed")?.into_inner();
         // The reply is the authoritative set: Acquire for every lease kept
@@ -399,11 +400,18 @@ impl SimWorker {
                 busy_ratio: 0.1,
             })
             .collect();
+        let held = self
+            .held
+            .values()
+            .map(|h| v1::HeldLease { lease: Some(h.wire.clone()), epoch: h.epoch })
+            .collect();
         let request = v1::HeartbeatRequest {
             worker_id: self.id.clone(),
             load: Some(v1::LoadReport { leases, cpu: 0.1, inflight_batches: 0, usage: vec![] }),
             draining: false,
             unhealthy: vec![],
+            held,
+            incarnation: 0,
         };
         let started = Instant::now();
         let result = self.client.heartbeat(request).await;
