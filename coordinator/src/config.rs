@@ -35,9 +35,11 @@ pub struct Config {
     /// A worker silent this long is dead; its leases move.
     #[serde(default = "default_session", with = "humantime_serde")]
     pub session_timeout: Duration,
-    /// A graceful handoff not confirmed within this is forced.
-    #[serde(default = "default_handoff", with = "humantime_serde")]
-    pub handoff_timeout: Duration,
+    /// A graceful handoff not confirmed within this is forced. Must be
+    /// longer than every mapping's `handler_timeout`, so a draining lease can
+    /// finish its in-flight batch; unset: see [`Config::handoff_timeout`].
+    #[serde(default, with = "humantime_serde::option")]
+    pub handoff_timeout: Option<Duration>,
     /// How often Kafka metadata is re-read to find new partitions.
     #[serde(default = "default_discovery", with = "humantime_serde")]
     pub discovery_interval: Duration,
@@ -444,9 +446,9 @@ fn default_heartbeat() -> Duration {
 fn default_session() -> Duration {
     Duration::from_secs(10)
 }
-fn default_handoff() -> Duration {
-    Duration::from_secs(30)
-}
+/// What a handoff may take beyond the in-flight batch: the last checkpoint
+/// and the release confirmation.
+const HANDOFF_GRACE: Duration = Duration::from_secs(10);
 fn default_discovery() -> Duration {
     Duration::from_secs(10)
 }
@@ -541,6 +543,28 @@ impl Config {
         Ok(config)
     }
 
+    /// The configured `handoff_timeout`, or by default 30 s, or the longest
+    /// `handler_timeout` plus 10 s where that is longer: a release must be
+    /// able to finish the batch in flight (the handler default, 60 s, makes
+    /// it 70 s).
+    pub fn handoff_timeout(&self) -> Duration {
+        self.handoff_timeout.unwrap_or_else(|| {
+            let longest = self.longest_handler_timeout().map_or(Duration::ZERO, |(_, t)| t);
+            Duration::from_secs(30).max(longest + HANDOFF_GRACE)
+        })
+    }
+
+    /// The longest `handler_timeout` of any mapping, and where it is set.
+    fn longest_handler_timeout(&self) -> Option<(String, Duration)> {
+        let streams = self.streams.iter().enumerate().map(|(i, s)| (format!("streams[{i}]"), &s.settings));
+        let subs =
+            self.subscriptions.iter().enumerate().map(|(i, s)| (format!("subscriptions[{i}]"), &s.settings));
+        streams
+            .chain(subs)
+            .max_by_key(|(_, m)| m.handler_timeout)
+            .map(|(at, m)| (format!("{at}.handler_timeout"), m.handler_timeout))
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
@@ -558,7 +582,21 @@ impl Config {
         let ms = Duration::from_millis;
         range("heartbeat_interval", self.heartbeat_interval, ms(50), ms(60_000))?;
         range("session_timeout", self.session_timeout, ms(200), ms(600_000))?;
-        range("handoff_timeout", self.handoff_timeout, ms(100), ms(3_600_000))?;
+        if let Some(handoff) = self.handoff_timeout {
+            range("handoff_timeout", handoff, ms(100), ms(3_600_000))?;
+            if let Some((field, longest)) = self.longest_handler_timeout()
+                && handoff <= longest
+            {
+                return err(
+                    "handoff_timeout",
+                    format!(
+                        "is {handoff:?}; allowed: longer than the longest handler_timeout ({longest:?}, {field}), \
+                         so a draining lease can finish its batch; or leave it unset for {:?}",
+                        longest + HANDOFF_GRACE
+                    ),
+                );
+            }
+        }
         range("discovery_interval", self.discovery_interval, ms(100), ms(3_600_000))?;
         if self.session_timeout < self.heartbeat_interval * 2 {
             return err(
@@ -740,7 +778,11 @@ impl Config {
             ema_alpha: b.ema_alpha,
             target_utilisation: b.target_utilisation,
         };
-        CoreConfig { session_timeout: self.session_timeout, handoff_timeout: self.handoff_timeout, balancer }
+        CoreConfig {
+            session_timeout: self.session_timeout,
+            handoff_timeout: self.handoff_timeout(),
+            balancer,
+        }
     }
 }
 
@@ -850,7 +892,14 @@ mod tests {
     fn defaults_follow_the_design() {
         let c = Config::parse("").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.session_timeout, Duration::from_secs(10));
-        assert_eq!(c.handoff_timeout, Duration::from_secs(30));
+        assert_eq!(c.handoff_timeout(), Duration::from_secs(30));
+        let one =
+            Config::parse("[[streams]]\nname = \"s\"\nhandler = \"h\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            one.handoff_timeout(),
+            Duration::from_secs(70),
+            "the default handler_timeout (60 s) + 10 s"
+        );
         assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
         assert!(c.listen.ip().is_loopback());
         assert_eq!(c.validate(), Ok(()));
@@ -938,5 +987,24 @@ mod tests {
         assert!(matches!(full, Ok(Ok(()))), "{full:?}");
         let unknown = Config::parse("sesion_timeout = \"1s\"");
         assert!(unknown.is_err_and(|e| e.contains("unknown field `sesion_timeout`")));
+    }
+
+    /// A handoff that cannot outlast the batch in flight would always be
+    /// forced (and duplicate that batch): refused, naming the mapping.
+    #[test]
+    fn handoff_timeout_must_outlast_every_handler_timeout() {
+        let with = |handoff: &str| {
+            Config::parse(&format!(
+                "handoff_timeout = \"{handoff}\"\n[[streams]]\nname = \"a\"\nhandler = \"h\"\nhandler_timeout = \"5s\"\n\
+                 [[streams]]\nname = \"b\"\nhandler = \"h\"\nhandler_timeout = \"40s\"\n"
+            ))
+            .map(|c| c.validate())
+        };
+        let short = with("30s");
+        assert!(
+            matches!(&short, Ok(Err((f, why))) if f == "handoff_timeout" && why.contains("streams[1].handler_timeout")),
+            "{short:?}"
+        );
+        assert!(matches!(with("41s"), Ok(Ok(()))));
     }
 }

@@ -51,6 +51,85 @@ pub async fn produce(producer: &FutureProducer, topic: &str, from: u64, to: u64,
     Ok(())
 }
 
+/// One record as `produce_raw` writes it: what rdkafka's typed API cannot
+/// express (a null value, a header name that is not UTF-8).
+pub struct RawRecord<'a> {
+    pub key: &'a [u8],
+    /// `None`: a tombstone (null value).
+    pub value: Option<&'a [u8]>,
+    /// Names are raw bytes (no NUL inside).
+    pub headers: &'a [(&'a [u8], &'a [u8])],
+}
+
+/// Produces `records` to partition 0 of `topic` through librdkafka's
+/// `rd_kafka_produceva`, then waits until every one is acknowledged. Its
+/// own producer: a `FutureProducer` expects a delivery future behind every
+/// message it sees acknowledged.
+pub fn produce_raw(topic: &str, records: &[RawRecord<'_>]) -> Result<()> {
+    use rdkafka::bindings as rd;
+    use rdkafka::producer::{BaseProducer, Producer};
+    use std::ffi::CString;
+    let producer: BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create()?;
+    let topic = CString::new(topic).context("topic name")?;
+    for r in records {
+        let names: Vec<CString> = r
+            .headers
+            .iter()
+            .map(|(name, _)| CString::new(*name))
+            .collect::<Result<_, _>>()
+            .context("header name")?;
+        let vu = |vtype, u| rd::rd_kafka_vu_t { vtype, u };
+        let mut vus = vec![
+            vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
+                rd::rd_kafka_vu_s__bindgen_ty_1 { cstr: topic.as_ptr() },
+            ),
+            vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_PARTITION, rd::rd_kafka_vu_s__bindgen_ty_1 { i32_: 0 }),
+            vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                        ptr: r.key.as_ptr() as *mut _,
+                        size: r.key.len(),
+                    },
+                },
+            ),
+        ];
+        if let Some(value) = r.value {
+            vus.push(vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                        ptr: value.as_ptr() as *mut _,
+                        size: value.len(),
+                    },
+                },
+            ));
+        }
+        for (name, (_, value)) in names.iter().zip(r.headers) {
+            vus.push(vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    header: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                        name: name.as_ptr(),
+                        val: value.as_ptr().cast(),
+                        size: value.len() as isize,
+                    },
+                },
+            ));
+        }
+        // SAFETY: every pointer in `vus` points into `topic`, `names` or the
+        // caller's slices, all alive across the call; librdkafka copies the
+        // data (no RD_KAFKA_MSG_F_FREE).
+        let error =
+            unsafe { rd::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len()) };
+        anyhow::ensure!(error.is_null(), "rd_kafka_produceva failed");
+    }
+    producer.flush(Duration::from_secs(30)).context("flush raw records")?;
+    Ok(())
+}
+
 /// One receipt: which record was processed, where it came from, by whom,
 /// and when the receipt was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +242,8 @@ pub struct Consumed {
     pub offset: i64,
     pub key: Option<String>,
     pub value: String,
+    /// The value is null (not merely empty).
+    pub tombstone: bool,
     pub headers: Vec<(String, String)>,
     pub timestamp: rdkafka::Timestamp,
 }
@@ -234,6 +315,7 @@ pub fn read_topic(topic: &str, timeout: Duration) -> Result<Vec<Consumed>> {
                 offset,
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 value: m.payload().map(String::from_utf8_lossy).unwrap_or_default().into_owned(),
+                tombstone: m.payload().is_none(),
                 headers,
                 timestamp: m.timestamp(),
             });

@@ -89,6 +89,7 @@ mod tests {
             .map(|offset| Record {
                 key: None,
                 value: vec![0; size],
+                tombstone: false,
                 headers: vec![],
                 timestamp_ms: None,
                 stream: "s".into(),

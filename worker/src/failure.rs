@@ -32,9 +32,13 @@ pub async fn copy_to(
         for (key, value) in &added {
             headers = headers.insert(Header { key, value: Some(value) });
         }
-        let mut record = FutureRecord::to(topic).payload(&r.value).headers(headers);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+        // A tombstone stays a tombstone: no payload at all, not an empty one.
+        if let Some(value) = r.value() {
+            record = record.payload(value);
+        }
         if let Some(key) = &r.key {
-            record = record.key(key);
+            record = record.key(key.as_slice());
         }
         producer.send(record, Duration::from_secs(30))
     });

@@ -19,7 +19,12 @@ use shardline_proto::LeaseId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: Option<Vec<u8>>,
+    /// The payload; empty for a tombstone.
     pub value: Vec<u8>,
+    /// The Kafka record's value is null (a deletion marker in a compacted
+    /// topic), not merely empty. Copies (`forward`, `on_failure`) keep it
+    /// null.
+    pub tombstone: bool,
     pub headers: Vec<(String, Vec<u8>)>,
     /// Milliseconds since the Unix epoch, when the broker gave one.
     pub timestamp_ms: Option<i64>,
@@ -29,6 +34,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// The value, `None` for a tombstone.
+    pub fn value(&self) -> Option<&[u8]> {
+        (!self.tombstone).then_some(self.value.as_slice())
+    }
+
     /// Key plus value bytes: what counts against `max_batch_bytes`.
     pub fn payload_len(&self) -> usize {
         self.key.as_ref().map_or(0, Vec::len) + self.value.len()

@@ -173,6 +173,7 @@ impl LeaseTask {
             sink: &*self.sink,
             hooks: &hooks,
             stop: &self.kill,
+            drain: &self.drain,
             lease: &self.lease,
             epoch: self.epoch,
             lag,
@@ -245,6 +246,11 @@ impl LeaseTask {
             };
             let workers = receivers.into_iter().map(|mut rx| async move {
                 while let Some(first) = rx.recv().await {
+                    if drain.is_cancelled() {
+                        // Only the batch in flight finishes on a drain; what
+                        // waits in the lane is the next owner's.
+                        break;
+                    }
                     let mut batch = vec![first];
                     while batch.len() < batch_size {
                         match rx.try_recv() {

@@ -16,7 +16,11 @@
 //! - otherwise it is retried after a backoff until `max_retries` is used up
 //!   (`None`: until its records are too old), then gives up;
 //! - with `report_item_failures` the handler names failed records: those
-//!   before the first failure are finished, the rest are retried from it.
+//!   before the first failure are finished, the rest are retried from it;
+//! - once the lease drains (released to another worker, or shutdown), no
+//!   retry, split or further attempt starts: failing records are left
+//!   unfinished, the lease checkpoints the finished prefix, and the next
+//!   owner retries the rest. So a drain ends within one `handler_timeout`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -149,6 +153,8 @@ pub struct LaneStats {
     /// Each attempt's duration rounded up to 100 ms, summed (Lambda's
     /// metering unit).
     pub billed_units: u64,
+    /// Left unfinished because the lease drains: the next owner retries them.
+    pub abandoned: u64,
 }
 
 /// Everything a lane needs; shared by the lanes of one lease.
@@ -161,6 +167,8 @@ pub struct Lane<'a> {
     pub sink: &'a dyn FailureSink,
     pub hooks: &'a dyn Hooks,
     pub stop: &'a CancellationToken,
+    /// The lease drains: start no retry (see the module docs).
+    pub drain: &'a CancellationToken,
     pub lease: &'a LeaseId,
     pub epoch: u64,
     pub lag: i64,
@@ -172,6 +180,14 @@ pub struct Lane<'a> {
 struct Work {
     records: Vec<Record>,
     attempts: u32,
+}
+
+/// Leaves failing records (and whatever else of their batch waits) for the
+/// next owner; how many.
+fn abandon(failed: &[Record], queue: &VecDeque<Work>, lease: &LeaseId, error: &HandlerError) -> u64 {
+    let n = (failed.len() + queue.iter().map(|w| w.records.len()).sum::<usize>()) as u64;
+    tracing::warn!(%lease, records = n, error = %error, "batch failed while draining; left for the next owner");
+    n
 }
 
 impl Lane<'_> {
@@ -274,6 +290,10 @@ impl Lane<'_> {
                 self.hooks.failing();
                 *paused = true;
             }
+            if self.drain.is_cancelled() {
+                stats.abandoned += abandon(&failed, &queue, self.lease, &error);
+                return Ok(stats);
+            }
             if self.policy.bisect_on_error && failed.len() > 1 {
                 let mut first = failed;
                 let second = first.split_off(first.len() / 2);
@@ -303,6 +323,10 @@ impl Lane<'_> {
             tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return Err(Stopped),
+                () = self.drain.cancelled() => {
+                    stats.abandoned += abandon(&failed, &queue, self.lease, &error);
+                    return Ok(stats);
+                }
                 () = tokio::time::sleep(wait) => {}
             }
             queue.push_front(Work { records: failed, attempts });

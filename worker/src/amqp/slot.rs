@@ -179,6 +179,7 @@ impl SlotTask {
             sink: &sink,
             hooks: &(),
             stop: &self.kill,
+            drain: &self.drain,
             lease: &self.lease,
             epoch: self.epoch,
             lag: -1,
@@ -310,6 +311,7 @@ fn record(lease: &LeaseId, tag: u64, properties: &BasicProperties, data: Vec<u8>
     Record {
         key: properties.message_id().as_ref().map(|id| id.as_str().as_bytes().to_vec()),
         value: data,
+        tombstone: false,
         headers,
         timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
         stream: lease.name.clone(),

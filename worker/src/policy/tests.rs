@@ -72,6 +72,7 @@ fn records(offsets: impl IntoIterator<Item = i64>) -> Vec<Record> {
         .map(|offset| Record {
             key: None,
             value: format!("{{\"n\":{offset},\"kind\":\"k{}\"}}", offset % 2).into_bytes(),
+            tombstone: false,
             headers: vec![],
             timestamp_ms: None,
             stream: "s".into(),
@@ -104,6 +105,21 @@ async fn run_with_hooks(
     hooks: &dyn Hooks,
     input: Vec<Record>,
 ) -> (Result<LaneStats, Stopped>, i64) {
+    run_lane(Setup { handler, policy, filter, sink, hooks, drain: &CancellationToken::new() }, input).await
+}
+
+/// What a test lane runs with.
+struct Setup<'a> {
+    handler: &'a Scripted,
+    policy: &'a FailurePolicy,
+    filter: Option<&'a CompiledFilter>,
+    sink: &'a Recording,
+    hooks: &'a dyn Hooks,
+    drain: &'a CancellationToken,
+}
+
+async fn run_lane(setup: Setup<'_>, input: Vec<Record>) -> (Result<LaneStats, Stopped>, i64) {
+    let Setup { handler, policy, filter, sink, hooks, drain } = setup;
     let completion = Mutex::new(Completion::new(input.first().map_or(0, |r| r.offset)));
     if let Ok(mut c) = completion.lock() {
         c.add(input.iter().map(|r| r.offset));
@@ -119,6 +135,7 @@ async fn run_with_hooks(
         sink,
         hooks,
         stop: &stop,
+        drain,
         lease: &lease,
         epoch: 1,
         lag: 0,
@@ -140,6 +157,35 @@ fn the_checkpoint_is_the_first_unfinished_record_across_gaps() {
     assert_eq!(c.finish(2), Some(6), "the offset gap 3..5 is skipped");
     assert_eq!(c.finish(6), Some(7));
     assert_eq!(c.finish(6), None);
+}
+
+/// A lease released while its batch keeps failing: the lane starts no new
+/// attempt once the drain begins, leaves the records unfinished (the
+/// checkpoint stays before them) and returns, so the release can finish.
+#[tokio::test(start_paused = true)]
+async fn a_draining_lane_starts_no_retry_and_leaves_failing_records_to_the_next_owner() {
+    let handler = Scripted::new(|_| Err("down".into()));
+    let policy = FailurePolicy { retry_initial: Duration::from_secs(1), ..policy() };
+    let sink = Recording::default();
+    let drain = CancellationToken::new();
+    let later = drain.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        later.cancel();
+    });
+    let setup =
+        Setup { handler: &handler, policy: &policy, filter: None, sink: &sink, hooks: &(), drain: &drain };
+    let run = run_lane(setup, records(10..14));
+    let (stats, position) = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .unwrap_or_else(|_| panic!("the lane still retries 10 minutes after the drain began"));
+    let stats = stats.unwrap_or_else(|_| panic!("the lane was not stopped"));
+    assert_eq!(stats.abandoned, 4);
+    assert_eq!((stats.handled, stats.gave_up), (0, 0));
+    assert_eq!(position, 10, "nothing checkpointed past the failing records");
+    let attempts = handler.calls().len();
+    assert!((2..=3).contains(&attempts), "attempts before the drain only: {attempts}");
+    assert!(sink.got().is_empty(), "nothing given up");
 }
 
 #[tokio::test(start_paused = true)]

@@ -19,7 +19,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use shardline_proto::StartingPosition;
@@ -237,24 +237,53 @@ impl PartitionReader {
     }
 
     fn record(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
         Record {
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            headers,
+            tombstone: m.payload().is_none(),
+            headers: headers(m),
             timestamp_ms: m.timestamp().to_millis(),
             stream: self.topic.clone(),
             partition: self.partition,
             offset: m.offset(),
         }
     }
+}
+
+/// The record's headers. rdkafka's own accessor panics on a header name
+/// that is not UTF-8 (it unwraps the conversion); broker data must never
+/// panic a worker, so the names are read here and converted lossily.
+fn headers(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::bindings as rd;
+    let ok = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `m.ptr()` is the live message `m` borrows; librdkafka points
+    // `hdrs` at headers the message owns, valid as long as `m` is.
+    if unsafe { rd::rd_kafka_message_headers(m.ptr(), &mut hdrs) } != ok || hdrs.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: `hdrs` is valid (above).
+    let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
+    (0..count)
+        .filter_map(|idx| {
+            let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+            // SAFETY: `idx` < count; the out pointers are valid locals.
+            let err = unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+            if err != ok || name.is_null() {
+                return None;
+            }
+            // SAFETY: librdkafka's header names are NUL-terminated and live
+            // as long as the message.
+            let key = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
+            let value = if value.is_null() || size == 0 {
+                Vec::new()
+            } else {
+                // SAFETY: `value` points at `size` bytes owned by the message.
+                unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
+            };
+            Some((key, value))
+        })
+        .collect()
 }
 
 impl Drop for PartitionReader {

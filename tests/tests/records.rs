@@ -1,0 +1,144 @@
+//! Black-box tests of what broker data and topic life cycles do to workers:
+//! records rdkafka's typed API cannot even write (null values, header names
+//! that are not UTF-8) must flow through `forward` and `on_failure`
+//! unchanged and never panic a worker, and a topic created after its
+//! mapping must be read from its first record.
+//!
+//! Real coordinator and worker binaries, real Kafka (tansu). One test at a
+//! time (`SERIAL`): each starts several processes on a small machine.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use shardline_proto::v1;
+use shardline_tests::kafka::{Consumed, RawRecord, produce, produce_raw, producer, read_topic};
+use shardline_tests::{Coordinator, create_topic, eventually, start_worker_with, unique};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const TIMINGS: &str =
+    "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\n";
+
+async fn read(topic: &str) -> Result<Vec<Consumed>> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || read_topic(&topic, Duration::from_secs(30))).await?
+}
+
+/// The checkpoints of `stream`'s leases, in partition order.
+async fn checkpoints(c: &Coordinator, stream: &str) -> Result<Vec<Option<i64>>> {
+    let mut leases: Vec<v1::LeaseInfo> = c
+        .leases()
+        .await?
+        .into_iter()
+        .filter(|l| l.lease.as_ref().is_some_and(|l| l.name == stream))
+        .collect();
+    leases.sort_by_key(|l| l.lease.as_ref().map(|l| l.index));
+    Ok(leases.iter().map(|l| l.checkpoint).collect())
+}
+
+/// The odd records: a tombstone, a header name that is not UTF-8, and an
+/// ordinary record after them (so "reached the end" means "got past them").
+fn odd_records() -> [RawRecord<'static>; 3] {
+    [
+        RawRecord { key: b"deleted-row", value: None, headers: &[] },
+        RawRecord { key: b"k", value: Some(b"with-odd-header"), headers: &[(b"\xff\xfeodd", b"v")] },
+        RawRecord { key: b"k", value: Some(b"plain"), headers: &[] },
+    ]
+}
+
+/// A tombstone stays a tombstone through `forward` (receipts) and through
+/// `on_failure` (every batch times out, max_retries = 0), and a header
+/// named with invalid UTF-8 is read (lossily) instead of panicking the
+/// worker: both streams are checkpointed past all three records, by the
+/// one worker that started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_stay_null_and_odd_header_names_do_not_panic_the_worker() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (forwarded, failing, receipts, dlq) =
+        (unique("tomb"), unique("tombfail"), unique("receipts"), unique("dlq"));
+    for t in [&forwarded, &failing, &receipts, &dlq] {
+        create_topic(t, 1).await?;
+    }
+    produce_raw(&forwarded, &odd_records())?;
+    produce_raw(&failing, &odd_records())?;
+
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        "{TIMINGS}[[streams]]\nname = \"{forwarded}\"\nhandler = \"forward\"\nstarting_position = \"trim_horizon\"\n\
+         [[streams]]\nname = \"{failing}\"\nhandler = \"sleep\"\nstarting_position = \"trim_horizon\"\n\
+         handler_timeout = \"1s\"\nmax_retries = 0\non_failure = \"{dlq}\"\n"
+    );
+    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let mut w = start_worker_with(
+        &c.url,
+        "w",
+        &format!("[handlers.forward]\ntopic = \"{receipts}\"\n[handlers.sleep]\nper_batch = \"5s\"\n"),
+    )?;
+    for stream in [&forwarded, &failing] {
+        eventually(Duration::from_secs(60), &format!("{stream} checkpointed past all 3 records"), || async {
+            let now = checkpoints(&c, stream).await?;
+            ensure!(now == vec![Some(3)], "checkpoints of {stream}: {now:?}");
+            Ok(Some(()))
+        })
+        .await?;
+    }
+    ensure!(w.child_running(), "the worker died on the records");
+
+    for (topic, what) in [(&receipts, "forward's receipts"), (&dlq, "on_failure")] {
+        let got = read(topic).await?;
+        let shape: Vec<(bool, &str)> = got.iter().map(|r| (r.tombstone, r.value.as_str())).collect();
+        eprintln!("{what}: {shape:?}");
+        ensure!(got.len() == 3, "{what} holds {} records: {shape:?}", got.len());
+        ensure!(got[0].tombstone, "{what}: the tombstone became a value: {shape:?}");
+        ensure!(!got[1].tombstone && got[1].value == "with-odd-header", "{what}: {shape:?}");
+        ensure!(
+            got[1].headers.iter().any(|(k, v)| k.ends_with("odd") && v == "v"),
+            "{what}: the odd header was lost: {:?}",
+            got[1].headers
+        );
+        ensure!(got[2].value == "plain", "{what}: {shape:?}");
+    }
+    let dead = read(&dlq).await?;
+    ensure!(
+        dead.iter().all(|r| r.header("shardline.reason").is_some()),
+        "on_failure records carry their reason: {:?}",
+        dead.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// A mapping whose topic does not exist yet: the coordinator and a worker
+/// run, the topic is created and 500 records are produced at once, then
+/// 100 more a few seconds later. Every one is processed: partitions that
+/// appear after their mapping was created start at the earliest offset,
+/// whatever `starting_position` (here the default, `latest`) says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_after_its_mapping_is_read_from_its_first_record() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (topic, receipts) = (unique("late"), unique("receipts"));
+    create_topic(&receipts, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let config = format!("{TIMINGS}[[streams]]\nname = \"{topic}\"\nhandler = \"forward\"\n");
+    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let _w = start_worker_with(&c.url, "w", &format!("[handlers.forward]\ntopic = \"{receipts}\"\n"))?;
+    // Let discovery see the missing topic a few times.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    create_topic(&topic, 2).await?;
+    let p = producer()?;
+    produce(&p, &topic, 0, 500, 10).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    produce(&p, &topic, 500, 600, 10).await?;
+    let processed = eventually(Duration::from_secs(60), "600 receipts", || async {
+        let got = read(&receipts).await?;
+        let ids: std::collections::BTreeSet<String> = got.iter().map(|r| r.value.clone()).collect();
+        ensure!(ids.len() >= 600, "{} distinct records processed so far", ids.len());
+        Ok(Some(ids))
+    })
+    .await
+    .context("records produced right after the topic was created were skipped")?;
+    for i in 0..600 {
+        ensure!(processed.contains(&format!("id-{i}")), "id-{i} was never processed");
+    }
+    Ok(())
+}
