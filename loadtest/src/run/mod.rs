@@ -29,6 +29,7 @@ mod fleet;
 mod kafka;
 mod ledger;
 mod payload;
+mod proxy;
 mod rate;
 mod report;
 mod scenario;
@@ -46,7 +47,7 @@ use tokio::time::Instant;
 
 use crate::child::{self, Coordinator, Discovery, Setup, quote};
 use fleet::{Admin, Fleet, LeaseWatch, WorkerTemplate};
-use ledger::{Books, FaultEvent, Ledger, Scope, lock};
+use ledger::{Books, Cut, FaultEvent, Ledger, Scope, lock};
 use payload::now_ms;
 use scenario::{Action, Fault, Kind, Scenario};
 
@@ -277,7 +278,7 @@ async fn run_one(
             f.keep_logs(dir.clone());
         }
         for _ in 0..scenario.workers {
-            f.start_worker()?;
+            f.start_worker().await?;
         }
     }
     wait_ready(&admin, &plan.destinations, expected_leases, scenario.workers, &fleet, &pb).await?;
@@ -294,6 +295,7 @@ async fn run_one(
     let events = Arc::new(Mutex::new(Vec::new()));
     let mut faults = AbortOnDrop(tokio::spawn(run_faults(FaultContext {
         faults: scenario.faults.clone(),
+        session_timeout: scenario.session_timeout()?,
         fleet: fleet.clone(),
         admin: admin.clone(),
         watch: watch.clone(),
@@ -375,6 +377,10 @@ async fn run_one(
     pb.finish_and_clear();
 
     let mut fleet = fleet.lock().await;
+    let mut fault_events = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    for cut in fault_events.iter_mut().filter_map(|e| e.cut.as_mut()) {
+        cut.reconnect_ms = fleet.proxy(cut.worker_index).and_then(|p| p.first_up_after(cut.resumed_ms));
+    }
     let crashes = {
         // A last look, so a crash in the final second is reported too.
         fleet.check();
@@ -392,7 +398,6 @@ async fn run_one(
         warnings.extend(amqp::cleanup(&args.amqp_url, &plan.amqp_names(), !plan.external).await);
     }
 
-    let fault_events = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let analysis = lock(&books).analyze(&fault_events)?;
     let outcome = report::Outcome {
         scenario: &scenario,
@@ -699,6 +704,8 @@ async fn watch_leases(admin: Admin, destinations: Vec<String>, watch: Arc<Mutex<
 
 struct FaultContext {
     faults: Vec<Fault>,
+    /// The coordinator's: when a cut-off worker's session ends.
+    session_timeout: Duration,
     fleet: Arc<tokio::sync::Mutex<Fleet>>,
     admin: Admin,
     watch: Arc<Mutex<LeaseWatch>>,
@@ -726,13 +733,7 @@ async fn run_faults(cx: FaultContext) {
 
 async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
     let action = fault.action;
-    let mut event = FaultEvent {
-        label: action.as_str().to_owned(),
-        at_ms: now_ms(),
-        scopes: Vec::new(),
-        exclude_worker: None,
-        error: None,
-    };
+    let mut event = FaultEvent::new(action.as_str(), now_ms());
     let result: anyhow::Result<()> = async {
         match action {
             Action::Kill9 | Action::Sigstop | Action::Sigcont => {
@@ -751,10 +752,11 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
                     _ => fleet.signal(index, action == Action::Sigstop),
                 }
             }
+            Action::CutWorker | Action::DropReplies => network_fault(cx, fault, &mut event).await,
             Action::StartWorker => {
                 let mut fleet = cx.fleet.lock().await;
                 event.at_ms = now_ms();
-                let id = fleet.start_worker()?;
+                let id = fleet.start_worker().await?;
                 event.label = format!("start_worker {id}");
                 Ok(())
             }
@@ -780,6 +782,46 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
         event.error = Some(format!("{e:#}"));
     }
     event
+}
+
+/// cut_worker or drop_replies: sets the worker's proxy for `for`, then
+/// resumes it (drop_replies also closes its connections: their HTTP/2
+/// streams lost bytes) and books what the zombie count needs.
+async fn network_fault(cx: &FaultContext, fault: &Fault, event: &mut FaultEvent) -> anyhow::Result<()> {
+    let index = fault.worker.context("no worker index")?;
+    let len = fault.for_.context("no duration")?;
+    let (id, proxy) = {
+        let fleet = cx.fleet.lock().await;
+        let id = fleet.worker_id(index).map(str::to_owned);
+        (id.with_context(|| format!("worker {index} was never started"))?, fleet.proxy(index))
+    };
+    let proxy = proxy.with_context(|| format!("worker {index} has no proxy"))?;
+    let cut = fault.action == Action::CutWorker;
+    event.label = format!("{} {id} for {}", fault.action.as_str(), humantime::format_duration(len));
+    if cut {
+        // Its leases must move once its session ends; a worker that only
+        // misses replies keeps its session and its leases.
+        event.scopes = owned_scopes(cx, &id).await;
+        event.exclude_worker = Some(id);
+    }
+    event.at_ms = now_ms();
+    proxy.set_mode(if cut { proxy::Mode::Frozen } else { proxy::Mode::DropReplies });
+    tokio::time::sleep(len).await;
+    // Read before resuming: the last bytes the coordinator got before or
+    // during the cut.
+    let last_up_ms = proxy.last_up_ms().unwrap_or(event.at_ms);
+    let resumed_ms = proxy.resume(!cut);
+    event.ends_ms = Some(resumed_ms);
+    if cut {
+        let timeout_ms = u64::try_from(cx.session_timeout.as_millis()).unwrap_or(u64::MAX);
+        event.cut = Some(Cut {
+            worker_index: index,
+            session_end_ms: last_up_ms.saturating_add(timeout_ms),
+            resumed_ms,
+            reconnect_ms: None,
+        });
+    }
+    Ok(())
 }
 
 /// The leases `worker` owns right now, as scopes: from a fresh listing, or

@@ -223,6 +223,13 @@ pub enum Action {
     RabbitStop,
     /// `rabbitmqctl start_app`.
     RabbitStart,
+    /// Partition a worker from the coordinator for `for`: its proxy
+    /// forwards nothing either way (the worker keeps its broker
+    /// connections), then resumes.
+    CutWorker,
+    /// For `for`, the coordinator hears a worker but the worker hears no
+    /// reply; then its connections are closed so it reconnects.
+    DropReplies,
 }
 
 impl Action {
@@ -235,11 +242,21 @@ impl Action {
             Action::RestartCoordinator => "restart_coordinator",
             Action::RabbitStop => "rabbit_stop",
             Action::RabbitStart => "rabbit_start",
+            Action::CutWorker => "cut_worker",
+            Action::DropReplies => "drop_replies",
         }
     }
 
     fn takes_worker(self) -> bool {
-        matches!(self, Action::Kill9 | Action::Sigstop | Action::Sigcont)
+        matches!(
+            self,
+            Action::Kill9 | Action::Sigstop | Action::Sigcont | Action::CutWorker | Action::DropReplies
+        )
+    }
+
+    /// Network faults last `for` and then end by themselves.
+    pub fn takes_duration(self) -> bool {
+        matches!(self, Action::CutWorker | Action::DropReplies)
     }
 }
 
@@ -250,9 +267,20 @@ pub struct Fault {
     #[serde(with = "humantime_serde")]
     pub at: Duration,
     pub action: Action,
-    /// The worker's index (0-based, in start order) for kill9, sigstop and
-    /// sigcont.
+    /// The worker's index (0-based, in start order) for kill9, sigstop,
+    /// sigcont, cut_worker and drop_replies.
     pub worker: Option<usize>,
+    /// How long cut_worker and drop_replies last. The fault schedule waits
+    /// for them: the next fault may start when this one has ended.
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub for_: Option<Duration>,
+}
+
+impl Fault {
+    /// When the fault is over, since producing started.
+    pub fn ends(&self) -> Duration {
+        self.at + self.for_.unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -266,6 +294,14 @@ pub struct Thresholds {
     pub max_order_violations: Option<u64>,
     /// Every fault with affected shards must recover within this.
     pub max_recovery_s: Option<f64>,
+    /// Receipts a cut-off worker's handler began after its session ended
+    /// and before it got through to the coordinator again (see
+    /// `zombie_invocations` in the report). Unset: 0 when the scenario
+    /// has a `cut_worker` fault, no limit otherwise.
+    pub max_zombie_invocations: Option<u64>,
+    /// After every fault ends: the longest any partition or queue slot may
+    /// go without a receipt.
+    pub max_stall_s: Option<f64>,
     pub min_throughput_per_s: Option<f64>,
     /// With `strategies`: the first strategy's spike drain time over the
     /// last one's must be at least this.
@@ -294,7 +330,31 @@ const RESERVED_COORDINATOR: &[&str] = &[
     "subscriptions",
 ];
 
+/// The coordinator's own default `session_timeout`.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Scenario {
+    /// The coordinator's `session_timeout`: the scenario's, or the
+    /// coordinator's default.
+    pub fn session_timeout(&self) -> Result<Duration, BadScenario> {
+        match self.coordinator.get("session_timeout") {
+            None => Ok(DEFAULT_SESSION_TIMEOUT),
+            Some(toml::Value::String(text)) => humantime::parse_duration(text)
+                .map_err(|e| bad(format!("`coordinator.session_timeout` is {text:?}: {e}"))),
+            Some(other) => {
+                Err(bad(format!("`coordinator.session_timeout` is {other}; write a duration like \"3s\"")))
+            }
+        }
+    }
+
+    /// The zombie limit in force: the scenario's, or 0 when a worker is
+    /// cut off (a fenced worker runs no handler once its session is over).
+    pub fn max_zombie_invocations(&self) -> Option<u64> {
+        self.thresholds
+            .max_zombie_invocations
+            .or_else(|| self.faults.iter().any(|f| f.action == Action::CutWorker).then_some(0))
+    }
+
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, BadScenario> {
         let text = std::fs::read_to_string(path)
@@ -363,6 +423,7 @@ impl Scenario {
                 return Err(bad(format!("`coordinator.{key}` is set by the harness; remove it")));
             }
         }
+        self.session_timeout()?;
         self.validate_faults()?;
         Ok(())
     }
@@ -552,15 +613,24 @@ impl Scenario {
             Dead,
         }
         let mut workers = vec![State::Running; self.workers];
-        let mut previous = Duration::ZERO;
+        let mut previous: Option<&Fault> = None;
         for (i, fault) in self.faults.iter().enumerate() {
             let field = format!("faults[{i}]");
-            if fault.at < previous {
-                return Err(bad(format!(
-                    "`{field}.at` is before the fault above it; list faults in time order"
-                )));
+            if let Some(p) = previous {
+                if fault.at < p.at {
+                    return Err(bad(format!(
+                        "`{field}.at` is before the fault above it; list faults in time order"
+                    )));
+                }
+                if fault.at < p.ends() {
+                    return Err(bad(format!(
+                        "`{field}.at` is {:?}, while the fault above it lasts until {:?}; faults run one at a time",
+                        fault.at,
+                        p.ends()
+                    )));
+                }
             }
-            previous = fault.at;
+            previous = Some(fault);
             if fault.at >= self.duration {
                 return Err(bad(format!(
                     "`{field}.at` is {:?}, not within `duration` ({:?})",
@@ -568,6 +638,21 @@ impl Scenario {
                 )));
             }
             let action = fault.action.as_str();
+            match (fault.action.takes_duration(), fault.for_) {
+                (true, None) => {
+                    return Err(bad(format!("`{field}.for` is required for action `{action}`")));
+                }
+                (false, Some(_)) => {
+                    return Err(bad(format!("`{field}.for` does not apply to action `{action}`")));
+                }
+                (true, Some(len)) if len.is_zero() || fault.ends() > self.duration => {
+                    return Err(bad(format!(
+                        "`{field}.for` is {len:?}; the fault must be non-empty and end within `duration` ({:?})",
+                        self.duration
+                    )));
+                }
+                _ => {}
+            }
             match (fault.action.takes_worker(), fault.worker) {
                 (true, None) => {
                     return Err(bad(format!("`{field}.worker` is required for action `{action}`")));
@@ -596,6 +681,8 @@ impl Scenario {
             };
             let (need, next) = match fault.action {
                 Action::Kill9 => (None, State::Dead),
+                // The network around a live (or frozen) worker.
+                Action::CutWorker | Action::DropReplies => (None, *state),
                 Action::Sigstop => (Some(State::Running), State::Stopped),
                 Action::Sigcont => (Some(State::Stopped), State::Running),
                 _ => continue,
@@ -695,6 +782,8 @@ max_p99_ms = 10000
                 "coordinator-restart",
                 "failover",
                 "hot-shards",
+                "lost-replies",
+                "partition",
                 "rabbit-fanout",
                 "scale-out",
                 "spike",
@@ -797,6 +886,46 @@ max_p99_ms = 10000
         assert_eq!((s.target.subscriptions(), s.target.slots()), (2, 2));
         let e = err(&FAILOVER.replace("partitions = 8", "partitions = 8\nslots = 2"));
         assert!(e.contains("`target.slots` applies to kind `rabbitmq` only"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn network_faults_need_a_worker_and_a_duration() -> Result<(), BadScenario> {
+        let cut = FAILOVER
+            .replace("action = \"kill9\"\nworker = 0", "action = \"cut_worker\"\nworker = 0\nfor = \"20s\"");
+        let s = Scenario::parse(&cut)?;
+        assert_eq!(
+            (s.faults[0].action, s.faults[0].for_),
+            (Action::CutWorker, Some(Duration::from_secs(20)))
+        );
+        assert_eq!(s.max_zombie_invocations(), Some(0), "a cut holds zombies to 0 by default");
+        assert_eq!(s.session_timeout()?, Duration::from_secs(3));
+        assert_eq!(Scenario::parse(FAILOVER)?.max_zombie_invocations(), None);
+        let e = err(&cut.replace("for = \"20s\"\n", ""));
+        assert!(e.contains("`faults[0].for` is required for action `cut_worker`"), "{e}");
+        let e = err(&cut.replace("worker = 0\n", ""));
+        assert!(e.contains("`faults[0].worker` is required"), "{e}");
+        let e = err(&FAILOVER.replace("worker = 0", "worker = 0\nfor = \"5s\""));
+        assert!(e.contains("`faults[0].for` does not apply to action `kill9`"), "{e}");
+        let e = err(&cut.replace("for = \"20s\"", "for = \"35s\""));
+        assert!(e.contains("`faults[0].for`") && e.contains("end within `duration`"), "{e}");
+        let e = err(&cut.replace("for = \"20s\"", "for = \"soon\""));
+        assert!(e.contains("soon"), "{e}");
+        let e = err(&cut.replace("for = \"20s\"", "fr = \"20s\""));
+        assert!(e.contains("unknown field `fr`"), "{e}");
+        // Faults run one at a time: the next may not start during a cut.
+        let overlap =
+            format!("{cut}\n[[faults]]\nat = \"15s\"\naction = \"drop_replies\"\nworker = 1\nfor = \"2s\"\n");
+        let e = err(&overlap);
+        assert!(e.contains("`faults[1].at` is 15s, while the fault above it lasts until 30s"), "{e}");
+        let after = overlap.replace("at = \"15s\"", "at = \"30s\"");
+        assert!(Scenario::parse(&after).is_ok());
+        let dead = format!(
+            "{FAILOVER}\n[[faults]]\nat = \"20s\"\naction = \"cut_worker\"\nworker = 0\nfor = \"1s\"\n"
+        );
+        assert!(err(&dead).contains("already killed"));
+        let e = err(&cut.replace("session_timeout = \"3s\"", "session_timeout = \"three\""));
+        assert!(e.contains("`coordinator.session_timeout`"), "{e}");
         Ok(())
     }
 }
