@@ -214,6 +214,21 @@ async fn run_one(
     };
     let pb = progress_bar();
     say(&pb, &format!("{}: run {run_id} ({}), receipts in {}", scenario.name, kind.as_str(), plan.receipts));
+    if let Some(soak) = &scenario.soak {
+        // The drawn schedule up front: a failing soak names its seed and
+        // what the seed drew.
+        let drawn: Vec<String> = scenario
+            .faults
+            .iter()
+            .map(|f| {
+                let worker = f.worker.map(|w| format!(" {w}")).unwrap_or_default();
+                let len =
+                    f.for_.map(|d| format!(" for {}", humantime::format_duration(d))).unwrap_or_default();
+                format!("{:.0}s {}{worker}{len}", f.at.as_secs_f64(), f.action.as_str())
+            })
+            .collect();
+        say(&pb, &format!("soak seed {}: {}", soak.seed, drawn.join(", ")));
+    }
 
     // The receipts destination exists before any worker could write to it.
     match kind {

@@ -211,6 +211,14 @@ impl Outcome<'_> {
             }
             rows.push((format!("fault {} @{:.1}s", r.label, r.at_s), format!("recovery {text}")));
         }
+        if let Some(r) = longest_stall(a)
+            && let Some(stall) = r.max_stall_s
+        {
+            rows.push((
+                "longest stall after a fault".into(),
+                format!("{stall:.2} s ({}, after {})", r.stalled.as_deref().unwrap_or("-"), r.label),
+            ));
+        }
         if a.recoveries.iter().any(|r| r.zombie_invocations.is_some()) {
             rows.push(("zombie invocations".into(), a.zombie_invocations.to_string()));
             if a.unstamped > 0 {
@@ -278,6 +286,8 @@ impl Outcome<'_> {
             "lease_moves": self.lease_moves,
             "zombie_invocations": a.zombie_invocations,
             "unstamped_receipts": a.unstamped,
+            "max_stall_s": longest_stall(a).and_then(|r| r.max_stall_s.map(round3)),
+            "stalled": longest_stall(a).and_then(|r| r.stalled.clone()),
             "recoveries": a.recoveries.iter().map(|r| json!({
                 "fault": r.label,
                 "at_s": round3(r.at_s),
@@ -309,6 +319,14 @@ impl Outcome<'_> {
             "warnings": self.warnings,
         })
     }
+}
+
+/// The fault after which some lease stalled longest.
+fn longest_stall(a: &Analysis) -> Option<&Recovery> {
+    a.recoveries
+        .iter()
+        .filter(|r| r.max_stall_s.is_some())
+        .max_by(|x, y| x.max_stall_s.partial_cmp(&y.max_stall_s).unwrap_or(std::cmp::Ordering::Equal))
 }
 
 /// `kill9@10s` for the summary line.
@@ -488,6 +506,8 @@ mod tests {
         assert_eq!(j["zombie_invocations"], 7);
         assert_eq!(j["recoveries"][0]["zombie_invocations"], 7);
         assert_eq!(j["recoveries"][0]["max_stall_s"], 4.3);
+        assert_eq!((j["max_stall_s"].as_f64(), j["stalled"].as_str()), (Some(4.3), Some("t/1")));
+        assert!(o.table().contains("4.30 s (t/1, after cut_worker w0 for 20s)"), "{}", o.table());
         assert_eq!(j["recoveries"][1]["zombie_invocations"], serde_json::Value::Null);
         // Without a cut and without an explicit limit, zombies are not held.
         let s = scenario("")?;

@@ -66,6 +66,9 @@ pub struct Scenario {
     pub coordinator: toml::Table,
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Draw `faults` at random (seeded) instead of listing them.
+    #[serde(default)]
+    pub soak: Option<Soak>,
     /// Run the whole scenario once per placement strategy, in this order,
     /// and compare how fast each drains a spike (e.g. `["count", "load"]`).
     #[serde(default)]
@@ -283,6 +286,72 @@ impl Fault {
     }
 }
 
+/// `[soak]`: a fault every `every` from `every` on, each drawn from
+/// `kinds` with a seeded generator, so a failing soak can be run again
+/// exactly. A drawn fault that lasts holds for `hold`: cut_worker and
+/// drop_replies for `for = hold`, kill9 is followed by start_worker (a
+/// replacement), sigstop by sigcont and rabbit_stop by rabbit_start
+/// `hold` later.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Soak {
+    pub seed: u64,
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    /// Default: half of `every`.
+    #[serde(default, with = "humantime_serde")]
+    pub hold: Option<Duration>,
+    /// Default: every kind the target allows (rabbit_stop for RabbitMQ
+    /// only).
+    #[serde(default)]
+    pub kinds: Option<Vec<SoakKind>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SoakKind {
+    Kill9,
+    Sigstop,
+    CutWorker,
+    DropReplies,
+    RestartCoordinator,
+    RabbitStop,
+}
+
+impl SoakKind {
+    const ALL: [SoakKind; 6] = [
+        SoakKind::Kill9,
+        SoakKind::Sigstop,
+        SoakKind::CutWorker,
+        SoakKind::DropReplies,
+        SoakKind::RestartCoordinator,
+        SoakKind::RabbitStop,
+    ];
+
+    fn on_worker(self) -> bool {
+        matches!(self, SoakKind::Kill9 | SoakKind::Sigstop | SoakKind::CutWorker | SoakKind::DropReplies)
+    }
+}
+
+/// splitmix64: a few lines, fully determined by the seed, and good enough
+/// to pick a fault kind and a worker.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in `0..n` (n > 0) for a schedule.
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
@@ -365,10 +434,94 @@ impl Scenario {
     pub fn parse(text: &str) -> Result<Self, BadScenario> {
         // toml's message shows the line and names the unknown or mistyped
         // field; it is passed on whole.
-        let scenario: Scenario =
+        let mut scenario: Scenario =
             toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().to_owned()))?;
+        if let Some(soak) = scenario.soak.clone() {
+            if !scenario.faults.is_empty() {
+                return Err(bad("`soak` draws the faults; remove `faults` or `soak`"));
+            }
+            scenario.faults = scenario.soak_schedule(&soak)?;
+        }
+        // A drawn schedule is checked like a written one.
         scenario.validate()?;
         Ok(scenario)
+    }
+
+    /// The faults `soak` draws: one every `every`, while it (and its
+    /// `hold`) still ends within `duration`.
+    fn soak_schedule(&self, soak: &Soak) -> Result<Vec<Fault>, BadScenario> {
+        let hold = soak.hold.unwrap_or(soak.every / 2);
+        if soak.every < Duration::from_secs(1) {
+            return Err(bad(format!("`soak.every` is {:?}; allowed: 1s or more", soak.every)));
+        }
+        if hold.is_zero() || hold >= soak.every {
+            return Err(bad(format!(
+                "`soak.hold` is {hold:?}; allowed: above 0 and below `soak.every` ({:?}), so faults do not overlap",
+                soak.every
+            )));
+        }
+        let rabbit = self.target.kind == Kind::Rabbitmq;
+        let kinds: Vec<SoakKind> = match &soak.kinds {
+            Some(kinds) => {
+                if kinds.is_empty() {
+                    return Err(bad("`soak.kinds` is empty; omit it for every kind"));
+                }
+                if !rabbit && kinds.contains(&SoakKind::RabbitStop) {
+                    return Err(bad("`soak.kinds` has `rabbit_stop`, which needs kind `rabbitmq`"));
+                }
+                kinds.clone()
+            }
+            None => SoakKind::ALL.into_iter().filter(|k| rabbit || *k != SoakKind::RabbitStop).collect(),
+        };
+        if self.workers == 0 && kinds.iter().all(|k| k.on_worker()) {
+            return Err(bad("`soak.kinds` are all worker faults, but `workers` is 0"));
+        }
+        let mut rng = SplitMix(soak.seed);
+        // Live workers by index: kill9 retires one, its replacement gets
+        // the next index.
+        let mut live: Vec<usize> = (0..self.workers).collect();
+        let mut next_index = self.workers;
+        let mut faults = Vec::new();
+        let fault = |at: Duration, action: Action, worker: Option<usize>, for_: Option<Duration>| Fault {
+            at,
+            action,
+            worker,
+            for_,
+        };
+        let mut at = soak.every;
+        while at + hold < self.duration {
+            let usable: Vec<SoakKind> =
+                kinds.iter().copied().filter(|k| !k.on_worker() || !live.is_empty()).collect();
+            let kind = usable[rng.below(usable.len())];
+            let pick = if kind.on_worker() { Some(rng.below(live.len())) } else { None };
+            let worker = pick.map(|i| live[i]);
+            match kind {
+                SoakKind::Kill9 => {
+                    faults.push(fault(at, Action::Kill9, worker, None));
+                    faults.push(fault(at + hold, Action::StartWorker, None, None));
+                    if let Some(i) = pick {
+                        live.remove(i);
+                    }
+                    live.push(next_index);
+                    next_index += 1;
+                }
+                SoakKind::Sigstop => {
+                    faults.push(fault(at, Action::Sigstop, worker, None));
+                    faults.push(fault(at + hold, Action::Sigcont, worker, None));
+                }
+                SoakKind::CutWorker => faults.push(fault(at, Action::CutWorker, worker, Some(hold))),
+                SoakKind::DropReplies => faults.push(fault(at, Action::DropReplies, worker, Some(hold))),
+                SoakKind::RestartCoordinator => {
+                    faults.push(fault(at, Action::RestartCoordinator, None, None))
+                }
+                SoakKind::RabbitStop => {
+                    faults.push(fault(at, Action::RabbitStop, None, None));
+                    faults.push(fault(at + hold, Action::RabbitStart, None, None));
+                }
+            }
+            at += soak.every;
+        }
+        Ok(faults)
     }
 
     fn validate(&self) -> Result<(), BadScenario> {
@@ -786,6 +939,8 @@ max_p99_ms = 10000
                 "partition",
                 "rabbit-fanout",
                 "scale-out",
+                "soak",
+                "soak-ci",
                 "spike",
                 "steady",
                 "zombie"
@@ -926,6 +1081,37 @@ max_p99_ms = 10000
         assert!(err(&dead).contains("already killed"));
         let e = err(&cut.replace("session_timeout = \"3s\"", "session_timeout = \"three\""));
         assert!(e.contains("`coordinator.session_timeout`"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn soak_draws_a_seeded_schedule_that_replays_cleanly() -> Result<(), BadScenario> {
+        let soak = FAILOVER.replace("duration = \"40s\"", "duration = \"300s\"").replace(
+            "[[faults]]\nat = \"10s\"\naction = \"kill9\"\nworker = 0\n",
+            "[soak]\nseed = 7\nevery = \"20s\"\n",
+        );
+        let a = Scenario::parse(&soak)?;
+        let b = Scenario::parse(&soak)?;
+        let kinds =
+            |s: &Scenario| s.faults.iter().map(|f| (f.at, f.action, f.worker, f.for_)).collect::<Vec<_>>();
+        assert_eq!(kinds(&a), kinds(&b), "the same seed draws the same schedule");
+        let c = Scenario::parse(&soak.replace("seed = 7", "seed = 8"))?;
+        assert_ne!(kinds(&a), kinds(&c), "another seed, another schedule");
+        // Every 20 s from 20 s while a 10 s hold fits in 300 s: 14 draws.
+        let draws =
+            a.faults.iter().filter(|f| !matches!(f.action, Action::StartWorker | Action::Sigcont)).count();
+        assert_eq!(draws, 14);
+        assert!(a.faults.iter().all(|f| f.action != Action::RabbitStop), "Kafka: no broker stop");
+        let firsts: std::collections::BTreeSet<&str> = a.faults.iter().map(|f| f.action.as_str()).collect();
+        assert!(firsts.len() >= 4, "a mix of kinds: {firsts:?}");
+        let e = err(&soak.replace("every = \"20s\"", "every = \"20s\"\nhold = \"25s\""));
+        assert!(e.contains("`soak.hold`"), "{e}");
+        let e = err(&soak.replace("every = \"20s\"", "every = \"20s\"\nkinds = [\"rabbit_stop\"]"));
+        assert!(e.contains("needs kind `rabbitmq`"), "{e}");
+        let e = err(&soak.replace("every = \"20s\"", "every = \"20s\"\nkinds = [\"meteor\"]"));
+        assert!(e.contains("meteor"), "{e}");
+        let e = err(&format!("{soak}\n[[faults]]\nat = \"10s\"\naction = \"kill9\"\nworker = 0\n"));
+        assert!(e.contains("remove `faults` or `soak`"), "{e}");
         Ok(())
     }
 }
