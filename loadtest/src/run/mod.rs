@@ -735,12 +735,19 @@ struct FaultContext {
 async fn run_faults(cx: FaultContext) {
     for fault in &cx.faults {
         tokio::time::sleep_until(cx.started + fault.at).await;
+        if let (Some(worker), Some(len)) = (fault.worker, fault.for_) {
+            // Its line below comes when it ends; this one when it begins.
+            let (action, len) = (fault.action.as_str(), humantime::format_duration(len));
+            let at = cx.started.elapsed().as_secs_f64();
+            say(&cx.pb, &format!("[{at:>5.1}s] fault {action} worker {worker} for {len} begins"));
+        }
         let event = execute(&cx, fault).await;
         let what = match &event.error {
             Some(e) => format!("FAILED: {e}"),
             None if event.scopes.is_empty() => String::new(),
             None => format!("({} affected)", event.scopes.len()),
         };
+        let what = if event.ends_ms.is_some() { format!("ended {what}") } else { what };
         say(&cx.pb, &format!("[{:>5.1}s] fault {} {what}", cx.started.elapsed().as_secs_f64(), event.label));
         cx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
     }

@@ -414,20 +414,25 @@ mod tests {
         ))
     }
 
+    /// A finished, drained run of `s` with no crash or warning.
+    fn outcome<'a>(s: &'a Scenario, a: &'a Analysis) -> Outcome<'a> {
+        Outcome {
+            scenario: s,
+            run: "r",
+            analysis: a,
+            lease_moves: 0,
+            crashes: &[],
+            warnings: &[],
+            drained: true,
+            drain_s: 0.5,
+        }
+    }
+
     #[test]
     fn summary_and_breaches_name_what_failed() -> Result<(), crate::run::scenario::BadScenario> {
         let a = analysis();
         let s = scenario("[thresholds]\nmax_p99_ms = 200\nmax_recovery_s = 4\n")?;
-        let o = Outcome {
-            scenario: &s,
-            run: "r",
-            analysis: &a,
-            lease_moves: 2,
-            crashes: &[],
-            warnings: &[],
-            drained: true,
-            drain_s: 1.0,
-        };
+        let o = Outcome { lease_moves: 2, drain_s: 1.0, ..outcome(&s, &a) };
         assert_eq!(
             o.summary_line(),
             "x: produced 100, processed 99, lost 1, dup 3, p99 300 ms, throughput 50/s, recoveries [kill9@10s 4.25s, start_worker@20s -]"
@@ -452,16 +457,7 @@ mod tests {
         let mut a = analysis();
         a.lost = 0;
         let s = scenario("")?;
-        let o = Outcome {
-            scenario: &s,
-            run: "r",
-            analysis: &a,
-            lease_moves: 0,
-            crashes: &[],
-            warnings: &[],
-            drained: true,
-            drain_s: 0.5,
-        };
+        let o = outcome(&s, &a);
         assert!(o.breaches().is_empty());
         assert!(o.table().contains("verdict: PASS"));
         let crashed = ["worker w1: exited (signal 6)\nlog...".to_owned()];
@@ -486,16 +482,7 @@ mod tests {
         a.zombie_invocations = 7;
         let cut = "[[faults]]\nat = \"5s\"\naction = \"cut_worker\"\nworker = 0\nfor = \"10s\"\n";
         let s = scenario(&format!("{cut}[thresholds]\nmax_stall_s = 1\n"))?;
-        let o = Outcome {
-            scenario: &s,
-            run: "r",
-            analysis: &a,
-            lease_moves: 0,
-            crashes: &[],
-            warnings: &[],
-            drained: true,
-            drain_s: 0.5,
-        };
+        let o = outcome(&s, &a);
         let b = o.breaches();
         assert_eq!(b.len(), 2, "{b:?}");
         assert!(b[0].contains("zombie invocations 7 > max_zombie_invocations 0"), "{b:?}");
