@@ -63,6 +63,9 @@ impl Handler for Chaos {
     }
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        // Before the simulated work: the receipts say when the invocation
+        // began, not when its forwarding did.
+        let invoked_at_ms = unix_ms();
         tokio::time::sleep(self.per_batch + self.per_record * batch.len() as u32).await;
         let poisoned: Vec<i64> = match &self.poison {
             Some(p) => batch
@@ -81,7 +84,7 @@ impl Handler for Chaos {
                 records: batch.records.iter().filter(|r| !poisoned.contains(&r.offset)).cloned().collect(),
                 ..batch.clone()
             };
-            forward.handle(&healthy).await?;
+            forward.send(&healthy, invoked_at_ms).await?;
         }
         Ok(BatchResponse { failed: poisoned })
     }
@@ -117,8 +120,10 @@ impl Handler for Log {
 
 /// Writes each record to Kafka `topic` or to RabbitMQ `exchange` (exactly
 /// one), keeping key and headers and adding `shardline.stream`,
-/// `shardline.partition`, `shardline.offset` and `shardline.worker`
-/// headers. The batch succeeds once the broker has acknowledged (Kafka) or
+/// `shardline.partition`, `shardline.offset`, `shardline.worker` and
+/// `shardline.invoked_at_ms` (when the handler invocation began, unix ms,
+/// one value per batch: the load-test harness tells a zombie's work from a
+/// lease holder's by it) headers. The batch succeeds once the broker has acknowledged (Kafka) or
 /// confirmed and routed (RabbitMQ) every record.
 pub struct Forward {
     to: Destination,
@@ -152,12 +157,30 @@ impl Handler for Forward {
     }
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        self.send(batch, unix_ms()).await
+    }
+}
+
+/// Wall-clock unix ms (0 if the clock is before 1970, which no receipt
+/// reader takes for a real time).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Forward {
+    /// Forwards `batch` with the source headers, stamping `invoked_at_ms`
+    /// (the caller's invocation start: `chaos` sleeps before forwarding).
+    async fn send(&self, batch: &Batch, invoked_at_ms: u64) -> Result<BatchResponse, HandlerError> {
+        let invoked_at_ms = invoked_at_ms.to_string();
         let source = |r: &crate::handler::Record| {
             vec![
                 ("shardline.stream", r.stream.clone()),
                 ("shardline.partition", r.partition.to_string()),
                 ("shardline.offset", r.offset.to_string()),
                 ("shardline.worker", self.worker.clone()),
+                ("shardline.invoked_at_ms", invoked_at_ms.clone()),
             ]
         };
         match &self.to {

@@ -344,7 +344,8 @@ async fn consume(
                     let shard = partition.parse().unwrap_or(u32::MAX);
                     // RabbitMQ gives receipts no timestamp finer than a
                     // second: the time read is the closest to processing.
-                    ledger.receipt(&stamp, &stream, shard, &worker.unwrap_or_default(), now_ms());
+                    let invoked_ms = header("shardline.invoked_at_ms").and_then(|v| v.parse().ok());
+                    ledger.receipt(&stamp, &stream, shard, &worker.unwrap_or_default(), now_ms(), invoked_ms);
                 }
                 _ => ledger.foreign(),
             }

@@ -1,9 +1,12 @@
 //! The processes of a run and what the coordinator says about them: the
-//! coordinator (unless `--external`), the workers by index, the faults
-//! done to them, and the lease table watched once a second.
+//! coordinator (unless `--external`), the workers by index (each talking
+//! to the coordinator through its own [`Proxy`], where network faults are
+//! made), the faults done to them, and the lease table watched once a
+//! second.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -11,6 +14,7 @@ use shardline_proto::v1::admin_api_client::AdminApiClient;
 use shardline_proto::v1::{self, LeaseState};
 use tonic::transport::{Channel, Endpoint};
 
+use super::proxy::Proxy;
 use crate::child::{Coordinator, Running, Worker, WorkerSettings};
 
 /// The handler every worker hosts and every mapping names.
@@ -37,6 +41,9 @@ pub struct WorkerSlot {
     /// `None` once killed (or crashed).
     proc: Option<Worker>,
     pub stopped: bool,
+    /// Between this worker and the coordinator; shared with a network
+    /// fault while it lasts.
+    proxy: Arc<Proxy>,
 }
 
 pub struct Fleet {
@@ -100,11 +107,13 @@ impl Fleet {
         }
     }
 
-    /// Starts worker number `len()`; returns its id.
-    pub fn start_worker(&mut self) -> anyhow::Result<String> {
+    /// Starts worker number `len()` behind a proxy of its own; returns
+    /// its id.
+    pub async fn start_worker(&mut self) -> anyhow::Result<String> {
         let id = format!("w{}{}", self.workers.len(), self.template.id_suffix);
+        let proxy = Arc::new(Proxy::start(&self.url).await?);
         let settings = WorkerSettings {
-            coordinator: &self.url,
+            coordinator: proxy.url(),
             worker_id: &id,
             kafka_brokers: &self.template.kafka_brokers,
             handler: HANDLER,
@@ -114,12 +123,17 @@ impl Fleet {
             max_inflight_batches: self.template.max_inflight_batches,
         };
         let worker = Worker::start(&self.worker_bin, &settings)?;
-        self.workers.push(WorkerSlot { id: id.clone(), proc: Some(worker), stopped: false });
+        self.workers.push(WorkerSlot { id: id.clone(), proc: Some(worker), stopped: false, proxy });
         Ok(id)
     }
 
     pub fn worker_id(&self, index: usize) -> Option<&str> {
         self.workers.get(index).map(|w| w.id.as_str())
+    }
+
+    /// Worker `index`'s proxy to the coordinator.
+    pub fn proxy(&self, index: usize) -> Option<Arc<Proxy>> {
+        self.workers.get(index).map(|w| w.proxy.clone())
     }
 
     /// SIGKILLs worker `index` and waits for it to be gone.
@@ -152,7 +166,14 @@ impl Fleet {
     pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
         let coordinator =
             self.coordinator.as_mut().context("no coordinator of ours to restart (--external)")?;
-        coordinator.restart(&self.coordinator_bin).await
+        coordinator.restart(&self.coordinator_bin).await?;
+        // The restart keeps the address today; should that change, the
+        // proxies follow, so the workers' configs never need to.
+        self.url = coordinator.url();
+        for slot in &self.workers {
+            slot.proxy.retarget(&self.url)?;
+        }
+        Ok(())
     }
 
     /// Notices children that exited on their own; returns the new ones'

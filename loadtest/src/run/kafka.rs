@@ -218,12 +218,14 @@ impl ReceiptReader {
                             .to_millis()
                             .and_then(|ms| u64::try_from(ms).ok())
                             .unwrap_or_else(now_ms);
+                        let invoked_ms = header("shardline.invoked_at_ms").and_then(|v| v.parse().ok());
                         ledger.receipt(
                             &stamp,
                             &stream,
                             partition.parse().unwrap_or(u32::MAX),
                             &worker,
                             at_ms,
+                            invoked_ms,
                         );
                     }
                     _ => ledger.foreign(),

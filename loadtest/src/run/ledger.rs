@@ -62,6 +62,9 @@ pub struct Receipt {
     /// When it was processed (Kafka: the receipt's timestamp, set by the
     /// worker's producer) or read (RabbitMQ), wall-clock ms.
     pub at_ms: u64,
+    /// When the handler invocation that processed it began (the
+    /// `shardline.invoked_at_ms` header), wall-clock ms; 0 if absent.
+    pub invoked_ms: u64,
 }
 
 /// What the live counters say, for the progress bar and the drain loop.
@@ -98,7 +101,7 @@ pub struct Ledger {
 
 /// Where a fault hit: one shard (partition or queue slot) of a
 /// destination, or a whole destination (any of its slots).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Scope {
     pub sub: usize,
     pub shard: Option<u32>,
@@ -118,6 +121,51 @@ pub struct FaultEvent {
     pub exclude_worker: Option<String>,
     /// Why it did not run, when it failed.
     pub error: Option<String>,
+    /// When a fault that lasts (cut_worker, drop_replies) was over;
+    /// `None`: at `at_ms`.
+    pub ends_ms: Option<u64>,
+    /// A cut_worker fault's session bounds, for the zombie count.
+    pub cut: Option<Cut>,
+}
+
+impl FaultEvent {
+    /// A fault of this label starting now, nothing affected yet.
+    pub fn new(label: &str, at_ms: u64) -> Self {
+        Self {
+            label: label.to_owned(),
+            at_ms,
+            scopes: Vec::new(),
+            exclude_worker: None,
+            error: None,
+            ends_ms: None,
+            cut: None,
+        }
+    }
+}
+
+/// When a cut-off worker (`exclude_worker`) was a zombie: from the end of
+/// its session to its first bytes through to the coordinator again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// The worker's index in the fleet (which proxy saw it).
+    pub worker_index: usize,
+    /// The last client→coordinator bytes forwarded before or during the
+    /// cut + `session_timeout`: the coordinator has let the session go by
+    /// then, since its last heartbeat came at or before those bytes.
+    pub session_end_ms: u64,
+    /// When the cut ended: the mark after which the proxy watched for the
+    /// worker's next bytes.
+    pub resumed_ms: u64,
+    /// Those next bytes; `None`: never (the run ended first).
+    pub reconnect_ms: Option<u64>,
+}
+
+impl Cut {
+    /// Whether a handler invocation begun at `invoked_ms` ran while the
+    /// worker had no session and did not know it.
+    fn zombie(&self, invoked_ms: u64) -> bool {
+        invoked_ms > self.session_end_ms && self.reconnect_ms.is_none_or(|r| invoked_ms < r)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +178,18 @@ pub struct Recovery {
     /// Scopes that never saw a receipt after the fault.
     pub unrecovered: Vec<String>,
     pub error: Option<String>,
+    /// Seconds since start when the fault was over.
+    pub ended_s: f64,
+    /// From the fault's end to the next fault (or the end of producing):
+    /// the longest any partition or queue slot went without a receipt
+    /// (the faulted worker's zombie receipts not counted); `None`: no
+    /// such window.
+    pub max_stall_s: Option<f64>,
+    /// Where that stall was.
+    pub stalled: Option<String>,
+    /// cut_worker only: receipts from the cut worker invoked after its
+    /// session ended and before it got through again.
+    pub zombie_invocations: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -197,6 +257,11 @@ pub struct Analysis {
     pub throughput_per_s: f64,
     pub timeline: Vec<Row>,
     pub recoveries: Vec<Recovery>,
+    /// Over every cut_worker fault.
+    pub zombie_invocations: u64,
+    /// Receipts without `shardline.invoked_at_ms` (a worker too old to
+    /// stamp it): the zombie count cannot see them.
+    pub unstamped: u64,
     /// Receipts per worker name.
     pub per_worker: Vec<(String, u64)>,
 }
@@ -259,8 +324,17 @@ impl Ledger {
         self.foreign += 1;
     }
 
-    /// Books a receipt from destination `stream`.
-    pub fn receipt(&mut self, stamp: &Stamp, stream: &str, shard: u32, worker: &str, at_ms: u64) {
+    /// Books a receipt from destination `stream`, processed under lease
+    /// `shard` by `worker` in an invocation begun at `invoked_ms`.
+    pub fn receipt(
+        &mut self,
+        stamp: &Stamp,
+        stream: &str,
+        shard: u32,
+        worker: &str,
+        at_ms: u64,
+        invoked_ms: Option<u64>,
+    ) {
         let sub = self.destinations.iter().position(|d| d == stream);
         let (Some(sub), true, true) = (sub, stamp.run == self.run, (stamp.id as usize) < self.sent.len())
         else {
@@ -292,6 +366,7 @@ impl Ledger {
             shard,
             worker: u16::try_from(worker).unwrap_or(u16::MAX),
             at_ms,
+            invoked_ms: invoked_ms.unwrap_or(0),
         });
     }
 
@@ -402,7 +477,25 @@ impl Ledger {
 
         let processed: u64 = destinations.iter().map(|d| d.processed).sum();
         let elapsed_s = (last_first_ms.saturating_sub(self.start_ms)) as f64 / 1000.0;
-        let recoveries = faults.iter().map(|f| self.recovery(f)).collect();
+        let producing_end_ms = self
+            .sent
+            .iter()
+            .filter_map(|s| match s.state {
+                SendState::Acked(_) => Some(s.sent_ms),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(self.start_ms);
+        let shards = self.shards();
+        let recoveries: Vec<Recovery> = faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let until =
+                    faults.get(i + 1).map_or(producing_end_ms, |next| next.at_ms.min(producing_end_ms));
+                self.recovery(f, &shards, until)
+            })
+            .collect();
         Ok(Analysis {
             produced,
             unacknowledged: self.sent.len() as u64 - produced,
@@ -417,14 +510,27 @@ impl Ledger {
             ack_latency: LatencyFigures::of(&ack_latency, produced),
             throughput_per_s: if elapsed_s > 0.0 { processed as f64 / elapsed_s } else { 0.0 },
             timeline,
+            zombie_invocations: recoveries.iter().filter_map(|r| r.zombie_invocations).sum(),
             recoveries,
+            unstamped: self.receipts.iter().filter(|r| r.invoked_ms == 0).count() as u64,
             per_worker: self.workers.iter().cloned().zip(per_worker).collect(),
         })
     }
 
-    /// From the fault to the first receipt of every scope it hit (by
-    /// another worker than the faulted one), the slowest of them.
-    fn recovery(&self, fault: &FaultEvent) -> Recovery {
+    /// Every (destination, partition or slot) that ever had a receipt.
+    fn shards(&self) -> Vec<Scope> {
+        let mut shards: Vec<Scope> =
+            self.receipts.iter().map(|r| Scope { sub: usize::from(r.sub), shard: Some(r.shard) }).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
+    /// One fault's figures: from the fault to the first receipt of every
+    /// scope it hit (by another worker than the faulted one), the slowest
+    /// of them; the longest stall of any of `shards` from the fault's end
+    /// to `until`; a cut's zombie invocations.
+    fn recovery(&self, fault: &FaultEvent, shards: &[Scope], until: u64) -> Recovery {
         let excluded = fault
             .exclude_worker
             .as_ref()
@@ -450,6 +556,19 @@ impl Ledger {
             }
         }
         let recovery_s = if unrecovered.is_empty() { slowest.map(|ms| ms as f64 / 1000.0) } else { None };
+        let ends_ms = fault.ends_ms.unwrap_or(fault.at_ms);
+        // The faulted worker's receipts do not show a lease running while
+        // it is dead or cut off: a killed worker's are in flight, a cut
+        // one's are a zombie's until it gets through again.
+        let counts = |r: &Receipt| {
+            Some(r.worker) != excluded
+                || fault.cut.as_ref().and_then(|c| c.reconnect_ms).is_some_and(|ms| r.at_ms >= ms)
+        };
+        let stall = self.longest_stall(shards, ends_ms, until, counts);
+        let zombie_invocations = fault.cut.as_ref().map(|cut| {
+            self.receipts.iter().filter(|r| Some(r.worker) == excluded && cut.zombie(r.invoked_ms)).count()
+                as u64
+        });
         Recovery {
             label: fault.label.clone(),
             at_s: self.rel_s(fault.at_ms),
@@ -457,7 +576,49 @@ impl Ledger {
             affected: fault.scopes.len(),
             unrecovered,
             error: fault.error.clone(),
+            ended_s: self.rel_s(ends_ms),
+            max_stall_s: stall.map(|(ms, _)| ms as f64 / 1000.0),
+            stalled: stall.map(|(_, scope)| self.scope_name(&scope)),
+            zombie_invocations,
         }
+    }
+
+    /// The longest time in `[from, until]` any of `shards` went without a
+    /// receipt that `counts`, and where; `None` when the window is empty.
+    fn longest_stall(
+        &self,
+        shards: &[Scope],
+        from: u64,
+        until: u64,
+        counts: impl Fn(&Receipt) -> bool,
+    ) -> Option<(u64, Scope)> {
+        if until <= from {
+            return None;
+        }
+        let mut times: HashMap<Scope, Vec<u64>> = HashMap::new();
+        for r in &self.receipts {
+            if (from..=until).contains(&r.at_ms) && counts(r) {
+                times
+                    .entry(Scope { sub: usize::from(r.sub), shard: Some(r.shard) })
+                    .or_default()
+                    .push(r.at_ms);
+            }
+        }
+        let mut longest: Option<(u64, Scope)> = None;
+        for scope in shards {
+            let mut points = times.remove(scope).unwrap_or_default();
+            points.sort_unstable();
+            let mut previous = from;
+            let mut gap = 0;
+            for t in points.into_iter().chain([until]) {
+                gap = gap.max(t - previous);
+                previous = t;
+            }
+            if longest.is_none_or(|(ms, _)| gap > ms) {
+                longest = Some((gap, *scope));
+            }
+        }
+        longest
     }
 
     /// `stream/3` for a shard, `subscription#1` for a slot (the CLI's
@@ -500,9 +661,9 @@ mod tests {
     fn counts_lost_duplicates_and_latency() -> anyhow::Result<()> {
         let mut l = ledger(10, 4, &["s"]);
         for i in 0..9 {
-            l.receipt(&stamp(i), "s", (i % 2) as u32, "w0", T0 + i * 10 + 100);
+            l.receipt(&stamp(i), "s", (i % 2) as u32, "w0", T0 + i * 10 + 100, None);
         }
-        l.receipt(&stamp(3), "s", 1, "w1", T0 + 500);
+        l.receipt(&stamp(3), "s", 1, "w1", T0 + 500, None);
         assert_eq!(l.progress(), Progress { sent: 10, acked: 10, failed: 0, processed: 9, lag: 1 });
         assert!(!l.complete());
         let a = l.analyze(&[])?;
@@ -518,9 +679,9 @@ mod tests {
     #[test]
     fn foreign_receipts_are_set_aside() -> anyhow::Result<()> {
         let mut l = ledger(2, 1, &["s"]);
-        l.receipt(&Stamp { run: "other".into(), id: 0, sent_ms: 0 }, "s", 0, "w", T0);
-        l.receipt(&stamp(0), "elsewhere", 0, "w", T0);
-        l.receipt(&stamp(99), "s", 0, "w", T0);
+        l.receipt(&Stamp { run: "other".into(), id: 0, sent_ms: 0 }, "s", 0, "w", T0, None);
+        l.receipt(&stamp(0), "elsewhere", 0, "w", T0, None);
+        l.receipt(&stamp(99), "s", 0, "w", T0, None);
         let a = l.analyze(&[])?;
         assert_eq!((a.foreign, a.processed, a.lost), (3, 0, 2));
         Ok(())
@@ -530,7 +691,7 @@ mod tests {
     fn a_receipt_before_its_ack_still_completes() {
         let mut l = Ledger::new("r", vec!["s".into()], true);
         let id = l.send(0, T0);
-        l.receipt(&stamp(id), "s", 0, "w", T0 + 1);
+        l.receipt(&stamp(id), "s", 0, "w", T0 + 1, None);
         assert!(!l.complete(), "the send is still pending");
         l.acked(id, T0 + 2);
         assert!(l.complete());
@@ -543,8 +704,8 @@ mod tests {
         let b = l.send(0, T0);
         l.acked(a, T0);
         l.failed(b);
-        l.receipt(&stamp(b), "s", 0, "w", T0 + 10);
-        l.receipt(&stamp(a), "s", 0, "w", T0 + 10);
+        l.receipt(&stamp(b), "s", 0, "w", T0 + 10, None);
+        l.receipt(&stamp(a), "s", 0, "w", T0 + 10, None);
         assert!(l.complete());
         let x = l.analyze(&[])?;
         assert_eq!(
@@ -559,7 +720,7 @@ mod tests {
         let mut l = ledger(6, 2, &["s"]);
         // Key 0: ids 0, 2, 4; key 1: ids 1, 3, 5.
         for id in [0, 1, 4, 3, 2, 5, 0, 1] {
-            l.receipt(&stamp(id), "s", 0, "w", T0 + 100);
+            l.receipt(&stamp(id), "s", 0, "w", T0 + 100, None);
         }
         let a = l.analyze(&[])?;
         // 2 after 4 (key 0); the redelivered 0 and 1 are duplicates, not
@@ -573,9 +734,9 @@ mod tests {
     fn fanout_destinations_are_accounted_separately() -> anyhow::Result<()> {
         let mut l = ledger(3, 1, &["a", "b"]);
         for id in 0..3 {
-            l.receipt(&stamp(id), "a", 0, "w", T0 + 50);
+            l.receipt(&stamp(id), "a", 0, "w", T0 + 50, None);
         }
-        l.receipt(&stamp(0), "b", 1, "w", T0 + 50);
+        l.receipt(&stamp(0), "b", 1, "w", T0 + 50, None);
         assert_eq!(l.progress().lag, 2);
         let x = l.analyze(&[])?;
         assert_eq!(x.order_violations, None, "queues promise no order");
@@ -590,7 +751,7 @@ mod tests {
         // 300 records over 3 s (10 ms apart), each processed 1.5 s later.
         let mut l = ledger(300, 10, &["s"]);
         for id in 0..300 {
-            l.receipt(&stamp(id), "s", 0, "w", T0 + id * 10 + 1500);
+            l.receipt(&stamp(id), "s", 0, "w", T0 + id * 10 + 1500, None);
         }
         let a = l.analyze(&[])?;
         assert_eq!(a.timeline.len(), 5);
@@ -611,16 +772,14 @@ mod tests {
         let fault_ms = T0 + 10_000;
         // The killed worker's in-flight receipt right after the fault does
         // not count; partition 1 recovers at +3 s, partition 2 at +4.5 s.
-        l.receipt(&stamp(1), "s", 1, "dead", fault_ms + 10);
-        l.receipt(&stamp(1), "s", 1, "w1", fault_ms + 3000);
-        l.receipt(&stamp(2), "s", 2, "w2", fault_ms - 1000);
-        l.receipt(&stamp(2), "s", 2, "w2", fault_ms + 4500);
+        l.receipt(&stamp(1), "s", 1, "dead", fault_ms + 10, None);
+        l.receipt(&stamp(1), "s", 1, "w1", fault_ms + 3000, None);
+        l.receipt(&stamp(2), "s", 2, "w2", fault_ms - 1000, None);
+        l.receipt(&stamp(2), "s", 2, "w2", fault_ms + 4500, None);
         let kill = FaultEvent {
-            label: "kill9 dead".into(),
-            at_ms: fault_ms,
             scopes: vec![Scope { sub: 0, shard: Some(1) }, Scope { sub: 0, shard: Some(2) }],
             exclude_worker: Some("dead".into()),
-            error: None,
+            ..FaultEvent::new("kill9 dead", fault_ms)
         };
         let never = FaultEvent { scopes: vec![Scope { sub: 0, shard: Some(3) }], ..kill.clone() };
         let nothing = FaultEvent { scopes: vec![], ..kill.clone() };
@@ -633,6 +792,83 @@ mod tests {
         assert_eq!((r[1].recovery_s, r[1].unrecovered.clone()), (None, vec!["s/3".to_owned()]));
         assert_eq!((r[2].recovery_s, r[2].affected), (None, 0));
         assert_eq!(r[3].recovery_s, Some(0.01));
+        Ok(())
+    }
+
+    #[test]
+    fn zombies_are_a_cut_workers_invocations_between_session_end_and_reconnect() -> anyhow::Result<()> {
+        let mut l = ledger(10, 10, &["s"]);
+        let cut_ms = T0 + 10_000;
+        let cut = Cut {
+            worker_index: 0,
+            session_end_ms: cut_ms + 3000,
+            resumed_ms: cut_ms + 20_000,
+            reconnect_ms: Some(cut_ms + 20_005),
+        };
+        // Before the session ended: no zombie; after it, before the
+        // reconnect: zombies; after the reconnect: not counted; another
+        // worker's: never.
+        for (id, invoked) in
+            [(0, cut_ms + 2000), (1, cut_ms + 3001), (2, cut_ms + 19_000), (3, cut_ms + 20_010)]
+        {
+            l.receipt(&stamp(id), "s", 0, "w0", invoked + 50, Some(invoked));
+        }
+        l.receipt(&stamp(4), "s", 0, "w1", cut_ms + 5000, Some(cut_ms + 5000));
+        l.receipt(&stamp(5), "s", 0, "w0", cut_ms + 5000, None);
+        let event = FaultEvent {
+            exclude_worker: Some("w0".into()),
+            ends_ms: Some(cut_ms + 20_000),
+            cut: Some(cut.clone()),
+            ..FaultEvent::new("cut_worker w0", cut_ms)
+        };
+        let never = FaultEvent { cut: Some(Cut { reconnect_ms: None, ..cut }), ..event.clone() };
+        let kill = FaultEvent { cut: None, ..event.clone() };
+        let a = l.analyze(&[event, never, kill])?;
+        assert_eq!(a.recoveries[0].zombie_invocations, Some(2));
+        assert_eq!(a.recoveries[1].zombie_invocations, Some(3), "no reconnect: every later invocation");
+        assert_eq!(a.recoveries[2].zombie_invocations, None, "not a cut");
+        assert_eq!(a.zombie_invocations, 5);
+        assert_eq!(a.unstamped, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn stalls_run_from_the_faults_end_to_the_next_fault_per_shard() -> anyhow::Result<()> {
+        // Records sent until T0 + 9.99 s: producing ends there.
+        let mut l = ledger(1000, 10, &["s"]);
+        let end = T0 + 2000;
+        // Partition 0 steady every 100 ms; partition 1 silent from the
+        // end for 1.5 s, then steady; the cut worker's zombie receipts on
+        // partition 1 do not count until it reconnects at end + 3 s.
+        for k in 0..100u64 {
+            let t = T0 + k * 100;
+            l.receipt(&stamp(k), "s", 0, "w1", t, Some(t));
+            if t < end || t >= end + 1500 {
+                l.receipt(&stamp(k), "s", 1, "w2", t, Some(t));
+            } else {
+                l.receipt(&stamp(k), "s", 1, "w0", t, Some(t));
+            }
+        }
+        let cut = FaultEvent {
+            exclude_worker: Some("w0".into()),
+            ends_ms: Some(end),
+            cut: Some(Cut {
+                worker_index: 0,
+                session_end_ms: end,
+                resumed_ms: end,
+                reconnect_ms: Some(end + 3000),
+            }),
+            ..FaultEvent::new("cut_worker w0", T0 + 1000)
+        };
+        let next = FaultEvent::new("kill9 w3", T0 + 6000);
+        let a = l.analyze(&[cut, next])?;
+        assert_eq!(a.recoveries[0].max_stall_s, Some(1.5));
+        assert_eq!(a.recoveries[0].stalled.as_deref(), Some("s/1"));
+        assert!((a.recoveries[0].ended_s - 2.0).abs() < 1e-9);
+        // From T0 + 6 s to the end of producing (T0 + 9.99 s): a receipt
+        // every 100 ms throughout.
+        let last = a.recoveries[1].max_stall_s.unwrap_or(f64::NAN);
+        assert!((last - 0.1).abs() < 1e-9, "{last}");
         Ok(())
     }
 }

@@ -29,6 +29,7 @@ mod fleet;
 mod kafka;
 mod ledger;
 mod payload;
+mod proxy;
 mod rate;
 mod report;
 mod scenario;
@@ -46,7 +47,7 @@ use tokio::time::Instant;
 
 use crate::child::{self, Coordinator, Discovery, Setup, quote};
 use fleet::{Admin, Fleet, LeaseWatch, WorkerTemplate};
-use ledger::{Books, FaultEvent, Ledger, Scope, lock};
+use ledger::{Books, Cut, FaultEvent, Ledger, Scope, lock};
 use payload::now_ms;
 use scenario::{Action, Fault, Kind, Scenario};
 
@@ -213,6 +214,21 @@ async fn run_one(
     };
     let pb = progress_bar();
     say(&pb, &format!("{}: run {run_id} ({}), receipts in {}", scenario.name, kind.as_str(), plan.receipts));
+    if let Some(soak) = &scenario.soak {
+        // The drawn schedule up front: a failing soak names its seed and
+        // what the seed drew.
+        let drawn: Vec<String> = scenario
+            .faults
+            .iter()
+            .map(|f| {
+                let worker = f.worker.map(|w| format!(" {w}")).unwrap_or_default();
+                let len =
+                    f.for_.map(|d| format!(" for {}", humantime::format_duration(d))).unwrap_or_default();
+                format!("{:.0}s {}{worker}{len}", f.at.as_secs_f64(), f.action.as_str())
+            })
+            .collect();
+        say(&pb, &format!("soak seed {}: {}", soak.seed, drawn.join(", ")));
+    }
 
     // The receipts destination exists before any worker could write to it.
     match kind {
@@ -277,7 +293,7 @@ async fn run_one(
             f.keep_logs(dir.clone());
         }
         for _ in 0..scenario.workers {
-            f.start_worker()?;
+            f.start_worker().await?;
         }
     }
     wait_ready(&admin, &plan.destinations, expected_leases, scenario.workers, &fleet, &pb).await?;
@@ -294,6 +310,7 @@ async fn run_one(
     let events = Arc::new(Mutex::new(Vec::new()));
     let mut faults = AbortOnDrop(tokio::spawn(run_faults(FaultContext {
         faults: scenario.faults.clone(),
+        session_timeout: scenario.session_timeout()?,
         fleet: fleet.clone(),
         admin: admin.clone(),
         watch: watch.clone(),
@@ -375,6 +392,10 @@ async fn run_one(
     pb.finish_and_clear();
 
     let mut fleet = fleet.lock().await;
+    let mut fault_events = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    for cut in fault_events.iter_mut().filter_map(|e| e.cut.as_mut()) {
+        cut.reconnect_ms = fleet.proxy(cut.worker_index).and_then(|p| p.first_up_after(cut.resumed_ms));
+    }
     let crashes = {
         // A last look, so a crash in the final second is reported too.
         fleet.check();
@@ -392,7 +413,6 @@ async fn run_one(
         warnings.extend(amqp::cleanup(&args.amqp_url, &plan.amqp_names(), !plan.external).await);
     }
 
-    let fault_events = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let analysis = lock(&books).analyze(&fault_events)?;
     let outcome = report::Outcome {
         scenario: &scenario,
@@ -699,6 +719,8 @@ async fn watch_leases(admin: Admin, destinations: Vec<String>, watch: Arc<Mutex<
 
 struct FaultContext {
     faults: Vec<Fault>,
+    /// The coordinator's: when a cut-off worker's session ends.
+    session_timeout: Duration,
     fleet: Arc<tokio::sync::Mutex<Fleet>>,
     admin: Admin,
     watch: Arc<Mutex<LeaseWatch>>,
@@ -713,12 +735,19 @@ struct FaultContext {
 async fn run_faults(cx: FaultContext) {
     for fault in &cx.faults {
         tokio::time::sleep_until(cx.started + fault.at).await;
+        if let (Some(worker), Some(len)) = (fault.worker, fault.for_) {
+            // Its line below comes when it ends; this one when it begins.
+            let (action, len) = (fault.action.as_str(), humantime::format_duration(len));
+            let at = cx.started.elapsed().as_secs_f64();
+            say(&cx.pb, &format!("[{at:>5.1}s] fault {action} worker {worker} for {len} begins"));
+        }
         let event = execute(&cx, fault).await;
         let what = match &event.error {
             Some(e) => format!("FAILED: {e}"),
             None if event.scopes.is_empty() => String::new(),
             None => format!("({} affected)", event.scopes.len()),
         };
+        let what = if event.ends_ms.is_some() { format!("ended {what}") } else { what };
         say(&cx.pb, &format!("[{:>5.1}s] fault {} {what}", cx.started.elapsed().as_secs_f64(), event.label));
         cx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
     }
@@ -726,13 +755,7 @@ async fn run_faults(cx: FaultContext) {
 
 async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
     let action = fault.action;
-    let mut event = FaultEvent {
-        label: action.as_str().to_owned(),
-        at_ms: now_ms(),
-        scopes: Vec::new(),
-        exclude_worker: None,
-        error: None,
-    };
+    let mut event = FaultEvent::new(action.as_str(), now_ms());
     let result: anyhow::Result<()> = async {
         match action {
             Action::Kill9 | Action::Sigstop | Action::Sigcont => {
@@ -751,10 +774,11 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
                     _ => fleet.signal(index, action == Action::Sigstop),
                 }
             }
+            Action::CutWorker | Action::DropReplies => network_fault(cx, fault, &mut event).await,
             Action::StartWorker => {
                 let mut fleet = cx.fleet.lock().await;
                 event.at_ms = now_ms();
-                let id = fleet.start_worker()?;
+                let id = fleet.start_worker().await?;
                 event.label = format!("start_worker {id}");
                 Ok(())
             }
@@ -780,6 +804,46 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
         event.error = Some(format!("{e:#}"));
     }
     event
+}
+
+/// cut_worker or drop_replies: sets the worker's proxy for `for`, then
+/// resumes it (drop_replies also closes its connections: their HTTP/2
+/// streams lost bytes) and books what the zombie count needs.
+async fn network_fault(cx: &FaultContext, fault: &Fault, event: &mut FaultEvent) -> anyhow::Result<()> {
+    let index = fault.worker.context("no worker index")?;
+    let len = fault.for_.context("no duration")?;
+    let (id, proxy) = {
+        let fleet = cx.fleet.lock().await;
+        let id = fleet.worker_id(index).map(str::to_owned);
+        (id.with_context(|| format!("worker {index} was never started"))?, fleet.proxy(index))
+    };
+    let proxy = proxy.with_context(|| format!("worker {index} has no proxy"))?;
+    let cut = fault.action == Action::CutWorker;
+    event.label = format!("{} {id} for {}", fault.action.as_str(), humantime::format_duration(len));
+    if cut {
+        // Its leases must move once its session ends; a worker that only
+        // misses replies keeps its session and its leases.
+        event.scopes = owned_scopes(cx, &id).await;
+        event.exclude_worker = Some(id);
+    }
+    event.at_ms = now_ms();
+    proxy.set_mode(if cut { proxy::Mode::Frozen } else { proxy::Mode::DropReplies });
+    tokio::time::sleep(len).await;
+    // Read before resuming: the last bytes the coordinator got before or
+    // during the cut.
+    let last_up_ms = proxy.last_up_ms().unwrap_or(event.at_ms);
+    let resumed_ms = proxy.resume(!cut);
+    event.ends_ms = Some(resumed_ms);
+    if cut {
+        let timeout_ms = u64::try_from(cx.session_timeout.as_millis()).unwrap_or(u64::MAX);
+        event.cut = Some(Cut {
+            worker_index: index,
+            session_end_ms: last_up_ms.saturating_add(timeout_ms),
+            resumed_ms,
+            reconnect_ms: None,
+        });
+    }
+    Ok(())
 }
 
 /// The leases `worker` owns right now, as scopes: from a fresh listing, or

@@ -63,10 +63,27 @@ impl Outcome<'_> {
         {
             out.push(format!("throughput {:.0}/s < min_throughput_per_s {min}", a.throughput_per_s));
         }
+        if let Some(max) = self.scenario.max_zombie_invocations()
+            && a.zombie_invocations > max
+        {
+            out.push(format!(
+                "zombie invocations {} > max_zombie_invocations {max} (handlers run by a worker after its session ended)",
+                a.zombie_invocations
+            ));
+        }
         for r in &a.recoveries {
             if let Some(e) = &r.error {
                 out.push(format!("fault `{}` failed: {e}", r.label));
                 continue;
+            }
+            if let (Some(max), Some(stall)) = (t.max_stall_s, r.max_stall_s)
+                && stall > max
+            {
+                out.push(format!(
+                    "after `{}` ended, {} went {stall:.2} s without a receipt > max_stall_s {max}",
+                    r.label,
+                    r.stalled.as_deref().unwrap_or("a lease")
+                ));
             }
             let Some(max) = t.max_recovery_s else { continue };
             if r.affected == 0 {
@@ -96,8 +113,13 @@ impl Outcome<'_> {
         };
         let recoveries: Vec<String> =
             a.recoveries.iter().map(|r| format!("{} {}", short_label(r), recovery_text(r))).collect();
+        let zombies = if a.recoveries.iter().any(|r| r.zombie_invocations.is_some()) {
+            format!(", zombies {}", a.zombie_invocations)
+        } else {
+            String::new()
+        };
         format!(
-            "{}: produced {}{fanout}, processed {}, lost {}, dup {}, p99 {:.0} ms, throughput {:.0}/s, recoveries [{}]",
+            "{}: produced {}{fanout}, processed {}, lost {}, dup {}{zombies}, p99 {:.0} ms, throughput {:.0}/s, recoveries [{}]",
             self.scenario.name,
             a.produced,
             a.processed,
@@ -175,10 +197,33 @@ impl Outcome<'_> {
             if r.affected > 0 {
                 text.push_str(&format!(" ({} affected)", r.affected));
             }
+            if let Some(stall) = r.max_stall_s {
+                text.push_str(&format!(
+                    ", then longest stall {stall:.2}s ({})",
+                    r.stalled.as_deref().unwrap_or("-")
+                ));
+            }
+            if let Some(z) = r.zombie_invocations {
+                text.push_str(&format!(", zombie invocations {z}"));
+            }
             if let Some(e) = &r.error {
                 text = format!("FAILED: {e}");
             }
             rows.push((format!("fault {} @{:.1}s", r.label, r.at_s), format!("recovery {text}")));
+        }
+        if let Some(r) = longest_stall(a)
+            && let Some(stall) = r.max_stall_s
+        {
+            rows.push((
+                "longest stall after a fault".into(),
+                format!("{stall:.2} s ({}, after {})", r.stalled.as_deref().unwrap_or("-"), r.label),
+            ));
+        }
+        if a.recoveries.iter().any(|r| r.zombie_invocations.is_some()) {
+            rows.push(("zombie invocations".into(), a.zombie_invocations.to_string()));
+            if a.unstamped > 0 {
+                rows.push(("receipts without invoked_at_ms".into(), a.unstamped.to_string()));
+            }
         }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
@@ -239,12 +284,20 @@ impl Outcome<'_> {
             "drained": self.drained,
             "drain_s": round3(self.drain_s),
             "lease_moves": self.lease_moves,
+            "zombie_invocations": a.zombie_invocations,
+            "unstamped_receipts": a.unstamped,
+            "max_stall_s": longest_stall(a).and_then(|r| r.max_stall_s.map(round3)),
+            "stalled": longest_stall(a).and_then(|r| r.stalled.clone()),
             "recoveries": a.recoveries.iter().map(|r| json!({
                 "fault": r.label,
                 "at_s": round3(r.at_s),
+                "ended_s": round3(r.ended_s),
                 "recovery_s": r.recovery_s.map(round3),
                 "affected": r.affected,
                 "unrecovered": r.unrecovered,
+                "max_stall_s": r.max_stall_s.map(round3),
+                "stalled": r.stalled,
+                "zombie_invocations": r.zombie_invocations,
                 "error": r.error,
             })).collect::<Vec<_>>(),
             "per_subscription": a.destinations.iter().map(|d| json!({
@@ -266,6 +319,14 @@ impl Outcome<'_> {
             "warnings": self.warnings,
         })
     }
+}
+
+/// The fault after which some lease stalled longest.
+fn longest_stall(a: &Analysis) -> Option<&Recovery> {
+    a.recoveries
+        .iter()
+        .filter(|r| r.max_stall_s.is_some())
+        .max_by(|x, y| x.max_stall_s.partial_cmp(&y.max_stall_s).unwrap_or(std::cmp::Ordering::Equal))
 }
 
 /// `kill9@10s` for the summary line.
@@ -322,6 +383,10 @@ mod tests {
                     affected: 3,
                     unrecovered: vec![],
                     error: None,
+                    ended_s: 10.0,
+                    max_stall_s: Some(4.3),
+                    stalled: Some("t/1".into()),
+                    zombie_invocations: None,
                 },
                 Recovery {
                     label: "start_worker w3".into(),
@@ -330,8 +395,14 @@ mod tests {
                     affected: 0,
                     unrecovered: vec![],
                     error: None,
+                    ended_s: 20.0,
+                    max_stall_s: None,
+                    stalled: None,
+                    zombie_invocations: None,
                 },
             ],
+            zombie_invocations: 0,
+            unstamped: 0,
             per_worker: vec![("w0".into(), 102)],
         }
     }
@@ -343,20 +414,25 @@ mod tests {
         ))
     }
 
+    /// A finished, drained run of `s` with no crash or warning.
+    fn outcome<'a>(s: &'a Scenario, a: &'a Analysis) -> Outcome<'a> {
+        Outcome {
+            scenario: s,
+            run: "r",
+            analysis: a,
+            lease_moves: 0,
+            crashes: &[],
+            warnings: &[],
+            drained: true,
+            drain_s: 0.5,
+        }
+    }
+
     #[test]
     fn summary_and_breaches_name_what_failed() -> Result<(), crate::run::scenario::BadScenario> {
         let a = analysis();
         let s = scenario("[thresholds]\nmax_p99_ms = 200\nmax_recovery_s = 4\n")?;
-        let o = Outcome {
-            scenario: &s,
-            run: "r",
-            analysis: &a,
-            lease_moves: 2,
-            crashes: &[],
-            warnings: &[],
-            drained: true,
-            drain_s: 1.0,
-        };
+        let o = Outcome { lease_moves: 2, drain_s: 1.0, ..outcome(&s, &a) };
         assert_eq!(
             o.summary_line(),
             "x: produced 100, processed 99, lost 1, dup 3, p99 300 ms, throughput 50/s, recoveries [kill9@10s 4.25s, start_worker@20s -]"
@@ -381,16 +457,7 @@ mod tests {
         let mut a = analysis();
         a.lost = 0;
         let s = scenario("")?;
-        let o = Outcome {
-            scenario: &s,
-            run: "r",
-            analysis: &a,
-            lease_moves: 0,
-            crashes: &[],
-            warnings: &[],
-            drained: true,
-            drain_s: 0.5,
-        };
+        let o = outcome(&s, &a);
         assert!(o.breaches().is_empty());
         assert!(o.table().contains("verdict: PASS"));
         let crashed = ["worker w1: exited (signal 6)\nlog...".to_owned()];
@@ -399,6 +466,39 @@ mod tests {
             o.breaches(),
             vec!["a process exited on its own: worker w1: exited (signal 6)".to_owned()]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn zombies_and_stalls_are_reported_and_held_to_their_thresholds()
+    -> Result<(), crate::run::scenario::BadScenario> {
+        let mut a = analysis();
+        a.lost = 0;
+        a.recoveries[0] = Recovery {
+            label: "cut_worker w0 for 20s".into(),
+            zombie_invocations: Some(7),
+            ..a.recoveries[0].clone()
+        };
+        a.zombie_invocations = 7;
+        let cut = "[[faults]]\nat = \"5s\"\naction = \"cut_worker\"\nworker = 0\nfor = \"10s\"\n";
+        let s = scenario(&format!("{cut}[thresholds]\nmax_stall_s = 1\n"))?;
+        let o = outcome(&s, &a);
+        let b = o.breaches();
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert!(b[0].contains("zombie invocations 7 > max_zombie_invocations 0"), "{b:?}");
+        assert!(b[1].contains("t/1 went 4.30 s without a receipt > max_stall_s 1"), "{b:?}");
+        assert!(o.summary_line().contains("dup 3, zombies 7,"), "{}", o.summary_line());
+        assert!(o.table().contains("zombie invocations 7"), "{}", o.table());
+        let j = o.json();
+        assert_eq!(j["zombie_invocations"], 7);
+        assert_eq!(j["recoveries"][0]["zombie_invocations"], 7);
+        assert_eq!(j["recoveries"][0]["max_stall_s"], 4.3);
+        assert_eq!((j["max_stall_s"].as_f64(), j["stalled"].as_str()), (Some(4.3), Some("t/1")));
+        assert!(o.table().contains("4.30 s (t/1, after cut_worker w0 for 20s)"), "{}", o.table());
+        assert_eq!(j["recoveries"][1]["zombie_invocations"], serde_json::Value::Null);
+        // Without a cut and without an explicit limit, zombies are not held.
+        let s = scenario("")?;
+        assert!(Outcome { scenario: &s, ..o }.breaches().is_empty());
         Ok(())
     }
 }

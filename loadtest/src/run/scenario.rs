@@ -66,6 +66,9 @@ pub struct Scenario {
     pub coordinator: toml::Table,
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Draw `faults` at random (seeded) instead of listing them.
+    #[serde(default)]
+    pub soak: Option<Soak>,
     /// Run the whole scenario once per placement strategy, in this order,
     /// and compare how fast each drains a spike (e.g. `["count", "load"]`).
     #[serde(default)]
@@ -223,6 +226,13 @@ pub enum Action {
     RabbitStop,
     /// `rabbitmqctl start_app`.
     RabbitStart,
+    /// Partition a worker from the coordinator for `for`: its proxy
+    /// forwards nothing either way (the worker keeps its broker
+    /// connections), then resumes.
+    CutWorker,
+    /// For `for`, the coordinator hears a worker but the worker hears no
+    /// reply; then its connections are closed so it reconnects.
+    DropReplies,
 }
 
 impl Action {
@@ -235,11 +245,21 @@ impl Action {
             Action::RestartCoordinator => "restart_coordinator",
             Action::RabbitStop => "rabbit_stop",
             Action::RabbitStart => "rabbit_start",
+            Action::CutWorker => "cut_worker",
+            Action::DropReplies => "drop_replies",
         }
     }
 
     fn takes_worker(self) -> bool {
-        matches!(self, Action::Kill9 | Action::Sigstop | Action::Sigcont)
+        matches!(
+            self,
+            Action::Kill9 | Action::Sigstop | Action::Sigcont | Action::CutWorker | Action::DropReplies
+        )
+    }
+
+    /// Network faults last `for` and then end by themselves.
+    pub fn takes_duration(self) -> bool {
+        matches!(self, Action::CutWorker | Action::DropReplies)
     }
 }
 
@@ -250,9 +270,86 @@ pub struct Fault {
     #[serde(with = "humantime_serde")]
     pub at: Duration,
     pub action: Action,
-    /// The worker's index (0-based, in start order) for kill9, sigstop and
-    /// sigcont.
+    /// The worker's index (0-based, in start order) for kill9, sigstop,
+    /// sigcont, cut_worker and drop_replies.
     pub worker: Option<usize>,
+    /// How long cut_worker and drop_replies last. The fault schedule waits
+    /// for them: the next fault may start when this one has ended.
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub for_: Option<Duration>,
+}
+
+impl Fault {
+    /// When the fault is over, since producing started.
+    pub fn ends(&self) -> Duration {
+        self.at + self.for_.unwrap_or_default()
+    }
+}
+
+/// `[soak]`: a fault every `every` from `every` on, each drawn from
+/// `kinds` with a seeded generator, so a failing soak can be run again
+/// exactly. A drawn fault that lasts holds for `hold`: cut_worker and
+/// drop_replies for `for = hold`, kill9 is followed by start_worker (a
+/// replacement), sigstop by sigcont and rabbit_stop by rabbit_start
+/// `hold` later.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Soak {
+    pub seed: u64,
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    /// Default: half of `every`.
+    #[serde(default, with = "humantime_serde")]
+    pub hold: Option<Duration>,
+    /// Default: every kind the target allows (rabbit_stop for RabbitMQ
+    /// only).
+    #[serde(default)]
+    pub kinds: Option<Vec<SoakKind>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SoakKind {
+    Kill9,
+    Sigstop,
+    CutWorker,
+    DropReplies,
+    RestartCoordinator,
+    RabbitStop,
+}
+
+impl SoakKind {
+    const ALL: [SoakKind; 6] = [
+        SoakKind::Kill9,
+        SoakKind::Sigstop,
+        SoakKind::CutWorker,
+        SoakKind::DropReplies,
+        SoakKind::RestartCoordinator,
+        SoakKind::RabbitStop,
+    ];
+
+    fn on_worker(self) -> bool {
+        matches!(self, SoakKind::Kill9 | SoakKind::Sigstop | SoakKind::CutWorker | SoakKind::DropReplies)
+    }
+}
+
+/// splitmix64: a few lines, fully determined by the seed, and good enough
+/// to pick a fault kind and a worker.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in `0..n` (n > 0) for a schedule.
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -266,6 +363,14 @@ pub struct Thresholds {
     pub max_order_violations: Option<u64>,
     /// Every fault with affected shards must recover within this.
     pub max_recovery_s: Option<f64>,
+    /// Receipts a cut-off worker's handler began after its session ended
+    /// and before it got through to the coordinator again (see
+    /// `zombie_invocations` in the report). Unset: 0 when the scenario
+    /// has a `cut_worker` fault, no limit otherwise.
+    pub max_zombie_invocations: Option<u64>,
+    /// After every fault ends: the longest any partition or queue slot may
+    /// go without a receipt.
+    pub max_stall_s: Option<f64>,
     pub min_throughput_per_s: Option<f64>,
     /// With `strategies`: the first strategy's spike drain time over the
     /// last one's must be at least this.
@@ -294,7 +399,31 @@ const RESERVED_COORDINATOR: &[&str] = &[
     "subscriptions",
 ];
 
+/// The coordinator's own default `session_timeout`.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Scenario {
+    /// The coordinator's `session_timeout`: the scenario's, or the
+    /// coordinator's default.
+    pub fn session_timeout(&self) -> Result<Duration, BadScenario> {
+        match self.coordinator.get("session_timeout") {
+            None => Ok(DEFAULT_SESSION_TIMEOUT),
+            Some(toml::Value::String(text)) => humantime::parse_duration(text)
+                .map_err(|e| bad(format!("`coordinator.session_timeout` is {text:?}: {e}"))),
+            Some(other) => {
+                Err(bad(format!("`coordinator.session_timeout` is {other}; write a duration like \"3s\"")))
+            }
+        }
+    }
+
+    /// The zombie limit in force: the scenario's, or 0 when a worker is
+    /// cut off (a fenced worker runs no handler once its session is over).
+    pub fn max_zombie_invocations(&self) -> Option<u64> {
+        self.thresholds
+            .max_zombie_invocations
+            .or_else(|| self.faults.iter().any(|f| f.action == Action::CutWorker).then_some(0))
+    }
+
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, BadScenario> {
         let text = std::fs::read_to_string(path)
@@ -305,10 +434,94 @@ impl Scenario {
     pub fn parse(text: &str) -> Result<Self, BadScenario> {
         // toml's message shows the line and names the unknown or mistyped
         // field; it is passed on whole.
-        let scenario: Scenario =
+        let mut scenario: Scenario =
             toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().to_owned()))?;
+        if let Some(soak) = scenario.soak.clone() {
+            if !scenario.faults.is_empty() {
+                return Err(bad("`soak` draws the faults; remove `faults` or `soak`"));
+            }
+            scenario.faults = scenario.soak_schedule(&soak)?;
+        }
+        // A drawn schedule is checked like a written one.
         scenario.validate()?;
         Ok(scenario)
+    }
+
+    /// The faults `soak` draws: one every `every`, while it (and its
+    /// `hold`) still ends within `duration`.
+    fn soak_schedule(&self, soak: &Soak) -> Result<Vec<Fault>, BadScenario> {
+        let hold = soak.hold.unwrap_or(soak.every / 2);
+        if soak.every < Duration::from_secs(1) {
+            return Err(bad(format!("`soak.every` is {:?}; allowed: 1s or more", soak.every)));
+        }
+        if hold.is_zero() || hold >= soak.every {
+            return Err(bad(format!(
+                "`soak.hold` is {hold:?}; allowed: above 0 and below `soak.every` ({:?}), so faults do not overlap",
+                soak.every
+            )));
+        }
+        let rabbit = self.target.kind == Kind::Rabbitmq;
+        let kinds: Vec<SoakKind> = match &soak.kinds {
+            Some(kinds) => {
+                if kinds.is_empty() {
+                    return Err(bad("`soak.kinds` is empty; omit it for every kind"));
+                }
+                if !rabbit && kinds.contains(&SoakKind::RabbitStop) {
+                    return Err(bad("`soak.kinds` has `rabbit_stop`, which needs kind `rabbitmq`"));
+                }
+                kinds.clone()
+            }
+            None => SoakKind::ALL.into_iter().filter(|k| rabbit || *k != SoakKind::RabbitStop).collect(),
+        };
+        if self.workers == 0 && kinds.iter().all(|k| k.on_worker()) {
+            return Err(bad("`soak.kinds` are all worker faults, but `workers` is 0"));
+        }
+        let mut rng = SplitMix(soak.seed);
+        // Live workers by index: kill9 retires one, its replacement gets
+        // the next index.
+        let mut live: Vec<usize> = (0..self.workers).collect();
+        let mut next_index = self.workers;
+        let mut faults = Vec::new();
+        let fault = |at: Duration, action: Action, worker: Option<usize>, for_: Option<Duration>| Fault {
+            at,
+            action,
+            worker,
+            for_,
+        };
+        let mut at = soak.every;
+        while at + hold < self.duration {
+            let usable: Vec<SoakKind> =
+                kinds.iter().copied().filter(|k| !k.on_worker() || !live.is_empty()).collect();
+            let kind = usable[rng.below(usable.len())];
+            let pick = if kind.on_worker() { Some(rng.below(live.len())) } else { None };
+            let worker = pick.map(|i| live[i]);
+            match kind {
+                SoakKind::Kill9 => {
+                    faults.push(fault(at, Action::Kill9, worker, None));
+                    faults.push(fault(at + hold, Action::StartWorker, None, None));
+                    if let Some(i) = pick {
+                        live.remove(i);
+                    }
+                    live.push(next_index);
+                    next_index += 1;
+                }
+                SoakKind::Sigstop => {
+                    faults.push(fault(at, Action::Sigstop, worker, None));
+                    faults.push(fault(at + hold, Action::Sigcont, worker, None));
+                }
+                SoakKind::CutWorker => faults.push(fault(at, Action::CutWorker, worker, Some(hold))),
+                SoakKind::DropReplies => faults.push(fault(at, Action::DropReplies, worker, Some(hold))),
+                SoakKind::RestartCoordinator => {
+                    faults.push(fault(at, Action::RestartCoordinator, None, None))
+                }
+                SoakKind::RabbitStop => {
+                    faults.push(fault(at, Action::RabbitStop, None, None));
+                    faults.push(fault(at + hold, Action::RabbitStart, None, None));
+                }
+            }
+            at += soak.every;
+        }
+        Ok(faults)
     }
 
     fn validate(&self) -> Result<(), BadScenario> {
@@ -363,6 +576,7 @@ impl Scenario {
                 return Err(bad(format!("`coordinator.{key}` is set by the harness; remove it")));
             }
         }
+        self.session_timeout()?;
         self.validate_faults()?;
         Ok(())
     }
@@ -552,15 +766,24 @@ impl Scenario {
             Dead,
         }
         let mut workers = vec![State::Running; self.workers];
-        let mut previous = Duration::ZERO;
+        let mut previous: Option<&Fault> = None;
         for (i, fault) in self.faults.iter().enumerate() {
             let field = format!("faults[{i}]");
-            if fault.at < previous {
-                return Err(bad(format!(
-                    "`{field}.at` is before the fault above it; list faults in time order"
-                )));
+            if let Some(p) = previous {
+                if fault.at < p.at {
+                    return Err(bad(format!(
+                        "`{field}.at` is before the fault above it; list faults in time order"
+                    )));
+                }
+                if fault.at < p.ends() {
+                    return Err(bad(format!(
+                        "`{field}.at` is {:?}, while the fault above it lasts until {:?}; faults run one at a time",
+                        fault.at,
+                        p.ends()
+                    )));
+                }
             }
-            previous = fault.at;
+            previous = Some(fault);
             if fault.at >= self.duration {
                 return Err(bad(format!(
                     "`{field}.at` is {:?}, not within `duration` ({:?})",
@@ -568,6 +791,21 @@ impl Scenario {
                 )));
             }
             let action = fault.action.as_str();
+            match (fault.action.takes_duration(), fault.for_) {
+                (true, None) => {
+                    return Err(bad(format!("`{field}.for` is required for action `{action}`")));
+                }
+                (false, Some(_)) => {
+                    return Err(bad(format!("`{field}.for` does not apply to action `{action}`")));
+                }
+                (true, Some(len)) if len.is_zero() || fault.ends() > self.duration => {
+                    return Err(bad(format!(
+                        "`{field}.for` is {len:?}; the fault must be non-empty and end within `duration` ({:?})",
+                        self.duration
+                    )));
+                }
+                _ => {}
+            }
             match (fault.action.takes_worker(), fault.worker) {
                 (true, None) => {
                     return Err(bad(format!("`{field}.worker` is required for action `{action}`")));
@@ -596,6 +834,8 @@ impl Scenario {
             };
             let (need, next) = match fault.action {
                 Action::Kill9 => (None, State::Dead),
+                // The network around a live (or frozen) worker.
+                Action::CutWorker | Action::DropReplies => (None, *state),
                 Action::Sigstop => (Some(State::Running), State::Stopped),
                 Action::Sigcont => (Some(State::Stopped), State::Running),
                 _ => continue,
@@ -695,8 +935,12 @@ max_p99_ms = 10000
                 "coordinator-restart",
                 "failover",
                 "hot-shards",
+                "lost-replies",
+                "partition",
                 "rabbit-fanout",
                 "scale-out",
+                "soak",
+                "soak-ci",
                 "spike",
                 "steady",
                 "zombie"
@@ -797,6 +1041,77 @@ max_p99_ms = 10000
         assert_eq!((s.target.subscriptions(), s.target.slots()), (2, 2));
         let e = err(&FAILOVER.replace("partitions = 8", "partitions = 8\nslots = 2"));
         assert!(e.contains("`target.slots` applies to kind `rabbitmq` only"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn network_faults_need_a_worker_and_a_duration() -> Result<(), BadScenario> {
+        let cut = FAILOVER
+            .replace("action = \"kill9\"\nworker = 0", "action = \"cut_worker\"\nworker = 0\nfor = \"20s\"");
+        let s = Scenario::parse(&cut)?;
+        assert_eq!(
+            (s.faults[0].action, s.faults[0].for_),
+            (Action::CutWorker, Some(Duration::from_secs(20)))
+        );
+        assert_eq!(s.max_zombie_invocations(), Some(0), "a cut holds zombies to 0 by default");
+        assert_eq!(s.session_timeout()?, Duration::from_secs(3));
+        assert_eq!(Scenario::parse(FAILOVER)?.max_zombie_invocations(), None);
+        let e = err(&cut.replace("for = \"20s\"\n", ""));
+        assert!(e.contains("`faults[0].for` is required for action `cut_worker`"), "{e}");
+        let e = err(&cut.replace("worker = 0\n", ""));
+        assert!(e.contains("`faults[0].worker` is required"), "{e}");
+        let e = err(&FAILOVER.replace("worker = 0", "worker = 0\nfor = \"5s\""));
+        assert!(e.contains("`faults[0].for` does not apply to action `kill9`"), "{e}");
+        let e = err(&cut.replace("for = \"20s\"", "for = \"35s\""));
+        assert!(e.contains("`faults[0].for`") && e.contains("end within `duration`"), "{e}");
+        let e = err(&cut.replace("for = \"20s\"", "for = \"soon\""));
+        assert!(e.contains("soon"), "{e}");
+        let e = err(&cut.replace("for = \"20s\"", "fr = \"20s\""));
+        assert!(e.contains("unknown field `fr`"), "{e}");
+        // Faults run one at a time: the next may not start during a cut.
+        let overlap =
+            format!("{cut}\n[[faults]]\nat = \"15s\"\naction = \"drop_replies\"\nworker = 1\nfor = \"2s\"\n");
+        let e = err(&overlap);
+        assert!(e.contains("`faults[1].at` is 15s, while the fault above it lasts until 30s"), "{e}");
+        let after = overlap.replace("at = \"15s\"", "at = \"30s\"");
+        assert!(Scenario::parse(&after).is_ok());
+        let dead = format!(
+            "{FAILOVER}\n[[faults]]\nat = \"20s\"\naction = \"cut_worker\"\nworker = 0\nfor = \"1s\"\n"
+        );
+        assert!(err(&dead).contains("already killed"));
+        let e = err(&cut.replace("session_timeout = \"3s\"", "session_timeout = \"three\""));
+        assert!(e.contains("`coordinator.session_timeout`"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn soak_draws_a_seeded_schedule_that_replays_cleanly() -> Result<(), BadScenario> {
+        let soak = FAILOVER.replace("duration = \"40s\"", "duration = \"300s\"").replace(
+            "[[faults]]\nat = \"10s\"\naction = \"kill9\"\nworker = 0\n",
+            "[soak]\nseed = 7\nevery = \"20s\"\n",
+        );
+        let a = Scenario::parse(&soak)?;
+        let b = Scenario::parse(&soak)?;
+        let kinds =
+            |s: &Scenario| s.faults.iter().map(|f| (f.at, f.action, f.worker, f.for_)).collect::<Vec<_>>();
+        assert_eq!(kinds(&a), kinds(&b), "the same seed draws the same schedule");
+        let c = Scenario::parse(&soak.replace("seed = 7", "seed = 8"))?;
+        assert_ne!(kinds(&a), kinds(&c), "another seed, another schedule");
+        // Every 20 s from 20 s while a 10 s hold fits in 300 s: 14 draws.
+        let draws =
+            a.faults.iter().filter(|f| !matches!(f.action, Action::StartWorker | Action::Sigcont)).count();
+        assert_eq!(draws, 14);
+        assert!(a.faults.iter().all(|f| f.action != Action::RabbitStop), "Kafka: no broker stop");
+        let firsts: std::collections::BTreeSet<&str> = a.faults.iter().map(|f| f.action.as_str()).collect();
+        assert!(firsts.len() >= 4, "a mix of kinds: {firsts:?}");
+        let e = err(&soak.replace("every = \"20s\"", "every = \"20s\"\nhold = \"25s\""));
+        assert!(e.contains("`soak.hold`"), "{e}");
+        let e = err(&soak.replace("every = \"20s\"", "every = \"20s\"\nkinds = [\"rabbit_stop\"]"));
+        assert!(e.contains("needs kind `rabbitmq`"), "{e}");
+        let e = err(&soak.replace("every = \"20s\"", "every = \"20s\"\nkinds = [\"meteor\"]"));
+        assert!(e.contains("meteor"), "{e}");
+        let e = err(&format!("{soak}\n[[faults]]\nat = \"10s\"\naction = \"kill9\"\nworker = 0\n"));
+        assert!(e.contains("remove `faults` or `soak`"), "{e}");
         Ok(())
     }
 }
