@@ -420,6 +420,8 @@ impl Session {
         fence.trip();
         held.clear();
         metrics::counter!("shardline_self_fenced_total").increment(1);
+        // Each lease it ran is lost to this worker: stopped without a release.
+        metrics::counter!("shardline_leases_lost_total").increment(leases as u64);
         tracing::error!(
             worker = %self.cfg.worker_id,
             leases,

@@ -234,7 +234,9 @@ impl Runtime {
         }
         match event {
             LeaseEvent::Acquire { lease, epoch, start, mapping } => {
-                if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
+                // A run killed but not yet joined (lost, or stopped by the
+                // self-fence) is not running: it is replaced below.
+                if self.running.get(&lease).is_some_and(|r| r.epoch == epoch && !r.kill.is_cancelled()) {
                     return; // the authoritative set after a re-register: already running
                 }
                 if let Some(old) = self.running.remove(&lease) {
