@@ -154,6 +154,18 @@ impl Coordinator {
         Ok(admin.list_leases(v1::ListLeasesRequest::default()).await?.into_inner().leases)
     }
 
+    /// The leases of one stream or subscription, in partition (slot) order.
+    pub async fn leases_of(&self, name: &str) -> Result<Vec<v1::LeaseInfo>> {
+        let mut leases: Vec<v1::LeaseInfo> = self
+            .leases()
+            .await?
+            .into_iter()
+            .filter(|l| l.lease.as_ref().is_some_and(|l| l.name == name))
+            .collect();
+        leases.sort_by_key(|l| l.lease.as_ref().map(|l| l.index));
+        Ok(leases)
+    }
+
     /// Every known worker as the admin API lists it.
     pub async fn workers(&self) -> Result<Vec<v1::WorkerInfo>> {
         let mut admin = self.admin().await?;

@@ -20,7 +20,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use shardline_proto::v1;
 use shardline_tests::kafka::{Consumed, produce, producer, read_topic};
 use shardline_tests::{
     Coordinator, Proc, create_topic, eventually, kafka_brokers, start_worker_with, unique,
@@ -130,18 +129,6 @@ async fn high_watermarks(topic: &str) -> Result<Vec<i64>> {
     .await?
 }
 
-/// The leases of `stream`, in partition order.
-async fn stream_leases(c: &Coordinator, stream: &str) -> Result<Vec<v1::LeaseInfo>> {
-    let mut leases: Vec<v1::LeaseInfo> = c
-        .leases()
-        .await?
-        .into_iter()
-        .filter(|l| l.lease.as_ref().is_some_and(|l| l.name == stream))
-        .collect();
-    leases.sort_by_key(|l| l.lease.as_ref().map(|l| l.index));
-    Ok(leases)
-}
-
 /// Waits until the checkpoints of `stream` add up to its high watermarks
 /// (as they are now): every record was finished and checkpointed past.
 async fn caught_up(c: &Coordinator, stream: &str, timeout: Duration) -> Result<i64> {
@@ -149,7 +136,7 @@ async fn caught_up(c: &Coordinator, stream: &str, timeout: Duration) -> Result<i
     let end: i64 = highs.iter().sum();
     let started = Instant::now();
     eventually(timeout, &format!("the checkpoints of {stream} to reach {highs:?}"), || async {
-        let leases = stream_leases(c, stream).await?;
+        let leases = c.leases_of(stream).await?;
         let checkpoints: Vec<Option<i64>> = leases.iter().map(|l| l.checkpoint).collect();
         let sum: i64 = checkpoints.iter().flatten().sum();
         let done = leases.len() == highs.len() && sum == end;
@@ -598,7 +585,7 @@ async fn parallel_run(factor: u32, kill: bool) -> Result<Duration> {
     let started = Instant::now();
     if kill {
         let (owner, at) = eventually(Duration::from_secs(20), "the lease to be 100 records in", || async {
-            let leases = stream_leases(&run.c, &t.stream).await?;
+            let leases = run.c.leases_of(&t.stream).await?;
             let l = leases.first().context("no lease")?;
             Ok(l.checkpoint.filter(|&c| c >= 100).map(|c| (l.owner.clone(), c)))
         })
@@ -607,7 +594,7 @@ async fn parallel_run(factor: u32, kill: bool) -> Result<Duration> {
         victim.kill9()?;
         eprintln!("{what}: killed {owner} with the checkpoint at {at}");
         let survivor = eventually(Duration::from_secs(20), "another worker to take the lease", || async {
-            let leases = stream_leases(&run.c, &t.stream).await?;
+            let leases = run.c.leases_of(&t.stream).await?;
             Ok(leases.first().filter(|l| !l.owner.is_empty() && l.owner != owner).map(|l| l.owner.clone()))
         })
         .await?;
@@ -727,7 +714,7 @@ async fn starting_position_at_timestamp_and_latest_skip_older_records() -> Resul
         eventually(Duration::from_secs(20), "the leases to start and pin their checkpoints", || async {
             let mut pinned = Vec::new();
             for s in [&latest, &after] {
-                let leases = stream_leases(&run.c, s).await?;
+                let leases = run.c.leases_of(s).await?;
                 pinned.push(leases.first().and_then(|l| l.checkpoint.filter(|_| !l.owner.is_empty())));
             }
             Ok(pinned.iter().all(Option::is_some).then_some(pinned))

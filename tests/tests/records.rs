@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use shardline_proto::v1;
 use shardline_tests::kafka::{Consumed, RawRecord, produce, produce_raw, producer, read_topic};
 use shardline_tests::{Coordinator, create_topic, eventually, start_worker_with, unique};
 
@@ -26,14 +25,7 @@ async fn read(topic: &str) -> Result<Vec<Consumed>> {
 
 /// The checkpoints of `stream`'s leases, in partition order.
 async fn checkpoints(c: &Coordinator, stream: &str) -> Result<Vec<Option<i64>>> {
-    let mut leases: Vec<v1::LeaseInfo> = c
-        .leases()
-        .await?
-        .into_iter()
-        .filter(|l| l.lease.as_ref().is_some_and(|l| l.name == stream))
-        .collect();
-    leases.sort_by_key(|l| l.lease.as_ref().map(|l| l.index));
-    Ok(leases.iter().map(|l| l.checkpoint).collect())
+    Ok(c.leases_of(stream).await?.iter().map(|l| l.checkpoint).collect())
 }
 
 /// The odd records: a tombstone, a header name that is not UTF-8, and an
