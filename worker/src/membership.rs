@@ -396,7 +396,19 @@ impl Session {
                 }
                 Ok(None) => {
                     tracing::warn!(worker = %self.cfg.worker_id, "coordinator lost our session; registering again");
-                    joined = self.register(&held, &shutdown).await?;
+                    // The fence deadline still runs while registering: a
+                    // coordinator that expired us may answer only later.
+                    let registering = self.register(&held, &shutdown);
+                    tokio::pin!(registering);
+                    joined = loop {
+                        tokio::select! {
+                            result = &mut registering => break result?,
+                            () = tokio::time::sleep_until(fence_at), if !fenced => {
+                                self.trip(&fence, &held, acked);
+                                fenced = true;
+                            }
+                        }
+                    };
                     acked = joined.sent;
                     fenced = false;
                     forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
@@ -496,4 +508,35 @@ fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, Session
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_fences_itself_well_inside_its_session() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // The defaults: 10 s session, 1 s heartbeats: 2 s to stop handlers.
+        assert_eq!(fence_after(s(10), s(1)), s(8));
+        // The load tests' 3 s session with 300 ms heartbeats.
+        assert_eq!(fence_after(s(3), ms(300)), ms(2400));
+        // At least two heartbeat intervals of margin.
+        assert_eq!(fence_after(s(2), ms(500)), s(1));
+        // Never sooner than one heartbeat interval.
+        assert_eq!(fence_after(ms(200), ms(100)), ms(100));
+    }
+
+    #[test]
+    fn a_trip_kills_every_lease_started_before_it_and_voids_older_instructions() {
+        let fence = Fence::default();
+        let before = fence.generation();
+        let Some(running) = fence.token(before) else { panic!("the current generation gets a token") };
+        fence.trip();
+        assert!(running.is_cancelled(), "a lease started before the trip is killed");
+        assert!(fence.token(before).is_none(), "an instruction from before the trip is void");
+        let Some(after) = fence.token(fence.generation()) else { panic!("a new generation") };
+        assert!(!after.is_cancelled(), "leases started after the trip run");
+    }
 }
