@@ -406,10 +406,19 @@ mod tests {
         handle.call(|tx| Command::Register(registration, tx)).await.unwrap_or_default()
     }
 
+    /// A heartbeat quoting every lease the table gives the worker (it runs
+    /// what it is told).
     async fn heartbeat(handle: &Handle, worker: &str) -> Result<Vec<Instruction>, CoreError> {
+        let snapshot = handle.call(Command::Snapshot).await.map(|s| s.leases).unwrap_or_default();
+        let held = snapshot
+            .into_iter()
+            .filter(|l| l.record.owner.as_deref() == Some(worker))
+            .map(|l| (l.record.lease, l.record.epoch))
+            .collect();
+        let beat = Beat { held, ..Beat::default() };
         let worker = worker.to_owned();
         handle
-            .call(|reply| Command::Heartbeat { worker, beat: Beat::default(), draining: false, reply })
+            .call(|reply| Command::Heartbeat { worker, beat, draining: false, reply })
             .await
             .unwrap_or(Err(CoreError::UnknownWorker("closed".into())))
     }

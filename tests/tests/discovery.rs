@@ -28,17 +28,38 @@ async fn discovers_partitions_from_kafka_including_ones_added_while_running() ->
         format!("discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"noop\"\n");
     let c = Coordinator::start(&config, &dir.path().join("data"))?;
     let mut api = c.worker_api().await?;
-    api.register(v1::RegisterRequest {
-        worker_id: "w1".into(),
-        handlers: vec!["noop".into()],
-        ..Default::default()
-    })
-    .await?;
+    let reply = api
+        .register(v1::RegisterRequest {
+            worker_id: "w1".into(),
+            handlers: vec!["noop".into()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // It runs what it is told, and says so in every heartbeat (the
+    // coordinator takes back leases a worker does not report running).
+    let mut held = std::collections::BTreeMap::new();
+    follow(&mut held, reply.instructions);
     let heartbeats = tokio::spawn(async move {
         loop {
-            let request = v1::HeartbeatRequest { worker_id: "w1".into(), load: None, ..Default::default() };
-            if api.heartbeat(request).await.is_err() {
-                return;
+            let request = v1::HeartbeatRequest {
+                worker_id: "w1".into(),
+                held: held
+                    .iter()
+                    .map(|(l, e): (&(String, u32), &u64)| v1::HeldLease {
+                        lease: Some(v1::LeaseId {
+                            kind: v1::LeaseKind::Shard as i32,
+                            name: l.0.clone(),
+                            index: l.1,
+                        }),
+                        epoch: *e,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            match api.heartbeat(request).await {
+                Ok(reply) => follow(&mut held, reply.into_inner().instructions),
+                Err(_) => return,
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -59,4 +80,26 @@ async fn discovers_partitions_from_kafka_including_ones_added_while_running() ->
     ensure!(found.epoch == 1, "a new lease starts at epoch 1: {found:?}");
     heartbeats.abort();
     Ok(())
+}
+
+/// Applies instructions to the set of (stream, partition) → epoch a worker
+/// runs.
+fn follow(held: &mut std::collections::BTreeMap<(String, u32), u64>, instructions: Vec<v1::Instruction>) {
+    use v1::instruction::Kind;
+    for i in instructions {
+        match i.kind {
+            Some(Kind::Acquire(a)) => {
+                if let Some(l) = a.lease {
+                    held.insert((l.name, l.index), a.epoch);
+                }
+            }
+            Some(
+                Kind::Release(v1::Release { lease: Some(l), .. })
+                | Kind::Revoke(v1::Revoke { lease: Some(l), .. }),
+            ) => {
+                held.remove(&(l.name, l.index));
+            }
+            _ => {}
+        }
+    }
 }

@@ -27,7 +27,7 @@ impl Core {
     /// How many leases each registered worker has or is about to get.
     pub(crate) fn lease_counts(&self) -> BTreeMap<WorkerId, u32> {
         let mut counts: BTreeMap<WorkerId, u32> =
-            self.workers.values().filter(|w| !w.restored && !w.draining).map(|w| (w.id.clone(), 0)).collect();
+            self.workers.values().filter(|w| w.takes_leases()).map(|w| (w.id.clone(), 0)).collect();
         for lease in self.leases.values() {
             let holder = match &lease.state {
                 LeaseState::Owned => lease.record.owner.as_ref(),
@@ -43,8 +43,7 @@ impl Core {
 
     fn eligible(&self, worker: &str, handler: Option<&str>, counts: &BTreeMap<WorkerId, u32>) -> bool {
         let (Some(w), Some(handler)) = (self.workers.get(worker), handler) else { return false };
-        !w.restored
-            && !w.draining
+        w.takes_leases()
             && w.handlers.contains(handler)
             && (w.capacity == 0 || counts.get(worker).copied().unwrap_or(0) < w.capacity)
     }
@@ -75,7 +74,7 @@ impl Core {
     pub(crate) fn capacities(&self) -> BTreeMap<WorkerId, f64> {
         self.workers
             .values()
-            .filter(|w| !w.restored && !w.draining)
+            .filter(|w| w.takes_leases())
             .map(|w| (w.id.clone(), f64::from(w.concurrency.max(1))))
             .collect()
     }

@@ -167,6 +167,9 @@ pub struct Lease {
     pub handler: Option<String>,
     pub state: LeaseState,
     pub since: Instant,
+    /// Heartbeats in a row in which its owner did not report running it
+    /// (after an Acquire was sent again each time).
+    pub unrun: u32,
 }
 
 /// What a worker is told to do.
@@ -246,6 +249,17 @@ pub struct Worker {
     /// known only from the store (restored), which keeps its epochs when it
     /// comes back whatever its incarnation.
     pub incarnation: Option<u64>,
+    /// It did not take up leases sent to it (its replies are lost, or it
+    /// fenced itself): it gets none until then, like a draining worker.
+    pub suspect_until: Option<Instant>,
+}
+
+impl Worker {
+    /// Whether new leases (and handoffs) may go to it: not known only from
+    /// the store, not shutting down, not leaving leases un-run.
+    pub fn takes_leases(&self) -> bool {
+        !self.restored && !self.draining && self.suspect_until.is_none()
+    }
 }
 
 /// A worker joining (or re-joining).
@@ -319,6 +333,10 @@ pub struct Counters {
     pub load_moves: u64,
 }
 
+/// Heartbeats in a row a worker may leave an owned lease un-run (its
+/// Acquire sent again each time) before the lease is taken back.
+pub const UNRUN_LIMIT: u32 = 3;
+
 /// The lease table and membership.
 #[derive(Debug)]
 pub struct Core {
@@ -378,6 +396,7 @@ impl Core {
                         load: WorkerLoad::default(),
                         concurrency: 1,
                         incarnation: None,
+                        suspect_until: None,
                     });
                     LeaseState::Owned
                 }
@@ -386,7 +405,8 @@ impl Core {
             if record.lease.kind == LeaseKind::Shard {
                 core.known_streams.insert(record.lease.name.clone());
             }
-            core.leases.insert(record.lease.clone(), Lease { record, handler: None, state, since: now });
+            core.leases
+                .insert(record.lease.clone(), Lease { record, handler: None, state, since: now, unrun: 0 });
         }
         core
     }
@@ -451,6 +471,7 @@ impl Core {
             load: WorkerLoad::default(),
             concurrency: 1,
             incarnation: None,
+            suspect_until: None,
         });
         worker.draining = false;
         worker.concurrency = reg.concurrency.max(1);
@@ -571,7 +592,7 @@ impl Core {
                     }
                 }
                 w.load = beat.load;
-                self.reconcile(worker, &beat.held);
+                self.reconcile(now, worker, &beat.held);
                 Ok(self.outbox.remove(worker).unwrap_or_default())
             }
             // A restored worker must register so we learn what it still runs.
@@ -585,18 +606,46 @@ impl Core {
     /// Release; a worker not running it confirms at once), Revoke for one
     /// it runs under an epoch that is no longer its own (a lost Revoke).
     /// Leases with an instruction already queued are left to it.
-    fn reconcile(&mut self, worker: &str, held: &BTreeMap<LeaseId, u64>) {
+    ///
+    /// A lease its owner still does not run after [`UNRUN_LIMIT`]
+    /// heartbeats (it gets no replies, or fenced itself) is taken back and
+    /// the worker gets nothing for a `session_timeout`: the table never
+    /// keeps a lease on a worker that does not report running it.
+    fn reconcile(&mut self, now: Instant, worker: &str, held: &BTreeMap<LeaseId, u64>) {
         let queued: BTreeSet<LeaseId> =
             self.outbox.get(worker).into_iter().flatten().map(|i| i.lease().clone()).collect();
         let mut missing = Vec::new();
-        for l in self.owned_by(worker).filter(|l| !queued.contains(&l.record.lease)) {
+        let mut take_back = Vec::new();
+        for l in self.leases.values_mut() {
+            if l.record.owner.as_deref() != Some(worker) || queued.contains(&l.record.lease) {
+                continue;
+            }
             let (lease, epoch) = (l.record.lease.clone(), l.record.epoch);
             let runs = held.get(&lease) == Some(&epoch);
             match l.state {
-                LeaseState::Owned if !runs => {
-                    missing.push(Instruction::Acquire { lease, epoch, start: l.record.start() })
+                LeaseState::Owned if runs => l.unrun = 0,
+                LeaseState::Owned => {
+                    l.unrun += 1;
+                    if l.unrun > UNRUN_LIMIT {
+                        take_back.push(lease);
+                    } else {
+                        missing.push(Instruction::Acquire { lease, epoch, start: l.record.start() });
+                    }
                 }
-                LeaseState::Releasing { .. } => missing.push(Instruction::Release { lease, epoch }),
+                LeaseState::Releasing { .. } if runs => {
+                    l.unrun = 0;
+                    missing.push(Instruction::Release { lease, epoch });
+                }
+                LeaseState::Releasing { .. } => {
+                    // Not run: a worker confirms such a release at once,
+                    // unless the Release never reaches it.
+                    l.unrun += 1;
+                    if l.unrun > UNRUN_LIMIT {
+                        take_back.push(lease);
+                    } else {
+                        missing.push(Instruction::Release { lease, epoch });
+                    }
+                }
                 _ => {}
             }
         }
@@ -610,6 +659,21 @@ impl Core {
         }
         for instruction in missing {
             self.push(worker, instruction);
+        }
+        if !take_back.is_empty() {
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.suspect_until = Some(now + self.cfg.session_timeout);
+            }
+            self.counters.failovers += take_back.len() as u64;
+            for lease in &take_back {
+                // A lease being released goes on to its receiver.
+                let to = match self.leases.get(lease).map(|l| &l.state) {
+                    Some(LeaseState::Releasing { to, .. }) => to.clone(),
+                    _ => None,
+                };
+                self.finish_release(now, lease, to);
+            }
+            self.assign(now);
         }
     }
 
@@ -678,6 +742,11 @@ impl Core {
 
     /// Time passes: expire silent workers, force overdue handoffs, assign.
     pub fn tick(&mut self, now: Instant) {
+        for w in self.workers.values_mut() {
+            if w.suspect_until.is_some_and(|t| t <= now) {
+                w.suspect_until = None;
+            }
+        }
         let dead: Vec<WorkerId> = self
             .workers
             .values()
@@ -742,6 +811,7 @@ impl Core {
                     handler: None,
                     state: LeaseState::Unassigned,
                     since: now,
+                    unrun: 0,
                 }
             });
             lease.handler = Some(handler.to_owned());
@@ -769,6 +839,7 @@ impl Core {
                     handler: None,
                     state: LeaseState::Parked,
                     since: now,
+                    unrun: 0,
                 }
             });
             lease.handler = Some(handler.to_owned());
@@ -901,6 +972,7 @@ impl Core {
         l.record.owner = Some(worker.to_owned());
         l.state = LeaseState::Owned;
         l.since = now;
+        l.unrun = 0;
         self.dirty.insert(lease.clone());
         let instruction =
             Instruction::Acquire { lease: lease.clone(), epoch: l.record.epoch, start: l.record.start() };
@@ -921,7 +993,7 @@ impl Core {
     /// registered worker, else back to unassigned.
     fn finish_release(&mut self, now: Instant, lease: &LeaseId, to: Option<WorkerId>) {
         let to = to.filter(|_| !self.over_limit(lease));
-        match to.filter(|w| self.workers.get(w).is_some_and(|w| !w.restored && !w.draining)) {
+        match to.filter(|w| self.workers.get(w).is_some_and(Worker::takes_leases)) {
             Some(to) => self.grant(now, lease, &to),
             None => self.unassign(now, lease),
         }

@@ -249,6 +249,35 @@ fn a_lost_reply_is_made_good_by_the_next_heartbeat() {
     assert_eq!(stale, vec![Instruction::Revoke { lease: lease.clone(), epoch: 1 }]);
 }
 
+/// A worker that heartbeats but never takes up its leases (every reply to
+/// it is lost, or it fenced itself) does not keep them: after
+/// `UNRUN_LIMIT` re-sent Acquires they go to a worker that runs them, and
+/// it gets nothing more for a session.
+#[test]
+fn leases_a_worker_does_not_run_are_taken_back_after_a_few_heartbeats() {
+    let t0 = Instant::now();
+    let mut core = core_with(2, t0);
+    core.register(t0, reg("a"));
+    core.register(t0, reg("b"));
+    let mut now = t0;
+    // One more round than the limit: the lease a was asked to release had its
+    // Release in the first reply.
+    for _ in 0..UNRUN_LIMIT + 2 {
+        now += Duration::from_secs(1);
+        beat(&mut core, now, "b", WorkerLoad::default()).ok();
+        core.heartbeat(now, "a", Beat::default()).ok();
+        core.tick(now);
+    }
+    assert_eq!(core.owned_by("a").count(), 0, "a runs nothing and keeps nothing");
+    assert_eq!(core.owned_by("b").count(), 2);
+    assert!(core.lease(&LeaseId::shard("s", 0)).is_some_and(|l| l.record.epoch >= 2), "a new epoch");
+    // Suspect for one session: nothing goes back to it, even to balance.
+    core.tick(now + Duration::from_secs(1));
+    assert_eq!(core.owned_by("a").count(), 0);
+    core.tick(now + core.config().session_timeout);
+    assert!(core.workers().any(|w| w.id == "a" && w.takes_leases()), "a takes leases again later");
+}
+
 #[test]
 fn a_second_process_under_one_id_gets_new_epochs_and_the_first_is_superseded() {
     let t0 = Instant::now();
