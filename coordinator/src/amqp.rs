@@ -13,8 +13,9 @@
 //! with `x-overflow = reject-publish`): an expired message stays in its
 //! retry queue until `S` has confirmed the copy, so a broker crash during
 //! the hop back duplicates at worst and never loses (DESIGN.md rule 6).
-//! Only where the broker refuses quorum queues altogether are they classic,
-//! and then that hop is at most once, which is logged.
+//! Where the subscription is classic, or the broker refuses such a quorum
+//! queue (before 3.10), they are classic, and then that hop is at most
+//! once, which is logged.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -450,14 +451,38 @@ async fn declare_subscription(
     }
     for delay in topology::retry_delays(&policy) {
         let name = topology::retry_queue(&s.name, delay);
-        let args = retry_queue_args(queue_type, &s.name, delay);
-        with_channel(connection, async |ch| {
-            ch.queue_declare(name.as_str().into(), durable_queue(), args.clone()).await.map(|_| ())
-        })
-        .await
-        .map_err(|e| what(&format!("retry queue `{name}`"), e))?;
+        let declare = async |queue_type: &str| {
+            let args = retry_queue_args(queue_type, &s.name, delay);
+            with_channel(connection, async |ch| {
+                ch.queue_declare(name.as_str().into(), durable_queue(), args.clone()).await.map(|_| ())
+            })
+            .await
+        };
+        let mut result = declare(queue_type).await;
+        if queue_type == "quorum"
+            && let Err(e) = &result
+            && !is_conflict_or_down(e)
+        {
+            // RabbitMQ before 3.10 has quorum queues but neither message
+            // TTL nor at-least-once dead-lettering on them. Retries still
+            // work there through a classic queue, only less safely.
+            tracing::warn!(
+                subscription = %s.name, queue = %name, error = %e,
+                "the broker refuses an at-least-once quorum retry queue (RabbitMQ 3.10 or later needed); \
+                 declaring it classic: a broker crash while a retry moves back can lose it"
+            );
+            result = declare("classic").await;
+        }
+        result.map_err(|e| what(&format!("retry queue `{name}`"), e))?;
     }
     Ok(())
+}
+
+/// A refusal that another queue type would not cure: the queue exists with
+/// other arguments, or the broker went away.
+fn is_conflict_or_down(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("inequivalent") || !matches!(e.kind(), lapin::ErrorKind::ProtocolError(_))
 }
 
 /// The arguments of a retry queue: a queue-wide TTL of `delay` that
