@@ -590,3 +590,74 @@ async fn a_rabbitmq_crash_while_messages_wait_in_retry_queues_loses_none() -> Re
     drop(run);
     Ok(())
 }
+
+/// Upgrading from the classic retry queues of earlier releases (named
+/// `S.retry.<ms>`): they are left alone (still classic, still holding what
+/// waits in them, which they return to `S` as before), the new quorum ones
+/// are declared beside them, and what the old ones hold counts as retrying.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_classic_retry_queue_is_kept_and_counted_beside_the_new_one() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    let policy = shardline_proto::FailurePolicy {
+        retry_initial: Duration::from_secs(60),
+        retry_max: Duration::from_secs(60),
+        ..shardline_proto::FailurePolicy::default()
+    };
+    let mut cleanup = names.cleanup(&policy);
+    let sub = &names.subs[0];
+    let delay = Duration::from_secs(60);
+    let old = shardline_proto::topology::legacy_retry_queue(sub, delay);
+    cleanup.0.push(old.clone());
+    // The old layout: a classic queue, TTL = the delay, back to `S`.
+    let (_connection, ch) = channel().await?;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("classic".into()));
+    args.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongLongInt(60_000));
+    args.insert("x-dead-letter-exchange".into(), lapin::types::AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), lapin::types::AMQPValue::LongString(sub.as_str().into()));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare(old.as_str().into(), durable, args.clone()).await?;
+    let waiting: Vec<shardline_worker::amqp::Message> = (0..3)
+        .map(|i| shardline_worker::amqp::Message {
+            routing_key: old.clone(),
+            body: format!("id-{i}").into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    publisher().publish(&waiting).await.map_err(anyhow::Error::msg)?;
+
+    let settings = "retry_backoff = { initial = \"60s\", max = \"60s\" }";
+    let run = Run::start(&topology(&names.topic, &[(sub, "noop", settings)]), "[handlers.noop]\n", &[])?;
+    let s = eventually(Duration::from_secs(30), "the old queue counted as retrying", || async {
+        let s = run.subscription(sub).await?;
+        ensure!(s.error.is_empty(), "topology error: {}", s.error);
+        ensure!(s.retrying == 3, "retrying {}", s.retrying);
+        Ok(Some(s))
+    })
+    .await?;
+    println!("subscription {}: retrying {} (the old classic queue's messages)", s.name, s.retrying);
+    // The old queue is as it was; the new one is a quorum queue.
+    ch.queue_declare(old.as_str().into(), durable, args).await.context("the old queue is unchanged")?;
+    ensure!(depth(&old).await? == 3, "the old queue keeps its messages");
+    // Declaring it again with the arguments of an at-least-once quorum
+    // retry queue succeeds only if it has exactly those.
+    let new = shardline_proto::topology::retry_queue(sub, delay);
+    let mut quorum = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", sub.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        quorum.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    quorum.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongLongInt(60_000));
+    let (_c2, ch2) = channel().await?;
+    ch2.queue_declare(new.as_str().into(), durable, quorum)
+        .await
+        .context("the new retry queue is quorum, at least once")?;
+    drop(run);
+    Ok(())
+}
