@@ -7,6 +7,15 @@
 //! arguments, say) is logged, shown by `ListSubscriptions` and counted in
 //! `shardline_topology_errors_total`; it is never retried with other
 //! arguments. Slots keep being leased: workers consume the queue as it is.
+//!
+//! Retry queues are quorum queues with at-least-once dead-lettering
+//! (`x-dead-letter-strategy = at-least-once`, which RabbitMQ honours only
+//! with `x-overflow = reject-publish`): an expired message stays in its
+//! retry queue until `S` has confirmed the copy, so a broker crash during
+//! the hop back duplicates at worst and never loses (DESIGN.md rule 6).
+//! Where the subscription is classic, or the broker refuses such a quorum
+//! queue (before 3.10), they are classic, and then that hop is at most
+//! once, which is logged.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -46,6 +55,15 @@ pub struct SubscriptionStatus {
 /// Shared with the admin API; written only by [`run`].
 pub type StatusTable = Arc<Mutex<BTreeMap<String, SubscriptionStatus>>>;
 
+/// What was declared for one subscription.
+#[derive(Debug, Clone, Default)]
+struct Declared {
+    /// Classic retry queues of an earlier release still on the broker: they
+    /// keep sending what they hold back to `S`, so they count as retrying
+    /// until the operator deletes them.
+    legacy: Vec<String>,
+}
+
 /// The queues of one subscription as RabbitMQ counts them.
 #[derive(Debug, Clone, Copy, Default)]
 struct Depths {
@@ -84,6 +102,9 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
     // not consume queues that are about to be declared), but whether or not
     // RabbitMQ answered: workers wait for the broker themselves.
     let mut slots_set = false;
+    // Old retry queues are looked for once per process: each absent one
+    // costs a refused passive declare, which lapin logs as an error.
+    let mut look_for_legacy = true;
     let mut wait = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let connection = tokio::select! {
@@ -109,7 +130,8 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
         };
         wait = Duration::from_millis(200);
         tracing::info!("connected to RabbitMQ; declaring topology");
-        let types = declare_all(&connection, &config, &status).await;
+        let mut declared = declare_all(&connection, &config, &status, look_for_legacy).await;
+        look_for_legacy = false;
         if !slots_set {
             slots_set = true;
             set_all_slots(&handle, &config, &scalers).await;
@@ -127,7 +149,7 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
             }
             let loads = slot_loads(&handle).await;
             for s in &config.subscriptions {
-                let depths = match read_depths(&connection, s, &types).await {
+                let depths = match read_depths(&connection, s, &mut declared).await {
                     Ok(d) => d,
                     Err(e) => {
                         tracing::warn!(subscription = %s.name, error = %e, "cannot read queue depths");
@@ -282,13 +304,14 @@ fn queue_args(queue_type: &str, extra: &[(&str, AMQPValue)]) -> FieldTable {
     args
 }
 
-/// Declares every topic and subscription; returns each subscription's
-/// queue type as declared. Errors are recorded per subscription.
+/// Declares every topic and subscription; returns what was declared for
+/// each subscription. Errors are recorded per subscription.
 async fn declare_all(
     connection: &Connection,
     config: &Config,
     status: &StatusTable,
-) -> BTreeMap<String, &'static str> {
+    look_for_legacy: bool,
+) -> BTreeMap<String, Declared> {
     let mut types = BTreeMap::new();
     for t in &config.topics {
         let kind = match t.kind {
@@ -324,7 +347,9 @@ async fn declare_all(
         }
         match result {
             Ok(()) => {
-                types.insert(s.name.clone(), queue_type);
+                let legacy =
+                    if look_for_legacy { legacy_retry_queues(connection, s).await } else { Vec::new() };
+                types.insert(s.name.clone(), Declared { legacy });
                 mark(status, &s.name, |st| {
                     st.error = None;
                     st.queue_type = queue_type.to_owned();
@@ -417,27 +442,107 @@ async fn declare_subscription(
     .await
     .map_err(|e| what(&format!("queue `{}`", s.name), e))?;
     let policy = s.settings.mapping(&s.handler).policy;
+    if queue_type == "classic" {
+        tracing::warn!(
+            subscription = %s.name,
+            "retry queues are classic (the broker refuses quorum queues): RabbitMQ moves an expired \
+             retry back to the queue at most once, so a broker crash during that hop can lose it"
+        );
+    }
     for delay in topology::retry_delays(&policy) {
         let name = topology::retry_queue(&s.name, delay);
-        // Retry queues are classic whatever the subscription's type: they
-        // only hold messages for a delay, durable and persistent is enough,
-        // and a quorum queue per delay (10 per subscription) is a Raft
-        // cluster each, which a small broker pays for on every start.
-        let args = queue_args(
-            "classic",
-            &[
-                ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),
-                ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
-                ("x-dead-letter-routing-key", AMQPValue::LongString(s.name.as_str().into())),
-            ],
-        );
-        with_channel(connection, async |ch| {
-            ch.queue_declare(name.as_str().into(), durable_queue(), args.clone()).await.map(|_| ())
-        })
-        .await
-        .map_err(|e| what(&format!("retry queue `{name}`"), e))?;
+        let declare = async |queue_type: &str| {
+            let args = retry_queue_args(queue_type, &s.name, delay);
+            with_channel(connection, async |ch| {
+                ch.queue_declare(name.as_str().into(), durable_queue(), args.clone()).await.map(|_| ())
+            })
+            .await
+        };
+        let mut result = declare(queue_type).await;
+        if queue_type == "quorum"
+            && let Err(e) = &result
+            && !is_conflict_or_down(e)
+        {
+            // RabbitMQ before 3.10 has quorum queues but neither message
+            // TTL nor at-least-once dead-lettering on them. Retries still
+            // work there through a classic queue, only less safely.
+            tracing::warn!(
+                subscription = %s.name, queue = %name, error = %e,
+                "the broker refuses an at-least-once quorum retry queue (RabbitMQ 3.10 or later needed); \
+                 declaring it classic: a broker crash while a retry moves back can lose it"
+            );
+            result = declare("classic").await;
+        }
+        result.map_err(|e| what(&format!("retry queue `{name}`"), e))?;
     }
     Ok(())
+}
+
+/// A refusal that another queue type would not cure: the queue exists with
+/// other arguments, or the broker went away.
+fn is_conflict_or_down(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("inequivalent") || !matches!(e.kind(), lapin::ErrorKind::ProtocolError(_))
+}
+
+/// The arguments of a retry queue: a queue-wide TTL of `delay` that
+/// dead-letters back to the subscription through the default exchange.
+///
+/// On quorum queues the dead-lettering is at least once: RabbitMQ keeps an
+/// expired message in the retry queue until the subscription queue has
+/// confirmed it. That strategy requires `x-overflow = reject-publish`
+/// (with `drop-head` RabbitMQ silently falls back to at most once); there is
+/// no length limit, so nothing is ever rejected for length.
+fn retry_queue_args(queue_type: &str, subscription: &str, delay: Duration) -> FieldTable {
+    let mut extra = vec![
+        ("x-message-ttl", AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))),
+        ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+        ("x-dead-letter-routing-key", AMQPValue::LongString(subscription.into())),
+    ];
+    if queue_type == "quorum" {
+        extra.push(("x-dead-letter-strategy", AMQPValue::LongString("at-least-once".into())));
+        extra.push(("x-overflow", AMQPValue::LongString("reject-publish".into())));
+    }
+    queue_args(queue_type, &extra)
+}
+
+/// Classic retry queues of an earlier release (`S.retry.<ms>`) still on
+/// the broker, found with passive declares of the names the current policy
+/// would have used (RabbitMQ refuses one for each that is absent, which
+/// lapin logs as an error). Each is reported once per declaration: it keeps sending
+/// what it holds back to `S`, and can be deleted once empty and no worker
+/// of that release publishes to it any more.
+async fn legacy_retry_queues(connection: &Connection, s: &SubscriptionConfig) -> Vec<String> {
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let policy = s.settings.mapping(&s.handler).policy;
+    let mut found = Vec::new();
+    tracing::info!(
+        subscription = %s.name,
+        "looking for classic retry queues of an earlier release (NOT_FOUND errors that follow are expected)"
+    );
+    for delay in topology::retry_delays(&policy) {
+        let name = topology::legacy_retry_queue(&s.name, delay);
+        let result = with_channel(connection, async |ch| {
+            ch.queue_declare(name.as_str().into(), passive, FieldTable::default()).await
+        })
+        .await;
+        match result {
+            Ok(q) => {
+                tracing::warn!(
+                    subscription = %s.name, queue = %name, messages = q.message_count(),
+                    "a classic retry queue of an earlier release is still there; it keeps returning \
+                     its messages to the subscription (at most once): delete it once it is empty"
+                );
+                found.push(name);
+            }
+            // NOT_FOUND is the normal case: nothing left from before.
+            Err(e) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("no queue") => {}
+            Err(e) => {
+                tracing::warn!(subscription = %s.name, queue = %name, error = %e, "cannot look for an old retry queue");
+            }
+        }
+    }
+    found
 }
 
 /// Runs `f` on a fresh channel and closes it: a refused declaration closes
@@ -460,7 +565,7 @@ async fn with_channel<T>(
 async fn read_depths(
     connection: &Connection,
     s: &SubscriptionConfig,
-    types: &BTreeMap<String, &'static str>,
+    declared: &mut BTreeMap<String, Declared>,
 ) -> Result<Depths, String> {
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     let count = async |queue: String| {
@@ -476,12 +581,24 @@ async fn read_depths(
         consumers: main.consumer_count(),
         ..Depths::default()
     };
-    if types.contains_key(&s.name) {
+    if let Some(d) = declared.get_mut(&s.name) {
         depths.dead_lettered = u64::from(count(topology::dead_letter_queue(&s.name)).await?.message_count());
         let policy = s.settings.mapping(&s.handler).policy;
         for delay in topology::retry_delays(&policy) {
             depths.retrying += u64::from(count(topology::retry_queue(&s.name, delay)).await?.message_count());
         }
+        let mut gone = Vec::new();
+        for queue in &d.legacy {
+            match count(queue.clone()).await {
+                Ok(q) => depths.retrying += u64::from(q.message_count()),
+                // Deleted by the operator, as the warning asked.
+                Err(e) => {
+                    tracing::info!(subscription = %s.name, %queue, error = %e, "old retry queue no longer counted");
+                    gone.push(queue.clone());
+                }
+            }
+        }
+        d.legacy.retain(|q| !gone.contains(q));
     }
     Ok(depths)
 }

@@ -22,6 +22,7 @@ pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use shardline_proto::v1::{admin_api_server::AdminApiServer, worker_api_server::WorkerApiServer};
 use tokio_util::sync::CancellationToken;
@@ -43,11 +44,31 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Metrics(String),
+    /// The store failed while serving (DESIGN.md rule 7): the coordinator
+    /// stopped rather than answer without durability; a restart recovers
+    /// from what the store made durable.
+    #[error(
+        "the lease store failed, so the coordinator stopped (restart it to recover from the durable state): {0}"
+    )]
+    StoreFailed(StoreError),
+    /// The service loop ended while the server still ran, without an error.
+    #[error("the service loop stopped unexpectedly")]
+    LoopEnded,
 }
+
+/// How long connections may take to close after the loop died, before the
+/// server stops waiting for them: a client that never reads its GOAWAY
+/// must not keep a coordinator without a store alive.
+const FATAL_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs a coordinator until `shutdown` fires: opens the store, restores the
 /// lease table, serves gRPC, discovers shards. `on_ready` gets the bound
 /// address (useful with port 0).
+///
+/// If the service loop ends first (a store error), the server is shut down
+/// too and the error returned: a coordinator that can no longer make
+/// anything durable must not keep answering (UNAVAILABLE forever), but exit
+/// so that its supervisor restarts it on the durable state.
 pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
@@ -65,7 +86,21 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
 
     let loop_stop = CancellationToken::new();
-    let service_task = tokio::spawn(service.run(loop_stop.clone()));
+    // The server stops on `shutdown`, or when the loop ends by itself.
+    let loop_died = CancellationToken::new();
+    let (loop_token, died) = (loop_stop.clone(), loop_died.clone());
+    let service_task = tokio::spawn(async move {
+        let result = service.run(loop_token).await;
+        died.cancel();
+        result
+    });
+    let (stop, died) = (shutdown.clone(), loop_died.clone());
+    let server_stop = async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = died.cancelled() => {}
+        }
+    };
     let discovery_task = tokio::spawn(discovery::run(config.clone(), handle.clone(), shutdown.clone()));
 
     let subscriptions = amqp::StatusTable::default();
@@ -75,21 +110,38 @@ pub async fn serve(
     let auth = api::Auth { token: config.auth_token.clone() };
     tracing::info!(%addr, streams = config.streams.len(), subscriptions = config.subscriptions.len(), "coordinator serving");
     on_ready(addr);
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(WorkerApiServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(AdminApiServer::with_interceptor(api, auth))
         .serve_with_incoming_shutdown(
             // Nagle plus delayed ACKs would add ~40 ms to small replies.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        )
-        .await;
+            server_stop,
+        );
+    let died = loop_died.clone();
+    let served = tokio::select! {
+        served = server => served,
+        () = async move {
+            died.cancelled().await;
+            tokio::time::sleep(FATAL_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?FATAL_GRACE, "connections still open after the store failed; closing them");
+            Ok(())
+        }
+    };
+    // Was the loop already gone before the API closed? (Read before
+    // `loop_stop` is cancelled, which ends a healthy loop too.)
+    let loop_died = loop_died.is_cancelled();
     // The API is closed: let the loop make everything durable, then stop.
     discovery_task.abort();
     amqp_task.abort();
     loop_stop.cancel();
-    let stored = service_task.await.map_err(|e| StoreError::Io(format!("service loop panicked: {e}")))?;
+    let stored = service_task.await.map_err(|e| StoreError::Io(format!("service loop panicked: {e}")));
+    match stored {
+        Ok(Err(e)) | Err(e) => return Err(Error::StoreFailed(e)),
+        Ok(Ok(())) if loop_died => return Err(Error::LoopEnded),
+        Ok(Ok(())) => {}
+    }
     served?;
-    stored?;
     Ok(())
 }

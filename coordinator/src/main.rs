@@ -1,7 +1,8 @@
 //! `shardline-coordinator --config FILE`: parses and validates the config
 //! (exit 2 on a bad one, nothing started), then serves until SIGTERM/SIGINT.
 //! The first signal drains (close the API, flush the store); a second exits
-//! at once.
+//! at once. A store failure while serving exits 1 with the error (see
+//! [`shardline_coordinator::serve`]), for a supervisor to restart it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
         let result = shardline_coordinator::serve(config, shutdown, |addr| {
@@ -64,7 +65,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Bounded: after a store failure a blocking flush may never return, and
+    // dropping the runtime would wait for it forever instead of exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }
 
 async fn signals(shutdown: CancellationToken) {

@@ -9,6 +9,14 @@
 //! while it runs, new writes and replies pile up for the next one. So an
 //! acknowledged checkpoint survives `kill -9`, and an epoch handed to a
 //! worker is never handed out again after a restart.
+//!
+//! A store error (a failed write or flush) ends the loop with that error
+//! (DESIGN.md rule 7, "loud storage"): the core's dirty records may not be
+//! written and the replies waiting for them must never say OK, so the only
+//! safe state to go on from is the durable one, after a restart. Every
+//! unanswered reply is dropped with the loop, which callers see as
+//! [`Closed`] (the API answers UNAVAILABLE); [`crate::serve`] then stops
+//! the server and the binary exits non-zero.
 
 use std::time::Duration;
 
@@ -169,8 +177,9 @@ impl<S: LeaseStore> Service<S> {
     }
 
     /// Runs until `shutdown` fires (or every handle is dropped). Returns an
-    /// error only when the store fails, which the binary treats as fatal:
-    /// acknowledging without durability would break the contract.
+    /// error as soon as the store fails, which the binary treats as fatal:
+    /// acknowledging without durability would break the contract, and
+    /// dirty records that could not be written cannot be retried safely.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,29 +189,29 @@ impl<S: LeaseStore> Service<S> {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some((seq, result)) = flushed_rx.recv() => {
-                    result?;
+                    result.inspect_err(store_failed)?;
                     self.flushing = None;
                     self.durable = self.durable.max(seq);
                     self.release_waiting();
                 }
                 command = self.rx.recv() => {
                     let Some(command) = command else { break };
-                    self.handle(command);
+                    self.handle(command).inspect_err(store_failed)?;
                     for _ in 0..MAX_BATCH {
                         match self.rx.try_recv() {
-                            Ok(command) => self.handle(command),
+                            Ok(command) => self.handle(command).inspect_err(store_failed)?,
                             Err(_) => break,
                         }
                     }
                 }
                 _ = tick.tick() => {
                     self.core.tick(Instant::now().into_std());
-                    self.persist()?;
-                    self.persist_usage()?;
+                    self.persist().inspect_err(store_failed)?;
+                    self.persist_usage().inspect_err(store_failed)?;
                     m::publish(&self.core);
                 }
             }
-            self.persist()?;
+            self.persist().inspect_err(store_failed)?;
             if self.flushing.is_none() && !self.waiting.is_empty() && self.durable < self.written {
                 let seq = self.written;
                 self.flushing = Some(seq);
@@ -212,14 +221,16 @@ impl<S: LeaseStore> Service<S> {
                     let started = Instant::now();
                     let result = flush.await;
                     m::flush_done(started.elapsed());
+                    // Only fails once the loop is gone, which has its own error.
                     let _ = done.send((seq, result)).await;
                 });
             }
             self.release_waiting();
         }
         // Drain: make what was written durable before replying and exiting.
+        self.persist().inspect_err(store_failed)?;
         if self.written > self.durable {
-            self.store.flush().await?;
+            self.store.flush().await.inspect_err(store_failed)?;
             self.durable = self.written;
             self.release_waiting();
         }
@@ -261,35 +272,41 @@ impl<S: LeaseStore> Service<S> {
     }
 
     /// Answers after the writes so far are durable (now, if they are).
-    fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, value: T) {
-        self.reply_if(true, tx, value);
+    fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, value: T) -> Result<(), StoreError> {
+        self.reply_if(true, tx, value)
     }
 
     /// Answers now when `reveals` is false (the reply carries nothing that
     /// depends on unflushed writes, like an empty heartbeat), so liveness
-    /// never waits for someone else's fsync.
-    fn reply_if<T: Send + 'static>(&mut self, reveals: bool, tx: Reply<T>, value: T) {
+    /// never waits for someone else's fsync. A failed write drops the reply
+    /// (the caller sees the loop closed, never OK) and is returned: fatal.
+    fn reply_if<T: Send + 'static>(
+        &mut self,
+        reveals: bool,
+        tx: Reply<T>,
+        value: T,
+    ) -> Result<(), StoreError> {
         // Persist first so `written` covers what this command changed.
-        if let Err(e) = self.persist() {
-            tracing::error!(error = %e, "store write failed; dropping the reply");
-            return;
-        }
+        self.persist()?;
+        // A send fails only when the caller gave up waiting (its RPC was
+        // cancelled); the state change stands either way.
         if !reveals || self.written <= self.durable {
             let _ = tx.send(value);
         } else {
             let seq = self.written;
             self.waiting.push((seq, Box::new(move || drop(tx.send(value)))));
         }
+        Ok(())
     }
 
-    fn handle(&mut self, command: Command) {
+    fn handle(&mut self, command: Command) -> Result<(), StoreError> {
         let now = Instant::now().into_std();
         match command {
             Command::Register(registration, reply) => {
                 let worker = registration.worker.clone();
                 let instructions = self.core.register(now, registration);
                 tracing::info!(%worker, instructions = instructions.len(), "worker registered");
-                self.reply(reply, instructions);
+                self.reply(reply, instructions)?;
             }
             Command::Heartbeat { worker, mut beat, draining, reply } => {
                 let usage = std::mem::take(&mut beat.load.usage);
@@ -301,7 +318,7 @@ impl<S: LeaseStore> Service<S> {
                     self.meter.observe(&worker, unix_ms(), usage);
                 }
                 let reveals = result.as_ref().is_ok_and(|i| !i.is_empty());
-                self.reply_if(reveals, reply, result);
+                self.reply_if(reveals, reply, result)?;
             }
             Command::Checkpoint { worker, entries, reply } => {
                 let outcomes: Vec<CheckpointOutcome> = entries
@@ -310,18 +327,18 @@ impl<S: LeaseStore> Service<S> {
                     .collect();
                 let accepted = outcomes.iter().filter(|o| matches!(o, CheckpointOutcome::Ok { .. })).count();
                 m::checkpoints(accepted as u64, (outcomes.len() - accepted) as u64);
-                self.reply(reply, outcomes);
+                self.reply(reply, outcomes)?;
             }
             Command::ReleaseDone { worker, lease, epoch, offset, reply } => {
                 let outcome = self.core.release_done(now, &worker, &lease, epoch, offset);
                 tracing::info!(%worker, %lease, epoch, ?offset, ?outcome, "release confirmed");
-                self.reply(reply, outcome);
+                self.reply(reply, outcome)?;
             }
             Command::Deregister { worker, reply } => {
                 self.core.deregister(now, &worker);
                 self.meter.forget(&worker);
                 tracing::info!(%worker, "worker deregistered");
-                self.reply(reply, ());
+                self.reply(reply, ())?;
             }
             Command::Discovered { kind, name, handler, count } => {
                 let added = self.core.discovered(now, kind, &name, &handler, count);
@@ -343,7 +360,7 @@ impl<S: LeaseStore> Service<S> {
                 let result = result.and_then(|()| {
                     self.core.lease(&lease).cloned().ok_or_else(|| CoreError::UnknownLease(lease.clone()))
                 });
-                self.reply(reply, result);
+                self.reply(reply, result)?;
             }
             Command::SetCheckpoints { changes, dry_run, reply } => {
                 let result = if dry_run {
@@ -354,7 +371,7 @@ impl<S: LeaseStore> Service<S> {
                 if result.is_ok() && !dry_run {
                     tracing::warn!(leases = changes.len(), "checkpoints set by an operator");
                 }
-                self.reply(reply, result);
+                self.reply(reply, result)?;
             }
             Command::Usage { since_ms, reply } => {
                 let _ = reply.send(self.meter.totals(since_ms));
@@ -370,7 +387,13 @@ impl<S: LeaseStore> Service<S> {
                 let _ = reply.send(snapshot);
             }
         }
+        Ok(())
     }
+}
+
+/// Logs the store error that is about to end the loop, where it happened.
+fn store_failed(e: &StoreError) {
+    tracing::error!(error = %e, "store failed; stopping the coordinator (restart it on the durable state)");
 }
 
 #[cfg(test)]
@@ -379,7 +402,7 @@ mod tests {
 
     use super::*;
     use crate::core::CoreConfig;
-    use crate::store::MemStore;
+    use crate::store::{FailingStore, MemStore};
 
     async fn start(store: MemStore) -> (Handle, CancellationToken) {
         let (service, handle) = Service::new(store, CoreConfig::default()).unwrap_or_else(|e| panic!("{e}"));
@@ -468,6 +491,73 @@ mod tests {
         assert!(after.iter().all(|o| o.as_deref() == Some("b")), "a expired after 10 s: {after:?}");
         assert!(heartbeat(&handle, "a").await.is_err(), "the dead worker must re-register");
         token.cancel();
+    }
+
+    /// Registers `a` on a loop over a [`FailingStore`] and returns the
+    /// lease it got, with the loop's task (to see how it ended).
+    async fn failing_store_with_a_lease(
+        store: &FailingStore,
+    ) -> (Handle, tokio::task::JoinHandle<Result<(), StoreError>>, LeaseId, u64) {
+        let (service, handle) =
+            Service::new(store.clone(), CoreConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let task = tokio::spawn(service.run(CancellationToken::new()));
+        let discovered =
+            Command::Discovered { kind: LeaseKind::Shard, name: "s".into(), handler: "h".into(), count: 4 };
+        assert!(handle.send(discovered).await.is_ok());
+        let acquired = register(&handle, "a").await;
+        let Some(Instruction::Acquire { lease, epoch, .. }) = acquired.first().cloned() else {
+            panic!("no lease acquired: {acquired:?}")
+        };
+        (handle, task, lease, epoch)
+    }
+
+    async fn checkpoint(
+        handle: &Handle,
+        lease: &LeaseId,
+        epoch: u64,
+        offset: i64,
+    ) -> Result<Vec<CheckpointOutcome>, Closed> {
+        let entries = vec![CheckpointCmd { lease: lease.clone(), epoch, offset }];
+        handle.call(|reply| Command::Checkpoint { worker: "a".into(), entries, reply }).await
+    }
+
+    /// DESIGN.md rule 7: a failed write ends the loop with the error, even
+    /// when the next write would work (the dirty records it dropped are
+    /// gone); the checkpoint that needed it is never answered OK, and
+    /// nothing later is.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_store_write_stops_the_loop_and_no_reply_says_ok() {
+        let store = FailingStore::default();
+        let (handle, task, lease, epoch) = failing_store_with_a_lease(&store).await;
+        assert!(matches!(
+            checkpoint(&handle, &lease, epoch, 5).await.as_deref(),
+            Ok([CheckpointOutcome::Ok { .. }])
+        ));
+        if let Ok(mut failing) = store.failing_checkpoint.lock() {
+            *failing = Some(9);
+        }
+        let reply = checkpoint(&handle, &lease, epoch, 9).await;
+        assert!(reply.is_err(), "a checkpoint whose write failed was answered: {reply:?}");
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let Ok(Ok(Err(e))) = ended else { panic!("the loop did not end with the store error: {ended:?}") };
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert!(heartbeat(&handle, "a").await.is_err(), "nobody is answered after the failure");
+        assert!(store.inner.load().unwrap_or_default().iter().all(|r| r.checkpoint != Some(9)));
+    }
+
+    /// A failed flush ends the loop too: the replies waiting for it are
+    /// dropped, not released as if their writes were durable.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_flush_stops_the_loop_and_no_reply_says_ok() {
+        let store = FailingStore::default();
+        let (handle, task, lease, epoch) = failing_store_with_a_lease(&store).await;
+        store.failing_flushes.store(1, std::sync::atomic::Ordering::SeqCst);
+        let reply = checkpoint(&handle, &lease, epoch, 9).await;
+        assert!(reply.is_err(), "a checkpoint whose flush failed was answered: {reply:?}");
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let Ok(Ok(Err(e))) = ended else { panic!("the loop did not end with the store error: {ended:?}") };
+        assert!(e.to_string().contains("flush"), "{e}");
+        assert!(register(&handle, "b").await.is_empty(), "nobody is answered after the failure");
     }
 
     #[tokio::test(start_paused = true)]

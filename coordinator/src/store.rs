@@ -257,6 +257,60 @@ impl LeaseStore for MemStore {
     }
 }
 
+/// A [`MemStore`] whose writes or flushes fail once on demand, for tests
+/// of what the service loop does when the disk fails (once: a transient
+/// error must be as fatal as a lasting one, since the records it dropped
+/// are gone).
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub struct FailingStore {
+    pub inner: MemStore,
+    /// The write of a record with this checkpoint fails (once), so a test
+    /// hits the write of one particular command, not a tick's.
+    pub failing_checkpoint: Arc<Mutex<Option<i64>>>,
+    /// How many of the next flushes fail.
+    pub failing_flushes: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[cfg(test)]
+impl FailingStore {
+    fn check(counter: &std::sync::atomic::AtomicU32, what: &str) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if counter.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(StoreError::Io(format!("{what}: No space left on device (injected)")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl LeaseStore for FailingStore {
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.inner.load()
+    }
+
+    fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
+        let mut failing = self.failing_checkpoint.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        if record.checkpoint.is_some() && *failing == record.checkpoint {
+            *failing = None;
+            return Err(StoreError::Io("write: No space left on device (injected)".into()));
+        }
+        self.inner.put(record)
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        std::future::ready(Self::check(&self.failing_flushes, "flush"))
+    }
+
+    fn load_usage(&self) -> Result<Vec<(BucketKey, Counts)>, StoreError> {
+        self.inner.load_usage()
+    }
+
+    fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError> {
+        self.inner.put_usage(key, counts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,11 +8,18 @@
 //! - `S.dlx` is a fanout exchange and `S.dlq` the queue bound to it: records
 //!   that gave up end there (the queue `S` dead-letters there too, so what
 //!   the broker itself rejects is kept, not dropped);
-//! - `S.retry.<ms>` is one queue per retry delay with a queue-wide TTL of
+//! - `S.retry.<ms>ms` is one queue per retry delay with a queue-wide TTL of
 //!   `<ms>` that dead-letters back to `S` through the default exchange. A
 //!   queue per delay (not per-message TTLs in one queue) because RabbitMQ
 //!   expires messages only at the head of a queue: a 30 s retry would hold
-//!   back a 100 ms one behind it.
+//!   back a 100 ms one behind it. They are quorum queues with at-least-once
+//!   dead-lettering (see the coordinator's `amqp` module), so the hop back
+//!   to `S` survives a broker crash.
+//! - `S.retry.<ms>` (no unit) is the earlier layout: classic retry queues,
+//!   whose dead-lettering RabbitMQ does at most once. The new names let an
+//!   upgrade declare the new queues beside the old ones (which keep sending
+//!   what they hold back to `S`) instead of failing on a queue that exists
+//!   with other arguments; the coordinator reports old ones still there.
 
 use std::time::Duration;
 
@@ -30,7 +37,21 @@ pub fn dead_letter_queue(subscription: &str) -> String {
 
 /// The retry queue that holds messages for `delay` before they go back.
 pub fn retry_queue(subscription: &str, delay: Duration) -> String {
+    format!("{subscription}.retry.{}ms", delay.as_millis())
+}
+
+/// The classic retry queue of earlier releases for `delay` (at-most-once
+/// dead-lettering), which may still exist on a broker and hold messages.
+pub fn legacy_retry_queue(subscription: &str, delay: Duration) -> String {
     format!("{subscription}.retry.{}", delay.as_millis())
+}
+
+/// Every queue the coordinator declares for a subscription with `policy`:
+/// the queue, its dead-letter queue and its retry queues (for cleanup).
+pub fn queues(subscription: &str, policy: &FailurePolicy) -> Vec<String> {
+    let mut queues = vec![subscription.to_owned(), dead_letter_queue(subscription)];
+    queues.extend(retry_delays(policy).into_iter().map(|d| retry_queue(subscription, d)));
+    queues
 }
 
 /// Header carrying how many times a message has failed so far.
@@ -104,6 +125,12 @@ mod tests {
     fn names_are_derived_from_the_subscription() {
         assert_eq!(dead_letter_exchange("emails"), "emails.dlx");
         assert_eq!(dead_letter_queue("emails"), "emails.dlq");
-        assert_eq!(retry_queue("emails", Duration::from_millis(400)), "emails.retry.400");
+        assert_eq!(retry_queue("emails", Duration::from_millis(400)), "emails.retry.400ms");
+        assert_eq!(legacy_retry_queue("emails", Duration::from_millis(400)), "emails.retry.400");
+        let all = queues("emails", &policy(100, 400, 2.0));
+        assert_eq!(
+            all,
+            ["emails", "emails.dlq", "emails.retry.100ms", "emails.retry.200ms", "emails.retry.400ms"]
+        );
     }
 }

@@ -4,8 +4,11 @@
 //! built-in `forward` / `chaos` handlers publish a receipt per processed
 //! message to a receipts exchange, whose queue the test reads back.
 //!
-//! One test at a time (`SERIAL`): one restarts RabbitMQ's app, and all of
-//! them start several processes on a small machine.
+//! One test at a time (`SERIAL`): two restart RabbitMQ (one kills it), and
+//! all of them start several processes on a small machine. Run them under
+//! `flock /tmp/shardline-e2e.lock` where other users share the broker.
+//! Every test deletes the queues it made, also when it fails
+//! ([`QueueCleanup`]).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -13,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use shardline_proto::v1;
 use shardline_tests::amqp::{
-    Got, channel, counts, delete_queues, depth, drain_queue, publish_ids, publisher, rabbitmqctl,
-    receipts_exchange,
+    Got, QueueCleanup, RabbitmqGuard, channel, counts, depth, drain_queue, kill9_rabbitmq, publish_ids,
+    publisher, rabbitmqctl, receipts_exchange, start_rabbitmq,
 };
 use shardline_tests::{Coordinator, Proc, eventually, free_port, scrape, start_worker_with, unique};
 
@@ -39,18 +42,18 @@ impl Names {
         }
     }
 
-    /// Every queue the test made (the coordinator's retry and dead-letter
-    /// queues included), for cleanup.
-    fn queues(&self) -> Vec<String> {
+    /// Every queue the test makes (the coordinator's retry and dead-letter
+    /// queues included, for subscriptions with `policy`), deleted when the
+    /// guard drops.
+    fn cleanup(&self, policy: &shardline_proto::FailurePolicy) -> QueueCleanup {
         let mut q: Vec<String> = self.receipts.iter().map(|r| format!("{r}.q")).collect();
-        let default_delays =
-            shardline_proto::topology::retry_delays(&shardline_proto::FailurePolicy::default());
+        let delays = shardline_proto::topology::retry_delays(policy);
         for s in &self.subs {
             q.push(s.clone());
             q.push(shardline_proto::topology::dead_letter_queue(s));
-            q.extend(default_delays.iter().map(|d| shardline_proto::topology::retry_queue(s, *d)));
+            q.extend(delays.iter().map(|d| shardline_proto::topology::retry_queue(s, *d)));
         }
-        q
+        QueueCleanup(q)
     }
 }
 
@@ -130,6 +133,7 @@ async fn declare_receipts(names: &Names) -> Result<()> {
 async fn fan_out_delivers_every_message_to_each_subscription() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let names = Names::new(2);
+    let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
     let (a, b) = (&names.subs[0], &names.subs[1]);
     let config = topology(
@@ -172,13 +176,14 @@ async fn fan_out_delivers_every_message_to_each_subscription() -> Result<()> {
     );
     ensure!(depth(a).await? == 0 && depth(b).await? == 0, "both subscription queues drained");
     drop(run);
-    delete_queues(&names.queues()).await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_batch_loses_nothing_and_counts_redeliveries() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let names = Names::new(1);
+    let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
     let batch = 20;
@@ -228,13 +233,20 @@ async fn kill_9_mid_batch_loses_nothing_and_counts_redeliveries() -> Result<()> 
     // in-flight batch and its prefetch (2 batches).
     ensure!(dups <= 2 * batch, "{dups} duplicates; at most {} were unacked by the killed worker", 2 * batch);
     drop(run);
-    delete_queues(&names.queues()).await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_message_retries_with_growing_delays_then_dead_letters_while_others_flow() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let names = Names::new(1);
+    // The retry queues of the subscription's own backoff below.
+    let policy = shardline_proto::FailurePolicy {
+        retry_initial: Duration::from_secs(1),
+        retry_max: Duration::from_secs(8),
+        ..shardline_proto::FailurePolicy::default()
+    };
+    let _cleanup = names.cleanup(&policy);
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
     let settings = "batch_size = 20\nmax_retries = 3\nbisect_on_error = true\n\
@@ -297,16 +309,7 @@ async fn a_poison_message_retries_with_growing_delays_then_dead_letters_while_ot
     }
     ensure!(gaps.windows(2).all(|w| w[1] > w[0]), "delays grow: {gaps:?}");
     drop(run);
-    let mut queues = names.queues();
-    let policy = shardline_proto::FailurePolicy {
-        retry_initial: Duration::from_secs(1),
-        retry_max: Duration::from_secs(8),
-        ..shardline_proto::FailurePolicy::default()
-    };
-    for delay in shardline_proto::topology::retry_delays(&policy) {
-        queues.push(shardline_proto::topology::retry_queue(sub, delay));
-    }
-    delete_queues(&queues).await
+    Ok(())
 }
 
 /// Starts RabbitMQ's app again if a test stopped it, however it ends.
@@ -322,6 +325,7 @@ impl Drop for RestartGuard {
 async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_nothing() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let names = Names::new(1);
+    let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
     let config =
@@ -373,13 +377,14 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
     }
     eventually(Duration::from_secs(20), "healthy again", healthy).await?;
     drop(run);
-    delete_queues(&names.queues()).await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let names = Names::new(1);
+    let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
     let settings = "min_slots = 1\nmax_concurrency = 4\nbatch_size = 10\ndrain_target = \"2s\"\nscale_down_after = \"3s\"";
@@ -423,13 +428,14 @@ async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<
         .count();
     ensure!(owned == 1, "one slot owned after scaling down, {owned} are");
     drop(run);
-    delete_queues(&names.queues()).await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_queue_that_exists_with_other_arguments_is_reported_not_redeclared() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let names = Names::new(1);
+    let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     let sub = &names.subs[0];
     // Someone made the queue by hand, classic and without a dead-letter
     // exchange; the config asks for a quorum queue.
@@ -457,5 +463,201 @@ async fn a_queue_that_exists_with_other_arguments_is_reported_not_redeclared() -
     args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("classic".into()));
     ch.queue_declare(sub.as_str().into(), durable, args).await.context("still a classic queue")?;
     drop(run);
-    delete_queues(&names.queues()).await
+    Ok(())
+}
+
+/// Retries are at least once end to end (DESIGN.md rule 6): a failing
+/// message is acked only once its copy is confirmed in a retry queue, and
+/// the hop from the retry queue back to the subscription (RabbitMQ's own
+/// dead-lettering on expiry) must survive a broker crash too.
+///
+/// Hundreds of messages fail and wait in the retry queues; RabbitMQ's
+/// Erlang VM is killed with `kill -9` (no clean stop: nothing flushed, no
+/// queue stopped) while they wait, and kept down past every delay, so at
+/// boot the retry queues expire all of them at once, back into a
+/// subscription queue that is itself still recovering. Every message must
+/// end processed (healthy ones) or in the dead-letter queue (poison ones,
+/// after their retries): none lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rabbitmq_crash_while_messages_wait_in_retry_queues_loses_none() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    let policy = shardline_proto::FailurePolicy {
+        retry_initial: Duration::from_secs(2),
+        retry_max: Duration::from_secs(4),
+        ..shardline_proto::FailurePolicy::default()
+    };
+    let _cleanup = names.cleanup(&policy);
+    declare_receipts(&names).await?;
+    let sub = &names.subs[0];
+    // Ids with a 7 in them are poison (about a quarter of 0..2000); the
+    // handler names them, so the healthy ones of a batch are acked at once.
+    let settings = "min_slots = 2\nmax_concurrency = 2\nbatch_size = 50\nmax_retries = 2\n\
+                    report_item_failures = true\n\
+                    retry_backoff = { initial = \"2s\", max = \"4s\", multiplier = 2.0 }";
+    let config = topology(&names.topic, &[(sub, "chaos", settings)]);
+    let worker = format!(
+        "[handlers.chaos]\nexchange = \"{}\"\npoison = \"7\"\nreport_items = true\n",
+        names.receipts[0]
+    );
+    let run = Run::start(&config, &worker, &["w1", "w2"])?;
+    run.consuming(sub, 2).await?;
+    let receipts_q = format!("{}.q", names.receipts[0]);
+    let dlq = shardline_proto::topology::dead_letter_queue(sub);
+    let retry_queues: Vec<String> = shardline_proto::topology::retry_delays(&policy)
+        .into_iter()
+        .map(|d| shardline_proto::topology::retry_queue(sub, d))
+        .collect();
+
+    let n: u64 = 2000;
+    let poison: BTreeSet<u64> = (0..n).filter(|i| i.to_string().contains('7')).collect();
+    publish_ids(&publisher(), &names.topic, 0, n).await?;
+    // Wait until (nearly) every poison message failed once and waits in a
+    // retry queue, and the subscription queue is drained.
+    let waiting = eventually(Duration::from_secs(60), "poison waiting in retry queues", || async {
+        let mut waiting = 0;
+        for q in &retry_queues {
+            waiting += depth(q).await?;
+        }
+        let main = depth(sub).await?;
+        ensure!(
+            main == 0 && u64::from(waiting) * 10 >= poison.len() as u64 * 9,
+            "{waiting} of {} waiting, {main} in {sub}",
+            poison.len()
+        );
+        Ok(Some(waiting))
+    })
+    .await?;
+
+    let guard = RabbitmqGuard;
+    kill9_rabbitmq()?;
+    let killed = Instant::now();
+    println!("kill -9 of RabbitMQ with {waiting} of {} poison messages in retry queues", poison.len());
+    // Down longer than every delay: they are all due when the broker boots.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let boot = tokio::task::block_in_place(|| start_rabbitmq(Duration::from_secs(180)))?;
+    drop(guard);
+    println!("RabbitMQ answering again after {boot:?} ({:?} after the kill)", killed.elapsed());
+
+    // Everything ends somewhere: healthy ids processed, poison ones dead-lettered.
+    let healthy = n - poison.len() as u64;
+    let mut got = Vec::new();
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // Two seconds of reading each (no count to stop at).
+        got.extend(drain_queue(&receipts_q, usize::MAX, Duration::ZERO, Duration::from_secs(2)).await?);
+        dead.extend(drain_queue(&dlq, usize::MAX, Duration::ZERO, Duration::from_secs(2)).await?);
+        let (seen, gave_up) = (counts(&got), counts(&dead));
+        let done = (0..n).filter(|i| seen.contains_key(i) || gave_up.contains_key(i)).count() as u64;
+        let mut left = 0;
+        for q in retry_queues.iter().chain(std::iter::once(sub)) {
+            left += depth(q).await?;
+        }
+        if done == n || (Instant::now() > deadline && left == 0) {
+            break;
+        }
+        ensure!(Instant::now() < deadline + Duration::from_secs(60), "still {left} messages queued");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (seen, gave_up) = (counts(&got), counts(&dead));
+    let lost: Vec<u64> = (0..n).filter(|i| !seen.contains_key(i) && !gave_up.contains_key(i)).collect();
+    let lost_poison = lost.iter().filter(|i| poison.contains(i)).count();
+    println!(
+        "{n} published ({} poison): {} processed, {} dead-lettered, {} lost ({lost_poison} of them poison \
+         waiting in retry queues at the kill), {} processed twice, {} dead-lettered twice",
+        poison.len(),
+        seen.len(),
+        gave_up.len(),
+        lost.len(),
+        got.len() - seen.len(),
+        dead.len() - gave_up.len(),
+    );
+    ensure!(lost.is_empty(), "{} messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(10)]);
+    ensure!(
+        (0..n).filter(|i| !poison.contains(i)).all(|i| seen.contains_key(&i)),
+        "every one of the {healthy} healthy ids processed"
+    );
+    ensure!(gave_up.keys().all(|i| poison.contains(i)), "only poison ids dead-lettered");
+    for d in dead.iter().take(3) {
+        ensure!(
+            d.header("shardline.attempts") == Some("3")
+                && d.header("shardline.reason") == Some("retries_exhausted"),
+            "dead letters after 1 + 2 attempts: {:?}",
+            d.headers
+        );
+    }
+    drop(run);
+    Ok(())
+}
+
+/// Upgrading from the classic retry queues of earlier releases (named
+/// `S.retry.<ms>`): they are left alone (still classic, still holding what
+/// waits in them, which they return to `S` as before), the new quorum ones
+/// are declared beside them, and what the old ones hold counts as retrying.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_classic_retry_queue_is_kept_and_counted_beside_the_new_one() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    let policy = shardline_proto::FailurePolicy {
+        retry_initial: Duration::from_secs(60),
+        retry_max: Duration::from_secs(60),
+        ..shardline_proto::FailurePolicy::default()
+    };
+    let mut cleanup = names.cleanup(&policy);
+    let sub = &names.subs[0];
+    let delay = Duration::from_secs(60);
+    let old = shardline_proto::topology::legacy_retry_queue(sub, delay);
+    cleanup.0.push(old.clone());
+    // The old layout: a classic queue, TTL = the delay, back to `S`.
+    let (_connection, ch) = channel().await?;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("classic".into()));
+    args.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongLongInt(60_000));
+    args.insert("x-dead-letter-exchange".into(), lapin::types::AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), lapin::types::AMQPValue::LongString(sub.as_str().into()));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare(old.as_str().into(), durable, args.clone()).await?;
+    let waiting: Vec<shardline_worker::amqp::Message> = (0..3)
+        .map(|i| shardline_worker::amqp::Message {
+            routing_key: old.clone(),
+            body: format!("id-{i}").into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    publisher().publish(&waiting).await.map_err(anyhow::Error::msg)?;
+
+    let settings = "retry_backoff = { initial = \"60s\", max = \"60s\" }";
+    let run = Run::start(&topology(&names.topic, &[(sub, "noop", settings)]), "[handlers.noop]\n", &[])?;
+    let s = eventually(Duration::from_secs(30), "the old queue counted as retrying", || async {
+        let s = run.subscription(sub).await?;
+        ensure!(s.error.is_empty(), "topology error: {}", s.error);
+        ensure!(s.retrying == 3, "retrying {}", s.retrying);
+        Ok(Some(s))
+    })
+    .await?;
+    println!("subscription {}: retrying {} (the old classic queue's messages)", s.name, s.retrying);
+    // The old queue is as it was; the new one is a quorum queue.
+    ch.queue_declare(old.as_str().into(), durable, args).await.context("the old queue is unchanged")?;
+    ensure!(depth(&old).await? == 3, "the old queue keeps its messages");
+    // Declaring it again with the arguments of an at-least-once quorum
+    // retry queue succeeds only if it has exactly those.
+    let new = shardline_proto::topology::retry_queue(sub, delay);
+    let mut quorum = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", sub.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        quorum.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    quorum.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongLongInt(60_000));
+    let (_c2, ch2) = channel().await?;
+    ch2.queue_declare(new.as_str().into(), durable, quorum)
+        .await
+        .context("the new retry queue is quorum, at least once")?;
+    drop(run);
+    Ok(())
 }

@@ -205,7 +205,7 @@ mod tests {
         let queues = names.queues();
         assert_eq!(&queues[..2], ["q", "q.dlq"]);
         assert!(queues[2..].iter().all(|q| q.starts_with("q.retry.")), "{queues:?}");
-        assert!(queues.contains(&"q.retry.100".to_owned()), "the default first delay: {queues:?}");
+        assert!(queues.contains(&"q.retry.100ms".to_owned()), "the default first delay: {queues:?}");
         assert_eq!(names.exchanges(), ["t", "q.dlx"]);
     }
 
