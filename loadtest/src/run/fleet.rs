@@ -17,8 +17,14 @@ use tonic::transport::{Channel, Endpoint};
 use super::proxy::Proxy;
 use crate::child::{Coordinator, Running, Worker, WorkerSettings};
 
-/// The handler every worker hosts and every mapping names.
+/// The handler every worker hosts and every mapping names (but the
+/// subscriptions of a run with both targets: see [`FORWARD`]).
 pub const HANDLER: &str = "chaos";
+/// With both targets, the subscriptions' handler: `chaos` writes receipts
+/// to one destination (the stream's Kafka topic), `forward` writes the
+/// subscriptions' to the RabbitMQ receipts exchange, so each target's
+/// receipts stay on its own broker.
+pub const FORWARD: &str = "forward";
 /// One admin call, at most: a coordinator being restarted must not stall
 /// the run.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -27,8 +33,9 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct WorkerTemplate {
     pub kafka_brokers: String,
     pub amqp_url: String,
-    /// The `chaos` handler's settings (receipts destination, sleeps).
-    pub settings: Vec<(&'static str, String)>,
+    /// The handlers each worker hosts with their settings (receipts
+    /// destination, sleeps).
+    pub handlers: Vec<crate::child::Hosted<'static>>,
     /// The workers' node capacity (`max_inflight_batches`), if limited.
     pub max_inflight_batches: Option<u32>,
     /// Appended to `w<i>`: empty with the harness's own coordinator, a run
@@ -116,8 +123,7 @@ impl Fleet {
             coordinator: proxy.url(),
             worker_id: &id,
             kafka_brokers: &self.template.kafka_brokers,
-            handler: HANDLER,
-            handler_settings: &self.template.settings,
+            handlers: &self.template.handlers,
             fetch_queue_kib: None,
             amqp_url: Some(&self.template.amqp_url),
             max_inflight_batches: self.template.max_inflight_batches,

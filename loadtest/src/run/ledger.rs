@@ -11,6 +11,10 @@
 //! subscription (a fanout delivers every message to each, and each must
 //! process it). `processed` counts (destination, id) pairs processed at
 //! least once, so it equals `produced × destinations` when nothing is lost.
+//!
+//! One ledger books one target (a run with a Kafka stream and a RabbitMQ
+//! topic has two, each with its own ids); [`Analysis::combine`] sums their
+//! analyses into the run's overall figures.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -77,6 +81,19 @@ pub struct Progress {
     pub processed: u64,
     /// Acknowledged pairs not processed yet.
     pub lag: u64,
+}
+
+impl Progress {
+    /// Two targets' progress together.
+    pub fn plus(self, other: Progress) -> Progress {
+        Progress {
+            sent: self.sent + other.sent,
+            acked: self.acked + other.acked,
+            failed: self.failed + other.failed,
+            processed: self.processed + other.processed,
+            lag: self.lag + other.lag,
+        }
+    }
 }
 
 pub struct Ledger {
@@ -241,6 +258,9 @@ pub struct Analysis {
     pub produced: u64,
     /// Sent but never acknowledged.
     pub unacknowledged: u64,
+    /// (destination, id) pairs that must be processed: `produced` × the
+    /// destinations of each target.
+    pub expected: u64,
     pub destinations: Vec<DestinationFigures>,
     pub processed: u64,
     pub duplicates: u64,
@@ -264,6 +284,102 @@ pub struct Analysis {
     pub unstamped: u64,
     /// Receipts per worker name.
     pub per_worker: Vec<(String, u64)>,
+}
+
+impl Analysis {
+    /// Several targets' analyses of one run (the same faults, in the same
+    /// order) as one: counts add up; latency quantiles, stalls and
+    /// recovery times are the worst target's (quantiles of different
+    /// distributions do not add; the worst is what a threshold must hold
+    /// for); each fault's recovery is over the scopes it hit on every
+    /// target; timelines add up per second.
+    pub fn combine(parts: &[&Analysis]) -> Analysis {
+        let sum = |f: fn(&Analysis) -> u64| parts.iter().map(|a| f(a)).sum::<u64>();
+        let worst = |f: fn(&Analysis) -> LatencyFigures| {
+            parts.iter().map(|a| f(a)).fold(LatencyFigures::default(), |w, l| LatencyFigures {
+                count: w.count + l.count,
+                p50_ms: w.p50_ms.max(l.p50_ms),
+                p95_ms: w.p95_ms.max(l.p95_ms),
+                p99_ms: w.p99_ms.max(l.p99_ms),
+                max_ms: w.max_ms.max(l.max_ms),
+            })
+        };
+        let mut per_worker: Vec<(String, u64)> = Vec::new();
+        for (name, n) in parts.iter().flat_map(|a| a.per_worker.iter()) {
+            match per_worker.iter_mut().find(|(w, _)| w == name) {
+                Some((_, total)) => *total += n,
+                None => per_worker.push((name.clone(), *n)),
+            }
+        }
+        let mut rows: std::collections::BTreeMap<u64, Row> = std::collections::BTreeMap::new();
+        for row in parts.iter().flat_map(|a| a.timeline.iter()) {
+            let r = rows.entry(row.t).or_insert(Row { t: row.t, ..Row::default() });
+            r.produced += row.produced;
+            r.processed += row.processed;
+            r.lag += row.lag;
+            r.max_latency_ms = r.max_latency_ms.max(row.max_latency_ms);
+        }
+        let faults = parts.iter().map(|a| a.recoveries.len()).max().unwrap_or(0);
+        let recoveries = (0..faults)
+            .filter_map(|i| {
+                let each: Vec<&Recovery> = parts.iter().filter_map(|a| a.recoveries.get(i)).collect();
+                Recovery::combine(&each)
+            })
+            .collect();
+        let orders: Vec<u64> = parts.iter().filter_map(|a| a.order_violations).collect();
+        Analysis {
+            produced: sum(|a| a.produced),
+            unacknowledged: sum(|a| a.unacknowledged),
+            expected: sum(|a| a.expected),
+            destinations: parts.iter().flat_map(|a| a.destinations.iter().cloned()).collect(),
+            processed: sum(|a| a.processed),
+            duplicates: sum(|a| a.duplicates),
+            lost: sum(|a| a.lost),
+            unconfirmed_processed: sum(|a| a.unconfirmed_processed),
+            foreign: sum(|a| a.foreign),
+            order_violations: (!orders.is_empty()).then(|| orders.iter().sum()),
+            latency: worst(|a| a.latency),
+            ack_latency: worst(|a| a.ack_latency),
+            throughput_per_s: parts.iter().map(|a| a.throughput_per_s).sum(),
+            timeline: rows.into_values().collect(),
+            recoveries,
+            zombie_invocations: sum(|a| a.zombie_invocations),
+            unstamped: sum(|a| a.unstamped),
+            per_worker,
+        }
+    }
+}
+
+impl Recovery {
+    /// One fault as every target saw it: affected and unrecovered scopes
+    /// of all; recovered when every target's scopes were, by the slowest;
+    /// the longest stall of any target; zombies of all. `None` for none.
+    fn combine(each: &[&Recovery]) -> Option<Recovery> {
+        let first = *each.first()?;
+        let unrecovered: Vec<String> = each.iter().flat_map(|r| r.unrecovered.iter().cloned()).collect();
+        let recovery_s = if unrecovered.is_empty() {
+            each.iter().filter_map(|r| r.recovery_s).reduce(f64::max)
+        } else {
+            None
+        };
+        let stall = each
+            .iter()
+            .filter(|r| r.max_stall_s.is_some())
+            .max_by(|x, y| x.max_stall_s.partial_cmp(&y.max_stall_s).unwrap_or(std::cmp::Ordering::Equal));
+        let zombies: Vec<u64> = each.iter().filter_map(|r| r.zombie_invocations).collect();
+        Some(Recovery {
+            label: first.label.clone(),
+            at_s: first.at_s,
+            recovery_s,
+            affected: each.iter().map(|r| r.affected).sum(),
+            unrecovered,
+            error: first.error.clone(),
+            ended_s: first.ended_s,
+            max_stall_s: stall.and_then(|r| r.max_stall_s),
+            stalled: stall.and_then(|r| r.stalled.clone()),
+            zombie_invocations: (!zombies.is_empty()).then(|| zombies.iter().sum()),
+        })
+    }
 }
 
 impl Ledger {
@@ -499,6 +615,7 @@ impl Ledger {
         Ok(Analysis {
             produced,
             unacknowledged: self.sent.len() as u64 - produced,
+            expected: produced * subs as u64,
             processed,
             duplicates: destinations.iter().map(|d| d.duplicates).sum(),
             lost: destinations.iter().map(|d| d.lost).sum(),
@@ -869,6 +986,41 @@ mod tests {
         // every 100 ms throughout.
         let last = a.recoveries[1].max_stall_s.unwrap_or(f64::NAN);
         assert!((last - 0.1).abs() < 1e-9, "{last}");
+        Ok(())
+    }
+
+    #[test]
+    fn targets_combine_into_sums_and_the_worst_figures() -> anyhow::Result<()> {
+        // A stream (ids 0..4, one lost) and a fanout of two subscriptions
+        // (ids 0..2 each), both hit by one kill at +10 s.
+        let fault_ms = T0 + 10_000;
+        let mut kafka = ledger(4, 4, &["s"]);
+        for id in 0..3 {
+            kafka.receipt(&stamp(id), "s", 0, "w1", T0 + 200, Some(T0 + 200));
+        }
+        kafka.receipt(&stamp(0), "s", 0, "w1", fault_ms + 4000, None);
+        let mut rabbit = ledger(2, 2, &["a", "b"]);
+        for sub in ["a", "b"] {
+            for id in 0..2 {
+                rabbit.receipt(&stamp(id), sub, 0, "w0", T0 + 100, Some(T0 + 100));
+            }
+        }
+        rabbit.receipt(&stamp(1), "a", 0, "w1", fault_ms + 1000, None);
+        let kill = FaultEvent { exclude_worker: Some("w0".into()), ..FaultEvent::new("kill9 w0", fault_ms) };
+        let on_kafka = FaultEvent { scopes: vec![Scope { sub: 0, shard: Some(0) }], ..kill.clone() };
+        let on_rabbit = FaultEvent { scopes: vec![Scope { sub: 0, shard: Some(0) }], ..kill };
+        let k = kafka.analyze(&[on_kafka])?;
+        let r = rabbit.analyze(&[on_rabbit])?;
+        let all = Analysis::combine(&[&k, &r]);
+        assert_eq!((all.produced, all.expected, all.processed, all.lost), (6, 8, 7, 1));
+        assert_eq!((all.duplicates, all.destinations.len()), (2, 3));
+        assert_eq!(all.order_violations, Some(0), "the stream's order check survives");
+        assert_eq!(all.latency.p99_ms, k.latency.p99_ms.max(r.latency.p99_ms));
+        assert_eq!(all.per_worker, vec![("w1".to_owned(), 5), ("w0".to_owned(), 4)]);
+        let fault = &all.recoveries[0];
+        assert_eq!((fault.affected, fault.recovery_s), (2, Some(4.0)), "the slower target's recovery");
+        assert_eq!(all.timeline.iter().map(|r| r.produced).sum::<u64>(), 6);
+        assert_eq!(all.timeline.last().map(|r| r.lag), Some(1), "the stream's lost record");
         Ok(())
     }
 }
