@@ -68,6 +68,9 @@ const SETTLE: Duration = Duration::from_secs(1);
 const REFRESH: Duration = Duration::from_millis(250);
 /// Without a terminal, a plain progress line this often (CI logs).
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
+/// How often the lease table is listed: the resolution of checkpoint
+/// stalls.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -407,7 +410,8 @@ async fn run_one(
         })
         .collect();
     let watch = Arc::new(Mutex::new(LeaseWatch::default()));
-    let _watcher = AbortOnDrop(tokio::spawn(watch_leases(admin.clone(), plan.destinations(), watch.clone())));
+    let _watcher =
+        AbortOnDrop(tokio::spawn(watch_leases(admin.clone(), plan.clone(), books.clone(), watch.clone())));
     let events = Arc::new(Mutex::new(Vec::new()));
     let mut faults = AbortOnDrop(tokio::spawn(run_faults(FaultContext {
         faults: scenario.faults.clone(),
@@ -837,15 +841,26 @@ fn lock_watch(watch: &Mutex<LeaseWatch>) -> std::sync::MutexGuard<'_, LeaseWatch
     watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Lists the leases once a second for the move count and the owners at
-/// fault time. Failures (a coordinator restarting) just skip a second.
-async fn watch_leases(admin: Admin, destinations: Vec<String>, watch: Arc<Mutex<LeaseWatch>>) {
-    let mut every = tokio::time::interval(Duration::from_secs(1));
+/// Lists the leases every [`WATCH_EVERY`] for the move count, the owners
+/// at fault time and each partition's checkpoint advances (booked in its
+/// side's ledger: whether checkpoints move after each fault). Failures (a
+/// coordinator restarting) just skip a listing.
+async fn watch_leases(admin: Admin, plan: Arc<Plan>, books: Vec<Books>, watch: Arc<Mutex<LeaseWatch>>) {
+    let destinations = plan.destinations();
+    let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         if let Ok(leases) = admin.leases(&destinations).await {
-            lock_watch(&watch).update(&leases);
+            let at_ms = now_ms();
+            let advanced = lock_watch(&watch).update(&leases);
+            for (name, index) in advanced {
+                if let Some(i) = plan.sides.iter().position(|s| s.destinations.contains(&name))
+                    && let Some(b) = books.get(i)
+                {
+                    lock(b).checkpoint(&name, index, at_ms);
+                }
+            }
         }
     }
 }

@@ -120,6 +120,18 @@ impl Outcome<'_> {
                     r.stalled.as_deref().unwrap_or("a lease")
                 ));
             }
+            // A partition whose checkpoint never moves again after a fault
+            // (until the next one) is stuck, whatever its receipts say.
+            if let Some(max) = t.max_checkpoint_stall_s
+                && let Some(stall) = r.checkpoint_stall_s
+                && stall > max
+            {
+                out.push(format!(
+                    "after `{}` ended, the checkpoint of {} stood still {stall:.2} s > max_checkpoint_stall_s {max}",
+                    r.label,
+                    r.checkpoint_stalled.as_deref().unwrap_or("a partition")
+                ));
+            }
             let Some(max) = t.max_recovery_s else { continue };
             if r.affected == 0 {
                 continue;
@@ -266,6 +278,17 @@ impl Outcome<'_> {
                 format!("{stall:.2} s ({}, after {})", r.stalled.as_deref().unwrap_or("-"), r.label),
             ));
         }
+        for l in &a.lease_stalls {
+            let checkpoint = l
+                .checkpoint
+                .as_ref()
+                .map(|(s, after)| format!("; checkpoint still {s:.2} s (after {after})"))
+                .unwrap_or_default();
+            rows.push((
+                format!("stall {}", l.lease),
+                format!("no receipt {:.2} s (after {}){checkpoint}", l.max_stall_s, l.after),
+            ));
+        }
         if a.recoveries.iter().any(|r| r.zombie_invocations.is_some()) {
             rows.push(("zombie invocations".into(), a.zombie_invocations.to_string()));
             if a.unstamped > 0 {
@@ -369,6 +392,16 @@ fn figures_json(a: &Analysis) -> serde_json::Value {
         "max_stall_s": longest_stall(a).and_then(|r| r.max_stall_s.map(round3)),
         "stalled": longest_stall(a).and_then(|r| r.stalled.clone()),
         "stalled_after": longest_stall(a).filter(|r| r.max_stall_s.is_some()).map(|r| r.label.clone()),
+        "max_checkpoint_stall_s": longest_checkpoint_stall(a).and_then(|r| r.checkpoint_stall_s.map(round3)),
+        "checkpoint_stalled": longest_checkpoint_stall(a).and_then(|r| r.checkpoint_stalled.clone()),
+        "checkpoint_stalled_after": longest_checkpoint_stall(a).map(|r| r.label.clone()),
+        "lease_stalls": a.lease_stalls.iter().map(|l| json!({
+            "lease": l.lease,
+            "max_stall_s": round3(l.max_stall_s),
+            "after": l.after,
+            "checkpoint_stall_s": l.checkpoint.as_ref().map(|(s, _)| round3(*s)),
+            "checkpoint_after": l.checkpoint.as_ref().map(|(_, after)| after),
+        })).collect::<Vec<_>>(),
         "recoveries": a.recoveries.iter().map(|r| json!({
             "fault": r.label,
             "at_s": round3(r.at_s),
@@ -379,6 +412,8 @@ fn figures_json(a: &Analysis) -> serde_json::Value {
             "max_stall_s": r.max_stall_s.map(round3),
             "stalled": r.stalled,
             "zombie_invocations": r.zombie_invocations,
+            "checkpoint_stall_s": r.checkpoint_stall_s.map(round3),
+            "checkpoint_stalled": r.checkpoint_stalled,
             "error": r.error,
         })).collect::<Vec<_>>(),
         "per_subscription": a.destinations.iter().map(|d| json!({
@@ -396,6 +431,13 @@ fn figures_json(a: &Analysis) -> serde_json::Value {
             "lag": r.lag,
             "max_latency_ms": r.max_latency_ms,
         })).collect::<Vec<_>>(),
+    })
+}
+
+/// The fault after which some partition's checkpoint stood still longest.
+fn longest_checkpoint_stall(a: &Analysis) -> Option<&Recovery> {
+    a.recoveries.iter().filter(|r| r.checkpoint_stall_s.is_some()).max_by(|x, y| {
+        x.checkpoint_stall_s.partial_cmp(&y.checkpoint_stall_s).unwrap_or(std::cmp::Ordering::Equal)
     })
 }
 
@@ -427,6 +469,12 @@ fn fault_text(r: &Recovery) -> String {
     }
     if let Some(stall) = r.max_stall_s {
         text.push_str(&format!(", then longest stall {stall:.2}s ({})", r.stalled.as_deref().unwrap_or("-")));
+    }
+    if let Some(stall) = r.checkpoint_stall_s {
+        text.push_str(&format!(
+            ", checkpoint still {stall:.2}s ({})",
+            r.checkpoint_stalled.as_deref().unwrap_or("-")
+        ));
     }
     if let Some(z) = r.zombie_invocations {
         text.push_str(&format!(", zombie invocations {z}"));
@@ -493,6 +541,8 @@ mod tests {
                     max_stall_s: Some(4.3),
                     stalled: Some("t/1".into()),
                     zombie_invocations: None,
+                    checkpoint_stall_s: None,
+                    checkpoint_stalled: None,
                 },
                 Recovery {
                     label: "start_worker w3".into(),
@@ -505,11 +555,14 @@ mod tests {
                     max_stall_s: None,
                     stalled: None,
                     zombie_invocations: None,
+                    checkpoint_stall_s: None,
+                    checkpoint_stalled: None,
                 },
             ],
             zombie_invocations: 0,
             unstamped: 0,
             per_worker: vec![("w0".into(), 102)],
+            lease_stalls: Vec::new(),
         }
     }
 

@@ -460,6 +460,9 @@ pub struct Thresholds {
     /// After every fault ends: the longest any partition or queue slot may
     /// go without a receipt.
     pub max_stall_s: Option<f64>,
+    /// After every fault ends: the longest any Kafka partition's
+    /// checkpoint may stand still (as listed twice a second).
+    pub max_checkpoint_stall_s: Option<f64>,
     pub min_throughput_per_s: Option<f64>,
     /// With `strategies`: the first strategy's spike drain time over the
     /// last one's must be at least this.
