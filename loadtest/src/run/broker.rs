@@ -101,12 +101,23 @@ impl Launch {
             }
         }
         command.process_group(0);
-        // SAFETY: between fork and exec only signal(2), which is
-        // async-signal-safe, runs: SIGHUP ignored, as `nohup` (how
-        // scripts/brokers.sh starts tansu) leaves it.
+        // SAFETY: between fork and exec only signal(2), close_range(2) and
+        // close(2) run, all async-signal-safe. SIGHUP is ignored, as
+        // `nohup` (how scripts/brokers.sh starts tansu) leaves it. Every
+        // descriptor past stdio is closed: the harness runs under
+        // `flock /tmp/shardline-e2e.lock`, whose lock descriptor it
+        // inherits without close-on-exec, and a broker that outlives the
+        // run holding it would keep every later e2e run waiting.
         unsafe {
             command.pre_exec(|| {
                 libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+                    // A kernel before 5.9: one by one, up to a limit far
+                    // above what the harness opens.
+                    for fd in 3..65_536 {
+                        libc::close(fd);
+                    }
+                }
                 Ok(())
             });
         }
@@ -537,5 +548,36 @@ mod tests {
         assert_eq!(i32::from_be_bytes([r[0], r[1], r[2], r[3]]) as usize, r.len() - 4);
         assert_eq!(&r[4..8], &[0, 3, 0, 0]);
         assert_eq!(&r[r.len() - 4..], &(-1i32).to_be_bytes());
+    }
+
+    /// A restarted broker must not inherit the harness's descriptors (the
+    /// e2e lock above all): a shell launched the same way lists its own.
+    #[test]
+    fn a_launched_broker_inherits_no_descriptor_past_stdio() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let held = std::fs::File::create(dir.path().join("held"))?;
+        // Without close-on-exec, as flock(1) leaves its lock descriptor.
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&held);
+        // SAFETY: fcntl on a descriptor this test owns.
+        let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD, 10) };
+        anyhow::ensure!(dup >= 0, "cannot duplicate: {}", std::io::Error::last_os_error());
+        let out = dir.path().join("fds");
+        let launch = Launch {
+            program: "/bin/sh".into(),
+            arg0: "sh".into(),
+            args: vec!["-c".into(), format!("ls /proc/self/fd > {}", out.display()).into()],
+            cwd: dir.path().to_owned(),
+            log: None,
+            detaches: true,
+        };
+        launch.spawn()?;
+        // SAFETY: closing the duplicate made above.
+        unsafe { libc::close(dup) };
+        let listed = std::fs::read_to_string(&out)?;
+        let fds: Vec<u32> = listed.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        // 0..2 and the descriptor `ls` opens to read /proc/self/fd.
+        assert!(fds.iter().filter(|fd| **fd > 2).count() <= 1, "{fds:?}");
+        assert!(!fds.contains(&u32::try_from(dup)?), "{fds:?}");
+        Ok(())
     }
 }
