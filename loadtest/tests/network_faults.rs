@@ -34,14 +34,20 @@ fn lost_replies_lose_nothing() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// A minute of seeded random faults of every kind: whatever was drawn,
-/// nothing acknowledged may be lost and every fault must have run. (Its
-/// zombie and stall figures are in the report; the partition test holds
-/// the zombie rule.)
+/// A minute of seeded random faults of every kind on a Kafka stream and
+/// a RabbitMQ subscription at once: whatever was drawn, nothing
+/// acknowledged may be lost on either target and every fault must have
+/// run. (Its zombie and stall figures are in the report; the partition
+/// test holds the zombie rule.)
 #[test]
 fn soak_ci_loses_nothing() -> Result<(), Box<dyn std::error::Error>> {
     let run = common::run("soak-ci")?;
+    // Over the run and on each target.
     common::assert_nothing_lost(&run)?;
+    assert_eq!(run.report["target"], "both", "{}", run.output);
+    let targets = run.report["targets"].as_array().cloned().unwrap_or_default();
+    let kinds: Vec<&str> = targets.iter().filter_map(|t| t["target"].as_str()).collect();
+    assert_eq!(kinds, ["kafka", "rabbitmq"], "{}", run.output);
     let faults = run.report["recoveries"].as_array().map_or(0, Vec::len);
     assert!(faults >= 4, "the soak drew {faults} faults:\n{}", run.output);
     for i in 0..faults {

@@ -10,7 +10,7 @@ mod coordinator;
 mod worker;
 
 pub use coordinator::{Coordinator, Discovery, Setup, Stream};
-pub use worker::{Worker, WorkerSettings};
+pub use worker::{Hosted, Worker, WorkerSettings};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

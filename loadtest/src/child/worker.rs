@@ -1,5 +1,5 @@
 //! `shardline-worker` as a child: a generated config naming the coordinator,
-//! the brokers, one handler and a metrics port. The worker prints nothing
+//! the brokers, its handlers and a metrics port. The worker prints nothing
 //! when ready; the caller watches the coordinator (leases, checkpoints)
 //! instead, which is what a benchmark of the whole system measures anyway.
 
@@ -18,10 +18,9 @@ pub struct WorkerSettings<'a> {
     pub coordinator: &'a str,
     pub worker_id: &'a str,
     pub kafka_brokers: &'a str,
-    /// The one handler hosted (`noop`, `sleep`).
-    pub handler: &'a str,
-    /// The handler's settings, as `key = "value"` string settings.
-    pub handler_settings: &'a [(&'a str, String)],
+    /// The handlers hosted (`noop`, `sleep`, ...), each with its settings
+    /// as `key = "value"` string settings.
+    pub handlers: &'a [Hosted<'a>],
     /// `fetch_queue_kib`; `None`: the worker's default.
     pub fetch_queue_kib: Option<u32>,
     /// `amqp_url`; `None`: the worker's default (local RabbitMQ).
@@ -29,6 +28,9 @@ pub struct WorkerSettings<'a> {
     /// The node's capacity in concurrent batches; `None`: no limit.
     pub max_inflight_batches: Option<u32>,
 }
+
+/// One handler a worker hosts: its name and its settings.
+pub type Hosted<'a> = (&'a str, Vec<(&'a str, String)>);
 
 /// A running `shardline-worker`; killed on drop.
 pub struct Worker {
@@ -69,9 +71,11 @@ fn config_toml(metrics: SocketAddr, s: &WorkerSettings<'_>) -> String {
     if let Some(n) = s.max_inflight_batches {
         toml.push_str(&format!("max_inflight_batches = {n}\n"));
     }
-    toml.push_str(&format!("\n[handlers.{}]\n", quote(s.handler)));
-    for (key, value) in s.handler_settings {
-        toml.push_str(&format!("{key} = {}\n", quote(value)));
+    for (handler, settings) in s.handlers {
+        toml.push_str(&format!("\n[handlers.{}]\n", quote(handler)));
+        for (key, value) in settings {
+            toml.push_str(&format!("{key} = {}\n", quote(value)));
+        }
     }
     toml
 }
@@ -107,8 +111,7 @@ mod tests {
             coordinator: "http://127.0.0.1:7400",
             worker_id: "bench",
             kafka_brokers: "127.0.0.1:9092",
-            handler: "noop",
-            handler_settings: &[],
+            handlers: &[("noop", Vec::new())],
             fetch_queue_kib: Some(1024),
             amqp_url: None,
             max_inflight_batches: None,
@@ -129,11 +132,19 @@ mod tests {
             &WorkerSettings { amqp_url: Some("amqp://u:p@h:5672/%2f"), ..settings },
         );
         assert!(toml.contains("amqp_url = \"amqp://u:p@h:5672/%2f\"\n"), "{toml}");
-        let sleep = [("per_batch", "1s".to_owned())];
+        let two = [
+            ("sleep", vec![("per_batch", "1s".to_owned())]),
+            ("forward", vec![("exchange", "r".to_owned())]),
+        ];
         let toml = config_toml(
             SocketAddr::from(([127, 0, 0, 1], 9500)),
-            &WorkerSettings { handler: "sleep", handler_settings: &sleep, ..settings },
+            &WorkerSettings { handlers: &two, ..settings },
         );
-        assert!(toml.ends_with("[handlers.\"sleep\"]\nper_batch = \"1s\"\n"), "{toml}");
+        assert!(
+            toml.ends_with(
+                "[handlers.\"sleep\"]\nper_batch = \"1s\"\n\n[handlers.\"forward\"]\nexchange = \"r\"\n"
+            ),
+            "{toml}"
+        );
     }
 }

@@ -17,8 +17,14 @@ use tonic::transport::{Channel, Endpoint};
 use super::proxy::Proxy;
 use crate::child::{Coordinator, Running, Worker, WorkerSettings};
 
-/// The handler every worker hosts and every mapping names.
+/// The handler every worker hosts and every mapping names (but the
+/// subscriptions of a run with both targets: see [`FORWARD`]).
 pub const HANDLER: &str = "chaos";
+/// With both targets, the subscriptions' handler: `chaos` writes receipts
+/// to one destination (the stream's Kafka topic), `forward` writes the
+/// subscriptions' to the RabbitMQ receipts exchange, so each target's
+/// receipts stay on its own broker.
+pub const FORWARD: &str = "forward";
 /// One admin call, at most: a coordinator being restarted must not stall
 /// the run.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -27,8 +33,9 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct WorkerTemplate {
     pub kafka_brokers: String,
     pub amqp_url: String,
-    /// The `chaos` handler's settings (receipts destination, sleeps).
-    pub settings: Vec<(&'static str, String)>,
+    /// The handlers each worker hosts with their settings (receipts
+    /// destination, sleeps).
+    pub handlers: Vec<crate::child::Hosted<'static>>,
     /// The workers' node capacity (`max_inflight_batches`), if limited.
     pub max_inflight_batches: Option<u32>,
     /// Appended to `w<i>`: empty with the harness's own coordinator, a run
@@ -116,8 +123,7 @@ impl Fleet {
             coordinator: proxy.url(),
             worker_id: &id,
             kafka_brokers: &self.template.kafka_brokers,
-            handler: HANDLER,
-            handler_settings: &self.template.settings,
+            handlers: &self.template.handlers,
             fetch_queue_kib: None,
             amqp_url: Some(&self.template.amqp_url),
             max_inflight_batches: self.template.max_inflight_batches,
@@ -237,6 +243,8 @@ pub struct LeaseView {
     /// Empty when unassigned.
     pub owner: String,
     pub parked: bool,
+    /// The stored checkpoint (Kafka partitions; queue slots have none).
+    pub checkpoint: Option<i64>,
 }
 
 /// The coordinator's admin API. The channel connects lazily and again
@@ -276,6 +284,7 @@ impl Admin {
                     index: id.index,
                     owner: l.owner,
                     parked,
+                    checkpoint: l.checkpoint,
                 })
             })
             .collect())
@@ -300,6 +309,8 @@ pub struct LeaseWatch {
     current: BTreeMap<(String, u32), String>,
     /// Last non-empty owner by (name, index).
     last_owner: BTreeMap<(String, u32), String>,
+    /// Last checkpoint seen by (name, index).
+    checkpoints: BTreeMap<(String, u32), i64>,
     pub moves: u64,
 }
 
@@ -307,9 +318,18 @@ impl LeaseWatch {
     /// Takes a new listing: a lease counts as moved when its owner differs
     /// from its previous owner, unassigned gaps in between ignored (a
     /// failover passes through "unassigned"; a first grant is no move).
-    pub fn update(&mut self, leases: &[LeaseView]) {
+    /// Returns the leases whose checkpoint moved forward since the last
+    /// listing (a first sighting is no advance: nothing to compare).
+    pub fn update(&mut self, leases: &[LeaseView]) -> Vec<(String, u32)> {
+        let mut advanced = Vec::new();
         for l in leases {
             let key = (l.name.clone(), l.index);
+            if let Some(checkpoint) = l.checkpoint
+                && let Some(before) = self.checkpoints.insert(key.clone(), checkpoint)
+                && checkpoint > before
+            {
+                advanced.push(key.clone());
+            }
             if !l.owner.is_empty() {
                 if self.last_owner.get(&key).is_some_and(|prev| *prev != l.owner) {
                     self.moves += 1;
@@ -318,6 +338,7 @@ impl LeaseWatch {
             }
             self.current.insert(key, l.owner.clone());
         }
+        advanced
     }
 
     /// The leases `owner` held at the last listing.
@@ -341,7 +362,7 @@ mod tests {
     use super::*;
 
     fn lease(index: u32, owner: &str) -> LeaseView {
-        LeaseView { name: "s".into(), index, owner: owner.into(), parked: false }
+        LeaseView { name: "s".into(), index, owner: owner.into(), parked: false, checkpoint: None }
     }
 
     #[test]
@@ -357,6 +378,16 @@ mod tests {
         assert_eq!(w.owned_by("a"), vec![("s".to_owned(), 1)]);
         w.update(&[lease(0, "c"), lease(1, "a")]);
         assert_eq!(w.moves, 2);
+    }
+
+    #[test]
+    fn checkpoint_advances_are_reported_from_the_second_sighting() {
+        let mut w = LeaseWatch::default();
+        let at = |index: u32, checkpoint: Option<i64>| LeaseView { checkpoint, ..lease(index, "a") };
+        assert!(w.update(&[at(0, Some(5)), at(1, None)]).is_empty(), "first sightings");
+        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(3))]), vec![("s".to_owned(), 0)]);
+        assert!(w.update(&[at(0, Some(9)), at(1, Some(3))]).is_empty(), "standing still");
+        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(4))]), vec![("s".to_owned(), 1)]);
     }
 
     #[test]

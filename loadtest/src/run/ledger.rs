@@ -11,6 +11,10 @@
 //! subscription (a fanout delivers every message to each, and each must
 //! process it). `processed` counts (destination, id) pairs processed at
 //! least once, so it equals `produced × destinations` when nothing is lost.
+//!
+//! One ledger books one target (a run with a Kafka stream and a RabbitMQ
+//! topic has two, each with its own ids); [`Analysis::combine`] sums their
+//! analyses into the run's overall figures.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -79,6 +83,19 @@ pub struct Progress {
     pub lag: u64,
 }
 
+impl Progress {
+    /// Two targets' progress together.
+    pub fn plus(self, other: Progress) -> Progress {
+        Progress {
+            sent: self.sent + other.sent,
+            acked: self.acked + other.acked,
+            failed: self.failed + other.failed,
+            processed: self.processed + other.processed,
+            lag: self.lag + other.lag,
+        }
+    }
+}
+
 pub struct Ledger {
     run: String,
     start_ms: u64,
@@ -97,6 +114,24 @@ pub struct Ledger {
     done: u64,
     /// Receipts of other runs or not ours at all.
     foreign: u64,
+    /// When each lease's checkpoint was seen to move forward (wall-clock
+    /// ms, in booking order), by (destination, partition); queue slots
+    /// have none.
+    checkpoints: HashMap<Scope, Vec<u64>>,
+}
+
+/// One lease's longest stalls after any fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseStall {
+    /// `stream/3` or `subscription#1`.
+    pub lease: String,
+    /// The longest it went without a receipt in any fault's window.
+    pub max_stall_s: f64,
+    /// The fault of that window.
+    pub after: String,
+    /// The longest its checkpoint stood still in any fault's window, and
+    /// after which fault; `None` for queue slots (no checkpoints).
+    pub checkpoint: Option<(f64, String)>,
 }
 
 /// Where a fault hit: one shard (partition or queue slot) of a
@@ -190,6 +225,11 @@ pub struct Recovery {
     /// cut_worker only: receipts from the cut worker invoked after its
     /// session ended and before it got through again.
     pub zombie_invocations: Option<u64>,
+    /// Over the same window, the longest any partition's checkpoint stood
+    /// still (as the lease watcher saw it, to its polling period), and
+    /// where; `None`: no partitions, or no window.
+    pub checkpoint_stall_s: Option<f64>,
+    pub checkpoint_stalled: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -241,6 +281,9 @@ pub struct Analysis {
     pub produced: u64,
     /// Sent but never acknowledged.
     pub unacknowledged: u64,
+    /// (destination, id) pairs that must be processed: `produced` × the
+    /// destinations of each target.
+    pub expected: u64,
     pub destinations: Vec<DestinationFigures>,
     pub processed: u64,
     pub duplicates: u64,
@@ -264,6 +307,110 @@ pub struct Analysis {
     pub unstamped: u64,
     /// Receipts per worker name.
     pub per_worker: Vec<(String, u64)>,
+    /// Every lease's longest stalls after any fault, in lease order.
+    pub lease_stalls: Vec<LeaseStall>,
+}
+
+impl Analysis {
+    /// Several targets' analyses of one run (the same faults, in the same
+    /// order) as one: counts add up; latency quantiles, stalls and
+    /// recovery times are the worst target's (quantiles of different
+    /// distributions do not add; the worst is what a threshold must hold
+    /// for); each fault's recovery is over the scopes it hit on every
+    /// target; timelines add up per second.
+    pub fn combine(parts: &[&Analysis]) -> Analysis {
+        let sum = |f: fn(&Analysis) -> u64| parts.iter().map(|a| f(a)).sum::<u64>();
+        let worst = |f: fn(&Analysis) -> LatencyFigures| {
+            parts.iter().map(|a| f(a)).fold(LatencyFigures::default(), |w, l| LatencyFigures {
+                count: w.count + l.count,
+                p50_ms: w.p50_ms.max(l.p50_ms),
+                p95_ms: w.p95_ms.max(l.p95_ms),
+                p99_ms: w.p99_ms.max(l.p99_ms),
+                max_ms: w.max_ms.max(l.max_ms),
+            })
+        };
+        let mut per_worker: Vec<(String, u64)> = Vec::new();
+        for (name, n) in parts.iter().flat_map(|a| a.per_worker.iter()) {
+            match per_worker.iter_mut().find(|(w, _)| w == name) {
+                Some((_, total)) => *total += n,
+                None => per_worker.push((name.clone(), *n)),
+            }
+        }
+        let mut rows: std::collections::BTreeMap<u64, Row> = std::collections::BTreeMap::new();
+        for row in parts.iter().flat_map(|a| a.timeline.iter()) {
+            let r = rows.entry(row.t).or_insert(Row { t: row.t, ..Row::default() });
+            r.produced += row.produced;
+            r.processed += row.processed;
+            r.lag += row.lag;
+            r.max_latency_ms = r.max_latency_ms.max(row.max_latency_ms);
+        }
+        let faults = parts.iter().map(|a| a.recoveries.len()).max().unwrap_or(0);
+        let recoveries = (0..faults)
+            .filter_map(|i| {
+                let each: Vec<&Recovery> = parts.iter().filter_map(|a| a.recoveries.get(i)).collect();
+                Recovery::combine(&each)
+            })
+            .collect();
+        let orders: Vec<u64> = parts.iter().filter_map(|a| a.order_violations).collect();
+        Analysis {
+            produced: sum(|a| a.produced),
+            unacknowledged: sum(|a| a.unacknowledged),
+            expected: sum(|a| a.expected),
+            destinations: parts.iter().flat_map(|a| a.destinations.iter().cloned()).collect(),
+            processed: sum(|a| a.processed),
+            duplicates: sum(|a| a.duplicates),
+            lost: sum(|a| a.lost),
+            unconfirmed_processed: sum(|a| a.unconfirmed_processed),
+            foreign: sum(|a| a.foreign),
+            order_violations: (!orders.is_empty()).then(|| orders.iter().sum()),
+            latency: worst(|a| a.latency),
+            ack_latency: worst(|a| a.ack_latency),
+            throughput_per_s: parts.iter().map(|a| a.throughput_per_s).sum(),
+            timeline: rows.into_values().collect(),
+            recoveries,
+            zombie_invocations: sum(|a| a.zombie_invocations),
+            unstamped: sum(|a| a.unstamped),
+            per_worker,
+            lease_stalls: parts.iter().flat_map(|a| a.lease_stalls.iter().cloned()).collect(),
+        }
+    }
+}
+
+impl Recovery {
+    /// One fault as every target saw it: affected and unrecovered scopes
+    /// of all; recovered when every target's scopes were, by the slowest;
+    /// the longest stall of any target; zombies of all. `None` for none.
+    fn combine(each: &[&Recovery]) -> Option<Recovery> {
+        let first = *each.first()?;
+        let unrecovered: Vec<String> = each.iter().flat_map(|r| r.unrecovered.iter().cloned()).collect();
+        let recovery_s = if unrecovered.is_empty() {
+            each.iter().filter_map(|r| r.recovery_s).reduce(f64::max)
+        } else {
+            None
+        };
+        let stall = each
+            .iter()
+            .filter(|r| r.max_stall_s.is_some())
+            .max_by(|x, y| x.max_stall_s.partial_cmp(&y.max_stall_s).unwrap_or(std::cmp::Ordering::Equal));
+        let zombies: Vec<u64> = each.iter().filter_map(|r| r.zombie_invocations).collect();
+        let checkpoint = each.iter().filter(|r| r.checkpoint_stall_s.is_some()).max_by(|x, y| {
+            x.checkpoint_stall_s.partial_cmp(&y.checkpoint_stall_s).unwrap_or(std::cmp::Ordering::Equal)
+        });
+        Some(Recovery {
+            label: first.label.clone(),
+            at_s: first.at_s,
+            recovery_s,
+            affected: each.iter().map(|r| r.affected).sum(),
+            unrecovered,
+            error: first.error.clone(),
+            ended_s: first.ended_s,
+            max_stall_s: stall.and_then(|r| r.max_stall_s),
+            stalled: stall.and_then(|r| r.stalled.clone()),
+            zombie_invocations: (!zombies.is_empty()).then(|| zombies.iter().sum()),
+            checkpoint_stall_s: checkpoint.and_then(|r| r.checkpoint_stall_s),
+            checkpoint_stalled: checkpoint.and_then(|r| r.checkpoint_stalled.clone()),
+        })
+    }
 }
 
 impl Ledger {
@@ -283,6 +430,7 @@ impl Ledger {
             processed: 0,
             done: 0,
             foreign: 0,
+            checkpoints: HashMap::new(),
         }
     }
 
@@ -368,6 +516,14 @@ impl Ledger {
             at_ms,
             invoked_ms: invoked_ms.unwrap_or(0),
         });
+    }
+
+    /// Books that the checkpoint of partition `shard` of `destination`
+    /// moved forward, as the lease watcher saw at `at_ms`.
+    pub fn checkpoint(&mut self, destination: &str, shard: u32, at_ms: u64) {
+        if let Some(sub) = self.destinations.iter().position(|d| d == destination) {
+            self.checkpoints.entry(Scope { sub, shard: Some(shard) }).or_default().push(at_ms);
+        }
     }
 
     pub fn progress(&self) -> Progress {
@@ -487,18 +643,46 @@ impl Ledger {
             .max()
             .unwrap_or(self.start_ms);
         let shards = self.shards();
-        let recoveries: Vec<Recovery> = faults
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let until =
-                    faults.get(i + 1).map_or(producing_end_ms, |next| next.at_ms.min(producing_end_ms));
-                self.recovery(f, &shards, until)
+        let mut recoveries: Vec<Recovery> = Vec::with_capacity(faults.len());
+        // Per lease: the longest receipt and checkpoint stalls and their
+        // faults' labels.
+        let mut worst: HashMap<Scope, (Gap, Option<Gap>)> = HashMap::new();
+        for (i, f) in faults.iter().enumerate() {
+            let until = faults.get(i + 1).map_or(producing_end_ms, |next| next.at_ms.min(producing_end_ms));
+            let (recovery, receipt_gaps, checkpoint_gaps) = self.recovery(f, &shards, until);
+            recoveries.push(recovery);
+            for (scope, gap) in receipt_gaps {
+                let entry = worst.entry(scope).or_insert(((gap, i), None));
+                if gap > entry.0.0 {
+                    entry.0 = (gap, i);
+                }
+            }
+            for (scope, gap) in checkpoint_gaps {
+                if let Some(entry) = worst.get_mut(&scope)
+                    && entry.1.is_none_or(|(ms, _)| gap > ms)
+                {
+                    entry.1 = Some((gap, i));
+                }
+            }
+        }
+        let mut lease_stalls: Vec<(Scope, LeaseStall)> = worst
+            .into_iter()
+            .map(|(scope, ((ms, i), checkpoint))| {
+                let label = |i: usize| faults.get(i).map_or_else(String::new, |f| f.label.clone());
+                let stall = LeaseStall {
+                    lease: self.scope_name(&scope),
+                    max_stall_s: ms as f64 / 1000.0,
+                    after: label(i),
+                    checkpoint: checkpoint.map(|(ms, i)| (ms as f64 / 1000.0, label(i))),
+                };
+                (scope, stall)
             })
             .collect();
+        lease_stalls.sort_by_key(|(scope, _)| *scope);
         Ok(Analysis {
             produced,
             unacknowledged: self.sent.len() as u64 - produced,
+            expected: produced * subs as u64,
             processed,
             duplicates: destinations.iter().map(|d| d.duplicates).sum(),
             lost: destinations.iter().map(|d| d.lost).sum(),
@@ -514,6 +698,7 @@ impl Ledger {
             recoveries,
             unstamped: self.receipts.iter().filter(|r| r.invoked_ms == 0).count() as u64,
             per_worker: self.workers.iter().cloned().zip(per_worker).collect(),
+            lease_stalls: lease_stalls.into_iter().map(|(_, stall)| stall).collect(),
         })
     }
 
@@ -529,8 +714,14 @@ impl Ledger {
     /// One fault's figures: from the fault to the first receipt of every
     /// scope it hit (by another worker than the faulted one), the slowest
     /// of them; the longest stall of any of `shards` from the fault's end
-    /// to `until`; a cut's zombie invocations.
-    fn recovery(&self, fault: &FaultEvent, shards: &[Scope], until: u64) -> Recovery {
+    /// to `until`, in receipts and in checkpoints; a cut's zombie
+    /// invocations. Also each shard's receipt and checkpoint stall.
+    fn recovery(
+        &self,
+        fault: &FaultEvent,
+        shards: &[Scope],
+        until: u64,
+    ) -> (Recovery, Vec<ShardGap>, Vec<ShardGap>) {
         let excluded = fault
             .exclude_worker
             .as_ref()
@@ -564,12 +755,27 @@ impl Ledger {
             Some(r.worker) != excluded
                 || fault.cut.as_ref().and_then(|c| c.reconnect_ms).is_some_and(|ms| r.at_ms >= ms)
         };
-        let stall = self.longest_stall(shards, ends_ms, until, counts);
+        let receipt_gaps = self.stalls(shards, ends_ms, until, counts);
+        let stall = longest(&receipt_gaps);
+        let checkpoint_gaps: Vec<(Scope, u64)> = if until <= ends_ms {
+            Vec::new()
+        } else {
+            let mut scopes: Vec<&Scope> = self.checkpoints.keys().collect();
+            scopes.sort_unstable();
+            scopes
+                .into_iter()
+                .map(|scope| {
+                    let times = self.checkpoints.get(scope).map_or(&[][..], Vec::as_slice);
+                    (*scope, longest_gap(times.iter().copied(), ends_ms, until))
+                })
+                .collect()
+        };
+        let checkpoint_stall = longest(&checkpoint_gaps);
         let zombie_invocations = fault.cut.as_ref().map(|cut| {
             self.receipts.iter().filter(|r| Some(r.worker) == excluded && cut.zombie(r.invoked_ms)).count()
                 as u64
         });
-        Recovery {
+        let recovery = Recovery {
             label: fault.label.clone(),
             at_s: self.rel_s(fault.at_ms),
             recovery_s,
@@ -580,20 +786,23 @@ impl Ledger {
             max_stall_s: stall.map(|(ms, _)| ms as f64 / 1000.0),
             stalled: stall.map(|(_, scope)| self.scope_name(&scope)),
             zombie_invocations,
-        }
+            checkpoint_stall_s: checkpoint_stall.map(|(ms, _)| ms as f64 / 1000.0),
+            checkpoint_stalled: checkpoint_stall.map(|(_, scope)| self.scope_name(&scope)),
+        };
+        (recovery, receipt_gaps, checkpoint_gaps)
     }
 
-    /// The longest time in `[from, until]` any of `shards` went without a
-    /// receipt that `counts`, and where; `None` when the window is empty.
-    fn longest_stall(
+    /// For each of `shards`, the longest time in `[from, until]` it went
+    /// without a receipt that `counts`; empty when the window is.
+    fn stalls(
         &self,
         shards: &[Scope],
         from: u64,
         until: u64,
         counts: impl Fn(&Receipt) -> bool,
-    ) -> Option<(u64, Scope)> {
+    ) -> Vec<(Scope, u64)> {
         if until <= from {
-            return None;
+            return Vec::new();
         }
         let mut times: HashMap<Scope, Vec<u64>> = HashMap::new();
         for r in &self.receipts {
@@ -604,21 +813,14 @@ impl Ledger {
                     .push(r.at_ms);
             }
         }
-        let mut longest: Option<(u64, Scope)> = None;
-        for scope in shards {
-            let mut points = times.remove(scope).unwrap_or_default();
-            points.sort_unstable();
-            let mut previous = from;
-            let mut gap = 0;
-            for t in points.into_iter().chain([until]) {
-                gap = gap.max(t - previous);
-                previous = t;
-            }
-            if longest.is_none_or(|(ms, _)| gap > ms) {
-                longest = Some((gap, *scope));
-            }
-        }
-        longest
+        shards
+            .iter()
+            .map(|scope| {
+                let mut points = times.remove(scope).unwrap_or_default();
+                points.sort_unstable();
+                (*scope, longest_gap(points.into_iter(), from, until))
+            })
+            .collect()
     }
 
     /// `stream/3` for a shard, `subscription#1` for a slot (the CLI's
@@ -631,6 +833,31 @@ impl Ledger {
             (Some(s), false) => format!("{name}#{s}"),
         }
     }
+}
+
+/// A stall (ms) and the index of the fault whose window it was in.
+type Gap = (u64, usize);
+/// A shard's longest stall (ms) in one window.
+type ShardGap = (Scope, u64);
+
+/// The longest time in `[from, until]` between `from`, the sorted
+/// `points` inside the window, and `until`.
+fn longest_gap(points: impl Iterator<Item = u64>, from: u64, until: u64) -> u64 {
+    let mut previous = from;
+    let mut gap = 0;
+    for t in points.filter(|t| (from..=until).contains(t)).chain([until]) {
+        gap = gap.max(t - previous);
+        previous = t;
+    }
+    gap
+}
+
+/// The largest of `gaps` (the first of equals) and where.
+fn longest(gaps: &[(Scope, u64)]) -> Option<(u64, Scope)> {
+    gaps.iter().fold(None, |best: Option<(u64, Scope)>, &(scope, gap)| match best {
+        Some((ms, _)) if ms >= gap => best,
+        _ => Some((gap, scope)),
+    })
 }
 
 #[cfg(test)]
@@ -869,6 +1096,81 @@ mod tests {
         // every 100 ms throughout.
         let last = a.recoveries[1].max_stall_s.unwrap_or(f64::NAN);
         assert!((last - 0.1).abs() < 1e-9, "{last}");
+        Ok(())
+    }
+
+    #[test]
+    fn targets_combine_into_sums_and_the_worst_figures() -> anyhow::Result<()> {
+        // A stream (ids 0..4, one lost) and a fanout of two subscriptions
+        // (ids 0..2 each), both hit by one kill at +10 s.
+        let fault_ms = T0 + 10_000;
+        let mut kafka = ledger(4, 4, &["s"]);
+        for id in 0..3 {
+            kafka.receipt(&stamp(id), "s", 0, "w1", T0 + 200, Some(T0 + 200));
+        }
+        kafka.receipt(&stamp(0), "s", 0, "w1", fault_ms + 4000, None);
+        let mut rabbit = ledger(2, 2, &["a", "b"]);
+        for sub in ["a", "b"] {
+            for id in 0..2 {
+                rabbit.receipt(&stamp(id), sub, 0, "w0", T0 + 100, Some(T0 + 100));
+            }
+        }
+        rabbit.receipt(&stamp(1), "a", 0, "w1", fault_ms + 1000, None);
+        let kill = FaultEvent { exclude_worker: Some("w0".into()), ..FaultEvent::new("kill9 w0", fault_ms) };
+        let on_kafka = FaultEvent { scopes: vec![Scope { sub: 0, shard: Some(0) }], ..kill.clone() };
+        let on_rabbit = FaultEvent { scopes: vec![Scope { sub: 0, shard: Some(0) }], ..kill };
+        let k = kafka.analyze(&[on_kafka])?;
+        let r = rabbit.analyze(&[on_rabbit])?;
+        let all = Analysis::combine(&[&k, &r]);
+        assert_eq!((all.produced, all.expected, all.processed, all.lost), (6, 8, 7, 1));
+        assert_eq!((all.duplicates, all.destinations.len()), (2, 3));
+        assert_eq!(all.order_violations, Some(0), "the stream's order check survives");
+        assert_eq!(all.latency.p99_ms, k.latency.p99_ms.max(r.latency.p99_ms));
+        assert_eq!(all.per_worker, vec![("w1".to_owned(), 5), ("w0".to_owned(), 4)]);
+        let fault = &all.recoveries[0];
+        assert_eq!((fault.affected, fault.recovery_s), (2, Some(4.0)), "the slower target's recovery");
+        assert_eq!(all.timeline.iter().map(|r| r.produced).sum::<u64>(), 6);
+        assert_eq!(all.timeline.last().map(|r| r.lag), Some(1), "the stream's lost record");
+        Ok(())
+    }
+
+    #[test]
+    fn each_lease_reports_its_longest_receipt_and_checkpoint_stall() -> anyhow::Result<()> {
+        // Producing ends at T0 + 9.99 s. Partition 0 gets a receipt every
+        // 100 ms; partition 1 none in [T0 + 1 s, T0 + 4 s). Partition
+        // 0's checkpoint moves every second, partition 1's stands still
+        // from T0 + 2 s to T0 + 7 s.
+        let mut l = ledger(1000, 10, &["s"]);
+        for k in 0..100u64 {
+            let t = T0 + k * 100;
+            l.receipt(&stamp(k), "s", 0, "w1", t, Some(t));
+            if !(T0 + 1000..T0 + 4000).contains(&t) {
+                l.receipt(&stamp(k), "s", 1, "w1", t, Some(t));
+            }
+        }
+        for second in 0..10u64 {
+            l.checkpoint("s", 0, T0 + second * 1000);
+            if !(3..7).contains(&second) {
+                l.checkpoint("s", 1, T0 + second * 1000);
+            }
+        }
+        l.checkpoint("elsewhere", 0, T0);
+        let first = FaultEvent::new("kill9 w0", T0 + 500);
+        let second = FaultEvent::new("restart_coordinator", T0 + 5000);
+        let a = l.analyze(&[first, second])?;
+        let r = &a.recoveries;
+        // Its last receipt before the silence came at T0 + 0.9 s.
+        assert_eq!((r[0].max_stall_s, r[0].stalled.as_deref()), (Some(3.1), Some("s/1")));
+        // Its checkpoint moved at T0 + 2 s, then not within the window.
+        assert_eq!((r[0].checkpoint_stall_s, r[0].checkpoint_stalled.as_deref()), (Some(3.0), Some("s/1")));
+        // From T0 + 5 s: partition 1's checkpoint next moves at T0 + 7 s.
+        assert_eq!(r[1].checkpoint_stall_s, Some(2.0));
+        let stalls: Vec<(&str, f64, &str, Option<f64>)> = a
+            .lease_stalls
+            .iter()
+            .map(|s| (s.lease.as_str(), s.max_stall_s, s.after.as_str(), s.checkpoint.as_ref().map(|c| c.0)))
+            .collect();
+        assert_eq!(stalls, vec![("s/0", 0.1, "kill9 w0", Some(1.0)), ("s/1", 3.1, "kill9 w0", Some(3.0))]);
         Ok(())
     }
 }

@@ -4,8 +4,10 @@
 //! One run:
 //! 1. [`scenario`]: read and check the file (exit 2 on any mistake, before
 //!    anything starts);
-//! 2. create unique names: a Kafka topic and a receipts topic, or a fanout
-//!    topic with subscriptions and a receipts exchange + queue;
+//! 2. create unique names per target (a run has a Kafka stream, a RabbitMQ
+//!    topic with its subscriptions, or both): a Kafka topic and a receipts
+//!    topic, a fanout topic with subscriptions and a receipts exchange +
+//!    queue;
 //! 3. [`fleet`]: start the real coordinator (unless `--external`) and the
 //!    workers, all hosting the built-in `chaos` handler, which sleeps as
 //!    the scenario says and forwards every record it processed to the
@@ -15,6 +17,8 @@
 //!    table; then stop producing and drain;
 //! 5. [`ledger`]: match receipts to what the broker acknowledged: lost,
 //!    duplicates, per-key order, latency, timeline, recovery per fault;
+//!    one ledger per target, each fed by its own producer and receipt
+//!    reader and analysed alone, then summed for the overall verdict;
 //! 6. [`report`] and [`chart`]; the exit status says whether every
 //!    threshold held (0), one broke or the harness failed (1), or the
 //!    scenario is invalid (2).
@@ -23,6 +27,7 @@
 //! (the guards kill the children when the run is dropped).
 
 mod amqp;
+mod broker;
 mod chart;
 mod compare;
 mod fleet;
@@ -63,6 +68,9 @@ const SETTLE: Duration = Duration::from_secs(1);
 const REFRESH: Duration = Duration::from_millis(250);
 /// Without a terminal, a plain progress line this often (CI logs).
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
+/// How often the lease table is listed: the resolution of checkpoint
+/// stalls.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -106,27 +114,32 @@ pub struct Args {
     logs: Option<PathBuf>,
 }
 
-/// The names and settings of one run.
-struct Plan {
-    run: String,
+/// One target of a run: a Kafka stream, or a RabbitMQ fanout topic with
+/// its subscriptions. Each has its own producer, receipts, receipt reader
+/// and ledger.
+struct Side {
+    /// `Kafka` or `Rabbitmq`, never `Both`.
     kind: Kind,
     /// Kafka: the source topic (the stream). RabbitMQ: the fanout topic.
     stream: String,
     /// Where receipts are booked against: the stream, or each subscription.
     destinations: Vec<String>,
-    /// The receipts topic, or exchange + queue.
+    /// The receipts topic, or exchange + queue (on the target's broker).
     receipts: String,
     partitions: u32,
-    external: bool,
+    /// The handler its mappings name.
+    handler: &'static str,
 }
 
-impl Plan {
+impl Side {
     /// The scopes a whole-system fault (coordinator restart, broker stop)
     /// interrupts: every partition, or every subscription.
     fn everything(&self) -> Vec<Scope> {
         match self.kind {
-            Kind::Kafka => (0..self.partitions).map(|p| Scope { sub: 0, shard: Some(p) }).collect(),
             Kind::Rabbitmq => (0..self.destinations.len()).map(|sub| Scope { sub, shard: None }).collect(),
+            Kind::Kafka | Kind::Both => {
+                (0..self.partitions).map(|p| Scope { sub: 0, shard: Some(p) }).collect()
+            }
         }
     }
 
@@ -136,6 +149,60 @@ impl Plan {
             subscriptions: self.destinations.clone(),
             receipts: self.receipts.clone(),
         }
+    }
+}
+
+/// The names and settings of one run.
+struct Plan {
+    run: String,
+    /// The Kafka side first, when there is one.
+    sides: Vec<Side>,
+    external: bool,
+}
+
+impl Plan {
+    /// The sides for `scenario`, named from `base` (the Kafka topic and the
+    /// RabbitMQ topic may share a name: they live on different brokers).
+    fn new(run: &str, scenario: &Scenario, base: &str, stream: Option<&str>, external: bool) -> Self {
+        let kind = scenario.target.kind;
+        let stream = stream.unwrap_or(base).to_owned();
+        let mut sides = Vec::new();
+        if kind.has_kafka() {
+            sides.push(Side {
+                kind: Kind::Kafka,
+                stream: stream.clone(),
+                destinations: vec![stream.clone()],
+                receipts: format!("{base}-receipts"),
+                partitions: scenario.target.partitions(),
+                handler: fleet::HANDLER,
+            });
+        }
+        if kind.has_rabbitmq() {
+            sides.push(Side {
+                kind: Kind::Rabbitmq,
+                stream,
+                destinations: (0..scenario.target.subscriptions()).map(|i| format!("{base}-s{i}")).collect(),
+                receipts: format!("{base}-receipts"),
+                partitions: 0,
+                // `chaos` has one receipts destination, the stream's.
+                handler: if kind == Kind::Both { fleet::FORWARD } else { fleet::HANDLER },
+            });
+        }
+        Self { run: run.to_owned(), sides, external }
+    }
+
+    /// Every side's destinations: the leases of the run.
+    fn destinations(&self) -> Vec<String> {
+        self.sides.iter().flat_map(|s| s.destinations.iter().cloned()).collect()
+    }
+
+    /// Per side, what a fault hitting `kinds` of side interrupts.
+    fn everything_of(&self, hit: impl Fn(Kind) -> bool) -> Vec<Vec<Scope>> {
+        self.sides.iter().map(|s| if hit(s.kind) { s.everything() } else { Vec::new() }).collect()
+    }
+
+    fn side(&self, kind: Kind) -> Option<&Side> {
+        self.sides.iter().find(|s| s.kind == kind)
     }
 }
 
@@ -182,6 +249,23 @@ async fn run_one(
         )
         .into());
     }
+    if args.external.is_some() && scenario.target.kind == Kind::Both {
+        return Err(BadScenario(
+            "kind `both` needs the harness's own coordinator (`--stream` names one target); run without --external"
+                .into(),
+        )
+        .into());
+    }
+    // Checked before anything starts: a broker kill needs a broker of
+    // this machine.
+    let kafka_port = if scenario.faults.iter().any(|f| f.action == Action::KafkaKill) {
+        Some(broker::local_kafka_port(&args.brokers).map_err(|e| BadScenario(format!("{e:#}")))?)
+    } else {
+        None
+    };
+    if scenario.faults.iter().any(|f| f.action == Action::RabbitKill) {
+        broker::local_amqp(&args.amqp_url).map_err(|e| BadScenario(format!("{e:#}")))?;
+    }
     let profile = scenario.profile()?;
     let worker_bin = match &args.worker_bin {
         Some(bin) => bin.clone(),
@@ -199,21 +283,14 @@ async fn run_one(
     let run_id = run_id(&scenario.name);
     let base = format!("shardline-lt-{run_id}");
     let kind = scenario.target.kind;
-    let stream = args.stream.clone().unwrap_or_else(|| base.clone());
-    let mut plan = Plan {
-        run: run_id.clone(),
-        kind,
-        destinations: match kind {
-            Kind::Kafka => vec![stream.clone()],
-            Kind::Rabbitmq => (0..scenario.target.subscriptions()).map(|i| format!("{base}-s{i}")).collect(),
-        },
-        stream,
-        receipts: format!("{base}-receipts"),
-        partitions: scenario.target.partitions(),
-        external: args.external.is_some(),
-    };
+    let mut plan = Plan::new(&run_id, &scenario, &base, args.stream.as_deref(), args.external.is_some());
     let pb = progress_bar();
-    say(&pb, &format!("{}: run {run_id} ({}), receipts in {}", scenario.name, kind.as_str(), plan.receipts));
+    let receipts: Vec<String> =
+        plan.sides.iter().map(|s| format!("{} {}", s.kind.as_str(), s.receipts)).collect();
+    say(
+        &pb,
+        &format!("{}: run {run_id} ({}), receipts in {}", scenario.name, kind.as_str(), receipts.join(", ")),
+    );
     if let Some(soak) = &scenario.soak {
         // The drawn schedule up front: a failing soak names its seed and
         // what the seed drew.
@@ -230,20 +307,23 @@ async fn run_one(
         say(&pb, &format!("soak seed {}: {}", soak.seed, drawn.join(", ")));
     }
 
-    // The receipts destination exists before any worker could write to it.
-    match kind {
-        Kind::Kafka => {
-            kafka::create_topic(&args.brokers, &plan.stream, plan.partitions, plan.external).await?;
-            kafka::create_topic(&args.brokers, &plan.receipts, kafka::RECEIPT_PARTITIONS, false).await?;
+    // The receipts destinations exist before any worker could write to them.
+    for side in &plan.sides {
+        match side.kind {
+            Kind::Rabbitmq => amqp::declare_receipts(&args.amqp_url, &side.receipts).await?,
+            Kind::Kafka | Kind::Both => {
+                kafka::create_topic(&args.brokers, &side.stream, side.partitions, plan.external).await?;
+                kafka::create_topic(&args.brokers, &side.receipts, kafka::RECEIPT_PARTITIONS, false).await?;
+            }
         }
-        Kind::Rabbitmq => amqp::declare_receipts(&args.amqp_url, &plan.receipts).await?,
     }
 
     let (coordinator, url) = match &args.external {
         Some(url) => (None, url.clone()),
         None => {
             let extra = coordinator_extra(&scenario, &plan, &args.amqp_url);
-            let kafka = (kind == Kind::Kafka)
+            let kafka = kind
+                .has_kafka()
                 .then(|| Discovery { brokers: &args.brokers, interval: Duration::from_secs(1) });
             let setup = Setup { streams: &[], kafka, extra: Some(&extra) };
             let coordinator = Coordinator::start_with(&coordinator_bin, &setup).await?;
@@ -252,31 +332,46 @@ async fn run_one(
         }
     };
     let admin = Admin::new(&url)?;
-    let expected_leases = match kind {
-        Kind::Kafka => plan.partitions as usize,
-        Kind::Rabbitmq => {
-            let slots = wait_topology(&admin, &mut plan).await?;
-            if plan.external { slots } else { plan.destinations.len() * scenario.target.slots() as usize }
-        }
-    };
+    let mut expected_leases = 0;
+    let external = plan.external;
+    for side in &mut plan.sides {
+        expected_leases += match side.kind {
+            Kind::Rabbitmq => {
+                let slots = wait_topology(&admin, side, external).await?;
+                if external { slots } else { side.destinations.len() * scenario.target.slots() as usize }
+            }
+            Kind::Kafka | Kind::Both => side.partitions as usize,
+        };
+    }
 
-    let books: Books =
-        Arc::new(Mutex::new(Ledger::new(&run_id, plan.destinations.clone(), kind == Kind::Kafka)));
+    // One ledger per side, in the order of `plan.sides`.
+    let books: Vec<Books> = plan
+        .sides
+        .iter()
+        .map(|side| {
+            Arc::new(Mutex::new(Ledger::new(&run_id, side.destinations.clone(), side.kind == Kind::Kafka)))
+        })
+        .collect();
     // Started before any worker: every receipt is booked as it arrives,
     // so receipt times mean processing times.
-    let kafka_reader = match kind {
-        Kind::Kafka => Some(kafka::ReceiptReader::start(&args.brokers, &plan.receipts, books.clone())?),
-        Kind::Rabbitmq => None,
-    };
-    let amqp_reader = match kind {
-        Kind::Rabbitmq => Some(amqp::ReceiptReader::start(&args.amqp_url, &plan.receipts, books.clone())),
-        Kind::Kafka => None,
-    };
+    let mut kafka_reader = None;
+    let mut amqp_reader = None;
+    for (side, books) in plan.sides.iter().zip(&books) {
+        match side.kind {
+            Kind::Rabbitmq => {
+                amqp_reader = Some(amqp::ReceiptReader::start(&args.amqp_url, &side.receipts, books.clone()))
+            }
+            Kind::Kafka | Kind::Both => {
+                kafka_reader =
+                    Some(kafka::ReceiptReader::start(&args.brokers, &side.receipts, books.clone())?)
+            }
+        }
+    }
 
     let template = WorkerTemplate {
         kafka_brokers: args.brokers.clone(),
         amqp_url: args.amqp_url.clone(),
-        settings: handler_settings(&scenario, &plan),
+        handlers: handler_settings(&scenario, &plan),
         max_inflight_batches: scenario.max_inflight_batches,
         id_suffix: if plan.external { format!("-{run_id}") } else { String::new() },
     };
@@ -296,17 +391,27 @@ async fn run_one(
             f.start_worker().await?;
         }
     }
-    wait_ready(&admin, &plan.destinations, expected_leases, scenario.workers, &fleet, &pb).await?;
+    wait_ready(&admin, &plan.destinations(), expected_leases, scenario.workers, &fleet, &pb).await?;
 
     // Second 0: producing starts, fault times count from here.
     let started = Instant::now();
-    lock(&books).set_start(now_ms());
+    let start_ms = now_ms();
+    for b in &books {
+        lock(b).set_start(start_ms);
+    }
     let plan = Arc::new(plan);
-    let mut producer =
-        AbortOnDrop(tokio::spawn(producer(&scenario, args, &plan, profile).run(books.clone(), started)));
+    let mut producers: Vec<Option<AbortOnDrop<anyhow::Result<()>>>> = plan
+        .sides
+        .iter()
+        .zip(&books)
+        .map(|(side, b)| {
+            let task = producer(&scenario, args, &plan, side, profile.clone()).run(b.clone(), started);
+            Some(AbortOnDrop(tokio::spawn(task)))
+        })
+        .collect();
     let watch = Arc::new(Mutex::new(LeaseWatch::default()));
     let _watcher =
-        AbortOnDrop(tokio::spawn(watch_leases(admin.clone(), plan.destinations.clone(), watch.clone())));
+        AbortOnDrop(tokio::spawn(watch_leases(admin.clone(), plan.clone(), books.clone(), watch.clone())));
     let events = Arc::new(Mutex::new(Vec::new()));
     let mut faults = AbortOnDrop(tokio::spawn(run_faults(FaultContext {
         faults: scenario.faults.clone(),
@@ -315,6 +420,7 @@ async fn run_one(
         admin: admin.clone(),
         watch: watch.clone(),
         plan: plan.clone(),
+        kafka_port,
         started,
         events: events.clone(),
         pb: pb.clone(),
@@ -328,18 +434,22 @@ async fn run_one(
     let (mut last_plain, mut last_check) = (Instant::now(), Instant::now());
     loop {
         tick.tick().await;
-        if produced_at.is_none() && producer.0.is_finished() {
-            produced_at = Some(Instant::now());
+        for (side, slot) in plan.sides.iter().zip(producers.iter_mut()) {
+            let Some(mut producer) = slot.take_if(|p| p.0.is_finished()) else { continue };
+            let which = side.kind.as_str();
             match (&mut producer.0).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => warnings.push(format!("the producer stopped early: {e:#}")),
-                Err(e) => warnings.push(format!("the producer task failed: {e}")),
+                Ok(Err(e)) => warnings.push(format!("the {which} producer stopped early: {e:#}")),
+                Err(e) => warnings.push(format!("the {which} producer task failed: {e}")),
             }
         }
-        let (progress, complete) = {
-            let ledger = lock(&books);
-            (ledger.progress(), ledger.complete())
-        };
+        if produced_at.is_none() && producers.iter().all(Option::is_none) {
+            produced_at = Some(Instant::now());
+        }
+        let (progress, complete) = books.iter().fold((ledger::Progress::default(), true), |(sum, all), b| {
+            let ledger = lock(b);
+            (sum.plus(ledger.progress()), all && ledger.complete())
+        });
         let phase = if produced_at.is_some() { "draining" } else { "producing" };
         let line = format!(
             "{phase}  produced {}  processed {}  lag {}{}",
@@ -379,6 +489,7 @@ async fn run_one(
         // runs: the first thing to look at when records are missing.
         warnings.extend(stall_report(&admin, &plan).await);
     }
+    drop(producers);
     if drained {
         tokio::time::sleep(SETTLE).await;
     }
@@ -393,7 +504,7 @@ async fn run_one(
 
     let mut fleet = fleet.lock().await;
     let mut fault_events = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    for cut in fault_events.iter_mut().filter_map(|e| e.cut.as_mut()) {
+    for cut in fault_events.iter_mut().filter_map(|e| e.event.cut.as_mut()) {
         cut.reconnect_ms = fleet.proxy(cut.worker_index).and_then(|p| p.first_up_after(cut.resumed_ms));
     }
     let crashes = {
@@ -409,15 +520,26 @@ async fn run_one(
     if let Some(reader) = amqp_reader {
         warnings.extend(reader.stop().await);
     }
-    if kind == Kind::Rabbitmq {
-        warnings.extend(amqp::cleanup(&args.amqp_url, &plan.amqp_names(), !plan.external).await);
+    if let Some(side) = plan.side(Kind::Rabbitmq) {
+        warnings.extend(amqp::cleanup(&args.amqp_url, &side.amqp_names(), !plan.external).await);
     }
 
-    let analysis = lock(&books).analyze(&fault_events)?;
+    // Each side's ledger judges its own records against the same faults,
+    // each fault with the scopes it hit on that side.
+    let mut parts = Vec::with_capacity(plan.sides.len());
+    for (i, (side, b)) in plan.sides.iter().zip(&books).enumerate() {
+        let events: Vec<FaultEvent> = fault_events.iter().map(|e| e.on_side(i)).collect();
+        parts.push(report::Part { kind: side.kind, analysis: lock(b).analyze(&events)? });
+    }
+    let analysis = match parts.as_slice() {
+        [one] => one.analysis.clone(),
+        many => ledger::Analysis::combine(&many.iter().map(|p| &p.analysis).collect::<Vec<_>>()),
+    };
     let outcome = report::Outcome {
         scenario: &scenario,
         run: &run_id,
         analysis: &analysis,
+        parts: &parts,
         lease_moves,
         crashes: &crashes,
         warnings: &warnings,
@@ -460,7 +582,7 @@ async fn run_one(
 /// coordinator reports them, one line each.
 async fn stall_report(admin: &Admin, plan: &Plan) -> Vec<String> {
     let mut lines = Vec::new();
-    match admin.leases(&plan.destinations).await {
+    match admin.leases(&plan.destinations()).await {
         Ok(leases) => {
             let table: Vec<String> = leases
                 .iter()
@@ -472,10 +594,10 @@ async fn stall_report(admin: &Admin, plan: &Plan) -> Vec<String> {
         }
         Err(e) => lines.push(format!("at the drain timeout, leases unknown: {e:#}")),
     }
-    if plan.kind == Kind::Rabbitmq
+    if let Some(side) = plan.side(Kind::Rabbitmq)
         && let Ok(subs) = admin.subscriptions().await
     {
-        for s in subs.iter().filter(|s| plan.destinations.contains(&s.name)) {
+        for s in subs.iter().filter(|s| side.destinations.contains(&s.name)) {
             lines.push(format!(
                 "at the drain timeout, {}: slots {}, depth {}, consumers {}, unacked {}, retrying {}, dead-lettered {}{}",
                 s.name,
@@ -506,28 +628,33 @@ fn coordinator_extra(s: &Scenario, plan: &Plan, amqp_url: &str) -> String {
     if let Some(strategy) = &s.strategy {
         toml.push_str(&format!("balancer = {{ strategy = {} }}\n", quote(strategy)));
     }
-    match plan.kind {
-        Kind::Kafka => {
-            toml.push_str(&format!(
-                "\n[[streams]]\nname = {}\nhandler = \"{}\"\n\
-                 # Nothing produced before a lease's first grant may be skipped.\n\
-                 starting_position = \"trim_horizon\"\n",
-                quote(&plan.stream),
-                fleet::HANDLER
-            ));
-            toml.push_str(&render_keys(&s.mapping));
-        }
-        Kind::Rabbitmq => {
-            toml.push_str(&format!("amqp_url = {}\n", quote(amqp_url)));
-            toml.push_str(&format!("\n[[topics]]\nname = {}\nkind = \"fanout\"\n", quote(&plan.stream)));
-            let slots = s.target.slots();
-            for sub in &plan.destinations {
+    // Top-level keys before any table.
+    if plan.side(Kind::Rabbitmq).is_some() {
+        toml.push_str(&format!("amqp_url = {}\n", quote(amqp_url)));
+    }
+    for side in &plan.sides {
+        match side.kind {
+            Kind::Rabbitmq => {
+                toml.push_str(&format!("\n[[topics]]\nname = {}\nkind = \"fanout\"\n", quote(&side.stream)));
+                let slots = s.target.slots();
+                for sub in &side.destinations {
+                    toml.push_str(&format!(
+                        "\n[[subscriptions]]\nname = {}\ntopic = {}\nhandler = {}\n\
+                         min_slots = {slots}\nmax_concurrency = {slots}\n",
+                        quote(sub),
+                        quote(&side.stream),
+                        quote(side.handler)
+                    ));
+                    toml.push_str(&render_keys(&s.mapping));
+                }
+            }
+            Kind::Kafka | Kind::Both => {
                 toml.push_str(&format!(
-                    "\n[[subscriptions]]\nname = {}\ntopic = {}\nhandler = \"{}\"\n\
-                     min_slots = {slots}\nmax_concurrency = {slots}\n",
-                    quote(sub),
-                    quote(&plan.stream),
-                    fleet::HANDLER
+                    "\n[[streams]]\nname = {}\nhandler = {}\n\
+                     # Nothing produced before a lease's first grant may be skipped.\n\
+                     starting_position = \"trim_horizon\"\n",
+                    quote(&side.stream),
+                    quote(side.handler)
                 ));
                 toml.push_str(&render_keys(&s.mapping));
             }
@@ -548,29 +675,37 @@ fn render_keys(table: &toml::Table) -> String {
     out
 }
 
-/// The `chaos` handler's settings: where receipts go and how long a batch
-/// takes.
-fn handler_settings(s: &Scenario, plan: &Plan) -> Vec<(&'static str, String)> {
-    let destination = match plan.kind {
-        Kind::Kafka => "topic",
-        Kind::Rabbitmq => "exchange",
-    };
-    vec![
-        (destination, plan.receipts.clone()),
-        ("sleep_per_batch", humantime::format_duration(s.handler.per_batch).to_string()),
-        ("sleep_per_record", humantime::format_duration(s.handler.per_record).to_string()),
-    ]
+/// The handlers each worker hosts, one per side: where its receipts go
+/// and (`chaos`) how long a batch takes.
+fn handler_settings(s: &Scenario, plan: &Plan) -> Vec<child::Hosted<'static>> {
+    plan.sides
+        .iter()
+        .map(|side| {
+            let destination = match side.kind {
+                Kind::Rabbitmq => "exchange",
+                Kind::Kafka | Kind::Both => "topic",
+            };
+            let mut settings = vec![(destination, side.receipts.clone())];
+            if side.handler == fleet::HANDLER {
+                settings
+                    .push(("sleep_per_batch", humantime::format_duration(s.handler.per_batch).to_string()));
+                settings
+                    .push(("sleep_per_record", humantime::format_duration(s.handler.per_record).to_string()));
+            }
+            (side.handler, settings)
+        })
+        .collect()
 }
 
 /// RabbitMQ: waits until the coordinator has declared every subscription
 /// (with `--external`: learns them from its topic). Returns the slot count
 /// over all subscriptions.
-async fn wait_topology(admin: &Admin, plan: &mut Plan) -> anyhow::Result<usize> {
+async fn wait_topology(admin: &Admin, plan: &mut Side, external: bool) -> anyhow::Result<usize> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let listed = admin.subscriptions().await;
         if let Ok(subs) = &listed {
-            if plan.external {
+            if external {
                 let ours: Vec<_> = subs.iter().filter(|s| s.topic == plan.stream).collect();
                 if !ours.is_empty() {
                     plan.destinations = ours.iter().map(|s| s.name.clone()).collect();
@@ -594,7 +729,7 @@ async fn wait_topology(admin: &Admin, plan: &mut Plan) -> anyhow::Result<usize> 
                         .filter(|s| !s.error.is_empty())
                         .map(|s| format!("{}: {}", s.name, s.error))
                         .collect();
-                    if plan.external {
+                    if external {
                         format!("no subscription of topic {} is configured", plan.stream)
                     } else {
                         format!(
@@ -676,13 +811,15 @@ impl Producer {
     }
 }
 
-fn producer(s: &Scenario, args: &Args, plan: &Plan, profile: rate::Profile) -> Producer {
-    match plan.kind {
-        Kind::Kafka => Producer::Kafka(kafka::ProduceSpec {
+/// The producer of `side`: each side is produced on the whole rate
+/// profile.
+fn producer(s: &Scenario, args: &Args, plan: &Plan, side: &Side, profile: rate::Profile) -> Producer {
+    match side.kind {
+        Kind::Kafka | Kind::Both => Producer::Kafka(kafka::ProduceSpec {
             brokers: args.brokers.clone(),
-            topic: plan.stream.clone(),
+            topic: side.stream.clone(),
             run: plan.run.clone(),
-            partitions: plan.partitions,
+            partitions: side.partitions,
             keys: s.records.keys,
             size: s.records.size,
             profile,
@@ -690,7 +827,7 @@ fn producer(s: &Scenario, args: &Args, plan: &Plan, profile: rate::Profile) -> P
         }),
         Kind::Rabbitmq => Producer::Amqp(amqp::ProduceSpec {
             url: args.amqp_url.clone(),
-            exchange: plan.stream.clone(),
+            exchange: side.stream.clone(),
             run: plan.run.clone(),
             keys: s.records.keys,
             size: s.records.size,
@@ -704,15 +841,26 @@ fn lock_watch(watch: &Mutex<LeaseWatch>) -> std::sync::MutexGuard<'_, LeaseWatch
     watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Lists the leases once a second for the move count and the owners at
-/// fault time. Failures (a coordinator restarting) just skip a second.
-async fn watch_leases(admin: Admin, destinations: Vec<String>, watch: Arc<Mutex<LeaseWatch>>) {
-    let mut every = tokio::time::interval(Duration::from_secs(1));
+/// Lists the leases every [`WATCH_EVERY`] for the move count, the owners
+/// at fault time and each partition's checkpoint advances (booked in its
+/// side's ledger: whether checkpoints move after each fault). Failures (a
+/// coordinator restarting) just skip a listing.
+async fn watch_leases(admin: Admin, plan: Arc<Plan>, books: Vec<Books>, watch: Arc<Mutex<LeaseWatch>>) {
+    let destinations = plan.destinations();
+    let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         if let Ok(leases) = admin.leases(&destinations).await {
-            lock_watch(&watch).update(&leases);
+            let at_ms = now_ms();
+            let advanced = lock_watch(&watch).update(&leases);
+            for (name, index) in advanced {
+                if let Some(i) = plan.sides.iter().position(|s| s.destinations.contains(&name))
+                    && let Some(b) = books.get(i)
+                {
+                    lock(b).checkpoint(&name, index, at_ms);
+                }
+            }
         }
     }
 }
@@ -725,37 +873,68 @@ struct FaultContext {
     admin: Admin,
     watch: Arc<Mutex<LeaseWatch>>,
     plan: Arc<Plan>,
+    /// The local Kafka broker's port, when the schedule kills it.
+    kafka_port: Option<u16>,
     started: Instant,
     /// Filled as faults run, so an interrupted schedule still reports.
-    events: Arc<Mutex<Vec<FaultEvent>>>,
+    events: Arc<Mutex<Vec<Executed>>>,
     pb: ProgressBar,
 }
 
-/// Runs each fault at its time.
-async fn run_faults(cx: FaultContext) {
-    for fault in &cx.faults {
-        tokio::time::sleep_until(cx.started + fault.at).await;
-        if let (Some(worker), Some(len)) = (fault.worker, fault.for_) {
-            // Its line below comes when it ends; this one when it begins.
-            let (action, len) = (fault.action.as_str(), humantime::format_duration(len));
-            let at = cx.started.elapsed().as_secs_f64();
-            say(&cx.pb, &format!("[{at:>5.1}s] fault {action} worker {worker} for {len} begins"));
-        }
-        let event = execute(&cx, fault).await;
-        let what = match &event.error {
-            Some(e) => format!("FAILED: {e}"),
-            None if event.scopes.is_empty() => String::new(),
-            None => format!("({} affected)", event.scopes.len()),
-        };
-        let what = if event.ends_ms.is_some() { format!("ended {what}") } else { what };
-        say(&cx.pb, &format!("[{:>5.1}s] fault {} {what}", cx.started.elapsed().as_secs_f64(), event.label));
-        cx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+/// A fault as executed: what every side's ledger needs to know about it,
+/// and per side (in `plan.sides` order) the scopes it hit there.
+#[derive(Debug, Clone)]
+struct Executed {
+    /// With no scopes: those are in `hits`.
+    event: FaultEvent,
+    hits: Vec<Vec<Scope>>,
+}
+
+impl Executed {
+    /// The fault as side `i`'s ledger sees it.
+    fn on_side(&self, i: usize) -> FaultEvent {
+        FaultEvent { scopes: self.hits.get(i).cloned().unwrap_or_default(), ..self.event.clone() }
     }
 }
 
-async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
+/// Runs each fault at its time. A RabbitMQ app stopped by `rabbit_stop`
+/// is started again if the schedule is interrupted before `rabbit_start`.
+async fn run_faults(cx: FaultContext) {
+    let mut stopped_app: Option<broker::AppStopped> = None;
+    for fault in &cx.faults {
+        tokio::time::sleep_until(cx.started + fault.at).await;
+        if let Some(len) = fault.for_ {
+            // Its line below comes when it ends; this one when it begins.
+            let (action, len) = (fault.action.as_str(), humantime::format_duration(len));
+            let worker = fault.worker.map(|w| format!(" worker {w}")).unwrap_or_default();
+            let at = cx.started.elapsed().as_secs_f64();
+            say(&cx.pb, &format!("[{at:>5.1}s] fault {action}{worker} for {len} begins"));
+        }
+        let done = execute(&cx, fault, &mut stopped_app).await;
+        let hit: usize = done.hits.iter().map(Vec::len).sum();
+        let event = &done.event;
+        let what = match &event.error {
+            Some(e) => format!("FAILED: {e}"),
+            None if hit == 0 => String::new(),
+            None => format!("({hit} affected)"),
+        };
+        let what = if event.ends_ms.is_some() { format!("ended {what}") } else { what };
+        say(&cx.pb, &format!("[{:>5.1}s] fault {} {what}", cx.started.elapsed().as_secs_f64(), event.label));
+        cx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(done);
+    }
+    if let Some(guard) = stopped_app {
+        // The schedule always pairs them; a failed rabbit_start leaves this.
+        say(&cx.pb, "RabbitMQ's app is still stopped after the schedule: starting it");
+        if let Err(e) = guard.start().await {
+            say(&cx.pb, &format!("warning: cannot start RabbitMQ's app: {e:#}"));
+        }
+    }
+}
+
+async fn execute(cx: &FaultContext, fault: &Fault, stopped_app: &mut Option<broker::AppStopped>) -> Executed {
     let action = fault.action;
     let mut event = FaultEvent::new(action.as_str(), now_ms());
+    let mut hits: Vec<Vec<Scope>> = vec![Vec::new(); cx.plan.sides.len()];
     let result: anyhow::Result<()> = async {
         match action {
             Action::Kill9 | Action::Sigstop | Action::Sigcont => {
@@ -764,7 +943,7 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
                 let id = id.with_context(|| format!("worker {index} was never started"))?;
                 event.label = format!("{} {id}", action.as_str());
                 if action != Action::Sigcont {
-                    event.scopes = owned_scopes(cx, &id).await;
+                    hits = owned_scopes(cx, &id).await;
                     event.exclude_worker = Some(id);
                 }
                 let mut fleet = cx.fleet.lock().await;
@@ -774,7 +953,8 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
                     _ => fleet.signal(index, action == Action::Sigstop),
                 }
             }
-            Action::CutWorker | Action::DropReplies => network_fault(cx, fault, &mut event).await,
+            Action::CutWorker | Action::DropReplies => network_fault(cx, fault, &mut event, &mut hits).await,
+            Action::RabbitKill | Action::KafkaKill => broker_kill(cx, fault, &mut event, &mut hits).await,
             Action::StartWorker => {
                 let mut fleet = cx.fleet.lock().await;
                 event.at_ms = now_ms();
@@ -783,18 +963,29 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
                 Ok(())
             }
             Action::RestartCoordinator => {
-                event.scopes = cx.plan.everything();
+                hits = cx.plan.everything_of(|_| true);
                 let mut fleet = cx.fleet.lock().await;
                 event.at_ms = now_ms();
                 fleet.restart_coordinator().await
             }
-            Action::RabbitStop | Action::RabbitStart => {
-                let command = if action == Action::RabbitStop { "stop_app" } else { "start_app" };
-                rabbitmqctl(command).await?;
-                // From when the command returns: the broker is down (or up)
-                // only then.
+            Action::RabbitStop => {
+                // The guard first: from the command on, the app is started
+                // again whatever happens to the run.
+                let guard = broker::AppStopped::arm();
+                broker::rabbitmqctl("stop_app").await?;
+                *stopped_app = Some(guard);
+                // From when the command returns: the broker is down only then.
                 event.at_ms = now_ms();
-                event.scopes = cx.plan.everything();
+                hits = cx.plan.everything_of(|k| k == Kind::Rabbitmq);
+                Ok(())
+            }
+            Action::RabbitStart => {
+                match stopped_app.take() {
+                    Some(guard) => guard.start().await?,
+                    None => broker::rabbitmqctl("start_app").await?,
+                }
+                event.at_ms = now_ms();
+                hits = cx.plan.everything_of(|k| k == Kind::Rabbitmq);
                 Ok(())
             }
         }
@@ -803,13 +994,47 @@ async fn execute(cx: &FaultContext, fault: &Fault) -> FaultEvent {
     if let Err(e) = result {
         event.error = Some(format!("{e:#}"));
     }
-    event
+    Executed { event, hits }
+}
+
+/// rabbit_kill or kafka_kill: SIGKILL of the broker, down for `for`, then
+/// started again; the fault ends once the broker answers. Every lease of
+/// that broker's side is hit.
+async fn broker_kill(
+    cx: &FaultContext,
+    fault: &Fault,
+    event: &mut FaultEvent,
+    hits: &mut Vec<Vec<Scope>>,
+) -> anyhow::Result<()> {
+    let len = fault.for_.context("no duration")?;
+    let (killed, side) = match fault.action {
+        Action::RabbitKill => (broker::kill_rabbitmq().await?, Kind::Rabbitmq),
+        _ => {
+            let port = cx.kafka_port.context("no local Kafka port")?;
+            (broker::kill_kafka(port).await?, Kind::Kafka)
+        }
+    };
+    event.at_ms = now_ms();
+    event.label =
+        format!("{} pid {} for {}", fault.action.as_str(), killed.pid(), humantime::format_duration(len));
+    *hits = cx.plan.everything_of(|k| k == side);
+    tokio::time::sleep(len).await;
+    let restarting = cx.started.elapsed().as_secs_f64();
+    say(&cx.pb, &format!("[{restarting:>5.1}s] fault {}: starting the broker again", event.label));
+    killed.restart().await?;
+    event.ends_ms = Some(now_ms());
+    Ok(())
 }
 
 /// cut_worker or drop_replies: sets the worker's proxy for `for`, then
 /// resumes it (drop_replies also closes its connections: their HTTP/2
 /// streams lost bytes) and books what the zombie count needs.
-async fn network_fault(cx: &FaultContext, fault: &Fault, event: &mut FaultEvent) -> anyhow::Result<()> {
+async fn network_fault(
+    cx: &FaultContext,
+    fault: &Fault,
+    event: &mut FaultEvent,
+    hits: &mut Vec<Vec<Scope>>,
+) -> anyhow::Result<()> {
     let index = fault.worker.context("no worker index")?;
     let len = fault.for_.context("no duration")?;
     let (id, proxy) = {
@@ -823,7 +1048,7 @@ async fn network_fault(cx: &FaultContext, fault: &Fault, event: &mut FaultEvent)
     if cut {
         // Its leases must move once its session ends; a worker that only
         // misses replies keeps its session and its leases.
-        event.scopes = owned_scopes(cx, &id).await;
+        *hits = owned_scopes(cx, &id).await;
         event.exclude_worker = Some(id);
     }
     event.at_ms = now_ms();
@@ -846,38 +1071,23 @@ async fn network_fault(cx: &FaultContext, fault: &Fault, event: &mut FaultEvent)
     Ok(())
 }
 
-/// The leases `worker` owns right now, as scopes: from a fresh listing, or
-/// the last one the watcher saw if the coordinator does not answer.
-async fn owned_scopes(cx: &FaultContext, worker: &str) -> Vec<Scope> {
-    let owned: Vec<(String, u32)> = match cx.admin.leases(&cx.plan.destinations).await {
+/// The leases `worker` owns right now, as scopes per side: from a fresh
+/// listing, or the last one the watcher saw if the coordinator does not
+/// answer.
+async fn owned_scopes(cx: &FaultContext, worker: &str) -> Vec<Vec<Scope>> {
+    let owned: Vec<(String, u32)> = match cx.admin.leases(&cx.plan.destinations()).await {
         Ok(leases) => leases.into_iter().filter(|l| l.owner == worker).map(|l| (l.name, l.index)).collect(),
         Err(_) => lock_watch(&cx.watch).owned_by(worker),
     };
-    owned
-        .into_iter()
-        .filter_map(|(name, index)| {
-            let sub = cx.plan.destinations.iter().position(|d| *d == name)?;
-            Some(Scope { sub, shard: Some(index) })
-        })
-        .collect()
-}
-
-/// `rabbitmqctl ARGS`, failing with its output.
-async fn rabbitmqctl(command: &str) -> anyhow::Result<()> {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .arg(command)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run rabbitmqctl (is RabbitMQ installed on this machine?)")?;
-    if !output.status.success() {
-        bail!(
-            "rabbitmqctl {command} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+    let mut hits = vec![Vec::new(); cx.plan.sides.len()];
+    for (name, index) in owned {
+        for (side, hit) in cx.plan.sides.iter().zip(hits.iter_mut()) {
+            if let Some(sub) = side.destinations.iter().position(|d| *d == name) {
+                hit.push(Scope { sub, shard: Some(index) });
+            }
+        }
     }
-    Ok(())
+    hits
 }
 
 /// A spinner on stderr: elapsed time and the live counts. Hidden (and
@@ -909,11 +1119,14 @@ mod tests {
     fn plan(kind: Kind, destinations: &[&str]) -> Plan {
         Plan {
             run: "r".into(),
-            kind,
-            stream: "lt-t".into(),
-            destinations: destinations.iter().map(|d| d.to_string()).collect(),
-            receipts: "lt-t-receipts".into(),
-            partitions: 4,
+            sides: vec![Side {
+                kind,
+                stream: "lt-t".into(),
+                destinations: destinations.iter().map(|d| d.to_string()).collect(),
+                receipts: "lt-t-receipts".into(),
+                partitions: 4,
+                handler: fleet::HANDLER,
+            }],
             external: false,
         }
     }
@@ -964,21 +1177,53 @@ mod tests {
         let settings = handler_settings(&s, &plan(Kind::Rabbitmq, &["a"]));
         assert_eq!(
             settings,
-            vec![
-                ("exchange", "lt-t-receipts".to_owned()),
-                ("sleep_per_batch", "2ms".to_owned()),
-                ("sleep_per_record", "0s".to_owned())
-            ]
+            vec![(
+                "chaos",
+                vec![
+                    ("exchange", "lt-t-receipts".to_owned()),
+                    ("sleep_per_batch", "2ms".to_owned()),
+                    ("sleep_per_record", "0s".to_owned())
+                ]
+            )]
         );
         Ok(())
     }
 
     #[test]
     fn whole_system_faults_hit_every_partition_or_subscription() {
-        assert_eq!(plan(Kind::Kafka, &["t"]).everything().len(), 4);
+        assert_eq!(plan(Kind::Kafka, &["t"]).everything_of(|_| true)[0].len(), 4);
         assert_eq!(
-            plan(Kind::Rabbitmq, &["a", "b"]).everything(),
-            vec![Scope { sub: 0, shard: None }, Scope { sub: 1, shard: None }]
+            plan(Kind::Rabbitmq, &["a", "b"]).everything_of(|_| true),
+            vec![vec![Scope { sub: 0, shard: None }, Scope { sub: 1, shard: None }]]
         );
+        assert_eq!(plan(Kind::Kafka, &["t"]).everything_of(|k| k == Kind::Rabbitmq), vec![Vec::new()]);
+    }
+
+    #[test]
+    fn both_targets_share_workers_with_a_handler_each() -> Result<(), Box<dyn std::error::Error>> {
+        // No `[handler]`: its sleeps are the stream's `chaos` handler's only.
+        let s = Scenario::parse(
+            "name = \"x\"\nduration = \"20s\"\nworkers = 2\n[target]\nkind = \"both\"\npartitions = 4\n\
+             subscriptions = 2\n[rate]\nprofile = \"constant\"\nper_second = 10\n[mapping]\nbatch_size = 50\n",
+        )?;
+        let plan = Plan::new("r", &s, "lt-t", None, false);
+        let kinds: Vec<(Kind, &str)> = plan.sides.iter().map(|side| (side.kind, side.handler)).collect();
+        assert_eq!(kinds, vec![(Kind::Kafka, "chaos"), (Kind::Rabbitmq, "forward")]);
+        assert_eq!(plan.destinations(), vec!["lt-t", "lt-t-s0", "lt-t-s1"]);
+        let text = coordinator_extra(&s, &plan, "amqp://g:g@h/%2f");
+        let parsed: toml::Table = toml::from_str(&text)?;
+        assert_eq!(parsed["amqp_url"].as_str(), Some("amqp://g:g@h/%2f"));
+        assert_eq!(parsed["streams"][0]["handler"].as_str(), Some("chaos"));
+        assert_eq!(parsed["subscriptions"][1]["handler"].as_str(), Some("forward"));
+        assert_eq!(parsed["subscriptions"][1]["batch_size"].as_integer(), Some(50));
+        // Each side's receipts on its own broker.
+        let hosted = handler_settings(&s, &plan);
+        assert_eq!(hosted[0].0, "chaos");
+        assert_eq!(hosted[0].1[0], ("topic", "lt-t-receipts".to_owned()));
+        assert_eq!(hosted[1], ("forward", vec![("exchange", "lt-t-receipts".to_owned())]));
+        // A broker's fault hits that broker's side only.
+        let hits = plan.everything_of(|k| k == Kind::Rabbitmq);
+        assert_eq!((hits[0].len(), hits[1].len()), (0, 2));
+        Ok(())
     }
 }

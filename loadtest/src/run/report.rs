@@ -2,7 +2,9 @@
 //! summary, the `--json` document, and the thresholds verdict.
 //!
 //! Everything is derived from one [`Outcome`] so the three forms cannot
-//! disagree.
+//! disagree. A run with two targets (a Kafka stream and a RabbitMQ topic)
+//! is judged on their combined analysis (sums, and the worst latency and
+//! stall), and each target's own figures are shown alongside.
 
 use serde_json::json;
 
@@ -10,11 +12,21 @@ use super::ledger::{Analysis, Recovery};
 use super::scenario::{Kind, Scenario};
 use crate::stats::round3;
 
+/// One target's own analysis.
+pub struct Part {
+    /// `Kafka` or `Rabbitmq`.
+    pub kind: Kind,
+    pub analysis: Analysis,
+}
+
 /// A finished run: the analysis plus what the harness saw around it.
 pub struct Outcome<'a> {
     pub scenario: &'a Scenario,
     pub run: &'a str,
+    /// The whole run's: the one target's, or every target's combined.
     pub analysis: &'a Analysis,
+    /// Each target's own (one for a single-target run: `analysis` then).
+    pub parts: &'a [Part],
     pub lease_moves: u64,
     /// Children that exited on their own.
     pub crashes: &'a [String],
@@ -32,6 +44,22 @@ impl Outcome<'_> {
         self.analysis.destinations.len()
     }
 
+    /// Whether the run had more than one target (and so per-target lines).
+    fn several(&self) -> bool {
+        self.parts.len() > 1
+    }
+
+    /// RabbitMQ subscriptions of the run, if it had any.
+    fn subscriptions(&self) -> Option<usize> {
+        match self.scenario.target.kind {
+            Kind::Kafka => None,
+            Kind::Rabbitmq => Some(self.destinations()),
+            Kind::Both => {
+                self.parts.iter().find(|p| p.kind == Kind::Rabbitmq).map(|p| p.analysis.destinations.len())
+            }
+        }
+    }
+
     /// The thresholds the run broke, each as a sentence naming it.
     pub fn breaches(&self) -> Vec<String> {
         let a = self.analysis;
@@ -41,7 +69,14 @@ impl Outcome<'_> {
             out.push("nothing was produced: the broker acknowledged no record".to_owned());
         }
         if a.lost > t.max_lost {
-            out.push(format!("lost {} > max_lost {}", a.lost, t.max_lost));
+            let per_target = if self.several() {
+                let each: Vec<String> =
+                    self.parts.iter().map(|p| format!("{} {}", p.kind.as_str(), p.analysis.lost)).collect();
+                format!(" ({})", each.join(", "))
+            } else {
+                String::new()
+            };
+            out.push(format!("lost {}{per_target} > max_lost {}", a.lost, t.max_lost));
         }
         if let Some(max) = t.max_p99_ms
             && a.latency.p99_ms > max
@@ -85,6 +120,18 @@ impl Outcome<'_> {
                     r.stalled.as_deref().unwrap_or("a lease")
                 ));
             }
+            // A partition whose checkpoint never moves again after a fault
+            // (until the next one) is stuck, whatever its receipts say.
+            if let Some(max) = t.max_checkpoint_stall_s
+                && let Some(stall) = r.checkpoint_stall_s
+                && stall > max
+            {
+                out.push(format!(
+                    "after `{}` ended, the checkpoint of {} stood still {stall:.2} s > max_checkpoint_stall_s {max}",
+                    r.label,
+                    r.checkpoint_stalled.as_deref().unwrap_or("a partition")
+                ));
+            }
             let Some(max) = t.max_recovery_s else { continue };
             if r.affected == 0 {
                 continue;
@@ -106,10 +153,12 @@ impl Outcome<'_> {
     /// `name: produced N, processed N, lost 0, dup D, p99 X ms, throughput T/s, recoveries [..]`.
     pub fn summary_line(&self) -> String {
         let a = self.analysis;
-        let fanout = if self.destinations() > 1 {
-            format!(" (x{} subscriptions)", self.destinations())
+        let counts = if self.several() {
+            let each: Vec<String> =
+                self.parts.iter().map(|p| format!("{} {}", p.kind.as_str(), counts(&p.analysis))).collect();
+            each.join("; ")
         } else {
-            String::new()
+            counts(a)
         };
         let recoveries: Vec<String> =
             a.recoveries.iter().map(|r| format!("{} {}", short_label(r), recovery_text(r))).collect();
@@ -119,12 +168,8 @@ impl Outcome<'_> {
             String::new()
         };
         format!(
-            "{}: produced {}{fanout}, processed {}, lost {}, dup {}{zombies}, p99 {:.0} ms, throughput {:.0}/s, recoveries [{}]",
+            "{}: {counts}{zombies}, p99 {:.0} ms, throughput {:.0}/s, recoveries [{}]",
             self.scenario.name,
-            a.produced,
-            a.processed,
-            a.lost,
-            a.duplicates,
             a.latency.p99_ms,
             a.throughput_per_s,
             recoveries.join(", ")
@@ -143,10 +188,7 @@ impl Outcome<'_> {
             rows.push(("sent, not acknowledged".into(), a.unacknowledged.to_string()));
         }
         if self.destinations() > 1 {
-            rows.push((
-                "expected (x subscriptions)".into(),
-                (a.produced * self.destinations() as u64).to_string(),
-            ));
+            rows.push(("expected (x destinations)".into(), a.expected.to_string()));
         }
         rows.push(("processed (unique)".into(), a.processed.to_string()));
         rows.push(("lost".into(), a.lost.to_string()));
@@ -192,24 +234,41 @@ impl Outcome<'_> {
         rows.push(("lease moves".into(), self.lease_moves.to_string()));
         let workers: Vec<String> = a.per_worker.iter().map(|(w, n)| format!("{w} {n}")).collect();
         rows.push(("receipts per worker".into(), workers.join(", ")));
-        for r in &a.recoveries {
-            let mut text = recovery_text(r);
-            if r.affected > 0 {
-                text.push_str(&format!(" ({} affected)", r.affected));
+        if self.several() {
+            for p in self.parts {
+                let pa = &p.analysis;
+                let mut text = format!("{}, p99 {:.0} ms", counts(pa), pa.latency.p99_ms);
+                if pa.recoveries.iter().any(|r| r.zombie_invocations.is_some()) {
+                    text.push_str(&format!(", zombies {}", pa.zombie_invocations));
+                }
+                if let Some(r) = longest_stall(pa)
+                    && let Some(stall) = r.max_stall_s
+                {
+                    text.push_str(&format!(
+                        ", longest stall {stall:.2} s ({}, after {})",
+                        r.stalled.as_deref().unwrap_or("-"),
+                        r.label
+                    ));
+                }
+                rows.push((format!("target {}", p.kind.as_str()), text));
             }
-            if let Some(stall) = r.max_stall_s {
-                text.push_str(&format!(
-                    ", then longest stall {stall:.2}s ({})",
-                    r.stalled.as_deref().unwrap_or("-")
-                ));
-            }
-            if let Some(z) = r.zombie_invocations {
-                text.push_str(&format!(", zombie invocations {z}"));
-            }
-            if let Some(e) = &r.error {
-                text = format!("FAILED: {e}");
-            }
-            rows.push((format!("fault {} @{:.1}s", r.label, r.at_s), format!("recovery {text}")));
+        }
+        for (i, r) in a.recoveries.iter().enumerate() {
+            let text = match (&r.error, self.several()) {
+                (Some(e), _) => format!("FAILED: {e}"),
+                (None, false) => fault_text(r),
+                (None, true) => {
+                    let each: Vec<String> = self
+                        .parts
+                        .iter()
+                        .filter_map(|p| {
+                            Some(format!("{} {}", p.kind.as_str(), fault_text(p.analysis.recoveries.get(i)?)))
+                        })
+                        .collect();
+                    each.join("; ")
+                }
+            };
+            rows.push((format!("fault {} @{:.1}s", r.label, r.at_s), text));
         }
         if let Some(r) = longest_stall(a)
             && let Some(stall) = r.max_stall_s
@@ -217,6 +276,17 @@ impl Outcome<'_> {
             rows.push((
                 "longest stall after a fault".into(),
                 format!("{stall:.2} s ({}, after {})", r.stalled.as_deref().unwrap_or("-"), r.label),
+            ));
+        }
+        for l in &a.lease_stalls {
+            let checkpoint = l
+                .checkpoint
+                .as_ref()
+                .map(|(s, after)| format!("; checkpoint still {s:.2} s (after {after})"))
+                .unwrap_or_default();
+            rows.push((
+                format!("stall {}", l.lease),
+                format!("no receipt {:.2} s (after {}){checkpoint}", l.max_stall_s, l.after),
             ));
         }
         if a.recoveries.iter().any(|r| r.zombie_invocations.is_some()) {
@@ -249,76 +319,126 @@ impl Outcome<'_> {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        let a = self.analysis;
-        let l = &a.latency;
         let breaches = self.breaches();
-        json!({
+        let mut out = json!({
             "name": self.scenario.name,
             "target": self.scenario.target.kind.as_str(),
             "run": self.run,
             "passed": breaches.is_empty(),
             "breaches": breaches,
-            "produced": a.produced,
-            "unacknowledged": a.unacknowledged,
-            "subscriptions": if self.scenario.target.kind == Kind::Rabbitmq { Some(self.destinations()) } else { None },
-            "expected": a.produced * self.destinations() as u64,
-            "processed": a.processed,
-            "duplicates": a.duplicates,
-            "lost": a.lost,
-            "unconfirmed_processed": a.unconfirmed_processed,
-            "foreign_receipts": a.foreign,
-            "order_violations": a.order_violations,
-            "latency_ms": {
-                "samples": l.count,
-                "p50": round3(l.p50_ms),
-                "p95": round3(l.p95_ms),
-                "p99": round3(l.p99_ms),
-                "max": round3(l.max_ms),
-            },
-            "ack_latency_ms": {
-                "p50": round3(a.ack_latency.p50_ms),
-                "p99": round3(a.ack_latency.p99_ms),
-                "max": round3(a.ack_latency.max_ms),
-            },
-            "throughput_per_s": round3(a.throughput_per_s),
+            "subscriptions": self.subscriptions(),
             "drained": self.drained,
             "drain_s": round3(self.drain_s),
             "lease_moves": self.lease_moves,
-            "zombie_invocations": a.zombie_invocations,
-            "unstamped_receipts": a.unstamped,
-            "max_stall_s": longest_stall(a).and_then(|r| r.max_stall_s.map(round3)),
-            "stalled": longest_stall(a).and_then(|r| r.stalled.clone()),
-            "recoveries": a.recoveries.iter().map(|r| json!({
-                "fault": r.label,
-                "at_s": round3(r.at_s),
-                "ended_s": round3(r.ended_s),
-                "recovery_s": r.recovery_s.map(round3),
-                "affected": r.affected,
-                "unrecovered": r.unrecovered,
-                "max_stall_s": r.max_stall_s.map(round3),
-                "stalled": r.stalled,
-                "zombie_invocations": r.zombie_invocations,
-                "error": r.error,
-            })).collect::<Vec<_>>(),
-            "per_subscription": a.destinations.iter().map(|d| json!({
-                "name": d.name,
-                "processed": d.processed,
-                "duplicates": d.duplicates,
-                "lost": d.lost,
-                "lost_sample": d.lost_sample,
-            })).collect::<Vec<_>>(),
-            "per_worker": a.per_worker.iter().map(|(w, n)| json!({ "worker": w, "receipts": n })).collect::<Vec<_>>(),
-            "timeline": a.timeline.iter().map(|r| json!({
-                "t": r.t,
-                "produced": r.produced,
-                "processed": r.processed,
-                "lag": r.lag,
-                "max_latency_ms": r.max_latency_ms,
-            })).collect::<Vec<_>>(),
             "crashes": self.crashes,
             "warnings": self.warnings,
-        })
+        });
+        let mut figures = figures_json(self.analysis);
+        if self.several() {
+            let targets: Vec<serde_json::Value> = self
+                .parts
+                .iter()
+                .map(|p| {
+                    let mut one = figures_json(&p.analysis);
+                    // The run's timeline is the sum; per target it would
+                    // double the file for little.
+                    if let Some(map) = one.as_object_mut() {
+                        map.remove("timeline");
+                        map.insert("target".into(), p.kind.as_str().into());
+                    }
+                    one
+                })
+                .collect();
+            if let Some(map) = figures.as_object_mut() {
+                map.insert("targets".into(), targets.into());
+            }
+        }
+        if let (Some(out), Some(figures)) = (out.as_object_mut(), figures.as_object_mut()) {
+            out.append(figures);
+        }
+        out
     }
+}
+
+/// What an analysis says, as the JSON report's fields: the whole run's at
+/// the top level, each target's under `targets`.
+fn figures_json(a: &Analysis) -> serde_json::Value {
+    let l = &a.latency;
+    json!({
+        "produced": a.produced,
+        "unacknowledged": a.unacknowledged,
+        "expected": a.expected,
+        "processed": a.processed,
+        "duplicates": a.duplicates,
+        "lost": a.lost,
+        "unconfirmed_processed": a.unconfirmed_processed,
+        "foreign_receipts": a.foreign,
+        "order_violations": a.order_violations,
+        "latency_ms": {
+            "samples": l.count,
+            "p50": round3(l.p50_ms),
+            "p95": round3(l.p95_ms),
+            "p99": round3(l.p99_ms),
+            "max": round3(l.max_ms),
+        },
+        "ack_latency_ms": {
+            "p50": round3(a.ack_latency.p50_ms),
+            "p99": round3(a.ack_latency.p99_ms),
+            "max": round3(a.ack_latency.max_ms),
+        },
+        "throughput_per_s": round3(a.throughput_per_s),
+        "zombie_invocations": a.zombie_invocations,
+        "unstamped_receipts": a.unstamped,
+        "max_stall_s": longest_stall(a).and_then(|r| r.max_stall_s.map(round3)),
+        "stalled": longest_stall(a).and_then(|r| r.stalled.clone()),
+        "stalled_after": longest_stall(a).filter(|r| r.max_stall_s.is_some()).map(|r| r.label.clone()),
+        "max_checkpoint_stall_s": longest_checkpoint_stall(a).and_then(|r| r.checkpoint_stall_s.map(round3)),
+        "checkpoint_stalled": longest_checkpoint_stall(a).and_then(|r| r.checkpoint_stalled.clone()),
+        "checkpoint_stalled_after": longest_checkpoint_stall(a).map(|r| r.label.clone()),
+        "lease_stalls": a.lease_stalls.iter().map(|l| json!({
+            "lease": l.lease,
+            "max_stall_s": round3(l.max_stall_s),
+            "after": l.after,
+            "checkpoint_stall_s": l.checkpoint.as_ref().map(|(s, _)| round3(*s)),
+            "checkpoint_after": l.checkpoint.as_ref().map(|(_, after)| after),
+        })).collect::<Vec<_>>(),
+        "recoveries": a.recoveries.iter().map(|r| json!({
+            "fault": r.label,
+            "at_s": round3(r.at_s),
+            "ended_s": round3(r.ended_s),
+            "recovery_s": r.recovery_s.map(round3),
+            "affected": r.affected,
+            "unrecovered": r.unrecovered,
+            "max_stall_s": r.max_stall_s.map(round3),
+            "stalled": r.stalled,
+            "zombie_invocations": r.zombie_invocations,
+            "checkpoint_stall_s": r.checkpoint_stall_s.map(round3),
+            "checkpoint_stalled": r.checkpoint_stalled,
+            "error": r.error,
+        })).collect::<Vec<_>>(),
+        "per_subscription": a.destinations.iter().map(|d| json!({
+            "name": d.name,
+            "processed": d.processed,
+            "duplicates": d.duplicates,
+            "lost": d.lost,
+            "lost_sample": d.lost_sample,
+        })).collect::<Vec<_>>(),
+        "per_worker": a.per_worker.iter().map(|(w, n)| json!({ "worker": w, "receipts": n })).collect::<Vec<_>>(),
+        "timeline": a.timeline.iter().map(|r| json!({
+            "t": r.t,
+            "produced": r.produced,
+            "processed": r.processed,
+            "lag": r.lag,
+            "max_latency_ms": r.max_latency_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The fault after which some partition's checkpoint stood still longest.
+fn longest_checkpoint_stall(a: &Analysis) -> Option<&Recovery> {
+    a.recoveries.iter().filter(|r| r.checkpoint_stall_s.is_some()).max_by(|x, y| {
+        x.checkpoint_stall_s.partial_cmp(&y.checkpoint_stall_s).unwrap_or(std::cmp::Ordering::Equal)
+    })
 }
 
 /// The fault after which some lease stalled longest.
@@ -327,6 +447,39 @@ fn longest_stall(a: &Analysis) -> Option<&Recovery> {
         .iter()
         .filter(|r| r.max_stall_s.is_some())
         .max_by(|x, y| x.max_stall_s.partial_cmp(&y.max_stall_s).unwrap_or(std::cmp::Ordering::Equal))
+}
+
+/// `produced N (xS subscriptions), processed N, lost N, dup N`.
+fn counts(a: &Analysis) -> String {
+    let fanout = match a.destinations.len() {
+        0 | 1 => String::new(),
+        n => format!(" (x{n} subscriptions)"),
+    };
+    format!(
+        "produced {}{fanout}, processed {}, lost {}, dup {}",
+        a.produced, a.processed, a.lost, a.duplicates
+    )
+}
+
+/// One fault's row: recovery, what it hit, the stall after it, zombies.
+fn fault_text(r: &Recovery) -> String {
+    let mut text = format!("recovery {}", recovery_text(r));
+    if r.affected > 0 {
+        text.push_str(&format!(" ({} affected)", r.affected));
+    }
+    if let Some(stall) = r.max_stall_s {
+        text.push_str(&format!(", then longest stall {stall:.2}s ({})", r.stalled.as_deref().unwrap_or("-")));
+    }
+    if let Some(stall) = r.checkpoint_stall_s {
+        text.push_str(&format!(
+            ", checkpoint still {stall:.2}s ({})",
+            r.checkpoint_stalled.as_deref().unwrap_or("-")
+        ));
+    }
+    if let Some(z) = r.zombie_invocations {
+        text.push_str(&format!(", zombie invocations {z}"));
+    }
+    text
 }
 
 /// `kill9@10s` for the summary line.
@@ -358,6 +511,7 @@ mod tests {
         Analysis {
             produced: 100,
             unacknowledged: 0,
+            expected: 100,
             destinations: vec![DestinationFigures {
                 name: "t".into(),
                 processed: 99,
@@ -387,6 +541,8 @@ mod tests {
                     max_stall_s: Some(4.3),
                     stalled: Some("t/1".into()),
                     zombie_invocations: None,
+                    checkpoint_stall_s: None,
+                    checkpoint_stalled: None,
                 },
                 Recovery {
                     label: "start_worker w3".into(),
@@ -399,11 +555,14 @@ mod tests {
                     max_stall_s: None,
                     stalled: None,
                     zombie_invocations: None,
+                    checkpoint_stall_s: None,
+                    checkpoint_stalled: None,
                 },
             ],
             zombie_invocations: 0,
             unstamped: 0,
             per_worker: vec![("w0".into(), 102)],
+            lease_stalls: Vec::new(),
         }
     }
 
@@ -420,6 +579,7 @@ mod tests {
             scenario: s,
             run: "r",
             analysis: a,
+            parts: &[],
             lease_moves: 0,
             crashes: &[],
             warnings: &[],

@@ -94,6 +94,10 @@ fn default_drain_timeout() -> Duration {
 pub enum Kind {
     Kafka,
     Rabbitmq,
+    /// A Kafka stream and a RabbitMQ topic with its subscriptions in one
+    /// run, on the same workers: each is produced, read back and verified
+    /// on its own, and the report has both and their sum.
+    Both,
 }
 
 impl Kind {
@@ -101,7 +105,18 @@ impl Kind {
         match self {
             Kind::Kafka => "kafka",
             Kind::Rabbitmq => "rabbitmq",
+            Kind::Both => "both",
         }
+    }
+
+    /// Whether the run has a Kafka stream.
+    pub fn has_kafka(self) -> bool {
+        matches!(self, Kind::Kafka | Kind::Both)
+    }
+
+    /// Whether the run has a RabbitMQ topic and subscriptions.
+    pub fn has_rabbitmq(self) -> bool {
+        matches!(self, Kind::Rabbitmq | Kind::Both)
     }
 }
 
@@ -109,11 +124,11 @@ impl Kind {
 #[serde(deny_unknown_fields)]
 pub struct Target {
     pub kind: Kind,
-    /// Kafka: partitions of the topic (one lease each).
+    /// Kafka (and `both`): partitions of the topic (one lease each).
     pub partitions: Option<u32>,
-    /// RabbitMQ: subscriptions on one fanout topic (default 1).
+    /// RabbitMQ (and `both`): subscriptions on one fanout topic (default 1).
     pub subscriptions: Option<u32>,
-    /// RabbitMQ: fixed queue slots per subscription (default 1).
+    /// RabbitMQ (and `both`): fixed queue slots per subscription (default 1).
     pub slots: Option<u32>,
 }
 
@@ -233,6 +248,14 @@ pub enum Action {
     /// For `for`, the coordinator hears a worker but the worker hears no
     /// reply; then its connections are closed so it reconnects.
     DropReplies,
+    /// SIGKILL RabbitMQ's Erlang VM (`beam.smp`), keep it down for `for`,
+    /// then `rabbitmq-server -detached` and wait until AMQP answers.
+    RabbitKill,
+    /// SIGKILL the Kafka broker (tansu) listening on the run's bootstrap
+    /// port, keep it down for `for`, then start it again exactly as it
+    /// ran (binary, arguments, directory, log) and wait until it answers
+    /// Metadata.
+    KafkaKill,
 }
 
 impl Action {
@@ -247,6 +270,8 @@ impl Action {
             Action::RabbitStart => "rabbit_start",
             Action::CutWorker => "cut_worker",
             Action::DropReplies => "drop_replies",
+            Action::RabbitKill => "rabbit_kill",
+            Action::KafkaKill => "kafka_kill",
         }
     }
 
@@ -257,9 +282,44 @@ impl Action {
         )
     }
 
-    /// Network faults last `for` and then end by themselves.
+    /// Network faults and broker kills last `for` and then end by
+    /// themselves (a killed broker is started again by the same fault, so
+    /// no schedule can leave it down).
     pub fn takes_duration(self) -> bool {
-        matches!(self, Action::CutWorker | Action::DropReplies)
+        matches!(self, Action::CutWorker | Action::DropReplies | Action::RabbitKill | Action::KafkaKill)
+    }
+
+    /// The broker a whole-broker fault needs in the run, if any.
+    fn needs(self) -> Option<Needs> {
+        match self {
+            Action::RabbitStop | Action::RabbitStart | Action::RabbitKill => Some(Needs::Rabbitmq),
+            Action::KafkaKill => Some(Needs::Kafka),
+            _ => None,
+        }
+    }
+}
+
+/// The broker a fault acts on, which the run's target must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Kafka,
+    Rabbitmq,
+}
+
+impl Needs {
+    fn met_by(self, kind: Kind) -> bool {
+        match self {
+            Needs::Kafka => kind.has_kafka(),
+            Needs::Rabbitmq => kind.has_rabbitmq(),
+        }
+    }
+
+    /// The kinds that have it, for messages.
+    fn kinds(self) -> &'static str {
+        match self {
+            Needs::Kafka => "`kafka` or `both`",
+            Needs::Rabbitmq => "`rabbitmq` or `both`",
+        }
     }
 }
 
@@ -273,14 +333,17 @@ pub struct Fault {
     /// The worker's index (0-based, in start order) for kill9, sigstop,
     /// sigcont, cut_worker and drop_replies.
     pub worker: Option<usize>,
-    /// How long cut_worker and drop_replies last. The fault schedule waits
-    /// for them: the next fault may start when this one has ended.
+    /// How long cut_worker and drop_replies last, and how long a killed
+    /// broker stays down (rabbit_kill, kafka_kill; then it is started and
+    /// the fault ends once it answers). The fault schedule waits for them:
+    /// the next fault may start when this one has ended.
     #[serde(default, rename = "for", with = "humantime_serde")]
     pub for_: Option<Duration>,
 }
 
 impl Fault {
-    /// When the fault is over, since producing started.
+    /// When the fault is over, since producing started (a killed broker's
+    /// restart takes longer; the schedule waits for it).
     pub fn ends(&self) -> Duration {
         self.at + self.for_.unwrap_or_default()
     }
@@ -291,7 +354,8 @@ impl Fault {
 /// exactly. A drawn fault that lasts holds for `hold`: cut_worker and
 /// drop_replies for `for = hold`, kill9 is followed by start_worker (a
 /// replacement), sigstop by sigcont and rabbit_stop by rabbit_start
-/// `hold` later.
+/// `hold` later, and rabbit_kill and kafka_kill keep the broker down for
+/// `for = hold`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Soak {
@@ -301,8 +365,8 @@ pub struct Soak {
     /// Default: half of `every`.
     #[serde(default, with = "humantime_serde")]
     pub hold: Option<Duration>,
-    /// Default: every kind the target allows (rabbit_stop for RabbitMQ
-    /// only).
+    /// Default: every kind the target allows (rabbit_stop and rabbit_kill
+    /// with RabbitMQ, kafka_kill with Kafka; see [`SoakKind::DEFAULT`]).
     #[serde(default)]
     pub kinds: Option<Vec<SoakKind>>,
 }
@@ -316,20 +380,45 @@ pub enum SoakKind {
     DropReplies,
     RestartCoordinator,
     RabbitStop,
+    RabbitKill,
+    KafkaKill,
 }
 
 impl SoakKind {
-    const ALL: [SoakKind; 6] = [
+    /// What a soak draws from when `kinds` is not given, before the
+    /// target's filter.
+    const DEFAULT: [SoakKind; 8] = [
         SoakKind::Kill9,
         SoakKind::Sigstop,
         SoakKind::CutWorker,
         SoakKind::DropReplies,
         SoakKind::RestartCoordinator,
         SoakKind::RabbitStop,
+        SoakKind::RabbitKill,
+        SoakKind::KafkaKill,
     ];
 
     fn on_worker(self) -> bool {
         matches!(self, SoakKind::Kill9 | SoakKind::Sigstop | SoakKind::CutWorker | SoakKind::DropReplies)
+    }
+
+    /// The fault that begins this kind (its `needs` says which target).
+    fn action(self) -> Action {
+        match self {
+            SoakKind::Kill9 => Action::Kill9,
+            SoakKind::Sigstop => Action::Sigstop,
+            SoakKind::CutWorker => Action::CutWorker,
+            SoakKind::DropReplies => Action::DropReplies,
+            SoakKind::RestartCoordinator => Action::RestartCoordinator,
+            SoakKind::RabbitStop => Action::RabbitStop,
+            SoakKind::RabbitKill => Action::RabbitKill,
+            SoakKind::KafkaKill => Action::KafkaKill,
+        }
+    }
+
+    /// Whether a run of `kind` can have this fault.
+    fn applies_to(self, kind: Kind) -> bool {
+        self.action().needs().is_none_or(|needs| needs.met_by(kind))
     }
 }
 
@@ -371,6 +460,9 @@ pub struct Thresholds {
     /// After every fault ends: the longest any partition or queue slot may
     /// go without a receipt.
     pub max_stall_s: Option<f64>,
+    /// After every fault ends: the longest any Kafka partition's
+    /// checkpoint may stand still (as listed twice a second).
+    pub max_checkpoint_stall_s: Option<f64>,
     pub min_throughput_per_s: Option<f64>,
     /// With `strategies`: the first strategy's spike drain time over the
     /// last one's must be at least this.
@@ -460,18 +552,24 @@ impl Scenario {
                 soak.every
             )));
         }
-        let rabbit = self.target.kind == Kind::Rabbitmq;
+        let target = self.target.kind;
         let kinds: Vec<SoakKind> = match &soak.kinds {
             Some(kinds) => {
                 if kinds.is_empty() {
                     return Err(bad("`soak.kinds` is empty; omit it for every kind"));
                 }
-                if !rabbit && kinds.contains(&SoakKind::RabbitStop) {
-                    return Err(bad("`soak.kinds` has `rabbit_stop`, which needs kind `rabbitmq`"));
+                for kind in kinds {
+                    if let Some(needs) = kind.action().needs().filter(|n| !n.met_by(target)) {
+                        return Err(bad(format!(
+                            "`soak.kinds` has `{}`, which needs kind {}",
+                            kind.action().as_str(),
+                            needs.kinds()
+                        )));
+                    }
                 }
                 kinds.clone()
             }
-            None => SoakKind::ALL.into_iter().filter(|k| rabbit || *k != SoakKind::RabbitStop).collect(),
+            None => SoakKind::DEFAULT.into_iter().filter(|k| k.applies_to(target)).collect(),
         };
         if self.workers == 0 && kinds.iter().all(|k| k.on_worker()) {
             return Err(bad("`soak.kinds` are all worker faults, but `workers` is 0"));
@@ -517,6 +615,9 @@ impl Scenario {
                 SoakKind::RabbitStop => {
                     faults.push(fault(at, Action::RabbitStop, None, None));
                     faults.push(fault(at + hold, Action::RabbitStart, None, None));
+                }
+                SoakKind::RabbitKill | SoakKind::KafkaKill => {
+                    faults.push(fault(at, kind.action(), None, Some(hold)))
                 }
             }
             at += soak.every;
@@ -583,34 +684,45 @@ impl Scenario {
 
     fn validate_target(&self) -> Result<(), BadScenario> {
         let t = &self.target;
-        match t.kind {
-            Kind::Kafka => {
-                let Some(partitions) = t.partitions else {
-                    return Err(bad("`target.partitions` is required for kind `kafka`"));
-                };
-                if !(1..=256).contains(&partitions) {
-                    return Err(bad(format!("`target.partitions` is {partitions}; allowed: 1 to 256")));
-                }
-                for (field, value) in [("subscriptions", t.subscriptions), ("slots", t.slots)] {
-                    if value.is_some() {
-                        return Err(bad(format!("`target.{field}` applies to kind `rabbitmq` only")));
-                    }
+        let kind = t.kind.as_str();
+        if t.kind.has_kafka() {
+            let Some(partitions) = t.partitions else {
+                return Err(bad(format!("`target.partitions` is required for kind `{kind}`")));
+            };
+            if !(1..=256).contains(&partitions) {
+                return Err(bad(format!("`target.partitions` is {partitions}; allowed: 1 to 256")));
+            }
+        } else if t.partitions.is_some() {
+            return Err(bad("`target.partitions` applies to kinds `kafka` and `both` only"));
+        }
+        if t.kind.has_rabbitmq() {
+            if !(1..=16).contains(&t.subscriptions()) {
+                return Err(bad(format!(
+                    "`target.subscriptions` is {}; allowed: 1 to 16",
+                    t.subscriptions()
+                )));
+            }
+            if !(1..=64).contains(&t.slots()) {
+                return Err(bad(format!("`target.slots` is {}; allowed: 1 to 64", t.slots())));
+            }
+        } else {
+            for (field, value) in [("subscriptions", t.subscriptions), ("slots", t.slots)] {
+                if value.is_some() {
+                    return Err(bad(format!("`target.{field}` applies to kinds `rabbitmq` and `both` only")));
                 }
             }
-            Kind::Rabbitmq => {
-                if t.partitions.is_some() {
-                    return Err(bad("`target.partitions` applies to kind `kafka` only"));
-                }
-                if !(1..=16).contains(&t.subscriptions()) {
-                    return Err(bad(format!(
-                        "`target.subscriptions` is {}; allowed: 1 to 16",
-                        t.subscriptions()
-                    )));
-                }
-                if !(1..=64).contains(&t.slots()) {
-                    return Err(bad(format!("`target.slots` is {}; allowed: 1 to 64", t.slots())));
-                }
-            }
+        }
+        // With both targets the subscriptions run the `forward` handler
+        // (the `chaos` handler has one receipts destination, and each
+        // target's receipts stay on its own broker, so a fault on one
+        // broker cannot stall the other target's receipts); its sleeps
+        // would apply to the stream only, which a reader of the file
+        // would not expect.
+        if t.kind == Kind::Both && !(self.handler.per_batch.is_zero() && self.handler.per_record.is_zero()) {
+            return Err(bad(
+                "`handler` sleeps apply to the chaos handler, which with kind `both` runs the Kafka stream only \
+                 (the subscriptions run `forward`); remove `[handler]`",
+            ));
         }
         Ok(())
     }
@@ -726,6 +838,7 @@ impl Scenario {
     /// rest so per-key order stays checkable).
     fn spike_partitions(&self, list: &[u32]) -> Result<Vec<u32>, BadScenario> {
         if self.target.kind != Kind::Kafka {
+            // With `both`, the RabbitMQ side has no partitions to spike.
             return Err(bad("`rate.partitions` applies to kind `kafka` only"));
         }
         let partitions = self.target.partitions();
@@ -815,10 +928,10 @@ impl Scenario {
                 }
                 _ => {}
             }
-            if matches!(fault.action, Action::RabbitStop | Action::RabbitStart)
-                && self.target.kind != Kind::Rabbitmq
+            if let Some(needs) = fault.action.needs()
+                && !needs.met_by(self.target.kind)
             {
-                return Err(bad(format!("`{field}.action` `{action}` needs kind `rabbitmq`")));
+                return Err(bad(format!("`{field}.action` `{action}` needs kind {}", needs.kinds())));
             }
             let Some(w) = fault.worker else {
                 if fault.action == Action::StartWorker {
@@ -1040,7 +1153,7 @@ max_p99_ms = 10000
         let s = Scenario::parse(&rabbit)?;
         assert_eq!((s.target.subscriptions(), s.target.slots()), (2, 2));
         let e = err(&FAILOVER.replace("partitions = 8", "partitions = 8\nslots = 2"));
-        assert!(e.contains("`target.slots` applies to kind `rabbitmq` only"), "{e}");
+        assert!(e.contains("`target.slots` applies to kinds `rabbitmq` and `both` only"), "{e}");
         Ok(())
     }
 
@@ -1112,6 +1225,105 @@ max_p99_ms = 10000
         assert!(e.contains("meteor"), "{e}");
         let e = err(&format!("{soak}\n[[faults]]\nat = \"10s\"\naction = \"kill9\"\nworker = 0\n"));
         assert!(e.contains("remove `faults` or `soak`"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn both_targets_take_partitions_and_subscriptions() -> Result<(), BadScenario> {
+        let both = FAILOVER.replace(
+            "kind = \"kafka\"\npartitions = 8",
+            "kind = \"both\"\npartitions = 8\nsubscriptions = 2\nslots = 3",
+        );
+        let e = err(&both);
+        assert!(e.contains("`handler` sleeps apply to the chaos handler"), "{e}");
+        let both = both.replace("[handler]\nper_batch = \"2ms\"\nper_record = \"0ms\"\n", "");
+        let s = Scenario::parse(&both)?;
+        assert_eq!((s.target.partitions(), s.target.subscriptions(), s.target.slots()), (8, 2, 3));
+        assert!(s.target.kind.has_kafka() && s.target.kind.has_rabbitmq());
+        let e = err(&both.replace("partitions = 8\n", ""));
+        assert!(e.contains("`target.partitions` is required for kind `both`"), "{e}");
+        // Both brokers' faults apply.
+        for action in [
+            "action = \"rabbit_stop\"",
+            "action = \"kafka_kill\"\nfor = \"5s\"",
+            "action = \"rabbit_kill\"\nfor = \"5s\"",
+        ] {
+            let one = both.replace("action = \"kill9\"\nworker = 0", action);
+            assert!(Scenario::parse(&one).is_ok(), "{one}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn broker_kills_last_for_a_while_and_need_their_broker() -> Result<(), BadScenario> {
+        let kill =
+            FAILOVER.replace("action = \"kill9\"\nworker = 0", "action = \"kafka_kill\"\nfor = \"5s\"");
+        let s = Scenario::parse(&kill)?;
+        assert_eq!((s.faults[0].action, s.faults[0].ends()), (Action::KafkaKill, Duration::from_secs(15)));
+        let e = err(&kill.replace("for = \"5s\"", ""));
+        assert!(e.contains("`faults[0].for` is required for action `kafka_kill`"), "{e}");
+        let e = err(&kill.replace("for = \"5s\"", "for = \"5s\"\nworker = 0"));
+        assert!(e.contains("`faults[0].worker` does not apply to action `kafka_kill`"), "{e}");
+        let e = err(&kill.replace("kafka_kill", "rabbit_kill"));
+        assert!(e.contains("`rabbit_kill` needs kind `rabbitmq` or `both`"), "{e}");
+        let rabbit = kill.replace("kind = \"kafka\"\npartitions = 8", "kind = \"rabbitmq\"");
+        let e = err(&rabbit);
+        assert!(e.contains("`kafka_kill` needs kind `kafka` or `both`"), "{e}");
+        assert!(Scenario::parse(&rabbit.replace("kafka_kill", "rabbit_kill")).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn soak_kinds_follow_the_target() -> Result<(), BadScenario> {
+        let soak = |kind: &str| {
+            FAILOVER
+                .replace("duration = \"40s\"", "duration = \"600s\"")
+                .replace("kind = \"kafka\"\npartitions = 8", kind)
+                .replace("[handler]\nper_batch = \"2ms\"\nper_record = \"0ms\"\n", "")
+                .replace(
+                    "[[faults]]\nat = \"10s\"\naction = \"kill9\"\nworker = 0\n",
+                    "[soak]\nseed = 1\nevery = \"10s\"\n",
+                )
+        };
+        let actions = |s: &Scenario| {
+            s.faults.iter().map(|f| f.action.as_str()).collect::<std::collections::BTreeSet<_>>()
+        };
+        let kafka = actions(&Scenario::parse(&soak("kind = \"kafka\"\npartitions = 8"))?);
+        assert!(kafka.contains(&"kafka_kill"), "{kafka:?}");
+        assert!(!kafka.contains(&"rabbit_kill") && !kafka.contains(&"rabbit_stop"), "{kafka:?}");
+        let rabbit = actions(&Scenario::parse(&soak("kind = \"rabbitmq\""))?);
+        assert!(rabbit.contains(&"rabbit_kill") && rabbit.contains(&"rabbit_stop"), "{rabbit:?}");
+        assert!(!rabbit.contains(&"kafka_kill"), "{rabbit:?}");
+        let both = actions(&Scenario::parse(&soak("kind = \"both\"\npartitions = 8"))?);
+        for a in ["kafka_kill", "rabbit_kill", "rabbit_stop", "cut_worker", "kill9"] {
+            assert!(both.contains(&a), "{a:?} not drawn: {both:?}");
+        }
+        let e = err(&soak("kind = \"kafka\"\npartitions = 8")
+            .replace("every = \"10s\"", "every = \"10s\"\nkinds = [\"rabbit_kill\"]"));
+        assert!(e.contains("`soak.kinds` has `rabbit_kill`, which needs kind `rabbitmq` or `both`"), "{e}");
+        Ok(())
+    }
+
+    /// The shipped soaks: the 10-minute one draws every kind of fault
+    /// there is on both targets; the CI one stays short.
+    #[test]
+    fn shipped_soaks_draw_every_kind_on_both_targets() -> Result<(), BadScenario> {
+        let load = |name: &str| {
+            Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("scenarios/{name}.toml")))
+        };
+        let soak = load("soak")?;
+        assert_eq!((soak.target.kind, soak.duration), (Kind::Both, Duration::from_secs(600)));
+        let drawn: std::collections::BTreeSet<&str> = soak.faults.iter().map(|f| f.action.as_str()).collect();
+        for kind in SoakKind::DEFAULT {
+            assert!(drawn.contains(kind.action().as_str()), "{:?} not drawn: {drawn:?}", kind);
+        }
+        let ci = load("soak-ci")?;
+        assert_eq!((ci.target.kind, ci.duration), (Kind::Both, Duration::from_secs(60)));
+        let begun = ci
+            .faults
+            .iter()
+            .filter(|f| !matches!(f.action, Action::StartWorker | Action::Sigcont | Action::RabbitStart));
+        assert!((3..=5).contains(&begun.count()), "{:?}", ci.faults);
         Ok(())
     }
 }

@@ -45,13 +45,26 @@ pub fn run(name: &str) -> Result<Run, Box<dyn std::error::Error>> {
     Ok(Run { report, output, passed: out.status.success() })
 }
 
-/// Nothing acknowledged was lost and every record was processed.
+/// Nothing acknowledged was lost and every record was processed, over
+/// the whole run and (a run with several targets) on each target.
 pub fn assert_nothing_lost(run: &Run) -> Result<(), Box<dyn std::error::Error>> {
-    let (produced, processed, lost) = (run.count("produced")?, run.count("processed")?, run.count("lost")?);
-    assert!(produced > 0, "nothing produced:\n{}", run.output);
-    assert_eq!(lost, 0, "lost records:\n{}", run.output);
-    // `processed` counts each record once, however often it ran.
-    assert!(processed >= produced, "processed {processed} < produced {produced}:\n{}", run.output);
+    assert_figures_clean(&run.report, run)?;
+    for target in run.report["targets"].as_array().into_iter().flatten() {
+        assert_figures_clean(target, run)?;
+    }
+    Ok(())
+}
+
+fn assert_figures_clean(figures: &serde_json::Value, run: &Run) -> Result<(), Box<dyn std::error::Error>> {
+    let count = |key: &str| figures[key].as_u64().ok_or_else(|| format!("no `{key}` in {figures}"));
+    let (produced, expected, processed, lost) =
+        (count("produced")?, count("expected")?, count("processed")?, count("lost")?);
+    let which = figures["target"].as_str().unwrap_or("the run");
+    assert!(produced > 0, "{which}: nothing produced:\n{}", run.output);
+    assert_eq!(lost, 0, "{which}: lost records:\n{}", run.output);
+    // `processed` counts each (destination, record) once, however often
+    // it ran; `expected` is produced × destinations.
+    assert!(processed >= expected, "{which}: processed {processed} < expected {expected}:\n{}", run.output);
     Ok(())
 }
 
