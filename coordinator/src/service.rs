@@ -533,9 +533,7 @@ mod tests {
             checkpoint(&handle, &lease, epoch, 5).await.as_deref(),
             Ok([CheckpointOutcome::Ok { .. }])
         ));
-        if let Ok(mut failing) = store.failing_checkpoint.lock() {
-            *failing = Some(9);
-        }
+        *store.failing_checkpoint.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(9);
         let reply = checkpoint(&handle, &lease, epoch, 9).await;
         assert!(reply.is_err(), "a checkpoint whose write failed was answered: {reply:?}");
         let ended = tokio::time::timeout(Duration::from_secs(5), task).await;

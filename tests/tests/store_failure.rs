@@ -90,8 +90,11 @@ fn start(config: &str, data: &Path, dir: &Path) -> Result<(Proc, String, std::th
     let proc = Proc { child, name: "coordinator".into() };
     let errors = std::thread::spawn(move || {
         let mut text = String::new();
-        // Read to the end (the process exits); a read error keeps what came.
-        let _ = stderr.read_to_string(&mut text);
+        // Read to the end (the process exits); a read error keeps what
+        // came, and says so in the text the test shows.
+        if let Err(e) = stderr.read_to_string(&mut text) {
+            text.push_str(&format!("\n(reading stderr failed: {e})"));
+        }
         text
     });
     let mut lines = std::io::BufReader::new(stdout).lines();

@@ -319,7 +319,9 @@ mod tests {
             while let Ok((mut s, _)) = listener.accept().await {
                 tokio::spawn(async move {
                     let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    if let Err(e) = tokio::io::copy(&mut r, &mut w).await {
+                        eprintln!("echo server: {e}");
+                    }
                 });
             }
         });
