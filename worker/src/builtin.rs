@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
 use crate::amqp::{Message, Publisher};
@@ -140,11 +139,7 @@ impl Handler for Forward {
         ctx.only(&["topic", "exchange"])?;
         let to = match (ctx.string("topic")?, ctx.string("exchange")?) {
             (Some(topic), None) => {
-                let producer = ClientConfig::new()
-                    .set("bootstrap.servers", &ctx.kafka_brokers)
-                    .set("linger.ms", "5")
-                    .set("acks", "all")
-                    .create()
+                let producer = crate::failure::producer(&ctx.kafka_brokers)
                     .map_err(|e| ctx.error(format!("kafka producer: {e}")))?;
                 Destination::Kafka { producer, topic }
             }

@@ -8,11 +8,18 @@
 
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::handler::{BoxFuture, Record};
 use crate::policy::{FailureSink, GaveUp};
+
+/// The producer for what a worker writes to Kafka (on_failure, forward):
+/// each write acknowledged by every in-sync replica before it counts.
+pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
+    crate::source::kafka::client_config(brokers).set("acks", "all").set("linger.ms", "5").create()
+}
 
 /// Copies `records` to `topic`, keeping key, value and headers and adding
 /// the headers `extra` gives for each; returns once the broker acknowledged

@@ -370,12 +370,7 @@ impl Runtime {
             return Ok((source.clone(), producer.clone()));
         }
         let (brokers, client_id, fetch_queue_kib) = &self.kafka_config;
-        let producer: FutureProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .create()
-            .map_err(|e| SourceError::Kafka(e.to_string()))?;
+        let producer = crate::failure::producer(brokers).map_err(|e| SourceError::Kafka(e.to_string()))?;
         let source = KafkaSource::new(brokers, client_id, *fetch_queue_kib)?;
         self.kafka = Some((source.clone(), producer.clone()));
         Ok((source, producer))

@@ -79,12 +79,20 @@ pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
 }
 
+/// What every Kafka client of a worker starts from. Reconnects back off to
+/// at most 1 s (librdkafka's default is 10 s): a broker that restarts is
+/// read from again within a second of answering, not up to ten later.
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("reconnect.backoff.max.ms", "1000");
+    config
+}
+
 impl KafkaSource {
     /// Creates the consumer and the task that serves its main queue (which
     /// carries client events; records all go to partition queues).
     pub fn new(brokers: &str, worker_id: &str, fetch_queue_kib: u32) -> Result<Self, SourceError> {
-        let consumer: StreamConsumer<SourceContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let consumer: StreamConsumer<SourceContext> = client_config(brokers)
             .set("client.id", format!("shardline-{worker_id}"))
             // librdkafka wants a group id even for manual assignment; it is
             // never used to join a group or commit.
