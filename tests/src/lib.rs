@@ -8,6 +8,7 @@
 pub mod amqp;
 pub mod fresh;
 pub mod kafka;
+pub mod serial;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
