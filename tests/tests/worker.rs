@@ -305,6 +305,13 @@ async fn kill_9_of_a_worker_mid_stream_loses_nothing_and_its_partitions_resume_w
 
     let feed = Feed::start(&topic, RATE);
     let victims = processing(&c, "b").await?;
+    // Well into the stream: b has checkpointed work a careless new owner
+    // would process again.
+    eventually(Duration::from_secs(30), "b 200 records into each partition", || async {
+        let at = checkpoints(&c, &victims).await?;
+        Ok(at.values().all(|&o| o >= 200).then_some(()))
+    })
+    .await?;
     let killed_ms = now_ms();
     b.kill9()?;
     // b is gone: nothing but a checkpoint already on its way can move its
