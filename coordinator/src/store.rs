@@ -329,6 +329,74 @@ impl LeaseStore for FailingStore {
     }
 }
 
+/// A [`MemStore`] whose flushes complete only when the test says so: each
+/// flush hands the test a [`Gate`] through [`Flushes`] and waits for it to
+/// be opened. So a test of the service loop sees exactly when a flush
+/// starts, and what is answered before and after it completes (group
+/// commit), without a disk or a race.
+#[cfg(test)]
+#[derive(Clone)]
+pub struct GatedStore {
+    pub inner: MemStore,
+    started: tokio::sync::mpsc::UnboundedSender<Gate>,
+}
+
+/// One flush in progress: [`Gate::open`] completes it.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct Gate(tokio::sync::oneshot::Sender<()>);
+
+#[cfg(test)]
+impl Gate {
+    pub fn open(self) {
+        // The flush future is gone only if the loop ended, which the test
+        // then sees in its replies.
+        if self.0.send(()).is_err() {
+            tracing::error!("a gated flush was opened after its loop ended");
+        }
+    }
+}
+
+/// The flushes a [`GatedStore`] started, in order.
+#[cfg(test)]
+pub type Flushes = tokio::sync::mpsc::UnboundedReceiver<Gate>;
+
+#[cfg(test)]
+impl GatedStore {
+    pub fn new() -> (Self, Flushes) {
+        let (started, flushes) = tokio::sync::mpsc::unbounded_channel();
+        (Self { inner: MemStore::default(), started }, flushes)
+    }
+}
+
+#[cfg(test)]
+impl LeaseStore for GatedStore {
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.inner.load()
+    }
+
+    fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
+        self.inner.put(record)
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (open, opened) = tokio::sync::oneshot::channel();
+        let announced = self.started.send(Gate(open));
+        async move {
+            announced.map_err(|_| StoreError::Io("flush: the test stopped watching (gated)".into()))?;
+            opened.await.map_err(|_| StoreError::Io("flush: gate dropped unopened (gated)".into()))
+        }
+    }
+
+    fn load_usage(&self) -> Result<Vec<(BucketKey, Counts)>, StoreError> {
+        self.inner.load_usage()
+    }
+
+    fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError> {
+        self.inner.put_usage(key, counts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,9 @@
 //! test command in the README does that.
 
 pub mod amqp;
+pub mod fresh;
 pub mod kafka;
+pub mod serial;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,8 +21,9 @@ use rdkafka::client::DefaultClientContext;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
 use tonic::transport::Channel;
 
-/// Where the workspace's binaries are: `SHARDLINE_BIN_DIR`, else the target
-/// dir this test binary was built into.
+/// Where the workspace's binaries are: `SHARDLINE_BIN_DIR` (taken as is),
+/// else the target dir this test binary was built into, where a binary
+/// older than its sources fails the test ([`fresh`]).
 pub fn bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("SHARDLINE_BIN_DIR") {
         return Path::new(&dir).join(name);
@@ -28,7 +31,9 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test binary> → target/<profile>/<name>
     let exe = std::env::current_exe().unwrap_or_default();
     let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    profile_dir.join(name)
+    let path = profile_dir.join(name);
+    fresh::ensure_fresh(&path);
+    path
 }
 
 /// The Kafka bootstrap servers the tests use.
