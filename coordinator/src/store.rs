@@ -383,8 +383,12 @@ impl LeaseStore for GatedStore {
         let (open, opened) = tokio::sync::oneshot::channel();
         let announced = self.started.send(Gate(open));
         async move {
-            announced.map_err(|_| StoreError::Io("flush: the test stopped watching (gated)".into()))?;
-            opened.await.map_err(|_| StoreError::Io("flush: gate dropped unopened (gated)".into()))
+            // A test that stops watching or drops a gate fails the flush.
+            let failed = |what: &str| {
+                StoreError::Io(sled::Error::Io(std::io::Error::other(format!("flush: {what} (gated)"))))
+            };
+            announced.map_err(|_| failed("the test stopped watching"))?;
+            opened.await.map_err(|_| failed("gate dropped unopened"))
         }
     }
 
