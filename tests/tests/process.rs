@@ -11,10 +11,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use shardline_proto::v1;
 use shardline_tests::amqp::{amqp_url, depth, publish_ids, publisher};
 use shardline_tests::kafka::{produce, producer, read_receipts};
-use shardline_tests::{Coordinator, create_topic, eventually, kafka_brokers, start_worker_with, unique};
+use shardline_tests::{Coordinator, bin, create_topic, eventually, kafka_brokers, start_worker_with, unique};
 use support::{TIMINGS, Topology};
 
 /// Nothing listens on port 1: a config value that leads nowhere.
@@ -31,19 +30,13 @@ fn subscription(t: &Topology, handler: &str) -> String {
     )
 }
 
-/// A request to the admin API carrying `token`.
-fn with_token<T>(message: T, token: &str) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(request)
-}
-
 /// The coordinator's config file names brokers that do not answer and no
 /// token; `SHARDLINE_KAFKA_BROKERS`, `SHARDLINE_AMQP_URL` and
 /// `SHARDLINE_TOKEN` name the real ones and a token. The stream's
 /// partitions are discovered (Kafka from the environment), the
 /// subscription's queue is declared on the real RabbitMQ, and the admin API
-/// refuses a request without the token.
+/// refuses another token. The CLI is pointed at it by
+/// `SHARDLINE_COORDINATOR` and `SHARDLINE_TOKEN`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_takes_brokers_and_token_from_the_environment() -> Result<()> {
     let topic = unique("env-c");
@@ -64,28 +57,26 @@ async fn the_coordinator_takes_brokers_and_token_from_the_environment() -> Resul
     ];
     let c = support::coordinator_with_env(dir.path(), &config, &env)?;
 
-    let mut admin = c.admin().await?;
-    let refused = admin.list_leases(v1::ListLeasesRequest::default()).await;
+    // The CLI finds the coordinator and the token in the environment too.
+    let leases = |token: &str| {
+        let mut cli = tokio::process::Command::new(bin("shardline"));
+        cli.args(["--json", "leases", "--stream", &topic]).env("SHARDLINE_COORDINATOR", &c.url);
+        cli.env("SHARDLINE_TOKEN", token).stdin(Stdio::null()).kill_on_drop(true).output()
+    };
+    let refused = leases("wrong").await?;
     ensure!(
-        refused.as_ref().is_err_and(|s| s.code() == tonic::Code::Unauthenticated),
-        "without the token from SHARDLINE_TOKEN the admin API answered {refused:?}"
+        refused.status.code() == Some(1) && String::from_utf8_lossy(&refused.stderr).contains("token"),
+        "a token other than SHARDLINE_TOKEN's was not refused: {refused:?}"
     );
     eventually(
         Duration::from_secs(20),
         "the 2 partitions discovered through SHARDLINE_KAFKA_BROKERS",
-        || {
-            let mut admin = admin.clone();
-            let topic = topic.clone();
-            async move {
-                let leases = admin.list_leases(with_token(v1::ListLeasesRequest::default(), TOKEN)?).await?;
-                let shards = leases
-                    .into_inner()
-                    .leases
-                    .iter()
-                    .filter(|l| l.lease.as_ref().is_some_and(|l| l.name == topic))
-                    .count();
-                Ok((shards == 2).then_some(()))
-            }
+        || async {
+            let out = leases(TOKEN).await?;
+            let listed: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+            let shards = listed.as_ref().and_then(serde_json::Value::as_array).map_or(0, Vec::len);
+            ensure!(out.status.success() || out.status.code() == Some(2), "shardline leases: {out:?}");
+            Ok((shards == 2).then_some(()))
         },
     )
     .await?;
