@@ -17,11 +17,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use rdkafka::producer::FutureRecord;
 use shardline_tests::amqp::{depth, publish_ids, publisher};
 use shardline_tests::kafka::{Consumed, produce, producer, read_topic};
-use shardline_tests::{Coordinator, create_topic, eventually, free_port, start_worker_with, unique};
-use support::{TIMINGS, Topology, invocations, peak_overlap, series};
+use shardline_tests::{Coordinator, eventually, free_port, start_worker_with};
+use support::{TIMINGS, Topology, invocations, peak_overlap, produce_rows, series, topics};
 
 /// Every record of `topic` once `want` have arrived.
 async fn receipts(topic: &str, want: usize) -> Result<Vec<Consumed>> {
@@ -47,15 +46,10 @@ fn stream(topic: &str, settings: &str) -> String {
 /// would make 1200), the big record alone, every record once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_batch_passes_max_batch_bytes_and_a_larger_record_runs_alone() -> Result<()> {
-    let (topic, receipts_topic) = (unique("bytes"), unique("receipts"));
-    create_topic(&topic, 1).await?;
-    create_topic(&receipts_topic, 1).await?;
-    let p = producer()?;
-    for offset in 0..31 {
-        let value = format!("{offset:0>width$}", width = if offset == 12 { 1999 } else { 299 });
-        let record = FutureRecord::to(&topic).key("k").payload(&value);
-        p.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-    }
+    let (topic, receipts_topic) = topics("bytes", 1).await?;
+    let width = |offset| if offset == 12 { 1999 } else { 299 };
+    let rows = (0..31).map(|o| ("k".to_owned(), format!("{o:0>w$}", w = width(o)), None));
+    produce_rows(&topic, None, rows).await?;
     let dir = tempfile::tempdir()?;
     let settings = "batch_size = 100\nmax_batch_bytes = 1024\nbatch_window = \"1s\"\n";
     let c = Coordinator::start(&format!("{TIMINGS}{}", stream(&topic, settings)), &dir.path().join("data"))?;
@@ -83,9 +77,7 @@ async fn no_batch_passes_max_batch_bytes_and_a_larger_record_runs_alone() -> Res
 /// limit is reached, so the test would see a third).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_inflight_batches_bounds_batches_in_handlers_across_leases() -> Result<()> {
-    let (topic, receipts_topic) = (unique("inflight"), unique("receipts"));
-    create_topic(&topic, 2).await?;
-    create_topic(&receipts_topic, 1).await?;
+    let (topic, receipts_topic) = topics("inflight", 2).await?;
     produce(&producer()?, &topic, 0, 20, 20).await?;
     let t = Topology::new(1, 1);
     let dir = tempfile::tempdir()?;
@@ -128,15 +120,9 @@ async fn max_inflight_batches_bounds_batches_in_handlers_across_leases() -> Resu
 /// partition, past the discarded record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_on_failure_a_failing_record_is_discarded_counted_and_passed() -> Result<()> {
-    let (topic, receipts_topic) = (unique("discard"), unique("receipts"));
-    create_topic(&topic, 1).await?;
-    create_topic(&receipts_topic, 1).await?;
-    let p = producer()?;
-    for i in 0..10 {
-        let value = if i == 4 { "id-4-poison".to_owned() } else { format!("id-{i}") };
-        let record = FutureRecord::to(&topic).key("k").payload(&value);
-        p.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-    }
+    let (topic, receipts_topic) = topics("discard", 1).await?;
+    let value = |i| if i == 4 { "id-4-poison".to_owned() } else { format!("id-{i}") };
+    produce_rows(&topic, None, (0..10).map(|i| ("k".to_owned(), value(i), None))).await?;
     let dir = tempfile::tempdir()?;
     let settings = "batch_size = 10\nmax_retries = 1\nbisect_on_error = true\n\
                     retry_backoff = { initial = \"10ms\", max = \"50ms\", multiplier = 2.0, jitter = false }\n";

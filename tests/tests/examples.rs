@@ -12,8 +12,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use rdkafka::producer::FutureRecord;
-use shardline_tests::kafka::producer;
 use shardline_tests::{Coordinator, create_topic, kafka_brokers, unique};
 
 /// One line `json-sum` prints per batch: `LEASE: N records, +SUM, total T`.
@@ -42,13 +40,8 @@ fn parse(line: &str) -> Result<Line> {
 async fn json_sum_sums_the_configured_field_of_every_record() -> Result<()> {
     let topic = unique("json-sum");
     create_topic(&topic, 2).await?;
-    let p = producer()?;
-    for i in 1..=40 {
-        let value = format!("{{\"cents\": {i}, \"amount\": 1000}}");
-        let key = format!("k{i}");
-        let record = FutureRecord::to(&topic).key(&key).payload(&value);
-        p.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-    }
+    let rows = (1..=40).map(|i| (format!("k{i}"), format!("{{\"cents\": {i}, \"amount\": 1000}}"), None));
+    support::produce_rows(&topic, None, rows).await?;
     let dir = tempfile::tempdir()?;
     let c = Coordinator::start(
         &format!(

@@ -14,10 +14,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use rdkafka::producer::FutureRecord;
 use serde_json::Value;
-use shardline_tests::kafka::{producer, read_topic};
-use shardline_tests::{Coordinator, bin, create_topic, eventually, kafka_brokers, start_worker_with, unique};
+use shardline_tests::kafka::read_topic;
+use shardline_tests::{Coordinator, bin, eventually, kafka_brokers, start_worker_with};
 
 /// 2026-01-01T00:00:00Z in Unix ms: the first record's timestamp.
 const BASE: i64 = 1_767_225_600_000;
@@ -119,23 +118,18 @@ impl At<'_> {
 
 /// Produces one record per timestamp to `partition`, values `p<P>-<offset>`.
 async fn produce_at(topic: &str, partition: i32) -> Result<()> {
-    let producer = producer()?;
-    for (i, ts) in timestamps(partition).into_iter().enumerate() {
-        let value = format!("p{partition}-{i}");
-        let record = FutureRecord::to(topic).partition(partition).key("k").payload(&value).timestamp(ts);
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-    }
-    Ok(())
+    let rows = timestamps(partition).into_iter().enumerate();
+    support::produce_rows(
+        topic,
+        Some(partition),
+        rows.map(|(i, ts)| ("k".into(), format!("p{partition}-{i}"), Some(ts))),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_and_reset_move_checkpoints_to_the_offsets_their_targets_name() -> Result<()> {
-    let (topic, receipts) = (unique("offsets"), unique("receipts"));
-    create_topic(&topic, 2).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = support::topics("offsets", 2).await?;
     produce_at(&topic, 0).await?;
     produce_at(&topic, 1).await?;
     let dir = tempfile::tempdir()?;

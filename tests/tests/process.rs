@@ -96,9 +96,7 @@ async fn the_coordinator_takes_brokers_and_token_from_the_environment() -> Resul
 /// record and a RabbitMQ message (receipts through `forward`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_takes_coordinator_token_and_brokers_from_the_environment() -> Result<()> {
-    let (topic, receipts) = (unique("env-w"), unique("receipts"));
-    create_topic(&topic, 1).await?;
-    create_topic(&receipts, 1).await?;
+    let (topic, receipts) = support::topics("env-w", 1).await?;
     let t = Topology::new(1, 1);
     let dir = tempfile::tempdir()?;
     let c = Coordinator::start(

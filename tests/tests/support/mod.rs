@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use rdkafka::producer::FutureRecord;
 use shardline_proto::FailurePolicy;
 use shardline_proto::topology::{dead_letter_exchange, queues};
 use shardline_tests::kafka::Consumed;
-use shardline_tests::{Coordinator, Proc, bin, http_get, metric, unique};
+use shardline_tests::{Coordinator, Proc, bin, create_topic, http_get, metric, unique};
 
 /// Short coordinator timings, so that leases are granted and moved within
 /// a second or two.
@@ -192,4 +193,37 @@ impl Drop for Topology {
             eprintln!("cleanup: cannot delete {:?} {:?}: {e:#}", self.exchanges, self.subscriptions);
         }
     }
+}
+
+/// A fresh topic of `partitions` named after `prefix`, and a one-partition
+/// topic for the receipts of `forward` / `chaos`.
+pub async fn topics(prefix: &str, partitions: i32) -> Result<(String, String)> {
+    let (topic, receipts) = (unique(prefix), unique("receipts"));
+    create_topic(&topic, partitions).await?;
+    create_topic(&receipts, 1).await?;
+    Ok((topic, receipts))
+}
+
+/// One record to produce: key, value, and the timestamp to give it (none:
+/// the producer's clock).
+pub type Row = (String, String, Option<i64>);
+
+/// Produces `rows` to `topic` in order, each acknowledged before the next,
+/// to `partition` or (none) by key.
+pub async fn produce_rows(
+    topic: &str,
+    partition: Option<i32>,
+    rows: impl IntoIterator<Item = Row>,
+) -> Result<()> {
+    let producer = shardline_tests::kafka::producer()?;
+    for (key, value, timestamp) in rows {
+        let mut record = FutureRecord::to(topic).key(&key).payload(&value);
+        record.partition = partition;
+        record.timestamp = timestamp;
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+    Ok(())
 }
