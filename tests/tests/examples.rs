@@ -50,17 +50,16 @@ async fn json_sum_sums_the_configured_field_of_every_record() -> Result<()> {
         ),
         &dir.path().join("data"),
     )?;
-    let config = dir.path().join("worker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "coordinator = \"{}\"\nkafka_brokers = \"{}\"\n[handlers.json-sum]\nfield = \"cents\"\n",
-            c.url,
-            kafka_brokers()
-        ),
+    let (url, brokers) = (&c.url, kafka_brokers());
+    let config = format!(
+        "coordinator = \"{url}\"\nkafka_brokers = \"{brokers}\"\n[handlers.json-sum]\nfield = \"cents\"\n"
+    );
+    let mut worker = support::spawn(
+        "json-sum",
+        &[&support::config_file(dir.path(), "worker", &config)?],
+        &[],
+        Stdio::piped(),
     )?;
-    let config = config.to_str().context("a temp path that is not UTF-8")?;
-    let mut worker = support::spawn("json-sum", &[config], &[], Stdio::piped())?;
     let stdout = worker.child.stdout.take().context("json-sum stdout")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

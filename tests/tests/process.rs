@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use shardline_tests::amqp::{amqp_url, depth, publish_ids, publisher};
 use shardline_tests::kafka::{produce, producer, read_receipts};
 use shardline_tests::{Coordinator, bin, create_topic, eventually, kafka_brokers, start_worker_with, unique};
@@ -107,10 +107,10 @@ async fn the_worker_takes_coordinator_token_and_brokers_from_the_environment() -
         ),
         &dir.path().join("data"),
     )?;
-    let path = dir.path().join("worker.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let path = support::config_file(
+        dir.path(),
+        "worker",
+        &format!(
             "coordinator = \"{DEAD_COORDINATOR}\"\nworker_id = \"env\"\nkafka_brokers = \"{DEAD_KAFKA}\"\n\
              amqp_url = \"{DEAD_AMQP}\"\n[handlers.forward]\ntopic = \"{receipts}\"\n"
         ),
@@ -122,8 +122,7 @@ async fn the_worker_takes_coordinator_token_and_brokers_from_the_environment() -
         ("SHARDLINE_KAFKA_BROKERS", brokers.as_str()),
         ("SHARDLINE_AMQP_URL", amqp.as_str()),
     ];
-    let path = path.to_str().context("a temp path that is not UTF-8")?;
-    let _worker = support::spawn("shardline-worker", &["--config", path], &env, Stdio::null())?;
+    let _worker = support::spawn("shardline-worker", &["--config", &path], &env, Stdio::null())?;
     produce(&producer()?, &topic, 0, 5, 1).await?;
     eventually(Duration::from_secs(20), "the subscription queue", || async {
         Ok(depth(&t.subscriptions[0]).await.is_ok().then_some(()))
@@ -148,16 +147,18 @@ async fn the_worker_takes_coordinator_token_and_brokers_from_the_environment() -
 async fn a_bad_value_in_the_environment_exits_2_naming_the_field() -> Result<()> {
     let t = Topology::new(1, 1);
     let dir = tempfile::tempdir()?;
-    let coordinator = dir.path().join("coordinator.toml");
     let config = format!(
         "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[streams]]\nname = \"{}\"\nhandler = \"noop\"\n{}",
         dir.path().join("data").display(),
         unique("env-bad"),
         subscription(&t, "noop")
     );
-    std::fs::write(&coordinator, &config)?;
-    let worker = dir.path().join("worker.toml");
-    std::fs::write(&worker, format!("coordinator = \"{DEAD_COORDINATOR}\"\n[handlers.noop]\n"))?;
+    let coordinator = support::config_file(dir.path(), "coordinator", &config)?;
+    let worker = support::config_file(
+        dir.path(),
+        "worker",
+        &format!("coordinator = \"{DEAD_COORDINATOR}\"\n[handlers.noop]\n"),
+    )?;
     let cases = [
         ("shardline-coordinator", &coordinator, "SHARDLINE_AMQP_URL", "http://127.0.0.1:5672", "amqp_url"),
         ("shardline-coordinator", &coordinator, "SHARDLINE_KAFKA_BROKERS", " ", "kafka_brokers"),
@@ -181,8 +182,7 @@ async fn a_bad_value_in_the_environment_exits_2_naming_the_field() -> Result<()>
     // Without the variables both start: the coordinator serves, the worker
     // keeps trying to reach its (absent) coordinator.
     drop(support::coordinator_with_env(dir.path(), &config, &[])?);
-    let path = worker.to_str().context("a temp path that is not UTF-8")?;
-    let mut w = support::spawn("shardline-worker", &["--config", path], &[], Stdio::null())?;
+    let mut w = support::spawn("shardline-worker", &["--config", &worker], &[], Stdio::null())?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     ensure!(w.child_running(), "the worker without the bad variables exited: {:?}", w.child.try_wait());
     Ok(())

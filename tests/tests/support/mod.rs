@@ -28,8 +28,7 @@ pub const TIMINGS: &str = "heartbeat_interval = \"300ms\"\nsession_timeout = \"3
 /// added: the caller sets `listen`, `data_dir`, brokers) with `env` on top
 /// of this process's environment, and waits for its `listening ADDR`.
 pub fn coordinator_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<Coordinator> {
-    let path = dir.join(format!("{}.toml", unique("coordinator")));
-    std::fs::write(&path, config).context("write coordinator config")?;
+    let path = config_file(dir, &unique("coordinator"), config)?;
     let mut command = Command::new(bin("shardline-coordinator"));
     command
         .arg("--config")
@@ -57,6 +56,13 @@ pub fn coordinator_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> R
     Ok(Coordinator { proc, url: format!("http://{addr}"), data_dir: dir.to_owned() })
 }
 
+/// Writes `text` to `dir/NAME.toml`; returns its path.
+pub fn config_file(dir: &Path, name: &str, text: &str) -> Result<String> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    path.into_os_string().into_string().map_err(|p| anyhow::anyhow!("a temp path that is not UTF-8: {p:?}"))
+}
+
 /// Starts a binary (`shardline-worker`, `json-sum`, ...) with `args`, `env`
 /// on top of this process's environment and stdout piped (for `json-sum`'s
 /// lines); killed when dropped.
@@ -74,7 +80,7 @@ pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)], stdout: Stdio) -> 
 }
 
 /// How a process that should refuse to start ended: exit code and stderr.
-pub async fn refused(name: &str, config: &Path, env: &[(&str, &str)]) -> Result<(i32, String)> {
+pub async fn refused(name: &str, config: &str, env: &[(&str, &str)]) -> Result<(i32, String)> {
     let out = tokio::process::Command::new(bin(name))
         .arg("--config")
         .arg(config)
