@@ -59,10 +59,25 @@ pub fn check_brokers(brokers: &str) -> Result<(), Invalid> {
     ensure(!brokers.trim().is_empty(), "kafka_brokers", "empty", "host:port[,host:port...]")
 }
 
-/// An AMQP URL; the value is not echoed, as it usually holds a password.
+/// An AMQP URL; the value is echoed with its password masked.
 pub fn check_amqp_url(url: &str) -> Result<(), Invalid> {
     let ok = url.starts_with("amqp://") || url.starts_with("amqps://");
-    ensure(ok, "amqp_url", "not an AMQP URL", "amqp://USER:PASS@HOST:PORT/VHOST or amqps://...")
+    let shown = format!("`{}`", mask_password(url));
+    ensure(ok, "amqp_url", shown, "amqp://USER:PASS@HOST:PORT/VHOST or amqps://...")
+}
+
+/// `scheme://user:***@host...`: a URL fit for an error message or a log.
+pub fn mask_password(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            let sep = if scheme.is_empty() { "" } else { "://" };
+            format!("{scheme}{sep}{user}:***@{}", &rest[userinfo.len() + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// A config file that cannot be used.
@@ -73,8 +88,9 @@ pub enum ConfigError {
     /// Not TOML, an unknown key, or a value of the wrong type.
     #[error("config {path}: {source}")]
     Parse { path: PathBuf, source: toml::de::Error },
-    #[error("config {path}: {source}")]
-    Invalid { path: PathBuf, source: Invalid },
+    /// `from`: the `SHARDLINE_*` variable the bad value came from, if any.
+    #[error("config {path}: {source}{}", from.map(|v| format!(" (set by {v})")).unwrap_or_default())]
+    Invalid { path: PathBuf, source: Invalid, from: Option<&'static str> },
 }
 
 /// The fields the `SHARDLINE_*` variables override; `coordinator` is
@@ -87,21 +103,29 @@ pub struct Overrides<'a> {
 }
 
 impl Overrides<'_> {
-    /// Sets each field whose variable `env` returns (empty counts as unset).
-    pub fn apply(self, env: impl Fn(&str) -> Option<String>) {
+    /// Sets each field whose variable `env` returns (empty counts as unset);
+    /// returns the (field, variable) pairs it set, so an error about such a
+    /// field can name the variable rather than the file.
+    pub fn apply(self, env: impl Fn(&str) -> Option<String>) -> Vec<(&'static str, &'static str)> {
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        let mut set = Vec::new();
         if let (Some(field), Some(v)) = (self.coordinator, env("SHARDLINE_COORDINATOR")) {
             *field = v;
+            set.push(("coordinator", "SHARDLINE_COORDINATOR"));
         }
         if let Some(v) = env("SHARDLINE_KAFKA_BROKERS") {
             *self.kafka_brokers = v;
+            set.push(("kafka_brokers", "SHARDLINE_KAFKA_BROKERS"));
         }
         if let Some(v) = env("SHARDLINE_AMQP_URL") {
             *self.amqp_url = v;
+            set.push(("amqp_url", "SHARDLINE_AMQP_URL"));
         }
         if let Some(v) = env("SHARDLINE_TOKEN") {
             *self.auth_token = Some(v);
+            set.push(("auth_token", "SHARDLINE_TOKEN"));
         }
+        set
     }
 }
 
@@ -124,8 +148,11 @@ pub trait ConfigFile: serde::de::DeserializeOwned {
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let mut config =
             Self::parse(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
-        config.overrides().apply(|name| std::env::var(name).ok());
-        config.validate().map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })?;
+        let overridden = config.overrides().apply(|name| std::env::var(name).ok());
+        config.validate().map_err(|source| {
+            let from = overridden.iter().find(|(field, _)| source.field == *field).map(|(_, var)| *var);
+            ConfigError::Invalid { path: path.to_owned(), source, from }
+        })?;
         Ok(config)
     }
 }
@@ -145,13 +172,17 @@ mod tests {
             "SHARDLINE_TOKEN" => Some("t".to_owned()),
             _ => None,
         };
-        Overrides {
+        let set = Overrides {
             coordinator: Some(&mut coordinator),
             kafka_brokers: &mut brokers,
             amqp_url: &mut amqp,
             auth_token: &mut token,
         }
         .apply(env);
+        assert_eq!(
+            set.iter().map(|(_, var)| *var).collect::<Vec<_>>(),
+            ["SHARDLINE_COORDINATOR", "SHARDLINE_KAFKA_BROKERS", "SHARDLINE_TOKEN"]
+        );
         assert_eq!((coordinator.as_str(), brokers.as_str(), amqp.as_str()), ("http://x:1", "k:9", "a"));
         assert_eq!(token.as_deref(), Some("t"));
     }
@@ -164,6 +195,12 @@ mod tests {
             Err("`streams[0].batch_size` is 0; allowed: 1 to 10000".to_owned())
         );
         assert_eq!(check_amqp_url("amqp://u:p@h/%2f"), Ok(()));
-        assert!(check_amqp_url("http://u:secret@h").is_err_and(|e| !e.to_string().contains("secret")));
+        let e = check_amqp_url("http://u:secret@h/v").map_err(|e| e.to_string());
+        assert_eq!(
+            e,
+            Err("`amqp_url` is `http://u:***@h/v`; allowed: amqp://USER:PASS@HOST:PORT/VHOST or amqps://..."
+                .into())
+        );
+        assert_eq!(mask_password("h:5672"), "h:5672");
     }
 }
