@@ -70,22 +70,18 @@ impl Amqp {
     /// A new channel, reconnecting with backoff as long as it takes;
     /// `None` once `stop` fires.
     pub async fn channel(&self, stop: &CancellationToken) -> Option<Channel> {
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match self.try_channel().await {
+        let backoff = (Duration::from_millis(100), Duration::from_secs(5));
+        crate::persist(stop, backoff, |wait| async move {
+            let e = match self.try_channel().await {
                 Ok(channel) => return Some(channel),
-                Err(e) => {
-                    tracing::warn!(error = %e, ?wait, "RabbitMQ unavailable; retrying");
-                    self.set_problem(Some(format!("amqp: {e}")));
-                    metrics::counter!("shardline_source_errors_total").increment(1);
-                }
-            }
-            tokio::select! {
-                () = stop.cancelled() => return None,
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+                Err(e) => e,
+            };
+            tracing::warn!(error = %e, ?wait, "RabbitMQ unavailable; retrying");
+            self.set_problem(Some(format!("amqp: {e}")));
+            metrics::counter!("shardline_source_errors_total").increment(1);
+            None
+        })
+        .await
     }
 
     async fn try_channel(&self) -> Result<Channel, lapin::Error> {

@@ -65,3 +65,26 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         poisoned.into_inner()
     })
 }
+
+/// Tries `attempt` until it gives an answer, waiting `min` between tries at
+/// first and twice as long each time up to `max`; `None` once `stop` fires.
+pub(crate) async fn persist<T, F: std::future::Future<Output = Option<T>>>(
+    stop: &tokio_util::sync::CancellationToken,
+    (min, max): (std::time::Duration, std::time::Duration),
+    mut attempt: impl FnMut(std::time::Duration) -> F,
+) -> Option<T> {
+    let mut wait = min;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            answer = attempt(wait) => if answer.is_some() { return answer },
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(max);
+    }
+}

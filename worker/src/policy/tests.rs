@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::handler::{Batch, BatchResponse, BoxFuture, DynHandler, HandlerError, Origin, Record};
-use crate::sink::SinkError;
+use crate::sink::Sent;
 
 type Script = dyn Fn(&Batch) -> Result<BatchResponse, HandlerError> + Send + Sync;
 
@@ -51,12 +51,7 @@ impl DynHandler for Scripted {
 struct Recording(Mutex<Vec<(Vec<i64>, GaveUp)>>);
 
 impl FailureSink for Recording {
-    fn send<'a>(
-        &'a self,
-        _lease: &'a LeaseId,
-        records: &'a [Arc<Record>],
-        why: &'a GaveUp,
-    ) -> BoxFuture<'a, Result<(), SinkError>> {
+    fn send<'a>(&'a self, _lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a> {
         Box::pin(async move {
             if let Ok(mut got) = self.0.lock() {
                 got.push((records.iter().map(|r| r.position()).collect(), why.clone()));

@@ -17,8 +17,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use shardline_proto::LeaseId;
 use shardline_proto::topology::headers;
 
-use super::{FailureSink, GaveUp, SinkError};
-use crate::handler::{BoxFuture, Record};
+use super::{FailureSink, GaveUp, Sent, SinkError};
+use crate::handler::Record;
 
 /// What every Kafka client of a worker starts from. Reconnects back off to
 /// at most 1 s (librdkafka's default is 10 s): a broker that restarts is
@@ -98,12 +98,7 @@ pub struct OnFailure {
 }
 
 impl FailureSink for OnFailure {
-    fn send<'a>(
-        &'a self,
-        lease: &'a LeaseId,
-        records: &'a [Arc<Record>],
-        why: &'a GaveUp,
-    ) -> BoxFuture<'a, Result<(), SinkError>> {
+    fn send<'a>(&'a self, lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a> {
         Box::pin(async move {
             let failed_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
             copy_to(&self.producer, &self.topic, records, |r| {

@@ -63,15 +63,13 @@ impl SinkError {
     }
 }
 
+/// A sink's answer, once the records are where it sent them (or not).
+pub type Sent<'a> = BoxFuture<'a, Result<(), SinkError>>;
+
 /// Where records that gave up go. `Ok` only once they are safely there:
 /// the lease may finish them (checkpoint or ack past them) only then.
 pub trait FailureSink: Send + Sync {
-    fn send<'a>(
-        &'a self,
-        lease: &'a LeaseId,
-        records: &'a [Arc<Record>],
-        why: &'a GaveUp,
-    ) -> BoxFuture<'a, Result<(), SinkError>>;
+    fn send<'a>(&'a self, lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a>;
 }
 
 /// No `on_failure`: records that gave up are dropped (counted and logged),
@@ -79,12 +77,7 @@ pub trait FailureSink: Send + Sync {
 pub struct Discard;
 
 impl FailureSink for Discard {
-    fn send<'a>(
-        &'a self,
-        lease: &'a LeaseId,
-        records: &'a [Arc<Record>],
-        why: &'a GaveUp,
-    ) -> BoxFuture<'a, Result<(), SinkError>> {
+    fn send<'a>(&'a self, lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a> {
         Box::pin(async move {
             metrics::counter!("shardline_records_discarded_total", "reason" => why.reason.as_str())
                 .increment(records.len() as u64);

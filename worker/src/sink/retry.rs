@@ -14,9 +14,9 @@ use shardline_proto::topology::{self, headers};
 use shardline_proto::{FailurePolicy, LeaseId};
 
 use super::publish::{Message, Publisher};
-use super::{FailureSink, GaveUp, Reason, SinkError};
+use super::{FailureSink, GaveUp, Reason, Sent};
 use crate::amqp::is_broker_header;
-use crate::handler::{BoxFuture, Record};
+use crate::handler::Record;
 
 /// Each delivery's original properties by delivery tag, kept by the slot
 /// that consumes so a failing message is republished faithfully.
@@ -84,25 +84,20 @@ impl RetrySink {
             let delay = topology::retry_delay(&self.delays, attempts);
             (String::new(), topology::retry_queue(&self.subscription, delay))
         };
-        let message = match original {
-            Some(p) => Message {
-                exchange,
-                routing_key,
-                body: r.value.clone(),
-                headers: table,
-                message_id: None,
-                timestamp: *p.timestamp(),
-                properties: Some(p.with_headers(FieldTable::default())),
-            },
-            None => Message {
-                exchange,
-                routing_key,
-                body: r.value.clone(),
-                headers: table,
-                message_id: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
-                timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
-                properties: None,
-            },
+        // The original's properties, or (none kept) what the record says.
+        let message = Message {
+            exchange,
+            routing_key,
+            body: r.value.clone(),
+            headers: table,
+            message_id: original
+                .is_none()
+                .then(|| r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()))
+                .flatten(),
+            timestamp: original
+                .as_ref()
+                .map_or(r.timestamp_ms.map(|ms| (ms / 1000) as u64), |p| *p.timestamp()),
+            properties: original.map(|p| p.with_headers(FieldTable::default())),
         };
         (message, to_dlq)
     }
@@ -118,12 +113,7 @@ fn previous_attempts(r: &Record) -> u32 {
 }
 
 impl FailureSink for RetrySink {
-    fn send<'a>(
-        &'a self,
-        _lease: &'a LeaseId,
-        records: &'a [Arc<Record>],
-        why: &'a GaveUp,
-    ) -> BoxFuture<'a, Result<(), SinkError>> {
+    fn send<'a>(&'a self, _lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a> {
         Box::pin(async move {
             let now = std::time::SystemTime::now();
             let failed_at = humantime::format_rfc3339_millis(now).to_string();

@@ -77,9 +77,9 @@ impl Source for Slot {
     type Finalizer = Acks;
 
     async fn open(&self, lease: &Lease) -> Result<Opened<Deliveries, Acks>, Exit> {
-        let mut wait = Duration::from_millis(200);
-        loop {
-            let channel = self.amqp.channel(&lease.drain).await.ok_or(Exit::Released(None))?;
+        let backoff = (Duration::from_millis(200), Duration::from_secs(5));
+        let opened = crate::persist(&lease.drain, backoff, |wait| async move {
+            let channel = self.amqp.channel(&lease.drain).await?;
             match self.consume(&channel, lease).await {
                 Ok(consumer) => {
                     // Tags of an earlier channel mean nothing on this one.
@@ -94,7 +94,7 @@ impl Source for Slot {
                     };
                     let reader =
                         Deliveries { consumer, slot: lease.id.index, properties, received: 0, ended: false };
-                    return Ok(Opened { reader, finalizer, position: 1 });
+                    Some(Opened { reader, finalizer, position: 1 })
                 }
                 Err((what, e)) => {
                     // A channel-level refusal (say the queue is not declared
@@ -102,14 +102,11 @@ impl Source for Slot {
                     tracing::warn!(lease = %lease.id, error = %e, what, ?wait, "queue slot cannot consume; retrying");
                     metrics::counter!("shardline_source_errors_total").increment(1);
                     close(&channel, "reopening").await;
+                    None
                 }
             }
-            tokio::select! {
-                () = lease.drain.cancelled() => return Err(Exit::Released(None)),
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+        });
+        opened.await.ok_or(Exit::Released(None))
     }
 
     fn policy<'a>(&'a self, _mapping: &'a shardline_proto::Mapping) -> &'a FailurePolicy {

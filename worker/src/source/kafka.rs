@@ -390,49 +390,48 @@ impl Shard {
             }
             LeaseStart::Earliest => Start::Position(StartingPosition::TrimHorizon, 0),
         };
-        let mut wait = Duration::from_millis(100);
-        loop {
+        let backoff = (Duration::from_millis(100), Duration::from_secs(10));
+        let opened = crate::persist(&lease.drain, backoff, |wait| async move {
             match self.client.open(&self.topic, self.partition, start).await {
-                Ok(opened) => return Some(opened),
+                Ok(opened) => Some(Some(opened)),
                 Err(e) if !e.retryable() => {
                     tracing::error!(lease = %lease.id, error = %e, "cannot open the partition; giving the lease back");
-                    return None;
+                    Some(None)
                 }
                 Err(e) => {
                     tracing::warn!(lease = %lease.id, error = %e, ?wait, "cannot open partition; retrying");
                     metrics::counter!("shardline_source_errors_total").increment(1);
+                    None
                 }
             }
-            tokio::select! {
-                () = lease.drain.cancelled() => return None,
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(10));
-        }
+        });
+        opened.await.flatten()
     }
 
     /// Checkpoints the resolved start and waits for the acknowledgement,
     /// retrying while the coordinator is unreachable.
     async fn pin(&self, lease: &Lease, offset: i64) -> Result<(), Exit> {
-        let mut wait = Duration::from_millis(100);
-        loop {
-            let call = self.session.checkpoint(vec![(lease.id.clone(), lease.epoch, offset)]);
-            let result = tokio::select! {
-                () = lease.drain.cancelled() => return Err(Exit::Released(lease.start.checkpoint())),
-                result = call => result,
-            };
-            match result.map(|mut r| r.pop()) {
-                Ok(Some(Ok(()))) => return Ok(()),
-                Ok(Some(Err(SessionError::Fenced { .. }))) => return Err(Exit::Killed),
-                Ok(other) => tracing::warn!(lease = %lease.id, ?other, "start checkpoint refused; retrying"),
-                Err(e) => tracing::warn!(lease = %lease.id, error = %e, "start checkpoint failed; retrying"),
+        let backoff = (Duration::from_millis(100), Duration::from_secs(2));
+        let pinned = crate::persist(&lease.drain, backoff, |_| async move {
+            match self
+                .session
+                .checkpoint(vec![(lease.id.clone(), lease.epoch, offset)])
+                .await
+                .map(|mut r| r.pop())
+            {
+                Ok(Some(Ok(()))) => Some(Ok(())),
+                Ok(Some(Err(SessionError::Fenced { .. }))) => Some(Err(Exit::Killed)),
+                Ok(other) => {
+                    tracing::warn!(lease = %lease.id, ?other, "start checkpoint refused; retrying");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %lease.id, error = %e, "start checkpoint failed; retrying");
+                    None
+                }
             }
-            tokio::select! {
-                () = lease.drain.cancelled() => return Err(Exit::Released(lease.start.checkpoint())),
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(2));
-        }
+        });
+        pinned.await.unwrap_or(Err(Exit::Released(lease.start.checkpoint())))
     }
 }
 
