@@ -25,7 +25,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use shardline_proto::{LeaseId, Mapping, Start as LeaseStart, StartingPosition};
+use shardline_proto::{LeaseId, Mapping, Start, StartingPosition};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -59,15 +59,6 @@ impl SourceError {
             SourceError::AlreadyOpen { .. } => true,
         }
     }
-}
-
-/// Where a partition starts when opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// A checkpoint: the next offset to process.
-    Offset(i64),
-    /// The mapping's starting position (no checkpoint yet).
-    Position(StartingPosition, i64),
 }
 
 /// Keeps the high watermarks librdkafka reports in its statistics, so lag
@@ -154,17 +145,19 @@ impl KafkaSource {
         Ok((Self { consumer }, events))
     }
 
-    /// Resolves `start` to a concrete offset and starts fetching the
-    /// partition from there. The offset is returned so the lease can
-    /// checkpoint it at once: a later owner then continues from the same
-    /// place even if no record was processed (no gap after `latest`).
+    /// Resolves `start` (the mapping's starting position when it is not a
+    /// checkpoint) to a concrete offset and starts fetching the partition
+    /// from there. The offset is returned so the lease can checkpoint it at
+    /// once: a later owner then continues from the same place even if no
+    /// record was processed (no gap after `latest`).
     pub async fn open(
         &self,
         topic: &str,
         partition: u32,
         start: Start,
+        mapping: &Mapping,
     ) -> Result<(PartitionReader, i64), SourceError> {
-        let offset = self.resolve(topic, partition, start).await?;
+        let offset = self.resolve(topic, partition, start, mapping).await?;
         let p = partition as i32;
         let queue = self
             .consumer
@@ -177,34 +170,42 @@ impl KafkaSource {
         Ok((reader, offset))
     }
 
-    async fn resolve(&self, topic: &str, partition: u32, start: Start) -> Result<i64, SourceError> {
-        let consumer = self.consumer.clone();
-        let topic = topic.to_owned();
-        let p = partition as i32;
+    async fn resolve(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: Start,
+        m: &Mapping,
+    ) -> Result<i64, SourceError> {
+        let position = match start {
+            Start::Checkpoint(offset) => return Ok(offset),
+            Start::Earliest => StartingPosition::TrimHorizon,
+            Start::MappingDefault => m.starting_position,
+        };
+        let (consumer, topic, p, ts) =
+            (self.consumer.clone(), topic.to_owned(), partition as i32, m.starting_timestamp_ms);
         let timeout = Duration::from_secs(10);
-        tokio::task::spawn_blocking(move || match start {
-            Start::Offset(o) => Ok(o),
-            Start::Position(StartingPosition::Latest, _) => {
-                consumer.fetch_watermarks(&topic, p, timeout).map(|(_, high)| high).map_err(SourceError::from)
-            }
-            Start::Position(StartingPosition::TrimHorizon, _) => {
-                consumer.fetch_watermarks(&topic, p, timeout).map(|(low, _)| low).map_err(SourceError::from)
-            }
-            Start::Position(StartingPosition::AtTimestamp, ts) => {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&topic, p, Offset::Offset(ts)).map_err(SourceError::from)?;
-                let found = consumer.offsets_for_times(tpl, timeout).map_err(SourceError::from)?;
-                match found.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => Ok(o),
-                    // No record at or after the time: start at the end.
-                    _ => consumer
-                        .fetch_watermarks(&topic, p, timeout)
-                        .map(|(_, high)| high)
-                        .map_err(SourceError::from),
+        let resolved = tokio::task::spawn_blocking(move || {
+            let watermarks = || consumer.fetch_watermarks(&topic, p, timeout);
+            match position {
+                StartingPosition::Latest => watermarks().map(|(_, high)| high),
+                StartingPosition::TrimHorizon => watermarks().map(|(low, _)| low),
+                StartingPosition::AtTimestamp => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition_offset(&topic, p, Offset::Offset(ts))?;
+                    match consumer
+                        .offsets_for_times(tpl, timeout)?
+                        .find_partition(&topic, p)
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(o)) => Ok(o),
+                        // No record at or after the time: start at the end.
+                        _ => watermarks().map(|(_, high)| high),
+                    }
                 }
             }
-        })
-        .await?
+        });
+        Ok(resolved.await??)
     }
 
     fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
@@ -355,7 +356,7 @@ impl Source for Shard {
     async fn open(&self, lease: &Lease) -> Result<Opened<PartitionReader, Checkpoints>, Exit> {
         let released = Exit::Released(lease.start.checkpoint());
         let (reader, opened_at) = self.open_partition(lease).await.ok_or(released)?;
-        if lease.start != LeaseStart::Checkpoint(opened_at) {
+        if lease.start != Start::Checkpoint(opened_at) {
             // The resolved start (e.g. `latest`) is acknowledged as the
             // checkpoint before the first batch runs: a later owner then
             // continues here even if this worker dies before its first
@@ -383,16 +384,9 @@ impl Shard {
     /// Opens the partition, retrying with backoff while the broker or topic
     /// is unavailable. `None`: drained before it opened, or it cannot open.
     async fn open_partition(&self, lease: &Lease) -> Option<(PartitionReader, i64)> {
-        let start = match lease.start {
-            LeaseStart::Checkpoint(offset) => Start::Offset(offset),
-            LeaseStart::MappingDefault => {
-                Start::Position(lease.mapping.starting_position, lease.mapping.starting_timestamp_ms)
-            }
-            LeaseStart::Earliest => Start::Position(StartingPosition::TrimHorizon, 0),
-        };
         let backoff = (Duration::from_millis(100), Duration::from_secs(10));
         let opened = crate::persist(&lease.drain, backoff, |wait| async move {
-            match self.client.open(&self.topic, self.partition, start).await {
+            match self.client.open(&self.topic, self.partition, lease.start, &lease.mapping).await {
                 Ok(opened) => Some(Some(opened)),
                 Err(e) if !e.retryable() => {
                     tracing::error!(lease = %lease.id, error = %e, "cannot open the partition; giving the lease back");
