@@ -54,11 +54,35 @@ pub fn queues(subscription: &str, policy: &FailurePolicy) -> Vec<String> {
     queues
 }
 
-/// Header carrying how many times a message has failed so far.
-pub const ATTEMPTS_HEADER: &str = "shardline.attempts";
-
-/// Header listing when each attempt failed (Unix ms, comma-separated).
-pub const FAILED_AT_HEADER: &str = "shardline.attempts_failed_at";
+/// Every `shardline.*` header a worker writes, named once: the worker
+/// writes them, tests and operators read them.
+pub mod headers {
+    /// How many times the record has failed so far.
+    pub const ATTEMPTS: &str = "shardline.attempts";
+    /// When each attempt of a queue message failed (Unix ms, comma-separated).
+    pub const ATTEMPTS_FAILED_AT: &str = "shardline.attempts_failed_at";
+    /// Why a record gave up: `retries_exhausted`, `too_old`, `handler_timeout`.
+    pub const REASON: &str = "shardline.reason";
+    /// The last error of a record that failed.
+    pub const ERROR: &str = "shardline.error";
+    /// When a record gave up (RFC 3339).
+    pub const FAILED_AT: &str = "shardline.failed_at";
+    /// Where a record that gave up came from: a Kafka stream...
+    pub const SOURCE_STREAM: &str = "shardline.source.stream";
+    pub const SOURCE_PARTITION: &str = "shardline.source.partition";
+    pub const SOURCE_OFFSET: &str = "shardline.source.offset";
+    /// ...or a subscription.
+    pub const SOURCE_SUBSCRIPTION: &str = "shardline.source.subscription";
+    /// The worker that wrote the copy.
+    pub const WORKER: &str = "shardline.worker";
+    /// `forward`'s receipts: the lease's stream (or subscription), its
+    /// partition (or slot), the record's offset (or delivery tag), and when
+    /// the handler invocation began (Unix ms).
+    pub const STREAM: &str = "shardline.stream";
+    pub const PARTITION: &str = "shardline.partition";
+    pub const OFFSET: &str = "shardline.offset";
+    pub const INVOKED_AT_MS: &str = "shardline.invoked_at_ms";
+}
 
 /// Most distinct retry delays per subscription (so most retry queues).
 const MAX_TIERS: usize = 16;

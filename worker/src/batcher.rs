@@ -6,6 +6,8 @@
 //! window closes. With a zero window it takes only what is already
 //! buffered, so latency stays low when traffic is light.
 
+use std::sync::Arc;
+
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -37,19 +39,20 @@ impl<R: RecordReader> Batcher<R> {
     }
 
     /// The next batch, or `None` when `stop` fires before a first record
-    /// arrives (a record already carried is never dropped: it is returned).
-    pub async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Record>> {
+    /// arrives (a record already carried is never dropped: it is returned)
+    /// or the reader has ended.
+    pub async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Arc<Record>>> {
         let first = match self.carry.take() {
             Some(r) => r,
             None => tokio::select! {
                 biased;
                 () = stop.cancelled() => return None,
-                r = self.reader.next() => r,
+                r = self.reader.next() => r?,
             },
         };
         let deadline = Instant::now() + self.limits.window;
         let mut bytes = first.payload_len();
-        let mut records = vec![first];
+        let mut records = vec![Arc::new(first)];
         while records.len() < self.limits.batch_size {
             let next = if self.limits.window.is_zero() {
                 self.reader.try_next()
@@ -58,7 +61,7 @@ impl<R: RecordReader> Batcher<R> {
                     biased;
                     () = stop.cancelled() => None,
                     () = tokio::time::sleep_until(deadline) => None,
-                    r = self.reader.next() => Some(r),
+                    r = self.reader.next() => r,
                 }
             };
             let Some(record) = next else { break };
@@ -67,7 +70,7 @@ impl<R: RecordReader> Batcher<R> {
                 break;
             }
             bytes += record.payload_len();
-            records.push(record);
+            records.push(Arc::new(record));
         }
         Some(records)
     }
@@ -76,13 +79,12 @@ impl<R: RecordReader> Batcher<R> {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::sync::Mutex;
     use std::time::Duration;
 
     use super::*;
 
     /// A reader over a fixed list: records 0..n with `size`-byte values.
-    struct ListReader(Mutex<VecDeque<Record>>);
+    struct ListReader(VecDeque<Record>);
 
     fn reader(n: i64, size: usize) -> ListReader {
         let records = (0..n)
@@ -92,26 +94,28 @@ mod tests {
                 tombstone: false,
                 headers: vec![],
                 timestamp_ms: None,
-                stream: "s".into(),
-                partition: 0,
-                offset,
+                origin: crate::handler::Origin::Kafka { partition: 0, offset },
             })
             .collect();
-        ListReader(Mutex::new(records))
+        ListReader(records)
     }
 
     impl RecordReader for ListReader {
-        async fn next(&self) -> Record {
+        async fn next(&mut self) -> Option<Record> {
             loop {
                 if let Some(r) = self.try_next() {
-                    return r;
+                    return Some(r);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
 
-        fn try_next(&self) -> Option<Record> {
-            self.0.lock().ok()?.pop_front()
+        fn try_next(&mut self) -> Option<Record> {
+            self.0.pop_front()
+        }
+
+        fn lag(&self, _cut_to: i64, _finished: i64) -> i64 {
+            self.0.len() as i64
         }
     }
 
@@ -119,8 +123,8 @@ mod tests {
         Limits { batch_size, max_batch_bytes, window: Duration::from_millis(window_ms) }
     }
 
-    fn offsets(batch: &Option<Vec<Record>>) -> Vec<i64> {
-        batch.iter().flatten().map(|r| r.offset).collect()
+    fn offsets(batch: &Option<Vec<Arc<Record>>>) -> Vec<i64> {
+        batch.iter().flatten().map(|r| r.position()).collect()
     }
 
     #[tokio::test]

@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
+use shardline_proto::topology::headers;
 
 use crate::amqp::{Message, Publisher};
-use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError};
+use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
 
 /// Every built-in handler under its name.
 pub fn handlers() -> Handlers {
@@ -71,7 +72,7 @@ impl Handler for Chaos {
                 .records
                 .iter()
                 .filter(|r| String::from_utf8_lossy(&r.value).contains(p.as_str()))
-                .map(|r| r.offset)
+                .map(|r| r.position())
                 .collect(),
             None => Vec::new(),
         };
@@ -80,7 +81,12 @@ impl Handler for Chaos {
         }
         if let Some(forward) = &self.forward {
             let healthy = Batch {
-                records: batch.records.iter().filter(|r| !poisoned.contains(&r.offset)).cloned().collect(),
+                records: batch
+                    .records
+                    .iter()
+                    .filter(|r| !poisoned.contains(&r.position()))
+                    .cloned()
+                    .collect(),
                 ..batch.clone()
             };
             forward.send(&healthy, invoked_at_ms).await?;
@@ -106,9 +112,9 @@ impl Handler for Log {
             let line = writeln!(
                 out,
                 "{}/{}@{} key={key} value={}",
-                r.stream,
-                r.partition,
-                r.offset,
+                batch.lease.name,
+                r.shard(),
+                r.position(),
                 String::from_utf8_lossy(&r.value)
             );
             line.map_err(|e| HandlerError::new(format!("stdout: {e}")))?;
@@ -119,10 +125,10 @@ impl Handler for Log {
 
 /// Writes each record to Kafka `topic` or to RabbitMQ `exchange` (exactly
 /// one), keeping key and headers and adding `shardline.stream`,
-/// `shardline.partition`, `shardline.offset`, `shardline.worker` and
-/// `shardline.invoked_at_ms` (when the handler invocation began, unix ms,
-/// one value per batch: the load-test harness tells a zombie's work from a
-/// lease holder's by it) headers. The batch succeeds once the broker has acknowledged (Kafka) or
+/// `shardline.partition` (or slot), `shardline.offset` (or delivery tag),
+/// `shardline.worker` and `shardline.invoked_at_ms` (when the handler
+/// invocation began, unix ms, one value per batch: the load-test harness
+/// tells a zombie's work from a lease holder's by it) headers. The batch succeeds once the broker has acknowledged (Kafka) or
 /// confirmed and routed (RabbitMQ) every record.
 pub struct Forward {
     to: Destination,
@@ -139,7 +145,7 @@ impl Handler for Forward {
         ctx.only(&["topic", "exchange"])?;
         let to = match (ctx.string("topic")?, ctx.string("exchange")?) {
             (Some(topic), None) => {
-                let producer = crate::failure::producer(&ctx.kafka_brokers)
+                let producer = crate::sink::kafka::producer(&ctx.kafka_brokers)
                     .map_err(|e| ctx.error(format!("kafka producer: {e}")))?;
                 Destination::Kafka { producer, topic }
             }
@@ -169,20 +175,20 @@ impl Forward {
     /// (the caller's invocation start: `chaos` sleeps before forwarding).
     async fn send(&self, batch: &Batch, invoked_at_ms: u64) -> Result<BatchResponse, HandlerError> {
         let invoked_at_ms = invoked_at_ms.to_string();
-        let source = |r: &crate::handler::Record| {
+        let source = |r: &Record| {
             vec![
-                ("shardline.stream", r.stream.clone()),
-                ("shardline.partition", r.partition.to_string()),
-                ("shardline.offset", r.offset.to_string()),
-                ("shardline.worker", self.worker.clone()),
-                ("shardline.invoked_at_ms", invoked_at_ms.clone()),
+                (headers::STREAM, batch.lease.name.clone()),
+                (headers::PARTITION, r.shard().to_string()),
+                (headers::OFFSET, r.position().to_string()),
+                (headers::WORKER, self.worker.clone()),
+                (headers::INVOKED_AT_MS, invoked_at_ms.clone()),
             ]
         };
         match &self.to {
             Destination::Kafka { producer, topic } => {
-                crate::failure::copy_to(producer, topic, &batch.records, source)
+                crate::sink::kafka::copy_to(producer, topic, &batch.records, source)
                     .await
-                    .map_err(HandlerError::new)?;
+                    .map_err(|e| HandlerError::new(e.to_string()))?;
             }
             Destination::Amqp { publisher, exchange } => {
                 let messages: Vec<Message> = batch
@@ -205,7 +211,7 @@ impl Forward {
                         }
                     })
                     .collect();
-                publisher.publish(&messages).await.map_err(HandlerError::new)?;
+                publisher.publish(&messages).await.map_err(|e| HandlerError::new(e.to_string()))?;
             }
         }
         Ok(BatchResponse::default())

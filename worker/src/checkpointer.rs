@@ -27,33 +27,25 @@ pub struct Checkpointer {
 impl Checkpointer {
     /// Queues `offset` (the next offset to process) for `lease`.
     pub fn submit(&self, lease: &LeaseId, epoch: u64, offset: i64) {
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(lease.clone(), (epoch, offset));
-        }
+        crate::lock(&self.pending).insert(lease.clone(), (epoch, offset));
         self.notify.notify_one();
     }
 
     /// Drops a pending checkpoint (the lease is released with its final
     /// offset, or was lost).
     pub fn forget(&self, lease: &LeaseId) {
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.remove(lease);
-        }
+        crate::lock(&self.pending).remove(lease);
     }
 
     fn take(&self) -> Vec<(LeaseId, u64, i64)> {
-        self.pending
-            .lock()
-            .map(|mut p| p.drain().map(|(lease, (epoch, offset))| (lease, epoch, offset)).collect())
-            .unwrap_or_default()
+        crate::lock(&self.pending).drain().map(|(lease, (epoch, offset))| (lease, epoch, offset)).collect()
     }
 
     /// Puts back entries whose call failed, unless a newer one arrived.
     fn restore(&self, entries: Vec<(LeaseId, u64, i64)>) {
-        if let Ok(mut pending) = self.pending.lock() {
-            for (lease, epoch, offset) in entries {
-                pending.entry(lease).or_insert((epoch, offset));
-            }
+        let mut pending = crate::lock(&self.pending);
+        for (lease, epoch, offset) in entries {
+            pending.entry(lease).or_insert((epoch, offset));
         }
     }
 
@@ -80,7 +72,9 @@ impl Checkpointer {
                             Ok(()) => {}
                             Err(SessionError::Fenced { current_epoch, .. }) => {
                                 tracing::warn!(%lease, epoch, current_epoch, "lease lost: checkpoint refused");
-                                let _ = lost.send((lease, epoch)).await;
+                                if lost.send((lease, epoch)).await.is_err() {
+                                    tracing::debug!("the runtime is gone; not reporting the lost lease");
+                                }
                             }
                             Err(e) => tracing::warn!(%lease, error = %e, "checkpoint refused"),
                         }

@@ -16,6 +16,7 @@ use shardline_proto::LeaseId;
 
 /// One record as the handler sees it. Malformed payloads arrive as bytes:
 /// deserialising is the handler's job, and its errors are handler errors.
+/// The stream (or subscription) it came from is the batch's `lease.name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: Option<Vec<u8>>,
@@ -28,9 +29,18 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Milliseconds since the Unix epoch, when the broker gave one.
     pub timestamp_ms: Option<i64>,
-    pub stream: String,
-    pub partition: u32,
-    pub offset: i64,
+    pub origin: Origin,
+}
+
+/// Where a record came from, in its source's own terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A record of a Kafka partition (a shard lease).
+    Kafka { partition: u32, offset: i64 },
+    /// A RabbitMQ delivery on a queue slot. Delivery tags count from 1 on
+    /// every channel the slot opens; `redelivered`: RabbitMQ delivered it
+    /// before (to this or another consumer) without an ack.
+    Queue { slot: u32, delivery_tag: u64, redelivered: bool },
 }
 
 impl Record {
@@ -43,12 +53,30 @@ impl Record {
     pub fn payload_len(&self) -> usize {
         self.key.as_ref().map_or(0, Vec::len) + self.value.len()
     }
+
+    /// The record's place in its lease: the Kafka offset, or the delivery
+    /// tag. [`BatchResponse::failed`] names records by it.
+    pub fn position(&self) -> i64 {
+        match self.origin {
+            Origin::Kafka { offset, .. } => offset,
+            Origin::Queue { delivery_tag, .. } => i64::try_from(delivery_tag).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The partition or queue slot: the lease's index.
+    pub fn shard(&self) -> u32 {
+        match self.origin {
+            Origin::Kafka { partition, .. } => partition,
+            Origin::Queue { slot, .. } => slot,
+        }
+    }
 }
 
-/// One batch of records from one lease, in offset order.
+/// One batch of records from one lease, in order. Records are shared, not
+/// copied: a retry or a bisected half holds the same records.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    pub records: Vec<Record>,
+    pub records: Vec<Arc<Record>>,
     pub lease: LeaseId,
     pub epoch: u64,
     /// Records behind the end of the partition when the batch was cut
@@ -64,11 +92,6 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
-
-    /// The checkpoint after this batch: the offset after its last record.
-    pub fn next_offset(&self) -> Option<i64> {
-        self.records.last().map(|r| r.offset + 1)
-    }
 }
 
 /// What a handler returns for a successful batch. `failed` names records
@@ -76,7 +99,7 @@ impl Batch {
 /// setting); empty means the whole batch succeeded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchResponse {
-    /// Offsets of records that failed.
+    /// Positions ([`Record::position`]) of records that failed.
     pub failed: Vec<i64>,
 }
 

@@ -25,27 +25,66 @@
 //! # }
 //! ```
 //!
-//! Layers, bottom up: [`source`] (records from Kafka) and [`amqp`]
-//! (deliveries from RabbitMQ) → [`batcher`] → [`policy`] (retries; the
-//! handler runs here) → [`lease`] (one shard's loop) or [`amqp::slot`] (one
-//! queue slot's loop) → [`runtime`] (instructions from the coordinator,
-//! drain on shutdown). [`membership`] and [`checkpointer`] talk to the
-//! coordinator.
+//! Layers, bottom up (a layer imports only those below it): the clients
+//! ([`amqp`], the one RabbitMQ connection) → [`sink`] (where records the
+//! worker writes go: `on_failure`, retry and dead-letter queues, `forward`'s
+//! producers) → [`source`] (Kafka partitions and queue slots, side by side)
+//! → [`batcher`] and [`policy`] (retries; the handler runs here) →
+//! [`driver`] (one lease's loop, for every source) → [`runtime`]
+//! (instructions from the coordinator, drain on shutdown). [`membership`]
+//! and [`checkpointer`] talk to the coordinator.
 
 pub mod amqp;
 pub mod batcher;
 pub mod builtin;
 pub mod checkpointer;
 pub mod config;
-pub mod failure;
+pub mod driver;
 pub mod handler;
-pub mod lease;
 pub mod membership;
 pub mod policy;
 pub mod runtime;
+pub mod sink;
 pub mod source;
 
 pub use config::{ConfigError, ConfigFile, WorkerConfig};
-pub use handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
+pub use handler::{
+    Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Origin, Record,
+};
 pub use membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
 pub use runtime::{WorkerError, run};
+
+/// Locks `m`. A lock is poisoned only by a panic while it was held; every
+/// mutex here guards plain data changed in single steps (maps of figures,
+/// pending checkpoints), so its data is still whole: the panic is reported
+/// loudly where it happened, the poison here once, and work goes on.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| {
+        tracing::error!("a lock was poisoned by a panic elsewhere; going on with its data");
+        m.clear_poison();
+        poisoned.into_inner()
+    })
+}
+
+/// Tries `attempt` until it gives an answer, waiting `min` between tries at
+/// first and twice as long each time up to `max`; `None` once `stop` fires.
+pub(crate) async fn persist<T, F: std::future::Future<Output = Option<T>>>(
+    stop: &tokio_util::sync::CancellationToken,
+    (min, max): (std::time::Duration, std::time::Duration),
+    mut attempt: impl FnMut(std::time::Duration) -> F,
+) -> Option<T> {
+    let mut wait = min;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            answer = attempt(wait) => if answer.is_some() { return answer },
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(max);
+    }
+}

@@ -24,7 +24,7 @@
 //! or, if it was expired, it registers afresh.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -91,10 +91,8 @@ pub enum SessionError {
 pub struct HeldLeases(Arc<Mutex<BTreeMap<LeaseId, u64>>>);
 
 impl HeldLeases {
-    // The map is plain data with no invariant a panicking writer could
-    // break half-way, so a poisoned lock is taken over rather than dropped.
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<LeaseId, u64>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock(&self.0)
     }
 
     pub fn insert(&self, lease: LeaseId, epoch: u64) {
@@ -135,7 +133,7 @@ pub struct Fence(Arc<Mutex<(u64, CancellationToken)>>);
 
 impl Fence {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, CancellationToken)> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock(&self.0)
     }
 
     pub fn generation(&self) -> u64 {

@@ -1,12 +1,18 @@
 //! The batch policy: what happens when a handler fails (DESIGN.md "Batches
-//! and handler semantics"). Kafka shards and queue slots both run their
-//! batches through [`Lane::process`], so the rules live in one place.
+//! and handler semantics"). Every lease runs its batches through
+//! [`Lane::process`], whatever its source, so the rules live in one place.
 //!
 //! A lane takes records in order and does not return until every record is
 //! *finished*: handled successfully, filtered out, or given up on (sent to
-//! `on_failure`, or discarded when there is none). Finished records are
-//! marked in a [`Completion`], whose contiguous prefix is what may be
-//! checkpointed. The rules, in Lambda's terms:
+//! the lease's [`FailureSink`]), or, on a drain, *left* for the next owner.
+//! Records a lane owes a decision on are held in a [`Work`], which is the
+//! only way to finish them: finishing marks them in the lease's
+//! [`Tracker`], whose contiguous prefix is what may be checkpointed or
+//! acked. A `Work` dropped with records in it is silent only when the lease
+//! was killed (nothing may be finished then); otherwise it is a bug that
+//! stops the lease, loudly, rather than skip or redo records quietly.
+//!
+//! The rules, in Lambda's terms:
 //!
 //! - records older than `max_record_age` skip the handler and give up;
 //! - an attempt that errs, panics, times out (`handler_timeout`) or names a
@@ -24,7 +30,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -32,63 +38,12 @@ use futures::FutureExt;
 use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId};
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{Batch, BatchResponse, BoxFuture, DynHandler, HandlerError, Record};
+use crate::handler::{Batch, BatchResponse, DynHandler, HandlerError, Record};
+use crate::sink::{FailureSink, GaveUp, Reason};
 
 /// The lease was stopped (lost or revoked) before the records finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped;
-
-/// Why records gave up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    RetriesExhausted,
-    TooOld,
-    HandlerTimeout,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::RetriesExhausted => "retries_exhausted",
-            Reason::TooOld => "too_old",
-            Reason::HandlerTimeout => "handler_timeout",
-        }
-    }
-}
-
-/// What is known about records that gave up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GaveUp {
-    pub reason: Reason,
-    pub attempts: u32,
-    pub error: String,
-}
-
-/// Where records that gave up go. `Ok` only once they are safely there:
-/// the shard may checkpoint past them only then.
-pub trait FailureSink: Send + Sync {
-    fn send<'a>(&'a self, records: &'a [Record], why: &'a GaveUp) -> BoxFuture<'a, Result<(), String>>;
-}
-
-/// No `on_failure`: records that gave up are dropped (counted and logged),
-/// as Lambda discards them.
-pub struct Discard;
-
-impl FailureSink for Discard {
-    fn send<'a>(&'a self, records: &'a [Record], why: &'a GaveUp) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            metrics::counter!("shardline_records_discarded_total", "reason" => why.reason.as_str())
-                .increment(records.len() as u64);
-            for r in records {
-                tracing::error!(
-                    stream = %r.stream, partition = r.partition, offset = r.offset, reason = why.reason.as_str(),
-                    attempts = why.attempts, error = %why.error, "record discarded (no on_failure destination)"
-                );
-            }
-            Ok(())
-        })
-    }
-}
 
 /// Callbacks between attempts (pausing the source while a batch keeps
 /// failing, so nothing more is prefetched).
@@ -99,9 +54,9 @@ pub trait Hooks: Send + Sync {
 
 impl Hooks for () {}
 
-/// Which records of a shard are finished, in offset order. Offsets may have
-/// gaps (compaction, transaction markers): the checkpoint is the offset of
-/// the first unfinished record, or one past the last record seen.
+/// Which records of a lease are finished, in order of position. Positions
+/// may have gaps (compaction, transaction markers): the checkpoint is the
+/// position of the first unfinished record, or one past the last one seen.
 #[derive(Debug, Default)]
 pub struct Completion {
     pending: BTreeMap<i64, bool>,
@@ -114,15 +69,15 @@ impl Completion {
     }
 
     /// Records about to be processed.
-    pub fn add(&mut self, offsets: impl IntoIterator<Item = i64>) {
-        for o in offsets {
+    pub fn add(&mut self, positions: impl IntoIterator<Item = i64>) {
+        for o in positions {
             self.pending.insert(o, false);
         }
     }
 
     /// Marks a record finished; returns the new checkpoint if it moved.
-    pub fn finish(&mut self, offset: i64) -> Option<i64> {
-        if let Some(done) = self.pending.get_mut(&offset) {
+    pub fn finish(&mut self, position: i64) -> Option<i64> {
+        if let Some(done) = self.pending.get_mut(&position) {
             *done = true;
         }
         let before = self.position;
@@ -142,6 +97,112 @@ impl Completion {
     }
 }
 
+/// One lease's [`Completion`], shared by its lanes, and what happens when
+/// its finished prefix moves.
+///
+/// The lanes of a lease are futures of one task, so this lock is never
+/// contended; it is a lock and not a `RefCell` only because the task must be
+/// `Send` to run on tokio's threads, and a future holding `&RefCell` is not.
+pub struct Tracker<'a> {
+    completion: Mutex<Completion>,
+    /// Called with the new prefix on every advance (must not wait).
+    advanced: &'a (dyn Fn(i64) + Send + Sync),
+    kill: CancellationToken,
+    broken: CancellationToken,
+}
+
+impl<'a> Tracker<'a> {
+    /// Starts at `position`; `kill` is the lease's: records dropped once it
+    /// fired are not finished, and that is no error.
+    pub fn new(position: i64, kill: &CancellationToken, advanced: &'a (dyn Fn(i64) + Send + Sync)) -> Self {
+        Self {
+            completion: Mutex::new(Completion::new(position)),
+            advanced,
+            kill: kill.clone(),
+            broken: CancellationToken::new(),
+        }
+    }
+
+    /// Records cut for processing, in order.
+    pub fn add(&self, records: &[Arc<Record>]) {
+        crate::lock(&self.completion).add(records.iter().map(|r| r.position()));
+    }
+
+    /// The finished prefix: the position of the first unfinished record.
+    pub fn position(&self) -> i64 {
+        crate::lock(&self.completion).position()
+    }
+
+    /// Fires when records were dropped undecided (a bug): the lease stops.
+    pub fn broken(&self) -> &CancellationToken {
+        &self.broken
+    }
+
+    fn claim(&self, records: Vec<Arc<Record>>) -> Work<'_> {
+        Work { records, attempts: 0, tracker: self }
+    }
+
+    fn finish(&self, records: &[Arc<Record>]) {
+        let mut completion = crate::lock(&self.completion);
+        let moved = records.iter().filter_map(|r| completion.finish(r.position())).last();
+        drop(completion);
+        if let Some(p) = moved {
+            (self.advanced)(p);
+        }
+    }
+
+    fn dropped(&self, records: usize) {
+        if !self.kill.is_cancelled() {
+            tracing::error!(
+                records,
+                "records dropped without being finished or left (a bug); stopping the lease"
+            );
+            self.broken.cancel();
+        }
+    }
+}
+
+/// Records a lane owes a decision on (see the module docs).
+#[must_use]
+struct Work<'t> {
+    records: Vec<Arc<Record>>,
+    attempts: u32,
+    tracker: &'t Tracker<'t>,
+}
+
+impl<'t> Work<'t> {
+    /// Moves the records `keep` rejects into a `Work` of their own.
+    fn split_by(&mut self, keep: impl Fn(&Record) -> bool) -> Work<'t> {
+        let (kept, out) = std::mem::take(&mut self.records).into_iter().partition(|r| keep(r));
+        self.records = kept;
+        Work { records: out, attempts: self.attempts, tracker: self.tracker }
+    }
+
+    /// Moves the records from `at` on into a `Work` of their own.
+    fn split_off(&mut self, at: usize) -> Work<'t> {
+        Work { records: self.records.split_off(at), attempts: self.attempts, tracker: self.tracker }
+    }
+
+    /// Handled, filtered, or safely in the sink; how many.
+    fn finish(mut self) -> u64 {
+        self.tracker.finish(&self.records);
+        std::mem::take(&mut self.records).len() as u64
+    }
+
+    /// Left unfinished for the next owner (a drain); how many.
+    fn leave(mut self) -> u64 {
+        std::mem::take(&mut self.records).len() as u64
+    }
+}
+
+impl Drop for Work<'_> {
+    fn drop(&mut self) {
+        if !self.records.is_empty() {
+            self.tracker.dropped(self.records.len());
+        }
+    }
+}
+
 /// Counts of what a lane did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LaneStats {
@@ -157,7 +218,7 @@ pub struct LaneStats {
     pub abandoned: u64,
 }
 
-/// Everything a lane needs; shared by the lanes of one lease.
+/// Everything a lane needs; one per lease, shared by its lanes.
 pub struct Lane<'a> {
     pub handler: &'a dyn DynHandler,
     /// The handler's name, for metrics.
@@ -166,49 +227,27 @@ pub struct Lane<'a> {
     pub filter: Option<&'a CompiledFilter>,
     pub sink: &'a dyn FailureSink,
     pub hooks: &'a dyn Hooks,
-    pub stop: &'a CancellationToken,
     /// The lease drains: start no retry (see the module docs).
     pub drain: &'a CancellationToken,
     pub lease: &'a LeaseId,
     pub epoch: u64,
-    pub lag: i64,
-    pub completion: &'a Mutex<Completion>,
-    /// Called with the new checkpoint whenever the finished prefix grows.
-    pub progress: &'a (dyn Fn(i64) + Send + Sync),
-}
-
-struct Work {
-    records: Vec<Record>,
-    attempts: u32,
+    pub tracker: &'a Tracker<'a>,
 }
 
 /// Leaves failing records (and whatever else of their batch waits) for the
 /// next owner; how many.
-fn abandon(failed: &[Record], queue: &VecDeque<Work>, lease: &LeaseId, error: &HandlerError) -> u64 {
-    let n = (failed.len() + queue.iter().map(|w| w.records.len()).sum::<usize>()) as u64;
+fn abandon(failed: Work<'_>, queue: &mut VecDeque<Work<'_>>, lease: &LeaseId, error: &HandlerError) -> u64 {
+    let n = failed.leave() + queue.drain(..).map(Work::leave).sum::<u64>();
     tracing::warn!(%lease, records = n, error = %error, "batch failed while draining; left for the next owner");
     n
 }
 
 impl Lane<'_> {
-    fn finish(&self, records: &[Record]) {
-        let Ok(mut completion) = self.completion.lock() else { return };
-        let mut moved = None;
-        for r in records {
-            if let Some(p) = completion.finish(r.offset) {
-                moved = Some(p);
-            }
-        }
-        drop(completion);
-        if let Some(p) = moved {
-            (self.progress)(p);
-        }
-    }
-
-    /// Runs `records` (in order) until every one is finished.
-    pub async fn process(&self, records: Vec<Record>) -> Result<LaneStats, Stopped> {
+    /// Runs `records` (in order, cut when the source was `lag` behind)
+    /// until every one is finished, or left on a drain.
+    pub async fn process(&self, records: Vec<Arc<Record>>, lag: i64) -> Result<LaneStats, Stopped> {
         let mut paused = false;
-        let result = self.run(records, &mut paused).await;
+        let result = self.run(self.tracker.claim(records), lag, &mut paused).await;
         // However the failing records ended (retried to success, bisected,
         // given up), the source must fetch again.
         if paused {
@@ -217,73 +256,72 @@ impl Lane<'_> {
         result
     }
 
-    async fn run(&self, records: Vec<Record>, paused: &mut bool) -> Result<LaneStats, Stopped> {
+    async fn run(&self, mut work: Work<'_>, lag: i64, paused: &mut bool) -> Result<LaneStats, Stopped> {
         let mut stats = LaneStats::default();
-        let (records, skipped): (Vec<Record>, Vec<Record>) =
-            records.into_iter().partition(|r| self.filter.is_none_or(|f| f.matches(&r.value)));
-        if !skipped.is_empty() {
-            stats.filtered = skipped.len() as u64;
-            metrics::counter!("shardline_records_filtered_total", "handler" => self.name.to_owned())
-                .increment(stats.filtered);
-            self.finish(&skipped);
+        if let Some(filter) = self.filter {
+            let skipped = work.split_by(|r| filter.matches(&r.value));
+            stats.filtered = skipped.finish();
+            if stats.filtered > 0 {
+                metrics::counter!("shardline_records_filtered_total", "handler" => self.name.to_owned())
+                    .increment(stats.filtered);
+            }
         }
-        let mut queue = VecDeque::from([Work { records, attempts: 0 }]);
-        while let Some(work) = queue.pop_front() {
-            if self.stop.is_cancelled() {
+        let mut queue = VecDeque::from([work]);
+        while let Some(mut work) = queue.pop_front() {
+            if self.tracker.kill.is_cancelled() {
                 return Err(Stopped);
             }
-            let (fresh, expired) = self.split_expired(work.records);
-            if !expired.is_empty() {
-                let why = GaveUp {
-                    reason: Reason::TooOld,
-                    attempts: work.attempts,
-                    error: "record too old".into(),
-                };
-                stats.gave_up += expired.len() as u64;
-                self.give_up(&expired, &why).await?;
+            if let Some(max_age) = self.policy.max_record_age {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let limit = now_ms - max_age.as_millis() as i64;
+                let expired = work.split_by(|r| r.timestamp_ms.is_none_or(|t| t >= limit));
+                if !expired.records.is_empty() {
+                    let why = GaveUp {
+                        reason: Reason::TooOld,
+                        attempts: work.attempts,
+                        error: "record too old".into(),
+                    };
+                    stats.gave_up += self.give_up(expired, &why).await?;
+                }
             }
-            if fresh.is_empty() {
+            if work.records.is_empty() {
                 continue;
             }
             let attempts = work.attempts + 1;
             stats.attempts += 1;
             let started = Instant::now();
-            let result = self.attempt(&fresh).await?;
+            let result = self.attempt(&work.records, lag).await?;
             let took = started.elapsed();
             stats.busy += took;
             stats.billed_units += took.as_millis().div_ceil(100).max(1) as u64;
-            let failure = match result {
+            let (error, reason, named) = match result {
                 Ok(response) if response.failed.is_empty() || !self.policy.report_item_failures => {
-                    stats.handled += fresh.len() as u64;
-                    self.finish(&fresh);
+                    stats.handled += work.finish();
                     continue;
                 }
-                Ok(response) => match fresh.iter().position(|r| response.failed.contains(&r.offset)) {
-                    Some(first) if response.failed.iter().all(|o| fresh.iter().any(|r| r.offset == *o)) => {
-                        // Lambda's ReportBatchItemFailures: finished up to the
-                        // first failure, retried from it.
-                        let mut rest = fresh;
-                        let failed = rest.split_off(first);
-                        stats.handled += rest.len() as u64;
-                        self.finish(&rest);
-                        let named = Some(response.failed);
-                        (
-                            failed,
-                            HandlerError::new("the handler reported failed records"),
-                            Reason::RetriesExhausted,
-                            named,
-                        )
+                Ok(response) => {
+                    let known =
+                        response.failed.iter().all(|p| work.records.iter().any(|r| r.position() == *p));
+                    match work.records.iter().position(|r| response.failed.contains(&r.position())) {
+                        Some(first) if known => {
+                            // Lambda's ReportBatchItemFailures: finished up to
+                            // the first failure, retried from it.
+                            let failed = work.split_off(first);
+                            stats.handled += std::mem::replace(&mut work, failed).finish();
+                            let error = HandlerError::new("the handler reported failed records");
+                            (error, Reason::RetriesExhausted, Some(response.failed))
+                        }
+                        _ => {
+                            let error =
+                                HandlerError::new("the handler named records that are not in the batch");
+                            (error, Reason::RetriesExhausted, None)
+                        }
                     }
-                    _ => (
-                        fresh,
-                        HandlerError::new("the handler named records that are not in the batch"),
-                        Reason::RetriesExhausted,
-                        None,
-                    ),
-                },
-                Err((e, reason)) => (fresh, e, reason, None),
+                }
+                Err((e, reason)) => (e, reason, None),
             };
-            let (failed, error, reason, named) = failure;
             metrics::counter!("shardline_handler_errors_total", "handler" => self.name.to_owned())
                 .increment(1);
             if !*paused {
@@ -291,45 +329,40 @@ impl Lane<'_> {
                 *paused = true;
             }
             if self.drain.is_cancelled() {
-                stats.abandoned += abandon(&failed, &queue, self.lease, &error);
+                stats.abandoned += abandon(work, &mut queue, self.lease, &error);
                 return Ok(stats);
             }
-            if self.policy.bisect_on_error && failed.len() > 1 {
-                let mut first = failed;
-                let second = first.split_off(first.len() / 2);
-                tracing::warn!(lease = %self.lease, error = %error, sizes = ?(first.len(), second.len()), "batch failed; bisecting");
-                queue.push_front(Work { records: second, attempts: work.attempts });
-                queue.push_front(Work { records: first, attempts: work.attempts });
+            if self.policy.bisect_on_error && work.records.len() > 1 {
+                let second = work.split_off(work.records.len() / 2);
+                tracing::warn!(lease = %self.lease, error = %error, sizes = ?(work.records.len(), second.records.len()), "batch failed; bisecting");
+                queue.push_front(second);
+                queue.push_front(work);
                 continue;
             }
-            let exhausted = self.policy.max_retries.is_some_and(|max| attempts > max);
-            if exhausted {
+            if self.policy.max_retries.is_some_and(|max| attempts > max) {
                 // With item failures, only the records the handler named in
                 // its last answer gave up; the others it handled then.
-                let (gave_up, handled): (Vec<Record>, Vec<Record>) = match &named {
-                    Some(named) => failed.into_iter().partition(|r| named.contains(&r.offset)),
-                    None => (failed, Vec::new()),
-                };
-                stats.handled += handled.len() as u64;
-                self.finish(&handled);
+                if let Some(named) = &named {
+                    stats.handled += work.split_by(|r| named.contains(&r.position())).finish();
+                }
                 let why = GaveUp { reason, attempts, error: error.message };
-                stats.gave_up += gave_up.len() as u64;
-                self.give_up(&gave_up, &why).await?;
+                stats.gave_up += self.give_up(work, &why).await?;
                 continue;
             }
             let wait = self.backoff(attempts);
             metrics::counter!("shardline_retries_total", "handler" => self.name.to_owned()).increment(1);
-            tracing::warn!(lease = %self.lease, attempts, error = %error, ?wait, records = failed.len(), "batch failed; retrying");
+            tracing::warn!(lease = %self.lease, attempts, error = %error, ?wait, records = work.records.len(), "batch failed; retrying");
             tokio::select! {
                 biased;
-                () = self.stop.cancelled() => return Err(Stopped),
+                () = self.tracker.kill.cancelled() => return Err(Stopped),
                 () = self.drain.cancelled() => {
-                    stats.abandoned += abandon(&failed, &queue, self.lease, &error);
+                    stats.abandoned += abandon(work, &mut queue, self.lease, &error);
                     return Ok(stats);
                 }
                 () = tokio::time::sleep(wait) => {}
             }
-            queue.push_front(Work { records: failed, attempts });
+            work.attempts = attempts;
+            queue.push_front(work);
         }
         Ok(stats)
     }
@@ -337,15 +370,15 @@ impl Lane<'_> {
     /// One attempt, with the handler's panics and timeout turned into errors.
     async fn attempt(
         &self,
-        records: &[Record],
+        records: &[Arc<Record>],
+        lag: i64,
     ) -> Result<Result<BatchResponse, (HandlerError, Reason)>, Stopped> {
-        let batch =
-            Batch { records: records.to_vec(), lease: self.lease.clone(), epoch: self.epoch, lag: self.lag };
+        let batch = Batch { records: records.to_vec(), lease: self.lease.clone(), epoch: self.epoch, lag };
         let started = Instant::now();
         let run = tokio::time::timeout(self.policy.handler_timeout, attempt(self.handler, &batch));
         let result = tokio::select! {
             biased;
-            () = self.stop.cancelled() => return Err(Stopped),
+            () = self.tracker.kill.cancelled() => return Err(Stopped),
             r = run => r,
         };
         metrics::histogram!("shardline_handler_duration_seconds", "handler" => self.name.to_owned())
@@ -358,15 +391,6 @@ impl Lane<'_> {
                 Reason::HandlerTimeout,
             )),
         })
-    }
-
-    fn split_expired(&self, records: Vec<Record>) -> (Vec<Record>, Vec<Record>) {
-        let Some(max_age) = self.policy.max_record_age else { return (records, Vec::new()) };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let limit = now_ms - max_age.as_millis() as i64;
-        records.into_iter().partition(|r| r.timestamp_ms.is_none_or(|t| t >= limit))
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
@@ -382,25 +406,28 @@ impl Lane<'_> {
     }
 
     /// Sends records that gave up to the sink, retrying until it takes
-    /// them (never checkpoint past a record that is nowhere).
-    async fn give_up(&self, records: &[Record], why: &GaveUp) -> Result<(), Stopped> {
+    /// them (never finish a record that is nowhere); how many.
+    async fn give_up(&self, work: Work<'_>, why: &GaveUp) -> Result<u64, Stopped> {
         let mut wait = Duration::from_millis(100);
         loop {
-            match self.sink.send(records, why).await {
-                Ok(()) => {
-                    self.finish(records);
-                    return Ok(());
+            match self.sink.send(self.lease, &work.records, why).await {
+                Ok(()) => return Ok(work.finish()),
+                Err(e) if e.retryable() => {
+                    tracing::warn!(lease = %self.lease, error = %e, ?wait, "failure destination failed; retrying");
                 }
                 Err(e) => {
-                    tracing::warn!(lease = %self.lease, error = %e, ?wait, "on_failure destination failed; retrying");
-                    tokio::select! {
-                        biased;
-                        () = self.stop.cancelled() => return Err(Stopped),
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(10));
+                    // Nothing here may drop the records: they wait, loudly,
+                    // for an operator to fix the destination.
+                    wait = Duration::from_secs(10);
+                    tracing::error!(lease = %self.lease, error = %e, ?wait, "failure destination refuses the records; retrying until it takes them");
                 }
             }
+            tokio::select! {
+                biased;
+                () = self.tracker.kill.cancelled() => return Err(Stopped),
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(10));
         }
     }
 }

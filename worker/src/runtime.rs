@@ -20,17 +20,19 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::slot::SlotTask;
 use crate::amqp::{Amqp, Publisher};
 use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
-use crate::failure::KafkaFailureSink;
+use crate::driver::{LeaseStats, LeaseTask, UsageMeter};
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
-use crate::lease::{Exit, LeaseStats, LeaseTask, UsageMeter};
 use crate::membership::{Fence, HeldLeases, LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
-use crate::policy::{Discard, FailureSink};
-use crate::source::kafka::{KafkaSource, SourceError};
+use crate::sink::kafka::OnFailure;
+use crate::sink::{Discard, FailureSink};
+use crate::source::amqp::Slot;
+use crate::source::kafka::{KafkaSource, Shard, SourceError};
+use crate::source::{Exit, Lease};
 use rdkafka::producer::FutureProducer;
+use tokio::task::JoinHandle;
 
 /// Why a worker could not start or stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +120,10 @@ pub async fn run(
     let draining = CancellationToken::new();
     let checkpointer = Checkpointer::default();
     let (lost_tx, mut lost_rx) = mpsc::channel(256);
-    tokio::spawn(checkpointer.clone().run(session.clone(), lost_tx, background.clone()));
+    let helpers = vec![(
+        "checkpointer",
+        tokio::spawn(checkpointer.clone().run(session.clone(), lost_tx, background.clone())),
+    )];
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let fence = Fence::default();
     let mut membership = tokio::spawn(session.clone().run(SessionRun {
@@ -134,6 +139,8 @@ pub async fn run(
         session,
         kafka: None,
         kafka_config: (config.kafka_brokers.clone(), worker_id.clone(), config.fetch_queue_kib),
+        background: background.clone(),
+        helpers,
         handlers: ready,
         checkpointer,
         publisher: Publisher::new(amqp.clone()),
@@ -175,7 +182,9 @@ pub async fn run(
         tokio::select! {
             () = &mut deadline => {
                 tracing::warn!(leases = rt.running.len(), "drain timed out; the rest move after the session timeout");
-                rt.tasks.abort_all();
+                for r in rt.running.values() {
+                    r.kill.cancel();
+                }
                 break;
             }
             Some((generation, event)) = events_rx.recv() => rt.on_event(generation, event).await,
@@ -184,16 +193,15 @@ pub async fn run(
             session = &mut membership => return rt.session_ended(session, background).await,
         }
     }
-    membership.abort();
-    background.cancel();
     // Every partition queue goes before the consumer they belong to.
-    while let Some(done) = rt.tasks.join_next().await {
-        if let Err(e) = done
-            && e.is_panic()
-        {
-            tracing::error!(error = %e, "a lease task panicked while the worker stopped");
-        }
+    rt.join_all().await;
+    background.cancel();
+    match membership.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the session ended with an error while stopping"),
+        Err(e) => tracing::error!(error = %e, "the session task died while stopping"),
     }
+    rt.join_helpers().await;
     rt.session.deregister().await?;
     tracing::info!("worker stopped");
     Ok(())
@@ -206,6 +214,11 @@ struct Runtime {
     kafka: Option<(KafkaSource, FutureProducer)>,
     /// Brokers, client id and fetch queue size for making them.
     kafka_config: (String, String, u32),
+    /// Stops the helper tasks (the Kafka consumer's event loop).
+    background: CancellationToken,
+    /// Tasks that serve the whole worker until `background` stops them:
+    /// the checkpointer, the Kafka consumer's event loop.
+    helpers: Vec<(&'static str, JoinHandle<()>)>,
     handlers: BTreeMap<String, Arc<dyn DynHandler>>,
     checkpointer: Checkpointer,
     amqp: Amqp,
@@ -317,54 +330,47 @@ impl Runtime {
         let stats = Arc::new(LeaseStats::default());
         stats.position.store(start.checkpoint().unwrap_or(-1), Ordering::Relaxed);
         stats.lag.store(-1, Ordering::Relaxed);
-        let drain = CancellationToken::new();
-        let id = lease.clone();
-        if lease.kind == LeaseKind::QueueSlot {
-            let task = SlotTask {
-                lease: lease.clone(),
-                epoch,
-                mapping,
-                handler,
-                amqp: self.amqp.clone(),
-                publisher: self.publisher.clone(),
-                worker_id: self.worker_id.clone(),
-                stats: stats.clone(),
-                usage: self.usage.clone(),
-                inflight: self.inflight.clone(),
-                drain: drain.clone(),
-                kill: kill.clone(),
-            };
-            let task = self.tasks.spawn(async move { (id, epoch, task.run().await) });
-            self.task_leases.insert(task.id(), (lease.clone(), epoch));
-        } else {
-            let Some((source, producer)) = kafka else { return };
-            let sink: Arc<dyn FailureSink> = match &mapping.policy.on_failure {
-                Some(topic) => Arc::new(KafkaFailureSink { producer, topic: topic.clone() }),
-                None => Arc::new(Discard),
-            };
-            let task = LeaseTask {
-                lease: lease.clone(),
+        // A kill drains too: every wait that ends on a drain ends on a kill.
+        let drain = kill.child_token();
+        let task = LeaseTask {
+            lease: Lease {
+                id: lease.clone(),
                 epoch,
                 mapping,
                 start,
-                handler,
-                sink,
-                source,
-                session: self.session.clone(),
-                checkpointer: self.checkpointer.clone(),
-                stats: stats.clone(),
-                usage: self.usage.clone(),
-                inflight: self.inflight.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
-            };
-            let task = self.tasks.spawn(async move { (id, epoch, task.run().await) });
-            self.task_leases.insert(task.id(), (lease.clone(), epoch));
-        }
+            },
+            handler,
+            stats: stats.clone(),
+            usage: self.usage.clone(),
+            inflight: self.inflight.clone(),
+        };
+        let id = lease.clone();
+        let spawned = match kafka {
+            None => {
+                let slot = Slot::new(self.amqp.clone(), self.publisher.clone(), &self.worker_id, &task.lease);
+                self.tasks.spawn(async move { (id, epoch, task.run(slot).await) })
+            }
+            Some((client, producer)) => {
+                let sink: Box<dyn FailureSink> = match &task.lease.mapping.policy.on_failure {
+                    Some(topic) => Box::new(OnFailure { producer, topic: topic.clone() }),
+                    None => Box::new(Discard),
+                };
+                let shard = Shard {
+                    client,
+                    session: self.session.clone(),
+                    checkpointer: self.checkpointer.clone(),
+                    sink,
+                    topic: lease.name.clone(),
+                    partition: lease.index,
+                };
+                self.tasks.spawn(async move { (id, epoch, task.run(shard).await) })
+            }
+        };
+        self.task_leases.insert(spawned.id(), (lease.clone(), epoch));
         self.held.insert(lease.clone(), epoch);
-        if let Ok(mut table) = self.stats.lock() {
-            table.insert(lease.clone(), (epoch, stats.clone()));
-        }
+        crate::lock(&self.stats).insert(lease.clone(), (epoch, stats));
         self.running.insert(lease, Running { epoch, stopping: false, drain, kill });
     }
 
@@ -374,9 +380,11 @@ impl Runtime {
             return Ok((source.clone(), producer.clone()));
         }
         let (brokers, client_id, fetch_queue_kib) = &self.kafka_config;
-        let producer = crate::failure::producer(brokers).map_err(|e| SourceError::Kafka(e.to_string()))?;
-        let source = KafkaSource::new(brokers, client_id, *fetch_queue_kib)?;
+        let producer = crate::sink::kafka::producer(brokers)?;
+        let (source, events) =
+            KafkaSource::new(brokers, client_id, *fetch_queue_kib, self.background.clone())?;
         self.kafka = Some((source.clone(), producer.clone()));
+        self.helpers.push(("kafka events", events));
         Ok((source, producer))
     }
 
@@ -408,6 +416,11 @@ impl Runtime {
     ) {
         let Some((lease, epoch)) = self.forget_task(&done) else { return };
         let exit = match done {
+            Ok((_, (_, _, Exit::Failed))) => {
+                // Its records were dropped undecided; the error is logged.
+                metrics::counter!("shardline_lease_task_failures_total").increment(1);
+                Exit::Released(None)
+            }
             Ok((_, (_, _, exit))) => exit,
             Err(e) => {
                 tracing::error!(%lease, epoch, error = %e, "lease task died; giving the lease back");
@@ -442,14 +455,33 @@ impl Runtime {
         session: Result<Result<(), SessionError>, tokio::task::JoinError>,
         background: CancellationToken,
     ) -> Result<(), WorkerError> {
-        background.cancel();
+        // Every lease task's kill token is a child of the fence.
         self.fence.trip();
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+        self.join_all().await;
+        background.cancel();
+        self.join_helpers().await;
         match session {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(WorkerError::TaskDied(format!("the session task died: {e}"))),
+        }
+    }
+
+    /// Waits for every lease task, which must be stopping already.
+    async fn join_all(&mut self) {
+        while let Some(done) = self.tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a lease task died while the worker stopped");
+            }
+        }
+    }
+
+    /// Waits for the helper tasks once `background` has stopped them.
+    async fn join_helpers(&mut self) {
+        for (name, handle) in std::mem::take(&mut self.helpers) {
+            if let Err(e) = handle.await {
+                tracing::error!(task = name, error = %e, "a helper task died");
+            }
         }
     }
 
@@ -458,13 +490,13 @@ impl Runtime {
             self.running.remove(&lease);
         }
         self.held.remove(&lease, epoch);
-        if let Ok(mut table) = self.stats.lock()
-            && table.get(&lease).is_some_and(|(e, _)| *e == epoch)
         {
-            table.remove(&lease);
+            let mut table = crate::lock(&self.stats);
+            if table.get(&lease).is_some_and(|(e, _)| *e == epoch) {
+                table.remove(&lease);
+            }
         }
         if let Exit::Released(offset) = exit {
-            self.checkpointer.forget(&lease);
             match self.session.release_done(&lease, epoch, offset).await {
                 Ok(()) => tracing::info!(%lease, epoch, ?offset, "lease released"),
                 Err(e) => {
@@ -486,8 +518,8 @@ fn load_report(
     let previous: Mutex<Previous> = Mutex::new((Instant::now(), HashMap::new(), cpu_seconds()));
     move || {
         let unhealthy: Vec<String> = amqp.problem().into_iter().collect();
-        let Ok(table) = stats.lock() else { return (v1::LoadReport::default(), unhealthy) };
-        let Ok(mut prev) = previous.lock() else { return (v1::LoadReport::default(), unhealthy) };
+        let table = crate::lock(&stats);
+        let mut prev = crate::lock(&previous);
         let elapsed = prev.0.elapsed().as_secs_f64().max(1e-3);
         let mut next = HashMap::new();
         let leases = table

@@ -33,7 +33,7 @@ impl Handler for JsonSum {
         let mut sum = 0;
         for record in &batch.records {
             let value: serde_json::Value = serde_json::from_slice(&record.value)
-                .map_err(|e| HandlerError::new(format!("offset {} is not JSON: {e}", record.offset)))?;
+                .map_err(|e| HandlerError::new(format!("record {} is not JSON: {e}", record.position())))?;
             sum += value.get(&self.field).and_then(serde_json::Value::as_i64).unwrap_or(0);
         }
         let total = self.total.fetch_add(sum, Ordering::Relaxed) + sum;

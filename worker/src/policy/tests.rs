@@ -8,7 +8,8 @@ use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::handler::{Batch, BatchResponse, BoxFuture, DynHandler, HandlerError, Record};
+use crate::handler::{Batch, BatchResponse, BoxFuture, DynHandler, HandlerError, Origin, Record};
+use crate::sink::Sent;
 
 type Script = dyn Fn(&Batch) -> Result<BatchResponse, HandlerError> + Send + Sync;
 
@@ -38,7 +39,7 @@ impl DynHandler for Scripted {
     fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<BatchResponse, HandlerError>> {
         Box::pin(async move {
             if let Ok(mut calls) = self.calls.lock() {
-                calls.push(batch.records.iter().map(|r| r.offset).collect());
+                calls.push(batch.records.iter().map(|r| r.position()).collect());
             }
             tokio::time::sleep(self.delay).await;
             (self.script)(batch)
@@ -50,10 +51,10 @@ impl DynHandler for Scripted {
 struct Recording(Mutex<Vec<(Vec<i64>, GaveUp)>>);
 
 impl FailureSink for Recording {
-    fn send<'a>(&'a self, records: &'a [Record], why: &'a GaveUp) -> BoxFuture<'a, Result<(), String>> {
+    fn send<'a>(&'a self, _lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a> {
         Box::pin(async move {
             if let Ok(mut got) = self.0.lock() {
-                got.push((records.iter().map(|r| r.offset).collect(), why.clone()));
+                got.push((records.iter().map(|r| r.position()).collect(), why.clone()));
             }
             Ok(())
         })
@@ -66,20 +67,19 @@ impl Recording {
     }
 }
 
-fn records(offsets: impl IntoIterator<Item = i64>) -> Vec<Record> {
-    offsets
-        .into_iter()
-        .map(|offset| Record {
-            key: None,
-            value: format!("{{\"n\":{offset},\"kind\":\"k{}\"}}", offset % 2).into_bytes(),
-            tombstone: false,
-            headers: vec![],
-            timestamp_ms: None,
-            stream: "s".into(),
-            partition: 0,
-            offset,
-        })
-        .collect()
+fn record(offset: i64, timestamp_ms: Option<i64>) -> Arc<Record> {
+    Arc::new(Record {
+        key: None,
+        value: format!("{{\"n\":{offset},\"kind\":\"k{}\"}}", offset % 2).into_bytes(),
+        tombstone: false,
+        headers: vec![],
+        timestamp_ms,
+        origin: Origin::Kafka { partition: 0, offset },
+    })
+}
+
+fn records(offsets: impl IntoIterator<Item = i64>) -> Vec<Arc<Record>> {
+    offsets.into_iter().map(|offset| record(offset, None)).collect()
 }
 
 fn policy() -> FailurePolicy {
@@ -92,7 +92,7 @@ async fn run(
     policy: &FailurePolicy,
     filter: Option<&CompiledFilter>,
     sink: &Recording,
-    input: Vec<Record>,
+    input: Vec<Arc<Record>>,
 ) -> (Result<LaneStats, Stopped>, i64) {
     run_with_hooks(handler, policy, filter, sink, &(), input).await
 }
@@ -103,7 +103,7 @@ async fn run_with_hooks(
     filter: Option<&CompiledFilter>,
     sink: &Recording,
     hooks: &dyn Hooks,
-    input: Vec<Record>,
+    input: Vec<Arc<Record>>,
 ) -> (Result<LaneStats, Stopped>, i64) {
     run_lane(Setup { handler, policy, filter, sink, hooks, drain: &CancellationToken::new() }, input).await
 }
@@ -118,15 +118,15 @@ struct Setup<'a> {
     drain: &'a CancellationToken,
 }
 
-async fn run_lane(setup: Setup<'_>, input: Vec<Record>) -> (Result<LaneStats, Stopped>, i64) {
+async fn run_lane(setup: Setup<'_>, input: Vec<Arc<Record>>) -> (Result<LaneStats, Stopped>, i64) {
     let Setup { handler, policy, filter, sink, hooks, drain } = setup;
-    let completion = Mutex::new(Completion::new(input.first().map_or(0, |r| r.offset)));
-    if let Ok(mut c) = completion.lock() {
-        c.add(input.iter().map(|r| r.offset));
-    }
-    let stop = CancellationToken::new();
+    let kill = CancellationToken::new();
     let lease = LeaseId::shard("s", 0);
-    let progress = |_: i64| {};
+    // Every advance the lease would finalize, in order.
+    let advances = Mutex::new(Vec::new());
+    let advanced = |p: i64| advances.lock().unwrap_or_else(|e| panic!("{e}")).push(p);
+    let tracker = Tracker::new(input.first().map_or(0, |r| r.position()), &kill, &advanced);
+    tracker.add(&input);
     let lane = Lane {
         handler,
         name: "test",
@@ -134,16 +134,17 @@ async fn run_lane(setup: Setup<'_>, input: Vec<Record>) -> (Result<LaneStats, St
         filter,
         sink,
         hooks,
-        stop: &stop,
         drain,
         lease: &lease,
         epoch: 1,
-        lag: 0,
-        completion: &completion,
-        progress: &progress,
+        tracker: &tracker,
     };
-    let stats = lane.process(input).await;
-    let position = completion.lock().map(|c| c.position()).unwrap_or(-1);
+    let stats = lane.process(input, 0).await;
+    assert!(!tracker.broken().is_cancelled(), "every record was finished or left");
+    let position = tracker.position();
+    let advances = advances.into_inner().unwrap_or_else(|e| panic!("{e}"));
+    assert!(advances.windows(2).all(|w| w[0] < w[1]), "the prefix only grows: {advances:?}");
+    assert_eq!(advances.last().copied().unwrap_or(position), position, "the last advance is the prefix");
     (stats, position)
 }
 
@@ -191,7 +192,7 @@ async fn a_draining_lane_starts_no_retry_and_leaves_failing_records_to_the_next_
 #[tokio::test(start_paused = true)]
 async fn bisect_isolates_one_poison_record_and_handles_the_rest_once() {
     let handler = Scripted::new(|b| {
-        if b.records.iter().any(|r| r.offset == 11) {
+        if b.records.iter().any(|r| r.position() == 11) {
             Err("poison".into())
         } else {
             Ok(BatchResponse::default())
@@ -263,7 +264,7 @@ async fn the_source_is_resumed_however_failing_records_end() {
         let calls = std::sync::atomic::AtomicU32::new(0);
         let handler = Scripted::new(move |b| {
             let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if b.records.iter().any(|r| r.offset == 2) && n < 3 {
+            if b.records.iter().any(|r| r.position() == 2) && n < 3 {
                 Err("poison".into())
             } else {
                 Ok(BatchResponse::default())
@@ -310,8 +311,8 @@ async fn records_older_than_max_record_age_skip_the_handler() {
     let policy = FailurePolicy { max_record_age: Some(Duration::from_secs(60)), ..policy() };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let mut input = records(0..4);
-    input[1].timestamp_ms = Some(now as i64 - 3_600_000);
-    input[2].timestamp_ms = Some(now as i64);
+    input[1] = record(1, Some(now as i64 - 3_600_000));
+    input[2] = record(2, Some(now as i64));
     let sink = Recording::default();
     let (_, position) = run(&handler, &policy, None, &sink, input).await;
     assert_eq!(sink.got().first().map(|g| (g.0.clone(), g.1.reason)), Some((vec![1], Reason::TooOld)));
@@ -376,4 +377,55 @@ async fn errors_and_panics_are_retried_until_success_when_retries_are_unlimited(
     assert_eq!(stats.map(|s| s.attempts), Ok(3));
     assert!(sink.got().is_empty());
     assert_eq!(position, 2);
+}
+
+/// A killed lease finishes nothing: the attempt in flight is dropped, the
+/// prefix stays where it was, and dropping the undecided records is no
+/// error.
+#[tokio::test(start_paused = true)]
+async fn a_killed_lane_finishes_nothing_and_is_not_an_error() {
+    let mut handler = Scripted::new(|_| Ok(BatchResponse::default()));
+    handler.delay = Duration::from_secs(10);
+    let (kill, drain) = (CancellationToken::new(), CancellationToken::new());
+    let lease = LeaseId::shard("s", 0);
+    let advanced = |p: i64| panic!("advanced to {p} after a kill");
+    let tracker = Tracker::new(0, &kill, &advanced);
+    let input = records(0..4);
+    tracker.add(&input);
+    let (policy, sink) = (policy(), Recording::default());
+    let lane = Lane {
+        handler: &handler,
+        name: "test",
+        policy: &policy,
+        filter: None,
+        sink: &sink,
+        hooks: &(),
+        drain: &drain,
+        lease: &lease,
+        epoch: 1,
+        tracker: &tracker,
+    };
+    let later = kill.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        later.cancel();
+    });
+    assert_eq!(lane.process(input, 0).await, Err(Stopped));
+    assert_eq!(tracker.position(), 0);
+    assert!(!tracker.broken().is_cancelled());
+}
+
+/// Records dropped undecided while the lease runs are a bug: the tracker
+/// breaks (the driver stops the lease) and nothing is finished.
+#[test]
+fn records_dropped_undecided_break_the_lease() {
+    let kill = CancellationToken::new();
+    let advanced = |p: i64| panic!("advanced to {p} by a drop");
+    let tracker = Tracker::new(0, &kill, &advanced);
+    let input = records(0..2);
+    tracker.add(&input);
+    drop(tracker.claim(input));
+    assert!(tracker.broken().is_cancelled());
+    assert_eq!(tracker.position(), 0);
+    drop(tracker.claim(Vec::new()));
 }

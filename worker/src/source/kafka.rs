@@ -1,5 +1,8 @@
 //! The Kafka source: one rdkafka consumer per worker process, with one
-//! partition queue per leased shard.
+//! partition queue per leased shard. A [`Shard`] opens a lease's
+//! partition, makes its resolved start durable (`pin`), and checkpoints
+//! through the coalescing [`Checkpointer`] on every advance of the finished
+//! prefix ([`Checkpoints`]).
 //!
 //! Partitions are assigned by hand (`incremental_assign`), never through a
 //! consumer group: the coordinator is the group. No offsets are committed to
@@ -16,37 +19,46 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use shardline_proto::StartingPosition;
+use shardline_proto::{LeaseId, Mapping, Start, StartingPosition};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-use crate::handler::Record;
+use super::{End, Exit, Finalizer, Lease, Opened, RecordReader, Source};
+use crate::checkpointer::Checkpointer;
+use crate::handler::{Origin, Record};
+use crate::membership::{Session, SessionError};
+use crate::policy::Hooks;
+use crate::sink::FailureSink;
+use crate::sink::kafka::{client_config, transient};
 
-/// Why the source could not do something. All are worth retrying: the
-/// broker may be down or the topic briefly missing.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why the source could not do something.
+#[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("kafka: {0}")]
-    Kafka(String),
+    Kafka(#[from] KafkaError),
+    #[error("kafka: the call resolving a start position died: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
     #[error("partition {topic}/{partition} is already open on this worker")]
     AlreadyOpen { topic: String, partition: u32 },
 }
 
-fn kafka(e: impl std::fmt::Display) -> SourceError {
-    SourceError::Kafka(e.to_string())
-}
-
-/// Where a partition starts when opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// A checkpoint: the next offset to process.
-    Offset(i64),
-    /// The mapping's starting position (no checkpoint yet).
-    Position(StartingPosition, i64),
+impl SourceError {
+    /// Whether trying again can help: the broker may be down or the topic
+    /// briefly missing, and a partition still open is closed by the run
+    /// being stopped; a bad client config or a panic stays.
+    pub fn retryable(&self) -> bool {
+        match self {
+            SourceError::Kafka(e) => transient(e),
+            SourceError::Blocking(e) => !e.is_panic(),
+            SourceError::AlreadyOpen { .. } => true,
+        }
+    }
 }
 
 /// Keeps the high watermarks librdkafka reports in its statistics, so lag
@@ -58,7 +70,7 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn stats(&self, statistics: Statistics) {
-        let Ok(mut high) = self.high.lock() else { return };
+        let mut high = crate::lock(&self.high);
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
                 if partition >= 0 && p.hi_offset >= 0 {
@@ -79,19 +91,16 @@ pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
 }
 
-/// What every Kafka client of a worker starts from. Reconnects back off to
-/// at most 1 s (librdkafka's default is 10 s): a broker that restarts is
-/// read from again within a second of answering, not up to ten later.
-pub fn client_config(brokers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers).set("reconnect.backoff.max.ms", "1000");
-    config
-}
-
 impl KafkaSource {
     /// Creates the consumer and the task that serves its main queue (which
-    /// carries client events; records all go to partition queues).
-    pub fn new(brokers: &str, worker_id: &str, fetch_queue_kib: u32) -> Result<Self, SourceError> {
+    /// carries client events; records all go to partition queues) until
+    /// `stop`.
+    pub fn new(
+        brokers: &str,
+        worker_id: &str,
+        fetch_queue_kib: u32,
+        stop: CancellationToken,
+    ) -> Result<(Self, JoinHandle<()>), SourceError> {
         let consumer: StreamConsumer<SourceContext> = client_config(brokers)
             .set("client.id", format!("shardline-{worker_id}"))
             // librdkafka wants a group id even for manual assignment; it is
@@ -107,13 +116,16 @@ impl KafkaSource {
             .set("queued.min.messages", "10000")
             .set("fetch.wait.max.ms", "100")
             .set("statistics.interval.ms", "1000")
-            .create_with_context(SourceContext::default())
-            .map_err(kafka)?;
+            .create_with_context(SourceContext::default())?;
         let consumer = Arc::new(consumer);
         let main = consumer.clone();
-        tokio::spawn(async move {
+        let events = tokio::spawn(async move {
             loop {
-                match main.recv().await {
+                let event = tokio::select! {
+                    () = stop.cancelled() => return,
+                    event = main.recv() => event,
+                };
+                match event {
                     Ok(m) => tracing::warn!(
                         topic = m.topic(),
                         partition = m.partition(),
@@ -122,63 +134,78 @@ impl KafkaSource {
                     Err(e) => {
                         tracing::warn!(error = %e, "kafka client error");
                         metrics::counter!("shardline_kafka_errors_total").increment(1);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
                     }
                 }
             }
         });
-        Ok(Self { consumer })
+        Ok((Self { consumer }, events))
     }
 
-    /// Resolves `start` to a concrete offset and starts fetching the
-    /// partition from there. The offset is returned so the lease can
-    /// checkpoint it at once: a later owner then continues from the same
-    /// place even if no record was processed (no gap after `latest`).
+    /// Resolves `start` (the mapping's starting position when it is not a
+    /// checkpoint) to a concrete offset and starts fetching the partition
+    /// from there. The offset is returned so the lease can checkpoint it at
+    /// once: a later owner then continues from the same place even if no
+    /// record was processed (no gap after `latest`).
     pub async fn open(
         &self,
         topic: &str,
         partition: u32,
         start: Start,
+        mapping: &Mapping,
     ) -> Result<(PartitionReader, i64), SourceError> {
-        let offset = self.resolve(topic, partition, start).await?;
+        let offset = self.resolve(topic, partition, start, mapping).await?;
         let p = partition as i32;
         let queue = self
             .consumer
             .split_partition_queue(topic, p)
             .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(offset)).map_err(kafka)?;
-        self.consumer.incremental_assign(&tpl).map_err(kafka)?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
+        self.consumer.incremental_assign(&tpl)?;
         let reader = PartitionReader { queue, source: self.clone(), topic: topic.into(), partition };
         Ok((reader, offset))
     }
 
-    async fn resolve(&self, topic: &str, partition: u32, start: Start) -> Result<i64, SourceError> {
-        let consumer = self.consumer.clone();
-        let topic = topic.to_owned();
-        let p = partition as i32;
+    async fn resolve(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: Start,
+        m: &Mapping,
+    ) -> Result<i64, SourceError> {
+        let position = match start {
+            Start::Checkpoint(offset) => return Ok(offset),
+            Start::Earliest => StartingPosition::TrimHorizon,
+            Start::MappingDefault => m.starting_position,
+        };
+        let (consumer, topic, p, ts) =
+            (self.consumer.clone(), topic.to_owned(), partition as i32, m.starting_timestamp_ms);
         let timeout = Duration::from_secs(10);
-        tokio::task::spawn_blocking(move || match start {
-            Start::Offset(o) => Ok(o),
-            Start::Position(StartingPosition::Latest, _) => {
-                consumer.fetch_watermarks(&topic, p, timeout).map(|(_, high)| high).map_err(kafka)
-            }
-            Start::Position(StartingPosition::TrimHorizon, _) => {
-                consumer.fetch_watermarks(&topic, p, timeout).map(|(low, _)| low).map_err(kafka)
-            }
-            Start::Position(StartingPosition::AtTimestamp, ts) => {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&topic, p, Offset::Offset(ts)).map_err(kafka)?;
-                let found = consumer.offsets_for_times(tpl, timeout).map_err(kafka)?;
-                match found.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => Ok(o),
-                    // No record at or after the time: start at the end.
-                    _ => consumer.fetch_watermarks(&topic, p, timeout).map(|(_, high)| high).map_err(kafka),
+        let resolved = tokio::task::spawn_blocking(move || {
+            let watermarks = || consumer.fetch_watermarks(&topic, p, timeout);
+            match position {
+                StartingPosition::Latest => watermarks().map(|(_, high)| high),
+                StartingPosition::TrimHorizon => watermarks().map(|(low, _)| low),
+                StartingPosition::AtTimestamp => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition_offset(&topic, p, Offset::Offset(ts))?;
+                    match consumer
+                        .offsets_for_times(tpl, timeout)?
+                        .find_partition(&topic, p)
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(o)) => Ok(o),
+                        // No record at or after the time: start at the end.
+                        _ => watermarks().map(|(_, high)| high),
+                    }
                 }
             }
-        })
-        .await
-        .map_err(kafka)?
+        });
+        Ok(resolved.await??)
     }
 
     fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
@@ -203,8 +230,7 @@ impl KafkaSource {
 
     /// The partition's high watermark from the latest statistics.
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
-        let high = self.consumer.context().high.lock().ok()?;
-        high.get(&(topic.to_owned(), partition as i32)).copied()
+        crate::lock(&self.consumer.context().high).get(&(topic.to_owned(), partition as i32)).copied()
     }
 }
 
@@ -216,14 +242,13 @@ pub struct PartitionReader {
     pub partition: u32,
 }
 
-impl PartitionReader {
-    /// The next record, waiting for one. Transient client errors are
-    /// logged and waited out; this never gives up on its own (the lease is
-    /// stopped from outside).
-    pub async fn next(&self) -> Record {
+impl RecordReader for PartitionReader {
+    /// Transient client errors are logged and waited out; this never ends
+    /// on its own (the lease is stopped from outside).
+    async fn next(&mut self) -> Option<Record> {
         loop {
             match self.queue.recv().await {
-                Ok(m) => return self.record(&m),
+                Ok(m) => return Some(self.record(&m)),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -232,18 +257,19 @@ impl PartitionReader {
         }
     }
 
-    /// A record if one is already buffered; never waits.
-    pub fn try_next(&self) -> Option<Record> {
+    fn try_next(&mut self) -> Option<Record> {
         match self.queue.recv().now_or_never()? {
             Ok(m) => Some(self.record(&m)),
             Err(_) => None,
         }
     }
 
-    pub fn source(&self) -> &KafkaSource {
-        &self.source
+    fn lag(&self, cut_to: i64, _finished: i64) -> i64 {
+        self.source.high_watermark(&self.topic, self.partition).map_or(-1, |h| (h - cut_to).max(0))
     }
+}
 
+impl PartitionReader {
     fn record(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
         Record {
             key: m.key().map(<[u8]>::to_vec),
@@ -251,9 +277,7 @@ impl PartitionReader {
             tombstone: m.payload().is_none(),
             headers: headers(m),
             timestamp_ms: m.timestamp().to_millis(),
-            stream: self.topic.clone(),
-            partition: self.partition,
-            offset: m.offset(),
+            origin: Origin::Kafka { partition: self.partition, offset: m.offset() },
         }
     }
 }
@@ -300,5 +324,128 @@ impl Drop for PartitionReader {
         if let Err(e) = self.source.consumer.incremental_unassign(&tpl) {
             tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "unassign failed");
         }
+    }
+}
+
+/// A shard lease's partition on the worker's consumer.
+pub struct Shard {
+    pub client: KafkaSource,
+    /// For making the resolved start durable before the first batch.
+    pub session: Session,
+    pub checkpointer: Checkpointer,
+    /// `on_failure`, or discard.
+    pub sink: Box<dyn FailureSink>,
+    pub topic: String,
+    pub partition: u32,
+}
+
+impl Hooks for Shard {
+    fn failing(&self) {
+        self.client.pause(&self.topic, self.partition);
+    }
+
+    fn recovered(&self) {
+        self.client.resume(&self.topic, self.partition);
+    }
+}
+
+impl Source for Shard {
+    type Reader = PartitionReader;
+    type Finalizer = Checkpoints;
+
+    async fn open(&self, lease: &Lease) -> Result<Opened<PartitionReader, Checkpoints>, Exit> {
+        let released = Exit::Released(lease.start.checkpoint());
+        let (reader, opened_at) = self.open_partition(lease).await.ok_or(released)?;
+        if lease.start != Start::Checkpoint(opened_at) {
+            // The resolved start (e.g. `latest`) is acknowledged as the
+            // checkpoint before the first batch runs: a later owner then
+            // continues here even if this worker dies before its first
+            // checkpoint, instead of at the *then* latest offset.
+            self.pin(lease, opened_at).await?;
+        }
+        let finalizer = Checkpoints {
+            checkpointer: self.checkpointer.clone(),
+            lease: lease.id.clone(),
+            epoch: lease.epoch,
+        };
+        Ok(Opened { reader, finalizer, position: opened_at })
+    }
+
+    fn lanes(&self, mapping: &Mapping) -> usize {
+        mapping.parallelization_factor as usize
+    }
+
+    fn sink(&self) -> &dyn FailureSink {
+        &*self.sink
+    }
+}
+
+impl Shard {
+    /// Opens the partition, retrying with backoff while the broker or topic
+    /// is unavailable. `None`: drained before it opened, or it cannot open.
+    async fn open_partition(&self, lease: &Lease) -> Option<(PartitionReader, i64)> {
+        let backoff = (Duration::from_millis(100), Duration::from_secs(10));
+        let opened = crate::persist(&lease.drain, backoff, |wait| async move {
+            match self.client.open(&self.topic, self.partition, lease.start, &lease.mapping).await {
+                Ok(opened) => Some(Some(opened)),
+                Err(e) if !e.retryable() => {
+                    tracing::error!(lease = %lease.id, error = %e, "cannot open the partition; giving the lease back");
+                    Some(None)
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %lease.id, error = %e, ?wait, "cannot open partition; retrying");
+                    metrics::counter!("shardline_source_errors_total").increment(1);
+                    None
+                }
+            }
+        });
+        opened.await.flatten()
+    }
+
+    /// Checkpoints the resolved start and waits for the acknowledgement,
+    /// retrying while the coordinator is unreachable.
+    async fn pin(&self, lease: &Lease, offset: i64) -> Result<(), Exit> {
+        let backoff = (Duration::from_millis(100), Duration::from_secs(2));
+        let pinned = crate::persist(&lease.drain, backoff, |_| async move {
+            match self
+                .session
+                .checkpoint(vec![(lease.id.clone(), lease.epoch, offset)])
+                .await
+                .map(|mut r| r.pop())
+            {
+                Ok(Some(Ok(()))) => Some(Ok(())),
+                Ok(Some(Err(SessionError::Fenced { .. }))) => Some(Err(Exit::Killed)),
+                Ok(other) => {
+                    tracing::warn!(lease = %lease.id, ?other, "start checkpoint refused; retrying");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %lease.id, error = %e, "start checkpoint failed; retrying");
+                    None
+                }
+            }
+        });
+        pinned.await.unwrap_or(Err(Exit::Released(lease.start.checkpoint())))
+    }
+}
+
+/// A shard's finalizer: every advance of the finished prefix is submitted
+/// to the coalescing checkpointer; the final one goes in the release.
+pub struct Checkpoints {
+    checkpointer: Checkpointer,
+    lease: LeaseId,
+    epoch: u64,
+}
+
+impl Finalizer for Checkpoints {
+    fn advanced(&self, next: i64) {
+        self.checkpointer.submit(&self.lease, self.epoch, next);
+    }
+
+    async fn close(self, how: End, next: i64) -> Option<i64> {
+        // The final position travels in the release alone: a pending
+        // checkpoint of it is dropped.
+        self.checkpointer.forget(&self.lease);
+        (how == End::Drained).then_some(next)
     }
 }

@@ -6,19 +6,55 @@
 //! why it gave up. The shard may checkpoint past it only once the broker has
 //! acknowledged the write.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use shardline_proto::LeaseId;
+use shardline_proto::topology::headers;
 
-use crate::handler::{BoxFuture, Record};
-use crate::policy::{FailureSink, GaveUp};
+use super::{FailureSink, GaveUp, Sent, SinkError};
+use crate::handler::Record;
+
+/// What every Kafka client of a worker starts from. Reconnects back off to
+/// at most 1 s (librdkafka's default is 10 s): a broker that restarts is
+/// read from again within a second of answering, not up to ten later.
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("reconnect.backoff.max.ms", "1000");
+    config
+}
+
+/// Whether a Kafka error may go away by itself (a broker down, a leader
+/// moving, a timeout), not only after someone changes something (the
+/// client's config, a record too large for the topic, permissions).
+pub fn transient(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    match e {
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) | KafkaError::Nul(_) => false,
+        _ => !matches!(
+            e.rdkafka_error_code(),
+            Some(
+                C::MessageSizeTooLarge
+                    | C::InvalidMessageSize
+                    | C::InvalidMessage
+                    | C::TopicAuthorizationFailed
+                    | C::InvalidTopic
+                    | C::MessageBatchTooLarge
+                    | C::InvalidArgument
+            )
+        ),
+    }
+}
 
 /// The producer for what a worker writes to Kafka (on_failure, forward):
 /// each write acknowledged by every in-sync replica before it counts.
 pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
-    crate::source::kafka::client_config(brokers).set("acks", "all").set("linger.ms", "5").create()
+    client_config(brokers).set("acks", "all").set("linger.ms", "5").create()
 }
 
 /// Copies `records` to `topic`, keeping key, value and headers and adding
@@ -27,9 +63,9 @@ pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
 pub async fn copy_to(
     producer: &FutureProducer,
     topic: &str,
-    records: &[Record],
+    records: &[Arc<Record>],
     extra: impl Fn(&Record) -> Vec<(&'static str, String)>,
-) -> Result<(), String> {
+) -> Result<(), SinkError> {
     let sends = records.iter().map(|r| {
         let added = extra(r);
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + added.len());
@@ -50,30 +86,30 @@ pub async fn copy_to(
         producer.send(record, Duration::from_secs(30))
     });
     for result in futures::future::join_all(sends).await {
-        result.map_err(|(e, _)| format!("write to {topic}: {e}"))?;
+        result.map_err(|(source, _)| SinkError::Kafka { topic: topic.to_owned(), source })?;
     }
     Ok(())
 }
 
 /// Writes records that gave up to one Kafka topic.
-pub struct KafkaFailureSink {
+pub struct OnFailure {
     pub producer: FutureProducer,
     pub topic: String,
 }
 
-impl FailureSink for KafkaFailureSink {
-    fn send<'a>(&'a self, records: &'a [Record], why: &'a GaveUp) -> BoxFuture<'a, Result<(), String>> {
+impl FailureSink for OnFailure {
+    fn send<'a>(&'a self, lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a> {
         Box::pin(async move {
             let failed_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
             copy_to(&self.producer, &self.topic, records, |r| {
                 vec![
-                    ("shardline.source.stream", r.stream.clone()),
-                    ("shardline.source.partition", r.partition.to_string()),
-                    ("shardline.source.offset", r.offset.to_string()),
-                    ("shardline.attempts", why.attempts.to_string()),
-                    ("shardline.reason", why.reason.as_str().to_owned()),
-                    ("shardline.error", why.error.clone()),
-                    ("shardline.failed_at", failed_at.clone()),
+                    (headers::SOURCE_STREAM, lease.name.clone()),
+                    (headers::SOURCE_PARTITION, r.shard().to_string()),
+                    (headers::SOURCE_OFFSET, r.position().to_string()),
+                    (headers::ATTEMPTS, why.attempts.to_string()),
+                    (headers::REASON, why.reason.as_str().to_owned()),
+                    (headers::ERROR, why.error.clone()),
+                    (headers::FAILED_AT, failed_at.clone()),
                 ]
             })
             .await?;

@@ -8,12 +8,39 @@
 //! the producer. Persistent delivery mode, so a confirmed message on a
 //! durable queue survives a broker restart.
 
+use std::time::Duration;
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
 
-use super::Amqp;
+use crate::amqp::Amqp;
+
+/// A publish that did not go through. Every kind may succeed on a later
+/// try except an unroutable message, which needs the topology declared (by
+/// the coordinator, or the operator for `forward`'s exchange).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{what}: {source}")]
+    Channel { what: String, source: lapin::Error },
+    #[error("RabbitMQ refused (nack) a message for exchange `{exchange}`")]
+    Nacked { exchange: String },
+    #[error(
+        "no queue is bound to exchange `{exchange}` with routing key `{routing_key}`: the message would be lost"
+    )]
+    Unroutable { exchange: String, routing_key: String },
+}
+
+impl PublishError {
+    /// Whether publishing the same messages again can help without anyone
+    /// declaring anything.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, PublishError::Unroutable { .. })
+    }
+}
 
 /// One message to publish.
 #[derive(Debug, Clone, Default)]
@@ -48,27 +75,24 @@ impl Publisher {
         Self::new(Amqp::new(url, name))
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
+    async fn channel(&self) -> Result<Channel, PublishError> {
         let mut slot = self.channel.lock().await;
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(channel.clone());
         }
         // One attempt through the connection's backoff, bounded so a
         // caller's own retry policy stays in charge.
-        let stop = CancellationToken::new();
-        let guard = stop.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-            guard.cancel();
-        });
-        let channel = self.amqp.channel(&stop).await;
-        timer.abort();
-        let channel = channel
-            .ok_or_else(|| self.amqp.problem().unwrap_or_else(|| "amqp: no connection within 5s".into()))?;
+        let never = CancellationToken::new();
+        let bounded = tokio::time::timeout(Duration::from_secs(5), self.amqp.channel(&never));
+        let channel = bounded.await.ok().flatten().ok_or_else(|| {
+            PublishError::Unavailable(
+                self.amqp.problem().unwrap_or_else(|| "amqp: no connection within 5s".into()),
+            )
+        })?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| format!("confirm.select: {e}"))?;
+            .map_err(|source| PublishError::Channel { what: "confirm.select".into(), source })?;
         *slot = Some(channel.clone());
         Ok(channel)
     }
@@ -77,7 +101,7 @@ impl Publisher {
     /// names the first message that was not confirmed or not routed; the
     /// caller must treat all of them as not published (some may have been:
     /// at-least-once).
-    pub async fn publish(&self, messages: &[Message]) -> Result<(), String> {
+    pub async fn publish(&self, messages: &[Message]) -> Result<(), PublishError> {
         let channel = self.channel().await?;
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -101,30 +125,32 @@ impl Publisher {
                     props,
                 )
                 .await
-                .map_err(|e| self.failed(format!("publish to `{}`: {e}", m.exchange)))?;
+                .map_err(|source| self.failed(format!("publish to `{}`", m.exchange), source))?;
             confirms.push((m, confirm));
         }
         for (m, confirm) in confirms {
-            let confirmation =
-                confirm.await.map_err(|e| self.failed(format!("confirm from `{}`: {e}", m.exchange)))?;
+            let confirmation = confirm
+                .await
+                .map_err(|source| self.failed(format!("confirm from `{}`", m.exchange), source))?;
             if confirmation.is_nack() {
-                return Err(format!("RabbitMQ refused (nack) a message for exchange `{}`", m.exchange));
+                return Err(PublishError::Nacked { exchange: m.exchange.clone() });
             }
             if confirmation.take_message().is_some() {
-                return Err(format!(
-                    "no queue is bound to exchange `{}` with routing key `{}`: the message would be lost",
-                    m.exchange, m.routing_key
-                ));
+                return Err(PublishError::Unroutable {
+                    exchange: m.exchange.clone(),
+                    routing_key: m.routing_key.clone(),
+                });
             }
         }
         Ok(())
     }
 
-    /// Forgets a channel that failed, so the next publish opens a new one.
-    fn failed(&self, message: String) -> String {
+    /// Forgets a channel that failed, so the next publish opens a new one
+    /// (one busy opening a channel already replaces it).
+    fn failed(&self, what: String, source: lapin::Error) -> PublishError {
         if let Ok(mut slot) = self.channel.try_lock() {
             *slot = None;
         }
-        message
+        PublishError::Channel { what, source }
     }
 }

@@ -1,5 +1,7 @@
 //! RabbitMQ on the worker: one AMQP connection per process (DESIGN.md),
-//! with a channel per queue slot and one for publishing.
+//! with a channel per queue slot ([`crate::source::amqp`]) and one for
+//! publishing ([`Publisher`], which lives with the sinks and is
+//! re-exported here for handlers, tests and the load test).
 //!
 //! [`Amqp`] owns the connection. It connects on first use, and whoever
 //! finds it broken reconnects it with backoff (one at a time); until it is
@@ -9,9 +11,6 @@
 //! deliveries back in the queue, so nothing acknowledged is ever lost and
 //! nothing unacknowledged is ever skipped.
 
-mod publish;
-pub mod slot;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
-pub use publish::{Message, Publisher};
+pub use crate::sink::publish::{Message, PublishError, Publisher};
 
 /// The process's AMQP connection; cheap to clone.
 #[derive(Clone)]
@@ -59,35 +58,30 @@ impl Amqp {
 
     /// `Some(reason)` while the connection is down.
     pub fn problem(&self) -> Option<String> {
-        self.inner.problem.lock().ok().and_then(|p| p.clone())
+        crate::lock(&self.inner.problem).clone()
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        if let Ok(mut p) = self.inner.problem.lock() {
-            *p = problem;
-        }
-        metrics::gauge!("shardline_amqp_connected").set(if self.problem().is_some() { 0.0 } else { 1.0 });
+        let connected = problem.is_none();
+        *crate::lock(&self.inner.problem) = problem;
+        metrics::gauge!("shardline_amqp_connected").set(if connected { 1.0 } else { 0.0 });
     }
 
     /// A new channel, reconnecting with backoff as long as it takes;
     /// `None` once `stop` fires.
     pub async fn channel(&self, stop: &CancellationToken) -> Option<Channel> {
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match self.try_channel().await {
+        let backoff = (Duration::from_millis(100), Duration::from_secs(5));
+        crate::persist(stop, backoff, |wait| async move {
+            let e = match self.try_channel().await {
                 Ok(channel) => return Some(channel),
-                Err(e) => {
-                    tracing::warn!(error = %e, ?wait, "RabbitMQ unavailable; retrying");
-                    self.set_problem(Some(format!("amqp: {e}")));
-                    metrics::counter!("shardline_source_errors_total").increment(1);
-                }
-            }
-            tokio::select! {
-                () = stop.cancelled() => return None,
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+                Err(e) => e,
+            };
+            tracing::warn!(error = %e, ?wait, "RabbitMQ unavailable; retrying");
+            self.set_problem(Some(format!("amqp: {e}")));
+            metrics::counter!("shardline_source_errors_total").increment(1);
+            None
+        })
+        .await
     }
 
     async fn try_channel(&self) -> Result<Channel, lapin::Error> {

@@ -1,0 +1,136 @@
+//! Where failing queue messages go: the retry queue of their next delay
+//! (`S.retry.<ms>ms`, which brings them back to `S` after the delay), or
+//! the dead-letter exchange once `max_retries` is used up or they are older
+//! than `max_record_age`. Published with confirms; the slot acks the
+//! original only after this returns `Ok`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use shardline_proto::topology::{self, headers};
+use shardline_proto::{FailurePolicy, LeaseId};
+
+use super::publish::{Message, Publisher};
+use super::{FailureSink, GaveUp, Reason, Sent};
+use crate::amqp::is_broker_header;
+use crate::handler::Record;
+
+/// Each delivery's original properties by delivery tag, kept by the slot
+/// that consumes so a failing message is republished faithfully.
+pub type Properties = Arc<Mutex<HashMap<u64, BasicProperties>>>;
+
+/// The retry and dead-letter destinations of one subscription.
+pub struct RetrySink {
+    pub publisher: Publisher,
+    pub subscription: String,
+    pub delays: Vec<Duration>,
+    pub max_retries: Option<u32>,
+    pub properties: Properties,
+    pub worker: String,
+}
+
+impl RetrySink {
+    pub fn new(publisher: Publisher, subscription: &str, policy: &FailurePolicy, worker: &str) -> Self {
+        Self {
+            publisher,
+            subscription: subscription.to_owned(),
+            delays: topology::retry_delays(policy),
+            max_retries: policy.max_retries,
+            properties: Properties::default(),
+            worker: worker.to_owned(),
+        }
+    }
+
+    /// The republished copy of `r`, to the retry queue or the dead letters.
+    fn message(&self, r: &Record, why: &GaveUp, now_ms: u128, failed_at: &str) -> (Message, bool) {
+        let attempts = previous_attempts(r) + why.attempts.max(1);
+        let to_dlq = why.reason == Reason::TooOld || self.max_retries.is_some_and(|max| attempts > max);
+        let ours =
+            |k: &str| is_broker_header(k) || k == headers::ATTEMPTS || k == headers::ATTEMPTS_FAILED_AT;
+        let mut table = FieldTable::default();
+        for (k, v) in r.headers.iter().filter(|(k, _)| !ours(k)) {
+            table.insert(k.as_str().into(), AMQPValue::LongString(v.clone().into()));
+        }
+        let original = crate::lock(&self.properties).get(&(r.position() as u64)).cloned();
+        if let Some(h) = original.as_ref().and_then(|p| p.headers().as_ref()) {
+            // Keep the original header types (not the byte copies).
+            for (k, v) in h.inner().iter().filter(|(k, _)| !ours(k.as_str())) {
+                table.insert(k.clone(), v.clone());
+            }
+        }
+        table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+        // When each attempt failed (Unix ms), oldest first: the retry
+        // history travels with the message into the dead-letter queue.
+        let history = match r.headers.iter().find(|(k, _)| k == headers::ATTEMPTS_FAILED_AT) {
+            Some((_, before)) => format!("{},{now_ms}", String::from_utf8_lossy(before)),
+            None => now_ms.to_string(),
+        };
+        table.insert(headers::ATTEMPTS_FAILED_AT.into(), AMQPValue::LongString(history.into()));
+        table.insert(headers::ERROR.into(), AMQPValue::LongString(why.error.clone().into()));
+        let (exchange, routing_key) = if to_dlq {
+            for (k, v) in [
+                (headers::REASON, why.reason.as_str()),
+                (headers::FAILED_AT, failed_at),
+                (headers::SOURCE_SUBSCRIPTION, self.subscription.as_str()),
+                (headers::WORKER, self.worker.as_str()),
+            ] {
+                table.insert(k.into(), AMQPValue::LongString(v.to_owned().into()));
+            }
+            (topology::dead_letter_exchange(&self.subscription), String::new())
+        } else {
+            let delay = topology::retry_delay(&self.delays, attempts);
+            (String::new(), topology::retry_queue(&self.subscription, delay))
+        };
+        // The original's properties, or (none kept) what the record says.
+        let message = Message {
+            exchange,
+            routing_key,
+            body: r.value.clone(),
+            headers: table,
+            message_id: original
+                .is_none()
+                .then(|| r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()))
+                .flatten(),
+            timestamp: original
+                .as_ref()
+                .map_or(r.timestamp_ms.map(|ms| (ms / 1000) as u64), |p| *p.timestamp()),
+            properties: original.map(|p| p.with_headers(FieldTable::default())),
+        };
+        (message, to_dlq)
+    }
+}
+
+/// Attempts a record has had before this delivery.
+fn previous_attempts(r: &Record) -> u32 {
+    r.headers
+        .iter()
+        .find(|(k, _)| k == headers::ATTEMPTS)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl FailureSink for RetrySink {
+    fn send<'a>(&'a self, _lease: &'a LeaseId, records: &'a [Arc<Record>], why: &'a GaveUp) -> Sent<'a> {
+        Box::pin(async move {
+            let now = std::time::SystemTime::now();
+            let failed_at = humantime::format_rfc3339_millis(now).to_string();
+            let now_ms = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+            let (mut messages, mut dead) = (Vec::with_capacity(records.len()), 0u64);
+            for r in records {
+                let (message, to_dlq) = self.message(r, why, now_ms, &failed_at);
+                dead += u64::from(to_dlq);
+                messages.push(message);
+            }
+            self.publisher.publish(&messages).await?;
+            let subscription = self.subscription.clone();
+            metrics::counter!("shardline_retries_total", "subscription" => subscription.clone())
+                .increment(messages.len() as u64 - dead);
+            metrics::counter!("shardline_dead_lettered_total", "subscription" => subscription)
+                .increment(dead);
+            Ok(())
+        })
+    }
+}

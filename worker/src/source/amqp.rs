@@ -1,0 +1,252 @@
+//! The RabbitMQ source: a queue slot consumes the subscription queue on a
+//! channel of its own with `basic.qos` prefetch of twice the batch size
+//! (room for the next batch while one is in the handler, so the slot does
+//! not idle for a round trip after each ack), and acks with one
+//! multiple-ack per batch, up to the contiguous finished prefix of delivery
+//! tags ([`Acks`]). Released: the consumer is cancelled and the channel
+//! closed, so the rest of the prefetch goes back to the queue. Lost: the
+//! channel is closed at once, and RabbitMQ redelivers everything unacked. A
+//! channel that breaks is reopened; delivery tags start at 1 on each.
+//!
+//! Each delivery is tried once: a failing message goes to its retry queue
+//! or the dead letters ([`RetrySink`]), and is acked only after that
+//! publish is confirmed. So retries wait in RabbitMQ, not in a hot
+//! `nack(requeue)` loop, and a worker crash during a retry delay loses
+//! nothing. With `bisect_on_error` a failing batch is split first, so the
+//! good records of a batch are acked and only the poison goes round.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use shardline_proto::{FailurePolicy, LeaseId};
+
+use super::{End, Exit, Finalizer, Lease, Opened, RecordReader, Source};
+use crate::amqp::{Amqp, Publisher, header_bytes};
+use crate::handler::{Origin, Record};
+use crate::policy::Hooks;
+use crate::sink::FailureSink;
+use crate::sink::retry::{Properties, RetrySink};
+
+/// A queue slot of a subscription.
+pub struct Slot {
+    amqp: Amqp,
+    tag: String,
+    /// The mapping's policy with one attempt per delivery: retries go round
+    /// through the retry queues.
+    policy: FailurePolicy,
+    sink: RetrySink,
+}
+
+impl Slot {
+    pub fn new(amqp: Amqp, publisher: Publisher, worker_id: &str, lease: &Lease) -> Self {
+        let policy = FailurePolicy { max_retries: Some(0), ..lease.mapping.policy.clone() };
+        Self {
+            amqp,
+            tag: format!("{worker_id}/{}/{}", lease.id, lease.epoch),
+            policy,
+            sink: RetrySink::new(publisher, &lease.id.name, &lease.mapping.policy, worker_id),
+        }
+    }
+
+    async fn consume(
+        &self,
+        channel: &Channel,
+        lease: &Lease,
+    ) -> Result<Consumer, (&'static str, lapin::Error)> {
+        let prefetch = u16::try_from(lease.mapping.batch_size.max(1).saturating_mul(2)).unwrap_or(u16::MAX);
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| ("basic.qos", e))?;
+        let queue = lease.id.name.as_str();
+        let options = BasicConsumeOptions::default();
+        let consumer = channel
+            .basic_consume(queue.into(), self.tag.as_str().into(), options, FieldTable::default())
+            .await
+            .map_err(|e| ("basic.consume", e))?;
+        tracing::info!(lease = %lease.id, epoch = lease.epoch, prefetch, "consuming");
+        Ok(consumer)
+    }
+}
+
+impl Hooks for Slot {}
+
+impl Source for Slot {
+    type Reader = Deliveries;
+    type Finalizer = Acks;
+
+    async fn open(&self, lease: &Lease) -> Result<Opened<Deliveries, Acks>, Exit> {
+        let backoff = (Duration::from_millis(200), Duration::from_secs(5));
+        let opened = crate::persist(&lease.drain, backoff, |wait| async move {
+            let channel = self.amqp.channel(&lease.drain).await?;
+            match self.consume(&channel, lease).await {
+                Ok(consumer) => {
+                    // Tags of an earlier channel mean nothing on this one.
+                    crate::lock(&self.sink.properties).clear();
+                    let properties = self.sink.properties.clone();
+                    let finalizer = Acks {
+                        channel,
+                        tag: self.tag.clone(),
+                        lease: lease.id.clone(),
+                        acked: AtomicI64::new(0),
+                        properties: properties.clone(),
+                    };
+                    let reader =
+                        Deliveries { consumer, slot: lease.id.index, properties, received: 0, ended: false };
+                    Some(Opened { reader, finalizer, position: 1 })
+                }
+                Err((what, e)) => {
+                    // A channel-level refusal (say the queue is not declared
+                    // yet) is this slot's problem, not the connection's.
+                    tracing::warn!(lease = %lease.id, error = %e, what, ?wait, "queue slot cannot consume; retrying");
+                    metrics::counter!("shardline_source_errors_total").increment(1);
+                    close(&channel, "reopening").await;
+                    None
+                }
+            }
+        });
+        opened.await.ok_or(Exit::Released(None))
+    }
+
+    fn policy<'a>(&'a self, _mapping: &'a shardline_proto::Mapping) -> &'a FailurePolicy {
+        &self.policy
+    }
+
+    fn sink(&self) -> &dyn FailureSink {
+        &self.sink
+    }
+}
+
+/// Closes a channel that is done with; one that is already gone (the usual
+/// case after it broke) has nothing left to close.
+async fn close(channel: &Channel, why: &str) {
+    if let Err(e) = channel.close(200, why.into()).await {
+        tracing::debug!(error = %e, why, "closing a channel that is already gone");
+    }
+}
+
+/// One channel's deliveries, in order, as records.
+pub struct Deliveries {
+    consumer: Consumer,
+    slot: u32,
+    properties: Properties,
+    /// The newest delivery tag seen.
+    received: i64,
+    /// The consumer ended: cancelled by the broker (queue deleted), channel
+    /// closed or connection lost.
+    ended: bool,
+}
+
+impl Deliveries {
+    fn take(&mut self, delivery: Option<Result<lapin::message::Delivery, lapin::Error>>) -> Option<Record> {
+        let delivery = match delivery {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                tracing::warn!(slot = self.slot, error = %e, "consumer failed");
+                self.ended = true;
+                return None;
+            }
+            None => {
+                self.ended = true;
+                return None;
+            }
+        };
+        self.received = i64::try_from(delivery.delivery_tag).unwrap_or(i64::MAX);
+        if delivery.redelivered {
+            metrics::counter!("shardline_redeliveries_total").increment(1);
+        }
+        let properties = &delivery.properties;
+        let headers = properties
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().iter().map(|(k, v)| (k.as_str().to_owned(), header_bytes(v))).collect())
+            .unwrap_or_default();
+        // The message id is the key.
+        let record = Record {
+            key: properties.message_id().as_ref().map(|id| id.as_str().as_bytes().to_vec()),
+            value: delivery.data,
+            tombstone: false,
+            headers,
+            timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
+            origin: Origin::Queue {
+                slot: self.slot,
+                delivery_tag: delivery.delivery_tag,
+                redelivered: delivery.redelivered,
+            },
+        };
+        crate::lock(&self.properties).insert(delivery.delivery_tag, delivery.properties);
+        Some(record)
+    }
+}
+
+impl RecordReader for Deliveries {
+    async fn next(&mut self) -> Option<Record> {
+        if self.ended {
+            return None;
+        }
+        let delivery = self.consumer.next().await;
+        self.take(delivery)
+    }
+
+    fn try_next(&mut self) -> Option<Record> {
+        if self.ended {
+            return None;
+        }
+        let delivery = self.consumer.next().now_or_never()?;
+        self.take(delivery)
+    }
+
+    fn lag(&self, _cut_to: i64, finished: i64) -> i64 {
+        (self.received - (finished - 1)).max(0)
+    }
+}
+
+/// A slot's finalizer: one multiple-ack per batch up to the finished
+/// prefix; on the way out, cancel and close (release) or just close.
+pub struct Acks {
+    channel: Channel,
+    tag: String,
+    lease: LeaseId,
+    /// The highest delivery tag acked.
+    acked: AtomicI64,
+    /// Kept for republishing until acked.
+    properties: Properties,
+}
+
+impl Finalizer for Acks {
+    async fn settle(&self, next: i64) -> bool {
+        let upto = next - 1;
+        if upto <= self.acked.load(Ordering::Relaxed) {
+            return true;
+        }
+        // Everything below `next` is finished: one ack for all.
+        let options = BasicAckOptions { multiple: true };
+        if let Err(e) = self.channel.basic_ack(upto as u64, options).await {
+            tracing::warn!(lease = %self.lease, error = %e, "ack failed; the batch will be redelivered");
+            return false;
+        }
+        self.acked.store(upto, Ordering::Relaxed);
+        crate::lock(&self.properties).retain(|tag, _| *tag as i64 >= next);
+        true
+    }
+
+    async fn close(self, how: End, _next: i64) -> Option<i64> {
+        match how {
+            End::Drained => {
+                // Stop deliveries, then close; the prefetched rest goes
+                // back to the queue for the slot's next owner.
+                let cancel =
+                    self.channel.basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+                if let Err(e) = cancel.await {
+                    tracing::warn!(lease = %self.lease, error = %e, "basic.cancel failed; closing the channel anyway");
+                }
+                close(&self.channel, "slot released").await;
+            }
+            // Lost: nothing more is acked; closing returns the rest.
+            End::Killed | End::Failed => close(&self.channel, "slot lost").await,
+            End::Broken => close(&self.channel, "reopening").await,
+        }
+        None
+    }
+}
