@@ -5,6 +5,7 @@
 //! the source partition and offset and the worker that processed it.
 
 use std::collections::{BTreeMap, BTreeSet};
+
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +13,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use shardline_testkit::receipts::{Counts, Order};
 
 use crate::kafka_brokers;
 
@@ -208,29 +211,22 @@ pub struct Verdict {
 }
 
 /// Checks receipts of ids `0..produced`. With a one-partition receipts
-/// topic, receipt order is processing order.
+/// topic, receipt order is processing order: per source partition,
+/// first-time receipts must come in offset order.
 pub fn verify(receipts: &[Receipt], produced: u64) -> Verdict {
-    let mut seen = BTreeMap::<u64, usize>::new();
+    let mut counts = Counts::default();
+    let mut order = Order::default();
     for r in receipts {
-        *seen.entry(r.id).or_default() += 1;
-    }
-    let lost = (0..produced).filter(|i| !seen.contains_key(i)).collect();
-    let duplicates = seen.values().map(|c| c - 1).sum();
-    // Per source partition, first-time receipts must come in offset order.
-    let mut highest = BTreeMap::<u32, i64>::new();
-    let mut first = BTreeSet::new();
-    let mut order_violations = 0;
-    for r in receipts {
-        if !first.insert(r.id) {
-            continue; // a redelivery may repeat older offsets
+        if counts.add(r.id) {
+            order.see(r.partition, r.offset);
         }
-        let h = highest.entry(r.partition).or_insert(-1);
-        if r.offset < *h {
-            order_violations += 1;
-        }
-        *h = (*h).max(r.offset);
     }
-    Verdict { unique: seen.len(), duplicates, lost, order_violations }
+    Verdict {
+        unique: counts.unique(),
+        duplicates: counts.duplicates() as usize,
+        lost: counts.lost(produced).collect(),
+        order_violations: order.violations as usize,
+    }
 }
 
 /// One record read back from a topic, with its key, headers and timestamp

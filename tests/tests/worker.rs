@@ -15,8 +15,8 @@ use anyhow::{Context, Result, ensure};
 use shardline_proto::v1;
 use shardline_tests::kafka::{Receipt, Verdict, produce, producer, read_receipts, verify};
 use shardline_tests::{
-    Coordinator, create_topic, eventually, free_port, http_get, metric, owners, scrape, start_worker_with,
-    unique,
+    Coordinator, create_topic, eventually, free_port, http_get, metric, owners, scrape, scrape_or_zero,
+    start_worker_with, unique,
 };
 use tokio::task::JoinHandle;
 
@@ -336,9 +336,9 @@ async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_du
     ensure!(counts.get("c").is_some_and(|&n| n > 0), "c processed nothing: {counts:?}");
 
     let body = http_get(&metrics, "/metrics").await?;
-    let moves = metric(&body, "shardline_rebalance_moves_total").unwrap_or(0.0);
-    let forced = metric(&body, "shardline_handoffs_forced_total").unwrap_or(0.0);
-    let failovers = metric(&body, "shardline_failovers_total").unwrap_or(0.0);
+    let moves = metric(&body, "shardline_rebalance_moves_total")?;
+    let forced = metric(&body, "shardline_handoffs_forced_total")?;
+    let failovers = metric(&body, "shardline_failovers_total")?;
     eprintln!(
         "scale-out: coordinator rebalance moves {moves}, forced handoffs {forced}, failovers {failovers}"
     );
@@ -425,7 +425,9 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
     let woke: Vec<&Receipt> = got.iter().filter(|r| r.worker == "z" && r.timestamp_ms > woke_ms).collect();
     let redone = woke.iter().filter(|r| by_others.contains(&r.id)).count();
     let (samples, backwards) = watch.finish().await?;
-    let refused = scrape(&coordinator_metrics, "shardline_checkpoints_total{result=\"refused\"}").await?;
+    // Created at the first refusal.
+    let refused =
+        scrape_or_zero(&coordinator_metrics, "shardline_checkpoints_total{result=\"refused\"}").await?;
     let accepted = scrape(&coordinator_metrics, "shardline_checkpoints_total{result=\"accepted\"}").await?;
     eprintln!(
         "zombie: z counted {lost} lost leases (held {}); coordinator refused {refused} checkpoints, \
@@ -464,15 +466,12 @@ async fn handler_init_runs_once_per_worker_process() -> Result<()> {
 
     for (id, addr) in &addrs {
         let body = http_get(addr, "/metrics").await?;
-        let inits = metric(&body, "shardline_handler_inits_total{handler=\"forward\"}");
-        let batches = metric(&body, "shardline_batches_total{handler=\"forward\"}");
-        eprintln!("init once: worker {id}: inits {inits:?}, batches {batches:?}");
-        ensure!(batches.is_some_and(|b| b > 8.0), "worker {id} ran {batches:?} batches; want more than 8");
+        let inits = metric(&body, "shardline_handler_inits_total{handler=\"forward\"}")?;
+        let batches = metric(&body, "shardline_batches_total{handler=\"forward\"}")?;
+        eprintln!("init once: worker {id}: inits {inits}, batches {batches}");
+        ensure!(batches > 8.0, "worker {id} ran {batches} batches; want more than 8");
         let series: Vec<&str> = body.lines().filter(|l| l.starts_with("shardline_")).collect();
-        ensure!(
-            inits == Some(1.0),
-            "worker {id}: handler inits {inits:?}; want exactly 1; series: {series:#?}"
-        );
+        ensure!(inits == 1.0, "worker {id}: handler inits {inits}; want exactly 1; series: {series:#?}");
     }
     Ok(())
 }
@@ -508,8 +507,8 @@ async fn sigterm_hands_leases_over_without_duplicates_and_exits_0() -> Result<()
     eprintln!("sigterm: receipts by worker {:?}", by_worker(&got));
     ensure!(v.duplicates == 0, "{} duplicates after a graceful stop", v.duplicates);
     let body = http_get(&metrics, "/metrics").await?;
-    let expired = metric(&body, "shardline_workers_expired_total").unwrap_or(0.0);
-    let failovers = metric(&body, "shardline_failovers_total").unwrap_or(0.0);
+    let expired = metric(&body, "shardline_workers_expired_total")?;
+    let failovers = metric(&body, "shardline_failovers_total")?;
     ensure!(
         expired == 0.0 && failovers == 0.0,
         "leases moved by timeout: {expired} expired, {failovers} failovers"
