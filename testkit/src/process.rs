@@ -41,7 +41,7 @@ pub fn check_bin(bin: &Path, flag: &str) -> Result<()> {
 /// Leaves the operator's `SHARDLINE_*` settings out of a child's
 /// environment: the generated config says everything (a token in the
 /// shell would make every call fail).
-pub fn hermetic(command: &mut Command) -> &mut Command {
+fn hermetic(command: &mut Command) -> &mut Command {
     for var in [
         "SHARDLINE_TOKEN",
         "SHARDLINE_KAFKA_BROKERS",
@@ -143,7 +143,8 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `shardline-coordinator --config CONFIG` and waits up to `timeout`
+/// Starts `shardline-coordinator --config CONFIG` (with no `SHARDLINE_*`
+/// variables: the config says everything) and waits up to `timeout`
 /// for its `listening ADDR` line. Stdout is drained by a thread afterwards,
 /// so a full pipe never blocks the child; stderr (its log) goes to
 /// `stderr`. Blocking.
@@ -154,7 +155,12 @@ pub fn start_coordinator(
     timeout: Duration,
 ) -> Result<(Proc, SocketAddr)> {
     let mut command = Command::new(bin);
-    command.arg("--config").arg(config).env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(stderr);
+    hermetic(&mut command)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr);
     let mut proc = Proc::spawn("coordinator", command)?;
     let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -191,7 +197,7 @@ pub fn start_coordinator(
 /// prints nothing when ready.
 pub fn start_worker(bin: &Path, config: &Path, id: &str, stderr: Stdio) -> Result<Proc> {
     let mut command = Command::new(bin);
-    command
+    hermetic(&mut command)
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")

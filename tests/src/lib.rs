@@ -50,7 +50,7 @@ impl Coordinator {
             data_dir,
             metrics_listen: None,
             kafka_brokers: Some(&brokers),
-            settings: config::parse(config)?,
+            settings: with_amqp_url(config::parse(config)?),
         })?;
         std::fs::write(&path, text).context("write config")?;
         let bin = bin("shardline-coordinator");
@@ -111,10 +111,17 @@ fn worker(coordinator_url: &str, worker_id: &str, settings: toml::Table) -> Resu
         worker_id,
         kafka_brokers: &kafka_brokers(),
         metrics_listen: None,
-        settings,
+        settings: with_amqp_url(settings),
     })?;
     std::fs::write(&path, text).context("write worker config")?;
     process::start_worker(&bin("shardline-worker"), &path, worker_id, Stdio::inherit())
+}
+
+/// The binaries start without `SHARDLINE_*` variables, so the broker the
+/// tests use is written into their configs (unless a test set one).
+fn with_amqp_url(mut settings: toml::Table) -> toml::Table {
+    settings.entry("amqp_url").or_insert_with(|| amqp::amqp_url().into());
+    settings
 }
 
 /// Creates a topic on the real broker.

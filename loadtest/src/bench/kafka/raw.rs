@@ -17,8 +17,8 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 
-use super::system::POLL;
 use super::topic;
+use crate::bench::compare::POLL;
 use crate::stats::{ProcCpu, round3};
 
 /// What the baseline measured.
