@@ -15,8 +15,8 @@ use anyhow::{Context, Result, ensure};
 use shardline_proto::v1;
 use shardline_tests::kafka::{Receipt, Verdict, produce, producer, read_receipts, verify};
 use shardline_tests::{
-    Coordinator, create_topic, eventually, free_port, http_get, metric, owners, scrape, scrape_or_zero,
-    start_worker_with, unique,
+    Coordinator, create_topic, eventually, free_port, http_get, metric, owners, scrape, start_worker_with,
+    unique,
 };
 use tokio::task::JoinHandle;
 
@@ -425,9 +425,7 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
     let woke: Vec<&Receipt> = got.iter().filter(|r| r.worker == "z" && r.timestamp_ms > woke_ms).collect();
     let redone = woke.iter().filter(|r| by_others.contains(&r.id)).count();
     let (samples, backwards) = watch.finish().await?;
-    // Created at the first refusal.
-    let refused =
-        scrape_or_zero(&coordinator_metrics, "shardline_checkpoints_total{result=\"refused\"}").await?;
+    let refused = scrape(&coordinator_metrics, "shardline_checkpoints_total{result=\"refused\"}").await?;
     let accepted = scrape(&coordinator_metrics, "shardline_checkpoints_total{result=\"accepted\"}").await?;
     eprintln!(
         "zombie: z counted {lost} lost leases (held {}); coordinator refused {refused} checkpoints, \
