@@ -157,18 +157,10 @@ fn header(m: &impl Message, key: &str) -> Option<String> {
 /// distinct ids have been seen and the topic has been quiet for `quiet`,
 /// or `timeout` passes. Returns receipts in topic order per partition.
 pub fn read_receipts(topic: &str, want: usize, quiet: Duration, timeout: Duration) -> Result<Vec<Receipt>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", "shardline-test-receipts")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .context("receipt consumer")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let (consumer, partitions) = reader(topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let started = std::time::Instant::now();
@@ -197,6 +189,21 @@ pub fn read_receipts(topic: &str, want: usize, quiet: Duration, timeout: Duratio
         last_new = std::time::Instant::now();
     }
     Ok(receipts)
+}
+
+/// A consumer for reading `topic` by hand (assigned, never committing)
+/// and its partition count.
+fn reader(topic: &str) -> Result<(BaseConsumer, i32)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "shardline-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("topic reader")?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+    Ok((consumer, i32::try_from(partitions)?))
 }
 
 /// What the receipts say about `produced` records.
@@ -256,18 +263,10 @@ impl Consumed {
 /// partition, partitions one after another. Fails if they have not all
 /// arrived within `timeout`.
 pub fn read_topic(topic: &str, timeout: Duration) -> Result<Vec<Consumed>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", "shardline-test-read-topic")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .context("topic reader")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let (consumer, partitions) = reader(topic)?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
-    for p in 0..partitions as i32 {
+    for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;

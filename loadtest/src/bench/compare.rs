@@ -262,10 +262,52 @@ pub async fn run_system(
     })
 }
 
+/// What the raw side measured.
+pub struct RawFigures {
+    /// From connecting to the last record.
+    pub seconds: f64,
+    pub per_s: f64,
+    /// From connecting to the first record.
+    pub first_s: f64,
+    /// From the first records on: start-up left out.
+    pub steady_per_s: f64,
+    pub payload_bytes: u64,
+    /// Acks and redeliveries (queues only).
+    pub batches: Option<u64>,
+    pub redelivered: Option<u64>,
+    /// Cores this process used while consuming (the consumer is all it did).
+    pub cores: Option<f64>,
+    pub broker_cores: Option<f64>,
+}
+
+impl RawFigures {
+    /// CPU time per record: what reading costs on this machine whatever
+    /// the broker's speed.
+    pub fn cpu_us_per(&self, records: u64) -> Option<f64> {
+        Some(self.cores? * self.seconds * 1e6 / records as f64)
+    }
+
+    pub fn json(&self, u: &Units) -> serde_json::Value {
+        json!({
+            "seconds": round3(self.seconds),
+            format!("{}_per_s", u.unit): round3(self.per_s),
+            u.raw_first: round3(self.first_s),
+            format!("steady_{}_per_s", u.unit): round3(self.steady_per_s),
+            "batches": self.batches,
+            "payload_bytes": self.payload_bytes,
+            "redelivered": self.redelivered,
+            "cores": self.cores.map(round3),
+            "broker_cores": self.broker_cores.map(round3),
+        })
+    }
+}
+
 /// What a target calls its units in the JSON report.
 pub struct Units {
     /// `records`, `messages`.
     pub unit: &'static str,
+    /// The key of [`RawFigures::first_s`].
+    pub raw_first: &'static str,
     /// The key of [`SystemFigures::first_s`].
     pub first: &'static str,
     /// The key of [`SystemFigures::ready_s`].

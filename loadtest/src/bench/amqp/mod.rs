@@ -29,7 +29,7 @@ use lapin::Connection;
 use serde_json::json;
 use shardline_worker::amqp::Publisher;
 
-use super::compare::{Bins, Report, SystemFigures, Target, Units, compare, joined, row, verdict};
+use super::compare::{Bins, RawFigures, Report, SystemFigures, Target, Units, compare, joined, row, verdict};
 use crate::stats::round3;
 use queue::Names;
 
@@ -182,7 +182,7 @@ struct Figures {
     queue_type: String,
     /// Before the baseline, before shardline.
     published: [queue::Published; 2],
-    raw: raw::RawFigures,
+    raw: RawFigures,
     system: SystemFigures,
 }
 
@@ -196,12 +196,6 @@ impl Figures {
     /// (shardline, which includes registering and the slot grant).
     fn total_ratio(&self) -> f64 {
         self.system.per_s / self.raw.per_s.max(1e-9)
-    }
-
-    /// CPU time per message of the raw consumer: what consuming costs on
-    /// this machine whatever the broker's speed.
-    fn raw_cpu_us_per_message(&self) -> Option<f64> {
-        Some(self.raw.cores? * self.raw.seconds * 1e6 / self.args.messages as f64)
     }
 }
 
@@ -224,7 +218,7 @@ impl Report for Figures {
         // A value wider than the column carries its note: `{:>12}` pads
         // the figure, the rest follows.
         let first_to_last = |per_s: f64, s: f64| format!("{per_s:>12.0}   ({s:.2} s first to last)");
-        row("raw consumer messages/s", first_to_last(raw.steady_per_s, raw.seconds - raw.first_message_s));
+        row("raw consumer messages/s", first_to_last(raw.steady_per_s, raw.seconds - raw.first_s));
         row("shardline messages/s", first_to_last(sys.steady_per_s, sys.seconds - sys.first_s));
         let met = verdict(ratio >= TARGET_RATIO);
         row("ratio shardline / raw", format!("{ratio:>12.2}   target >= {TARGET_RATIO:.1}: {met}"));
@@ -240,23 +234,24 @@ impl Report for Figures {
             ),
         );
         row("  ratio with start-up", format!("{:.2}", self.total_ratio()));
-        row(
-            "first message after (s) raw / shardline",
-            format!("{:.2} / {:.2}", raw.first_message_s, sys.first_s),
-        );
+        row("first message after (s) raw / shardline", format!("{:.2} / {:.2}", raw.first_s, sys.first_s));
         row("worker consuming after (s)", sys.ready_s.map_or("never seen".to_owned(), |s| format!("{s:.2}")));
         row("cores raw consumer / broker", joined(&[raw.cores, raw.broker_cores]));
         row(
             "CPU us/message raw / worker",
-            joined(&[self.raw_cpu_us_per_message(), sys.worker_cpu_us_per(args.messages)]),
+            joined(&[self.raw.cpu_us_per(args.messages), sys.worker_cpu_us_per(args.messages)]),
         );
         sys.print_cores();
         row(
             "mean messages/batch raw / shardline",
-            format!("{:.0} / {:.0}", raw.mean_batch(), w.mean_batch()),
+            format!(
+                "{:.0} / {:.0}",
+                args.messages as f64 / raw.batches.unwrap_or(0).max(1) as f64,
+                w.mean_batch()
+            ),
         );
         row("mean handler call (ms)", format!("{:.3}", w.mean_handler_ms));
-        row("redelivered raw / shardline", format!("{} / {}", raw.redelivered, w.redeliveries));
+        row("redelivered raw / shardline", format!("{} / {}", raw.redelivered.unwrap_or(0), w.redeliveries));
         if w.records > args.messages as f64 {
             println!("  note: the worker handled {:.0} messages for {} published", w.records, args.messages);
         }
@@ -277,9 +272,9 @@ impl Report for Figures {
                 "seconds": round3(p.seconds),
                 "messages_per_s": round3(p.per_s),
             })).collect::<Vec<_>>(),
-            "raw": self.raw.json(),
+            "raw": self.raw.json(&UNITS),
             "shardline": self.system.json(&UNITS),
-            "raw_cpu_us_per_message": self.raw_cpu_us_per_message().map(round3),
+            "raw_cpu_us_per_message": self.raw.cpu_us_per(args.messages).map(round3),
             "worker_cpu_us_per_message": self.system.worker_cpu_us_per(args.messages).map(round3),
             "ratio": round3(ratio),
             "total_ratio": round3(self.total_ratio()),
@@ -291,4 +286,5 @@ impl Report for Figures {
 }
 
 /// The JSON names of the system side's figures.
-const UNITS: Units = Units { unit: "messages", first: "first_message_s", ready: "consuming_s" };
+const UNITS: Units =
+    Units { unit: "messages", raw_first: "first_message_s", first: "first_message_s", ready: "consuming_s" };

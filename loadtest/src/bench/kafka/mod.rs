@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use shardline_testkit::kafka;
 
-use super::compare::{Bins, Report, SystemFigures, Target, Units, compare, joined, row, verdict};
+use super::compare::{Bins, RawFigures, Report, SystemFigures, Target, Units, compare, joined, row, verdict};
 use crate::stats::round3;
 
 const TARGET_RATIO: f64 = 0.8;
@@ -184,7 +184,7 @@ impl Target for Kafka {
 struct Figures {
     args: Args,
     produced: topic::Produced,
-    raw: raw::RawFigures,
+    raw: RawFigures,
     system: SystemFigures,
     /// Checkpoint entries the coordinator accepted during the run.
     checkpoints_accepted: f64,
@@ -200,12 +200,6 @@ impl Figures {
     /// broker, which the total time charges to whichever side asks for more.
     fn steady_ratio(&self) -> f64 {
         self.system.steady_per_s / self.raw.steady_per_s.max(1e-9)
-    }
-
-    /// CPU time per record of the raw consumer: what reading costs on this
-    /// machine whatever the broker's speed.
-    fn raw_cpu_us_per_record(&self) -> Option<f64> {
-        Some(self.raw.cores? * self.raw.seconds * 1e6 / self.args.records as f64)
     }
 }
 
@@ -235,14 +229,14 @@ impl Report for Figures {
         let met = verdict(rss <= TARGET_RSS_MIB);
         row("worker peak RSS (MiB)", format!("{rss:>12.1}   target <= {TARGET_RSS_MIB:.0} MiB: {met}"));
         sys.print_memory();
-        row("first record / checkpoint after (s)", format!("{:.2} / {:.2}", raw.first_record_s, sys.first_s));
+        row("first record / checkpoint after (s)", format!("{:.2} / {:.2}", raw.first_s, sys.first_s));
         row("steady records/s raw / shardline", format!("{:.0} / {:.0}", raw.steady_per_s, sys.steady_per_s));
         row("  ratio in steady state", format!("{:.2}", self.steady_ratio()));
         row("all leases owned after (s)", sys.ready_s.map_or("never seen".to_owned(), |s| format!("{s:.2}")));
         row("cores raw consumer / broker", joined(&[raw.cores, raw.broker_cores]));
         row(
             "CPU us/record raw / worker",
-            joined(&[self.raw_cpu_us_per_record(), sys.worker_cpu_us_per(args.records)]),
+            joined(&[self.raw.cpu_us_per(args.records), sys.worker_cpu_us_per(args.records)]),
         );
         sys.print_cores();
         row("batches, mean records per batch", format!("{:.0}, {:.0}", w.batches, w.mean_batch()));
@@ -271,9 +265,9 @@ impl Report for Figures {
                 "seconds": round3(self.produced.seconds),
                 "records_per_s": round3(self.produced.per_s),
             },
-            "raw": self.raw.json(),
+            "raw": self.raw.json(&UNITS),
             "shardline": shardline,
-            "raw_cpu_us_per_record": self.raw_cpu_us_per_record().map(round3),
+            "raw_cpu_us_per_record": self.raw.cpu_us_per(args.records).map(round3),
             "worker_cpu_us_per_record": self.system.worker_cpu_us_per(args.records).map(round3),
             "ratio": round3(ratio),
             "steady_ratio": round3(self.steady_ratio()),
@@ -287,7 +281,12 @@ impl Report for Figures {
 }
 
 /// The JSON names of the system side's figures.
-const UNITS: Units = Units { unit: "records", first: "first_checkpoint_s", ready: "leases_owned_s" };
+const UNITS: Units = Units {
+    unit: "records",
+    raw_first: "first_record_s",
+    first: "first_checkpoint_s",
+    ready: "leases_owned_s",
+};
 
 #[cfg(test)]
 mod tests {
