@@ -25,6 +25,30 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// The worker's id in the system runs.
 pub const WORKER_ID: &str = "bench";
 
+/// The flags `bench kafka` and `bench amqp` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// The broker's process id, to report the cores it uses (e.g. `$(cat
+    /// .brokers/tansu.pid)`, `$(pgrep -f beam.smp)`); omitted: not measured.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// The coordinator binary [default: `shardline-coordinator` next to this
+    /// executable].
+    #[arg(long, env = "SHARDLINE_COORDINATOR_BIN")]
+    pub coordinator_bin: Option<PathBuf>,
+    /// The worker binary [default: `shardline-worker` next to this
+    /// executable].
+    #[arg(long, env = "SHARDLINE_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+    /// Fail when no record is read, checkpointed or handled for this many
+    /// seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stall_timeout: u64,
+    /// Also write the figures to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
 /// The binaries the system side runs.
 pub struct Bins {
     pub coordinator: PathBuf,
@@ -260,6 +284,29 @@ pub async fn run_system(
         coordinator_metrics,
         progress,
     })
+}
+
+/// Both sides of one run.
+pub struct Sides {
+    pub raw: RawFigures,
+    pub system: SystemFigures,
+}
+
+impl Sides {
+    /// Shardline's rate over the raw side's, start-up included: from
+    /// connecting (raw) or starting the worker process (shardline, which
+    /// includes registering and the grants).
+    pub fn total_ratio(&self) -> f64 {
+        self.system.per_s / self.raw.per_s.max(1e-9)
+    }
+
+    /// The ratio from each side's first records on: start-up left out
+    /// (the first fetch of a large prefetch queue takes long on a slow
+    /// broker, which the total time charges to whichever side asks for
+    /// more).
+    pub fn steady_ratio(&self) -> f64 {
+        self.system.steady_per_s / self.raw.steady_per_s.max(1e-9)
+    }
 }
 
 /// What the raw side measured.

@@ -21,7 +21,6 @@ mod queue;
 mod raw;
 mod system;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -29,7 +28,7 @@ use lapin::Connection;
 use serde_json::json;
 use shardline_worker::amqp::Publisher;
 
-use super::compare::{Bins, RawFigures, Report, SystemFigures, Target, Units, compare, joined, row, verdict};
+use super::compare::{Bins, Common, Report, Sides, Target, Units, compare, joined, row, verdict};
 use crate::stats::round3;
 use queue::Names;
 
@@ -37,6 +36,8 @@ const TARGET_RATIO: f64 = 0.8;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    common: Common,
     /// Messages to publish, once for each side.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     messages: u64,
@@ -50,33 +51,15 @@ pub struct Args {
     /// RabbitMQ URL, for this harness, the coordinator and the worker.
     #[arg(long, env = "SHARDLINE_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     url: String,
-    /// The broker's process id, to report the cores it uses (e.g. `$(pgrep
-    /// -f beam.smp)`); omitted: not measured.
-    #[arg(long)]
-    broker_pid: Option<u32>,
-    /// The coordinator binary [default: `shardline-coordinator` next to this
-    /// executable].
-    #[arg(long, env = "SHARDLINE_COORDINATOR_BIN")]
-    coordinator_bin: Option<PathBuf>,
-    /// The worker binary [default: `shardline-worker` next to this
-    /// executable].
-    #[arg(long, env = "SHARDLINE_WORKER_BIN")]
-    worker_bin: Option<PathBuf>,
-    /// Fail when no message is consumed for this many seconds.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    stall_timeout: u64,
     /// Keep the queues and exchanges afterwards (to inspect them).
     #[arg(long)]
     keep_queues: bool,
-    /// Also write the figures to this JSON file.
-    #[arg(long)]
-    json: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let bins = Bins::resolve(args.coordinator_bin.as_deref(), args.worker_bin.as_deref())?;
+    let bins = Bins::resolve(args.common.coordinator_bin.as_deref(), args.common.worker_bin.as_deref())?;
     let size = usize::try_from(args.size).context("--size is too large")?;
-    let json = args.json.clone();
+    let json = args.common.json.clone();
     compare(Amqp { names: Names::unique(), size, admin: None, args }, bins, json.as_deref()).await
 }
 
@@ -112,7 +95,7 @@ impl Target for Amqp {
     async fn measure(&mut self, bins: &Bins) -> anyhow::Result<Figures> {
         let (args, names) = (&self.args, &self.names);
         let admin = self.admin.as_ref().context("not prepared")?;
-        let stall = Duration::from_secs(args.stall_timeout);
+        let stall = Duration::from_secs(args.common.stall_timeout);
         let topology = system::Topology { url: &args.url, names, batch_size: args.batch_size };
         let (coordinator, queue_type) = system::start_coordinator(&bins.coordinator, &topology)
             .await
@@ -132,7 +115,7 @@ impl Target for Amqp {
             expected: args.messages,
             batch_size: args.batch_size,
             stall,
-            broker_pid: args.broker_pid,
+            broker_pid: args.common.broker_pid,
         })
         .await
         .context("the raw consumer baseline failed")?;
@@ -154,12 +137,17 @@ impl Target for Amqp {
                 queue: &names.queue,
                 expected: args.messages,
                 stall,
-                broker_pid: args.broker_pid,
+                broker_pid: args.common.broker_pid,
             },
         )
         .await
         .context("the shardline run failed")?;
-        Ok(Figures { args: self.args.clone(), queue_type, published: [first, second], raw, system })
+        Ok(Figures {
+            args: self.args.clone(),
+            queue_type,
+            published: [first, second],
+            sides: Sides { raw, system },
+        })
     }
 
     async fn clean_up(&mut self) -> anyhow::Result<()> {
@@ -182,27 +170,13 @@ struct Figures {
     queue_type: String,
     /// Before the baseline, before shardline.
     published: [queue::Published; 2],
-    raw: RawFigures,
-    system: SystemFigures,
-}
-
-impl Figures {
-    /// From each side's first message to its last.
-    fn ratio(&self) -> f64 {
-        self.system.steady_per_s / self.raw.steady_per_s.max(1e-9)
-    }
-
-    /// With start-up: from connecting (raw) or starting the worker process
-    /// (shardline, which includes registering and the slot grant).
-    fn total_ratio(&self) -> f64 {
-        self.system.per_s / self.raw.per_s.max(1e-9)
-    }
+    sides: Sides,
 }
 
 impl Report for Figures {
     fn print(&self) {
-        let (args, raw, sys, w) = (&self.args, &self.raw, &self.system, &self.system.worker);
-        let ratio = self.ratio();
+        let (args, raw, sys) = (&self.args, &self.sides.raw, &self.sides.system);
+        let (w, ratio) = (&sys.worker, self.sides.steady_ratio());
         println!();
         println!(
             "amqp end to end: {} messages of {} B, one {} queue, one worker with one slot, batch_size {}, \
@@ -233,13 +207,13 @@ impl Report for Figures {
                 sys.seconds
             ),
         );
-        row("  ratio with start-up", format!("{:.2}", self.total_ratio()));
+        row("  ratio with start-up", format!("{:.2}", self.sides.total_ratio()));
         row("first message after (s) raw / shardline", format!("{:.2} / {:.2}", raw.first_s, sys.first_s));
         row("worker consuming after (s)", sys.ready_s.map_or("never seen".to_owned(), |s| format!("{s:.2}")));
         row("cores raw consumer / broker", joined(&[raw.cores, raw.broker_cores]));
         row(
             "CPU us/message raw / worker",
-            joined(&[self.raw.cpu_us_per(args.messages), sys.worker_cpu_us_per(args.messages)]),
+            joined(&[raw.cpu_us_per(args.messages), sys.worker_cpu_us_per(args.messages)]),
         );
         sys.print_cores();
         row(
@@ -258,8 +232,8 @@ impl Report for Figures {
     }
 
     fn json(&self) -> serde_json::Value {
-        let args = &self.args;
-        let ratio = self.ratio();
+        let (args, raw, sys) = (&self.args, &self.sides.raw, &self.sides.system);
+        let ratio = self.sides.steady_ratio();
         json!({
             "broker": queue::without_password(&args.url),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -272,15 +246,15 @@ impl Report for Figures {
                 "seconds": round3(p.seconds),
                 "messages_per_s": round3(p.per_s),
             })).collect::<Vec<_>>(),
-            "raw": self.raw.json(&UNITS),
-            "shardline": self.system.json(&UNITS),
-            "raw_cpu_us_per_message": self.raw.cpu_us_per(args.messages).map(round3),
-            "worker_cpu_us_per_message": self.system.worker_cpu_us_per(args.messages).map(round3),
+            "raw": raw.json(&UNITS),
+            "shardline": sys.json(&UNITS),
+            "raw_cpu_us_per_message": raw.cpu_us_per(args.messages).map(round3),
+            "worker_cpu_us_per_message": sys.worker_cpu_us_per(args.messages).map(round3),
             "ratio": round3(ratio),
-            "total_ratio": round3(self.total_ratio()),
+            "total_ratio": round3(self.sides.total_ratio()),
             "target_ratio": TARGET_RATIO,
             "ratio_met": ratio >= TARGET_RATIO,
-            "worker_peak_rss_mib": round3(self.system.peak_rss_mib()),
+            "worker_peak_rss_mib": round3(sys.peak_rss_mib()),
         })
     }
 }

@@ -15,14 +15,13 @@ mod raw;
 mod system;
 mod topic;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::json;
 use shardline_testkit::kafka;
 
-use super::compare::{Bins, RawFigures, Report, SystemFigures, Target, Units, compare, joined, row, verdict};
+use super::compare::{Bins, Common, Report, Sides, Target, Units, compare, joined, row, verdict};
 use crate::stats::round3;
 
 const TARGET_RATIO: f64 = 0.8;
@@ -30,6 +29,8 @@ const TARGET_RSS_MIB: f64 = 200.0;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    common: Common,
     /// Records to produce and read.
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     records: u64,
@@ -58,28 +59,10 @@ pub struct Args {
     /// Kafka bootstrap servers.
     #[arg(long, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
-    /// The broker's process id, to report the cores it uses (e.g.
-    /// `$(cat .brokers/tansu.pid)`); omitted: not measured.
-    #[arg(long)]
-    broker_pid: Option<u32>,
-    /// The coordinator binary [default: `shardline-coordinator` next to this
-    /// executable].
-    #[arg(long, env = "SHARDLINE_COORDINATOR_BIN")]
-    coordinator_bin: Option<PathBuf>,
-    /// The worker binary [default: `shardline-worker` next to this
-    /// executable].
-    #[arg(long, env = "SHARDLINE_WORKER_BIN")]
-    worker_bin: Option<PathBuf>,
-    /// Fail when no record is read or checkpointed for this many seconds.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    stall_timeout: u64,
     /// Delete the topic afterwards. Off by default: tansu 0.6.0 can panic
     /// when a topic is deleted while another client still fetches from it.
     #[arg(long)]
     delete_topic: bool,
-    /// Also write the figures to this JSON file.
-    #[arg(long)]
-    json: Option<PathBuf>,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -90,9 +73,9 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let bins = Bins::resolve(args.coordinator_bin.as_deref(), args.worker_bin.as_deref())?;
+    let bins = Bins::resolve(args.common.coordinator_bin.as_deref(), args.common.worker_bin.as_deref())?;
     let record_bytes = usize::try_from(args.record_bytes).context("--record-bytes is too large")?;
-    let json = args.json.clone();
+    let json = args.common.json.clone();
     compare(Kafka { topic: topic::unique_name(), record_bytes, args }, bins, json.as_deref()).await
 }
 
@@ -123,7 +106,7 @@ impl Target for Kafka {
 
     async fn measure(&mut self, bins: &Bins) -> anyhow::Result<Figures> {
         let (args, topic) = (&self.args, self.topic.as_str());
-        let stall = Duration::from_secs(args.stall_timeout);
+        let stall = Duration::from_secs(args.common.stall_timeout);
         let produced = topic::produce(&args.brokers, topic, args.records, self.record_bytes)
             .await
             .context("producing the records failed")?;
@@ -145,7 +128,7 @@ impl Target for Kafka {
             args.records,
             &args.raw_config,
             stall,
-            args.broker_pid,
+            args.common.broker_pid,
         )
         .await
         .context("the raw consumer baseline failed")?;
@@ -161,11 +144,11 @@ impl Target for Kafka {
             fetch_queue_kib: args.fetch_queue_kib,
             sleep_per_batch: args.handler_sleep_ms.map(Duration::from_millis),
             stall,
-            broker_pid: args.broker_pid,
+            broker_pid: args.common.broker_pid,
         })
         .await
         .context("the shardline run failed")?;
-        Ok(Figures { args: self.args.clone(), produced, raw, system, checkpoints_accepted })
+        Ok(Figures { args: self.args.clone(), produced, sides: Sides { raw, system }, checkpoints_accepted })
     }
 
     async fn clean_up(&mut self) -> anyhow::Result<()> {
@@ -184,29 +167,15 @@ impl Target for Kafka {
 struct Figures {
     args: Args,
     produced: topic::Produced,
-    raw: RawFigures,
-    system: SystemFigures,
+    sides: Sides,
     /// Checkpoint entries the coordinator accepted during the run.
     checkpoints_accepted: f64,
 }
 
-impl Figures {
-    fn ratio(&self) -> f64 {
-        self.system.per_s / self.raw.per_s.max(1e-9)
-    }
-
-    /// The ratio without start-up (from the first record or checkpoint on):
-    /// the first fetch of a large prefetch queue takes long on a slow
-    /// broker, which the total time charges to whichever side asks for more.
-    fn steady_ratio(&self) -> f64 {
-        self.system.steady_per_s / self.raw.steady_per_s.max(1e-9)
-    }
-}
-
 impl Report for Figures {
     fn print(&self) {
-        let (args, raw, sys, w) = (&self.args, &self.raw, &self.system, &self.system.worker);
-        let ratio = self.ratio();
+        let (args, raw, sys) = (&self.args, &self.sides.raw, &self.sides.system);
+        let (w, ratio) = (&sys.worker, self.sides.total_ratio());
         let rss = sys.peak_rss_mib();
         println!();
         println!(
@@ -231,12 +200,12 @@ impl Report for Figures {
         sys.print_memory();
         row("first record / checkpoint after (s)", format!("{:.2} / {:.2}", raw.first_s, sys.first_s));
         row("steady records/s raw / shardline", format!("{:.0} / {:.0}", raw.steady_per_s, sys.steady_per_s));
-        row("  ratio in steady state", format!("{:.2}", self.steady_ratio()));
+        row("  ratio in steady state", format!("{:.2}", self.sides.steady_ratio()));
         row("all leases owned after (s)", sys.ready_s.map_or("never seen".to_owned(), |s| format!("{s:.2}")));
         row("cores raw consumer / broker", joined(&[raw.cores, raw.broker_cores]));
         row(
             "CPU us/record raw / worker",
-            joined(&[self.raw.cpu_us_per(args.records), sys.worker_cpu_us_per(args.records)]),
+            joined(&[raw.cpu_us_per(args.records), sys.worker_cpu_us_per(args.records)]),
         );
         sys.print_cores();
         row("batches, mean records per batch", format!("{:.0}, {:.0}", w.batches, w.mean_batch()));
@@ -246,9 +215,9 @@ impl Report for Figures {
 
     fn json(&self) -> serde_json::Value {
         let args = &self.args;
-        let ratio = self.ratio();
-        let rss = self.system.peak_rss_mib();
-        let mut shardline = self.system.json(&UNITS);
+        let (raw, sys) = (&self.sides.raw, &self.sides.system);
+        let (ratio, rss) = (self.sides.total_ratio(), sys.peak_rss_mib());
+        let mut shardline = sys.json(&UNITS);
         shardline["coordinator_checkpoints_accepted"] = json!(self.checkpoints_accepted);
         json!({
             "brokers": args.brokers,
@@ -265,12 +234,12 @@ impl Report for Figures {
                 "seconds": round3(self.produced.seconds),
                 "records_per_s": round3(self.produced.per_s),
             },
-            "raw": self.raw.json(&UNITS),
+            "raw": raw.json(&UNITS),
             "shardline": shardline,
-            "raw_cpu_us_per_record": self.raw.cpu_us_per(args.records).map(round3),
-            "worker_cpu_us_per_record": self.system.worker_cpu_us_per(args.records).map(round3),
+            "raw_cpu_us_per_record": raw.cpu_us_per(args.records).map(round3),
+            "worker_cpu_us_per_record": sys.worker_cpu_us_per(args.records).map(round3),
             "ratio": round3(ratio),
-            "steady_ratio": round3(self.steady_ratio()),
+            "steady_ratio": round3(self.sides.steady_ratio()),
             "target_ratio": TARGET_RATIO,
             "ratio_met": ratio >= TARGET_RATIO,
             "worker_peak_rss_mib": round3(rss),
