@@ -36,8 +36,6 @@ const TARGET_RATIO: f64 = 0.8;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    common: Common,
     /// Messages to publish, once for each side.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     messages: u64,
@@ -54,6 +52,8 @@ pub struct Args {
     /// Keep the queues and exchanges afterwards (to inspect them).
     #[arg(long)]
     keep_queues: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {

@@ -29,8 +29,6 @@ const TARGET_RSS_MIB: f64 = 200.0;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    common: Common,
     /// Records to produce and read.
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     records: u64,
@@ -63,6 +61,8 @@ pub struct Args {
     /// when a topic is deleted while another client still fetches from it.
     #[arg(long)]
     delete_topic: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
