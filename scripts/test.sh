@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: brokers up, the binaries built (the end-to-end tests run
-# them as child processes), then every test in the workspace.
+# them as child processes; a bare `cargo test` on binaries older than their
+# sources fails saying so, see tests/src/fresh.rs), then every test in the
+# workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -1,74 +1,101 @@
 //! The coordinator's TOML config: parsed strictly (`deny_unknown_fields`)
 //! and validated as a whole before anything starts, so a typo is one clear
 //! error naming the field and what is allowed, never a half-started fleet.
+//!
+//! Every default has one home: the wire types (`Mapping::new`,
+//! `FailurePolicy::default`) for mapping settings, the core's `Balancer`
+//! for `[balancer]`, `shardline-config` for the brokers, the `Default`
+//! impls here for the rest. The types say what each table takes: a
+//! subscription has no `starting_position`, `parallelization_factor` or
+//! `on_failure` (queues have no positions, scale by slots, dead-letter to
+//! `S.dlq`), so setting one is an unknown-field error. Every type is also
+//! `Serialize`, so tests and tools build configs as values.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+pub use shardline_config::{ConfigError, ConfigFile, Invalid};
+use shardline_config::{Overrides, check_amqp_url, check_brokers, ensure, in_range};
 use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
 
-use crate::core::CoreConfig;
+use crate::core::{Balancer, CoreConfig};
 
 /// The whole coordinator config file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address of the gRPC API (worker and admin services).
-    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Address of the Prometheus metrics endpoint; absent: no endpoint.
-    #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     /// Where the sled lease store lives.
-    #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// Shared secret required from every client (`authorization: Bearer
     /// TOKEN`). Required when `listen` is not a loopback address; env
     /// `SHARDLINE_TOKEN` overrides.
-    #[serde(default)]
     pub auth_token: Option<String>,
     /// How often workers heartbeat (told to them at registration).
-    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// A worker silent this long is dead; its leases move.
-    #[serde(default = "default_session", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
     /// A graceful handoff not confirmed within this is forced. Must be
     /// longer than every mapping's `handler_timeout`, so a draining lease can
     /// finish its in-flight batch; unset: see [`Config::handoff_timeout`].
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(with = "humantime_serde::option")]
     pub handoff_timeout: Option<Duration>,
     /// How often Kafka metadata is re-read to find new partitions.
-    #[serde(default = "default_discovery", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub discovery_interval: Duration,
     /// Kafka bootstrap servers; env `SHARDLINE_KAFKA_BROKERS` overrides.
-    #[serde(default = "default_brokers")]
     pub kafka_brokers: String,
-    /// Kafka topics whose partitions become leases.
-    #[serde(default)]
-    pub streams: Vec<StreamConfig>,
     /// RabbitMQ URL (`amqp://` or `amqps://`); env `SHARDLINE_AMQP_URL`
     /// overrides. Used only when subscriptions are configured.
-    #[serde(default = "default_amqp_url")]
     pub amqp_url: String,
     /// How often subscription depths are read and slots rescaled.
-    #[serde(default = "default_scale_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub scale_interval: Duration,
     /// Lease placement: `count` or `load` (the default) and its knobs.
-    #[serde(default)]
-    pub balancer: BalancerConfig,
+    pub balancer: Balancer,
+    /// Kafka topics whose partitions become leases.
+    pub streams: Vec<StreamConfig>,
     /// RabbitMQ exchanges producers publish to.
-    #[serde(default)]
     pub topics: Vec<TopicConfig>,
     /// RabbitMQ subscription queues whose slots become leases.
-    #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
 }
 
-/// A Kafka topic mapped to a handler.
-#[derive(Debug, Clone)]
+impl Default for Config {
+    fn default() -> Self {
+        let core = CoreConfig::default();
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], shardline_config::COORDINATOR_PORT)),
+            metrics_listen: None,
+            data_dir: PathBuf::from("./shardline-data"),
+            auth_token: None,
+            heartbeat_interval: Duration::from_secs(1),
+            session_timeout: core.session_timeout,
+            handoff_timeout: None,
+            discovery_interval: Duration::from_secs(10),
+            kafka_brokers: shardline_config::KAFKA_BROKERS.into(),
+            amqp_url: shardline_config::AMQP_URL.into(),
+            scale_interval: Duration::from_secs(2),
+            balancer: core.balancer,
+            streams: Vec::new(),
+            topics: Vec::new(),
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+/// A Kafka topic mapped to a handler: its own keys, then the settings
+/// every mapping takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", default, deny_unknown_fields)]
 pub struct StreamConfig {
     /// The Kafka topic.
     pub name: String,
@@ -77,121 +104,245 @@ pub struct StreamConfig {
     /// A fixed partition count instead of Kafka metadata discovery, for
     /// benchmarks of the coordinator alone. Leave unset in production.
     pub partitions: Option<u32>,
-    /// Batching and failure handling.
-    pub settings: MappingSettings,
+    /// Where a shard without a checkpoint starts: `latest`, `trim_horizon`
+    /// or `at_timestamp` (then `starting_timestamp` is required).
+    pub starting_position: StartingPosition,
+    /// RFC 3339 time for `at_timestamp`, e.g. `2026-11-27T10:00:00Z`.
+    #[serde(with = "humantime_serde::option")]
+    pub starting_timestamp: Option<SystemTime>,
+    /// Kafka topic that receives records that gave up; absent: discarded.
+    pub on_failure: Option<String>,
+    /// Concurrent batches per shard (1..10); order is kept per record key.
+    pub parallelization_factor: u32,
+    #[serde(flatten)]
+    pub settings: BatchSettings,
 }
 
-/// The fields of `[[streams]]` that are not mapping settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StreamFields {
-    name: String,
-    handler: String,
-    #[serde(default)]
-    partitions: Option<u32>,
+impl StreamConfig {
+    pub fn new(name: impl Into<String>, handler: impl Into<String>) -> Self {
+        Self { name: name.into(), handler: handler.into(), ..Self::default() }
+    }
+
+    /// The mapping workers receive with every acquire of a lease.
+    pub fn mapping(&self) -> Mapping {
+        let mut mapping = self.settings.mapping(&self.handler);
+        mapping.starting_position = self.starting_position;
+        mapping.starting_timestamp_ms = self
+            .starting_timestamp
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        mapping.parallelization_factor = self.parallelization_factor;
+        mapping.policy.on_failure.clone_from(&self.on_failure);
+        mapping
+    }
+
+    /// Checks this table; fields are named relative to it.
+    fn validate(&self) -> Result<(), Invalid> {
+        check_name("name", &self.name)?;
+        check_name("handler", &self.handler)?;
+        if let Some(p) = self.partitions {
+            in_range("partitions", p, 1, 100_000)?;
+        }
+        let at_timestamp = self.starting_position == StartingPosition::AtTimestamp;
+        match self.starting_timestamp {
+            None if at_timestamp => Err(Invalid::new(
+                "starting_timestamp",
+                "missing",
+                "an RFC 3339 time, required with starting_position = \"at_timestamp\"",
+            ))?,
+            Some(_) if !at_timestamp => Err(Invalid::new(
+                "starting_timestamp",
+                "set",
+                "only with starting_position = \"at_timestamp\"",
+            ))?,
+            _ => {}
+        }
+        if let Some(topic) = &self.on_failure {
+            check_name("on_failure", topic)?;
+            ensure(*topic != self.name, "on_failure", "the stream itself", "another topic")?;
+        }
+        in_range("parallelization_factor", self.parallelization_factor, 1, 10)?;
+        self.settings.validate()
+    }
 }
 
-const STREAM_FIELDS: &[&str] = &["name", "handler", "partitions"];
-
-impl<'de> Deserialize<'de> for StreamConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (own, settings) = split_fields::<D, StreamFields>(d, STREAM_FIELDS, "stream")?;
-        Ok(Self { name: own.name, handler: own.handler, partitions: own.partitions, settings })
+impl Default for StreamConfig {
+    fn default() -> Self {
+        let defaults = Mapping::new("");
+        Self {
+            name: String::new(),
+            handler: String::new(),
+            partitions: None,
+            starting_position: defaults.starting_position,
+            starting_timestamp: None,
+            on_failure: defaults.policy.on_failure,
+            parallelization_factor: defaults.parallelization_factor,
+            settings: BatchSettings::default(),
+        }
     }
 }
 
 /// Batch and failure settings of a mapping (DESIGN.md "Batches and handler
-/// semantics"): the same keys for streams and subscriptions.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MappingSettings {
+/// semantics"): the keys streams and subscriptions both take.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BatchSettings {
     /// Most records per batch (1..10000).
-    #[serde(default = "default_batch_size")]
     pub batch_size: u32,
     /// Most payload bytes (key + value) per batch (1 KiB..64 MiB).
-    #[serde(default = "default_batch_bytes")]
     pub max_batch_bytes: u64,
     /// Wait up to this long to fill a batch (0..300 s).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub batch_window: Duration,
-    /// Where a shard without a checkpoint starts: `latest`, `trim_horizon`
-    /// or `at_timestamp` (then `starting_timestamp` is required).
-    #[serde(default)]
-    pub starting_position: StartingPosition,
-    /// RFC 3339 time for `at_timestamp`, e.g. `2026-11-27T10:00:00Z`.
-    #[serde(default, with = "humantime_serde::option")]
-    pub starting_timestamp: Option<std::time::SystemTime>,
-    /// Retries of a failing batch: -1 (until the records expire) or 0..10000.
-    #[serde(default = "default_max_retries")]
-    pub max_retries: i32,
+    /// Retries of a failing batch, 0..10000; `None` (-1 in TOML): until
+    /// the records expire.
+    #[serde(with = "max_retries")]
+    pub max_retries: Option<u32>,
     /// Backoff between attempts of the same batch.
-    #[serde(default)]
-    pub retry_backoff: BackoffConfig,
+    pub retry_backoff: Backoff,
     /// Split a failing batch in two and retry the halves, down to the record.
-    #[serde(default)]
     pub bisect_on_error: bool,
     /// The handler's response names failed records (Lambda's
     /// ReportBatchItemFailures); the shard checkpoints before the first.
-    #[serde(default)]
     pub report_item_failures: bool,
     /// Older records skip the handler and go to on_failure (60 s..7 days).
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(with = "humantime_serde::option")]
     pub max_record_age: Option<Duration>,
-    /// Kafka topic that receives records that gave up; absent: discarded.
-    #[serde(default)]
-    pub on_failure: Option<String>,
-    /// Concurrent batches per shard (1..10); order is kept per record key.
-    #[serde(default = "default_parallelization")]
-    pub parallelization_factor: u32,
     /// A batch running longer than this fails (1 s..900 s).
-    #[serde(default = "default_handler_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
     /// Only records whose JSON value passes this reach the handler.
-    #[serde(default)]
     pub filter: Option<FilterConfig>,
 }
 
-/// Splits one `[[streams]]` / `[[subscriptions]]` table into its own fields
-/// and the shared mapping settings, each parsed strictly: serde cannot
-/// combine `flatten` with `deny_unknown_fields`, and a typo must be an error.
-fn split_fields<'de, D, T>(d: D, own: &[&str], what: &str) -> Result<(T, MappingSettings), D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
-{
-    use serde::de::Error;
-    let table = toml::Table::deserialize(d)?;
-    let (mine, rest): (toml::Table, toml::Table) =
-        table.into_iter().partition(|(k, _)| own.contains(&k.as_str()));
-    let mine = T::deserialize(toml::Value::Table(mine)).map_err(|e| D::Error::custom(e.message()))?;
-    let settings = MappingSettings::deserialize(toml::Value::Table(rest))
-        .map_err(|e| D::Error::custom(format!("{} (a {what} also takes {})", e.message(), own.join(", "))))?;
-    Ok((mine, settings))
+impl Default for BatchSettings {
+    fn default() -> Self {
+        let defaults = Mapping::new("");
+        let policy = defaults.policy;
+        Self {
+            batch_size: defaults.batch_size,
+            max_batch_bytes: defaults.max_batch_bytes,
+            batch_window: defaults.batch_window,
+            max_retries: policy.max_retries,
+            retry_backoff: Backoff::default(),
+            bisect_on_error: policy.bisect_on_error,
+            report_item_failures: policy.report_item_failures,
+            max_record_age: policy.max_record_age,
+            handler_timeout: policy.handler_timeout,
+            filter: None,
+        }
+    }
+}
+
+impl BatchSettings {
+    /// The mapping of these settings for `handler`; what only streams set
+    /// keeps its default.
+    pub fn mapping(&self, handler: &str) -> Mapping {
+        let b = &self.retry_backoff;
+        Mapping {
+            batch_size: self.batch_size,
+            max_batch_bytes: self.max_batch_bytes,
+            batch_window: self.batch_window,
+            policy: FailurePolicy {
+                max_retries: self.max_retries,
+                retry_initial: b.initial,
+                retry_max: b.max,
+                retry_multiplier: b.multiplier,
+                retry_jitter: b.jitter,
+                bisect_on_error: self.bisect_on_error,
+                report_item_failures: self.report_item_failures,
+                max_record_age: self.max_record_age,
+                handler_timeout: self.handler_timeout,
+                ..FailurePolicy::default()
+            },
+            filter: self.filter.as_ref().and_then(FilterConfig::to_filter),
+            ..Mapping::new(handler)
+        }
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        let secs = Duration::from_secs;
+        in_range("batch_size", self.batch_size, 1, 10_000)?;
+        let bytes = self.max_batch_bytes;
+        ensure((1024..=64 << 20).contains(&bytes), "max_batch_bytes", bytes, "1024 to 67108864 (64 MiB)")?;
+        let window = self.batch_window;
+        ensure(window <= secs(300), "batch_window", format!("{window:?}"), "0s to 300s")?;
+        if let Some(n) = self.max_retries {
+            ensure(n <= max_retries::MAX, "max_retries", n, max_retries::ALLOWED)?;
+        }
+        let b = &self.retry_backoff;
+        ensure(
+            Duration::from_millis(1) <= b.initial && b.initial <= b.max && b.max <= secs(900),
+            "retry_backoff",
+            format!("{:?} to {:?}", b.initial, b.max),
+            "1ms <= initial <= max <= 900s",
+        )?;
+        ensure(
+            (1.0..=10.0).contains(&b.multiplier),
+            "retry_backoff.multiplier",
+            b.multiplier,
+            "1.0 to 10.0",
+        )?;
+        if let Some(age) = self.max_record_age {
+            let ok = (secs(60)..=secs(604_800)).contains(&age);
+            ensure(ok, "max_record_age", format!("{age:?}"), "60s to 7 days (604800s)")?;
+        }
+        in_range("handler_timeout", self.handler_timeout, secs(1), secs(900))?;
+        match &self.filter {
+            Some(f) => f.validate().map_err(|e| e.under("filter")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `max_retries` in TOML: -1 (until the records expire) is `None`.
+mod max_retries {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub const MAX: u32 = 10_000;
+    pub const ALLOWED: &str = "-1 (until the records expire) or 0 to 10000";
+
+    pub fn serialize<S: Serializer>(value: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(value.map_or(-1, i64::from))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        match i64::deserialize(d)? {
+            -1 => Ok(None),
+            n => u32::try_from(n)
+                .map(Some)
+                .map_err(|_| D::Error::custom(format!("`max_retries` is {n}; allowed: {ALLOWED}"))),
+        }
+    }
 }
 
 /// Exponential backoff between attempts of a failing batch.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackoffConfig {
-    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(with = "humantime_serde")]
     pub initial: Duration,
-    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub max: Duration,
-    #[serde(default = "default_multiplier")]
     pub multiplier: f64,
-    #[serde(default = "default_true")]
     pub jitter: bool,
 }
 
-impl Default for BackoffConfig {
+impl Default for Backoff {
     fn default() -> Self {
-        Self { initial: default_retry_initial(), max: default_retry_max(), multiplier: 2.0, jitter: true }
+        let p = FailurePolicy::default();
+        Self {
+            initial: p.retry_initial,
+            max: p.retry_max,
+            multiplier: p.retry_multiplier,
+            jitter: p.retry_jitter,
+        }
     }
 }
 
 /// A test on one field of the record's JSON value: exactly one of
-/// `equals`, `exists`, `prefix`.
-#[derive(Debug, Clone, Deserialize)]
+/// `equals`, `exists = true`, `prefix`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     /// Dotted path, e.g. `order.type`.
@@ -202,38 +353,6 @@ pub struct FilterConfig {
     pub exists: Option<bool>,
     #[serde(default)]
     pub prefix: Option<String>,
-}
-
-impl MappingSettings {
-    /// The mapping workers receive with every acquire of a lease.
-    pub fn mapping(&self, handler: &str) -> Mapping {
-        let starting_timestamp_ms = self
-            .starting_timestamp
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as i64);
-        Mapping {
-            handler: handler.to_owned(),
-            batch_size: self.batch_size,
-            max_batch_bytes: self.max_batch_bytes,
-            batch_window: self.batch_window,
-            starting_position: self.starting_position,
-            starting_timestamp_ms,
-            policy: FailurePolicy {
-                max_retries: u32::try_from(self.max_retries).ok(),
-                retry_initial: self.retry_backoff.initial,
-                retry_max: self.retry_backoff.max,
-                retry_multiplier: self.retry_backoff.multiplier,
-                retry_jitter: self.retry_backoff.jitter,
-                bisect_on_error: self.bisect_on_error,
-                report_item_failures: self.report_item_failures,
-                max_record_age: self.max_record_age,
-                on_failure: self.on_failure.clone(),
-                handler_timeout: self.handler_timeout,
-            },
-            parallelization_factor: self.parallelization_factor,
-            filter: self.filter.as_ref().and_then(FilterConfig::to_filter),
-        }
-    }
 }
 
 impl FilterConfig {
@@ -247,89 +366,23 @@ impl FilterConfig {
         };
         Some(Filter { field: self.field.clone(), test })
     }
-}
 
-/// `[balancer]`: how leases are placed (DESIGN.md "placement").
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BalancerConfig {
-    /// `load` (counts as far as load allows, and moves off drowning
-    /// workers) or `count` (lease counts within one).
-    #[serde(default = "default_strategy")]
-    pub strategy: String,
-    /// A worker above the fleet's mean utilisation × (1 + threshold) is
-    /// overloaded (0.05..5).
-    #[serde(default = "default_threshold")]
-    pub threshold: f64,
-    /// Below this utilisation no worker counts as overloaded (0..1).
-    #[serde(default = "default_min_utilisation")]
-    pub min_utilisation: f64,
-    /// Most leases one plan moves (1..1000).
-    #[serde(default = "default_max_moves")]
-    pub max_moves: usize,
-    /// Overloaded this long before a plan.
-    #[serde(default = "default_stable_for", with = "humantime_serde")]
-    pub stable_for: Duration,
-    /// No plan this long after the last.
-    #[serde(default = "default_cooldown", with = "humantime_serde")]
-    pub cooldown: Duration,
-    /// A moved lease's reports are ignored this long.
-    #[serde(default = "default_settle", with = "humantime_serde")]
-    pub settle: Duration,
-    /// Weight of the newest report in the moving average (0.01..1).
-    #[serde(default = "default_ema_alpha")]
-    pub ema_alpha: f64,
-    /// The utilisation `shardline_desired_workers` plans for (0.05..1).
-    #[serde(default = "default_target_utilisation")]
-    pub target_utilisation: f64,
-}
-
-impl Default for BalancerConfig {
-    fn default() -> Self {
-        Self {
-            strategy: default_strategy(),
-            threshold: default_threshold(),
-            min_utilisation: default_min_utilisation(),
-            max_moves: default_max_moves(),
-            stable_for: default_stable_for(),
-            cooldown: default_cooldown(),
-            settle: default_settle(),
-            ema_alpha: default_ema_alpha(),
-            target_utilisation: default_target_utilisation(),
-        }
+    fn validate(&self) -> Result<(), Invalid> {
+        let f = &self.field;
+        let path_ok = !f.is_empty() && !f.split('.').any(str::is_empty);
+        ensure(path_ok, "field", format!("`{f}`"), "a dotted path like order.type")?;
+        let tests = [self.equals.is_some(), self.exists.is_some(), self.prefix.is_some()];
+        let value = match self.exists {
+            Some(false) => "exists = false".to_owned(),
+            _ => format!("{} tests", tests.iter().filter(|t| **t).count()),
+        };
+        let allowed = "exactly one of equals = VALUE, exists = true, prefix = \"TEXT\"";
+        ensure(self.to_filter().is_some(), "", value, allowed)
     }
 }
 
-fn default_strategy() -> String {
-    "load".into()
-}
-fn default_threshold() -> f64 {
-    0.2
-}
-fn default_min_utilisation() -> f64 {
-    0.5
-}
-fn default_max_moves() -> usize {
-    8
-}
-fn default_stable_for() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_cooldown() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_settle() -> Duration {
-    Duration::from_secs(3)
-}
-fn default_ema_alpha() -> f64 {
-    0.3
-}
-fn default_target_utilisation() -> f64 {
-    0.7
-}
-
 /// A RabbitMQ topic: the exchange producers publish to (SNS topic).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     /// The exchange name.
@@ -340,7 +393,7 @@ pub struct TopicConfig {
     pub kind: TopicKind,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TopicKind {
     #[default]
@@ -349,7 +402,7 @@ pub enum TopicKind {
 }
 
 /// The queue type of a subscription and its retry and dead-letter queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueType {
     /// Quorum where the broker supports them (RabbitMQ 3.8+), else classic.
@@ -360,8 +413,10 @@ pub enum QueueType {
 }
 
 /// A RabbitMQ subscription: a durable queue bound to a topic (SQS queue
-/// subscribed to SNS), consumed through 1..N queue slots.
-#[derive(Debug, Clone)]
+/// subscribed to SNS), consumed through 1..N queue slots. Records that give
+/// up go to its dead-letter queue, so it has no `on_failure`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", default, deny_unknown_fields)]
 pub struct SubscriptionConfig {
     /// The queue name.
     pub name: String,
@@ -376,171 +431,175 @@ pub struct SubscriptionConfig {
     /// Most queue slots (Lambda's maximum concurrency).
     pub max_concurrency: u32,
     /// Add slots while the backlog would take longer than this to drain.
+    #[serde(with = "humantime_serde")]
     pub drain_target: Duration,
     /// Remove one slot after the queue has been idle this long.
+    #[serde(with = "humantime_serde")]
     pub scale_down_after: Duration,
-    /// Batching and failure handling (no `on_failure`: records that give up
-    /// go to the subscription's dead-letter queue).
-    pub settings: MappingSettings,
+    #[serde(flatten)]
+    pub settings: BatchSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubscriptionFields {
-    name: String,
-    topic: String,
-    handler: String,
-    #[serde(default)]
-    binding_key: Option<String>,
-    #[serde(default)]
-    queue_type: QueueType,
-    #[serde(default = "default_min_slots")]
-    min_slots: u32,
-    #[serde(default = "default_max_concurrency")]
-    max_concurrency: u32,
-    #[serde(default = "default_drain_target", with = "humantime_serde")]
-    drain_target: Duration,
-    #[serde(default = "default_scale_down_after", with = "humantime_serde")]
-    scale_down_after: Duration,
-}
-
-const SUBSCRIPTION_FIELDS: &[&str] = &[
-    "name",
-    "topic",
-    "handler",
-    "binding_key",
-    "queue_type",
-    "min_slots",
-    "max_concurrency",
-    "drain_target",
-    "scale_down_after",
-];
-
-impl<'de> Deserialize<'de> for SubscriptionConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (own, settings) = split_fields::<D, SubscriptionFields>(d, SUBSCRIPTION_FIELDS, "subscription")?;
-        Ok(Self {
-            name: own.name,
-            topic: own.topic,
-            handler: own.handler,
-            binding_key: own.binding_key,
-            queue_type: own.queue_type,
-            min_slots: own.min_slots,
-            max_concurrency: own.max_concurrency,
-            drain_target: own.drain_target,
-            scale_down_after: own.scale_down_after,
-            settings,
-        })
+impl Default for SubscriptionConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            topic: String::new(),
+            handler: String::new(),
+            binding_key: None,
+            queue_type: QueueType::default(),
+            min_slots: 1,
+            max_concurrency: 10,
+            drain_target: Duration::from_secs(10),
+            scale_down_after: Duration::from_secs(60),
+            settings: BatchSettings::default(),
+        }
     }
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7400))
+impl SubscriptionConfig {
+    pub fn new(name: impl Into<String>, topic: impl Into<String>, handler: impl Into<String>) -> Self {
+        Self { name: name.into(), topic: topic.into(), handler: handler.into(), ..Self::default() }
+    }
+
+    /// Checks this table against the configured topics.
+    fn validate(&self, topics: &BTreeMap<&str, TopicKind>) -> Result<(), Invalid> {
+        check_name("name", &self.name)?;
+        check_name("handler", &self.handler)?;
+        let Some(kind) = topics.get(self.topic.as_str()) else {
+            let known: Vec<&str> = topics.keys().copied().collect();
+            let value = format!("`{}`, which is not under [[topics]]", self.topic);
+            return Err(Invalid::new("topic", value, or_none(&known)));
+        };
+        if let Some(key) = &self.binding_key {
+            let fanout = format!("set, but topic `{}` is a fanout", self.topic);
+            ensure(*kind == TopicKind::Topic, "binding_key", fanout, "only with kind = \"topic\"")?;
+            let ok = !key.is_empty() && key.len() <= 255;
+            ensure(ok, "binding_key", format!("`{key}`"), "1 to 255 characters, e.g. orders.* or #")?;
+        }
+        in_range("max_concurrency", self.max_concurrency, 1, 1000)?;
+        let max = self.max_concurrency;
+        let min_ok = (1..=max).contains(&self.min_slots);
+        ensure(min_ok, "min_slots", self.min_slots, format!("1 to max_concurrency ({max})"))?;
+        let ms = Duration::from_millis;
+        in_range("drain_target", self.drain_target, ms(100), ms(3_600_000))?;
+        in_range("scale_down_after", self.scale_down_after, ms(100), ms(86_400_000))?;
+        self.settings.validate()
+    }
 }
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("./shardline-data")
+
+/// serde's `flatten` refuses an unknown key without naming the known ones;
+/// this adds them (the keys a default table serializes to).
+fn with_known_keys<E: serde::de::Error, T: Serialize + Default>(e: E, table: &str) -> E {
+    let message = e.to_string();
+    let message = message.trim_end();
+    if !message.starts_with("unknown field") || message.contains("expected") {
+        return e;
+    }
+    let keys = serde_json::to_value(T::default())
+        .ok()
+        .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
+        .unwrap_or_default();
+    E::custom(format!("{message}; a {table} takes {}", keys.join(", ")))
 }
-fn default_heartbeat() -> Duration {
-    Duration::from_secs(1)
+
+/// `remote = "Self"` above derives these as inherent functions, so that
+/// the trait impls can add the known keys to an unknown-key error.
+macro_rules! strict_table {
+    ($type:ty, $table:literal) => {
+        impl Serialize for $type {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                <$type>::serialize(self, s)
+            }
+        }
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <$type>::deserialize(d).map_err(|e| with_known_keys::<_, $type>(e, $table))
+            }
+        }
+    };
 }
-fn default_session() -> Duration {
-    Duration::from_secs(10)
-}
+strict_table!(StreamConfig, "stream");
+strict_table!(SubscriptionConfig, "subscription");
+
 /// What a handoff may take beyond the in-flight batch: the last checkpoint
 /// and the release confirmation.
 const HANDOFF_GRACE: Duration = Duration::from_secs(10);
-fn default_discovery() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_brokers() -> String {
-    "127.0.0.1:9092".into()
-}
-fn default_min_slots() -> u32 {
-    1
-}
-fn default_max_concurrency() -> u32 {
-    10
-}
-fn default_drain_target() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_scale_down_after() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_scale_interval() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_amqp_url() -> String {
-    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
-}
-fn default_max_retries() -> i32 {
-    -1
-}
-fn default_retry_initial() -> Duration {
-    Duration::from_millis(100)
-}
-fn default_retry_max() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_multiplier() -> f64 {
-    2.0
-}
-fn default_true() -> bool {
-    true
-}
-fn default_parallelization() -> u32 {
-    1
-}
-fn default_handler_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_batch_size() -> u32 {
-    100
-}
-fn default_batch_bytes() -> u64 {
-    6 * 1024 * 1024
-}
 
-/// A config that cannot be used; the message names the field and the
-/// allowed values.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config {path}: `{field}` {problem}")]
-    Invalid { path: PathBuf, field: String, problem: String },
+impl ConfigFile for Config {
+    fn overrides(&mut self) -> Overrides<'_> {
+        Overrides {
+            coordinator: None,
+            kafka_brokers: &mut self.kafka_brokers,
+            amqp_url: &mut self.amqp_url,
+            auth_token: &mut self.auth_token,
+        }
+    }
+
+    /// Checks every field's range, each table by itself, then what spans
+    /// tables (names listed once, subscriptions' topics).
+    fn validate(&self) -> Result<(), Invalid> {
+        self.validate_timing()?;
+        let token_ok =
+            self.listen.ip().is_loopback() || self.auth_token.as_deref().is_some_and(|t| !t.is_empty());
+        let why = format!(
+            "a token, required because listen ({}) is not a loopback address; set it or SHARDLINE_TOKEN",
+            self.listen
+        );
+        ensure(token_ok, "auth_token", "unset", why)?;
+        if self.streams.iter().any(|s| s.partitions.is_none()) {
+            check_brokers(&self.kafka_brokers)?;
+        }
+        for (i, s) in self.streams.iter().enumerate() {
+            s.validate().map_err(|e| e.under(&format!("streams[{i}]")))?;
+        }
+        listed_once("streams", self.streams.iter().map(|s| &s.name))?;
+        validate_balancer(&self.balancer).map_err(|e| e.under("balancer"))?;
+        for (i, t) in self.topics.iter().enumerate() {
+            check_name(&format!("topics[{i}].name"), &t.name)?;
+        }
+        listed_once("topics", self.topics.iter().map(|t| &t.name))?;
+        let topics: BTreeMap<&str, TopicKind> =
+            self.topics.iter().map(|t| (t.name.as_str(), t.kind)).collect();
+        if !self.subscriptions.is_empty() {
+            check_amqp_url(&self.amqp_url)?;
+        }
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            let at = format!("subscriptions[{i}]");
+            s.validate(&topics).map_err(|e| e.under(&at))?;
+            let not_topic = !topics.contains_key(s.name.as_str());
+            ensure(
+                not_topic,
+                &format!("{at}.name"),
+                format!("`{}`, also a topic", s.name),
+                "a name no topic has",
+            )?;
+        }
+        listed_once("subscriptions", self.subscriptions.iter().map(|s| &s.name))
+    }
 }
 
 impl Config {
-    /// Reads, parses and validates a config file, applying env overrides.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut config =
-            Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
-        if let Ok(brokers) = std::env::var("SHARDLINE_KAFKA_BROKERS")
-            && !brokers.is_empty()
-        {
-            config.kafka_brokers = brokers;
+    fn validate_timing(&self) -> Result<(), Invalid> {
+        let ms = Duration::from_millis;
+        in_range("heartbeat_interval", self.heartbeat_interval, ms(50), ms(60_000))?;
+        in_range("session_timeout", self.session_timeout, ms(200), ms(600_000))?;
+        if let Some(handoff) = self.handoff_timeout {
+            in_range("handoff_timeout", handoff, ms(100), ms(3_600_000))?;
+            if let Some((field, longest)) = self.longest_handler_timeout() {
+                let allowed = format!(
+                    "longer than the longest handler_timeout ({longest:?}, {field}), so a draining lease can \
+                     finish its batch; or leave it unset for {:?}",
+                    longest + HANDOFF_GRACE
+                );
+                ensure(handoff > longest, "handoff_timeout", format!("{handoff:?}"), allowed)?;
+            }
         }
-        if let Ok(url) = std::env::var("SHARDLINE_AMQP_URL")
-            && !url.is_empty()
-        {
-            config.amqp_url = url;
-        }
-        if let Ok(token) = std::env::var("SHARDLINE_TOKEN")
-            && !token.is_empty()
-        {
-            config.auth_token = Some(token);
-        }
-        config.validate().map_err(|(field, problem)| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            problem,
-        })?;
-        Ok(config)
+        in_range("discovery_interval", self.discovery_interval, ms(100), ms(3_600_000))?;
+        let (session, heartbeat) = (self.session_timeout, self.heartbeat_interval);
+        let twice = format!("at least twice heartbeat_interval ({heartbeat:?})");
+        ensure(session >= heartbeat * 2, "session_timeout", format!("{session:?}"), twice)?;
+        in_range("scale_interval", self.scale_interval, ms(100), ms(60_000))
     }
 
     /// The configured `handoff_timeout`, or by default 30 s, or the longest
@@ -565,194 +624,10 @@ impl Config {
             .map(|(at, m)| (format!("{at}.handler_timeout"), m.handler_timeout))
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
-    }
-
-    /// Checks every field's range; the error is `(field, what is allowed)`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |field: &str, problem: String| Err((field.to_owned(), problem));
-        let range = |field: &str, value: Duration, min: Duration, max: Duration| {
-            if value < min || value > max {
-                err(field, format!("is {value:?}; allowed: {min:?} to {max:?}"))
-            } else {
-                Ok(())
-            }
-        };
-        let ms = Duration::from_millis;
-        range("heartbeat_interval", self.heartbeat_interval, ms(50), ms(60_000))?;
-        range("session_timeout", self.session_timeout, ms(200), ms(600_000))?;
-        if let Some(handoff) = self.handoff_timeout {
-            range("handoff_timeout", handoff, ms(100), ms(3_600_000))?;
-            if let Some((field, longest)) = self.longest_handler_timeout()
-                && handoff <= longest
-            {
-                return err(
-                    "handoff_timeout",
-                    format!(
-                        "is {handoff:?}; allowed: longer than the longest handler_timeout ({longest:?}, {field}), \
-                         so a draining lease can finish its batch; or leave it unset for {:?}",
-                        longest + HANDOFF_GRACE
-                    ),
-                );
-            }
-        }
-        range("discovery_interval", self.discovery_interval, ms(100), ms(3_600_000))?;
-        if self.session_timeout < self.heartbeat_interval * 2 {
-            return err(
-                "session_timeout",
-                format!(
-                    "is {:?}; allowed: at least twice heartbeat_interval ({:?})",
-                    self.session_timeout, self.heartbeat_interval
-                ),
-            );
-        }
-        if !self.listen.ip().is_loopback() && self.auth_token.as_deref().is_none_or(str::is_empty) {
-            return err(
-                "auth_token",
-                format!(
-                    "is required because listen ({}) is not a loopback address; set it or SHARDLINE_TOKEN",
-                    self.listen
-                ),
-            );
-        }
-        if self.kafka_brokers.trim().is_empty() && self.streams.iter().any(|s| s.partitions.is_none()) {
-            return err("kafka_brokers", "is empty; allowed: host:port[,host:port...]".into());
-        }
-        let mut names = std::collections::BTreeSet::new();
-        for (i, s) in self.streams.iter().enumerate() {
-            check_name(&format!("streams[{i}].name"), &s.name)?;
-            check_name(&format!("streams[{i}].handler"), &s.handler)?;
-            if s.partitions == Some(0) || s.partitions.is_some_and(|p| p > 100_000) {
-                return err(&format!("streams[{i}].partitions"), "allowed: 1 to 100000".into());
-            }
-            validate_settings(&format!("streams[{i}]"), &s.settings)?;
-            if s.settings.on_failure.as_ref() == Some(&s.name) {
-                return err(
-                    &format!("streams[{i}].on_failure"),
-                    "is the stream itself; allowed: another topic".into(),
-                );
-            }
-            if !names.insert(("stream", s.name.clone())) {
-                return err(&format!("streams[{i}].name"), format!("`{}` is listed twice", s.name));
-            }
-        }
-        range("scale_interval", self.scale_interval, ms(100), ms(60_000))?;
-        let b = &self.balancer;
-        if b.strategy != "load" && b.strategy != "count" {
-            return err("balancer.strategy", format!("is `{}`; allowed: load, count", b.strategy));
-        }
-        let frac = |field: &str, v: f64, lo: f64, hi: f64| {
-            if (lo..=hi).contains(&v) { Ok(()) } else { err(field, format!("is {v}; allowed: {lo} to {hi}")) }
-        };
-        frac("balancer.threshold", b.threshold, 0.05, 5.0)?;
-        frac("balancer.min_utilisation", b.min_utilisation, 0.0, 1.0)?;
-        frac("balancer.ema_alpha", b.ema_alpha, 0.01, 1.0)?;
-        frac("balancer.target_utilisation", b.target_utilisation, 0.05, 1.0)?;
-        if !(1..=1000).contains(&b.max_moves) {
-            return err("balancer.max_moves", format!("is {}; allowed: 1 to 1000", b.max_moves));
-        }
-        range("balancer.stable_for", b.stable_for, ms(0), ms(3_600_000))?;
-        range("balancer.cooldown", b.cooldown, ms(0), ms(3_600_000))?;
-        range("balancer.settle", b.settle, ms(0), ms(600_000))?;
-        let mut topics = std::collections::BTreeMap::new();
-        for (i, t) in self.topics.iter().enumerate() {
-            check_name(&format!("topics[{i}].name"), &t.name)?;
-            if topics.insert(t.name.clone(), t.kind).is_some() {
-                return err(&format!("topics[{i}].name"), format!("`{}` is listed twice", t.name));
-            }
-        }
-        if !self.subscriptions.is_empty()
-            && !self.amqp_url.starts_with("amqp://")
-            && !self.amqp_url.starts_with("amqps://")
-        {
-            return err("amqp_url", "allowed: amqp://USER:PASS@HOST:PORT/VHOST or amqps://...".into());
-        }
-        for (i, s) in self.subscriptions.iter().enumerate() {
-            let field = |f: &str| format!("subscriptions[{i}].{f}");
-            check_name(&field("name"), &s.name)?;
-            check_name(&field("handler"), &s.handler)?;
-            let Some(kind) = topics.get(&s.topic) else {
-                let known: Vec<&str> = topics.keys().map(String::as_str).collect();
-                return err(
-                    &field("topic"),
-                    format!("is `{}`, which is not under [[topics]]; allowed: {}", s.topic, or_none(&known)),
-                );
-            };
-            match (kind, &s.binding_key) {
-                (TopicKind::Fanout, Some(_)) => {
-                    return err(
-                        &field("binding_key"),
-                        format!(
-                            "is set, but topic `{}` is a fanout; allowed only with kind = \"topic\"",
-                            s.topic
-                        ),
-                    );
-                }
-                (_, Some(key)) if key.is_empty() || key.len() > 255 => {
-                    return err(
-                        &field("binding_key"),
-                        "allowed: 1 to 255 characters, e.g. orders.* or #".into(),
-                    );
-                }
-                _ => {}
-            }
-            if !(1..=1000).contains(&s.max_concurrency) {
-                return err(
-                    &field("max_concurrency"),
-                    format!("is {}; allowed: 1 to 1000", s.max_concurrency),
-                );
-            }
-            if !(1..=s.max_concurrency).contains(&s.min_slots) {
-                return err(
-                    &field("min_slots"),
-                    format!("is {}; allowed: 1 to max_concurrency ({})", s.min_slots, s.max_concurrency),
-                );
-            }
-            range(&field("drain_target"), s.drain_target, ms(100), ms(3_600_000))?;
-            range(&field("scale_down_after"), s.scale_down_after, ms(100), ms(86_400_000))?;
-            validate_settings(&format!("subscriptions[{i}]"), &s.settings)?;
-            let q = &s.settings;
-            if q.on_failure.is_some() {
-                return err(
-                    &field("on_failure"),
-                    format!(
-                        "is set; records of a subscription that give up go to its dead-letter queue `{}`; allowed: unset",
-                        shardline_proto::topology::dead_letter_queue(&s.name)
-                    ),
-                );
-            }
-            if q.parallelization_factor != 1 {
-                return err(
-                    &field("parallelization_factor"),
-                    "allowed: 1 (a subscription scales by queue slots: min_slots, max_concurrency)".into(),
-                );
-            }
-            if q.starting_position != StartingPosition::Latest || q.starting_timestamp.is_some() {
-                return err(
-                    &field("starting_position"),
-                    "is set; allowed: unset (a queue has no positions)".into(),
-                );
-            }
-            if !names.insert(("subscription", s.name.clone())) {
-                return err(&field("name"), format!("`{}` is listed twice", s.name));
-            }
-            if topics.contains_key(&s.name) {
-                return err(
-                    &field("name"),
-                    format!("`{}` is also a topic; allowed: a name no topic has", s.name),
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// The mapping of a lease's stream or subscription, if configured.
     pub fn mapping(&self, lease: &LeaseId) -> Option<Mapping> {
         match lease.kind {
-            LeaseKind::Shard => {
-                self.streams.iter().find(|s| s.name == lease.name).map(|s| s.settings.mapping(&s.handler))
-            }
+            LeaseKind::Shard => self.streams.iter().find(|s| s.name == lease.name).map(StreamConfig::mapping),
             LeaseKind::QueueSlot => self
                 .subscriptions
                 .iter()
@@ -762,107 +637,41 @@ impl Config {
     }
 
     pub fn core(&self) -> CoreConfig {
-        let b = &self.balancer;
-        let balancer = crate::core::Balancer {
-            strategy: if b.strategy == "count" {
-                crate::core::Strategy::Count
-            } else {
-                crate::core::Strategy::Load
-            },
-            threshold: b.threshold,
-            min_utilisation: b.min_utilisation,
-            max_moves: b.max_moves,
-            stable_for: b.stable_for,
-            cooldown: b.cooldown,
-            settle: b.settle,
-            ema_alpha: b.ema_alpha,
-            target_utilisation: b.target_utilisation,
-        };
         CoreConfig {
             session_timeout: self.session_timeout,
             handoff_timeout: self.handoff_timeout(),
-            balancer,
+            balancer: self.balancer,
         }
     }
 }
 
-/// Checks the mapping settings shared by streams and subscriptions.
-fn validate_settings(prefix: &str, s: &MappingSettings) -> Result<(), (String, String)> {
-    let err = |field: &str, problem: String| Err((field.to_owned(), problem));
-    let field = |f: &str| format!("{prefix}.{f}");
-    if !(1..=10_000).contains(&s.batch_size) {
-        return err(&field("batch_size"), format!("is {}; allowed: 1 to 10000", s.batch_size));
-    }
-    if !(1024..=64 * 1024 * 1024).contains(&s.max_batch_bytes) {
-        return err(
-            &field("max_batch_bytes"),
-            format!("is {}; allowed: 1024 to 67108864 (64 MiB)", s.max_batch_bytes),
-        );
-    }
-    if s.batch_window > Duration::from_secs(300) {
-        return err(&field("batch_window"), format!("is {:?}; allowed: 0s to 300s", s.batch_window));
-    }
-    match (s.starting_position, s.starting_timestamp) {
-        (StartingPosition::AtTimestamp, None) => {
-            return err(
-                &field("starting_timestamp"),
-                "is missing; required with starting_position = \"at_timestamp\" (RFC 3339)".into(),
-            );
-        }
-        (StartingPosition::Latest | StartingPosition::TrimHorizon, Some(_)) => {
-            return err(
-                &field("starting_timestamp"),
-                "is set; allowed only with starting_position = \"at_timestamp\"".into(),
-            );
-        }
-        _ => {}
-    }
-    if !(-1..=10_000).contains(&s.max_retries) {
-        return err(
-            &field("max_retries"),
-            format!("is {}; allowed: -1 (until expired) or 0 to 10000", s.max_retries),
-        );
-    }
-    let b = &s.retry_backoff;
-    if b.initial < Duration::from_millis(1) || b.initial > b.max || b.max > Duration::from_secs(900) {
-        return err(
-            &field("retry_backoff"),
-            format!("is {:?} to {:?}; allowed: 1ms <= initial <= max <= 900s", b.initial, b.max),
-        );
-    }
-    if !(1.0..=10.0).contains(&b.multiplier) {
-        return err(&field("retry_backoff.multiplier"), format!("is {}; allowed: 1.0 to 10.0", b.multiplier));
-    }
-    if let Some(age) = s.max_record_age
-        && !(Duration::from_secs(60)..=Duration::from_secs(604_800)).contains(&age)
-    {
-        return err(&field("max_record_age"), format!("is {age:?}; allowed: 60s to 7 days (604800s)"));
-    }
-    if let Some(topic) = &s.on_failure {
-        check_name(&field("on_failure"), topic)?;
-    }
-    if !(1..=10).contains(&s.parallelization_factor) {
-        return err(
-            &field("parallelization_factor"),
-            format!("is {}; allowed: 1 to 10", s.parallelization_factor),
-        );
-    }
-    if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&s.handler_timeout) {
-        return err(&field("handler_timeout"), format!("is {:?}; allowed: 1s to 900s", s.handler_timeout));
-    }
-    if let Some(f) = &s.filter {
-        if f.field.is_empty() || f.field.split('.').any(str::is_empty) {
-            return err(
-                &field("filter.field"),
-                format!("is `{}`; allowed: a dotted path like order.type", f.field),
-            );
-        }
-        if f.exists == Some(false) || f.to_filter().is_none() {
-            return err(
-                &field("filter"),
-                "allowed: exactly one of equals = VALUE, exists = true, prefix = \"TEXT\"".into(),
-            );
-        }
+/// `[balancer]`'s ranges; fields are named relative to it.
+fn validate_balancer(b: &Balancer) -> Result<(), Invalid> {
+    let frac = |field: &str, v: f64, lo: f64, hi: f64| {
+        ensure((lo..=hi).contains(&v), field, v, format!("{lo} to {hi}"))
+    };
+    frac("threshold", b.threshold, 0.05, 5.0)?;
+    frac("min_utilisation", b.min_utilisation, 0.0, 1.0)?;
+    frac("ema_alpha", b.ema_alpha, 0.01, 1.0)?;
+    frac("target_utilisation", b.target_utilisation, 0.05, 1.0)?;
+    in_range("max_moves", b.max_moves, 1, 1000)?;
+    let ms = Duration::from_millis;
+    in_range("stable_for", b.stable_for, ms(0), ms(3_600_000))?;
+    in_range("cooldown", b.cooldown, ms(0), ms(3_600_000))?;
+    in_range("settle", b.settle, ms(0), ms(600_000))
+}
+
+/// Each name at most once in its list (`streams[1].name` repeats
+/// `streams[0].name`).
+fn listed_once<'a>(list: &str, names: impl Iterator<Item = &'a String>) -> Result<(), Invalid> {
+    let mut seen = BTreeSet::new();
+    for (i, name) in names.enumerate() {
+        ensure(
+            seen.insert(name),
+            &format!("{list}[{i}].name"),
+            format!("`{name}`, listed twice"),
+            "each name once",
+        )?;
     }
     Ok(())
 }
@@ -873,15 +682,12 @@ fn or_none(names: &[&str]) -> String {
 
 /// Names end up in lease ids (`name/3`, `name#0`), Kafka topics and AMQP
 /// queues: keep them to characters all three accept.
-fn check_name(field: &str, name: &str) -> Result<(), (String, String)> {
+fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err((field.to_owned(), format!("is `{name}`; allowed: 1 to 200 of A-Z a-z 0-9 . _ -")))
-    }
+    let value = if name.is_empty() { "empty".to_owned() } else { format!("`{name}`") };
+    ensure(ok, field, value, "1 to 200 of A-Z a-z 0-9 . _ -")
 }
 
 #[cfg(test)]
@@ -919,12 +725,12 @@ mod tests {
         let bad = |text: &str| Config::parse(text).map(|c| c.validate());
         assert_eq!(
             bad("session_timeout = \"50ms\""),
-            Ok(Err(("session_timeout".into(), "is 50ms; allowed: 200ms to 600s".into())))
+            Ok(Err(Invalid::new("session_timeout", "50ms", "200ms to 600s")))
         );
         let e = bad("[[streams]]\nname = \"a b\"\nhandler = \"log\"");
-        assert!(matches!(e, Ok(Err((f, _))) if f == "streams[0].name"));
+        assert!(matches!(e, Ok(Err(Invalid { field: f, .. })) if f == "streams[0].name"));
         let e = bad("listen = \"0.0.0.0:7400\"");
-        assert!(matches!(e, Ok(Err((f, _))) if f == "auth_token"));
+        assert!(matches!(e, Ok(Err(Invalid { field: f, .. })) if f == "auth_token"));
         let sub = |extra: &str| {
             bad(&format!(
                 "[[topics]]\nname = \"t\"\n[[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\n{extra}"
@@ -936,29 +742,47 @@ mod tests {
             ("min_slots = 5\nmax_concurrency = 4", "subscriptions[0].min_slots"),
             ("max_concurrency = 1001", "subscriptions[0].max_concurrency"),
             ("binding_key = \"a.*\"", "subscriptions[0].binding_key"),
-            ("on_failure = \"x\"", "subscriptions[0].on_failure"),
-            ("parallelization_factor = 2", "subscriptions[0].parallelization_factor"),
-            ("starting_position = \"trim_horizon\"", "subscriptions[0].starting_position"),
             ("batch_size = 0", "subscriptions[0].batch_size"),
             ("drain_target = \"1ms\"", "subscriptions[0].drain_target"),
         ] {
-            assert!(matches!(sub(extra), Ok(Err((f, _))) if f == field), "{extra}: {:?}", sub(extra));
+            assert!(
+                matches!(sub(extra), Ok(Err(Invalid { field: f, .. })) if f == field),
+                "{extra}: {:?}",
+                sub(extra)
+            );
         }
         let e = bad("[[subscriptions]]\nname = \"q\"\ntopic = \"nope\"\nhandler = \"h\"");
         assert!(
-            matches!(e, Ok(Err((f, p))) if f == "subscriptions[0].topic" && p.contains("not under [[topics]]"))
+            matches!(e, Ok(Err(Invalid { field, value, .. })) if field == "subscriptions[0].topic" && value.contains("not under [[topics]]"))
         );
         let typo = Config::parse(
             "[[topics]]\nname = \"t\"\n[[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\nmax_concurency = 3",
         );
-        assert!(typo.is_err_and(|e| e.contains("unknown field `max_concurency`") && e.contains("max_concurrency")));
-        let stream = |extra: &str| bad(&format!("[[streams]]\nname = \"s\"\nhandler = \"h\"\n{extra}"));
-        assert!(matches!(stream("batch_size = 0"), Ok(Err((f, _))) if f == "streams[0].batch_size"));
+        let typo = typo.map_err(|e| e.to_string());
         assert!(
-            matches!(stream("batch_window = \"301s\""), Ok(Err((f, _))) if f == "streams[0].batch_window")
+            typo.as_ref().is_err_and(|e| e.contains("unknown field `max_concurency`") && e.contains("max_concurrency")),
+            "{typo:?}"
+        );
+        // What only streams take is not a key of a subscription at all.
+        for key in
+            ["on_failure = \"x\"", "parallelization_factor = 2", "starting_position = \"trim_horizon\""]
+        {
+            let e = sub(key).map_err(|e| e.to_string());
+            let name = key.split(' ').next().unwrap_or_default();
+            assert!(
+                e.as_ref().is_err_and(|e| e.contains(&format!("unknown field `{name}`"))),
+                "{key}: {e:?}"
+            );
+        }
+        let stream = |extra: &str| bad(&format!("[[streams]]\nname = \"s\"\nhandler = \"h\"\n{extra}"));
+        assert!(
+            matches!(stream("batch_size = 0"), Ok(Err(Invalid { field: f, .. })) if f == "streams[0].batch_size")
+        );
+        assert!(
+            matches!(stream("batch_window = \"301s\""), Ok(Err(Invalid { field: f, .. })) if f == "streams[0].batch_window")
         );
         let e = stream("starting_position = \"at_timestamp\"");
-        assert!(matches!(e, Ok(Err((f, _))) if f == "streams[0].starting_timestamp"));
+        assert!(matches!(e, Ok(Err(Invalid { field: f, .. })) if f == "streams[0].starting_timestamp"));
         let ok =
             stream("starting_position = \"at_timestamp\"\nstarting_timestamp = \"2026-11-27T10:00:00Z\"");
         assert!(matches!(ok, Ok(Ok(()))), "{ok:?}");
@@ -967,7 +791,7 @@ mod tests {
                 .is_err()
         );
         for (extra, field) in [
-            ("max_retries = -2", "streams[0].max_retries"),
+            ("max_retries = 10001", "streams[0].max_retries"),
             ("max_record_age = \"5s\"", "streams[0].max_record_age"),
             ("parallelization_factor = 11", "streams[0].parallelization_factor"),
             ("handler_timeout = \"0s\"", "streams[0].handler_timeout"),
@@ -976,7 +800,11 @@ mod tests {
             ("filter = { field = \"a\", exists = true, prefix = \"x\" }", "streams[0].filter"),
             ("filter = { field = \"a..b\", exists = true }", "streams[0].filter.field"),
         ] {
-            assert!(matches!(stream(extra), Ok(Err((f, _))) if f == field), "{extra}: {:?}", stream(extra));
+            assert!(
+                matches!(stream(extra), Ok(Err(Invalid { field: f, .. })) if f == field),
+                "{extra}: {:?}",
+                stream(extra)
+            );
         }
         let full = stream(
             "max_retries = 3\nbisect_on_error = true\nreport_item_failures = true\nmax_record_age = \"1h\"\n\
@@ -985,8 +813,67 @@ mod tests {
              filter = { field = \"kind\", equals = \"order\" }",
         );
         assert!(matches!(full, Ok(Ok(()))), "{full:?}");
+        // -1 is "until the records expire"; other negatives name the key.
+        let forever = Config::parse("[[streams]]\nname = \"s\"\nhandler = \"h\"\nmax_retries = -1");
+        assert!(forever.is_ok_and(|c| c.streams[0].settings.max_retries.is_none()));
+        let e = stream("max_retries = -2").map_err(|e| e.to_string());
+        assert!(e.as_ref().is_err_and(|e| e.contains("`max_retries` is -2; allowed: -1")), "{e:?}");
         let unknown = Config::parse("sesion_timeout = \"1s\"");
-        assert!(unknown.is_err_and(|e| e.contains("unknown field `sesion_timeout`")));
+        assert!(unknown.is_err_and(|e| e.to_string().contains("unknown field `sesion_timeout`")));
+    }
+
+    /// Every default lives in one place: a config that sets nothing gives
+    /// the wire types' mapping and the core's balancer and session.
+    #[test]
+    fn defaults_have_one_home() {
+        let c = Config {
+            streams: vec![StreamConfig::new("s", "h")],
+            topics: vec![TopicConfig { name: "t".into(), kind: TopicKind::Fanout }],
+            subscriptions: vec![SubscriptionConfig::new("q", "t", "h")],
+            ..Config::default()
+        };
+        assert_eq!(c.mapping(&LeaseId::shard("s", 0)), Some(Mapping::new("h")));
+        assert_eq!(c.mapping(&LeaseId::slot("q", 0)), Some(Mapping::new("h")));
+        assert_eq!(c.core().balancer, Balancer::default());
+        assert_eq!(c.balancer.strategy, crate::core::Strategy::Load, "README: `load` is the default");
+        assert_eq!(c.session_timeout, CoreConfig::default().session_timeout);
+        let parsed = Config::parse(
+            "[[streams]]\nname = \"s\"\nhandler = \"h\"\n[[topics]]\nname = \"t\"\n\
+             [[subscriptions]]\nname = \"q\"\ntopic = \"t\"\nhandler = \"h\"\n",
+        );
+        assert_eq!(parsed.ok(), Some(c));
+    }
+
+    /// parse → serialize → parse gives the same value, for the shipped
+    /// example and for one that sets what the example leaves out.
+    #[test]
+    fn configs_round_trip_through_toml() {
+        let example =
+            Config::parse(include_str!("../../examples/coordinator.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let mut full = example.clone();
+        full.auth_token = Some("secret".into());
+        full.handoff_timeout = Some(Duration::from_secs(90));
+        full.balancer.strategy = crate::core::Strategy::Count;
+        let mut stream = StreamConfig::new("t", "h");
+        stream.partitions = Some(4);
+        stream.starting_position = StartingPosition::AtTimestamp;
+        stream.starting_timestamp = Some(std::time::UNIX_EPOCH + Duration::from_secs(1_790_000_000));
+        stream.on_failure = Some("dlq".into());
+        stream.settings.max_retries = Some(3);
+        stream.settings.max_record_age = Some(Duration::from_secs(3600));
+        stream.settings.filter = Some(FilterConfig {
+            field: "a.b".into(),
+            equals: Some(toml::Value::Integer(7)),
+            exists: None,
+            prefix: None,
+        });
+        full.streams.push(stream);
+        full.subscriptions[0].binding_key = Some("a.*".into());
+        full.topics[0].kind = TopicKind::Topic;
+        for c in [example, full] {
+            let text = toml::to_string(&c).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(Config::parse(&text).map_err(|e| e.to_string()), Ok(c), "{text}");
+        }
     }
 
     /// A handoff that cannot outlast the batch in flight would always be
@@ -1002,7 +889,7 @@ mod tests {
         };
         let short = with("30s");
         assert!(
-            matches!(&short, Ok(Err((f, why))) if f == "handoff_timeout" && why.contains("streams[1].handler_timeout")),
+            matches!(&short, Ok(Err(Invalid { field, allowed, .. })) if field == "handoff_timeout" && allowed.contains("streams[1].handler_timeout")),
             "{short:?}"
         );
         assert!(matches!(with("41s"), Ok(Ok(()))));

@@ -136,7 +136,7 @@ pub async fn serve(
     discovery_task.abort();
     amqp_task.abort();
     loop_stop.cancel();
-    let stored = service_task.await.map_err(|e| StoreError::Io(format!("service loop panicked: {e}")));
+    let stored = service_task.await.map_err(StoreError::Task);
     match stored {
         Ok(Err(e)) | Err(e) => return Err(Error::StoreFailed(e)),
         Ok(Ok(())) if loop_died => return Err(Error::LoopEnded),

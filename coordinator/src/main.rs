@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use shardline_coordinator::config::Config;
+use shardline_coordinator::config::{Config, ConfigFile};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

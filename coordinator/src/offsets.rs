@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use shardline_proto::{LeaseId, LeaseKind};
 
@@ -17,6 +18,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Offsets {
     consumer: Arc<BaseConsumer>,
+    brokers: Arc<str>,
 }
 
 impl Offsets {
@@ -26,7 +28,7 @@ impl Offsets {
             .set("allow.auto.create.topics", "false")
             .create()
             .map_err(|e| format!("kafka client: {e}"))?;
-        Ok(Self { consumer: Arc::new(consumer) })
+        Ok(Self { consumer: Arc::new(consumer), brokers: brokers.into() })
     }
 
     /// `(earliest, latest)`: the log start and the next offset to be written.
@@ -42,9 +44,12 @@ impl Offsets {
     }
 
     /// The first offset at or after `timestamp_ms`; the end of the log when
-    /// every record is older (Kafka answers -1 then).
+    /// every record is older. Kafka answers -1 then, but tansu 0.6.0
+    /// answers 0, which would rewind the shard to its start: so the answer
+    /// stands only if the record it names is at or after the time.
     pub async fn at_time(&self, topic: &str, partition: u32, timestamp_ms: i64) -> Result<i64, String> {
-        let (consumer, topic_owned) = (self.consumer.clone(), topic.to_owned());
+        let (consumer, brokers, topic_owned) =
+            (self.consumer.clone(), self.brokers.clone(), topic.to_owned());
         let found = tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic_owned, partition as i32, Offset::Offset(timestamp_ms))
@@ -54,15 +59,54 @@ impl Offsets {
                 .find_partition(&topic_owned, partition as i32)
                 .map(|p| p.offset())
                 .ok_or_else(|| format!("{topic_owned}/{partition}: no answer for the timestamp"))?;
-            Ok::<_, String>(offset)
+            match offset {
+                Offset::Offset(o) if o >= 0 => {
+                    let wrong = stamped_before(&brokers, &topic_owned, partition, o, timestamp_ms)?;
+                    Ok::<_, String>((!wrong).then_some(o))
+                }
+                _ => Ok(None),
+            }
         })
         .await
         .map_err(|e| e.to_string())??;
         match found {
-            Offset::Offset(o) if o >= 0 => Ok(o),
-            _ => Ok(self.watermarks(topic, partition).await?.1),
+            Some(o) => Ok(o),
+            None => Ok(self.watermarks(topic, partition).await?.1),
         }
     }
+}
+
+/// Is the first record at or after `offset` stamped before `timestamp_ms`?
+/// (No record there, or one without a timestamp: no.) Read with a consumer
+/// of its own: an assignment is per consumer, and lookups may run at once.
+/// Blocking.
+fn stamped_before(
+    brokers: &str,
+    topic: &str,
+    partition: u32,
+    offset: i64,
+    timestamp_ms: i64,
+) -> Result<bool, String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "shardline-offsets")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(|e| format!("kafka client: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset)).map_err(|e| e.to_string())?;
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(record)) => return Ok(record.timestamp().to_millis().is_some_and(|t| t < timestamp_ms)),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(false),
+            Some(Err(e)) => return Err(format!("read {topic}/{partition} at {offset}: {e}")),
+            None => {}
+        }
+    }
+    Err(format!("read {topic}/{partition} at {offset}: no answer within {TIMEOUT:?}"))
 }
 
 /// Where an operator moves a checkpoint.
@@ -105,5 +149,61 @@ pub async fn resolve(offsets: &Offsets, lease: &LeaseId, target: Target) -> Resu
         Target::Offset(o) => Err(ResolveError::Invalid(format!(
             "offset {o} is outside `{lease}`; allowed: {earliest} (earliest) to {latest} (latest)"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The parts of `resolve` that need no broker: which leases it refuses
+    //! outright, and how a broker that does not answer is classified (the
+    //! CLI exits 2 for `Invalid`, 1 for `Unavailable`). The lookups against
+    //! a real log (earliest, latest, by timestamp, out of range) are tested
+    //! end to end on tansu in `tests/tests/offsets.rs`.
+
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Nothing listens on port 1: every lookup fails after [`TIMEOUT`].
+    const NOBODY: &str = "127.0.0.1:1";
+
+    const TARGETS: [Target; 4] = [Target::Offset(3), Target::Earliest, Target::Latest, Target::Timestamp(1)];
+
+    /// A queue slot has no offsets: refused as bad input for every target,
+    /// at once, without asking any broker (which would take the lookup
+    /// timeout here and answer `Unavailable`).
+    #[tokio::test]
+    async fn a_queue_slot_is_refused_as_invalid_without_asking_the_broker() {
+        let offsets = Offsets::new(NOBODY).unwrap_or_else(|e| panic!("{e}"));
+        let slot = LeaseId::slot("orders-sub", 2);
+        let started = Instant::now();
+        for target in TARGETS {
+            let e = resolve(&offsets, &slot, target).await;
+            assert!(
+                matches!(&e, Err(ResolveError::Invalid(m)) if m.contains("orders-sub#2") && m.contains("queue slot")),
+                "{target:?} on a queue slot: {e:?}"
+            );
+        }
+        assert!(started.elapsed() < TIMEOUT / 5, "refusing a slot took {:?}", started.elapsed());
+    }
+
+    /// A broker that does not answer is `Unavailable` (retry later), never
+    /// `Invalid`, whatever the target: even an offset cannot be checked
+    /// against the log without it. The message names the lease.
+    #[tokio::test]
+    async fn an_unreachable_broker_is_unavailable_for_every_target() {
+        let offsets = Offsets::new(NOBODY).unwrap_or_else(|e| panic!("{e}"));
+        let shard = LeaseId::shard("orders", 1);
+        let lookups = TARGETS.map(|t| {
+            let (offsets, shard) = (offsets.clone(), shard.clone());
+            tokio::spawn(async move { (t, resolve(&offsets, &shard, t).await) })
+        });
+        for lookup in lookups {
+            let (target, e) = lookup.await.unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                matches!(&e, Err(ResolveError::Unavailable(m)) if m.contains("orders/1")),
+                "{target:?} with no broker: {e:?}"
+            );
+        }
     }
 }

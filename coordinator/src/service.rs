@@ -402,9 +402,9 @@ mod tests {
 
     use super::*;
     use crate::core::CoreConfig;
-    use crate::store::{FailingStore, MemStore};
+    use crate::store::{FailingStore, Flushes, Gate, GatedStore, MemStore};
 
-    async fn start(store: MemStore) -> (Handle, CancellationToken) {
+    async fn start(store: impl LeaseStore) -> (Handle, CancellationToken) {
         let (service, handle) = Service::new(store, CoreConfig::default()).unwrap_or_else(|e| panic!("{e}"));
         let token = CancellationToken::new();
         tokio::spawn(service.run(token.clone()));
@@ -556,6 +556,102 @@ mod tests {
         let Ok(Ok(Err(e))) = ended else { panic!("the loop did not end with the store error: {ended:?}") };
         assert!(e.to_string().contains("flush"), "{e}");
         assert!(register(&handle, "b").await.is_empty(), "nobody is answered after the failure");
+    }
+
+    /// The next flush the loop starts; fails the test if none starts.
+    async fn next_flush(flushes: &mut Flushes) -> Gate {
+        match tokio::time::timeout(Duration::from_secs(5), flushes.recv()).await {
+            Ok(Some(gate)) => gate,
+            other => panic!("no flush started: {other:?}"),
+        }
+    }
+
+    /// Lets the loop run for a second of paused time (ten ticks).
+    async fn idle() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    /// A checkpoint by `a`, sent from its own task so the test can watch
+    /// whether it has been answered.
+    fn checkpoint_task(
+        handle: &Handle,
+        (lease, epoch): &(LeaseId, u64),
+        offset: i64,
+    ) -> tokio::task::JoinHandle<Result<Vec<CheckpointOutcome>, Closed>> {
+        let (handle, lease, epoch) = (handle.clone(), lease.clone(), *epoch);
+        tokio::spawn(async move { checkpoint(&handle, &lease, epoch, offset).await })
+    }
+
+    fn accepted(reply: Result<Result<Vec<CheckpointOutcome>, Closed>, tokio::task::JoinError>, at: i64) {
+        assert!(
+            matches!(reply.as_ref().map(|r| r.as_deref()), Ok(Ok([CheckpointOutcome::Ok { checkpoint: Some(c) }])) if *c == at),
+            "checkpoint at {at}: {reply:?}"
+        );
+    }
+
+    /// Group commit, step by step, on a store whose flushes the test
+    /// completes: no reply that reveals a write (a grant, an accepted
+    /// checkpoint) is sent before a flush that started after that write has
+    /// completed; one flush runs at a time; writes that arrive while it
+    /// runs wait for the next one and share it; and a reply that reveals
+    /// nothing (an empty heartbeat) waits for no flush.
+    #[tokio::test(start_paused = true)]
+    async fn replies_wait_for_their_flush_and_writes_during_a_flush_ride_the_next_one() {
+        let (store, mut flushes) = GatedStore::new();
+        let (handle, token) = start(store).await;
+
+        // Registering writes four grants: the reply waits for flush 1.
+        let registering = tokio::spawn({
+            let handle = handle.clone();
+            async move { register(&handle, "a").await }
+        });
+        let first = next_flush(&mut flushes).await;
+        idle().await;
+        assert!(!registering.is_finished(), "grants answered before their flush completed");
+        first.open();
+        let acquired = registering.await.unwrap_or_default();
+        let leases: Vec<(LeaseId, u64)> = acquired
+            .iter()
+            .filter_map(|i| match i {
+                Instruction::Acquire { lease, epoch, .. } => Some((lease.clone(), *epoch)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(leases.len(), 4, "{acquired:?}");
+
+        // A checkpoint starts flush 2.
+        let a = checkpoint_task(&handle, &leases[0], 5);
+        let second = next_flush(&mut flushes).await;
+        // Two more arrive while flush 2 runs.
+        let b = checkpoint_task(&handle, &leases[0], 6);
+        let c = checkpoint_task(&handle, &leases[1], 9);
+        idle().await;
+        let beat = tokio::time::timeout(Duration::from_millis(500), heartbeat(&handle, "a")).await;
+        assert!(
+            matches!(&beat, Ok(Ok(i)) if i.is_empty()),
+            "an empty heartbeat must not wait for a flush: {beat:?}"
+        );
+        assert!(
+            !a.is_finished() && !b.is_finished() && !c.is_finished(),
+            "a checkpoint was answered before any flush of it completed"
+        );
+        assert!(flushes.try_recv().is_err(), "a second flush started while one ran");
+
+        // Flush 2 covers a only: b and c were written after it began.
+        second.open();
+        accepted(a.await, 5);
+        let third = next_flush(&mut flushes).await;
+        idle().await;
+        assert!(
+            !b.is_finished() && !c.is_finished(),
+            "writes made during flush 2 were answered when it completed"
+        );
+        third.open();
+        accepted(b.await, 6);
+        accepted(c.await, 9);
+        idle().await;
+        assert!(flushes.try_recv().is_err(), "b and c did not share one flush");
+        token.cancel();
     }
 
     #[tokio::test(start_paused = true)]

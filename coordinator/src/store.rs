@@ -32,10 +32,24 @@ pub enum StoreError {
     Foreign { path: String, reason: String },
     #[error("store {path} has format {found}; this build reads format {FORMAT_VERSION}: upgrade shardline")]
     NewerFormat { path: String, found: u32 },
+    /// sled could not open the directory (other than its lock).
+    #[error("cannot open store {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    /// A read, write or flush failed: the disk or the file system.
     #[error("store I/O failed: {0}")]
-    Io(String),
+    Io(#[from] sled::Error),
+    /// A record could not be encoded (a bug, not the disk).
+    #[error("cannot encode a store record: {0}")]
+    Encode(#[from] serde_json::Error),
     #[error("store record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// A task doing store work (a flush, the service loop) panicked or was
+    /// cancelled, so what it wrote may not be durable.
+    #[error("a store task died: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A lock around the in-memory store was poisoned by a panic.
+    #[error("store lock poisoned")]
+    Poisoned,
 }
 
 /// Where the lease table lives between restarts.
@@ -71,11 +85,11 @@ impl SledStore {
             });
         }
         let db = sled::Config::new().path(path).open().map_err(|e| open_error(path, e))?;
-        match db.get(FORMAT_KEY).map_err(io)? {
+        match db.get(FORMAT_KEY)? {
             Some(v) => check_format(path, &v)?,
             None if fresh || db.tree_names().len() <= 1 => {
-                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes()[..]).map_err(io)?;
-                db.flush().map_err(io)?;
+                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes()[..])?;
+                db.flush()?;
             }
             None => {
                 return Err(StoreError::Foreign {
@@ -84,8 +98,8 @@ impl SledStore {
                 });
             }
         }
-        let leases = db.open_tree(LEASES_TREE).map_err(io)?;
-        let usage = db.open_tree(USAGE_TREE).map_err(io)?;
+        let leases = db.open_tree(LEASES_TREE)?;
+        let usage = db.open_tree(USAGE_TREE)?;
         Ok(Self { db, leases, usage })
     }
 
@@ -103,7 +117,7 @@ impl SledStore {
             });
         }
         let db = sled::Config::new().path(path).open().map_err(|e| open_error(path, e))?;
-        match db.get(FORMAT_KEY).map_err(io)? {
+        match db.get(FORMAT_KEY)? {
             Some(v) => check_format(path, &v)?,
             None => {
                 return Err(StoreError::Foreign {
@@ -112,8 +126,8 @@ impl SledStore {
                 });
             }
         }
-        let leases = db.open_tree(LEASES_TREE).map_err(io)?;
-        let usage = db.open_tree(USAGE_TREE).map_err(io)?;
+        let leases = db.open_tree(LEASES_TREE)?;
+        let usage = db.open_tree(USAGE_TREE)?;
         Ok(Self { db, leases, usage })
     }
 }
@@ -134,12 +148,8 @@ fn open_error(path: &Path, e: sled::Error) -> StoreError {
     if text.contains("lock") || text.contains("WouldBlock") || text.contains("temporarily unavailable") {
         StoreError::Locked(path.display().to_string())
     } else {
-        StoreError::Io(format!("{}: {text}", path.display()))
+        StoreError::Open { path: path.display().to_string(), source: e }
     }
-}
-
-fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
 }
 
 fn key(lease: &LeaseId) -> Vec<u8> {
@@ -158,7 +168,7 @@ impl LeaseStore for SledStore {
         self.leases
             .iter()
             .map(|kv| {
-                let (k, v) = kv.map_err(io)?;
+                let (k, v) = kv?;
                 serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                     key: String::from_utf8_lossy(&k).into_owned(),
                     reason: e.to_string(),
@@ -168,8 +178,8 @@ impl LeaseStore for SledStore {
     }
 
     fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.leases.insert(key(&record.lease), value).map_err(io)?;
+        let value = serde_json::to_vec(record)?;
+        self.leases.insert(key(&record.lease), value)?;
         Ok(())
     }
 
@@ -177,7 +187,7 @@ impl LeaseStore for SledStore {
         self.usage
             .iter()
             .map(|kv| {
-                let (k, v) = kv.map_err(io)?;
+                let (k, v) = kv?;
                 let corrupt = |reason: String| StoreError::Corrupt {
                     key: format!("usage/{}", String::from_utf8_lossy(&k)),
                     reason,
@@ -197,11 +207,11 @@ impl LeaseStore for SledStore {
     fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError> {
         match counts {
             Some(c) => {
-                let value = serde_json::to_vec(c).map_err(|e| StoreError::Io(e.to_string()))?;
-                self.usage.insert(usage_key(key), value).map_err(io)?;
+                let value = serde_json::to_vec(c)?;
+                self.usage.insert(usage_key(key), value)?;
             }
             None => {
-                self.usage.remove(usage_key(key)).map_err(io)?;
+                self.usage.remove(usage_key(key))?;
             }
         }
         Ok(())
@@ -211,9 +221,7 @@ impl LeaseStore for SledStore {
         let db = self.db.clone();
         async move {
             // sled's flush blocks on fsync; keep it off the async workers.
-            tokio::task::spawn_blocking(move || db.flush().map(|_| ()).map_err(io))
-                .await
-                .map_err(|e| StoreError::Io(e.to_string()))?
+            tokio::task::spawn_blocking(move || db.flush().map(|_| ()).map_err(StoreError::from)).await?
         }
     }
 }
@@ -228,12 +236,12 @@ pub struct MemStore {
 
 impl LeaseStore for MemStore {
     fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
-        let records = self.records.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        let records = self.records.lock().map_err(|_| StoreError::Poisoned)?;
         Ok(records.values().cloned().collect())
     }
 
     fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
-        let mut records = self.records.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut records = self.records.lock().map_err(|_| StoreError::Poisoned)?;
         records.insert(record.lease.clone(), record.clone());
         Ok(())
     }
@@ -243,12 +251,12 @@ impl LeaseStore for MemStore {
     }
 
     fn load_usage(&self) -> Result<Vec<(BucketKey, Counts)>, StoreError> {
-        let usage = self.usage.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        let usage = self.usage.lock().map_err(|_| StoreError::Poisoned)?;
         Ok(usage.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
     fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError> {
-        let mut usage = self.usage.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut usage = self.usage.lock().map_err(|_| StoreError::Poisoned)?;
         match counts {
             Some(c) => usage.insert(key.clone(), c.clone()),
             None => usage.remove(key),
@@ -277,10 +285,20 @@ impl FailingStore {
     fn check(counter: &std::sync::atomic::AtomicU32, what: &str) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         if counter.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
-            return Err(StoreError::Io(format!("{what}: No space left on device (injected)")));
+            return Err(injected_full(what));
         }
         Ok(())
     }
+}
+
+/// What sled reports on a full disk.
+#[cfg(test)]
+fn injected_full(what: &str) -> StoreError {
+    let e = std::io::Error::new(
+        std::io::ErrorKind::StorageFull,
+        format!("{what}: No space left on device (injected)"),
+    );
+    StoreError::Io(sled::Error::Io(e))
 }
 
 #[cfg(test)]
@@ -290,10 +308,10 @@ impl LeaseStore for FailingStore {
     }
 
     fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
-        let mut failing = self.failing_checkpoint.lock().map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut failing = self.failing_checkpoint.lock().map_err(|_| StoreError::Poisoned)?;
         if record.checkpoint.is_some() && *failing == record.checkpoint {
             *failing = None;
-            return Err(StoreError::Io("write: No space left on device (injected)".into()));
+            return Err(injected_full("write"));
         }
         self.inner.put(record)
     }
@@ -311,13 +329,86 @@ impl LeaseStore for FailingStore {
     }
 }
 
+/// A [`MemStore`] whose flushes complete only when the test says so: each
+/// flush hands the test a [`Gate`] through [`Flushes`] and waits for it to
+/// be opened. So a test of the service loop sees exactly when a flush
+/// starts, and what is answered before and after it completes (group
+/// commit), without a disk or a race.
+#[cfg(test)]
+#[derive(Clone)]
+pub struct GatedStore {
+    pub inner: MemStore,
+    started: tokio::sync::mpsc::UnboundedSender<Gate>,
+}
+
+/// One flush in progress: [`Gate::open`] completes it.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct Gate(tokio::sync::oneshot::Sender<()>);
+
+#[cfg(test)]
+impl Gate {
+    pub fn open(self) {
+        // The flush future is gone only if the loop ended, which the test
+        // then sees in its replies.
+        if self.0.send(()).is_err() {
+            tracing::error!("a gated flush was opened after its loop ended");
+        }
+    }
+}
+
+/// The flushes a [`GatedStore`] started, in order.
+#[cfg(test)]
+pub type Flushes = tokio::sync::mpsc::UnboundedReceiver<Gate>;
+
+#[cfg(test)]
+impl GatedStore {
+    pub fn new() -> (Self, Flushes) {
+        let (started, flushes) = tokio::sync::mpsc::unbounded_channel();
+        (Self { inner: MemStore::default(), started }, flushes)
+    }
+}
+
+#[cfg(test)]
+impl LeaseStore for GatedStore {
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.inner.load()
+    }
+
+    fn put(&mut self, record: &LeaseRecord) -> Result<(), StoreError> {
+        self.inner.put(record)
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (open, opened) = tokio::sync::oneshot::channel();
+        let announced = self.started.send(Gate(open));
+        async move {
+            // A test that stops watching or drops a gate fails the flush.
+            let failed = |what: &str| {
+                StoreError::Io(sled::Error::Io(std::io::Error::other(format!("flush: {what} (gated)"))))
+            };
+            announced.map_err(|_| failed("the test stopped watching"))?;
+            opened.await.map_err(|_| failed("gate dropped unopened"))
+        }
+    }
+
+    fn load_usage(&self) -> Result<Vec<(BucketKey, Counts)>, StoreError> {
+        self.inner.load_usage()
+    }
+
+    fn put_usage(&mut self, key: &BucketKey, counts: Option<&Counts>) -> Result<(), StoreError> {
+        self.inner.put_usage(key, counts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn records_survive_reopen_and_foreign_or_locked_dirs_are_refused() -> Result<(), StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
+    fn records_survive_reopen_and_foreign_or_locked_dirs_are_refused()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("store");
         let record = LeaseRecord {
             lease: LeaseId::shard("orders", 3),
@@ -329,9 +420,7 @@ mod tests {
         {
             let mut store = SledStore::open(&path)?;
             store.put(&record)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .map_err(|e| StoreError::Io(e.to_string()))?;
+            let rt = tokio::runtime::Builder::new_current_thread().build()?;
             rt.block_on(store.flush())?;
             // While it is open, a second opener is told it is locked.
             assert!(matches!(SledStore::open_existing(&path), Err(StoreError::Locked(_))));
@@ -340,8 +429,8 @@ mod tests {
         assert_eq!(store.load()?, vec![record]);
 
         let foreign = dir.path().join("foreign");
-        std::fs::create_dir_all(&foreign).map_err(|e| StoreError::Io(e.to_string()))?;
-        std::fs::write(foreign.join("conf"), "x").map_err(|e| StoreError::Io(e.to_string()))?;
+        std::fs::create_dir_all(&foreign)?;
+        std::fs::write(foreign.join("conf"), "x")?;
         assert!(matches!(SledStore::open(&foreign), Err(StoreError::Foreign { .. })));
         assert!(matches!(
             SledStore::open_existing(&dir.path().join("none")),

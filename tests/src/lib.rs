@@ -8,7 +8,9 @@
 //! test command in the README does that.
 
 pub mod amqp;
+pub mod fresh;
 pub mod kafka;
+pub mod serial;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -17,10 +19,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
 pub use shardline_testkit::metrics::http_get;
-pub use shardline_testkit::process::{Proc, bin};
+pub use shardline_testkit::process::Proc;
 pub use shardline_testkit::unique;
 use shardline_testkit::{config, process};
 use tonic::transport::Channel;
+
+/// Where the workspace's binaries are: `SHARDLINE_BIN_DIR` (taken as is),
+/// else the target dir this test binary was built into, where a binary
+/// older than its sources fails the test ([`fresh`]).
+pub fn bin(name: &str) -> PathBuf {
+    let path = process::bin(name);
+    if std::env::var_os("SHARDLINE_BIN_DIR").is_none() {
+        fresh::ensure_fresh(&path);
+    }
+    path
+}
 
 /// The Kafka bootstrap servers the tests use.
 pub fn kafka_brokers() -> String {

@@ -4,11 +4,12 @@
 //! built-in `forward` / `chaos` handlers publish a receipt per processed
 //! message to a receipts exchange, whose queue the test reads back.
 //!
-//! One test at a time (`SERIAL`): two restart RabbitMQ (one kills it), and
-//! all of them start several processes on a small machine. Run them under
-//! `flock /tmp/shardline-e2e.lock` where other users share the broker.
-//! Every test deletes the queues it made, also when it fails
-//! ([`QueueCleanup`]).
+//! One test at a time (`SERIAL`): all of them start several processes on a
+//! small machine. The two that take RabbitMQ down (`stop_app`, `kill -9`)
+//! also hold [`broker_outage`], the lock of every test that disrupts a
+//! shared broker. Run them under `flock /tmp/shardline-e2e.lock` where
+//! other users share the broker. Every test deletes the queues and
+//! exchanges it made, also when it fails ([`Cleanup`]).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use shardline_tests::amqp::{
     Got, QueueCleanup, RabbitmqGuard, channel, counts, depth, drain_queue, kill9_rabbitmq, publish_ids,
     publisher, rabbitmqctl, receipts_exchange, start_rabbitmq,
 };
+use shardline_tests::serial::broker_outage;
 use shardline_tests::{Coordinator, Proc, eventually, free_port, scrape, start_worker_with, unique};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -42,10 +44,10 @@ impl Names {
         }
     }
 
-    /// Every queue the test makes (the coordinator's retry and dead-letter
-    /// queues included, for subscriptions with `policy`), deleted when the
-    /// guard drops.
-    fn cleanup(&self, policy: &shardline_proto::FailurePolicy) -> QueueCleanup {
+    /// Every queue and exchange the test makes (the coordinator's retry and
+    /// dead-letter queues included, for subscriptions with `policy`),
+    /// deleted when the guard drops.
+    fn cleanup(&self, policy: &shardline_proto::FailurePolicy) -> Cleanup {
         let mut q: Vec<String> = self.receipts.iter().map(|r| format!("{r}.q")).collect();
         let delays = shardline_proto::topology::retry_delays(policy);
         for s in &self.subs {
@@ -53,7 +55,47 @@ impl Names {
             q.push(shardline_proto::topology::dead_letter_queue(s));
             q.extend(delays.iter().map(|d| shardline_proto::topology::retry_queue(s, *d)));
         }
-        QueueCleanup(q)
+        let mut exchanges = vec![self.topic.clone()];
+        exchanges.extend(self.receipts.iter().cloned());
+        exchanges.extend(self.subs.iter().map(|s| shardline_proto::topology::dead_letter_exchange(s)));
+        Cleanup { queues: QueueCleanup(q), exchanges }
+    }
+}
+
+/// Deletes a test's queues, then its exchanges, when dropped: however the
+/// test ends, it leaves nothing on the shared broker.
+struct Cleanup {
+    queues: QueueCleanup,
+    exchanges: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Queues first: an exchange goes after what is bound to it.
+        drop(QueueCleanup(std::mem::take(&mut self.queues.0)));
+        let names = std::mem::take(&mut self.exchanges);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            eprintln!("cleanup: no tokio runtime; left exchanges {names:?}");
+            return;
+        };
+        // Drop cannot await; the tests run on the multi-threaded runtime.
+        let result = tokio::task::block_in_place(|| {
+            runtime.block_on(async {
+                let (_connection, ch) = channel().await?;
+                for name in &names {
+                    ch.exchange_delete(
+                        name.as_str().into(),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await
+                    .with_context(|| format!("delete exchange {name}"))?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        });
+        if let Err(e) = result {
+            eprintln!("cleanup: cannot delete exchanges {names:?}: {e:#}");
+        }
     }
 }
 
@@ -117,6 +159,18 @@ async fn receipts(queue: &str, n: u64, timeout: Duration) -> Result<Vec<Got>> {
     Ok(got)
 }
 
+/// RabbitMQ's own count of consumers on `queue` (a passive declare): the
+/// slots that really consume, whatever the coordinator meant to run.
+async fn consumers(queue: &str) -> Result<u32> {
+    let (_connection, ch) = channel().await?;
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let q = ch
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .with_context(|| format!("queue {queue}"))?;
+    Ok(q.consumer_count())
+}
+
 fn duplicates(got: &[Got]) -> usize {
     got.len() - counts(got).len()
 }
@@ -175,6 +229,13 @@ async fn fan_out_delivers_every_message_to_each_subscription() -> Result<()> {
         "receipts of {b} say {b}"
     );
     ensure!(depth(a).await? == 0 && depth(b).await? == 0, "both subscription queues drained");
+    // Nothing failed and no slot moved abruptly: each message once per subscription.
+    ensure!(
+        duplicates(&got_a) == 0 && duplicates(&got_b) == 0,
+        "duplicates without any failure: {} in {a}, {} in {b}",
+        duplicates(&got_a),
+        duplicates(&got_b)
+    );
     drop(run);
     Ok(())
 }
@@ -273,12 +334,13 @@ async fn a_poison_message_retries_with_growing_delays_then_dead_letters_while_ot
     ensure!(!seen.contains_key(&777), "the poison was never reported processed");
     ensure!(in_retry == 0, "the poison was still retrying while 1,499 others flowed (dlq depth {in_retry})");
 
-    // Then it gives up: 1 + 3 retries, in the dead-letter queue.
-    let dead = drain_queue(&dlq, 1, Duration::from_millis(500), Duration::from_secs(60)).await?;
-    ensure!(dead.len() == 1, "one dead letter, got {}", dead.len());
+    // Then it gives up: 1 + 3 retries, in the dead-letter queue; and
+    // nothing else is there (2 s more of reading finds no second one).
+    let dead = drain_queue(&dlq, 1, Duration::from_secs(2), Duration::from_secs(60)).await?;
+    let dead_ids: Vec<Option<u64>> = dead.iter().map(Got::id).collect();
+    println!("dead letters: {:?}", dead.iter().map(|d| (&d.body, &d.headers)).collect::<Vec<_>>());
+    ensure!(dead_ids == [Some(777)], "the dead-letter queue holds {dead_ids:?}, want exactly [777]");
     let d = &dead[0];
-    println!("dead letter: {} {:?}", d.body, d.headers);
-    ensure!(d.body == "id-777", "the poison dead-lettered, not {}", d.body);
     ensure!(
         d.header("shardline.attempts") == Some("4"),
         "attempts header {:?}",
@@ -317,13 +379,16 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = rabbitmqctl(&["start_app"]);
+        if let Err(e) = rabbitmqctl(&["start_app"]) {
+            eprintln!("RabbitMQ guard: cannot start its app again: {e:#}");
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_nothing() -> Result<()> {
     let _serial = SERIAL.lock().await;
+    let _outage = broker_outage().await?;
     let names = Names::new(1);
     let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
@@ -365,6 +430,7 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
     })
     .await?;
     println!("while RabbitMQ was down: {unhealthy:?}");
+    // The fault's duration (not a wait for anything): down a while longer.
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&["start_app"])?;
     drop(guard);
@@ -380,6 +446,10 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
     Ok(())
 }
 
+/// A 20,000-message backlog grows the slots that consume (RabbitMQ's own
+/// consumer count on the queue, not the coordinator's target) to 3 or
+/// more, they go back to one after the drain, and nothing is processed
+/// twice on the way up or down.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -398,28 +468,38 @@ async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<
     let n = 20_000;
     let started = Instant::now();
     let publishing = tokio::spawn(async move { publish_ids(&publisher(), &topic, 0, n).await });
-    let mut history: Vec<(u64, u32, u64)> = Vec::new();
+    // (ms, the coordinator's slots, RabbitMQ's consumers, depth)
+    let mut history: Vec<(u64, u32, u32, u64)> = Vec::new();
     let mut peak = 0;
-    // Sample until drained and back at min_slots (or give up).
+    // Sample every 500 ms until drained and back to one consumer (or give up).
     while started.elapsed() < Duration::from_secs(240) {
         let s = run.subscription(sub).await?;
-        if history.last().is_none_or(|(_, slots, _)| *slots != s.slots) {
-            println!("t={:>5.1}s slots={} depth={}", started.elapsed().as_secs_f64(), s.slots, s.depth);
+        let consuming = consumers(sub).await?;
+        if history.last().is_none_or(|(_, slots, c, _)| (*slots, *c) != (s.slots, consuming)) {
+            println!(
+                "t={:>5.1}s slots={} consumers={consuming} depth={}",
+                started.elapsed().as_secs_f64(),
+                s.slots,
+                s.depth
+            );
         }
-        history.push((started.elapsed().as_millis() as u64, s.slots, s.depth));
-        peak = peak.max(s.slots);
-        if peak > 1 && s.slots == 1 && s.depth == 0 && publishing.is_finished() {
+        history.push((started.elapsed().as_millis() as u64, s.slots, consuming, s.depth));
+        peak = peak.max(consuming);
+        if peak > 1 && consuming == 1 && s.depth == 0 && publishing.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     publishing.await??;
-    println!("slot counts over time (ms, slots, depth): {history:?}");
-    ensure!(peak >= 3, "the backlog grew the slots (peak {peak})");
-    let last = history.last().map_or(0, |h| h.1);
-    ensure!(last == 1, "slots back to min_slots after the drain (now {last})");
+    println!("over time (ms, slots, consumers, depth): {history:?}");
+    ensure!(peak >= 3, "the backlog grew the consumers on {sub} to only {peak}");
+    let last = history.last().map_or(0, |h| h.2);
+    ensure!(last == 1, "consumers back to min_slots after the drain (now {last})");
     let got = receipts(&format!("{}.q", names.receipts[0]), n, Duration::from_secs(60)).await?;
-    println!("{n} processed with a peak of {peak} slots; {} duplicates", duplicates(&got));
+    println!("{n} processed with a peak of {peak} consumers; {} duplicates", duplicates(&got));
+    // Slots are added and parked gracefully (a parked slot acks what it
+    // processed before it stops): no message is processed twice.
+    ensure!(duplicates(&got) == 0, "{} duplicates while slots scaled up and down", duplicates(&got));
     // Parked slots are not owned by anyone.
     let leases = run.c.leases().await?;
     let owned = leases
@@ -481,6 +561,7 @@ async fn a_queue_that_exists_with_other_arguments_is_reported_not_redeclared() -
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rabbitmq_crash_while_messages_wait_in_retry_queues_loses_none() -> Result<()> {
     let _serial = SERIAL.lock().await;
+    let _outage = broker_outage().await?;
     let names = Names::new(1);
     let policy = shardline_proto::FailurePolicy {
         retry_initial: Duration::from_secs(2),
@@ -608,7 +689,7 @@ async fn an_old_classic_retry_queue_is_kept_and_counted_beside_the_new_one() -> 
     let sub = &names.subs[0];
     let delay = Duration::from_secs(60);
     let old = shardline_proto::topology::legacy_retry_queue(sub, delay);
-    cleanup.0.push(old.clone());
+    cleanup.queues.0.push(old.clone());
     // The old layout: a classic queue, TTL = the delay, back to `S`.
     let (_connection, ch) = channel().await?;
     let mut args = lapin::types::FieldTable::default();

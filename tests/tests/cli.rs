@@ -475,7 +475,8 @@ async fn checkpoint_set_moves_the_owner_to_the_new_offset() -> Result<()> {
 
     // The owner carries on under the new epoch: still heartbeating after a
     // session timeout (3 s), processing new records, metering all of them
-    // (200 + 150 again + 50 new).
+    // (200 + 150 again + 50 new). The claim is about time passing (a
+    // session timeout), so this waits for it.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let workers = online(&c, &["--json", "workers"]).await?.json()?;
     let a =

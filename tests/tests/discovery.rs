@@ -4,12 +4,14 @@
 //! so growing a topic means deleting and re-creating it, and its
 //! DeleteTopics removes *every* topic of the cluster, and a fetch from a
 //! deleted topic panics its storage layer. Cargo runs test binaries one at
-//! a time, so no other test is fetching while this one re-creates its topic.
+//! a time, so no other test is fetching while this one re-creates its topic;
+//! it holds [`broker_outage`] so no other outage overlaps it.
 
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use shardline_proto::{LeaseId, v1};
+use shardline_tests::serial::broker_outage;
 use shardline_tests::{Coordinator, add_partitions, create_topic, eventually, unique};
 
 fn id(info: &v1::LeaseInfo) -> Result<LeaseId> {
@@ -21,6 +23,7 @@ fn id(info: &v1::LeaseInfo) -> Result<LeaseId> {
 /// holds leases: nothing fetches from the topic while it is re-created.
 #[tokio::test]
 async fn discovers_partitions_from_kafka_including_ones_added_while_running() -> Result<()> {
+    let _outage = broker_outage().await?;
     let topic = unique("disc");
     create_topic(&topic, 8).await?;
     let dir = tempfile::tempdir()?;

@@ -613,10 +613,15 @@ async fn parallel_run(factor: u32, kill: bool) -> Result<Duration> {
     Ok(span)
 }
 
+/// The speed-up factor 4 must show over factor 1. Ideal is 4× (40 batches
+/// of 200 ms in 4 lanes instead of 1), no concurrency is 1×; 1.5× leaves
+/// clear slack for a shared 2-core machine while no sequential run reaches it.
+const MIN_SPEEDUP: f64 = 1.5;
+
 /// parallelization_factor = 4: the same slow work runs several batches of a
-/// shard at once (printed speed-up over factor 1), order is kept per key,
-/// and a kill -9 of the worker mid-run loses nothing (a second worker takes
-/// over from the contiguous checkpoint).
+/// shard at once (at least [`MIN_SPEEDUP`] over factor 1), order is kept per
+/// key, and a kill -9 of the worker mid-run loses nothing (a second worker
+/// takes over from the contiguous checkpoint).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallelization_factor_runs_batches_concurrently_keeping_key_order_and_survives_kill_9() -> Result<()>
 {
@@ -625,7 +630,10 @@ async fn parallelization_factor_runs_batches_concurrently_keeping_key_order_and_
     let four = parallel_run(4, false).await?;
     let speedup = one.as_secs_f64() / four.as_secs_f64().max(0.001);
     eprintln!("parallelization: factor 1 took {one:?}, factor 4 took {four:?}: speed-up {speedup:.2}x");
-    ensure!(speedup > 1.5, "parallelization_factor = 4 sped a slow handler up only {speedup:.2}x");
+    ensure!(
+        speedup > MIN_SPEEDUP,
+        "parallelization_factor = 4 sped a slow handler up only {speedup:.2}x (want > {MIN_SPEEDUP}x, ideal 4x)"
+    );
     parallel_run(4, true).await?;
     Ok(())
 }
@@ -677,6 +685,8 @@ async fn starting_position_at_timestamp_and_latest_skip_older_records() -> Resul
     create_topic(&after, 1).await?;
 
     produce_in_order(&p, &at.stream, 0, 100).await?;
+    // Clock distance (not a wait for anything): T lies 2 s from either wave,
+    // far beyond any skew between this clock and the broker's timestamps.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t = now_ms();
     tokio::time::sleep(Duration::from_secs(2)).await;

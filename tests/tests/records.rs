@@ -113,13 +113,24 @@ async fn a_topic_created_after_its_mapping_is_read_from_its_first_record() -> Re
     let config = format!("{TIMINGS}[[streams]]\nname = \"{topic}\"\nhandler = \"forward\"\n");
     let c = Coordinator::start(&config, &dir.path().join("data"))?;
     let _w = start_worker_with(&c.url, "w", &format!("[handlers.forward]\ntopic = \"{receipts}\"\n"))?;
-    // Let discovery see the missing topic a few times.
+    eventually(Duration::from_secs(20), "the worker to join", || async {
+        Ok(c.workers().await?.iter().any(|w| w.worker_id == "w").then_some(()))
+    })
+    .await?;
+    // Discovery (every 500 ms) must have looked for the topic in vain a few
+    // times; nothing observable says it did, so this is a duration.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     create_topic(&topic, 2).await?;
     let p = producer()?;
     produce(&p, &topic, 0, 500, 10).await?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The next records come once the first ones were read.
+    eventually(Duration::from_secs(60), "the first 500 checkpointed", || async {
+        let done: i64 = checkpoints(&c, &topic).await?.into_iter().flatten().sum();
+        ensure!(done >= 500, "checkpoints add up to {done}");
+        Ok(Some(()))
+    })
+    .await?;
     produce(&p, &topic, 500, 600, 10).await?;
     let processed = eventually(Duration::from_secs(60), "600 receipts", || async {
         let got = read(&receipts).await?;

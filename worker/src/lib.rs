@@ -19,7 +19,7 @@
 //! }
 //!
 //! # async fn example() -> Result<(), shardline_worker::WorkerError> {
-//! let config = shardline_worker::WorkerConfig::parse("[handlers.count]\n").map_err(shardline_worker::WorkerError::Config)?;
+//! let config = shardline_worker::WorkerConfig::hosting(["count"]);
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! shardline_worker::run(config, Handlers::new().with::<Count>("count"), shutdown).await
 //! # }
@@ -45,7 +45,7 @@ pub mod policy;
 pub mod runtime;
 pub mod source;
 
-pub use config::WorkerConfig;
+pub use config::{ConfigError, ConfigFile, WorkerConfig};
 pub use handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
 pub use membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
 pub use runtime::{WorkerError, run};

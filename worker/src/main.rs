@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use shardline_worker::{WorkerConfig, WorkerError};
+use shardline_worker::{ConfigFile, WorkerConfig, WorkerError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         tokio::spawn(signals(shutdown.clone()));
         match shardline_worker::run(config, shardline_worker::builtin::handlers(), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e @ (WorkerError::Init(_) | WorkerError::Config(_))) => {
+            Err(e @ (WorkerError::Init(_) | WorkerError::Config(_) | WorkerError::Metrics { .. })) => {
                 eprintln!("error: {e}");
                 ExitCode::from(2)
             }

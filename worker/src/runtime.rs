@@ -38,8 +38,12 @@ pub enum WorkerError {
     /// Bad config or handler settings: fix and restart (exit status 2).
     #[error(transparent)]
     Init(#[from] InitError),
+    /// A config the handlers given to [`run`] cannot serve (exit status 2).
     #[error("config: {0}")]
-    Config(String),
+    Config(#[from] crate::config::Invalid),
+    /// The metrics endpoint could not be served, e.g. its port is taken.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: std::net::SocketAddr, source: metrics_exporter_prometheus::BuildError },
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -69,10 +73,10 @@ pub async fn run(
     for name in config.handlers.keys() {
         if !handlers.contains(name) {
             let known: Vec<&str> = handlers.names().collect();
-            return Err(WorkerError::Config(format!(
-                "`handlers.{name}` is not a handler of this worker; allowed: {}",
-                known.join(", ")
-            )));
+            let field = format!("handlers.{name}");
+            let invalid =
+                crate::config::Invalid::new(field, "not a handler of this worker", known.join(", "));
+            return Err(invalid.into());
         }
     }
     // One AMQP connection per process, opened when first needed.
@@ -93,7 +97,7 @@ pub async fn run(
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
-            .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr}: {e}")))?;
+            .map_err(|source| WorkerError::Metrics { addr, source })?;
     }
     // Once per node: every lease and batch shares these.
     let ready = handlers.init(contexts).await?;

@@ -36,39 +36,49 @@ pub struct CoreConfig {
     pub balancer: Balancer,
 }
 
-/// How leases are placed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How leases are placed (`[balancer] strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Lease counts within one per worker (KCL 2.x, Kafka's sticky assignors).
-    #[default]
     Count,
     /// Counts as far as load allows, and load moves when a worker drowns.
+    #[default]
     Load,
 }
 
-/// The `[balancer]` settings (see [`balance`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The `[balancer]` settings (see [`balance`]), parsed straight from the
+/// coordinator's config: these defaults are the only ones.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Balancer {
     pub strategy: Strategy,
+    /// A worker above the fleet's mean utilisation × (1 + threshold) is
+    /// overloaded (0.05..5).
     pub threshold: f64,
+    /// Below this utilisation no worker counts as overloaded (0..1).
     pub min_utilisation: f64,
+    /// Most leases one plan moves (1..1000).
     pub max_moves: usize,
     /// A worker must stay overloaded this long before a plan.
+    #[serde(with = "humantime_serde")]
     pub stable_for: Duration,
     /// No new plan this long after one.
+    #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
     /// A lease's reports are ignored this long after it changed owner.
+    #[serde(with = "humantime_serde")]
     pub settle: Duration,
-    /// Weight of the newest report in the moving average (0..1].
+    /// Weight of the newest report in the moving average (0.01..1).
     pub ema_alpha: f64,
-    /// Utilisation `desired_workers` plans for.
+    /// Utilisation `desired_workers` plans for (0.05..1).
     pub target_utilisation: f64,
 }
 
 impl Default for Balancer {
     fn default() -> Self {
         Self {
-            strategy: Strategy::Count,
+            strategy: Strategy::default(),
             threshold: 0.2,
             min_utilisation: 0.5,
             max_moves: 8,

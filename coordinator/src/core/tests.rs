@@ -13,6 +13,15 @@ use super::*;
 
 const H: &str = "h";
 
+/// The `count` strategy: what the worked examples and the first property
+/// test's balance check are about (the default is `load`).
+fn count() -> CoreConfig {
+    CoreConfig {
+        balancer: Balancer { strategy: super::Strategy::Count, ..Balancer::default() },
+        ..CoreConfig::default()
+    }
+}
+
 fn reg(worker: &str) -> Registration {
     Registration {
         worker: worker.into(),
@@ -44,7 +53,7 @@ fn beat(
 }
 
 fn core_with(partitions: u32, now: Instant) -> Core {
-    let mut core = Core::new(CoreConfig::default());
+    let mut core = Core::new(count());
     core.discovered(now, LeaseKind::Shard, "s", H, partitions);
     core
 }
@@ -156,7 +165,7 @@ fn restart_keeps_leases_of_workers_that_come_back_and_frees_the_rest() {
     core.checkpoint("a", &LeaseId::shard("s", 0), 1, 42);
     let records = core.take_dirty();
 
-    let mut core = Core::restore(CoreConfig::default(), records, t0);
+    let mut core = Core::restore(count(), records, t0);
     core.discovered(t0, LeaseKind::Shard, "s", H, 4);
     // The worker comes back holding all four leases.
     let mut r = reg("a");
@@ -168,7 +177,7 @@ fn restart_keeps_leases_of_workers_that_come_back_and_frees_the_rest() {
 
     // A second restart where the worker never returns.
     let records = core.leases().map(|l| l.record.clone()).collect();
-    let mut core = Core::restore(CoreConfig::default(), records, t0);
+    let mut core = Core::restore(count(), records, t0);
     core.discovered(t0, LeaseKind::Shard, "s", H, 4);
     core.register(t0, reg("b"));
     assert_eq!(core.owned_by("b").count(), 0, "a's leases wait for a");
@@ -300,7 +309,7 @@ fn a_second_process_under_one_id_gets_new_epochs_and_the_first_is_superseded() {
 #[test]
 fn partitions_that_appear_after_the_mapping_start_at_the_earliest_offset() {
     let t0 = Instant::now();
-    let mut core = Core::new(CoreConfig::default());
+    let mut core = Core::new(count());
     // Created while its topic does not exist yet: the topic's partitions
     // all come later.
     core.discovered(t0, LeaseKind::Shard, "late", H, 0);
@@ -321,7 +330,7 @@ fn partitions_that_appear_after_the_mapping_start_at_the_earliest_offset() {
     assert_eq!(starts[&LeaseId::shard("late", 0)], Start::Earliest, "topic created after the mapping");
     // A restart keeps that: the records say so.
     let records = core.leases().map(|l| l.record.clone()).collect();
-    let mut core = Core::restore(CoreConfig::default(), records, t0);
+    let mut core = Core::restore(count(), records, t0);
     core.discovered(t0, LeaseKind::Shard, "s", H, 4);
     assert_eq!(core.lease(&LeaseId::shard("s", 3)).map(|l| l.record.start()), Some(Start::Earliest));
     assert_eq!(core.lease(&LeaseId::shard("s", 2)).map(|l| l.record.start()), Some(Start::Earliest));
@@ -440,7 +449,7 @@ struct Model {
 
 impl Model {
     fn new() -> Self {
-        Self::with(CoreConfig::default())
+        Self::with(count())
     }
 
     /// The `load` strategy, with heartbeats that report load.

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use shardline_worker::{
-    Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, WorkerConfig,
+    Batch, BatchResponse, ConfigFile, Handler, HandlerError, Handlers, InitContext, InitError, WorkerConfig,
 };
 use tokio_util::sync::CancellationToken;
 
