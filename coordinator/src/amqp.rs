@@ -78,6 +78,9 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
     if config.subscriptions.is_empty() {
         return;
     }
+    // Exported at 0 from the start, so an alert can tell "no errors" from
+    // "no such series".
+    metrics::counter!("shardline_topology_errors_total").increment(0);
     let owned = owned_slots(&handle).await;
     let mut scalers: BTreeMap<String, Scaler> = BTreeMap::new();
     for s in &config.subscriptions {

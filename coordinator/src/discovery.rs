@@ -52,6 +52,11 @@ pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToke
             return;
         }
     };
+    for stream in &streams {
+        // Exported at 0 from the start, so an alert can tell "no errors"
+        // from "no such series".
+        metrics::counter!("shardline_discovery_errors_total", "stream" => stream.name.clone()).increment(0);
+    }
     let mut interval = tokio::time::interval(config.discovery_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -13,10 +13,10 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use shardline_worker::amqp::{Message, Publisher};
 
 /// The broker's URL; `SHARDLINE_AMQP_URL` overrides.
@@ -25,9 +25,7 @@ pub fn amqp_url() -> String {
 }
 
 pub async fn connect() -> Result<Connection> {
-    Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .context("connect to RabbitMQ (is it running? scripts/brokers.sh up)")
+    shardline_testkit::amqp::connect(&amqp_url(), "shardline-tests").await
 }
 
 pub async fn channel() -> Result<(Connection, Channel)> {
@@ -146,22 +144,14 @@ pub async fn drain_queue(queue: &str, want: usize, quiet: Duration, timeout: Dur
 
 /// Ready messages in `queue` (a passive declare).
 pub async fn depth(queue: &str) -> Result<u32> {
-    let (_connection, channel) = channel().await?;
-    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-    let q = channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .with_context(|| format!("queue {queue}"))?;
-    Ok(q.message_count())
+    let connection = connect().await?;
+    let depth = shardline_testkit::amqp::depth(&connection, queue).await?;
+    Ok(u32::try_from(depth.ready)?)
 }
 
 /// Deletes queues left by a test (retry and dead-letter queues too).
 pub async fn delete_queues(names: &[String]) -> Result<()> {
-    let (_connection, channel) = channel().await?;
-    for name in names {
-        channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
-    }
-    Ok(())
+    shardline_testkit::amqp::delete(&connect().await?, names, &[]).await
 }
 
 /// Receipts per id: how often each was processed.

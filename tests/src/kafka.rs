@@ -5,6 +5,7 @@
 //! the source partition and offset and the worker that processed it.
 
 use std::collections::{BTreeMap, BTreeSet};
+
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +13,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use shardline_testkit::receipts::{Counts, Order};
 
 use crate::kafka_brokers;
 
@@ -154,18 +157,10 @@ fn header(m: &impl Message, key: &str) -> Option<String> {
 /// distinct ids have been seen and the topic has been quiet for `quiet`,
 /// or `timeout` passes. Returns receipts in topic order per partition.
 pub fn read_receipts(topic: &str, want: usize, quiet: Duration, timeout: Duration) -> Result<Vec<Receipt>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", "shardline-test-receipts")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .context("receipt consumer")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let (consumer, partitions) = reader(topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let started = std::time::Instant::now();
@@ -196,6 +191,21 @@ pub fn read_receipts(topic: &str, want: usize, quiet: Duration, timeout: Duratio
     Ok(receipts)
 }
 
+/// A consumer for reading `topic` by hand (assigned, never committing)
+/// and its partition count.
+fn reader(topic: &str) -> Result<(BaseConsumer, i32)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "shardline-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("topic reader")?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+    Ok((consumer, i32::try_from(partitions)?))
+}
+
 /// What the receipts say about `produced` records.
 #[derive(Debug, Clone, Default)]
 pub struct Verdict {
@@ -208,29 +218,22 @@ pub struct Verdict {
 }
 
 /// Checks receipts of ids `0..produced`. With a one-partition receipts
-/// topic, receipt order is processing order.
+/// topic, receipt order is processing order: per source partition,
+/// first-time receipts must come in offset order.
 pub fn verify(receipts: &[Receipt], produced: u64) -> Verdict {
-    let mut seen = BTreeMap::<u64, usize>::new();
+    let mut counts = Counts::default();
+    let mut order = Order::default();
     for r in receipts {
-        *seen.entry(r.id).or_default() += 1;
-    }
-    let lost = (0..produced).filter(|i| !seen.contains_key(i)).collect();
-    let duplicates = seen.values().map(|c| c - 1).sum();
-    // Per source partition, first-time receipts must come in offset order.
-    let mut highest = BTreeMap::<u32, i64>::new();
-    let mut first = BTreeSet::new();
-    let mut order_violations = 0;
-    for r in receipts {
-        if !first.insert(r.id) {
-            continue; // a redelivery may repeat older offsets
+        if counts.add(r.id) {
+            order.see(r.partition, r.offset);
         }
-        let h = highest.entry(r.partition).or_insert(-1);
-        if r.offset < *h {
-            order_violations += 1;
-        }
-        *h = (*h).max(r.offset);
     }
-    Verdict { unique: seen.len(), duplicates, lost, order_violations }
+    Verdict {
+        unique: counts.unique(),
+        duplicates: counts.duplicates() as usize,
+        lost: counts.lost(produced).collect(),
+        order_violations: order.violations as usize,
+    }
 }
 
 /// One record read back from a topic, with its key, headers and timestamp
@@ -260,18 +263,10 @@ impl Consumed {
 /// partition, partitions one after another. Fails if they have not all
 /// arrived within `timeout`.
 pub fn read_topic(topic: &str, timeout: Duration) -> Result<Vec<Consumed>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", "shardline-test-read-topic")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .context("topic reader")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let (consumer, partitions) = reader(topic)?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
-    for p in 0..partitions as i32 {
+    for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;

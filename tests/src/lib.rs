@@ -1,6 +1,8 @@
 //! Helpers for shardline's end-to-end tests: start the real binaries as
 //! child processes (on port 0, in temp dirs), talk to them over gRPC, and
-//! manage Kafka topics and RabbitMQ queues on the real brokers.
+//! manage Kafka topics and RabbitMQ queues on the real brokers. What the
+//! load harness needs too lives in `shardline-testkit`; this crate gives
+//! it the tests' defaults (brokers from the environment, logs on stderr).
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`); the
 //! test command in the README does that.
@@ -11,100 +13,31 @@ pub mod kafka;
 pub mod serial;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
+pub use shardline_testkit::metrics::http_get;
+pub use shardline_testkit::process::Proc;
+pub use shardline_testkit::unique;
+use shardline_testkit::{config, process};
 use tonic::transport::Channel;
 
 /// Where the workspace's binaries are: `SHARDLINE_BIN_DIR` (taken as is),
 /// else the target dir this test binary was built into, where a binary
 /// older than its sources fails the test ([`fresh`]).
 pub fn bin(name: &str) -> PathBuf {
-    if let Ok(dir) = std::env::var("SHARDLINE_BIN_DIR") {
-        return Path::new(&dir).join(name);
+    let path = process::bin(name);
+    if std::env::var_os("SHARDLINE_BIN_DIR").is_none() {
+        fresh::ensure_fresh(&path);
     }
-    // target/<profile>/deps/<test binary> → target/<profile>/<name>
-    let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    let path = profile_dir.join(name);
-    fresh::ensure_fresh(&path);
     path
 }
 
 /// The Kafka bootstrap servers the tests use.
 pub fn kafka_brokers() -> String {
     std::env::var("SHARDLINE_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-/// A name no other test run used, for topics.
-pub fn unique(prefix: &str) -> String {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-/// A child process killed (SIGKILL) when dropped, so a failing test leaves
-/// nothing running.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Proc {
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// `kill -9`.
-    pub fn kill9(&mut self) -> Result<()> {
-        self.child.kill().context("kill -9")?;
-        self.child.wait().context("reap")?;
-        Ok(())
-    }
-
-    pub fn signal(&self, signal: i32) -> Result<()> {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        if rc != 0 {
-            bail!("kill({}, {signal}) failed: {}", self.pid(), std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Still running (not exited, not killed)?
-    pub fn child_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Waits for the process to exit, up to `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A running `shardline-coordinator`.
@@ -115,8 +48,8 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts the binary with `config` (TOML; `listen` and `data_dir` are
-    /// added) and waits for its `listening ADDR` line.
+    /// Starts the binary with `config` (TOML; `listen`, `data_dir` and
+    /// `kafka_brokers` are added) and waits for its `listening ADDR` line.
     pub fn start(config: &str, data_dir: &Path) -> Result<Self> {
         Self::start_on(config, data_dir, "127.0.0.1:0")
     }
@@ -124,28 +57,18 @@ impl Coordinator {
     pub fn start_on(config: &str, data_dir: &Path, listen: &str) -> Result<Self> {
         let dir = data_dir.parent().unwrap_or(data_dir);
         let path = dir.join(format!("coordinator-{}.toml", unique("cfg")));
-        let full = format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nkafka_brokers = \"{}\"\n{config}",
-            data_dir.display(),
-            kafka_brokers()
-        );
-        std::fs::write(&path, full).context("write config")?;
-        let mut child = Command::new(bin("shardline-coordinator"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "spawn {} (built? cargo build --workspace --bins)",
-                    bin("shardline-coordinator").display()
-                )
-            })?;
-        let stdout = child.stdout.take().context("coordinator stdout")?;
-        let proc = Proc { child, name: "coordinator".into() };
-        let addr = read_listening(stdout)?;
+        let brokers = kafka_brokers();
+        let text = config::coordinator_toml(config::CoordinatorFile {
+            listen,
+            data_dir,
+            metrics_listen: None,
+            kafka_brokers: Some(&brokers),
+            settings: with_amqp_url(config::parse(config)?),
+        })?;
+        std::fs::write(&path, text).context("write config")?;
+        let bin = bin("shardline-coordinator");
+        let (proc, addr) =
+            process::start_coordinator(&bin, &path, Stdio::inherit(), Duration::from_secs(30))?;
         Ok(Self { proc, url: format!("http://{addr}"), data_dir: data_dir.to_owned() })
     }
 
@@ -182,89 +105,48 @@ impl Coordinator {
     }
 }
 
-/// Reads child stdout until `listening ADDR`, then keeps draining it in a
-/// thread so the child never blocks on a full pipe.
-fn read_listening(stdout: std::process::ChildStdout) -> Result<String> {
-    use std::io::BufRead;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent && let Some(addr) = line.strip_prefix("listening ") {
-                let _ = tx.send(addr.trim().to_owned());
-                sent = true;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30)).context("coordinator did not print `listening ADDR` within 30 s")
-}
-
 /// Starts a `shardline-worker` process hosting `handler` (with no settings).
 pub fn start_worker(coordinator_url: &str, worker_id: &str, handler: &str) -> Result<Proc> {
-    start_worker_with(coordinator_url, worker_id, &format!("[handlers.{handler}]\n"))
+    let handlers = config::table([(handler, toml::Table::new().into())]);
+    worker(coordinator_url, worker_id, config::table([("handlers", handlers.into())]))
 }
 
-/// Starts a `shardline-worker` with `extra` appended to its config (handler
-/// tables, metrics_listen, ...).
+/// Starts a `shardline-worker` with `extra` (TOML: handler tables,
+/// metrics_listen, ...) added to its config.
 pub fn start_worker_with(coordinator_url: &str, worker_id: &str, extra: &str) -> Result<Proc> {
-    let path = std::env::temp_dir().join(format!("{}.toml", unique(&format!("worker-{worker_id}"))));
-    let config = format!(
-        "coordinator = \"{coordinator_url}\"\nworker_id = \"{worker_id}\"\nkafka_brokers = \"{}\"\n{extra}",
-        kafka_brokers()
-    );
-    std::fs::write(&path, config).context("write worker config")?;
-    let child = Command::new(bin("shardline-worker"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("spawn {}", bin("shardline-worker").display()))?;
-    Ok(Proc { child, name: worker_id.to_owned() })
+    worker(coordinator_url, worker_id, config::parse(extra)?)
 }
 
-fn admin_client() -> Result<AdminClient<DefaultClientContext>> {
-    ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().context("kafka admin client")
+fn worker(coordinator_url: &str, worker_id: &str, settings: toml::Table) -> Result<Proc> {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique(&format!("worker-{worker_id}"))));
+    let text = config::worker_toml(config::WorkerFile {
+        coordinator: coordinator_url,
+        worker_id,
+        kafka_brokers: &kafka_brokers(),
+        metrics_listen: None,
+        settings: with_amqp_url(settings),
+    })?;
+    std::fs::write(&path, text).context("write worker config")?;
+    process::start_worker(&bin("shardline-worker"), &path, worker_id, Stdio::inherit())
+}
+
+/// The binaries start without `SHARDLINE_*` variables, so the broker the
+/// tests use is written into their configs (unless a test set one).
+fn with_amqp_url(mut settings: toml::Table) -> toml::Table {
+    settings.entry("amqp_url").or_insert_with(|| amqp::amqp_url().into());
+    settings
 }
 
 /// Creates a topic on the real broker.
 pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
-    let admin = admin_client()?;
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_topics([&topic], &opts).await.context("create_topics")?;
-    for r in results {
-        r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e}"))?;
-    }
-    Ok(())
+    shardline_testkit::kafka::create_topic(&kafka_brokers(), name, u32::try_from(partitions)?, false).await
 }
 
-/// Grows a topic to `total` partitions with CreatePartitions. tansu 0.6.0
-/// does not implement that API (key 37 is absent from its ApiVersions), so
-/// there the topic is deleted and created again with `total` partitions:
-/// to the coordinator's discovery that is the same event, a topic whose
-/// partition count grew while it ran. Beware: tansu's DeleteTopics deletes
-/// every topic of the cluster; see tests/tests/discovery.rs.
+/// Grows a topic to `total` partitions; on tansu by deleting and creating
+/// it again, and tansu's DeleteTopics deletes every topic of the cluster:
+/// see tests/tests/discovery.rs.
 pub async fn add_partitions(name: &str, total: usize) -> Result<()> {
-    let admin = admin_client()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_partitions([&NewPartitions::new(name, total)], &opts).await;
-    let unsupported = matches!(
-        &results,
-        Err(rdkafka::error::KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnsupportedFeature))
-    );
-    if !unsupported {
-        for r in results.context("create_partitions")? {
-            r.map_err(|(t, e)| anyhow::anyhow!("add partitions to {t}: {e}"))?;
-        }
-        return Ok(());
-    }
-    for r in admin.delete_topics(&[name], &opts).await.context("delete_topics")? {
-        r.map_err(|(t, e)| anyhow::anyhow!("delete topic {t}: {e}"))?;
-    }
-    create_topic(name, i32::try_from(total)?).await
+    shardline_testkit::kafka::add_partitions(&kafka_brokers(), name, total).await
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after
@@ -301,30 +183,22 @@ pub fn owners(leases: &[v1::LeaseInfo]) -> std::collections::BTreeMap<String, us
 /// A loopback port that was free a moment ago, for a process that must come
 /// back on the same address (a restarted coordinator).
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind port 0")?;
-    Ok(listener.local_addr()?.port())
+    Ok(shardline_testkit::free_addr()?.port())
 }
 
-/// `GET path` over plain HTTP/1.0 on loopback; returns the body.
-pub async fn http_get(addr: &str, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
-    Ok(body.to_owned())
+/// The value of one Prometheus `series` (name with labels, as printed) in
+/// a `/metrics` body; absent is an error naming it.
+pub fn metric(body: &str, series: &str) -> Result<f64> {
+    shardline_testkit::metrics::Metrics::parse(body).get(series)
 }
 
-/// The value of one Prometheus `series` (name with labels, as printed).
-pub fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Scrapes `/metrics` at `addr` and reads `series`; absent reads as 0.
+/// Scrapes `/metrics` at `addr` and reads `series`; absent is an error.
 pub async fn scrape(addr: &str, series: &str) -> Result<f64> {
-    let body = http_get(addr, "/metrics").await?;
-    Ok(metric(&body, series).unwrap_or(0.0))
+    shardline_testkit::metrics::scrape(addr).await?.get(series)
+}
+
+/// [`scrape`] where absent reads as 0: only for a counter the binary
+/// creates at its first event, which may not have happened.
+pub async fn scrape_or_zero(addr: &str, series: &str) -> Result<f64> {
+    Ok(shardline_testkit::metrics::scrape(addr).await?.get_or_zero(series))
 }

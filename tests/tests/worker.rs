@@ -412,9 +412,9 @@ async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_du
     ensure!(counts.get("c").is_some_and(|&n| n > 0), "c processed nothing: {counts:?}");
 
     let body = http_get(&metrics, "/metrics").await?;
-    let moves = metric(&body, "shardline_rebalance_moves_total").unwrap_or(0.0);
-    let forced = metric(&body, "shardline_handoffs_forced_total").unwrap_or(0.0);
-    let failovers = metric(&body, "shardline_failovers_total").unwrap_or(0.0);
+    let moves = metric(&body, "shardline_rebalance_moves_total")?;
+    let forced = metric(&body, "shardline_handoffs_forced_total")?;
+    let failovers = metric(&body, "shardline_failovers_total")?;
     eprintln!(
         "scale-out: coordinator rebalance moves {moves}, forced handoffs {forced}, failovers {failovers}"
     );
@@ -497,14 +497,10 @@ impl Drop for Proxy {
     }
 }
 
-/// The coordinator's refused checkpoints so far. The series appears at the
-/// first refusal; before that it reads 0, but only if its `accepted`
-/// sibling is there (a renamed series must not read as 0).
+/// The coordinator's refused checkpoints so far (exported, 0 included,
+/// from its first checkpoint on; absent is an error).
 async fn refused_checkpoints(metrics: &str) -> Result<f64> {
-    let body = http_get(metrics, "/metrics").await?;
-    let accepted = metric(&body, "shardline_checkpoints_total{result=\"accepted\"}");
-    ensure!(accepted.is_some(), "no shardline_checkpoints_total series in the coordinator's metrics");
-    Ok(metric(&body, "shardline_checkpoints_total{result=\"refused\"}").unwrap_or(0.0))
+    metric(&http_get(metrics, "/metrics").await?, "shardline_checkpoints_total{result=\"refused\"}")
 }
 
 /// A worker frozen (SIGSTOP) mid-batch past the session timeout loses its
@@ -599,8 +595,7 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
     .await?;
     let lost = eventually(Duration::from_secs(15), "z to count its lost leases", || async {
         let body = http_get(&zombie_metrics, "/metrics").await?;
-        let lost =
-            metric(&body, "shardline_leases_lost_total").context("z has no shardline_leases_lost_total")?;
+        let lost = metric(&body, "shardline_leases_lost_total")?;
         Ok((lost >= held.len() as f64).then_some(lost))
     })
     .await?;
@@ -646,15 +641,12 @@ async fn handler_init_runs_once_per_worker_process() -> Result<()> {
 
     for (id, addr) in &addrs {
         let body = http_get(addr, "/metrics").await?;
-        let inits = metric(&body, "shardline_handler_inits_total{handler=\"forward\"}");
-        let batches = metric(&body, "shardline_batches_total{handler=\"forward\"}");
-        eprintln!("init once: worker {id}: inits {inits:?}, batches {batches:?}");
-        ensure!(batches.is_some_and(|b| b > 8.0), "worker {id} ran {batches:?} batches; want more than 8");
+        let inits = metric(&body, "shardline_handler_inits_total{handler=\"forward\"}")?;
+        let batches = metric(&body, "shardline_batches_total{handler=\"forward\"}")?;
+        eprintln!("init once: worker {id}: inits {inits}, batches {batches}");
+        ensure!(batches > 8.0, "worker {id} ran {batches} batches; want more than 8");
         let series: Vec<&str> = body.lines().filter(|l| l.starts_with("shardline_")).collect();
-        ensure!(
-            inits == Some(1.0),
-            "worker {id}: handler inits {inits:?}; want exactly 1; series: {series:#?}"
-        );
+        ensure!(inits == 1.0, "worker {id}: handler inits {inits}; want exactly 1; series: {series:#?}");
     }
     Ok(())
 }
@@ -690,8 +682,8 @@ async fn sigterm_hands_leases_over_without_duplicates_and_exits_0() -> Result<()
     eprintln!("sigterm: receipts by worker {:?}", by_worker(&got));
     ensure!(v.duplicates == 0, "{} duplicates after a graceful stop", v.duplicates);
     let body = http_get(&metrics, "/metrics").await?;
-    let expired = metric(&body, "shardline_workers_expired_total").unwrap_or(0.0);
-    let failovers = metric(&body, "shardline_failovers_total").unwrap_or(0.0);
+    let expired = metric(&body, "shardline_workers_expired_total")?;
+    let failovers = metric(&body, "shardline_failovers_total")?;
     ensure!(
         expired == 0.0 && failovers == 0.0,
         "leases moved by timeout: {expired} expired, {failovers} failovers"

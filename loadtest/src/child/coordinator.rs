@@ -4,15 +4,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use shardline_testkit::config::{self, CoordinatorFile, coordinator_toml};
+use shardline_testkit::process::{self, Proc};
+use toml::{Table, Value};
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Proc, Running, check_bin, free_port, quote, temp_dir};
+use super::{Running, log_file, tail, workspace};
 
 /// How long the binary gets to open its store and bind.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -34,6 +34,14 @@ impl<'a> Stream<'a> {
     pub fn fixed(name: &'a str, handler: &'a str, partitions: u32) -> Self {
         Self { name, handler, partitions: Some(partitions), batch_size: None, starting_position: None }
     }
+
+    fn table(&self) -> Table {
+        let mut t = config::table([("name", self.name.into()), ("handler", self.handler.into())]);
+        t.extend(self.partitions.map(|p| ("partitions".to_owned(), i64::from(p).into())));
+        t.extend(self.batch_size.map(|b| ("batch_size".to_owned(), i64::from(b).into())));
+        t.extend(self.starting_position.map(|p| ("starting_position".to_owned(), p.into())));
+        t
+    }
 }
 
 /// Where the coordinator finds Kafka and how often it reads metadata.
@@ -47,38 +55,53 @@ pub struct Setup<'a> {
     pub streams: &'a [Stream<'a>],
     /// `None`: no Kafka settings (static streams need none).
     pub kafka: Option<Discovery<'a>>,
-    /// TOML added verbatim after the top-level settings (its own top-level
-    /// keys first, then tables), for what the typed fields do not cover,
-    /// such as RabbitMQ topics and subscriptions.
-    pub extra: Option<&'a str>,
+    /// Every other setting: RabbitMQ topics and subscriptions, a
+    /// scenario's `[coordinator]` keys.
+    pub extra: Table,
 }
 
 /// A running `shardline-coordinator`; killed on drop.
 pub struct Coordinator {
     run: Running,
-    addr: SocketAddr,
+    config: Config,
     /// How many times [`Coordinator::restart`] ran: names each new log.
     restarts: u32,
+}
+
+/// What the coordinator's config says, kept to write it again for a
+/// restart.
+struct Config {
+    /// Port 0 until the first start has bound one; then that address.
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    kafka_brokers: Option<String>,
+    settings: Table,
 }
 
 impl Coordinator {
     /// Starts `bin` with static streams (no Kafka).
     pub async fn start(bin: &Path, streams: &[Stream<'_>]) -> anyhow::Result<Self> {
-        Self::start_with(bin, &Setup { streams, kafka: None, extra: None }).await
+        Self::start_with(bin, Setup { streams, kafka: None, extra: Table::new() }).await
     }
 
     /// Starts `bin` on a loopback port chosen by the OS and waits for its
     /// `listening ADDR` line.
-    pub async fn start_with(bin: &Path, setup: &Setup<'_>) -> anyhow::Result<Self> {
-        check_bin(bin, "coordinator", "--coordinator-bin")?;
-        let dir = temp_dir()?;
-        let config_path = dir.path().join("coordinator.toml");
-        let metrics_addr = free_port().context("cannot find a free port for the metrics endpoint")?;
-        std::fs::write(&config_path, config_toml(&dir.path().join("data"), metrics_addr, setup)?)
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
-
-        let (proc, addr) = spawn_and_wait(bin, &config_path, dir.path().join("coordinator.log")).await?;
-        Ok(Self { run: Running { proc, metrics_addr, _dir: dir }, addr, restarts: 0 })
+    pub async fn start_with(bin: &Path, setup: Setup<'_>) -> anyhow::Result<Self> {
+        let (dir, metrics) = workspace()?;
+        let mut settings = setup.extra;
+        if let Some(kafka) = &setup.kafka {
+            let interval = format!("{}ms", kafka.interval.as_millis().max(1));
+            settings.insert("discovery_interval".into(), interval.into());
+        }
+        if !setup.streams.is_empty() {
+            let streams = setup.streams.iter().map(|s| Value::from(s.table())).collect::<Vec<_>>();
+            settings.insert("streams".into(), streams.into());
+        }
+        let kafka_brokers = setup.kafka.map(|k| k.brokers.to_owned());
+        let mut config =
+            Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), metrics, kafka_brokers, settings };
+        let (proc, log) = launch(bin, dir.path(), &mut config, "coordinator.log").await?;
+        Ok(Self { run: Running { proc, log, metrics_addr: metrics, _dir: dir }, config, restarts: 0 })
     }
 
     /// `kill -9`s the coordinator and starts `bin` again on the same
@@ -86,34 +109,18 @@ impl Coordinator {
     /// they have, and the lease store is what the killed process left.
     /// Returns once the new process listens.
     pub async fn restart(&mut self, bin: &Path) -> anyhow::Result<()> {
-        let dir = self.run._dir.path().to_owned();
-        let config_path = dir.join("coordinator.toml");
-        let config = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("cannot read {}", config_path.display()))?;
-        // The first start let the OS choose the port; the workers know that
-        // one now, so the new process must bind exactly it.
-        let pinned = config.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", self.addr), 1);
-        std::fs::write(&config_path, pinned)
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
-        self.run.proc.child.start_kill().context("cannot kill the coordinator")?;
-        tokio::time::timeout(Duration::from_secs(10), self.run.proc.child.wait())
-            .await
-            .context("the coordinator did not exit within 10 s of SIGKILL")?
-            .context("cannot wait for the coordinator")?;
+        self.run.proc.kill9()?;
         self.restarts += 1;
         // A log per incarnation: the killed one's log stays readable.
-        let log = dir.join(format!("coordinator-{}.log", self.restarts));
-        let (proc, addr) = spawn_and_wait(bin, &config_path, log).await?;
-        if addr != self.addr {
-            bail!("the restarted coordinator listens on {addr}, not {}", self.addr);
-        }
-        self.run.proc = proc;
+        let log = format!("coordinator-{}.log", self.restarts);
+        let dir = self.run.dir().to_owned();
+        (self.run.proc, self.run.log) = launch(bin, &dir, &mut self.config, &log).await?;
         Ok(())
     }
 
     /// The gRPC URL, as a worker's `coordinator` setting.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.config.listen)
     }
 
     /// Opens `n` HTTP/2 connections. Several, because the framing and IO of
@@ -131,91 +138,46 @@ impl Coordinator {
             let channel = endpoint
                 .connect()
                 .await
-                .with_context(|| format!("cannot connect to the coordinator at {}", self.addr))?;
+                .with_context(|| format!("cannot connect to the coordinator at {}", self.config.listen))?;
             channels.push(channel);
         }
         Ok(channels)
     }
-}
 
-/// Starts `bin --config config_path` and waits for its `listening ADDR`
-/// line; stdout is drained afterwards so a full pipe never blocks it.
-async fn spawn_and_wait(bin: &Path, config_path: &Path, log: PathBuf) -> anyhow::Result<(Proc, SocketAddr)> {
-    let mut command = Command::new(bin);
-    command.arg("--config").arg(config_path).stdout(Stdio::piped());
-    let mut proc = Proc::spawn("coordinator", command, log)?;
-    let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
-
-    let mut lines = BufReader::new(stdout).lines();
-    let ready = tokio::time::timeout(START_TIMEOUT, async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(addr) = line.strip_prefix("listening ") {
-                return Ok::<_, std::io::Error>(Some(addr.trim().to_owned()));
-            }
-        }
-        Ok(None)
-    })
-    .await;
-    let addr = match ready {
-        Ok(Ok(Some(addr))) => addr,
-        Ok(Ok(None)) => {
-            let status = proc.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-            bail!("the coordinator exited ({status}) before listening; its log:\n{}", proc.log_tail(20));
-        }
-        Ok(Err(e)) => bail!("cannot read the coordinator's stdout: {e}"),
-        Err(_) => bail!(
-            "the coordinator printed no `listening` line within {START_TIMEOUT:?}; its log:\n{}",
-            proc.log_tail(20)
-        ),
-    };
-    let addr = addr.parse().with_context(|| format!("bad address in `listening {addr}`"))?;
-    // Keep draining stdout: nothing else is expected there, but a full
-    // pipe must never block the coordinator.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((proc, addr))
-}
-
-/// The generated config: loopback, port 0, the temp data dir, metrics on
-/// (as in the example config, so their cost is measured too), the streams.
-fn config_toml(data_dir: &Path, metrics: SocketAddr, setup: &Setup<'_>) -> anyhow::Result<String> {
-    let data_dir = data_dir.to_str().context("the temporary directory's path is not UTF-8")?;
-    let mut toml =
-        format!("listen = \"127.0.0.1:0\"\nmetrics_listen = \"{metrics}\"\ndata_dir = {}\n", quote(data_dir));
-    if let Some(kafka) = &setup.kafka {
-        toml.push_str(&format!(
-            "kafka_brokers = {}\ndiscovery_interval = \"{}ms\"\n",
-            quote(kafka.brokers),
-            kafka.interval.as_millis().max(1)
-        ));
-    }
-    if let Some(extra) = setup.extra {
-        // Before the streams: the extra text's top-level keys must not land
-        // inside a `[[streams]]` table.
-        toml.push_str(extra);
-        if !extra.ends_with('\n') {
-            toml.push('\n');
-        }
-    }
-    for s in setup.streams {
-        toml.push_str(&format!("\n[[streams]]\nname = {}\nhandler = {}\n", quote(s.name), quote(s.handler)));
-        if let Some(partitions) = s.partitions {
-            toml.push_str(&format!("partitions = {partitions}\n"));
-        }
-        if let Some(batch_size) = s.batch_size {
-            toml.push_str(&format!("batch_size = {batch_size}\n"));
-        }
-        if let Some(position) = s.starting_position {
-            toml.push_str(&format!("starting_position = {}\n", quote(position)));
-        }
-    }
-    Ok(toml)
-}
-
-impl Coordinator {
     /// Kills the coordinator and waits for it to be gone.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.run.stop().await
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.run.stop()
     }
+}
+
+/// Writes the config into `dir` and starts `bin` with its log in `log`;
+/// pins `config.listen` to the address bound. The first start lets the OS
+/// choose the port; the workers know that one then, so a restarted
+/// process must bind exactly it.
+async fn launch(bin: &Path, dir: &Path, config: &mut Config, log: &str) -> anyhow::Result<(Proc, PathBuf)> {
+    let config_path = dir.join("coordinator.toml");
+    let text = coordinator_toml(CoordinatorFile {
+        listen: &config.listen.to_string(),
+        data_dir: &dir.join("data"),
+        metrics_listen: Some(config.metrics),
+        kafka_brokers: config.kafka_brokers.as_deref(),
+        settings: config.settings.clone(),
+    })?;
+    std::fs::write(&config_path, text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    let log = dir.join(log);
+    let stderr = log_file(&log)?;
+    let bin = bin.to_owned();
+    let started = tokio::task::spawn_blocking(move || {
+        process::start_coordinator(&bin, &config_path, stderr, START_TIMEOUT)
+    })
+    .await
+    .context("the coordinator's starter panicked")?;
+    let (proc, addr) = started.with_context(|| format!("its log:\n{}", tail(&log)))?;
+    if config.listen.port() != 0 && addr != config.listen {
+        bail!("the restarted coordinator listens on {addr}, not {}", config.listen);
+    }
+    config.listen = addr;
+    Ok((proc, log))
 }
 
 impl std::ops::Deref for Coordinator {
@@ -237,54 +199,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_quotes_paths_and_lists_static_streams() -> anyhow::Result<()> {
-        let streams = [Stream::fixed("bench", "bench", 64)];
-        let metrics = SocketAddr::from(([127, 0, 0, 1], 9400));
-        let toml = config_toml(
-            Path::new("/tmp/a \"b\""),
-            metrics,
-            &Setup { streams: &streams, kafka: None, extra: None },
-        )?;
-        assert!(toml.contains("metrics_listen = \"127.0.0.1:9400\""), "{toml}");
-        assert!(toml.contains("data_dir = \"/tmp/a \\\"b\\\"\""), "{toml}");
-        assert!(
-            toml.contains("[[streams]]\nname = \"bench\"\nhandler = \"bench\"\npartitions = 64"),
-            "{toml}"
+    fn streams_become_tables_with_only_the_settings_given() {
+        let t = Stream::fixed("bench", "noop", 64).table();
+        assert_eq!(
+            toml::to_string(&t).ok().as_deref(),
+            Some("handler = \"noop\"\nname = \"bench\"\npartitions = 64\n")
         );
-        assert!(!toml.contains("kafka_brokers"), "{toml}");
-        Ok(())
-    }
-
-    #[test]
-    fn config_for_kafka_discovery_sets_brokers_interval_and_stream_settings() -> anyhow::Result<()> {
-        let streams = [Stream {
-            name: "topic-1",
-            handler: "noop",
-            partitions: None,
+        let t = Stream {
             batch_size: Some(1000),
             starting_position: Some("trim_horizon"),
-        }];
-        let setup = Setup {
-            streams: &streams,
-            kafka: Some(Discovery { brokers: "127.0.0.1:9092", interval: Duration::from_millis(500) }),
-            extra: None,
-        };
-        let toml = config_toml(Path::new("/tmp/d"), SocketAddr::from(([127, 0, 0, 1], 1)), &setup)?;
-        assert!(
-            toml.contains("kafka_brokers = \"127.0.0.1:9092\"\ndiscovery_interval = \"500ms\""),
-            "{toml}"
-        );
-        assert!(toml.contains("batch_size = 1000\nstarting_position = \"trim_horizon\""), "{toml}");
-        assert!(!toml.contains("partitions"), "{toml}");
-        Ok(())
-    }
-
-    #[test]
-    fn config_puts_extra_text_before_the_streams() -> anyhow::Result<()> {
-        let streams = [Stream::fixed("bench", "bench", 1)];
-        let setup = Setup { streams: &streams, kafka: None, extra: Some("scale_interval = \"500ms\"") };
-        let toml = config_toml(Path::new("/tmp/d"), SocketAddr::from(([127, 0, 0, 1], 1)), &setup)?;
-        assert!(toml.contains("scale_interval = \"500ms\"\n\n[[streams]]"), "{toml}");
-        Ok(())
+            partitions: None,
+            ..Stream::fixed("t", "h", 1)
+        }
+        .table();
+        assert_eq!(t.get("batch_size").and_then(Value::as_integer), Some(1000));
+        assert_eq!(t.get("starting_position").and_then(Value::as_str), Some("trim_horizon"));
+        assert!(!t.contains_key("partitions"));
     }
 }

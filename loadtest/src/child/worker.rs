@@ -3,14 +3,14 @@
 //! when ready; the caller watches the coordinator (leases, checkpoints)
 //! instead, which is what a benchmark of the whole system measures anyway.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 
 use anyhow::Context;
-use tokio::process::Command;
+use shardline_testkit::config::{self, WorkerFile};
+use shardline_testkit::process;
+use toml::Table;
 
-use super::{Proc, Running, check_bin, free_port, quote, temp_dir};
+use super::{Running, log_file, workspace};
 
 /// What goes into the worker's config.
 pub struct WorkerSettings<'a> {
@@ -32,6 +32,22 @@ pub struct WorkerSettings<'a> {
 /// One handler a worker hosts: its name and its settings.
 pub type Hosted<'a> = (&'a str, Vec<(&'a str, String)>);
 
+impl WorkerSettings<'_> {
+    /// Everything but the fixed keys, for the config file.
+    fn table(&self) -> Table {
+        let mut t = Table::new();
+        t.extend(self.fetch_queue_kib.map(|k| ("fetch_queue_kib".to_owned(), i64::from(k).into())));
+        t.extend(self.amqp_url.map(|u| ("amqp_url".to_owned(), u.into())));
+        t.extend(self.max_inflight_batches.map(|n| ("max_inflight_batches".to_owned(), i64::from(n).into())));
+        let handlers = self.handlers.iter().map(|(name, settings)| {
+            let settings = config::table(settings.iter().map(|(k, v)| (*k, v.as_str().into())));
+            ((*name).to_owned(), settings.into())
+        });
+        t.insert("handlers".into(), Table::from_iter(handlers).into());
+        t
+    }
+}
+
 /// A running `shardline-worker`; killed on drop.
 pub struct Worker {
     run: Running,
@@ -41,49 +57,25 @@ impl Worker {
     /// Writes the config and starts `bin`; returns as soon as the process
     /// runs (the clock of a throughput measurement starts here).
     pub fn start(bin: &Path, settings: &WorkerSettings<'_>) -> anyhow::Result<Self> {
-        check_bin(bin, "worker", "--worker-bin")?;
-        let dir = temp_dir()?;
+        let (dir, metrics_addr) = workspace()?;
         let config_path = dir.path().join("worker.toml");
-        let metrics_addr = free_port().context("cannot find a free port for the worker's metrics")?;
-        std::fs::write(&config_path, config_toml(metrics_addr, settings))
+        let text = config::worker_toml(WorkerFile {
+            coordinator: settings.coordinator,
+            worker_id: settings.worker_id,
+            kafka_brokers: settings.kafka_brokers,
+            metrics_listen: Some(metrics_addr),
+            settings: settings.table(),
+        })?;
+        std::fs::write(&config_path, text)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let mut command = Command::new(bin);
-        // Handlers such as `log` print records on stdout; nobody reads them.
-        command.arg("--config").arg(&config_path).stdout(Stdio::null());
-        let proc = Proc::spawn("worker", command, dir.path().join("worker.log"))?;
-        Ok(Self { run: Running { proc, metrics_addr, _dir: dir } })
+        let log = dir.path().join("worker.log");
+        let proc = process::start_worker(bin, &config_path, "worker", log_file(&log)?)?;
+        Ok(Self { run: Running { proc, log, metrics_addr, _dir: dir } })
     }
-}
 
-fn config_toml(metrics: SocketAddr, s: &WorkerSettings<'_>) -> String {
-    let mut toml = format!(
-        "coordinator = {}\nworker_id = {}\nkafka_brokers = {}\nmetrics_listen = \"{metrics}\"\n",
-        quote(s.coordinator),
-        quote(s.worker_id),
-        quote(s.kafka_brokers)
-    );
-    if let Some(kib) = s.fetch_queue_kib {
-        toml.push_str(&format!("fetch_queue_kib = {kib}\n"));
-    }
-    if let Some(url) = s.amqp_url {
-        toml.push_str(&format!("amqp_url = {}\n", quote(url)));
-    }
-    if let Some(n) = s.max_inflight_batches {
-        toml.push_str(&format!("max_inflight_batches = {n}\n"));
-    }
-    for (handler, settings) in s.handlers {
-        toml.push_str(&format!("\n[handlers.{}]\n", quote(handler)));
-        for (key, value) in settings {
-            toml.push_str(&format!("{key} = {}\n", quote(value)));
-        }
-    }
-    toml
-}
-
-impl Worker {
     /// Kills the worker and waits for it to be gone.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.run.stop().await
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.run.stop()
     }
 }
 
@@ -106,45 +98,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_names_coordinator_brokers_metrics_and_handler() {
-        let settings = WorkerSettings {
-            coordinator: "http://127.0.0.1:7400",
-            worker_id: "bench",
-            kafka_brokers: "127.0.0.1:9092",
-            handlers: &[("noop", Vec::new())],
-            fetch_queue_kib: Some(1024),
-            amqp_url: None,
-            max_inflight_batches: None,
-        };
-        let toml = config_toml(SocketAddr::from(([127, 0, 0, 1], 9500)), &settings);
-        assert_eq!(
-            toml,
-            "coordinator = \"http://127.0.0.1:7400\"\nworker_id = \"bench\"\nkafka_brokers = \"127.0.0.1:9092\"\n\
-             metrics_listen = \"127.0.0.1:9500\"\nfetch_queue_kib = 1024\n\n[handlers.\"noop\"]\n"
-        );
-        let toml = config_toml(
-            SocketAddr::from(([127, 0, 0, 1], 9500)),
-            &WorkerSettings { fetch_queue_kib: None, ..settings },
-        );
-        assert!(!toml.contains("fetch_queue_kib"), "{toml}");
-        let toml = config_toml(
-            SocketAddr::from(([127, 0, 0, 1], 9500)),
-            &WorkerSettings { amqp_url: Some("amqp://u:p@h:5672/%2f"), ..settings },
-        );
-        assert!(toml.contains("amqp_url = \"amqp://u:p@h:5672/%2f\"\n"), "{toml}");
+    fn settings_name_handlers_with_theirs_and_only_the_options_given() {
         let two = [
             ("sleep", vec![("per_batch", "1s".to_owned())]),
             ("forward", vec![("exchange", "r".to_owned())]),
         ];
-        let toml = config_toml(
-            SocketAddr::from(([127, 0, 0, 1], 9500)),
-            &WorkerSettings { handlers: &two, ..settings },
-        );
-        assert!(
-            toml.ends_with(
-                "[handlers.\"sleep\"]\nper_batch = \"1s\"\n\n[handlers.\"forward\"]\nexchange = \"r\"\n"
-            ),
-            "{toml}"
-        );
+        let settings = WorkerSettings {
+            coordinator: "http://127.0.0.1:7400",
+            worker_id: "bench",
+            kafka_brokers: "127.0.0.1:9092",
+            handlers: &two,
+            fetch_queue_kib: Some(1024),
+            amqp_url: None,
+            max_inflight_batches: None,
+        };
+        let t = settings.table();
+        assert_eq!(t["fetch_queue_kib"].as_integer(), Some(1024));
+        assert_eq!(t["handlers"]["sleep"]["per_batch"].as_str(), Some("1s"));
+        assert_eq!(t["handlers"]["forward"]["exchange"].as_str(), Some("r"));
+        assert!(!t.contains_key("amqp_url") && !t.contains_key("max_inflight_batches"), "{t}");
+        let t = WorkerSettings { amqp_url: Some("amqp://u:p@h:5672/%2f"), handlers: &[], ..settings }.table();
+        assert_eq!(t["amqp_url"].as_str(), Some("amqp://u:p@h:5672/%2f"));
     }
 }

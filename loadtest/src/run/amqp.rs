@@ -8,7 +8,6 @@
 //! and reconnects on the next publish; the reader reconnects in a loop and
 //! recognizes receipts RabbitMQ hands it a second time.
 
-use crate::bench::amqp::with_channel;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -16,13 +15,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
+use lapin::ExchangeKind;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
-use shardline_proto::{FailurePolicy, topology};
+use shardline_proto::topology;
+use shardline_testkit::amqp::{connect, delete, subscription_queues, with_channel};
 use shardline_worker::amqp::{Message, Publisher, header_bytes};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -32,8 +32,6 @@ use super::ledger::{Books, lock};
 use super::payload::{self, now_ms};
 use super::rate::Profile;
 
-/// How long the broker gets for one declaration or deletion.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the producer looks at its schedule.
 const TICK: Duration = Duration::from_millis(10);
 /// Most messages in one publish call (each call waits for all confirms).
@@ -55,16 +53,6 @@ pub struct Names {
     pub receipts: String,
 }
 
-/// A connection of the harness's own, named so RabbitMQ's connection list
-/// tells it apart from the workers' and the coordinator's.
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    tokio::time::timeout(CALL_TIMEOUT, Connection::connect(url, props))
-        .await
-        .with_context(|| format!("RabbitMQ did not accept a connection within {CALL_TIMEOUT:?}"))?
-        .context("cannot connect to RabbitMQ")
-}
-
 /// Declares the receipts fanout exchange and a durable queue bound to it,
 /// before any worker starts: the `chaos` handler's publishes are
 /// `mandatory`, so a receipt with no queue to go to fails the batch.
@@ -81,8 +69,11 @@ pub async fn declare_receipts(url: &str, name: &str) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("cannot declare the receipts exchange and queue {name}"))?;
-    // Closing is courtesy; the declarations are done.
-    let _ = connection.close(200, "declared".into()).await;
+    // The declarations are done; a failed close only leaks a connection
+    // until the process ends.
+    if let Err(e) = connection.close(200, "declared".into()).await {
+        eprintln!("warning: cannot close the setup connection: {e}");
+    }
     Ok(())
 }
 
@@ -100,39 +91,20 @@ pub async fn cleanup(url: &str, names: &Names, coordinator_topology: bool) -> Ve
     let mut exchanges = vec![names.receipts.clone()];
     if coordinator_topology {
         for s in &names.subscriptions {
-            queues.push(s.clone());
-            queues.push(topology::dead_letter_queue(s));
             // The default policy's delays; a scenario that changes the retry
             // settings leaves its (empty) retry queues behind.
-            queues.extend(
-                topology::retry_delays(&FailurePolicy::default())
-                    .into_iter()
-                    .map(|d| topology::retry_queue(s, d)),
-            );
+            queues.extend(subscription_queues(s));
             exchanges.push(topology::dead_letter_exchange(s));
         }
         exchanges.push(names.topic.clone());
     }
     let mut warnings = Vec::new();
-    for queue in queues {
-        let result = with_channel(&connection, async |ch| {
-            ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await
-        })
-        .await;
-        if let Err(e) = result {
-            warnings.push(format!("cannot delete queue {queue}: {e:#}"));
-        }
+    if let Err(e) = delete(&connection, &queues, &exchanges).await {
+        warnings.push(format!("{e:#}"));
     }
-    for exchange in exchanges {
-        let result = with_channel(&connection, async |ch| {
-            ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await
-        })
-        .await;
-        if let Err(e) = result {
-            warnings.push(format!("cannot delete exchange {exchange}: {e:#}"));
-        }
+    if let Err(e) = connection.close(200, "cleaned up".into()).await {
+        warnings.push(format!("cannot close the clean-up connection: {e}"));
     }
-    let _ = connection.close(200, "cleaned up".into()).await;
     warnings
 }
 

@@ -148,7 +148,7 @@ impl Fleet {
         let worker = slot.proc.take().with_context(|| format!("worker {} is not running", slot.id))?;
         let id = slot.id.clone();
         self.save_logs(&id, &worker);
-        worker.stop().await
+        worker.stop()
     }
 
     /// Sends SIGSTOP or SIGCONT to worker `index`.
@@ -221,13 +221,13 @@ impl Fleet {
             self.workers.iter_mut().filter_map(|slot| Some((slot.id.clone(), slot.proc.take()?))).collect();
         for (id, worker) in workers {
             self.save_logs(&id, &worker);
-            if let Err(e) = worker.stop().await {
+            if let Err(e) = worker.stop() {
                 errors.push(format!("worker {id}: {e:#}"));
             }
         }
         if let Some(coordinator) = self.coordinator.take() {
             self.save_logs("coordinator", &coordinator);
-            if let Err(e) = coordinator.stop().await {
+            if let Err(e) = coordinator.stop() {
                 errors.push(format!("coordinator: {e:#}"));
             }
         }

@@ -11,12 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
@@ -24,8 +21,6 @@ use super::ledger::{Books, Ledger, lock};
 use super::payload::{self, now_ms};
 use super::rate::Profile;
 
-/// How long the broker gets for one admin operation or metadata read.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Partitions of the receipts topic: a few, so the workers' receipts do not
 /// all queue behind one partition; a key's receipts still share one, which
 /// is what the per-key order check needs.
@@ -34,36 +29,6 @@ pub const RECEIPT_PARTITIONS: u32 = 4;
 const TICK: Duration = Duration::from_millis(10);
 /// How long librdkafka keeps retrying a record before reporting it failed.
 const MESSAGE_TIMEOUT_MS: &str = "30000";
-
-/// Creates `topic`; an existing one is fine when `may_exist` (an external
-/// coordinator's stream).
-pub async fn create_topic(
-    brokers: &str,
-    topic: &str,
-    partitions: u32,
-    may_exist: bool,
-) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("cannot create a Kafka admin client")?;
-    let options =
-        AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
-    let partitions = i32::try_from(partitions).context("too many partitions")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let results = admin
-        .create_topics([&new], &options)
-        .await
-        .with_context(|| format!("cannot create topic {topic} on {brokers}"))?;
-    for result in results {
-        match result {
-            Ok(_) => {}
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) if may_exist => {}
-            Err((t, e)) => anyhow::bail!("cannot create topic {t}: {e}"),
-        }
-    }
-    Ok(())
-}
 
 /// What the producer needs besides the shared ledger.
 pub struct ProduceSpec {

@@ -19,6 +19,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use shardline_testkit::receipts::{Counts, Order};
+
 use super::payload::Stamp;
 use crate::stats::Latency;
 
@@ -106,7 +108,7 @@ pub struct Ledger {
     receipts: Vec<Receipt>,
     workers: Vec<String>,
     /// Receipts per id, one vector per destination (grown on demand).
-    seen: Vec<Vec<u32>>,
+    seen: Vec<Counts>,
     acked: u64,
     failed: u64,
     processed: u64,
@@ -424,7 +426,7 @@ impl Ledger {
             sent: Vec::new(),
             receipts: Vec::new(),
             workers: Vec::new(),
-            seen: vec![Vec::new(); n],
+            seen: vec![Counts::default(); n],
             acked: 0,
             failed: 0,
             processed: 0,
@@ -454,7 +456,7 @@ impl Ledger {
         sent.state = SendState::Acked(at_ms);
         self.acked += 1;
         // A receipt can beat the acknowledgement to us.
-        self.done += self.seen.iter().filter(|s| s.get(id as usize).is_some_and(|&c| c > 0)).count() as u64;
+        self.done += self.seen.iter().filter(|s| s.get(id) > 0).count() as u64;
     }
 
     pub fn failed(&mut self, id: u64) {
@@ -496,15 +498,9 @@ impl Ledger {
                 self.workers.len() - 1
             }
         };
-        let id = stamp.id as usize;
-        let seen = &mut self.seen[sub];
-        if seen.len() <= id {
-            seen.resize(id + 1, 0);
-        }
-        seen[id] += 1;
-        if seen[id] == 1 {
+        if self.seen[sub].add(stamp.id) {
             self.processed += 1;
-            if matches!(self.sent[id].state, SendState::Acked(_)) {
+            if matches!(self.sent[stamp.id as usize].state, SendState::Acked(_)) {
                 self.done += 1;
             }
         }
@@ -558,7 +554,7 @@ impl Ledger {
             let seen = &self.seen[sub];
             let mut figures = DestinationFigures { name: name.clone(), ..DestinationFigures::default() };
             for (id, sent) in self.sent.iter().enumerate() {
-                let count = seen.get(id).copied().unwrap_or(0);
+                let count = seen.get(id as u64);
                 figures.duplicates += u64::from(count.saturating_sub(1));
                 match (sent.state, count) {
                     (SendState::Acked(_), 0) => {
@@ -577,10 +573,9 @@ impl Ledger {
 
         // One pass over receipts in arrival order: first-time receipts give
         // latency, order and the timeline.
-        let mut first = vec![vec![false; self.sent.len()]; subs];
+        let mut replay = vec![Counts::default(); subs];
         let mut latency = Latency::new()?;
-        let mut last_of_key: HashMap<(u16, u32), u64> = HashMap::new();
-        let mut order_violations = 0u64;
+        let mut order = Order::default();
         let mut processed_at: Vec<u64> = Vec::with_capacity(self.receipts.len());
         let mut per_worker = vec![0u64; self.workers.len()];
         let mut last_first_ms = self.start_ms;
@@ -588,13 +583,10 @@ impl Ledger {
         let bucket = |ms: u64| ms.saturating_sub(self.start_ms) / 1000;
         for r in &self.receipts {
             per_worker[usize::from(r.worker)] += 1;
-            let id = r.id as usize;
-            let is_first = &mut first[usize::from(r.sub)][id];
-            if *is_first {
+            if !replay[usize::from(r.sub)].add(r.id) {
                 continue;
             }
-            *is_first = true;
-            let sent = &self.sent[id];
+            let sent = &self.sent[r.id as usize];
             let ms = r.at_ms.saturating_sub(sent.sent_ms);
             if matches!(sent.state, SendState::Acked(_)) {
                 latency.record(Duration::from_millis(ms));
@@ -605,11 +597,7 @@ impl Ledger {
             processed_at.push(r.at_ms);
             last_first_ms = last_first_ms.max(r.at_ms);
             if self.order_check {
-                let last = last_of_key.entry((r.sub, sent.key)).or_insert(r.id);
-                if r.id < *last {
-                    order_violations += 1;
-                }
-                *last = (*last).max(r.id);
+                order.see((r.sub, sent.key), r.id);
             }
         }
         let mut ack_latency = Latency::new()?;
@@ -689,7 +677,7 @@ impl Ledger {
             destinations,
             unconfirmed_processed,
             foreign: self.foreign,
-            order_violations: self.order_check.then_some(order_violations),
+            order_violations: self.order_check.then_some(order.violations),
             latency: LatencyFigures::of(&latency, processed_at.len() as u64),
             ack_latency: LatencyFigures::of(&ack_latency, produced),
             throughput_per_s: if elapsed_s > 0.0 { processed as f64 / elapsed_s } else { 0.0 },

@@ -50,11 +50,12 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
-use crate::child::{self, Coordinator, Discovery, Setup, quote};
+use crate::child::{self, Coordinator, Discovery, Setup};
 use fleet::{Admin, Fleet, LeaseWatch, WorkerTemplate};
 use ledger::{Books, Cut, FaultEvent, Ledger, Scope, lock};
 use payload::now_ms;
 use scenario::{Action, Fault, Kind, Scenario};
+use shardline_testkit::config::table;
 
 /// How long the coordinator and workers get to have every lease owned.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -267,18 +268,12 @@ async fn run_one(
         broker::local_amqp(&args.amqp_url).map_err(|e| BadScenario(format!("{e:#}")))?;
     }
     let profile = scenario.profile()?;
-    let worker_bin = match &args.worker_bin {
-        Some(bin) => bin.clone(),
-        None => child::default_bin("shardline-worker")?,
+    let worker_bin = child::resolve_bin(args.worker_bin.as_deref(), "shardline-worker", "--worker-bin")?;
+    let coordinator_bin = match (&args.external, &args.coordinator_bin) {
+        (Some(_), Some(bin)) => bin.clone(),
+        (Some(_), None) => shardline_testkit::process::bin("shardline-coordinator"),
+        (None, given) => child::resolve_bin(given.as_deref(), "shardline-coordinator", "--coordinator-bin")?,
     };
-    child::check_bin(&worker_bin, "worker", "--worker-bin")?;
-    let coordinator_bin = match &args.coordinator_bin {
-        Some(bin) => bin.clone(),
-        None => child::default_bin("shardline-coordinator")?,
-    };
-    if args.external.is_none() {
-        child::check_bin(&coordinator_bin, "coordinator", "--coordinator-bin")?;
-    }
 
     let run_id = run_id(&scenario.name);
     let base = format!("shardline-lt-{run_id}");
@@ -312,8 +307,20 @@ async fn run_one(
         match side.kind {
             Kind::Rabbitmq => amqp::declare_receipts(&args.amqp_url, &side.receipts).await?,
             Kind::Kafka | Kind::Both => {
-                kafka::create_topic(&args.brokers, &side.stream, side.partitions, plan.external).await?;
-                kafka::create_topic(&args.brokers, &side.receipts, kafka::RECEIPT_PARTITIONS, false).await?;
+                shardline_testkit::kafka::create_topic(
+                    &args.brokers,
+                    &side.stream,
+                    side.partitions,
+                    plan.external,
+                )
+                .await?;
+                shardline_testkit::kafka::create_topic(
+                    &args.brokers,
+                    &side.receipts,
+                    kafka::RECEIPT_PARTITIONS,
+                    false,
+                )
+                .await?;
             }
         }
     }
@@ -325,8 +332,8 @@ async fn run_one(
             let kafka = kind
                 .has_kafka()
                 .then(|| Discovery { brokers: &args.brokers, interval: Duration::from_secs(1) });
-            let setup = Setup { streams: &[], kafka, extra: Some(&extra) };
-            let coordinator = Coordinator::start_with(&coordinator_bin, &setup).await?;
+            let setup = Setup { streams: &[], kafka, extra };
+            let coordinator = Coordinator::start_with(&coordinator_bin, setup).await?;
             let url = coordinator.url();
             (Some(coordinator), url)
         }
@@ -623,56 +630,47 @@ fn run_id(name: &str) -> String {
 /// The coordinator config past what [`Setup`] writes: the scenario's
 /// `[coordinator]` keys, RabbitMQ's URL, then the mapping tables with the
 /// scenario's `[mapping]` keys.
-fn coordinator_extra(s: &Scenario, plan: &Plan, amqp_url: &str) -> String {
-    let mut toml = render_keys(&s.coordinator);
+fn coordinator_extra(s: &Scenario, plan: &Plan, amqp_url: &str) -> toml::Table {
+    let mut config = s.coordinator.clone();
     if let Some(strategy) = &s.strategy {
-        toml.push_str(&format!("balancer = {{ strategy = {} }}\n", quote(strategy)));
+        config.insert("balancer".into(), table([("strategy", strategy.as_str().into())]).into());
     }
-    // Top-level keys before any table.
-    if plan.side(Kind::Rabbitmq).is_some() {
-        toml.push_str(&format!("amqp_url = {}\n", quote(amqp_url)));
-    }
+    let mapping = |mut t: toml::Table| {
+        t.extend(s.mapping.clone());
+        toml::Value::from(t)
+    };
+    let (mut topics, mut subscriptions, mut streams) = (Vec::new(), Vec::new(), Vec::new());
     for side in &plan.sides {
+        let (stream, handler) = (side.stream.as_str(), side.handler);
         match side.kind {
             Kind::Rabbitmq => {
-                toml.push_str(&format!("\n[[topics]]\nname = {}\nkind = \"fanout\"\n", quote(&side.stream)));
-                let slots = s.target.slots();
-                for sub in &side.destinations {
-                    toml.push_str(&format!(
-                        "\n[[subscriptions]]\nname = {}\ntopic = {}\nhandler = {}\n\
-                         min_slots = {slots}\nmax_concurrency = {slots}\n",
-                        quote(sub),
-                        quote(&side.stream),
-                        quote(side.handler)
-                    ));
-                    toml.push_str(&render_keys(&s.mapping));
-                }
+                config.insert("amqp_url".into(), amqp_url.into());
+                topics.push(table([("name", stream.into()), ("kind", "fanout".into())]).into());
+                let slots = i64::from(s.target.slots());
+                subscriptions.extend(side.destinations.iter().map(|sub| {
+                    mapping(table([
+                        ("name", sub.as_str().into()),
+                        ("topic", stream.into()),
+                        ("handler", handler.into()),
+                        ("min_slots", slots.into()),
+                        ("max_concurrency", slots.into()),
+                    ]))
+                }));
             }
-            Kind::Kafka | Kind::Both => {
-                toml.push_str(&format!(
-                    "\n[[streams]]\nname = {}\nhandler = {}\n\
-                     # Nothing produced before a lease's first grant may be skipped.\n\
-                     starting_position = \"trim_horizon\"\n",
-                    quote(&side.stream),
-                    quote(side.handler)
-                ));
-                toml.push_str(&render_keys(&s.mapping));
-            }
+            // Nothing produced before a lease's first grant may be skipped.
+            Kind::Kafka | Kind::Both => streams.push(mapping(table([
+                ("name", stream.into()),
+                ("handler", handler.into()),
+                ("starting_position", "trim_horizon".into()),
+            ]))),
         }
     }
-    toml
-}
-
-/// `key = value` lines, values inline (`{ initial = "1s" }` for tables),
-/// so they can go inside an array-of-tables entry.
-fn render_keys(table: &toml::Table) -> String {
-    let mut out = String::new();
-    for (key, value) in table {
-        let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        let key = if bare { key.clone() } else { quote(key) };
-        out.push_str(&format!("{key} = {value}\n"));
+    for (key, list) in [("topics", topics), ("subscriptions", subscriptions), ("streams", streams)] {
+        if !list.is_empty() {
+            config.insert(key.into(), list.into());
+        }
     }
-    out
+    config
 }
 
 /// The handlers each worker hosts, one per side: where its receipts go
@@ -1142,15 +1140,14 @@ mod tests {
     #[test]
     fn kafka_config_has_one_trim_horizon_stream_with_the_mapping() -> Result<(), Box<dyn std::error::Error>> {
         let s = scenario("[target]\nkind = \"kafka\"\npartitions = 4")?;
-        let text = coordinator_extra(&s, &plan(Kind::Kafka, &["lt-t"]), "amqp://x");
-        assert!(text.starts_with("session_timeout = \"3s\"\n"), "{text}");
-        assert!(text.contains("[[streams]]\nname = \"lt-t\"\nhandler = \"chaos\"\n"), "{text}");
-        assert!(text.contains("starting_position = \"trim_horizon\"\nbatch_size = 50\n"), "{text}");
-        // Parses as TOML, the inline table inside the stream.
-        let parsed: toml::Table = toml::from_str(&text)?;
+        let parsed = coordinator_extra(&s, &plan(Kind::Kafka, &["lt-t"]), "amqp://x");
+        assert_eq!(parsed["session_timeout"].as_str(), Some("3s"));
         let stream = &parsed["streams"][0];
+        assert_eq!((stream["name"].as_str(), stream["handler"].as_str()), (Some("lt-t"), Some("chaos")));
+        assert_eq!(stream["starting_position"].as_str(), Some("trim_horizon"));
+        assert_eq!(stream["batch_size"].as_integer(), Some(50));
         assert_eq!(stream["retry_backoff"]["max"].as_str(), Some("5s"));
-        assert!(!text.contains("amqp_url"));
+        assert!(!parsed.contains_key("amqp_url") && !parsed.contains_key("subscriptions"));
         Ok(())
     }
 
@@ -1158,8 +1155,8 @@ mod tests {
     fn rabbitmq_config_has_a_fanout_topic_and_fixed_slot_subscriptions()
     -> Result<(), Box<dyn std::error::Error>> {
         let s = scenario("[target]\nkind = \"rabbitmq\"\nsubscriptions = 2\nslots = 3")?;
-        let text = coordinator_extra(&s, &plan(Kind::Rabbitmq, &["lt-t-s0", "lt-t-s1"]), "amqp://g:g@h/%2f");
-        let parsed: toml::Table = toml::from_str(&text)?;
+        let parsed =
+            coordinator_extra(&s, &plan(Kind::Rabbitmq, &["lt-t-s0", "lt-t-s1"]), "amqp://g:g@h/%2f");
         assert_eq!(parsed["amqp_url"].as_str(), Some("amqp://g:g@h/%2f"));
         assert_eq!(parsed["topics"][0]["name"].as_str(), Some("lt-t"));
         let subs = parsed["subscriptions"].as_array().map(Vec::len);
@@ -1210,8 +1207,7 @@ mod tests {
         let kinds: Vec<(Kind, &str)> = plan.sides.iter().map(|side| (side.kind, side.handler)).collect();
         assert_eq!(kinds, vec![(Kind::Kafka, "chaos"), (Kind::Rabbitmq, "forward")]);
         assert_eq!(plan.destinations(), vec!["lt-t", "lt-t-s0", "lt-t-s1"]);
-        let text = coordinator_extra(&s, &plan, "amqp://g:g@h/%2f");
-        let parsed: toml::Table = toml::from_str(&text)?;
+        let parsed = coordinator_extra(&s, &plan, "amqp://g:g@h/%2f");
         assert_eq!(parsed["amqp_url"].as_str(), Some("amqp://g:g@h/%2f"));
         assert_eq!(parsed["streams"][0]["handler"].as_str(), Some("chaos"));
         assert_eq!(parsed["subscriptions"][1]["handler"].as_str(), Some("forward"));

@@ -14,11 +14,11 @@ use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
-use serde_json::json;
 use tokio::time::Instant;
 
 use super::queue;
-use crate::stats::{ProcCpu, round3};
+use crate::bench::compare::RawFigures;
+use crate::stats::ProcCpu;
 
 /// What the baseline consumes.
 pub struct Settings<'a> {
@@ -30,32 +30,6 @@ pub struct Settings<'a> {
     /// Fail when nothing arrives for this long.
     pub stall: Duration,
     pub broker_pid: Option<u32>,
-}
-
-/// What the baseline measured.
-pub struct RawFigures {
-    pub messages: u64,
-    /// From connecting to the last ack.
-    pub seconds: f64,
-    pub per_s: f64,
-    /// From connecting to the first delivery (connection, channel, qos,
-    /// consume).
-    pub first_message_s: f64,
-    /// From the first delivery to the last ack: start-up left out, the
-    /// figure compared with shardline's.
-    pub steady_per_s: f64,
-    pub batches: u64,
-    pub payload_bytes: u64,
-    pub redelivered: u64,
-    /// Cores this process used while consuming (the consumer is all it did).
-    pub cores: Option<f64>,
-    pub broker_cores: Option<f64>,
-}
-
-impl RawFigures {
-    pub fn mean_batch(&self) -> f64 {
-        if self.batches > 0 { self.messages as f64 / self.batches as f64 } else { 0.0 }
-    }
 }
 
 /// What the consume loop counted; times are since connecting.
@@ -92,15 +66,14 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<RawFigures> {
     let seconds = c.last.as_secs_f64();
     let steady = c.last.saturating_sub(c.first).as_secs_f64();
     Ok(RawFigures {
-        messages: s.expected,
         seconds,
         per_s: s.expected as f64 / seconds.max(1e-9),
-        first_message_s: c.first.as_secs_f64(),
+        first_s: c.first.as_secs_f64(),
         // The first delivery marks the start, so it is not counted.
         steady_per_s: if steady > 0.0 { s.expected.saturating_sub(1) as f64 / steady } else { 0.0 },
-        batches: c.batches,
+        batches: Some(c.batches),
         payload_bytes: c.payload_bytes,
-        redelivered: c.redelivered,
+        redelivered: Some(c.redelivered),
         cores: cpu.cores(),
         broker_cores: broker_cpu.and_then(|c| c.cores()),
     })
@@ -161,21 +134,4 @@ async fn consume(
     }
     c.last = started.elapsed();
     Ok(c)
-}
-
-impl RawFigures {
-    pub fn json(&self) -> serde_json::Value {
-        json!({
-            "seconds": round3(self.seconds),
-            "messages_per_s": round3(self.per_s),
-            "first_message_s": round3(self.first_message_s),
-            "steady_messages_per_s": round3(self.steady_per_s),
-            "batches": self.batches,
-            "mean_batch_messages": round3(self.mean_batch()),
-            "payload_bytes": self.payload_bytes,
-            "redelivered": self.redelivered,
-            "cores": self.cores.map(round3),
-            "broker_cores": self.broker_cores.map(round3),
-        })
-    }
 }

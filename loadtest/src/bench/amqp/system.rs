@@ -10,7 +10,7 @@
 //!
 //! Progress is the worker's own `shardline_records_total` (it counts a
 //! batch after its ack is sent, as the baseline counts), scraped every
-//! [`POLL`], together with the queue's ready count from a passive declare:
+//! [`POLL`](crate::bench::compare::POLL), together with the queue's ready count from a passive declare:
 //! the run is over when the worker has handled every message and the queue
 //! holds none. The coordinator's `ListSubscriptions` is used only to know
 //! that the topology exists: its `unacked` comes from heartbeats and lags.
@@ -19,27 +19,21 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde_json::json;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient};
+use shardline_testkit::config::table;
 use tokio::time::Instant;
 
 use super::queue::{self, Names};
-use crate::child::{Coordinator, Metrics, Setup, Worker, WorkerSettings, quote};
-use crate::stats::{ProcCpu, RssSampler, mib, proc_status_kib, round3};
+use crate::bench::compare::{Sample, SystemFigures, WORKER_ID, run_system};
+use crate::child::{Coordinator, Setup, WorkerSettings};
 
-const WORKER_ID: &str = "bench";
 /// The only handler run: the figures are the machinery's, not a handler's.
 const HANDLER: &str = "noop";
 /// How often the coordinator reads the queues: often enough that the
 /// topology's status is known soon after it is declared.
 const SCALE_INTERVAL: &str = "500ms";
-/// How often progress is read: the end of the run is known to within this
-/// (plus one scrape and one passive declare).
-pub const POLL: Duration = Duration::from_millis(50);
 /// How long the coordinator gets to connect and declare the topology.
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Progress is kept for the report at this resolution.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// The worker's config names Kafka whatever it consumes; this is its
 /// default address, and with no shard leased it is never contacted.
 const KAFKA_BROKERS: &str = "127.0.0.1:9092";
@@ -55,26 +49,29 @@ pub struct Topology<'a> {
 /// The coordinator config's RabbitMQ part: one fanout topic, one
 /// subscription of exactly one slot (`min_slots = max_concurrency = 1`),
 /// so the run compares one consumer with one consumer.
-fn coordinator_toml(t: &Topology<'_>) -> String {
-    format!(
-        "amqp_url = {url}\nscale_interval = \"{SCALE_INTERVAL}\"\n\n\
-         [[topics]]\nname = {topic}\n\n\
-         [[subscriptions]]\nname = {queue}\ntopic = {topic}\nhandler = \"{HANDLER}\"\n\
-         min_slots = 1\nmax_concurrency = 1\nbatch_size = {batch_size}\n",
-        url = quote(t.url),
-        topic = quote(&t.names.topic),
-        queue = quote(&t.names.queue),
-        batch_size = t.batch_size,
-    )
+fn coordinator_settings(t: &Topology<'_>) -> toml::Table {
+    let subscription = table([
+        ("name", t.names.queue.as_str().into()),
+        ("topic", t.names.topic.as_str().into()),
+        ("handler", HANDLER.into()),
+        ("min_slots", 1.into()),
+        ("max_concurrency", 1.into()),
+        ("batch_size", i64::from(t.batch_size).into()),
+    ]);
+    table([
+        ("amqp_url", t.url.into()),
+        ("scale_interval", SCALE_INTERVAL.into()),
+        ("topics", vec![toml::Value::from(table([("name", t.names.topic.as_str().into())]))].into()),
+        ("subscriptions", vec![toml::Value::from(subscription)].into()),
+    ])
 }
 
 /// Starts the coordinator and waits until it has declared the topology.
 /// Returns it with the queue type it declared (`quorum` unless the broker
 /// has none).
 pub async fn start_coordinator(bin: &Path, t: &Topology<'_>) -> anyhow::Result<(Coordinator, String)> {
-    let extra = coordinator_toml(t);
-    let setup = Setup { streams: &[], kafka: None, extra: Some(&extra) };
-    let mut coordinator = Coordinator::start_with(bin, &setup).await?;
+    let setup = Setup { streams: &[], kafka: None, extra: coordinator_settings(t) };
+    let mut coordinator = Coordinator::start_with(bin, setup).await?;
     let channel = coordinator.channels(1).await?.remove(0);
     let mut admin = AdminApiClient::new(channel);
     let deadline = Instant::now() + TOPOLOGY_TIMEOUT;
@@ -101,7 +98,7 @@ pub async fn start_coordinator(bin: &Path, t: &Topology<'_>) -> anyhow::Result<(
                 } else {
                     i.error
                 }),
-                coordinator.log_tail(20)
+                coordinator.log_tail()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -118,75 +115,10 @@ pub struct Settings<'a> {
     pub broker_pid: Option<u32>,
 }
 
-/// What the run measured.
-pub struct SystemFigures {
-    /// From starting the worker to the last message handled.
-    pub seconds: f64,
-    pub per_s: f64,
-    /// When RabbitMQ first counted a consumer on the queue: registration,
-    /// the slot grant and the worker's connection.
-    pub consuming_s: Option<f64>,
-    /// When handled messages were first seen.
-    pub first_message_s: f64,
-    /// From the first handled messages seen to the last: start-up left out,
-    /// the figure compared with the baseline's.
-    pub steady_per_s: f64,
-    pub sampled_peak_rss_kib: u64,
-    pub hwm_kib: Option<u64>,
-    pub worker_cores: Option<f64>,
-    pub coordinator_cores: Option<f64>,
-    pub harness_cores: Option<f64>,
-    pub broker_cores: Option<f64>,
-    pub worker: WorkerMetrics,
-    /// `(seconds since the worker started, messages handled)`.
-    pub progress: Vec<(f64, u64)>,
-}
-
-impl SystemFigures {
-    pub fn peak_rss_mib(&self) -> f64 {
-        mib(self.sampled_peak_rss_kib.max(self.hwm_kib.unwrap_or(0)))
-    }
-}
-
-/// The worker's own view, from its metrics endpoint at the end of the run.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct WorkerMetrics {
-    pub records: f64,
-    pub batches: f64,
-    /// A count: an integer, so an absent metric (an empty sum, -0.0) prints
-    /// as 0.
-    pub redeliveries: u64,
-    pub mean_handler_ms: f64,
-}
-
-impl WorkerMetrics {
-    fn from(m: &Metrics) -> Self {
-        let count = m.sum("shardline_handler_duration_seconds_count");
-        Self {
-            records: m.sum(RECORDS),
-            batches: m.sum("shardline_batches_total"),
-            redeliveries: m.sum("shardline_redeliveries_total") as u64,
-            mean_handler_ms: if count > 0.0 {
-                m.sum("shardline_handler_duration_seconds_sum") * 1000.0 / count
-            } else {
-                0.0
-            },
-        }
-    }
-
-    pub fn mean_batch(&self) -> f64 {
-        if self.batches > 0.0 { self.records / self.batches } else { 0.0 }
-    }
-}
-
 /// Starts the worker, waits until it has handled every message, then stops
 /// the worker and the coordinator.
-pub async fn run(mut coordinator: Coordinator, s: &Settings<'_>) -> anyhow::Result<SystemFigures> {
+pub async fn run(coordinator: Coordinator, s: &Settings<'_>) -> anyhow::Result<SystemFigures> {
     let observer = queue::connect(s.url, "shardline-bench-observer").await?;
-    let coordinator_cpu = ProcCpu::start(coordinator.pid());
-    let harness_cpu = ProcCpu::start(std::process::id());
-    let broker_cpu = s.broker_pid.map(ProcCpu::start);
-    let started = Instant::now();
     let settings = WorkerSettings {
         coordinator: &coordinator.url(),
         worker_id: WORKER_ID,
@@ -196,128 +128,32 @@ pub async fn run(mut coordinator: Coordinator, s: &Settings<'_>) -> anyhow::Resu
         amqp_url: Some(s.url),
         max_inflight_batches: None,
     };
-    let mut worker = Worker::start(s.worker_bin, &settings)?;
-    let rss = RssSampler::start(worker.pid());
-    let worker_cpu = ProcCpu::start(worker.pid());
-
-    let mut every = tokio::time::interval(POLL);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut consuming_s = None;
-    let mut first = None;
-    let mut progress = Vec::new();
-    let (mut last_handled, mut last_progress) = (0, Instant::now());
-    let seconds = loop {
-        every.tick().await;
-        worker.check_alive()?;
-        coordinator.check_alive()?;
-        let (handled, scrape_error) = match worker.scrape().await {
-            Ok(m) => (m.sum(RECORDS) as u64, None),
-            // The endpoint is bound a moment after the process starts; a
-            // lasting failure shows as a stall below, with this error.
-            Err(e) => (last_handled, Some(format!("{e:#}"))),
-        };
-        let now = started.elapsed();
-        let depth = queue::depth(&observer, s.queue).await?;
-        if depth.consumers > 0 && consuming_s.is_none() {
-            consuming_s = Some(now.as_secs_f64());
-        }
-        if handled > 0 && first.is_none() {
-            first = Some((now, handled));
-        }
-        if progress.last().is_none_or(|(t, _)| now.as_secs_f64() - t >= PROGRESS_EVERY.as_secs_f64()) {
-            progress.push((round3(now.as_secs_f64()), handled));
-        }
-        if handled >= s.expected && depth.ready == 0 {
-            progress.push((round3(now.as_secs_f64()), handled));
-            break now;
-        }
-        if handled > last_handled {
-            (last_handled, last_progress) = (handled, Instant::now());
-        } else if last_progress.elapsed() > s.stall {
-            bail!(
-                "the worker handled {handled} of {} messages ({} still ready in the queue) and nothing more for \
-                 {:?}{}; the worker's log:\n{}",
-                s.expected,
-                depth.ready,
-                s.stall,
-                scrape_error.map_or(String::new(), |e| format!(" (metrics: {e})")),
-                worker.log_tail(20)
-            );
-        }
-    };
-
-    let hwm_kib = worker.peak_rss_kib();
-    let worker_cores = worker_cpu.cores();
-    let coordinator_cores = coordinator_cpu.cores();
-    let harness_cores = harness_cpu.cores();
-    let broker_cores = broker_cpu.and_then(|c| c.cores());
-    let sampled_peak_rss_kib = rss.peak_kib().max(proc_status_kib(worker.pid(), "VmRSS").unwrap_or(0));
-    // Figures that explain the rate, not the rate itself: a failed scrape is
-    // reported as zeros rather than failing a finished measurement.
-    let worker_metrics = match worker.scrape().await {
-        Ok(m) => WorkerMetrics::from(&m),
-        Err(e) => {
-            eprintln!("warning: cannot read the worker's metrics: {e:#}");
-            WorkerMetrics::default()
-        }
-    };
-    worker.stop().await?;
-    coordinator.stop().await?;
+    let mut handled = 0;
+    let figures =
+        run_system(coordinator, s.worker_bin, &settings, s.expected, s.stall, s.broker_pid, async |w| {
+            // The counter is created at the first batch; before it, and while
+            // the endpoint is not bound yet, nothing is handled (a lasting
+            // failure shows as a stall, with this error).
+            let scrape_error = match w.scrape().await {
+                Ok(m) => {
+                    handled = m.sum_or_zero(RECORDS) as u64;
+                    String::new()
+                }
+                Err(e) => format!("; metrics: {e:#}"),
+            };
+            let depth = queue::depth(&observer, s.queue).await?;
+            Ok(Sample {
+                done: handled,
+                complete: handled >= s.expected && depth.ready == 0,
+                ready: depth.consumers > 0,
+                state: format!("{} still ready in the queue{scrape_error}", depth.ready),
+            })
+        })
+        .await;
     if let Err(e) = observer.close(200, "run done".into()).await {
         eprintln!("warning: cannot close the observer's connection: {e}");
     }
-
-    let (first_at, first_handled) = first.unwrap_or((seconds, s.expected));
-    let steady = seconds.saturating_sub(first_at).as_secs_f64();
-    Ok(SystemFigures {
-        seconds: seconds.as_secs_f64(),
-        per_s: s.expected as f64 / seconds.as_secs_f64().max(1e-9),
-        consuming_s,
-        first_message_s: first_at.as_secs_f64(),
-        steady_per_s: if steady > 0.0 {
-            s.expected.saturating_sub(first_handled) as f64 / steady
-        } else {
-            0.0
-        },
-        sampled_peak_rss_kib,
-        hwm_kib,
-        worker_cores,
-        coordinator_cores,
-        harness_cores,
-        broker_cores,
-        worker: worker_metrics,
-        progress,
-    })
-}
-
-impl SystemFigures {
-    pub fn json(&self) -> serde_json::Value {
-        let w = &self.worker;
-        json!({
-            "seconds": round3(self.seconds),
-            "messages_per_s": round3(self.per_s),
-            "consuming_s": self.consuming_s.map(round3),
-            "first_message_s": round3(self.first_message_s),
-            "steady_messages_per_s": round3(self.steady_per_s),
-            "worker_peak_rss_mib": round3(self.peak_rss_mib()),
-            "worker_sampled_peak_rss_mib": round3(mib(self.sampled_peak_rss_kib)),
-            "worker_vm_hwm_mib": self.hwm_kib.map(|k| round3(mib(k))),
-            "cores": {
-                "worker": self.worker_cores.map(round3),
-                "coordinator": self.coordinator_cores.map(round3),
-                "harness": self.harness_cores.map(round3),
-                "broker": self.broker_cores.map(round3),
-            },
-            "worker_metrics": {
-                "records": w.records,
-                "batches": w.batches,
-                "mean_batch_records": round3(w.mean_batch()),
-                "redeliveries": w.redeliveries,
-                "mean_handler_ms": round3(w.mean_handler_ms),
-            },
-            "progress": self.progress,
-        })
-    }
+    figures
 }
 
 #[cfg(test)]
@@ -327,19 +163,17 @@ mod tests {
     #[test]
     fn coordinator_config_has_one_single_slot_subscription_on_a_fanout_topic() {
         let names = Names { topic: "b-topic".into(), queue: "b".into() };
-        let toml =
-            coordinator_toml(&Topology { url: "amqp://g:g@h:5672/%2f", names: &names, batch_size: 100 });
-        assert!(
-            toml.starts_with("amqp_url = \"amqp://g:g@h:5672/%2f\"\nscale_interval = \"500ms\"\n"),
-            "{toml}"
+        let t =
+            coordinator_settings(&Topology { url: "amqp://g:g@h:5672/%2f", names: &names, batch_size: 100 });
+        assert_eq!(t["amqp_url"].as_str(), Some("amqp://g:g@h:5672/%2f"));
+        assert_eq!(t["scale_interval"].as_str(), Some("500ms"));
+        assert_eq!(t["topics"][0]["name"].as_str(), Some("b-topic"));
+        let s = &t["subscriptions"][0];
+        assert_eq!(
+            (s["name"].as_str(), s["topic"].as_str(), s["handler"].as_str()),
+            (Some("b"), Some("b-topic"), Some("noop"))
         );
-        assert!(toml.contains("[[topics]]\nname = \"b-topic\"\n"), "{toml}");
-        assert!(
-            toml.ends_with(
-                "[[subscriptions]]\nname = \"b\"\ntopic = \"b-topic\"\nhandler = \"noop\"\nmin_slots = 1\n\
-                 max_concurrency = 1\nbatch_size = 100\n"
-            ),
-            "{toml}"
-        );
+        assert_eq!((s["min_slots"].as_integer(), s["max_concurrency"].as_integer()), (Some(1), Some(1)));
+        assert_eq!(s["batch_size"].as_integer(), Some(100));
     }
 }

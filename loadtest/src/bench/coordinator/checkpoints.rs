@@ -94,7 +94,7 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
 
     coordinator.check_alive()?;
     let peak_rss_kib = rss.peak_kib().max(coordinator.peak_rss_kib().unwrap_or(0));
-    coordinator.stop().await?;
+    coordinator.stop()?;
     check_calls("checkpoint calls", acknowledged, errors, first_error.as_deref())?;
     Ok(Figures {
         acknowledged,
@@ -104,7 +104,7 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
         heartbeat_errors: heartbeat_errors.load(Ordering::Relaxed),
         peak_rss_kib,
         cpu,
-        group_commit: GroupCommit::between(&metrics_before, &metrics_after, settings.duration),
+        group_commit: GroupCommit::between(&metrics_before, &metrics_after, settings.duration)?,
     })
 }
 

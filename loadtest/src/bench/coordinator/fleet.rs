@@ -173,7 +173,8 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
     let metrics_before = coordinator.scrape().await?;
     tokio::time::sleep_until(until).await;
     let cpu = cpu.stop();
-    let group_commit = GroupCommit::between(&metrics_before, &coordinator.scrape().await?, settings.duration);
+    let group_commit =
+        GroupCommit::between(&metrics_before, &coordinator.scrape().await?, settings.duration)?;
 
     let mut heartbeat = Latency::new()?;
     let mut checkpoint = Latency::new()?;
@@ -220,7 +221,7 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
     coordinator.check_alive()?;
     let hwm_kib = coordinator.peak_rss_kib();
     let sampled_peak_rss_kib = rss.peak_kib();
-    coordinator.stop().await?;
+    coordinator.stop()?;
 
     check_calls("heartbeats", totals.heartbeats, totals.heartbeat_errors, first_error.as_deref())?;
     check_calls(

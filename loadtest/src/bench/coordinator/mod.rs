@@ -67,10 +67,8 @@ const HANDLER: &str = "bench";
 
 /// Runs the selected modes, prints their tables and writes the JSON.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let bin = match &args.coordinator_bin {
-        Some(bin) => bin.clone(),
-        None => child::default_bin("shardline-coordinator")?,
-    };
+    let bin =
+        child::resolve_bin(args.coordinator_bin.as_deref(), "shardline-coordinator", "--coordinator-bin")?;
     let channels = usize::try_from(args.channels).context("--channels is too large")?;
     let mut report = json!({
         "coordinator_bin": bin.display().to_string(),
@@ -135,16 +133,18 @@ impl GroupCommit {
     const FLUSH: &str = "shardline_store_flush_seconds";
     const ACCEPTED: &str = "shardline_checkpoints_total{result=\"accepted\"}";
 
-    fn between(before: &child::Metrics, after: &child::Metrics, window: Duration) -> Self {
-        let delta = |key: &str| (after.get(key) - before.get(key)).max(0.0);
-        let flushes = delta(&format!("{}_count", Self::FLUSH));
+    /// `before` may precede the first flush and checkpoint (series the
+    /// coordinator creates at their first event); `after` must have both.
+    fn between(before: &child::Metrics, after: &child::Metrics, window: Duration) -> anyhow::Result<Self> {
+        let delta = |key: &str| Ok::<_, anyhow::Error>((after.get(key)? - before.get_or_zero(key)).max(0.0));
+        let flushes = delta(&format!("{}_count", Self::FLUSH))?;
         let per_flush = |x: f64| if flushes > 0.0 { x / flushes } else { 0.0 };
-        Self {
+        Ok(Self {
             flushes_per_s: flushes / window.as_secs_f64().max(1e-9),
-            mean_flush_ms: per_flush(delta(&format!("{}_sum", Self::FLUSH)) * 1000.0),
-            p99_flush_ms: after.get(&format!("{}{{quantile=\"0.99\"}}", Self::FLUSH)) * 1000.0,
-            checkpoints_per_flush: per_flush(delta(Self::ACCEPTED)),
-        }
+            mean_flush_ms: per_flush(delta(&format!("{}_sum", Self::FLUSH))? * 1000.0),
+            p99_flush_ms: after.get(&format!("{}{{quantile=\"0.99\"}}", Self::FLUSH))? * 1000.0,
+            checkpoints_per_flush: per_flush(delta(Self::ACCEPTED)?),
+        })
     }
 
     fn json(&self) -> serde_json::Value {

@@ -15,20 +15,19 @@ mod raw;
 mod system;
 mod topic;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::json;
+use shardline_testkit::kafka;
 
-use super::verdict;
-use crate::child;
+use super::compare::{Bins, Common, Report, Sides, Target, Units, compare, joined, row, verdict};
 use crate::stats::round3;
 
 const TARGET_RATIO: f64 = 0.8;
 const TARGET_RSS_MIB: f64 = 200.0;
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Records to produce and read.
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
@@ -58,28 +57,12 @@ pub struct Args {
     /// Kafka bootstrap servers.
     #[arg(long, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
-    /// The broker's process id, to report the cores it uses (e.g.
-    /// `$(cat .brokers/tansu.pid)`); omitted: not measured.
-    #[arg(long)]
-    broker_pid: Option<u32>,
-    /// The coordinator binary [default: `shardline-coordinator` next to this
-    /// executable].
-    #[arg(long, env = "SHARDLINE_COORDINATOR_BIN")]
-    coordinator_bin: Option<PathBuf>,
-    /// The worker binary [default: `shardline-worker` next to this
-    /// executable].
-    #[arg(long, env = "SHARDLINE_WORKER_BIN")]
-    worker_bin: Option<PathBuf>,
-    /// Fail when no record is read or checkpointed for this many seconds.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    stall_timeout: u64,
     /// Delete the topic afterwards. Off by default: tansu 0.6.0 can panic
     /// when a topic is deleted while another client still fetches from it.
     #[arg(long)]
     delete_topic: bool,
-    /// Also write the figures to this JSON file.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -90,143 +73,109 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let coordinator_bin = match &args.coordinator_bin {
-        Some(bin) => bin.clone(),
-        None => child::default_bin("shardline-coordinator")?,
-    };
-    let worker_bin = match &args.worker_bin {
-        Some(bin) => bin.clone(),
-        None => child::default_bin("shardline-worker")?,
-    };
-    // Before producing: a missing binary should fail in a second, not after
-    // minutes of loading the broker.
-    child::check_bin(&coordinator_bin, "coordinator", "--coordinator-bin")?;
-    child::check_bin(&worker_bin, "worker", "--worker-bin")?;
+    let bins = Bins::resolve(args.common.coordinator_bin.as_deref(), args.common.worker_bin.as_deref())?;
     let record_bytes = usize::try_from(args.record_bytes).context("--record-bytes is too large")?;
-    let stall = Duration::from_secs(args.stall_timeout);
-    let topic = topic::unique_name();
-    println!(
-        "kafka: topic {topic}, {} partitions, {} records of {} B, batch_size {}, brokers {}",
-        args.partitions, args.records, args.record_bytes, args.batch_size, args.brokers
-    );
+    let json = args.common.json.clone();
+    compare(Kafka { topic: topic::unique_name(), record_bytes, args }, bins, json.as_deref()).await
+}
 
-    let created = std::time::Instant::now();
-    topic::create(&args.brokers, &topic, args.partitions).await?;
-    println!("  topic created in {:.1} s", created.elapsed().as_secs_f64());
-    let result = measure(&args, &topic, record_bytes, stall, &coordinator_bin, &worker_bin).await;
-    if args.delete_topic
-        && let Err(e) = topic::delete(&args.brokers, &topic).await
-    {
-        eprintln!("warning: {e:#}");
+/// One run's topic and settings.
+struct Kafka {
+    args: Args,
+    topic: String,
+    record_bytes: usize,
+}
+
+impl Target for Kafka {
+    type Figures = Figures;
+
+    fn describe(&self) -> String {
+        let a = &self.args;
+        format!(
+            "kafka: topic {}, {} partitions, {} records of {} B, batch_size {}, brokers {}",
+            self.topic, a.partitions, a.records, a.record_bytes, a.batch_size, a.brokers
+        )
     }
-    let figures = result?;
-    figures.print(&args);
-    if let Some(path) = &args.json {
-        let mut report = figures.json(&args);
-        report["topic"] = json!(topic);
-        report["coordinator_bin"] = json!(coordinator_bin.display().to_string());
-        report["worker_bin"] = json!(worker_bin.display().to_string());
-        let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
-        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
-        println!("figures written to {}", path.display());
+
+    async fn prepare(&mut self) -> anyhow::Result<()> {
+        let created = std::time::Instant::now();
+        kafka::create_topic(&self.args.brokers, &self.topic, self.args.partitions, false).await?;
+        println!("  topic created in {:.1} s", created.elapsed().as_secs_f64());
+        Ok(())
     }
-    Ok(())
+
+    async fn measure(&mut self, bins: &Bins) -> anyhow::Result<Figures> {
+        let (args, topic) = (&self.args, self.topic.as_str());
+        let stall = Duration::from_secs(args.common.stall_timeout);
+        let produced = topic::produce(&args.brokers, topic, args.records, self.record_bytes)
+            .await
+            .context("producing the records failed")?;
+        println!("  produced in {:.1} s ({:.0} records/s)", produced.seconds, produced.per_s);
+        let watermarks = topic::watermarks(&args.brokers, topic, args.partitions).await?;
+        let stored: i64 = watermarks.iter().map(|(low, high)| high - low).sum();
+        if stored != args.records as i64 {
+            bail!("the broker holds {stored} records of {topic} after {} were acknowledged", args.records);
+        }
+        if let Some(empty) = watermarks.iter().position(|(low, high)| high <= low) {
+            // Not an error, but the run then measures fewer leases than asked.
+            eprintln!("warning: partition {empty} got no records");
+        }
+
+        let raw = raw::run(
+            &args.brokers,
+            topic,
+            args.partitions,
+            args.records,
+            &args.raw_config,
+            stall,
+            args.common.broker_pid,
+        )
+        .await
+        .context("the raw consumer baseline failed")?;
+        println!("  raw consumer read them in {:.2} s", raw.seconds);
+
+        let (system, checkpoints_accepted) = system::run(&system::Settings {
+            coordinator_bin: &bins.coordinator,
+            worker_bin: &bins.worker,
+            brokers: &args.brokers,
+            topic,
+            watermarks: &watermarks,
+            batch_size: args.batch_size,
+            fetch_queue_kib: args.fetch_queue_kib,
+            sleep_per_batch: args.handler_sleep_ms.map(Duration::from_millis),
+            stall,
+            broker_pid: args.common.broker_pid,
+        })
+        .await
+        .context("the shardline run failed")?;
+        Ok(Figures { args: self.args.clone(), produced, sides: Sides { raw, system }, checkpoints_accepted })
+    }
+
+    async fn clean_up(&mut self) -> anyhow::Result<()> {
+        if self.args.delete_topic {
+            kafka::delete_topic(&self.args.brokers, &self.topic).await?;
+        }
+        Ok(())
+    }
+
+    fn names(&self) -> Vec<(&'static str, String)> {
+        vec![("topic", self.topic.clone())]
+    }
 }
 
 /// Everything one run measured.
 struct Figures {
+    args: Args,
     produced: topic::Produced,
-    raw: raw::RawFigures,
-    system: system::SystemFigures,
+    sides: Sides,
+    /// Checkpoint entries the coordinator accepted during the run.
+    checkpoints_accepted: f64,
 }
 
-impl Figures {
-    fn ratio(&self) -> f64 {
-        self.system.per_s / self.raw.per_s.max(1e-9)
-    }
-
-    /// The ratio without start-up (from the first record or checkpoint on):
-    /// the first fetch of a large prefetch queue takes long on a slow
-    /// broker, which the total time charges to whichever side asks for more.
-    fn steady_ratio(&self) -> f64 {
-        self.system.steady_per_s / self.raw.steady_per_s.max(1e-9)
-    }
-
-    /// CPU time per record of the raw consumer: what reading costs on this
-    /// machine whatever the broker's speed.
-    fn raw_cpu_us_per_record(&self, args: &Args) -> Option<f64> {
-        Some(self.raw.cores? * self.raw.seconds * 1e6 / args.records as f64)
-    }
-
-    /// CPU time per record of the worker. Against the raw figure it shows
-    /// the worker's own cost, and the rate it could reach on a broker that
-    /// is not the bottleneck.
-    fn worker_cpu_us_per_record(&self, args: &Args) -> Option<f64> {
-        Some(self.system.worker_cores? * self.system.seconds * 1e6 / args.records as f64)
-    }
-}
-
-async fn measure(
-    args: &Args,
-    topic: &str,
-    record_bytes: usize,
-    stall: Duration,
-    coordinator_bin: &std::path::Path,
-    worker_bin: &std::path::Path,
-) -> anyhow::Result<Figures> {
-    let produced = topic::produce(&args.brokers, topic, args.records, record_bytes)
-        .await
-        .context("producing the records failed")?;
-    println!("  produced in {:.1} s ({:.0} records/s)", produced.seconds, produced.per_s);
-    let watermarks = topic::watermarks(&args.brokers, topic, args.partitions).await?;
-    let stored: i64 = watermarks.iter().map(|(low, high)| high - low).sum();
-    if stored != args.records as i64 {
-        bail!("the broker holds {stored} records of {topic} after {} were acknowledged", args.records);
-    }
-    if let Some(empty) = watermarks.iter().position(|(low, high)| high <= low) {
-        // Not an error, but the run then measures fewer leases than asked.
-        eprintln!("warning: partition {empty} got no records");
-    }
-
-    let raw = raw::run(
-        &args.brokers,
-        topic,
-        args.partitions,
-        args.records,
-        &args.raw_config,
-        stall,
-        args.broker_pid,
-    )
-    .await
-    .context("the raw consumer baseline failed")?;
-    println!("  raw consumer read them in {:.2} s", raw.seconds);
-
-    let system = system::run(&system::Settings {
-        coordinator_bin,
-        worker_bin,
-        brokers: &args.brokers,
-        topic,
-        watermarks: &watermarks,
-        batch_size: args.batch_size,
-        fetch_queue_kib: args.fetch_queue_kib,
-        sleep_per_batch: args.handler_sleep_ms.map(Duration::from_millis),
-        stall,
-        broker_pid: args.broker_pid,
-    })
-    .await
-    .context("the shardline run failed")?;
-    Ok(Figures { produced, raw, system })
-}
-
-/// `a / b / c` with `-` for figures that could not be read.
-fn cores(values: &[Option<f64>]) -> String {
-    values.iter().map(|v| v.map_or("-".to_owned(), |c| format!("{c:.2}"))).collect::<Vec<_>>().join(" / ")
-}
-
-impl Figures {
-    fn print(&self, args: &Args) {
-        let (raw, sys, w) = (&self.raw, &self.system, &self.system.worker);
-        let ratio = self.ratio();
+impl Report for Figures {
+    fn print(&self) {
+        let (args, raw, sys) = (&self.args, &self.sides.raw, &self.sides.system);
+        let (w, ratio) = (&sys.worker, self.sides.total_ratio());
         let rss = sys.peak_rss_mib();
         println!();
         println!(
@@ -239,73 +188,37 @@ impl Figures {
             args.fetch_queue_kib.map_or("default".to_owned(), |k| k.to_string()),
             args.handler_sleep_ms.map_or("noop".to_owned(), |ms| format!("sleep {ms} ms/batch"))
         );
-        println!("  {:<36} {:>12.0}", "produce records/s (acks=all)", self.produced.per_s);
-        println!("  {:<36} {:>12.0}   ({:.2} s)", "raw consumer records/s", raw.per_s, raw.seconds);
-        println!("  {:<36} {:>12.0}   ({:.2} s)", "shardline records/s", sys.per_s, sys.seconds);
-        println!(
-            "  {:<36} {:>12.2}   target >= {TARGET_RATIO:.1}: {}",
-            "ratio shardline / raw",
-            ratio,
-            verdict(ratio >= TARGET_RATIO)
-        );
-        println!(
-            "  {:<36} {:>12.1}   target <= {TARGET_RSS_MIB:.0} MiB: {}",
-            "worker peak RSS (MiB)",
-            rss,
-            verdict(rss <= TARGET_RSS_MIB)
-        );
-        println!(
-            "  {:<36} {:>12}",
-            "  sampled VmRSS / VmHWM (MiB)",
-            format!(
-                "{:.1} / {}",
-                crate::stats::mib(sys.sampled_peak_rss_kib),
-                sys.hwm_kib.map_or("n/a".to_owned(), |k| format!("{:.1}", crate::stats::mib(k)))
-            )
-        );
-        println!(
-            "  {:<36} {:>12}",
-            "first record / checkpoint after (s)",
-            format!("{:.2} / {:.2}", raw.first_record_s, sys.first_checkpoint_s)
-        );
-        println!(
-            "  {:<36} {:>12}",
-            "steady records/s raw / shardline",
-            format!("{:.0} / {:.0}", raw.steady_per_s, sys.steady_per_s)
-        );
-        println!("  {:<36} {:>12.2}", "  ratio in steady state", self.steady_ratio());
-        println!(
-            "  {:<36} {:>12}",
-            "all leases owned after (s)",
-            sys.leases_owned_s.map_or("never seen".to_owned(), |s| format!("{s:.2}"))
-        );
-        println!("  {:<36} {:>12}", "cores raw consumer / broker", cores(&[raw.cores, raw.broker_cores]));
-        println!(
-            "  {:<36} {:>12}",
+        row("produce records/s (acks=all)", format!("{:.0}", self.produced.per_s));
+        // A value wider than the column carries its note: `{:>12}` pads
+        // the figure, the rest follows.
+        row("raw consumer records/s", format!("{:>12.0}   ({:.2} s)", raw.per_s, raw.seconds));
+        row("shardline records/s", format!("{:>12.0}   ({:.2} s)", sys.per_s, sys.seconds));
+        let met = verdict(ratio >= TARGET_RATIO);
+        row("ratio shardline / raw", format!("{ratio:>12.2}   target >= {TARGET_RATIO:.1}: {met}"));
+        let met = verdict(rss <= TARGET_RSS_MIB);
+        row("worker peak RSS (MiB)", format!("{rss:>12.1}   target <= {TARGET_RSS_MIB:.0} MiB: {met}"));
+        sys.print_memory();
+        row("first record / checkpoint after (s)", format!("{:.2} / {:.2}", raw.first_s, sys.first_s));
+        row("steady records/s raw / shardline", format!("{:.0} / {:.0}", raw.steady_per_s, sys.steady_per_s));
+        row("  ratio in steady state", format!("{:.2}", self.sides.steady_ratio()));
+        row("all leases owned after (s)", sys.ready_s.map_or("never seen".to_owned(), |s| format!("{s:.2}")));
+        row("cores raw consumer / broker", joined(&[raw.cores, raw.broker_cores]));
+        row(
             "CPU us/record raw / worker",
-            cores(&[self.raw_cpu_us_per_record(args), self.worker_cpu_us_per_record(args)])
+            joined(&[raw.cpu_us_per(args.records), sys.worker_cpu_us_per(args.records)]),
         );
-        println!(
-            "  {:<36} {:>12}",
-            "cores worker / coord / harness / broker",
-            cores(&[sys.worker_cores, sys.coordinator_cores, sys.harness_cores, sys.broker_cores])
-        );
-        println!(
-            "  {:<36} {:>12}",
-            "batches, mean records per batch",
-            format!("{:.0}, {:.0}", w.batches, w.mean_batch())
-        );
-        println!(
-            "  {:<36} {:>12}",
-            "checkpoint calls, mean ms",
-            format!("{:.0}, {:.2}", w.checkpoint_calls, w.mean_checkpoint_ms)
-        );
-        println!("  {:<36} {:>12.0}", "checkpoints accepted (coordinator)", sys.checkpoints_accepted);
+        sys.print_cores();
+        row("batches, mean records per batch", format!("{:.0}, {:.0}", w.batches, w.mean_batch()));
+        row("checkpoint calls, mean ms", format!("{:.0}, {:.2}", w.checkpoint_calls, w.mean_checkpoint_ms));
+        row("checkpoints accepted (coordinator)", format!("{:.0}", self.checkpoints_accepted));
     }
 
-    fn json(&self, args: &Args) -> serde_json::Value {
-        let ratio = self.ratio();
-        let rss = self.system.peak_rss_mib();
+    fn json(&self) -> serde_json::Value {
+        let args = &self.args;
+        let (raw, sys) = (&self.sides.raw, &self.sides.system);
+        let (ratio, rss) = (self.sides.total_ratio(), sys.peak_rss_mib());
+        let mut shardline = sys.json(&UNITS);
+        shardline["coordinator_checkpoints_accepted"] = json!(self.checkpoints_accepted);
         json!({
             "brokers": args.brokers,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -321,12 +234,12 @@ impl Figures {
                 "seconds": round3(self.produced.seconds),
                 "records_per_s": round3(self.produced.per_s),
             },
-            "raw": self.raw.json(),
-            "shardline": self.system.json(),
-            "raw_cpu_us_per_record": self.raw_cpu_us_per_record(args).map(round3),
-            "worker_cpu_us_per_record": self.worker_cpu_us_per_record(args).map(round3),
+            "raw": raw.json(&UNITS),
+            "shardline": shardline,
+            "raw_cpu_us_per_record": raw.cpu_us_per(args.records).map(round3),
+            "worker_cpu_us_per_record": sys.worker_cpu_us_per(args.records).map(round3),
             "ratio": round3(ratio),
-            "steady_ratio": round3(self.steady_ratio()),
+            "steady_ratio": round3(self.sides.steady_ratio()),
             "target_ratio": TARGET_RATIO,
             "ratio_met": ratio >= TARGET_RATIO,
             "worker_peak_rss_mib": round3(rss),
@@ -335,6 +248,14 @@ impl Figures {
         })
     }
 }
+
+/// The JSON names of the system side's figures.
+const UNITS: Units = Units {
+    unit: "records",
+    raw_first: "first_record_s",
+    first: "first_checkpoint_s",
+    ready: "leases_owned_s",
+};
 
 #[cfg(test)]
 mod tests {

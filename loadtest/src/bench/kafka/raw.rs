@@ -15,27 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use serde_json::json;
 
-use super::system::POLL;
 use super::topic;
-use crate::stats::{ProcCpu, round3};
-
-/// What the baseline measured.
-pub struct RawFigures {
-    /// From creating the consumer to the last record.
-    pub seconds: f64,
-    pub per_s: f64,
-    /// From creating the consumer to the first record (connection, metadata,
-    /// offset lookup, first fetch).
-    pub first_record_s: f64,
-    /// The rate after the first fetch: start-up costs left out.
-    pub steady_per_s: f64,
-    pub payload_bytes: u64,
-    /// Cores this process used while consuming (the consumer is all it did).
-    pub cores: Option<f64>,
-    pub broker_cores: Option<f64>,
-}
+use crate::bench::compare::{POLL, RawFigures};
+use crate::stats::ProcCpu;
 
 /// Sets the flag when dropped: the blocking consumer sees it at its next
 /// poll, so dropping the future (an interrupted run) stops the thread too.
@@ -125,24 +108,12 @@ pub async fn run(
     Ok(RawFigures {
         seconds,
         per_s: expected as f64 / seconds.max(1e-9),
-        first_record_s: first.as_secs_f64(),
+        first_s: first.as_secs_f64(),
         steady_per_s: if steady > 0.0 { expected.saturating_sub(steady_count) as f64 / steady } else { 0.0 },
         payload_bytes,
+        batches: None,
+        redelivered: None,
         cores: cpu.cores(),
         broker_cores: broker_cpu.and_then(|c| c.cores()),
     })
-}
-
-impl RawFigures {
-    pub fn json(&self) -> serde_json::Value {
-        json!({
-            "seconds": round3(self.seconds),
-            "records_per_s": round3(self.per_s),
-            "first_record_s": round3(self.first_record_s),
-            "steady_records_per_s": round3(self.steady_per_s),
-            "payload_bytes": self.payload_bytes,
-            "cores": self.cores.map(round3),
-            "broker_cores": self.broker_cores.map(round3),
-        })
-    }
 }

@@ -5,8 +5,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -22,46 +20,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A topic name no earlier run used; only characters the coordinator's
 /// stream names allow.
 pub fn unique_name() -> String {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("shardline-bench-{}-{nanos}", std::process::id())
-}
-
-fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("cannot create a Kafka admin client")
-}
-
-fn options() -> AdminOptions {
-    AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT))
-}
-
-pub async fn create(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
-    let partitions = i32::try_from(partitions).context("too many partitions")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let results = admin(brokers)?
-        .create_topics([&new], &options())
-        .await
-        .with_context(|| format!("cannot create topic {topic} on {brokers}"))?;
-    for result in results {
-        result.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Deletes the topic: on an SQLite-backed broker every run's records would
-/// otherwise stay on disk and slow later runs down.
-pub async fn delete(brokers: &str, topic: &str) -> anyhow::Result<()> {
-    let results = admin(brokers)?
-        .delete_topics(&[topic], &options())
-        .await
-        .with_context(|| format!("cannot delete topic {topic}"))?;
-    for result in results {
-        result.map_err(|(t, e)| anyhow::anyhow!("cannot delete topic {t}: {e}"))?;
-    }
-    Ok(())
+    shardline_testkit::unique("shardline-bench")
 }
 
 /// What producing measured.

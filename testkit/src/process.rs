@@ -1,0 +1,207 @@
+//! The real binaries as child processes. Every child lives in a [`Proc`]
+//! that kills it when dropped, and the kernel kills it when the harness
+//! dies (`PR_SET_PDEATHSIG`), so neither a failing test nor an
+//! interrupted load run leaves a coordinator or worker behind.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Where a workspace binary is: `SHARDLINE_BIN_DIR`, else next to the
+/// running executable (a test binary in `target/<profile>/deps` looks in
+/// `target/<profile>`).
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHARDLINE_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|d| d == "deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// Fails with the build command when `bin` is missing: the usual mistake
+/// is a binary not built, or built in another profile.
+pub fn check_bin(bin: &Path, flag: &str) -> Result<()> {
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --workspace --bins` (add --release for the load \
+             harness) or pass {flag}",
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
+/// Leaves the operator's `SHARDLINE_*` settings out of a child's
+/// environment: the generated config says everything (a token in the
+/// shell would make every call fail).
+fn hermetic(command: &mut Command) -> &mut Command {
+    for var in [
+        "SHARDLINE_TOKEN",
+        "SHARDLINE_KAFKA_BROKERS",
+        "SHARDLINE_AMQP_URL",
+        "SHARDLINE_CONFIG",
+        "SHARDLINE_COORDINATOR",
+        "SHARDLINE_WORKER_CONFIG",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// A child process, killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    /// For messages: `coordinator`, a worker id.
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts `command` with stdin closed; stdout and stderr are the
+    /// caller's choice.
+    pub fn spawn(name: &str, mut command: Command) -> Result<Self> {
+        // SAFETY: runs in the forked child before exec and only calls
+        // prctl(2), which is async-signal-safe and touches no parent memory.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.stdin(Stdio::null()).spawn().with_context(|| {
+            format!(
+                "cannot start {name} ({:?}; built? cargo build --workspace --bins)",
+                command.get_program()
+            )
+        })?;
+        Ok(Self { child, name: name.to_owned() })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `kill -9`, then reaped: gone when this returns.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill().with_context(|| format!("kill -9 {}", self.name))?;
+        self.child.wait().with_context(|| format!("reap {}", self.name))?;
+        Ok(())
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        if rc != 0 {
+            bail!("kill({}, {signal}) failed: {}", self.pid(), std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Still running (not exited, not killed)?
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// How it exited, if it has.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        self.child.try_wait().with_context(|| format!("cannot check the {} process", self.name))
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // An exited child is no error to `kill` (std knows its status).
+        if let Err(e) = self.child.kill().and_then(|()| self.child.wait().map(drop)) {
+            eprintln!("cannot stop {} (pid {}): {e}", self.name, self.child.id());
+        }
+    }
+}
+
+/// Starts `shardline-coordinator --config CONFIG` (with no `SHARDLINE_*`
+/// variables: the config says everything) and waits up to `timeout`
+/// for its `listening ADDR` line. Stdout is drained by a thread afterwards,
+/// so a full pipe never blocks the child; stderr (its log) goes to
+/// `stderr`. Blocking.
+pub fn start_coordinator(
+    bin: &Path,
+    config: &Path,
+    stderr: Stdio,
+    timeout: Duration,
+) -> Result<(Proc, SocketAddr)> {
+    let mut command = Command::new(bin);
+    hermetic(&mut command)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    let mut proc = Proc::spawn("coordinator", command)?;
+    let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix("listening ")
+                && let Some(tx) = tx.take()
+                && tx.send(addr.trim().to_owned()).is_err()
+            {
+                // The starter gave up waiting; keep draining regardless.
+            }
+        }
+    });
+    let addr = match rx.recv_timeout(timeout) {
+        Ok(addr) => addr,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let status = proc.wait_exit(Duration::from_secs(5))?;
+            bail!("the coordinator exited ({status}) before listening")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            bail!("the coordinator printed no `listening ADDR` within {timeout:?}")
+        }
+    };
+    let addr = addr.parse().with_context(|| format!("bad address in `listening {addr}`"))?;
+    Ok((proc, addr))
+}
+
+/// Starts `shardline-worker --config CONFIG` (`id` names it in messages);
+/// stdout (where handlers such as `log` print) is discarded, stderr (its
+/// log) goes to `stderr`. Returns as soon as the process runs: a worker
+/// prints nothing when ready.
+pub fn start_worker(bin: &Path, config: &Path, id: &str, stderr: Stdio) -> Result<Proc> {
+    let mut command = Command::new(bin);
+    hermetic(&mut command)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    Proc::spawn(id, command)
+}
