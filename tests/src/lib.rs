@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
+pub use shardline_testkit::config::{CoordinatorConfig, StreamConfig, SubscriptionConfig, WorkerConfig};
 pub use shardline_testkit::metrics::http_get;
 pub use shardline_testkit::process::Proc;
 pub use shardline_testkit::unique;
@@ -48,24 +49,35 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts the binary with `config` (TOML; `listen`, `data_dir` and
-    /// `kafka_brokers` are added) and waits for its `listening ADDR` line.
+    /// Starts the binary with `config` (TOML, read as the coordinator's
+    /// config) and waits for its `listening ADDR` line; see [`Self::start_config`].
     pub fn start(config: &str, data_dir: &Path) -> Result<Self> {
-        Self::start_on(config, data_dir, "127.0.0.1:0")
+        Self::start_config(config::parse(config)?, data_dir)
     }
 
     pub fn start_on(config: &str, data_dir: &Path, listen: &str) -> Result<Self> {
+        let listen = listen.parse().with_context(|| format!("bad listen address {listen}"))?;
+        Self::start_config(CoordinatorConfig { listen, ..config::parse(config)? }, data_dir)
+    }
+
+    /// Starts the binary with `config`, its `data_dir` set, the tests'
+    /// brokers where it keeps the defaults, and a port the OS chooses where
+    /// it keeps the default `listen`.
+    pub fn start_config(mut config: CoordinatorConfig, data_dir: &Path) -> Result<Self> {
+        let default = CoordinatorConfig::default();
+        if config.listen == default.listen {
+            config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        }
+        if config.kafka_brokers == default.kafka_brokers {
+            config.kafka_brokers = kafka_brokers();
+        }
+        if config.amqp_url == default.amqp_url {
+            config.amqp_url = amqp::amqp_url();
+        }
+        config.data_dir = data_dir.to_owned();
         let dir = data_dir.parent().unwrap_or(data_dir);
         let path = dir.join(format!("coordinator-{}.toml", unique("cfg")));
-        let brokers = kafka_brokers();
-        let text = config::coordinator_toml(config::CoordinatorFile {
-            listen,
-            data_dir,
-            metrics_listen: None,
-            kafka_brokers: Some(&brokers),
-            settings: with_amqp_url(config::parse(config)?),
-        })?;
-        std::fs::write(&path, text).context("write config")?;
+        config::write(&path, &config)?;
         let bin = bin("shardline-coordinator");
         let (proc, addr) =
             process::start_coordinator(&bin, &path, Stdio::inherit(), Duration::from_secs(30))?;
@@ -107,34 +119,31 @@ impl Coordinator {
 
 /// Starts a `shardline-worker` process hosting `handler` (with no settings).
 pub fn start_worker(coordinator_url: &str, worker_id: &str, handler: &str) -> Result<Proc> {
-    let handlers = config::table([(handler, toml::Table::new().into())]);
-    worker(coordinator_url, worker_id, config::table([("handlers", handlers.into())]))
+    start_worker_config(coordinator_url, worker_id, WorkerConfig::hosting([handler]))
 }
 
 /// Starts a `shardline-worker` with `extra` (TOML: handler tables,
-/// metrics_listen, ...) added to its config.
+/// metrics_listen, ...) read as its config.
 pub fn start_worker_with(coordinator_url: &str, worker_id: &str, extra: &str) -> Result<Proc> {
-    worker(coordinator_url, worker_id, config::parse(extra)?)
+    start_worker_config(coordinator_url, worker_id, config::parse(extra)?)
 }
 
-fn worker(coordinator_url: &str, worker_id: &str, settings: toml::Table) -> Result<Proc> {
+/// Starts a `shardline-worker` with `config`, its coordinator and id set,
+/// and the tests' brokers where it keeps the defaults: the binaries start
+/// without `SHARDLINE_*` variables.
+pub fn start_worker_config(coordinator_url: &str, worker_id: &str, mut config: WorkerConfig) -> Result<Proc> {
+    let default = WorkerConfig::default();
+    if config.kafka_brokers == default.kafka_brokers {
+        config.kafka_brokers = kafka_brokers();
+    }
+    if config.amqp_url == default.amqp_url {
+        config.amqp_url = amqp::amqp_url();
+    }
+    config.coordinator = coordinator_url.to_owned();
+    config.worker_id = Some(worker_id.to_owned());
     let path = std::env::temp_dir().join(format!("{}.toml", unique(&format!("worker-{worker_id}"))));
-    let text = config::worker_toml(config::WorkerFile {
-        coordinator: coordinator_url,
-        worker_id,
-        kafka_brokers: &kafka_brokers(),
-        metrics_listen: None,
-        settings: with_amqp_url(settings),
-    })?;
-    std::fs::write(&path, text).context("write worker config")?;
+    config::write(&path, &config)?;
     process::start_worker(&bin("shardline-worker"), &path, worker_id, Stdio::inherit())
-}
-
-/// The binaries start without `SHARDLINE_*` variables, so the broker the
-/// tests use is written into their configs (unless a test set one).
-fn with_amqp_url(mut settings: toml::Table) -> toml::Table {
-    settings.entry("amqp_url").or_insert_with(|| amqp::amqp_url().into());
-    settings
 }
 
 /// Creates a topic on the real broker.

@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::json;
+use shardline_testkit::config::WorkerConfig;
 use tokio::time::Instant;
 
-use crate::child::{self, Coordinator, Metrics, Worker, WorkerSettings};
+use crate::child::{self, Coordinator, Metrics, Worker};
 use crate::stats::{ProcCpu, RssSampler, mib, proc_status_kib, round3};
 
 /// How often the system side's progress is read: the end of a run is known
@@ -195,7 +196,7 @@ impl WorkerMetrics {
 pub async fn run_system(
     mut coordinator: Coordinator,
     worker_bin: &Path,
-    settings: &WorkerSettings<'_>,
+    settings: &WorkerConfig,
     expected: u64,
     stall: Duration,
     broker_pid: Option<u32>,

@@ -1,15 +1,14 @@
-//! `shardline-coordinator` as a child: a generated config (loopback, port 0,
-//! a temporary data dir, metrics on), started and waited for until it
-//! prints `listening ADDR`.
+//! `shardline-coordinator` as a child: the caller's config value with
+//! loopback port 0, a temporary data dir and metrics on, started and
+//! waited for until it prints `listening ADDR`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use shardline_testkit::config::{self, CoordinatorFile, coordinator_toml};
+use shardline_testkit::config::{self, CoordinatorConfig, StreamConfig};
 use shardline_testkit::process::{self, Proc};
-use toml::{Table, Value};
 use tonic::transport::{Channel, Endpoint};
 
 use super::{Running, log_file, tail, workspace};
@@ -17,89 +16,30 @@ use super::{Running, log_file, tail, workspace};
 /// How long the binary gets to open its store and bind.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A stream in the generated config.
-pub struct Stream<'a> {
-    pub name: &'a str,
-    pub handler: &'a str,
-    /// A fixed partition count (no Kafka); `None`: discovered from Kafka.
-    pub partitions: Option<u32>,
-    /// `batch_size`; `None`: the coordinator's default.
-    pub batch_size: Option<u32>,
-    /// `starting_position` (`latest`, `trim_horizon`); `None`: the default.
-    pub starting_position: Option<&'a str>,
-}
-
-impl<'a> Stream<'a> {
-    /// A static stream of `partitions` leases: the coordinator alone.
-    pub fn fixed(name: &'a str, handler: &'a str, partitions: u32) -> Self {
-        Self { name, handler, partitions: Some(partitions), batch_size: None, starting_position: None }
-    }
-
-    fn table(&self) -> Table {
-        let mut t = config::table([("name", self.name.into()), ("handler", self.handler.into())]);
-        t.extend(self.partitions.map(|p| ("partitions".to_owned(), i64::from(p).into())));
-        t.extend(self.batch_size.map(|b| ("batch_size".to_owned(), i64::from(b).into())));
-        t.extend(self.starting_position.map(|p| ("starting_position".to_owned(), p.into())));
-        t
-    }
-}
-
-/// Where the coordinator finds Kafka and how often it reads metadata.
-pub struct Discovery<'a> {
-    pub brokers: &'a str,
-    pub interval: Duration,
-}
-
-/// What the generated config holds besides the fixed parts.
-pub struct Setup<'a> {
-    pub streams: &'a [Stream<'a>],
-    /// `None`: no Kafka settings (static streams need none).
-    pub kafka: Option<Discovery<'a>>,
-    /// Every other setting: RabbitMQ topics and subscriptions, a
-    /// scenario's `[coordinator]` keys.
-    pub extra: Table,
-}
-
 /// A running `shardline-coordinator`; killed on drop.
 pub struct Coordinator {
     run: Running,
-    config: Config,
+    /// What the config file says; `listen` is port 0 until the first
+    /// start has bound one, then that address, so a restart binds it again.
+    config: CoordinatorConfig,
     /// How many times [`Coordinator::restart`] ran: names each new log.
     restarts: u32,
 }
 
-/// What the coordinator's config says, kept to write it again for a
-/// restart.
-struct Config {
-    /// Port 0 until the first start has bound one; then that address.
-    listen: SocketAddr,
-    metrics: SocketAddr,
-    kafka_brokers: Option<String>,
-    settings: Table,
-}
-
 impl Coordinator {
     /// Starts `bin` with static streams (no Kafka).
-    pub async fn start(bin: &Path, streams: &[Stream<'_>]) -> anyhow::Result<Self> {
-        Self::start_with(bin, Setup { streams, kafka: None, extra: Table::new() }).await
+    pub async fn start(bin: &Path, streams: Vec<StreamConfig>) -> anyhow::Result<Self> {
+        Self::start_with(bin, CoordinatorConfig { streams, ..CoordinatorConfig::default() }).await
     }
 
-    /// Starts `bin` on a loopback port chosen by the OS and waits for its
+    /// Starts `bin` with `config` on a loopback port chosen by the OS, a
+    /// data directory of its own and metrics on, and waits for its
     /// `listening ADDR` line.
-    pub async fn start_with(bin: &Path, setup: Setup<'_>) -> anyhow::Result<Self> {
+    pub async fn start_with(bin: &Path, mut config: CoordinatorConfig) -> anyhow::Result<Self> {
         let (dir, metrics) = workspace()?;
-        let mut settings = setup.extra;
-        if let Some(kafka) = &setup.kafka {
-            let interval = format!("{}ms", kafka.interval.as_millis().max(1));
-            settings.insert("discovery_interval".into(), interval.into());
-        }
-        if !setup.streams.is_empty() {
-            let streams = setup.streams.iter().map(|s| Value::from(s.table())).collect::<Vec<_>>();
-            settings.insert("streams".into(), streams.into());
-        }
-        let kafka_brokers = setup.kafka.map(|k| k.brokers.to_owned());
-        let mut config =
-            Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), metrics, kafka_brokers, settings };
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.metrics_listen = Some(metrics);
+        config.data_dir = dir.path().join("data");
         let (proc, log) = launch(bin, dir.path(), &mut config, "coordinator.log").await?;
         Ok(Self { run: Running { proc, log, metrics_addr: metrics, _dir: dir }, config, restarts: 0 })
     }
@@ -154,16 +94,14 @@ impl Coordinator {
 /// pins `config.listen` to the address bound. The first start lets the OS
 /// choose the port; the workers know that one then, so a restarted
 /// process must bind exactly it.
-async fn launch(bin: &Path, dir: &Path, config: &mut Config, log: &str) -> anyhow::Result<(Proc, PathBuf)> {
+async fn launch(
+    bin: &Path,
+    dir: &Path,
+    config: &mut CoordinatorConfig,
+    log: &str,
+) -> anyhow::Result<(Proc, PathBuf)> {
     let config_path = dir.join("coordinator.toml");
-    let text = coordinator_toml(CoordinatorFile {
-        listen: &config.listen.to_string(),
-        data_dir: &dir.join("data"),
-        metrics_listen: Some(config.metrics),
-        kafka_brokers: config.kafka_brokers.as_deref(),
-        settings: config.settings.clone(),
-    })?;
-    std::fs::write(&config_path, text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    config::write(&config_path, config)?;
     let log = dir.join(log);
     let stderr = log_file(&log)?;
     let bin = bin.to_owned();
@@ -191,29 +129,5 @@ impl std::ops::Deref for Coordinator {
 impl std::ops::DerefMut for Coordinator {
     fn deref_mut(&mut self) -> &mut Running {
         &mut self.run
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn streams_become_tables_with_only_the_settings_given() {
-        let t = Stream::fixed("bench", "noop", 64).table();
-        assert_eq!(
-            toml::to_string(&t).ok().as_deref(),
-            Some("handler = \"noop\"\nname = \"bench\"\npartitions = 64\n")
-        );
-        let t = Stream {
-            batch_size: Some(1000),
-            starting_position: Some("trim_horizon"),
-            partitions: None,
-            ..Stream::fixed("t", "h", 1)
-        }
-        .table();
-        assert_eq!(t.get("batch_size").and_then(Value::as_integer), Some(1000));
-        assert_eq!(t.get("starting_position").and_then(Value::as_str), Some("trim_horizon"));
-        assert!(!t.contains_key("partitions"));
     }
 }

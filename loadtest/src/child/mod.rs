@@ -8,9 +8,9 @@
 mod coordinator;
 mod worker;
 
-pub use coordinator::{Coordinator, Discovery, Setup, Stream};
+pub use coordinator::Coordinator;
 pub use shardline_testkit::metrics::Metrics;
-pub use worker::{Hosted, Worker, WorkerSettings};
+pub use worker::{Hosted, Worker, handlers};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -12,10 +12,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use shardline_proto::v1::admin_api_client::AdminApiClient;
 use shardline_proto::v1::{self, LeaseState};
+use shardline_testkit::config::WorkerConfig;
 use tonic::transport::{Channel, Endpoint};
 
 use super::proxy::Proxy;
-use crate::child::{Coordinator, Running, Worker, WorkerSettings};
+use crate::child::{Coordinator, Running, Worker};
 
 /// The handler every worker hosts and every mapping names (but the
 /// subscriptions of a run with both targets: see [`FORWARD`]).
@@ -29,15 +30,9 @@ pub const FORWARD: &str = "forward";
 /// the run.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What each worker's config says besides its id.
+/// What each worker's config says besides its id and coordinator.
 pub struct WorkerTemplate {
-    pub kafka_brokers: String,
-    pub amqp_url: String,
-    /// The handlers each worker hosts with their settings (receipts
-    /// destination, sleeps).
-    pub handlers: Vec<crate::child::Hosted<'static>>,
-    /// The workers' node capacity (`max_inflight_batches`), if limited.
-    pub max_inflight_batches: Option<u32>,
+    pub config: WorkerConfig,
     /// Appended to `w<i>`: empty with the harness's own coordinator, a run
     /// id with an external one (which may remember earlier runs' workers).
     pub id_suffix: String,
@@ -119,16 +114,12 @@ impl Fleet {
     pub async fn start_worker(&mut self) -> anyhow::Result<String> {
         let id = format!("w{}{}", self.workers.len(), self.template.id_suffix);
         let proxy = Arc::new(Proxy::start(&self.url).await?);
-        let settings = WorkerSettings {
-            coordinator: proxy.url(),
-            worker_id: &id,
-            kafka_brokers: &self.template.kafka_brokers,
-            handlers: &self.template.handlers,
-            fetch_queue_kib: None,
-            amqp_url: Some(&self.template.amqp_url),
-            max_inflight_batches: self.template.max_inflight_batches,
+        let config = WorkerConfig {
+            coordinator: proxy.url().to_owned(),
+            worker_id: Some(id.clone()),
+            ..self.template.config.clone()
         };
-        let worker = Worker::start(&self.worker_bin, &settings)?;
+        let worker = Worker::start(&self.worker_bin, &config)?;
         self.workers.push(WorkerSlot { id: id.clone(), proc: Some(worker), stopped: false, proxy });
         Ok(id)
     }

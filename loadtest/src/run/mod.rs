@@ -48,14 +48,17 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use shardline_proto::StartingPosition;
+use shardline_testkit::config::{
+    CoordinatorConfig, StreamConfig, SubscriptionConfig, TopicConfig, TopicKind, WorkerConfig,
+};
 use tokio::time::Instant;
 
-use crate::child::{self, Coordinator, Discovery, Setup};
+use crate::child::{self, Coordinator};
 use fleet::{Admin, Fleet, LeaseWatch, WorkerTemplate};
 use ledger::{Books, Cut, FaultEvent, Ledger, Scope, lock};
 use payload::now_ms;
 use scenario::{Action, Fault, Kind, Scenario};
-use shardline_testkit::config::table;
 
 /// How long the coordinator and workers get to have every lease owned.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -328,12 +331,12 @@ async fn run_one(
     let (coordinator, url) = match &args.external {
         Some(url) => (None, url.clone()),
         None => {
-            let extra = coordinator_extra(&scenario, &plan, &args.amqp_url);
-            let kafka = kind
-                .has_kafka()
-                .then(|| Discovery { brokers: &args.brokers, interval: Duration::from_secs(1) });
-            let setup = Setup { streams: &[], kafka, extra };
-            let coordinator = Coordinator::start_with(&coordinator_bin, setup).await?;
+            let mut config = coordinator_config(&scenario, &plan, &args.amqp_url)?;
+            if kind.has_kafka() {
+                config.kafka_brokers = args.brokers.clone();
+                config.discovery_interval = Duration::from_secs(1);
+            }
+            let coordinator = Coordinator::start_with(&coordinator_bin, config).await?;
             let url = coordinator.url();
             (Some(coordinator), url)
         }
@@ -376,10 +379,13 @@ async fn run_one(
     }
 
     let template = WorkerTemplate {
-        kafka_brokers: args.brokers.clone(),
-        amqp_url: args.amqp_url.clone(),
-        handlers: handler_settings(&scenario, &plan),
-        max_inflight_batches: scenario.max_inflight_batches,
+        config: WorkerConfig {
+            kafka_brokers: args.brokers.clone(),
+            amqp_url: args.amqp_url.clone(),
+            handlers: child::handlers(&handler_settings(&scenario, &plan)),
+            max_inflight_batches: scenario.max_inflight_batches.unwrap_or(0),
+            ..WorkerConfig::default()
+        },
         id_suffix: if plan.external { format!("-{run_id}") } else { String::new() },
     };
     let fleet = Arc::new(tokio::sync::Mutex::new(Fleet::new(
@@ -627,50 +633,45 @@ fn run_id(name: &str) -> String {
     format!("{name}-{}-{}", std::process::id(), now_ms())
 }
 
-/// The coordinator config past what [`Setup`] writes: the scenario's
-/// `[coordinator]` keys, RabbitMQ's URL, then the mapping tables with the
-/// scenario's `[mapping]` keys.
-fn coordinator_extra(s: &Scenario, plan: &Plan, amqp_url: &str) -> toml::Table {
-    let mut config = s.coordinator.clone();
+/// The coordinator config past what the child sets (addresses, data
+/// directory) and Kafka's: the scenario's `[coordinator]` keys, RabbitMQ's
+/// URL, then the mappings with the scenario's `[mapping]` keys.
+fn coordinator_config(s: &Scenario, plan: &Plan, amqp_url: &str) -> anyhow::Result<CoordinatorConfig> {
+    let mut config: CoordinatorConfig =
+        toml::Value::Table(s.coordinator.clone()).try_into().context("the scenario's `[coordinator]`")?;
     if let Some(strategy) = &s.strategy {
-        config.insert("balancer".into(), table([("strategy", strategy.as_str().into())]).into());
+        config.balancer.strategy = toml::Value::from(strategy.as_str()).try_into().context("strategy")?;
     }
-    let mapping = |mut t: toml::Table| {
-        t.extend(s.mapping.clone());
-        toml::Value::from(t)
-    };
-    let (mut topics, mut subscriptions, mut streams) = (Vec::new(), Vec::new(), Vec::new());
+    // Read as a whole mapping table, so a key it does not take is refused.
+    let mapping = || toml::Value::Table(s.mapping.clone());
+    let stream_settings: StreamConfig = mapping().try_into().context("the scenario's `[mapping]`")?;
+    let subscription: SubscriptionConfig = mapping().try_into().context("the scenario's `[mapping]`")?;
     for side in &plan.sides {
         let (stream, handler) = (side.stream.as_str(), side.handler);
         match side.kind {
             Kind::Rabbitmq => {
-                config.insert("amqp_url".into(), amqp_url.into());
-                topics.push(table([("name", stream.into()), ("kind", "fanout".into())]).into());
-                let slots = i64::from(s.target.slots());
-                subscriptions.extend(side.destinations.iter().map(|sub| {
-                    mapping(table([
-                        ("name", sub.as_str().into()),
-                        ("topic", stream.into()),
-                        ("handler", handler.into()),
-                        ("min_slots", slots.into()),
-                        ("max_concurrency", slots.into()),
-                    ]))
+                config.amqp_url = amqp_url.to_owned();
+                config.topics.push(TopicConfig { name: stream.to_owned(), kind: TopicKind::Fanout });
+                let slots = s.target.slots();
+                config.subscriptions.extend(side.destinations.iter().map(|sub| SubscriptionConfig {
+                    name: sub.clone(),
+                    topic: stream.to_owned(),
+                    handler: handler.to_owned(),
+                    min_slots: slots,
+                    max_concurrency: slots,
+                    ..subscription.clone()
                 }));
             }
             // Nothing produced before a lease's first grant may be skipped.
-            Kind::Kafka | Kind::Both => streams.push(mapping(table([
-                ("name", stream.into()),
-                ("handler", handler.into()),
-                ("starting_position", "trim_horizon".into()),
-            ]))),
+            Kind::Kafka | Kind::Both => config.streams.push(StreamConfig {
+                name: stream.to_owned(),
+                handler: handler.to_owned(),
+                starting_position: StartingPosition::TrimHorizon,
+                ..stream_settings.clone()
+            }),
         }
     }
-    for (key, list) in [("topics", topics), ("subscriptions", subscriptions), ("streams", streams)] {
-        if !list.is_empty() {
-            config.insert(key.into(), list.into());
-        }
-    }
-    config
+    Ok(config)
 }
 
 /// The handlers each worker hosts, one per side: where its receipts go
@@ -1140,14 +1141,15 @@ mod tests {
     #[test]
     fn kafka_config_has_one_trim_horizon_stream_with_the_mapping() -> Result<(), Box<dyn std::error::Error>> {
         let s = scenario("[target]\nkind = \"kafka\"\npartitions = 4")?;
-        let parsed = coordinator_extra(&s, &plan(Kind::Kafka, &["lt-t"]), "amqp://x");
-        assert_eq!(parsed["session_timeout"].as_str(), Some("3s"));
-        let stream = &parsed["streams"][0];
-        assert_eq!((stream["name"].as_str(), stream["handler"].as_str()), (Some("lt-t"), Some("chaos")));
-        assert_eq!(stream["starting_position"].as_str(), Some("trim_horizon"));
-        assert_eq!(stream["batch_size"].as_integer(), Some(50));
-        assert_eq!(stream["retry_backoff"]["max"].as_str(), Some("5s"));
-        assert!(!parsed.contains_key("amqp_url") && !parsed.contains_key("subscriptions"));
+        let config = coordinator_config(&s, &plan(Kind::Kafka, &["lt-t"]), "amqp://x")?;
+        assert_eq!(config.session_timeout, Duration::from_secs(3));
+        let stream = &config.streams[0];
+        assert_eq!((stream.name.as_str(), stream.handler.as_str()), ("lt-t", "chaos"));
+        assert_eq!(stream.starting_position, StartingPosition::TrimHorizon);
+        assert_eq!(stream.settings.batch_size, 50);
+        assert_eq!(stream.settings.retry_backoff.max, Duration::from_secs(5));
+        assert_eq!(config.amqp_url, CoordinatorConfig::default().amqp_url);
+        assert!(config.subscriptions.is_empty());
         Ok(())
     }
 
@@ -1155,16 +1157,16 @@ mod tests {
     fn rabbitmq_config_has_a_fanout_topic_and_fixed_slot_subscriptions()
     -> Result<(), Box<dyn std::error::Error>> {
         let s = scenario("[target]\nkind = \"rabbitmq\"\nsubscriptions = 2\nslots = 3")?;
-        let parsed =
-            coordinator_extra(&s, &plan(Kind::Rabbitmq, &["lt-t-s0", "lt-t-s1"]), "amqp://g:g@h/%2f");
-        assert_eq!(parsed["amqp_url"].as_str(), Some("amqp://g:g@h/%2f"));
-        assert_eq!(parsed["topics"][0]["name"].as_str(), Some("lt-t"));
-        let subs = parsed["subscriptions"].as_array().map(Vec::len);
-        assert_eq!(subs, Some(2));
-        let s1 = &parsed["subscriptions"][1];
-        assert_eq!(s1["name"].as_str(), Some("lt-t-s1"));
-        assert_eq!((s1["min_slots"].as_integer(), s1["max_concurrency"].as_integer()), (Some(3), Some(3)));
-        assert_eq!(s1["batch_size"].as_integer(), Some(50));
+        let config =
+            coordinator_config(&s, &plan(Kind::Rabbitmq, &["lt-t-s0", "lt-t-s1"]), "amqp://g:g@h/%2f")?;
+        assert_eq!(config.amqp_url, "amqp://g:g@h/%2f");
+        assert_eq!(config.topics[0].name, "lt-t");
+        assert_eq!(config.subscriptions.len(), 2);
+        let s1 = &config.subscriptions[1];
+        assert_eq!((s1.name.as_str(), s1.topic.as_str()), ("lt-t-s1", "lt-t"));
+        assert_eq!((s1.min_slots, s1.max_concurrency), (3, 3));
+        assert_eq!(s1.settings.batch_size, 50);
+        assert!(config.streams.is_empty());
         Ok(())
     }
 
@@ -1207,11 +1209,11 @@ mod tests {
         let kinds: Vec<(Kind, &str)> = plan.sides.iter().map(|side| (side.kind, side.handler)).collect();
         assert_eq!(kinds, vec![(Kind::Kafka, "chaos"), (Kind::Rabbitmq, "forward")]);
         assert_eq!(plan.destinations(), vec!["lt-t", "lt-t-s0", "lt-t-s1"]);
-        let parsed = coordinator_extra(&s, &plan, "amqp://g:g@h/%2f");
-        assert_eq!(parsed["amqp_url"].as_str(), Some("amqp://g:g@h/%2f"));
-        assert_eq!(parsed["streams"][0]["handler"].as_str(), Some("chaos"));
-        assert_eq!(parsed["subscriptions"][1]["handler"].as_str(), Some("forward"));
-        assert_eq!(parsed["subscriptions"][1]["batch_size"].as_integer(), Some(50));
+        let config = coordinator_config(&s, &plan, "amqp://g:g@h/%2f")?;
+        assert_eq!(config.amqp_url, "amqp://g:g@h/%2f");
+        assert_eq!(config.streams[0].handler, "chaos");
+        assert_eq!(config.subscriptions[1].handler, "forward");
+        assert_eq!(config.subscriptions[1].settings.batch_size, 50);
         // Each side's receipts on its own broker.
         let hosted = handler_settings(&s, &plan);
         assert_eq!(hosted[0].0, "chaos");

@@ -20,23 +20,22 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient};
-use shardline_testkit::config::table;
+use shardline_testkit::config::{
+    CoordinatorConfig, SubscriptionConfig, TopicConfig, TopicKind, WorkerConfig,
+};
 use tokio::time::Instant;
 
 use super::queue::{self, Names};
 use crate::bench::compare::{Sample, SystemFigures, WORKER_ID, run_system};
-use crate::child::{Coordinator, Setup, WorkerSettings};
+use crate::child::Coordinator;
 
 /// The only handler run: the figures are the machinery's, not a handler's.
 const HANDLER: &str = "noop";
 /// How often the coordinator reads the queues: often enough that the
 /// topology's status is known soon after it is declared.
-const SCALE_INTERVAL: &str = "500ms";
+const SCALE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long the coordinator gets to connect and declare the topology.
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The worker's config names Kafka whatever it consumes; this is its
-/// default address, and with no shard leased it is never contacted.
-const KAFKA_BROKERS: &str = "127.0.0.1:9092";
 const RECORDS: &str = "shardline_records_total";
 
 /// The subscription the coordinator is configured with.
@@ -49,29 +48,27 @@ pub struct Topology<'a> {
 /// The coordinator config's RabbitMQ part: one fanout topic, one
 /// subscription of exactly one slot (`min_slots = max_concurrency = 1`),
 /// so the run compares one consumer with one consumer.
-fn coordinator_settings(t: &Topology<'_>) -> toml::Table {
-    let subscription = table([
-        ("name", t.names.queue.as_str().into()),
-        ("topic", t.names.topic.as_str().into()),
-        ("handler", HANDLER.into()),
-        ("min_slots", 1.into()),
-        ("max_concurrency", 1.into()),
-        ("batch_size", i64::from(t.batch_size).into()),
-    ]);
-    table([
-        ("amqp_url", t.url.into()),
-        ("scale_interval", SCALE_INTERVAL.into()),
-        ("topics", vec![toml::Value::from(table([("name", t.names.topic.as_str().into())]))].into()),
-        ("subscriptions", vec![toml::Value::from(subscription)].into()),
-    ])
+fn coordinator_config(t: &Topology<'_>) -> CoordinatorConfig {
+    let mut subscription = SubscriptionConfig {
+        min_slots: 1,
+        max_concurrency: 1,
+        ..SubscriptionConfig::new(t.names.queue.as_str(), t.names.topic.as_str(), HANDLER)
+    };
+    subscription.settings.batch_size = t.batch_size;
+    CoordinatorConfig {
+        amqp_url: t.url.to_owned(),
+        scale_interval: SCALE_INTERVAL,
+        topics: vec![TopicConfig { name: t.names.topic.clone(), kind: TopicKind::Fanout }],
+        subscriptions: vec![subscription],
+        ..CoordinatorConfig::default()
+    }
 }
 
 /// Starts the coordinator and waits until it has declared the topology.
 /// Returns it with the queue type it declared (`quorum` unless the broker
 /// has none).
 pub async fn start_coordinator(bin: &Path, t: &Topology<'_>) -> anyhow::Result<(Coordinator, String)> {
-    let setup = Setup { streams: &[], kafka: None, extra: coordinator_settings(t) };
-    let mut coordinator = Coordinator::start_with(bin, setup).await?;
+    let mut coordinator = Coordinator::start_with(bin, coordinator_config(t)).await?;
     let channel = coordinator.channels(1).await?.remove(0);
     let mut admin = AdminApiClient::new(channel);
     let deadline = Instant::now() + TOPOLOGY_TIMEOUT;
@@ -119,14 +116,11 @@ pub struct Settings<'a> {
 /// the worker and the coordinator.
 pub async fn run(coordinator: Coordinator, s: &Settings<'_>) -> anyhow::Result<SystemFigures> {
     let observer = queue::connect(s.url, "shardline-bench-observer").await?;
-    let settings = WorkerSettings {
-        coordinator: &coordinator.url(),
-        worker_id: WORKER_ID,
-        kafka_brokers: KAFKA_BROKERS,
-        handlers: &[(HANDLER, Vec::new())],
-        fetch_queue_kib: None,
-        amqp_url: Some(s.url),
-        max_inflight_batches: None,
+    let settings = WorkerConfig {
+        coordinator: coordinator.url(),
+        worker_id: Some(WORKER_ID.to_owned()),
+        amqp_url: s.url.to_owned(),
+        ..WorkerConfig::hosting([HANDLER])
     };
     let mut handled = 0;
     let figures =
@@ -163,17 +157,13 @@ mod tests {
     #[test]
     fn coordinator_config_has_one_single_slot_subscription_on_a_fanout_topic() {
         let names = Names { topic: "b-topic".into(), queue: "b".into() };
-        let t =
-            coordinator_settings(&Topology { url: "amqp://g:g@h:5672/%2f", names: &names, batch_size: 100 });
-        assert_eq!(t["amqp_url"].as_str(), Some("amqp://g:g@h:5672/%2f"));
-        assert_eq!(t["scale_interval"].as_str(), Some("500ms"));
-        assert_eq!(t["topics"][0]["name"].as_str(), Some("b-topic"));
-        let s = &t["subscriptions"][0];
-        assert_eq!(
-            (s["name"].as_str(), s["topic"].as_str(), s["handler"].as_str()),
-            (Some("b"), Some("b-topic"), Some("noop"))
-        );
-        assert_eq!((s["min_slots"].as_integer(), s["max_concurrency"].as_integer()), (Some(1), Some(1)));
-        assert_eq!(s["batch_size"].as_integer(), Some(100));
+        let c =
+            coordinator_config(&Topology { url: "amqp://g:g@h:5672/%2f", names: &names, batch_size: 100 });
+        assert_eq!(c.amqp_url, "amqp://g:g@h:5672/%2f");
+        assert_eq!(c.scale_interval, Duration::from_millis(500));
+        assert_eq!((c.topics[0].name.as_str(), c.topics[0].kind), ("b-topic", TopicKind::Fanout));
+        let s = &c.subscriptions[0];
+        assert_eq!((s.name.as_str(), s.topic.as_str(), s.handler.as_str()), ("b", "b-topic", "noop"));
+        assert_eq!((s.min_slots, s.max_concurrency, s.settings.batch_size), (1, 1, 100));
     }
 }

@@ -12,11 +12,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::json;
 use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
+use shardline_testkit::config::StreamConfig;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::{GroupCommit, HANDLER, STREAM, check_calls, verdict};
-use crate::child::{Coordinator, Stream};
+use crate::child::Coordinator;
 use crate::stats::{CpuMeter, CpuUse, Latency, RssSampler, Summary, mib, round3};
 
 const TARGET_PER_S: f64 = 20_000.0;
@@ -57,8 +58,8 @@ struct CallerStats {
 }
 
 pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
-    let stream = Stream::fixed(STREAM, HANDLER, settings.leases);
-    let mut coordinator = Coordinator::start(bin, &[stream]).await?;
+    let stream = StreamConfig { partitions: Some(settings.leases), ..StreamConfig::new(STREAM, HANDLER) };
+    let mut coordinator = Coordinator::start(bin, vec![stream]).await?;
     let rss = RssSampler::start(coordinator.pid());
     let channels = coordinator.channels(settings.channels).await?;
     let mut client = WorkerApiClient::new(channels[0].clone());

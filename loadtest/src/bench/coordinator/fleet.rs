@@ -18,13 +18,14 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use shardline_proto::LeaseId;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
+use shardline_testkit::config::StreamConfig;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::{GroupCommit, HANDLER, STREAM, check_calls, verdict};
-use crate::child::{Coordinator, Stream};
+use crate::child::Coordinator;
 use crate::stats::{CpuMeter, CpuUse, Latency, RssSampler, Summary, mib, round3};
 
 const TARGET_RSS_MIB: f64 = 150.0;
@@ -133,8 +134,8 @@ struct WorkerResult {
 }
 
 pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
-    let stream = Stream::fixed(STREAM, HANDLER, settings.partitions);
-    let mut coordinator = Coordinator::start(bin, &[stream]).await?;
+    let stream = StreamConfig { partitions: Some(settings.partitions), ..StreamConfig::new(STREAM, HANDLER) };
+    let mut coordinator = Coordinator::start(bin, vec![stream]).await?;
     let rss = RssSampler::start(coordinator.pid());
     let channels = coordinator.channels(settings.channels).await?;
     let mut admin = AdminApiClient::new(channels[0].clone());

@@ -14,12 +14,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use shardline_proto::StartingPosition;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient};
+use shardline_testkit::config::{CoordinatorConfig, StreamConfig, WorkerConfig};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::bench::compare::{Sample, SystemFigures, WORKER_ID, run_system};
-use crate::child::{Coordinator, Discovery, Setup, Stream, WorkerSettings};
+use crate::child::{self, Coordinator};
 
 /// How often the coordinator reads Kafka metadata: the topic is found
 /// quickly, and the reads are cheap next to the fetches.
@@ -56,30 +58,32 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<(SystemFigures, f64)> {
             ("sleep", vec![("per_batch", format!("{}ms", d.as_millis())), ("per_record", "0s".to_owned())])
         }
     };
-    let streams = [Stream {
-        name: s.topic,
-        handler,
-        partitions: None,
-        batch_size: Some(s.batch_size),
-        starting_position: Some("trim_horizon"),
-    }];
-    let kafka = Some(Discovery { brokers: s.brokers, interval: DISCOVERY_INTERVAL });
-    let setup = Setup { streams: &streams, kafka, extra: toml::Table::new() };
-    let mut coordinator = Coordinator::start_with(s.coordinator_bin, setup).await?;
+    let mut stream = StreamConfig {
+        starting_position: StartingPosition::TrimHorizon,
+        ..StreamConfig::new(s.topic, handler)
+    };
+    stream.settings.batch_size = s.batch_size;
+    let config = CoordinatorConfig {
+        kafka_brokers: s.brokers.to_owned(),
+        discovery_interval: DISCOVERY_INTERVAL,
+        streams: vec![stream],
+        ..CoordinatorConfig::default()
+    };
+    let mut coordinator = Coordinator::start_with(s.coordinator_bin, config).await?;
     let channel = coordinator.channels(1).await?.remove(0);
     let mut admin = AdminApiClient::new(channel);
     wait_for_discovery(&mut admin, &mut coordinator, s.topic, partitions).await?;
     // Created at the first checkpoint, which may not have come yet.
     let accepted_before = coordinator.scrape().await?.get_or_zero(ACCEPTED);
 
-    let settings = WorkerSettings {
-        coordinator: &coordinator.url(),
-        worker_id: WORKER_ID,
-        kafka_brokers: s.brokers,
-        handlers: &[(handler, handler_settings)],
-        fetch_queue_kib: s.fetch_queue_kib,
-        amqp_url: None,
-        max_inflight_batches: None,
+    let default = WorkerConfig::default();
+    let settings = WorkerConfig {
+        coordinator: coordinator.url(),
+        worker_id: Some(WORKER_ID.to_owned()),
+        kafka_brokers: s.brokers.to_owned(),
+        handlers: child::handlers(&[(handler, handler_settings)]),
+        fetch_queue_kib: s.fetch_queue_kib.unwrap_or(default.fetch_queue_kib),
+        ..default
     };
     let figures =
         run_system(coordinator, s.worker_bin, &settings, expected, s.stall, s.broker_pid, async |_| {
