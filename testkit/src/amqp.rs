@@ -80,14 +80,44 @@ pub async fn depth(connection: &Connection, queue: &str) -> Result<Depth> {
     Ok(Depth { ready: u64::from(q.message_count()), consumers: q.consumer_count() })
 }
 
-/// The queues the coordinator declares for subscription `s` with the
-/// default failure policy: `s`, its dead-letter queue, one retry queue
-/// per delay.
-pub fn subscription_queues(s: &str) -> Vec<String> {
-    let mut queues = vec![s.to_owned(), topology::dead_letter_queue(s)];
-    let delays = topology::retry_delays(&FailurePolicy::default());
-    queues.extend(delays.into_iter().map(|delay| topology::retry_queue(s, delay)));
-    queues
+/// Deletes its queues, then its exchanges, when dropped, however a test
+/// ends: a failing test leaves nothing on the shared broker (queues that
+/// pile up over many runs slow a small broker down: a quorum queue is a
+/// Raft member with its own process and log, restarted at every boot).
+pub struct Cleanup {
+    url: String,
+    pub queues: Vec<String>,
+    pub exchanges: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new(url: &str) -> Self {
+        Self { url: url.to_owned(), queues: Vec::new(), exchanges: Vec::new() }
+    }
+
+    /// Adds what the coordinator declares for subscription `s` under
+    /// `policy`: its queue, dead-letter and retry queues, and its
+    /// dead-letter exchange.
+    pub fn subscription(mut self, s: &str, policy: &FailurePolicy) -> Self {
+        self.queues.extend(topology::queues(s, policy));
+        self.exchanges.push(topology::dead_letter_exchange(s));
+        self
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (queues, exchanges) = (&self.queues, &self.exchanges);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            eprintln!("cleanup: no tokio runtime; left {queues:?} {exchanges:?}");
+            return;
+        };
+        let work = async { delete(&connect(&self.url, "cleanup").await?, queues, exchanges).await };
+        // Drop cannot await; the tests run on the multi-threaded runtime.
+        if let Err(e) = tokio::task::block_in_place(|| runtime.block_on(work)) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
 }
 
 /// Deletes `queues` and then `exchanges`, each on its own channel so one
@@ -123,11 +153,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_subscriptions_queues_are_the_coordinators_topology() {
-        let queues = subscription_queues("q");
+    fn a_subscriptions_clean_up_is_the_coordinators_topology() {
+        let mut cleanup = Cleanup::new("amqp://127.0.0.1").subscription("q", &FailurePolicy::default());
+        let (queues, exchanges) =
+            (std::mem::take(&mut cleanup.queues), std::mem::take(&mut cleanup.exchanges));
         assert_eq!(&queues[..2], ["q", "q.dlq"]);
         assert!(queues[2..].iter().all(|q| q.starts_with("q.retry.")), "{queues:?}");
         assert!(queues.contains(&"q.retry.100ms".to_owned()), "the default first delay: {queues:?}");
+        assert_eq!(exchanges, [topology::dead_letter_exchange("q")]);
     }
 
     #[test]

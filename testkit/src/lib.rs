@@ -3,12 +3,14 @@
 //! processes killed on drop ([`process`]), the config files they are given
 //! ([`config`]), Prometheus scrapes where a missing series is an error
 //! ([`metrics`]), Kafka topic admin ([`kafka`]), RabbitMQ connections and
-//! clean-up ([`amqp`]), and the counting of receipts into lost, duplicated
+//! clean-up ([`amqp`]), whole-broker faults with their restarts
+//! ([`broker`]), and the counting of receipts into lost, duplicated
 //! and out-of-order records ([`receipts`]).
 //!
 //! Production code never depends on this crate.
 
 pub mod amqp;
+pub mod broker;
 pub mod config;
 pub mod kafka;
 pub mod metrics;

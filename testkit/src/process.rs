@@ -3,6 +3,7 @@
 //! dies (`PR_SET_PDEATHSIG`), so neither a failing test nor an
 //! interrupted load run leaves a coordinator or worker behind.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -143,25 +144,40 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `shardline-coordinator --config CONFIG` (with no `SHARDLINE_*`
-/// variables: the config says everything) and waits up to `timeout`
-/// for its `listening ADDR` line. Stdout is drained by a thread afterwards,
-/// so a full pipe never blocks the child; stderr (its log) goes to
-/// `stderr`. Blocking.
+/// Starts `bin ARGS` with no `SHARDLINE_*` variables but `env`'s (the
+/// config says everything else) and stdout and stderr where the caller
+/// says; `name` names it in messages.
+pub fn spawn<S: AsRef<OsStr>>(
+    name: &str,
+    bin: &Path,
+    args: impl IntoIterator<Item = S>,
+    env: &[(&str, &str)],
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<Proc> {
+    let mut command = Command::new(bin);
+    hermetic(&mut command)
+        .args(args)
+        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+        .envs(env.iter().copied())
+        .stdout(stdout)
+        .stderr(stderr);
+    Proc::spawn(name, command)
+}
+
+/// Starts `shardline-coordinator --config CONFIG` (see [`spawn`]) and
+/// waits up to `timeout` for its `listening ADDR` line. Stdout is drained
+/// by a thread afterwards, so a full pipe never blocks the child; stderr
+/// (its log) goes to `stderr`. Blocking.
 pub fn start_coordinator(
     bin: &Path,
     config: &Path,
+    env: &[(&str, &str)],
     stderr: Stdio,
     timeout: Duration,
 ) -> Result<(Proc, SocketAddr)> {
-    let mut command = Command::new(bin);
-    hermetic(&mut command)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(stderr);
-    let mut proc = Proc::spawn("coordinator", command)?;
+    let args = [OsStr::new("--config"), config.as_os_str()];
+    let mut proc = spawn("coordinator", bin, args, env, Stdio::piped(), stderr)?;
     let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -196,12 +212,5 @@ pub fn start_coordinator(
 /// log) goes to `stderr`. Returns as soon as the process runs: a worker
 /// prints nothing when ready.
 pub fn start_worker(bin: &Path, config: &Path, id: &str, stderr: Stdio) -> Result<Proc> {
-    let mut command = Command::new(bin);
-    hermetic(&mut command)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
-        .stdout(Stdio::null())
-        .stderr(stderr);
-    Proc::spawn(id, command)
+    spawn(id, bin, [OsStr::new("--config"), config.as_os_str()], &[], Stdio::null(), stderr)
 }

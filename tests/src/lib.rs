@@ -80,7 +80,7 @@ impl Coordinator {
         config::write(&path, &config)?;
         let bin = bin("shardline-coordinator");
         let (proc, addr) =
-            process::start_coordinator(&bin, &path, Stdio::inherit(), Duration::from_secs(30))?;
+            process::start_coordinator(&bin, &path, &[], Stdio::inherit(), Duration::from_secs(30))?;
         Ok(Self { proc, url: format!("http://{addr}"), data_dir: data_dir.to_owned() })
     }
 

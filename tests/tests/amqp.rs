@@ -9,16 +9,17 @@
 //! also hold [`broker_outage`], the lock of every test that disrupts a
 //! shared broker. Run them under `flock /tmp/shardline-e2e.lock` where
 //! other users share the broker. Every test deletes the queues and
-//! exchanges it made, also when it fails ([`Cleanup`]).
+//! exchanges it made, also when it fails (the kit's `Cleanup`).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use shardline_proto::v1;
+use shardline_testkit::amqp::Cleanup;
+use shardline_testkit::broker;
 use shardline_tests::amqp::{
-    Got, QueueCleanup, RabbitmqGuard, channel, counts, depth, drain_queue, kill9_rabbitmq, publish_ids,
-    publisher, rabbitmqctl, receipts_exchange, start_rabbitmq,
+    self, Got, channel, counts, depth, drain_queue, publish_ids, publisher, receipts_exchange,
 };
 use shardline_tests::serial::broker_outage;
 use shardline_tests::{Coordinator, Proc, eventually, free_port, scrape, start_worker_with, unique};
@@ -48,54 +49,11 @@ impl Names {
     /// dead-letter queues included, for subscriptions with `policy`),
     /// deleted when the guard drops.
     fn cleanup(&self, policy: &shardline_proto::FailurePolicy) -> Cleanup {
-        let mut q: Vec<String> = self.receipts.iter().map(|r| format!("{r}.q")).collect();
-        let delays = shardline_proto::topology::retry_delays(policy);
-        for s in &self.subs {
-            q.push(s.clone());
-            q.push(shardline_proto::topology::dead_letter_queue(s));
-            q.extend(delays.iter().map(|d| shardline_proto::topology::retry_queue(s, *d)));
-        }
-        let mut exchanges = vec![self.topic.clone()];
-        exchanges.extend(self.receipts.iter().cloned());
-        exchanges.extend(self.subs.iter().map(|s| shardline_proto::topology::dead_letter_exchange(s)));
-        Cleanup { queues: QueueCleanup(q), exchanges }
-    }
-}
-
-/// Deletes a test's queues, then its exchanges, when dropped: however the
-/// test ends, it leaves nothing on the shared broker.
-struct Cleanup {
-    queues: QueueCleanup,
-    exchanges: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        // Queues first: an exchange goes after what is bound to it.
-        drop(QueueCleanup(std::mem::take(&mut self.queues.0)));
-        let names = std::mem::take(&mut self.exchanges);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            eprintln!("cleanup: no tokio runtime; left exchanges {names:?}");
-            return;
-        };
-        // Drop cannot await; the tests run on the multi-threaded runtime.
-        let result = tokio::task::block_in_place(|| {
-            runtime.block_on(async {
-                let (_connection, ch) = channel().await?;
-                for name in &names {
-                    ch.exchange_delete(
-                        name.as_str().into(),
-                        lapin::options::ExchangeDeleteOptions::default(),
-                    )
-                    .await
-                    .with_context(|| format!("delete exchange {name}"))?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })
-        });
-        if let Err(e) = result {
-            eprintln!("cleanup: cannot delete exchanges {names:?}: {e:#}");
-        }
+        let mut cleanup = amqp::cleanup();
+        cleanup.queues.extend(self.receipts.iter().map(|r| format!("{r}.q")));
+        cleanup.exchanges.push(self.topic.clone());
+        cleanup.exchanges.extend(self.receipts.iter().cloned());
+        self.subs.iter().fold(cleanup, |c, s| c.subscription(s, policy))
     }
 }
 
@@ -374,17 +332,6 @@ async fn a_poison_message_retries_with_growing_delays_then_dead_letters_while_ot
     Ok(())
 }
 
-/// Starts RabbitMQ's app again if a test stopped it, however it ends.
-struct RestartGuard;
-
-impl Drop for RestartGuard {
-    fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl(&["start_app"]) {
-            eprintln!("RabbitMQ guard: cannot start its app again: {e:#}");
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_nothing() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -414,8 +361,8 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
         Ok(Some(()))
     };
     eventually(Duration::from_secs(20), "healthy workers", healthy).await?;
-    let guard = RestartGuard;
-    rabbitmqctl(&["stop_app"])?;
+    let stopped_app = broker::AppStopped::arm();
+    broker::rabbitmqctl("stop_app").await?;
     let stopped = Instant::now();
     // The workers notice and say so in their heartbeats.
     let unhealthy = eventually(Duration::from_secs(20), "a worker reports unhealthy", || async {
@@ -432,8 +379,7 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
     println!("while RabbitMQ was down: {unhealthy:?}");
     // The fault's duration (not a wait for anything): down a while longer.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["start_app"])?;
-    drop(guard);
+    stopped_app.start().await?;
     println!("RabbitMQ app stopped for {:?}", stopped.elapsed());
 
     let got = receipts(&format!("{}.q", names.receipts[0]), n, Duration::from_secs(180)).await?;
@@ -610,15 +556,15 @@ async fn a_rabbitmq_crash_while_messages_wait_in_retry_queues_loses_none() -> Re
     })
     .await?;
 
-    let guard = RabbitmqGuard;
-    kill9_rabbitmq()?;
-    let killed = Instant::now();
+    let killed = broker::kill_rabbitmq().await?;
+    let killed_at = Instant::now();
     println!("kill -9 of RabbitMQ with {waiting} of {} poison messages in retry queues", poison.len());
     // Down longer than every delay: they are all due when the broker boots.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let boot = tokio::task::block_in_place(|| start_rabbitmq(Duration::from_secs(180)))?;
-    drop(guard);
-    println!("RabbitMQ answering again after {boot:?} ({:?} after the kill)", killed.elapsed());
+    let restarted = Instant::now();
+    killed.restart().await?;
+    let boot = restarted.elapsed();
+    println!("RabbitMQ answering again after {boot:?} ({:?} after the kill)", killed_at.elapsed());
 
     // Everything ends somewhere: healthy ids processed, poison ones dead-lettered.
     let healthy = n - poison.len() as u64;
@@ -689,7 +635,7 @@ async fn an_old_classic_retry_queue_is_kept_and_counted_beside_the_new_one() -> 
     let sub = &names.subs[0];
     let delay = Duration::from_secs(60);
     let old = shardline_proto::topology::legacy_retry_queue(sub, delay);
-    cleanup.queues.0.push(old.clone());
+    cleanup.queues.push(old.clone());
     // The old layout: a classic queue, TTL = the delay, back to `S`.
     let (_connection, ch) = channel().await?;
     let mut args = lapin::types::FieldTable::default();

@@ -19,8 +19,8 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use shardline_tests::amqp::{depth, publish_ids, publisher};
 use shardline_tests::kafka::{Consumed, produce, producer, read_topic};
-use shardline_tests::{Coordinator, eventually, free_port, start_worker_with};
-use support::{TIMINGS, Topology, invocations, peak_overlap, produce_rows, series, topics};
+use shardline_tests::{Coordinator, eventually, free_port, scrape, start_worker_with};
+use support::{TIMINGS, Topology, invocations, peak_overlap, produce_rows, topics};
 
 /// Every record of `topic` once `want` have arrived.
 async fn receipts(topic: &str, want: usize) -> Result<Vec<Consumed>> {
@@ -140,7 +140,7 @@ async fn without_on_failure_a_failing_record_is_discarded_counted_and_passed() -
     })
     .await?;
     let discarded =
-        series(&metrics, "shardline_records_discarded_total{reason=\"retries_exhausted\"}").await?;
+        scrape(&metrics, "shardline_records_discarded_total{reason=\"retries_exhausted\"}").await?;
     ensure!(
         discarded == 1.0,
         "shardline_records_discarded_total{{reason=\"retries_exhausted\"}} is {discarded}, want 1"

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use rdkafka::producer::FutureRecord;
 use shardline_testkit::metrics::{Metrics, scrape};
-use shardline_tests::amqp::{QueueCleanup, publish_ids, publisher};
+use shardline_tests::amqp::{self, publish_ids, publisher};
 use shardline_tests::kafka::{produce, producer};
 use shardline_tests::{Coordinator, create_topic, eventually, free_port, start_worker_with, unique};
 
@@ -71,7 +71,7 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
         create_topic(topic, 1).await?;
     }
     let (exchange, sub) = (unique("metrics-x"), unique("metrics-s"));
-    let _cleanup = QueueCleanup(shardline_testkit::amqp::subscription_queues(&sub));
+    let _cleanup = amqp::cleanup().subscription(&sub, &shardline_proto::FailurePolicy::default());
     let coordinator_metrics = format!("127.0.0.1:{}", free_port()?);
     let worker_metrics = format!("127.0.0.1:{}", free_port()?);
     // Bisect: the poison alone fails, its batch's other records pass.

@@ -106,7 +106,7 @@ async fn launch(
     let stderr = log_file(&log)?;
     let bin = bin.to_owned();
     let started = tokio::task::spawn_blocking(move || {
-        process::start_coordinator(&bin, &config_path, stderr, START_TIMEOUT)
+        process::start_coordinator(&bin, &config_path, &[], stderr, START_TIMEOUT)
     })
     .await
     .context("the coordinator's starter panicked")?;

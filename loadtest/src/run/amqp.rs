@@ -21,8 +21,8 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use shardline_proto::topology;
-use shardline_testkit::amqp::{connect, delete, subscription_queues, with_channel};
+use shardline_proto::{FailurePolicy, topology};
+use shardline_testkit::amqp::{connect, delete, with_channel};
 use shardline_worker::amqp::{Message, Publisher, header_bytes};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -93,7 +93,7 @@ pub async fn cleanup(url: &str, names: &Names, coordinator_topology: bool) -> Ve
         for s in &names.subscriptions {
             // The default policy's delays; a scenario that changes the retry
             // settings leaves its (empty) retry queues behind.
-            queues.extend(subscription_queues(s));
+            queues.extend(topology::queues(s, &FailurePolicy::default()));
             exchanges.push(topology::dead_letter_exchange(s));
         }
         exchanges.push(names.topic.clone());

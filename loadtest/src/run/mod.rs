@@ -27,7 +27,6 @@
 //! (the guards kill the children when the run is dropped).
 
 mod amqp;
-mod broker;
 mod chart;
 mod compare;
 mod fleet;
@@ -49,6 +48,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use shardline_proto::StartingPosition;
+use shardline_testkit::broker;
 use shardline_testkit::config::{
     CoordinatorConfig, StreamConfig, SubscriptionConfig, TopicConfig, TopicKind, WorkerConfig,
 };

@@ -1,58 +1,37 @@
 //! Helpers shared by the test files that check README claims no other test
 //! checked (`offsets.rs`, `process.rs`, `batching.rs`, `topics.rs`,
 //! `examples.rs`): starting the binaries with a chosen environment,
-//! reading a worker's metrics strictly, telling batches apart in receipts,
-//! and removing a RabbitMQ topology however a test ends.
+//! telling batches apart in receipts, and naming a RabbitMQ topology that
+//! is removed however a test ends.
 //!
 //! Each test file compiles this module and uses a part of it.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use rdkafka::producer::FutureRecord;
 use shardline_proto::FailurePolicy;
-use shardline_proto::topology::{dead_letter_exchange, queues};
+use shardline_testkit::amqp::Cleanup;
+use shardline_testkit::process;
 use shardline_tests::kafka::Consumed;
-use shardline_tests::{Coordinator, Proc, bin, create_topic, http_get, metric, unique};
+use shardline_tests::{Coordinator, Proc, bin, create_topic, unique};
 
 /// Short coordinator timings, so that leases are granted and moved within
 /// a second or two.
 pub const TIMINGS: &str = "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\nscale_interval = \"500ms\"\n";
 
 /// Starts `shardline-coordinator` on `config` exactly as given (nothing is
-/// added: the caller sets `listen`, `data_dir`, brokers) with `env` on top
-/// of this process's environment, and waits for its `listening ADDR`.
+/// added: the caller sets `listen`, `data_dir`, brokers) with `env` as its
+/// only `SHARDLINE_*` variables, and waits for its `listening ADDR`.
 pub fn coordinator_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<Coordinator> {
     let path = config_file(dir, &unique("coordinator"), config)?;
-    let mut command = Command::new(bin("shardline-coordinator"));
-    command
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    command.envs(env.iter().copied());
-    let mut child = command.spawn().context("spawn shardline-coordinator (built?)")?;
-    let stdout = child.stdout.take().context("coordinator stdout")?;
-    let proc = Proc { child, name: "coordinator".into() };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("listening ") {
-                // The test may have given up already; then nobody listens.
-                if tx.send(addr.trim().to_owned()).is_err() {
-                    eprintln!("coordinator printed `listening` after the test stopped waiting");
-                }
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).context("no `listening ADDR` within 30 s")?;
+    let bin = bin("shardline-coordinator");
+    let (proc, addr) =
+        process::start_coordinator(&bin, Path::new(&path), env, Stdio::inherit(), Duration::from_secs(30))?;
     Ok(Coordinator { proc, url: format!("http://{addr}"), data_dir: dir.to_owned() })
 }
 
@@ -63,20 +42,11 @@ pub fn config_file(dir: &Path, name: &str, text: &str) -> Result<String> {
     path.into_os_string().into_string().map_err(|p| anyhow::anyhow!("a temp path that is not UTF-8: {p:?}"))
 }
 
-/// Starts a binary (`shardline-worker`, `json-sum`, ...) with `args`, `env`
-/// on top of this process's environment and stdout piped (for `json-sum`'s
-/// lines); killed when dropped.
+/// Starts a binary (`shardline-worker`, `json-sum`, ...) with `args`,
+/// `env` as its only `SHARDLINE_*` variables and stdout as given (for
+/// `json-sum`'s lines); killed when dropped.
 pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)], stdout: Stdio) -> Result<Proc> {
-    let mut command = Command::new(bin(name));
-    command
-        .args(args)
-        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
-        .stdout(stdout)
-        .stderr(Stdio::inherit());
-    command.envs(env.iter().copied());
-    let child =
-        command.spawn().with_context(|| format!("spawn {name} (built? cargo build --workspace --bins)"))?;
-    Ok(Proc { child, name: name.to_owned() })
+    process::spawn(name, &bin(name), args, env, stdout, Stdio::inherit())
 }
 
 /// How a process that should refuse to start ended: exit code and stderr.
@@ -93,13 +63,6 @@ pub async fn refused(name: &str, config: &str, env: &[(&str, &str)]) -> Result<(
         .await
         .with_context(|| format!("{name} with {env:?} was still running after 20 s"))??;
     Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()))
-}
-
-/// A worker's `/metrics` series, which must be there: a renamed or missing
-/// series fails the test instead of reading as 0.
-pub async fn series(addr: &str, series: &str) -> Result<f64> {
-    let body = http_get(addr, "/metrics").await?;
-    metric(&body, series).with_context(|| format!("no series `{series}` in the metrics of {addr}:\n{body}"))
 }
 
 /// One handler invocation, rebuilt from the receipts `forward` / `chaos`
@@ -156,48 +119,23 @@ pub fn peak_overlap(all: &[Invocation]) -> usize {
 }
 
 /// The RabbitMQ names a test's topology uses, deleted when dropped (also
-/// when the test fails): each subscription's queue, dead-letter queue and
-/// exchange and retry queues (for the default failure policy), and the
-/// topic exchanges.
+/// when the test fails): each subscription's queues and dead-letter
+/// exchange (for the default failure policy), and the topic exchanges.
 pub struct Topology {
     pub exchanges: Vec<String>,
     pub subscriptions: Vec<String>,
+    _cleanup: Cleanup,
 }
 
 impl Topology {
     pub fn new(exchanges: usize, subscriptions: usize) -> Self {
-        Self {
-            exchanges: (0..exchanges).map(|_| unique("t")).collect(),
-            subscriptions: (0..subscriptions).map(|_| unique("s")).collect(),
-        }
-    }
-
-    async fn delete(&self) -> Result<()> {
-        let (_connection, channel) = shardline_tests::amqp::channel().await?;
+        let exchanges: Vec<String> = (0..exchanges).map(|_| unique("t")).collect();
+        let subscriptions: Vec<String> = (0..subscriptions).map(|_| unique("s")).collect();
+        let mut cleanup = shardline_tests::amqp::cleanup();
+        cleanup.exchanges.clone_from(&exchanges);
         let policy = FailurePolicy::default();
-        for s in &self.subscriptions {
-            for q in queues(s, &policy) {
-                channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
-            }
-        }
-        let dlx = self.subscriptions.iter().map(|s| dead_letter_exchange(s));
-        for e in self.exchanges.iter().cloned().chain(dlx) {
-            channel.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            eprintln!("cleanup: no tokio runtime; left {:?} {:?}", self.exchanges, self.subscriptions);
-            return;
-        };
-        // Drop cannot await; the tests run on the multi-threaded runtime.
-        if let Err(e) = tokio::task::block_in_place(|| runtime.block_on(self.delete())) {
-            eprintln!("cleanup: cannot delete {:?} {:?}: {e:#}", self.exchanges, self.subscriptions);
-        }
+        let cleanup = subscriptions.iter().fold(cleanup, |c, s| c.subscription(s, &policy));
+        Self { exchanges, subscriptions, _cleanup: cleanup }
     }
 }
 

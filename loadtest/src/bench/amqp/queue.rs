@@ -5,7 +5,7 @@
 
 use anyhow::bail;
 use lapin::Connection;
-use shardline_proto::topology;
+use shardline_proto::{FailurePolicy, topology};
 pub use shardline_testkit::amqp::{self, connect, depth, without_password};
 use shardline_worker::amqp::{Message, Publisher};
 use tokio::time::Instant;
@@ -91,7 +91,8 @@ pub async fn check_depth(connection: &Connection, queue: &str, expected: u64) ->
 /// Deletes every queue and exchange of the run (the coordinator's
 /// topology of the subscription included).
 pub async fn delete(connection: &Connection, names: &Names) -> anyhow::Result<()> {
-    amqp::delete(connection, &amqp::subscription_queues(&names.queue), &names.exchanges()).await
+    let queues = topology::queues(&names.queue, &FailurePolicy::default());
+    amqp::delete(connection, &queues, &names.exchanges()).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Whole-broker faults: hard kills (`rabbit_kill`, `kafka_kill`: SIGKILL
-//! of the broker process on this machine) and RabbitMQ's `stop_app`, each
-//! with the restart that always follows.
+//! Whole-broker faults, for the load harness's `rabbit_kill`, `kafka_kill`
+//! and `rabbit_stop` and the end-to-end tests that take RabbitMQ down:
+//! hard kills (SIGKILL of the broker process on this machine) and
+//! RabbitMQ's `stop_app`, each with the restart that always follows.
 //!
 //! The brokers are shared and were not started by the harness, so a kill
 //! first records how to start the broker again: RabbitMQ with
