@@ -13,6 +13,19 @@ pub use shardline_coordinator::config::{
 };
 pub use shardline_worker::WorkerConfig;
 
+/// A handler's settings table from `key, value` pairs of strings.
+pub fn settings<V: AsRef<str>>(pairs: &[(&str, V)]) -> toml::Table {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.as_ref().into())).collect()
+}
+
+/// A worker config hosting `handler` with string `settings`, defaults
+/// elsewhere.
+pub fn hosting<V: AsRef<str>>(handler: &str, settings: &[(&str, V)]) -> WorkerConfig {
+    let mut config = WorkerConfig::default();
+    config.handlers.insert(handler.to_owned(), self::settings(settings));
+    config
+}
+
 /// Writes `config` to `path` as TOML.
 pub fn write(path: &Path, config: &impl Serialize) -> Result<()> {
     let text = toml::to_string(config).context("cannot write a config as TOML")?;
@@ -42,7 +55,8 @@ mod tests {
         write(&dir.join("c.toml"), &coordinator)?;
         let back: CoordinatorConfig = parse(&std::fs::read_to_string(dir.join("c.toml"))?)?;
         assert_eq!(back, coordinator);
-        let worker = WorkerConfig { worker_id: Some("w\"1".into()), ..WorkerConfig::hosting(["sleep"]) };
+        let worker =
+            WorkerConfig { worker_id: Some("w\"1".into()), ..hosting("sleep", &[("per_batch", "1s")]) };
         write(&dir.join("w.toml"), &worker)?;
         let back: WorkerConfig = parse(&std::fs::read_to_string(dir.join("w.toml"))?)?;
         assert_eq!(back, worker);

@@ -10,15 +10,18 @@
 //! works on unheard).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use shardline_proto::v1;
+use shardline_proto::{StartingPosition, v1};
+use shardline_testkit::config;
 use shardline_tests::kafka::{Receipt, Verdict, produce, producer, read_receipts, verify};
 use shardline_tests::{
-    Coordinator, create_topic, eventually, free_port, http_get, metric, owners, start_worker_with, unique,
+    Coordinator, CoordinatorConfig, StreamConfig, WorkerConfig, create_topic, eventually, free_port,
+    http_get, metric, owners, start_worker_config, unique,
 };
 use tokio::task::JoinHandle;
 
@@ -40,36 +43,45 @@ async fn topics(name: &str) -> Result<(String, String)> {
     Ok((topic, receipts))
 }
 
-fn forward(receipts: &str) -> String {
-    format!("[handlers.forward]\ntopic = \"{receipts}\"\n")
+/// A worker config hosting `forward` to `receipts`.
+fn forward(receipts: &str) -> WorkerConfig {
+    config::hosting("forward", &[("topic", receipts)])
 }
 
-/// A worker config hosting `forward` and serving metrics on `metrics`.
-fn forward_with_metrics(receipts: &str, metrics: &str) -> String {
-    format!("metrics_listen = \"{metrics}\"\n{}", forward(receipts))
+/// The same, serving metrics on `metrics`.
+fn forward_with_metrics(receipts: &str, metrics: SocketAddr) -> WorkerConfig {
+    WorkerConfig { metrics_listen: Some(metrics), ..forward(receipts) }
 }
 
-fn coordinator_config(topic: &str) -> String {
-    coordinator_config_with(topic, 500, "")
+fn coordinator_config(topic: &str) -> CoordinatorConfig {
+    stream_config(topic, "forward", 500, None)
 }
 
-/// `extra` goes before the stream table (top-level settings).
-fn coordinator_config_with(topic: &str, batch_size: u32, extra: &str) -> String {
-    stream_config(topic, "forward", batch_size, extra)
+/// One stream `topic` from its start, handled by `handler`, with short
+/// timings and metrics on `metrics` if given.
+fn stream_config(
+    topic: &str,
+    handler: &str,
+    batch_size: u32,
+    metrics: Option<SocketAddr>,
+) -> CoordinatorConfig {
+    let mut stream = StreamConfig {
+        starting_position: StartingPosition::TrimHorizon,
+        ..StreamConfig::new(topic, handler)
+    };
+    stream.settings.batch_size = batch_size;
+    CoordinatorConfig {
+        heartbeat_interval: Duration::from_millis(300),
+        session_timeout: Duration::from_secs(3),
+        discovery_interval: Duration::from_millis(500),
+        metrics_listen: metrics,
+        streams: vec![stream],
+        ..CoordinatorConfig::default()
+    }
 }
 
-/// One stream `topic` handled by `handler`; `extra` goes before the
-/// stream table (top-level settings).
-fn stream_config(topic: &str, handler: &str, batch_size: u32, extra: &str) -> String {
-    format!(
-        "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\n{extra}\
-         [[streams]]\nname = \"{topic}\"\nhandler = \"{handler}\"\nstarting_position = \"trim_horizon\"\n\
-         batch_size = {batch_size}\n"
-    )
-}
-
-fn loopback() -> Result<String> {
-    Ok(format!("127.0.0.1:{}", free_port()?))
+fn loopback() -> Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
 }
 
 fn now_ms() -> i64 {
@@ -271,9 +283,9 @@ async fn two_workers_process_every_record_once_in_partition_order() -> Result<()
     produce(&producer()?, &topic, 0, n, KEYS).await?;
 
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&coordinator_config(&topic), &dir.path().join("data"))?;
-    let _a = start_worker_with(&c.url, "a", &forward(&receipts))?;
-    let _b = start_worker_with(&c.url, "b", &forward(&receipts))?;
+    let c = Coordinator::start_config(coordinator_config(&topic), &dir.path().join("data"))?;
+    let _a = start_worker_config(&c.url, "a", forward(&receipts))?;
+    let _b = start_worker_config(&c.url, "b", forward(&receipts))?;
 
     let got = receipts_of(&receipts, n).await?;
     let v = verify(&got, n);
@@ -297,10 +309,10 @@ async fn kill_9_of_a_worker_mid_stream_loses_nothing_and_its_partitions_resume_w
     let _serial = SERIAL.lock().await;
     let (topic, receipts) = topics("kill9").await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&coordinator_config(&topic), &dir.path().join("data"))?;
-    let _a = start_worker_with(&c.url, "a", &forward(&receipts))?;
-    let mut b = start_worker_with(&c.url, "b", &forward(&receipts))?;
-    let _c = start_worker_with(&c.url, "c", &forward(&receipts))?;
+    let c = Coordinator::start_config(coordinator_config(&topic), &dir.path().join("data"))?;
+    let _a = start_worker_config(&c.url, "a", forward(&receipts))?;
+    let mut b = start_worker_config(&c.url, "b", forward(&receipts))?;
+    let _c = start_worker_config(&c.url, "c", forward(&receipts))?;
     settled(&c, 8, &[3, 3, 2], Duration::from_secs(30)).await?;
 
     let feed = Feed::start(&topic, RATE);
@@ -385,16 +397,16 @@ async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_du
     let (topic, receipts) = topics("scale").await?;
     let dir = tempfile::tempdir()?;
     let metrics = loopback()?;
-    let config = coordinator_config_with(&topic, 500, &format!("metrics_listen = \"{metrics}\"\n"));
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let _a = start_worker_with(&c.url, "a", &forward(&receipts))?;
-    let _b = start_worker_with(&c.url, "b", &forward(&receipts))?;
+    let config = stream_config(&topic, "forward", 500, Some(metrics));
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let _a = start_worker_config(&c.url, "a", forward(&receipts))?;
+    let _b = start_worker_config(&c.url, "b", forward(&receipts))?;
     settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
 
     let feed = Feed::start(&topic, RATE);
     processing(&c, "a").await?;
     processing(&c, "b").await?;
-    let _c = start_worker_with(&c.url, "c", &forward(&receipts))?;
+    let _c = start_worker_config(&c.url, "c", forward(&receipts))?;
     let table = settled(&c, 8, &[3, 3, 2], Duration::from_secs(30)).await?;
     // Records keep coming until c processes on every lease it took.
     processing(&c, "c").await?;
@@ -411,7 +423,7 @@ async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_du
     ensure!(v.duplicates == 0, "{} duplicates after graceful handoffs", v.duplicates);
     ensure!(counts.get("c").is_some_and(|&n| n > 0), "c processed nothing: {counts:?}");
 
-    let body = http_get(&metrics, "/metrics").await?;
+    let body = http_get(&metrics.to_string(), "/metrics").await?;
     let moves = metric(&body, "shardline_rebalance_moves_total")?;
     let forced = metric(&body, "shardline_handoffs_forced_total")?;
     let failovers = metric(&body, "shardline_failovers_total")?;
@@ -518,16 +530,15 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
     let (topic, receipts) = topics("zombie").await?;
     let dir = tempfile::tempdir()?;
     let coordinator_metrics = loopback()?;
-    let config =
-        stream_config(&topic, "chaos", 500, &format!("metrics_listen = \"{coordinator_metrics}\"\n"));
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let config = stream_config(&topic, "chaos", 500, Some(coordinator_metrics));
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     // Every batch spends 300 ms in the handler: a freeze lands mid-batch.
-    let slow = format!("[handlers.chaos]\ntopic = \"{receipts}\"\nsleep_per_batch = \"300ms\"\n");
+    let slow = config::hosting("chaos", &[("topic", receipts.as_str()), ("sleep_per_batch", "300ms")]);
     let proxy = Proxy::start(&c.url).await?;
     let zombie_metrics = loopback()?;
-    let zombie =
-        start_worker_with(&proxy.url, "z", &format!("metrics_listen = \"{zombie_metrics}\"\n{slow}"))?;
-    let _b = start_worker_with(&c.url, "b", &slow)?;
+    let zombie_config = WorkerConfig { metrics_listen: Some(zombie_metrics), ..slow.clone() };
+    let zombie = start_worker_config(&proxy.url, "z", zombie_config)?;
+    let _b = start_worker_config(&c.url, "b", slow)?;
     settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
     let watch = CheckpointWatch::start(&c);
 
@@ -572,10 +583,10 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
     ensure!(moved.is_empty(), "z's partitions went to b without a new epoch: {moved:?}");
 
     // Now z's held requests arrive: its checkpoints quote the old epochs.
-    let refused_before = refused_checkpoints(&coordinator_metrics).await?;
+    let refused_before = refused_checkpoints(&coordinator_metrics.to_string()).await?;
     proxy.hold(false);
     let refused = eventually(Duration::from_secs(10), "z's stale checkpoints to be refused", || async {
-        let now = refused_checkpoints(&coordinator_metrics).await?;
+        let now = refused_checkpoints(&coordinator_metrics.to_string()).await?;
         Ok((now > refused_before).then_some(now - refused_before))
     })
     .await?;
@@ -594,7 +605,7 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
     })
     .await?;
     let lost = eventually(Duration::from_secs(15), "z to count its lost leases", || async {
-        let body = http_get(&zombie_metrics, "/metrics").await?;
+        let body = http_get(&zombie_metrics.to_string(), "/metrics").await?;
         let lost = metric(&body, "shardline_leases_lost_total")?;
         Ok((lost >= held.len() as f64).then_some(lost))
     })
@@ -628,11 +639,11 @@ async fn handler_init_runs_once_per_worker_process() -> Result<()> {
     produce(&producer()?, &topic, 0, n, KEYS).await?;
 
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&coordinator_config_with(&topic, 50, ""), &dir.path().join("data"))?;
+    let c = Coordinator::start_config(stream_config(&topic, "forward", 50, None), &dir.path().join("data"))?;
     let addrs = [("a", loopback()?), ("b", loopback()?)];
     let mut procs = Vec::new();
     for (id, addr) in &addrs {
-        procs.push(start_worker_with(&c.url, id, &forward_with_metrics(&receipts, addr))?);
+        procs.push(start_worker_config(&c.url, id, forward_with_metrics(&receipts, *addr))?);
     }
     let got = receipts_of(&receipts, n).await?;
     let v = verify(&got, n);
@@ -640,7 +651,7 @@ async fn handler_init_runs_once_per_worker_process() -> Result<()> {
     settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
 
     for (id, addr) in &addrs {
-        let body = http_get(addr, "/metrics").await?;
+        let body = http_get(&addr.to_string(), "/metrics").await?;
         let inits = metric(&body, "shardline_handler_inits_total{handler=\"forward\"}")?;
         let batches = metric(&body, "shardline_batches_total{handler=\"forward\"}")?;
         eprintln!("init once: worker {id}: inits {inits}, batches {batches}");
@@ -659,10 +670,10 @@ async fn sigterm_hands_leases_over_without_duplicates_and_exits_0() -> Result<()
     let (topic, receipts) = topics("term").await?;
     let dir = tempfile::tempdir()?;
     let metrics = loopback()?;
-    let config = coordinator_config_with(&topic, 500, &format!("metrics_listen = \"{metrics}\"\n"));
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let mut a = start_worker_with(&c.url, "a", &forward(&receipts))?;
-    let _b = start_worker_with(&c.url, "b", &forward(&receipts))?;
+    let config = stream_config(&topic, "forward", 500, Some(metrics));
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let mut a = start_worker_config(&c.url, "a", forward(&receipts))?;
+    let _b = start_worker_config(&c.url, "b", forward(&receipts))?;
     settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
 
     let feed = Feed::start(&topic, RATE);
@@ -681,7 +692,7 @@ async fn sigterm_hands_leases_over_without_duplicates_and_exits_0() -> Result<()
     check(&v, "sigterm")?;
     eprintln!("sigterm: receipts by worker {:?}", by_worker(&got));
     ensure!(v.duplicates == 0, "{} duplicates after a graceful stop", v.duplicates);
-    let body = http_get(&metrics, "/metrics").await?;
+    let body = http_get(&metrics.to_string(), "/metrics").await?;
     let expired = metric(&body, "shardline_workers_expired_total")?;
     let failovers = metric(&body, "shardline_failovers_total")?;
     ensure!(

@@ -16,9 +16,7 @@ pub type Hosted<'a> = (&'a str, Vec<(&'a str, String)>);
 
 /// The `handlers` of a worker config: each with its string settings.
 pub fn handlers(hosted: &[Hosted<'_>]) -> BTreeMap<String, toml::Table> {
-    let settings =
-        |s: &[(&str, String)]| s.iter().map(|(k, v)| ((*k).to_owned(), v.as_str().into())).collect();
-    hosted.iter().map(|(name, s)| ((*name).to_owned(), settings(s))).collect()
+    hosted.iter().map(|(name, s)| ((*name).to_owned(), config::settings(s))).collect()
 }
 
 /// A running `shardline-worker`; killed on drop.
