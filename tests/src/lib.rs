@@ -55,11 +55,6 @@ impl Coordinator {
         Self::start_config(config::parse(config)?, data_dir)
     }
 
-    pub fn start_on(config: &str, data_dir: &Path, listen: &str) -> Result<Self> {
-        let listen = listen.parse().with_context(|| format!("bad listen address {listen}"))?;
-        Self::start_config(CoordinatorConfig { listen, ..config::parse(config)? }, data_dir)
-    }
-
     /// Starts the binary with `config`, its `data_dir` set, the tests'
     /// brokers where it keeps the defaults, and a port the OS chooses where
     /// it keeps the default `listen`.

@@ -9,8 +9,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use shardline_proto::LeaseId;
 use shardline_proto::v1;
-use shardline_tests::{Coordinator, bin, eventually, owners, start_worker};
+use shardline_tests::{Coordinator, CoordinatorConfig, StreamConfig, bin, eventually, owners, start_worker};
 use tokio::sync::Mutex;
+
+/// A coordinator of one static stream `name` of `partitions` leases, no
+/// Kafka, `noop` handler.
+fn fixed(name: &str, partitions: u32) -> CoordinatorConfig {
+    let stream = StreamConfig { partitions: Some(partitions), ..StreamConfig::new(name, "noop") };
+    CoordinatorConfig { streams: vec![stream], ..CoordinatorConfig::default() }
+}
 
 fn id(info: &v1::LeaseInfo) -> Result<LeaseId> {
     LeaseId::try_from(info.lease.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))
@@ -82,9 +89,12 @@ fn a_bad_config_exits_2_naming_the_field_and_starts_nothing() -> Result<()> {
 #[tokio::test]
 async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are_fenced() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = "session_timeout = \"2s\"\nheartbeat_interval = \"200ms\"\n\
-                  [[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 6\n";
-    let c = Coordinator::start(config, &dir.path().join("data"))?;
+    let config = CoordinatorConfig {
+        session_timeout: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(200),
+        ..fixed("static", 6)
+    };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     let mut a = start_worker(&c.url, "a", "noop")?;
     eventually(Duration::from_secs(10), "a owns all", || async {
         Ok((owners(&c.leases().await?).get("a") == Some(&6)).then_some(()))
@@ -131,9 +141,8 @@ async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are
 #[tokio::test]
 async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config =
-        "session_timeout = \"30s\"\n[[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 4\n";
-    let c = Coordinator::start(config, &dir.path().join("data"))?;
+    let config = CoordinatorConfig { session_timeout: Duration::from_secs(30), ..fixed("static", 4) };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     let mut a = start_worker(&c.url, "a", "noop")?;
     let _b = start_worker(&c.url, "b", "noop")?;
     eventually(Duration::from_secs(10), "2 and 2", || async {
@@ -158,8 +167,8 @@ async fn a_gracefully_stopped_worker_hands_its_leases_over_at_once() -> Result<(
 async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let config = "[[streams]]\nname = \"crash\"\nhandler = \"noop\"\npartitions = 16\n";
-    let mut c = Coordinator::start(config, &data)?;
+    let config = fixed("crash", 16);
+    let mut c = Coordinator::start_config(config.clone(), &data)?;
     let mut api = c.worker_api().await?;
     let reply = api.register(register_request("w", &[])).await?.into_inner();
     let held = acquired(&reply.instructions);
@@ -212,7 +221,7 @@ async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<
     ensure!(acked.len() == 16 && total > 100, "too few checkpoints acknowledged before the kill: {acked:?}");
     eprintln!("{total} checkpoints acknowledged before kill -9");
 
-    let c = Coordinator::start(config, &data)?;
+    let c = Coordinator::start_config(config, &data)?;
     let after = c.leases().await?;
     ensure!(after.len() == 16);
     for l in &after {
@@ -238,10 +247,13 @@ async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<
 async fn workers_keep_their_leases_across_a_coordinator_restart() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let listen = format!("127.0.0.1:{}", shardline_tests::free_port()?);
-    let config = "heartbeat_interval = \"200ms\"\nsession_timeout = \"3s\"\n\
-                  [[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 6\n";
-    let mut c = Coordinator::start_on(config, &data, &listen)?;
+    let config = CoordinatorConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], shardline_tests::free_port()?)),
+        heartbeat_interval: Duration::from_millis(200),
+        session_timeout: Duration::from_secs(3),
+        ..fixed("static", 6)
+    };
+    let mut c = Coordinator::start_config(config.clone(), &data)?;
     let _a = start_worker(&c.url, "a", "noop")?;
     let _b = start_worker(&c.url, "b", "noop")?;
     // Settled 3 and 3, and each worker runs (reports in its heartbeats)
@@ -274,7 +286,7 @@ async fn workers_keep_their_leases_across_a_coordinator_restart() -> Result<()> 
     .await?;
 
     c.proc.kill9()?;
-    let c = Coordinator::start_on(config, &data, &listen)?;
+    let c = Coordinator::start_config(config, &data)?;
     // Both workers must come back as registered (not merely restored) ...
     eventually(Duration::from_secs(5), "both workers re-registered", || async {
         let mut admin = c.admin().await?;
@@ -323,12 +335,14 @@ async fn cli(url: &str, args: &[&str]) -> Result<(i32, String)> {
 #[tokio::test]
 async fn the_token_is_enforced_and_metrics_are_served() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let metrics = format!("127.0.0.1:{}", shardline_tests::free_port()?);
-    let config = format!(
-        "auth_token = \"s3cret\"\nmetrics_listen = \"{metrics}\"\n\
-         [[streams]]\nname = \"static\"\nhandler = \"noop\"\npartitions = 2\n"
-    );
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], shardline_tests::free_port()?));
+    let config = CoordinatorConfig {
+        auth_token: Some("s3cret".into()),
+        metrics_listen: Some(metrics),
+        ..fixed("static", 2)
+    };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let metrics = metrics.to_string();
     let unauthenticated =
         |r: Result<_, tonic::Status>| r.is_err_and(|s| s.code() == tonic::Code::Unauthenticated);
 
