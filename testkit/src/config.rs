@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 pub use shardline_coordinator::config::{
-    BatchSettings, Config as CoordinatorConfig, StreamConfig, SubscriptionConfig, TopicConfig, TopicKind,
+    Backoff, BatchSettings, Config as CoordinatorConfig, StreamConfig, SubscriptionConfig, TopicConfig,
+    TopicKind,
 };
 pub use shardline_worker::WorkerConfig;
 

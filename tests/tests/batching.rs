@@ -14,13 +14,17 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
+use shardline_testkit::config::{self, Backoff};
 use shardline_tests::amqp::{depth, publish_ids, publisher};
 use shardline_tests::kafka::{Consumed, produce, producer, read_topic};
-use shardline_tests::{Coordinator, eventually, free_port, scrape, start_worker_with};
-use support::{TIMINGS, Topology, invocations, peak_overlap, produce_rows, topics};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, WorkerConfig, eventually, free_port, scrape, start_worker_config,
+};
+use support::{Topology, from_start, invocations, peak_overlap, produce_rows, timings, topics};
 
 /// Every record of `topic` once `want` have arrived.
 async fn receipts(topic: &str, want: usize) -> Result<Vec<Consumed>> {
@@ -31,13 +35,6 @@ async fn receipts(topic: &str, want: usize) -> Result<Vec<Consumed>> {
         Ok((got.len() >= want).then_some(got))
     })
     .await
-}
-
-/// A stream mapping from the oldest record, with more `settings`.
-fn stream(topic: &str, settings: &str) -> String {
-    format!(
-        "[[streams]]\nname = \"{topic}\"\nhandler = \"chaos\"\nstarting_position = \"trim_horizon\"\n{settings}"
-    )
 }
 
 /// 30 records of 300 bytes (key + value) with one of 2000 bytes at offset
@@ -51,13 +48,16 @@ async fn no_batch_passes_max_batch_bytes_and_a_larger_record_runs_alone() -> Res
     let rows = (0..31).map(|o| ("k".to_owned(), format!("{o:0>w$}", w = width(o)), None));
     produce_rows(&topic, None, rows).await?;
     let dir = tempfile::tempdir()?;
-    let settings = "batch_size = 100\nmax_batch_bytes = 1024\nbatch_window = \"1s\"\n";
-    let c = Coordinator::start(&format!("{TIMINGS}{}", stream(&topic, settings)), &dir.path().join("data"))?;
-    let _w = start_worker_with(
-        &c.url,
-        "a",
-        &format!("[handlers.chaos]\ntopic = \"{receipts_topic}\"\nsleep_per_batch = \"20ms\"\n"),
+    let mut stream = from_start(&topic, "chaos");
+    stream.settings.batch_size = 100;
+    stream.settings.max_batch_bytes = 1024;
+    stream.settings.batch_window = Duration::from_secs(1);
+    let c = Coordinator::start_config(
+        CoordinatorConfig { streams: vec![stream], ..timings() },
+        &dir.path().join("data"),
     )?;
+    let chaos = config::hosting("chaos", &[("topic", receipts_topic.as_str()), ("sleep_per_batch", "20ms")]);
+    let _w = start_worker_config(&c.url, "a", chaos)?;
     let got = receipts(&receipts_topic, 31).await?;
     let all = invocations(&got, Duration::from_millis(20))?;
     for b in all.iter().filter(|b| b.offsets.len() > 1) {
@@ -81,27 +81,19 @@ async fn max_inflight_batches_bounds_batches_in_handlers_across_leases() -> Resu
     produce(&producer()?, &topic, 0, 20, 20).await?;
     let t = Topology::new(1, 1);
     let dir = tempfile::tempdir()?;
-    let config = format!(
-        "{TIMINGS}{}[[topics]]\nname = \"{}\"\n[[subscriptions]]\nname = \"{}\"\ntopic = \"{}\"\nhandler = \"chaos\"\n\
-         batch_size = 5\nmin_slots = 2\nmax_concurrency = 2\n",
-        stream(&topic, "batch_size = 5\n"),
-        t.exchanges[0],
-        t.subscriptions[0],
-        t.exchanges[0]
-    );
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let mut config = t.config("chaos");
+    let subscription = &mut config.subscriptions[0];
+    (subscription.settings.batch_size, subscription.min_slots, subscription.max_concurrency) = (5, 2, 2);
+    config.streams = vec![from_start(&topic, "chaos")];
+    config.streams[0].settings.batch_size = 5;
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     eventually(Duration::from_secs(20), "the subscription queue", || async {
         Ok(depth(&t.subscriptions[0]).await.is_ok().then_some(()))
     })
     .await?;
     publish_ids(&publisher(), &t.exchanges[0], 100, 120).await?;
-    let _w = start_worker_with(
-        &c.url,
-        "a",
-        &format!(
-            "max_inflight_batches = 2\n[handlers.chaos]\ntopic = \"{receipts_topic}\"\nsleep_per_batch = \"300ms\"\n"
-        ),
-    )?;
+    let chaos = config::hosting("chaos", &[("topic", receipts_topic.as_str()), ("sleep_per_batch", "300ms")]);
+    let _w = start_worker_config(&c.url, "a", WorkerConfig { max_inflight_batches: 2, ..chaos })?;
     let got = receipts(&receipts_topic, 40).await?;
     let all = invocations(&got, Duration::from_millis(300))?;
     let leases: BTreeSet<(&str, u32)> = all.iter().map(|b| (b.stream.as_str(), b.partition)).collect();
@@ -124,17 +116,19 @@ async fn without_on_failure_a_failing_record_is_discarded_counted_and_passed() -
     let value = |i| if i == 4 { "id-4-poison".to_owned() } else { format!("id-{i}") };
     produce_rows(&topic, None, (0..10).map(|i| ("k".to_owned(), value(i), None))).await?;
     let dir = tempfile::tempdir()?;
-    let settings = "batch_size = 10\nmax_retries = 1\nbisect_on_error = true\n\
-                    retry_backoff = { initial = \"10ms\", max = \"50ms\", multiplier = 2.0, jitter = false }\n";
-    let c = Coordinator::start(&format!("{TIMINGS}{}", stream(&topic, settings)), &dir.path().join("data"))?;
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    let _w = start_worker_with(
-        &c.url,
-        "a",
-        &format!(
-            "metrics_listen = \"{metrics}\"\n[handlers.chaos]\ntopic = \"{receipts_topic}\"\npoison = \"poison\"\n"
-        ),
+    let mut stream = from_start(&topic, "chaos");
+    let s = &mut stream.settings;
+    (s.batch_size, s.max_retries, s.bisect_on_error) = (10, Some(1), true);
+    let ms = Duration::from_millis;
+    s.retry_backoff = Backoff { initial: ms(10), max: ms(50), multiplier: 2.0, jitter: false };
+    let c = Coordinator::start_config(
+        CoordinatorConfig { streams: vec![stream], ..timings() },
+        &dir.path().join("data"),
     )?;
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let chaos = config::hosting("chaos", &[("topic", receipts_topic.as_str()), ("poison", "poison")]);
+    let _w = start_worker_config(&c.url, "a", WorkerConfig { metrics_listen: Some(metrics), ..chaos })?;
+    let metrics = metrics.to_string();
     eventually(Duration::from_secs(30), "the checkpoint past the poison record, at 10", || async {
         Ok((c.leases_of(&topic).await?.first().and_then(|l| l.checkpoint) == Some(10)).then_some(()))
     })

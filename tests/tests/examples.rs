@@ -12,7 +12,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use shardline_tests::{Coordinator, create_topic, kafka_brokers, unique};
+use shardline_testkit::config;
+use shardline_tests::{Coordinator, CoordinatorConfig, WorkerConfig, create_topic, kafka_brokers, unique};
 
 /// One line `json-sum` prints per batch: `LEASE: N records, +SUM, total T`.
 #[derive(Debug)]
@@ -43,17 +44,15 @@ async fn json_sum_sums_the_configured_field_of_every_record() -> Result<()> {
     let rows = (1..=40).map(|i| (format!("k{i}"), format!("{{\"cents\": {i}, \"amount\": 1000}}"), None));
     support::produce_rows(&topic, None, rows).await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(
-        &format!(
-            "{}[[streams]]\nname = \"{topic}\"\nhandler = \"json-sum\"\nstarting_position = \"trim_horizon\"\nbatch_size = 10\n",
-            support::TIMINGS
-        ),
-        &dir.path().join("data"),
-    )?;
-    let (url, brokers) = (&c.url, kafka_brokers());
-    let config = format!(
-        "coordinator = \"{url}\"\nkafka_brokers = \"{brokers}\"\n[handlers.json-sum]\nfield = \"cents\"\n"
-    );
+    let mut stream = support::from_start(&topic, "json-sum");
+    stream.settings.batch_size = 10;
+    let config = CoordinatorConfig { streams: vec![stream], ..support::timings() };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let config = WorkerConfig {
+        coordinator: c.url.clone(),
+        kafka_brokers: kafka_brokers(),
+        ..config::hosting("json-sum", &[("field", "cents")])
+    };
     let mut worker = support::spawn(
         "json-sum",
         &[&support::config_file(dir.path(), "worker", &config)?],

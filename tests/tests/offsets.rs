@@ -16,7 +16,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use shardline_tests::kafka::read_topic;
-use shardline_tests::{Coordinator, bin, eventually, kafka_brokers, start_worker_with};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, StreamConfig, bin, eventually, kafka_brokers, start_worker_with,
+};
 
 /// 2026-01-01T00:00:00Z in Unix ms: the first record's timestamp.
 const BASE: i64 = 1_767_225_600_000;
@@ -134,11 +136,9 @@ async fn set_and_reset_move_checkpoints_to_the_offsets_their_targets_name() -> R
     produce_at(&topic, 1).await?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let config = format!(
-        "{}[[streams]]\nname = \"{topic}\"\nhandler = \"forward\"\nstarting_position = \"latest\"\n",
-        support::TIMINGS
-    );
-    let mut c = Coordinator::start(&config, &data)?;
+    let config =
+        CoordinatorConfig { streams: vec![StreamConfig::new(&topic, "forward")], ..support::timings() };
+    let mut c = Coordinator::start_config(config.clone(), &data)?;
     eventually(Duration::from_secs(20), "2 leases discovered", || async {
         Ok((c.leases_of(&topic).await?.len() == 2).then_some(()))
     })
@@ -204,7 +204,7 @@ async fn set_and_reset_move_checkpoints_to_the_offsets_their_targets_name() -> R
     let set = args(&kafka, &["checkpoint", "set", &p1, "--latest"]);
     offline.apply(stream, &set, &[(1, 6)]).await?;
     let stored = offline.shards(stream).await?;
-    let c = Coordinator::start(&config, &data)?;
+    let c = Coordinator::start_config(config, &data)?;
     let restarted = At::Online(&c).shards(stream).await?;
     ensure!(restarted == stored, "the restarted coordinator has {restarted:?}, the store had {stored:?}");
     Ok(())

@@ -7,28 +7,27 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
+use shardline_testkit::config;
 use shardline_tests::amqp::{amqp_url, depth, publish_ids, publisher};
 use shardline_tests::kafka::{produce, producer, read_receipts};
-use shardline_tests::{Coordinator, bin, create_topic, eventually, kafka_brokers, start_worker_with, unique};
-use support::{TIMINGS, Topology};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, StreamConfig, WorkerConfig, bin, create_topic, eventually, kafka_brokers,
+    start_worker_config, unique,
+};
+use support::Topology;
 
 /// Nothing listens on port 1: a config value that leads nowhere.
 const DEAD_KAFKA: &str = "127.0.0.1:1";
 const DEAD_AMQP: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 const DEAD_COORDINATOR: &str = "http://127.0.0.1:1";
 const TOKEN: &str = "env-s3cret";
-
-/// `[[topics]]` with one `[[subscriptions]]` handled by `handler`.
-fn subscription(t: &Topology, handler: &str) -> String {
-    format!(
-        "[[topics]]\nname = \"{}\"\n[[subscriptions]]\nname = \"{}\"\ntopic = \"{}\"\nhandler = \"{handler}\"\n",
-        t.exchanges[0], t.subscriptions[0], t.exchanges[0]
-    )
-}
+/// The coordinator on a port the OS chooses.
+const LOOPBACK_ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// The coordinator's config file names brokers that do not answer and no
 /// token; `SHARDLINE_KAFKA_BROKERS`, `SHARDLINE_AMQP_URL` and
@@ -43,12 +42,14 @@ async fn the_coordinator_takes_brokers_and_token_from_the_environment() -> Resul
     create_topic(&topic, 2).await?;
     let t = Topology::new(1, 1);
     let dir = tempfile::tempdir()?;
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nkafka_brokers = \"{DEAD_KAFKA}\"\namqp_url = \"{DEAD_AMQP}\"\n\
-         {TIMINGS}[[streams]]\nname = \"{topic}\"\nhandler = \"noop\"\n{}",
-        dir.path().join("data").display(),
-        subscription(&t, "noop")
-    );
+    let config = CoordinatorConfig {
+        listen: LOOPBACK_ANY,
+        data_dir: dir.path().join("data"),
+        kafka_brokers: DEAD_KAFKA.into(),
+        amqp_url: DEAD_AMQP.into(),
+        streams: vec![StreamConfig::new(&topic, "noop")],
+        ..t.config("noop")
+    };
     let (brokers, amqp) = (kafka_brokers(), amqp_url());
     let env = [
         ("SHARDLINE_KAFKA_BROKERS", brokers.as_str()),
@@ -99,22 +100,20 @@ async fn the_worker_takes_coordinator_token_and_brokers_from_the_environment() -
     let (topic, receipts) = support::topics("env-w", 1).await?;
     let t = Topology::new(1, 1);
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(
-        &format!(
-            "auth_token = \"{TOKEN}\"\n{TIMINGS}[[streams]]\nname = \"{topic}\"\nhandler = \"forward\"\n\
-             starting_position = \"trim_horizon\"\n{}",
-            subscription(&t, "forward")
-        ),
-        &dir.path().join("data"),
-    )?;
-    let path = support::config_file(
-        dir.path(),
-        "worker",
-        &format!(
-            "coordinator = \"{DEAD_COORDINATOR}\"\nworker_id = \"env\"\nkafka_brokers = \"{DEAD_KAFKA}\"\n\
-             amqp_url = \"{DEAD_AMQP}\"\n[handlers.forward]\ntopic = \"{receipts}\"\n"
-        ),
-    )?;
+    let config = CoordinatorConfig {
+        auth_token: Some(TOKEN.into()),
+        streams: vec![support::from_start(&topic, "forward")],
+        ..t.config("forward")
+    };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let worker = WorkerConfig {
+        coordinator: DEAD_COORDINATOR.into(),
+        worker_id: Some("env".into()),
+        kafka_brokers: DEAD_KAFKA.into(),
+        amqp_url: DEAD_AMQP.into(),
+        ..config::hosting("forward", &[("topic", &receipts)])
+    };
+    let path = support::config_file(dir.path(), "worker", &worker)?;
     let (brokers, amqp) = (kafka_brokers(), amqp_url());
     let env = [
         ("SHARDLINE_COORDINATOR", c.url.as_str()),
@@ -147,18 +146,15 @@ async fn the_worker_takes_coordinator_token_and_brokers_from_the_environment() -
 async fn a_bad_value_in_the_environment_exits_2_naming_the_field() -> Result<()> {
     let t = Topology::new(1, 1);
     let dir = tempfile::tempdir()?;
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[streams]]\nname = \"{}\"\nhandler = \"noop\"\n{}",
-        dir.path().join("data").display(),
-        unique("env-bad"),
-        subscription(&t, "noop")
-    );
+    let config = CoordinatorConfig {
+        listen: LOOPBACK_ANY,
+        data_dir: dir.path().join("data"),
+        streams: vec![StreamConfig::new(unique("env-bad"), "noop")],
+        ..t.config("noop")
+    };
     let coordinator = support::config_file(dir.path(), "coordinator", &config)?;
-    let worker = support::config_file(
-        dir.path(),
-        "worker",
-        &format!("coordinator = \"{DEAD_COORDINATOR}\"\n[handlers.noop]\n"),
-    )?;
+    let worker = WorkerConfig { coordinator: DEAD_COORDINATOR.into(), ..WorkerConfig::hosting(["noop"]) };
+    let worker = support::config_file(dir.path(), "worker", &worker)?;
     let cases = [
         ("shardline-coordinator", &coordinator, "SHARDLINE_AMQP_URL", "http://127.0.0.1:5672", "amqp_url"),
         ("shardline-coordinator", &coordinator, "SHARDLINE_KAFKA_BROKERS", " ", "kafka_brokers"),
@@ -198,17 +194,12 @@ async fn a_second_sigterm_stops_a_draining_worker_at_once() -> Result<()> {
     create_topic(&topic, 1).await?;
     produce(&producer()?, &topic, 0, 1, 1).await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(
-        &format!(
-            "{TIMINGS}[[streams]]\nname = \"{topic}\"\nhandler = \"chaos\"\nstarting_position = \"trim_horizon\"\n"
-        ),
-        &dir.path().join("data"),
-    )?;
-    let mut w = start_worker_with(
-        &c.url,
-        "a",
-        "drain_timeout = \"60s\"\n[handlers.chaos]\nsleep_per_batch = \"30s\"\n",
-    )?;
+    let config =
+        CoordinatorConfig { streams: vec![support::from_start(&topic, "chaos")], ..support::timings() };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let chaos = config::hosting("chaos", &[("sleep_per_batch", "30s")]);
+    let mut w =
+        start_worker_config(&c.url, "a", WorkerConfig { drain_timeout: Duration::from_secs(60), ..chaos })?;
     let worker = |draining: bool| {
         let c = &c;
         async move {

@@ -8,11 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use shardline_testkit::config::{self, TopicKind};
 use shardline_tests::amqp::{depth, publisher};
 use shardline_tests::kafka::read_topic;
-use shardline_tests::{Coordinator, create_topic, eventually, start_worker_with, unique};
+use shardline_tests::{Coordinator, create_topic, eventually, start_worker_config, unique};
 use shardline_worker::amqp::Message;
-use support::{TIMINGS, Topology};
+use support::Topology;
 
 /// Routing keys and the ids published with each.
 const KEYS: [(&str, std::ops::Range<u64>); 3] = [("eu.a", 0..5), ("eu.b.c", 5..10), ("us.a", 10..15)];
@@ -27,14 +28,10 @@ async fn a_topic_exchange_routes_only_matching_keys_to_each_subscription() -> Re
     let receipts = unique("receipts");
     create_topic(&receipts, 1).await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(
-        &format!(
-            "{TIMINGS}[[topics]]\nname = \"{exchange}\"\nkind = \"topic\"\n\
-             [[subscriptions]]\nname = \"{eu}\"\ntopic = \"{exchange}\"\nhandler = \"forward\"\nbinding_key = \"eu.*\"\n\
-             [[subscriptions]]\nname = \"{all}\"\ntopic = \"{exchange}\"\nhandler = \"forward\"\n"
-        ),
-        &dir.path().join("data"),
-    )?;
+    let mut config = t.config("forward");
+    config.topics[0].kind = TopicKind::Topic;
+    config.subscriptions[0].binding_key = Some("eu.*".into());
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     eventually(Duration::from_secs(20), "both subscription queues", || async {
         Ok((depth(eu).await.is_ok() && depth(all).await.is_ok()).then_some(()))
     })
@@ -55,7 +52,7 @@ async fn a_topic_exchange_routes_only_matching_keys_to_each_subscription() -> Re
     let depths = (depth(eu).await?, depth(all).await?);
     ensure!(depths == (5, 15), "queue depths (eu.*, #) are {depths:?}, want (5, 15)");
 
-    let _w = start_worker_with(&c.url, "a", &format!("[handlers.forward]\ntopic = \"{receipts}\"\n"))?;
+    let _w = start_worker_config(&c.url, "a", config::hosting("forward", &[("topic", &receipts)]))?;
     let got = eventually(Duration::from_secs(40), "20 receipts", || {
         let receipts = receipts.clone();
         async move {

@@ -14,20 +14,38 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rdkafka::producer::FutureRecord;
-use shardline_proto::FailurePolicy;
+use shardline_proto::{FailurePolicy, StartingPosition};
 use shardline_testkit::amqp::Cleanup;
+use shardline_testkit::config::{self, SubscriptionConfig, TopicConfig, TopicKind};
 use shardline_testkit::process;
 use shardline_tests::kafka::Consumed;
-use shardline_tests::{Coordinator, Proc, bin, create_topic, unique};
+use shardline_tests::{Coordinator, CoordinatorConfig, Proc, StreamConfig, bin, create_topic, unique};
 
-/// Short coordinator timings, so that leases are granted and moved within
-/// a second or two.
-pub const TIMINGS: &str = "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\nscale_interval = \"500ms\"\n";
+/// A coordinator config with short timings, so that leases are granted
+/// and moved within a second or two.
+pub fn timings() -> CoordinatorConfig {
+    CoordinatorConfig {
+        heartbeat_interval: Duration::from_millis(300),
+        session_timeout: Duration::from_secs(3),
+        discovery_interval: Duration::from_millis(500),
+        scale_interval: Duration::from_millis(500),
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// A stream of `topic` from its oldest record, handled by `handler`.
+pub fn from_start(topic: &str, handler: &str) -> StreamConfig {
+    StreamConfig { starting_position: StartingPosition::TrimHorizon, ..StreamConfig::new(topic, handler) }
+}
 
 /// Starts `shardline-coordinator` on `config` exactly as given (nothing is
 /// added: the caller sets `listen`, `data_dir`, brokers) with `env` as its
 /// only `SHARDLINE_*` variables, and waits for its `listening ADDR`.
-pub fn coordinator_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<Coordinator> {
+pub fn coordinator_with_env(
+    dir: &Path,
+    config: &CoordinatorConfig,
+    env: &[(&str, &str)],
+) -> Result<Coordinator> {
     let path = config_file(dir, &unique("coordinator"), config)?;
     let bin = bin("shardline-coordinator");
     let (proc, addr) =
@@ -35,10 +53,10 @@ pub fn coordinator_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> R
     Ok(Coordinator { proc, url: format!("http://{addr}"), data_dir: dir.to_owned() })
 }
 
-/// Writes `text` to `dir/NAME.toml`; returns its path.
-pub fn config_file(dir: &Path, name: &str, text: &str) -> Result<String> {
+/// Writes `config` to `dir/NAME.toml`; returns its path.
+pub fn config_file(dir: &Path, name: &str, config: &impl serde::Serialize) -> Result<String> {
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    config::write(&path, config)?;
     path.into_os_string().into_string().map_err(|p| anyhow::anyhow!("a temp path that is not UTF-8: {p:?}"))
 }
 
@@ -136,6 +154,15 @@ impl Topology {
         let policy = FailurePolicy::default();
         let cleanup = subscriptions.iter().fold(cleanup, |c, s| c.subscription(s, &policy));
         Self { exchanges, subscriptions, _cleanup: cleanup }
+    }
+
+    /// [`timings`] with the topic exchanges (fanout) and each subscription
+    /// on the first, handled by `handler`.
+    pub fn config(&self, handler: &str) -> CoordinatorConfig {
+        let topics = self.exchanges.iter().map(|e| TopicConfig { name: e.clone(), kind: TopicKind::Fanout });
+        let subscriptions =
+            self.subscriptions.iter().map(|s| SubscriptionConfig::new(s, &self.exchanges[0], handler));
+        CoordinatorConfig { topics: topics.collect(), subscriptions: subscriptions.collect(), ..timings() }
     }
 }
 
