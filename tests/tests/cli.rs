@@ -21,18 +21,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use shardline_testkit::config;
 use shardline_tests::kafka::{Consumed, produce, producer, read_topic};
-use shardline_tests::{Coordinator, bin, create_topic, eventually, kafka_brokers, start_worker_with, unique};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, WorkerConfig, bin, create_topic, eventually, kafka_brokers,
+    start_worker_config, unique,
+};
 
 /// One test at a time in this file (see the module docs).
+mod support;
+
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Distinct keys of produced records (spread over every partition).
 const KEYS: u64 = 50;
-
-/// Coordinator timings that keep the tests short.
-const TIMINGS: &str =
-    "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\n";
 
 /// The export file's format marker.
 const EXPORT_FORMAT: &str = "shardline.checkpoints/1";
@@ -40,17 +42,16 @@ const EXPORT_FORMAT: &str = "shardline.checkpoints/1";
 // ------------------------------------------------------------------ setup
 
 /// A coordinator config with one stream `topic` handled by `handler` from
-/// the oldest record; `settings` are more mapping settings, one per line.
-fn config(topic: &str, handler: &str, settings: &str) -> String {
-    format!(
-        "{TIMINGS}[[streams]]\nname = \"{topic}\"\nhandler = \"{handler}\"\n\
-         starting_position = \"trim_horizon\"\n{settings}"
-    )
+/// the oldest record, in batches of `batch_size` (`None`: the default).
+fn config(topic: &str, handler: &str, batch_size: Option<u32>) -> CoordinatorConfig {
+    let mut stream = support::from_start(topic, handler);
+    stream.settings.batch_size = batch_size.unwrap_or(stream.settings.batch_size);
+    CoordinatorConfig { streams: vec![stream], ..support::timings() }
 }
 
 /// A worker config hosting `forward` writing receipts to `receipts`.
-fn forward(receipts: &str) -> String {
-    format!("[handlers.forward]\ntopic = \"{receipts}\"\n")
+fn forward(receipts: &str) -> WorkerConfig {
+    config::hosting("forward", &[("topic", receipts)])
 }
 
 /// A fresh stream of `partitions` and its one-partition receipts topic.
@@ -300,8 +301,8 @@ async fn checkpoints_show_true_lag_against_the_brokers_watermarks() -> Result<()
     let p = producer()?;
     produce(&p, &topic, 0, 400, KEYS).await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&config(&topic, "forward", ""), &dir.path().join("data"))?;
-    let mut w = start_worker_with(&c.url, "a", &forward(&receipts))?;
+    let c = Coordinator::start_config(config(&topic, "forward", None), &dir.path().join("data"))?;
+    let mut w = start_worker_config(&c.url, "a", forward(&receipts))?;
     let old_highs = caught_up(&c, &topic, Duration::from_secs(60)).await?;
     ensure!(old_highs.iter().sum::<i64>() == 400, "high watermarks {old_highs:?} do not add up to 400");
     w.kill9()?;
@@ -389,8 +390,8 @@ async fn checkpoint_set_moves_the_owner_to_the_new_offset() -> Result<()> {
     let (topic, receipts) = topics("cli-set", 1).await?;
     produce(&producer()?, &topic, 0, 200, KEYS).await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&config(&topic, "forward", "batch_size = 20\n"), &dir.path().join("data"))?;
-    let _w = start_worker_with(&c.url, "a", &forward(&receipts))?;
+    let c = Coordinator::start_config(config(&topic, "forward", Some(20)), &dir.path().join("data"))?;
+    let _w = start_worker_config(&c.url, "a", forward(&receipts))?;
     let lease = format!("{topic}/0");
     let (_, epoch) = eventually(Duration::from_secs(60), &format!("{lease} checkpointed at 200"), || async {
         let (checkpoint, epoch) = get(&c, &lease).await?;
@@ -524,9 +525,9 @@ async fn offline_mode_reads_a_stopped_store_and_refuses_a_locked_one() -> Result
     produce(&producer()?, &topic, 0, 200, KEYS).await?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let cfg = config(&topic, "forward", "");
-    let mut c = Coordinator::start(&cfg, &data)?;
-    let mut w = start_worker_with(&c.url, "a", &forward(&receipts))?;
+    let cfg = config(&topic, "forward", None);
+    let mut c = Coordinator::start_config(cfg.clone(), &data)?;
+    let mut w = start_worker_config(&c.url, "a", forward(&receipts))?;
     let highs = caught_up(&c, &topic, Duration::from_secs(60)).await?;
     w.kill9()?;
     let (running, _) = shards(&online(&c, &["--json", "checkpoints", "--stream", &topic]).await?.json()?)?;
@@ -577,7 +578,7 @@ async fn offline_mode_reads_a_stopped_store_and_refuses_a_locked_one() -> Result
     ensure!(now == moved, "after an offline set the store holds {now:?}, want {moved:?}");
 
     // The coordinator started again on the store sees it.
-    let c = Coordinator::start(&cfg, &data)?;
+    let c = Coordinator::start_config(cfg, &data)?;
     let restarted = admin_checkpoints(&c, &topic).await?;
     let seen: BTreeMap<String, (Option<i64>, u64)> =
         restarted.iter().map(|(p, v)| (format!("{topic}/{p}"), *v)).collect();
@@ -627,9 +628,9 @@ async fn export_then_import_into_a_fresh_coordinator_reproduces_every_checkpoint
     let (topic, receipts) = topics("cli-export", 3).await?;
     produce(&producer()?, &topic, 0, 300, KEYS).await?;
     let dir = tempfile::tempdir()?;
-    let cfg = config(&topic, "forward", "");
-    let a = Coordinator::start(&cfg, &dir.path().join("a"))?;
-    let mut w = start_worker_with(&a.url, "a", &forward(&receipts))?;
+    let cfg = config(&topic, "forward", None);
+    let a = Coordinator::start_config(cfg.clone(), &dir.path().join("a"))?;
+    let mut w = start_worker_config(&a.url, "a", forward(&receipts))?;
     let highs = caught_up(&a, &topic, Duration::from_secs(60)).await?;
     w.kill9()?;
     let file = dir.path().join("checkpoints.json");
@@ -653,7 +654,7 @@ async fn export_then_import_into_a_fresh_coordinator_reproduces_every_checkpoint
     let fresh = |name: &'static str| {
         let (cfg, path, topic) = (cfg.clone(), dir.path().join(name), topic.clone());
         async move {
-            let c = Coordinator::start(&cfg, &path)?;
+            let c = Coordinator::start_config(cfg, &path)?;
             eventually(Duration::from_secs(30), "3 leases discovered", || async {
                 Ok((admin_checkpoints(&c, &topic).await?.len() == 3).then_some(()))
             })
@@ -692,8 +693,8 @@ async fn bad_input_is_refused_with_a_clear_line_and_changes_nothing() -> Result<
     let (topic, receipts) = topics("cli-bad", 2).await?;
     produce(&producer()?, &topic, 0, 200, KEYS).await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&config(&topic, "forward", ""), &dir.path().join("data"))?;
-    let mut w = start_worker_with(&c.url, "a", &forward(&receipts))?;
+    let c = Coordinator::start_config(config(&topic, "forward", None), &dir.path().join("data"))?;
+    let mut w = start_worker_config(&c.url, "a", forward(&receipts))?;
     let highs = caught_up(&c, &topic, Duration::from_secs(60)).await?;
     ensure!(highs.iter().all(|h| *h >= 4), "a partition got almost no records: {highs:?}");
     w.kill9()?;
@@ -810,9 +811,12 @@ async fn usage_reports_handler_time_in_100ms_units() -> Result<()> {
     let n = 100;
     produce(&producer()?, &topic, 0, n, KEYS).await?;
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&config(&topic, "sleep", "batch_size = 10\n"), &dir.path().join("data"))?;
-    let _w =
-        start_worker_with(&c.url, "a", "[handlers.sleep]\nper_batch = \"150ms\"\nper_record = \"0ms\"\n")?;
+    let c = Coordinator::start_config(config(&topic, "sleep", Some(10)), &dir.path().join("data"))?;
+    let _w = start_worker_config(
+        &c.url,
+        "a",
+        config::hosting("sleep", &[("per_batch", "150ms"), ("per_record", "0ms")]),
+    )?;
     caught_up(&c, &topic, Duration::from_secs(90)).await?;
 
     let row =

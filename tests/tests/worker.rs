@@ -16,14 +16,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use shardline_proto::{StartingPosition, v1};
+use shardline_proto::v1;
 use shardline_testkit::config;
 use shardline_tests::kafka::{Receipt, Verdict, produce, producer, read_receipts, verify};
 use shardline_tests::{
-    Coordinator, CoordinatorConfig, StreamConfig, WorkerConfig, create_topic, eventually, free_port,
-    http_get, metric, owners, start_worker_config, unique,
+    Coordinator, CoordinatorConfig, WorkerConfig, create_topic, eventually, free_port, http_get, metric,
+    owners, start_worker_config, unique,
 };
 use tokio::task::JoinHandle;
+
+mod support;
 
 /// One test at a time in this file (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -65,19 +67,9 @@ fn stream_config(
     batch_size: u32,
     metrics: Option<SocketAddr>,
 ) -> CoordinatorConfig {
-    let mut stream = StreamConfig {
-        starting_position: StartingPosition::TrimHorizon,
-        ..StreamConfig::new(topic, handler)
-    };
+    let mut stream = support::from_start(topic, handler);
     stream.settings.batch_size = batch_size;
-    CoordinatorConfig {
-        heartbeat_interval: Duration::from_millis(300),
-        session_timeout: Duration::from_secs(3),
-        discovery_interval: Duration::from_millis(500),
-        metrics_listen: metrics,
-        streams: vec![stream],
-        ..CoordinatorConfig::default()
-    }
+    CoordinatorConfig { metrics_listen: metrics, streams: vec![stream], ..support::timings() }
 }
 
 fn loopback() -> Result<SocketAddr> {
