@@ -9,14 +9,23 @@
 //! renamed in the code or in the README fails here.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use rdkafka::producer::FutureRecord;
+use shardline_testkit::config::{
+    self, Backoff, BatchSettings, FilterConfig, SubscriptionConfig, TopicConfig, TopicKind,
+};
 use shardline_testkit::metrics::{Metrics, scrape};
 use shardline_tests::amqp::{self, publish_ids, publisher};
 use shardline_tests::kafka::{produce, producer};
-use shardline_tests::{Coordinator, create_topic, eventually, free_port, start_worker_with, unique};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, StreamConfig, WorkerConfig, create_topic, eventually, free_port,
+    start_worker_config, unique,
+};
+
+mod support;
 
 /// Records per source, `id-0..id-19`: only `id-7` contains the poison.
 const N: u64 = 20;
@@ -72,27 +81,44 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
     }
     let (exchange, sub) = (unique("metrics-x"), unique("metrics-s"));
     let _cleanup = amqp::cleanup().subscription(&sub, &shardline_proto::FailurePolicy::default());
-    let coordinator_metrics = format!("127.0.0.1:{}", free_port()?);
-    let worker_metrics = format!("127.0.0.1:{}", free_port()?);
+    let loopback = || Ok::<_, anyhow::Error>(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+    let (coordinator_metrics, worker_metrics) = (loopback()?, loopback()?);
     // Bisect: the poison alone fails, its batch's other records pass.
-    let retries = "max_retries = 1\nretry_backoff = { initial = \"50ms\", max = \"100ms\" }\nbatch_size = 5\n\
-                   bisect_on_error = true\n";
-    let config = format!(
-        "heartbeat_interval = \"300ms\"\nsession_timeout = \"2s\"\ndiscovery_interval = \"500ms\"\n\
-         scale_interval = \"500ms\"\nmetrics_listen = \"{coordinator_metrics}\"\n\
-         [[streams]]\nname = \"{a}\"\nhandler = \"chaos\"\nstarting_position = \"trim_horizon\"\n\
-         on_failure = \"{failed}\"\n{retries}\
-         [[streams]]\nname = \"{b}\"\nhandler = \"chaos\"\nstarting_position = \"trim_horizon\"\n\
-         max_retries = 0\nfilter = {{ field = \"kind\", equals = \"a\" }}\n\
-         [[topics]]\nname = \"{exchange}\"\n\
-         [[subscriptions]]\nname = \"{sub}\"\ntopic = \"{exchange}\"\nhandler = \"chaos\"\n{retries}"
-    );
+    let ms = Duration::from_millis;
+    let retries = BatchSettings {
+        max_retries: Some(1),
+        retry_backoff: Backoff { initial: ms(50), max: ms(100), ..Backoff::default() },
+        batch_size: 5,
+        bisect_on_error: true,
+        ..BatchSettings::default()
+    };
+    let stream_a = StreamConfig {
+        on_failure: Some(failed.clone()),
+        settings: retries.clone(),
+        ..support::from_start(&a, "chaos")
+    };
+    let mut stream_b = support::from_start(&b, "chaos");
+    stream_b.settings.max_retries = Some(0);
+    let equals = Some(toml::Value::from("a"));
+    stream_b.settings.filter =
+        Some(FilterConfig { field: "kind".into(), equals, exists: None, prefix: None });
+    let config = CoordinatorConfig {
+        session_timeout: Duration::from_secs(2),
+        metrics_listen: Some(coordinator_metrics),
+        streams: vec![stream_a, stream_b],
+        topics: vec![TopicConfig { name: exchange.clone(), kind: TopicKind::Fanout }],
+        subscriptions: vec![SubscriptionConfig {
+            settings: retries,
+            ..SubscriptionConfig::new(&sub, &exchange, "chaos")
+        }],
+        ..support::timings()
+    };
     let dir = tempfile::tempdir()?;
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let worker = format!(
-        "metrics_listen = \"{worker_metrics}\"\n[handlers.chaos]\ntopic = \"{receipts}\"\npoison = \"{POISON}\"\n"
-    );
-    let _w = start_worker_with(&c.url, "m", &worker)?;
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let chaos = config::hosting("chaos", &[("topic", receipts.as_str()), ("poison", POISON)]);
+    let _w =
+        start_worker_config(&c.url, "m", WorkerConfig { metrics_listen: Some(worker_metrics), ..chaos })?;
+    let (coordinator_metrics, worker_metrics) = (coordinator_metrics.to_string(), worker_metrics.to_string());
 
     // Stream a: 20 records, the poison given up to `on_failure` after a
     // retry. Stream b: 20 records that are no JSON (filtered out) and one

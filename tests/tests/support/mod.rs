@@ -1,6 +1,6 @@
-//! Helpers shared by the test files that check README claims no other test
-//! checked (`offsets.rs`, `process.rs`, `batching.rs`, `topics.rs`,
-//! `examples.rs`): starting the binaries with a chosen environment,
+//! Helpers shared by test files (`offsets.rs`, `process.rs`, `batching.rs`,
+//! `topics.rs`, `examples.rs`, `cli.rs`, `worker.rs`): coordinator configs
+//! with short timings, starting the binaries with a chosen environment,
 //! telling batches apart in receipts, and naming a RabbitMQ topology that
 //! is removed however a test ends.
 //!
