@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 pub use shardline_coordinator::config::{
-    Backoff, BatchSettings, Config as CoordinatorConfig, FilterConfig, StreamConfig, SubscriptionConfig,
-    TopicConfig, TopicKind,
+    Backoff, BatchSettings, Config as CoordinatorConfig, FilterConfig, QueueType, StreamConfig,
+    SubscriptionConfig, TopicConfig, TopicKind,
 };
 pub use shardline_worker::WorkerConfig;
 

@@ -12,22 +12,26 @@
 //! exchanges it made, also when it fails (the kit's `Cleanup`).
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use shardline_proto::v1;
 use shardline_testkit::amqp::Cleanup;
 use shardline_testkit::broker;
+use shardline_testkit::config::{self, Backoff, QueueType, SubscriptionConfig, TopicConfig, TopicKind};
 use shardline_tests::amqp::{
     self, Got, channel, counts, depth, drain_queue, publish_ids, publisher, receipts_exchange,
 };
 use shardline_tests::serial::broker_outage;
-use shardline_tests::{Coordinator, Proc, eventually, free_port, scrape, start_worker_with, unique};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, Proc, WorkerConfig, eventually, free_port, scrape, start_worker_config,
+    unique,
+};
+
+mod support;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const TIMINGS: &str =
-    "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\nscale_interval = \"500ms\"\n";
 
 /// Names of one test's topology, deleted at the end.
 struct Names {
@@ -65,17 +69,19 @@ struct Run {
 }
 
 impl Run {
-    fn start(config: &str, worker: &str, ids: &[&str]) -> Result<Self> {
-        let workers: Vec<(&str, String)> = ids.iter().map(|id| (*id, worker.to_owned())).collect();
-        Self::start_each(config, &workers)
+    fn start(config: CoordinatorConfig, worker: &WorkerConfig, ids: &[&str]) -> Result<Self> {
+        let workers: Vec<(&str, WorkerConfig)> = ids.iter().map(|id| (*id, worker.clone())).collect();
+        Self::start_each(config, workers)
     }
 
     /// One worker per (id, config).
-    fn start_each(config: &str, workers: &[(&str, String)]) -> Result<Self> {
+    fn start_each(config: CoordinatorConfig, workers: Vec<(&str, WorkerConfig)>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let c = Coordinator::start(&format!("{TIMINGS}{config}"), &dir.path().join("data"))?;
-        let workers =
-            workers.iter().map(|(id, cfg)| start_worker_with(&c.url, id, cfg)).collect::<Result<_>>()?;
+        let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+        let workers = workers
+            .into_iter()
+            .map(|(id, cfg)| start_worker_config(&c.url, id, cfg))
+            .collect::<Result<_>>()?;
         Ok(Self { workers, c, _dir: dir })
     }
 
@@ -97,15 +103,27 @@ impl Run {
     }
 }
 
-/// `[[topics]]` plus one `[[subscriptions]]` per (name, handler, settings).
-fn topology(topic: &str, subs: &[(&str, &str, &str)]) -> String {
-    let mut c = format!("[[topics]]\nname = \"{topic}\"\n");
-    for (name, handler, settings) in subs {
-        c.push_str(&format!(
-            "[[subscriptions]]\nname = \"{name}\"\ntopic = \"{topic}\"\nhandler = \"{handler}\"\n{settings}\n"
-        ));
+/// Short timings, the fanout `topic` and one subscription to it per
+/// (name, handler), with the defaults; tests set what they need.
+fn topology(topic: &str, subs: &[(&str, &str)]) -> CoordinatorConfig {
+    CoordinatorConfig {
+        topics: vec![TopicConfig { name: topic.to_owned(), kind: TopicKind::Fanout }],
+        subscriptions: subs
+            .iter()
+            .map(|(name, handler)| SubscriptionConfig::new(*name, topic, *handler))
+            .collect(),
+        ..support::timings()
     }
-    c
+}
+
+/// A retry backoff from `initial` doubling up to `max`.
+fn backoff(initial: Duration, max: Duration) -> Backoff {
+    Backoff { initial, max, multiplier: 2.0, ..Backoff::default() }
+}
+
+/// A subscription's slots: `min_slots` and `max_concurrency`.
+fn slots(s: &mut SubscriptionConfig, min: u32, max: u32) {
+    (s.min_slots, s.max_concurrency) = (min, max);
 }
 
 /// Reads receipts until every id in `0..n` was seen (or `timeout`).
@@ -148,18 +166,13 @@ async fn fan_out_delivers_every_message_to_each_subscription() -> Result<()> {
     let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
     let (a, b) = (&names.subs[0], &names.subs[1]);
-    let config = topology(
-        &names.topic,
-        &[
-            (a, "forward", "min_slots = 2\nmax_concurrency = 2\nbatch_size = 100"),
-            (b, "chaos", "batch_size = 10"),
-        ],
-    );
-    let worker = format!(
-        "[handlers.forward]\nexchange = \"{}\"\n[handlers.chaos]\nexchange = \"{}\"\n",
-        names.receipts[0], names.receipts[1]
-    );
-    let run = Run::start(&config, &worker, &["w1", "w2"])?;
+    let mut config = topology(&names.topic, &[(a, "forward"), (b, "chaos")]);
+    slots(&mut config.subscriptions[0], 2, 2);
+    config.subscriptions[0].settings.batch_size = 100;
+    config.subscriptions[1].settings.batch_size = 10;
+    let mut worker = config::hosting("forward", &[("exchange", &names.receipts[0])]);
+    worker.handlers.insert("chaos".into(), config::settings(&[("exchange", &names.receipts[1])]));
+    let run = Run::start(config, &worker, &["w1", "w2"])?;
     run.consuming(a, 2).await?;
     run.consuming(b, 1).await?;
 
@@ -206,15 +219,15 @@ async fn kill_9_mid_batch_loses_nothing_and_counts_redeliveries() -> Result<()> 
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
     let batch = 20;
-    let config = topology(
-        &names.topic,
-        &[(sub, "chaos", &format!("min_slots = 2\nmax_concurrency = 2\nbatch_size = {batch}"))],
-    );
+    let mut config = topology(&names.topic, &[(sub, "chaos")]);
+    slots(&mut config.subscriptions[0], 2, 2);
+    config.subscriptions[0].settings.batch_size = batch;
     let worker =
-        format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"40ms\"\n", names.receipts[0]);
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    let survivor = format!("metrics_listen = \"{metrics}\"\n{worker}");
-    let mut run = Run::start_each(&config, &[("w1", worker.clone()), ("w2", survivor)])?;
+        config::hosting("chaos", &[("exchange", names.receipts[0].as_str()), ("sleep_per_batch", "40ms")]);
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let survivor = WorkerConfig { metrics_listen: Some(metrics), ..worker.clone() };
+    let mut run = Run::start_each(config, vec![("w1", worker), ("w2", survivor)])?;
+    let metrics = metrics.to_string();
     run.consuming(sub, 2).await?;
     let leases = run.c.leases().await?;
     ensure!(
@@ -250,7 +263,8 @@ async fn kill_9_mid_batch_loses_nothing_and_counts_redeliveries() -> Result<()> 
     ensure!(redelivered >= 1.0, "no redelivery counted after killing a consuming worker");
     // Only what the killed slot held unacknowledged can come twice: its
     // in-flight batch and its prefetch (2 batches).
-    ensure!(dups <= 2 * batch, "{dups} duplicates; at most {} were unacked by the killed worker", 2 * batch);
+    let most = 2 * batch as usize;
+    ensure!(dups <= most, "{dups} duplicates; at most {most} were unacked by the killed worker");
     drop(run);
     Ok(())
 }
@@ -268,11 +282,12 @@ async fn a_poison_message_retries_with_growing_delays_then_dead_letters_while_ot
     let _cleanup = names.cleanup(&policy);
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
-    let settings = "batch_size = 20\nmax_retries = 3\nbisect_on_error = true\n\
-                    retry_backoff = { initial = \"1s\", max = \"8s\", multiplier = 2.0 }";
-    let config = topology(&names.topic, &[(sub, "chaos", settings)]);
-    let worker = format!("[handlers.chaos]\nexchange = \"{}\"\npoison = \"id-777\"\n", names.receipts[0]);
-    let run = Run::start(&config, &worker, &["w1"])?;
+    let mut config = topology(&names.topic, &[(sub, "chaos")]);
+    let s = &mut config.subscriptions[0].settings;
+    (s.batch_size, s.max_retries, s.bisect_on_error) = (20, Some(3), true);
+    s.retry_backoff = backoff(Duration::from_secs(1), Duration::from_secs(8));
+    let worker = config::hosting("chaos", &[("exchange", names.receipts[0].as_str()), ("poison", "id-777")]);
+    let run = Run::start(config, &worker, &["w1"])?;
     run.consuming(sub, 1).await?;
     let receipts_q = format!("{}.q", names.receipts[0]);
     let dlq = shardline_proto::topology::dead_letter_queue(sub);
@@ -340,11 +355,12 @@ async fn workers_recover_from_a_rabbitmq_restart_without_restarting_and_lose_not
     let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
-    let config =
-        topology(&names.topic, &[(sub, "chaos", "min_slots = 2\nmax_concurrency = 2\nbatch_size = 20")]);
+    let mut config = topology(&names.topic, &[(sub, "chaos")]);
+    slots(&mut config.subscriptions[0], 2, 2);
+    config.subscriptions[0].settings.batch_size = 20;
     let worker =
-        format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"30ms\"\n", names.receipts[0]);
-    let mut run = Run::start(&config, &worker, &["w1", "w2"])?;
+        config::hosting("chaos", &[("exchange", names.receipts[0].as_str()), ("sleep_per_batch", "30ms")]);
+    let mut run = Run::start(config, &worker, &["w1", "w2"])?;
     run.consuming(sub, 2).await?;
 
     let n = 4_000;
@@ -403,11 +419,14 @@ async fn a_backlog_adds_slots_and_they_go_back_down_after_the_drain() -> Result<
     let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
     declare_receipts(&names).await?;
     let sub = &names.subs[0];
-    let settings = "min_slots = 1\nmax_concurrency = 4\nbatch_size = 10\ndrain_target = \"2s\"\nscale_down_after = \"3s\"";
-    let config = topology(&names.topic, &[(sub, "chaos", settings)]);
+    let mut config = topology(&names.topic, &[(sub, "chaos")]);
+    let s = &mut config.subscriptions[0];
+    slots(s, 1, 4);
+    s.settings.batch_size = 10;
+    (s.drain_target, s.scale_down_after) = (Duration::from_secs(2), Duration::from_secs(3));
     let worker =
-        format!("[handlers.chaos]\nexchange = \"{}\"\nsleep_per_batch = \"20ms\"\n", names.receipts[0]);
-    let run = Run::start(&config, &worker, &["w1", "w2"])?;
+        config::hosting("chaos", &[("exchange", names.receipts[0].as_str()), ("sleep_per_batch", "20ms")]);
+    let run = Run::start(config, &worker, &["w1", "w2"])?;
     run.consuming(sub, 1).await?;
     let topic = names.topic.clone();
 
@@ -468,8 +487,9 @@ async fn a_queue_that_exists_with_other_arguments_is_reported_not_redeclared() -
     let (_connection, ch) = channel().await?;
     let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
     ch.queue_declare(sub.as_str().into(), durable, lapin::types::FieldTable::default()).await?;
-    let config = topology(&names.topic, &[(sub, "noop", "queue_type = \"quorum\"")]);
-    let run = Run::start(&config, "[handlers.noop]\n", &[])?;
+    let mut config = topology(&names.topic, &[(sub, "noop")]);
+    config.subscriptions[0].queue_type = QueueType::Quorum;
+    let run = Run::start(config, &WorkerConfig::hosting(["noop"]), &[])?;
     let error = eventually(Duration::from_secs(30), "the conflict reported", || async {
         let s = run.subscription(sub).await?;
         ensure!(!s.error.is_empty(), "no error yet");
@@ -519,15 +539,15 @@ async fn a_rabbitmq_crash_while_messages_wait_in_retry_queues_loses_none() -> Re
     let sub = &names.subs[0];
     // Ids with a 7 in them are poison (about a quarter of 0..2000); the
     // handler names them, so the healthy ones of a batch are acked at once.
-    let settings = "min_slots = 2\nmax_concurrency = 2\nbatch_size = 50\nmax_retries = 2\n\
-                    report_item_failures = true\n\
-                    retry_backoff = { initial = \"2s\", max = \"4s\", multiplier = 2.0 }";
-    let config = topology(&names.topic, &[(sub, "chaos", settings)]);
-    let worker = format!(
-        "[handlers.chaos]\nexchange = \"{}\"\npoison = \"7\"\nreport_items = true\n",
-        names.receipts[0]
-    );
-    let run = Run::start(&config, &worker, &["w1", "w2"])?;
+    let mut config = topology(&names.topic, &[(sub, "chaos")]);
+    slots(&mut config.subscriptions[0], 2, 2);
+    let s = &mut config.subscriptions[0].settings;
+    (s.batch_size, s.max_retries, s.report_item_failures) = (50, Some(2), true);
+    s.retry_backoff = backoff(Duration::from_secs(2), Duration::from_secs(4));
+    let exchange = names.receipts[0].as_str();
+    let worker =
+        config::hosting("chaos", &[("exchange", exchange), ("poison", "7"), ("report_items", "true")]);
+    let run = Run::start(config, &worker, &["w1", "w2"])?;
     run.consuming(sub, 2).await?;
     let receipts_q = format!("{}.q", names.receipts[0]);
     let dlq = shardline_proto::topology::dead_letter_queue(sub);
@@ -654,8 +674,11 @@ async fn an_old_classic_retry_queue_is_kept_and_counted_beside_the_new_one() -> 
         .collect();
     publisher().publish(&waiting).await.map_err(anyhow::Error::msg)?;
 
-    let settings = "retry_backoff = { initial = \"60s\", max = \"60s\" }";
-    let run = Run::start(&topology(&names.topic, &[(sub, "noop", settings)]), "[handlers.noop]\n", &[])?;
+    let mut config = topology(&names.topic, &[(sub, "noop")]);
+    let minute = Duration::from_secs(60);
+    config.subscriptions[0].settings.retry_backoff =
+        Backoff { initial: minute, max: minute, ..Backoff::default() };
+    let run = Run::start(config, &WorkerConfig::hosting(["noop"]), &[])?;
     let s = eventually(Duration::from_secs(30), "the old queue counted as retrying", || async {
         let s = run.subscription(sub).await?;
         ensure!(s.error.is_empty(), "topology error: {}", s.error);
