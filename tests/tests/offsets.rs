@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use shardline_testkit::config;
 use shardline_tests::kafka::read_topic;
 use shardline_tests::{
-    Coordinator, CoordinatorConfig, StreamConfig, bin, eventually, kafka_brokers, start_worker_with,
+    Coordinator, CoordinatorConfig, StreamConfig, bin, eventually, kafka_brokers, start_worker_config,
 };
 
 /// 2026-01-01T00:00:00Z in Unix ms: the first record's timestamp.
@@ -176,8 +177,7 @@ async fn set_and_reset_move_checkpoints_to_the_offsets_their_targets_name() -> R
     }
 
     // The owner starts where the reset put it: p0 from 5, p1 from 3.
-    let mut worker =
-        start_worker_with(&c.url, "a", &format!("[handlers.forward]\ntopic = \"{receipts}\"\n"))?;
+    let mut worker = start_worker_config(&c.url, "a", config::hosting("forward", &[("topic", &receipts)]))?;
     eventually(Duration::from_secs(30), "checkpoints at the end of both partitions", || async {
         let now = online.shards(stream).await?;
         Ok(now.values().map(|(c, _)| *c).eq([Some(10), Some(6)]).then_some(()))
