@@ -21,7 +21,8 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use shardline_proto::{FailurePolicy, topology};
+use shardline_proto::FailurePolicy;
+use shardline_proto::topology::{self, headers};
 use shardline_testkit::amqp::{connect, delete, with_channel};
 use shardline_worker::amqp::{Message, Publisher, header_bytes};
 use tokio::sync::{Semaphore, watch};
@@ -300,13 +301,12 @@ async fn consume(
             })
         };
         let stamp = payload::decode(&delivery.data);
-        let fields =
-            (stamp, header("shardline.stream"), header("shardline.partition"), header("shardline.worker"));
+        let fields = (stamp, header(headers::STREAM), header(headers::PARTITION), header(headers::WORKER));
         // A redelivered receipt (this reader's connection broke before its
         // ack) is the same receipt again, not a second processing: the
         // fingerprint of what the worker wrote tells them apart.
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
-        (&fields.1, &fields.2, &fields.3, header("shardline.offset"), fields.0.as_ref().map(|s| s.id))
+        (&fields.1, &fields.2, &fields.3, header(headers::OFFSET), fields.0.as_ref().map(|s| s.id))
             .hash(&mut fingerprint);
         let fresh = seen.insert(fingerprint.finish());
         if fresh || !delivery.redelivered {
@@ -316,7 +316,7 @@ async fn consume(
                     let shard = partition.parse().unwrap_or(u32::MAX);
                     // RabbitMQ gives receipts no timestamp finer than a
                     // second: the time read is the closest to processing.
-                    let invoked_ms = header("shardline.invoked_at_ms").and_then(|v| v.parse().ok());
+                    let invoked_ms = header(headers::INVOKED_AT_MS).and_then(|v| v.parse().ok());
                     ledger.receipt(&stamp, &stream, shard, &worker.unwrap_or_default(), now_ms(), invoked_ms);
                 }
                 _ => ledger.foreign(),

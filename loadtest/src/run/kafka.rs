@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::ledger::{Books, Ledger, lock};
 use super::payload::{self, now_ms};
 use super::rate::Profile;
+use shardline_proto::topology::headers;
 
 /// Partitions of the receipts topic: a few, so the workers' receipts do not
 /// all queue behind one partition; a key's receipts still share one, which
@@ -172,9 +173,9 @@ impl ReceiptReader {
                     })
                 };
                 let mut ledger = lock(&ledger);
-                match (stamp, header("shardline.stream"), header("shardline.partition")) {
+                match (stamp, header(headers::STREAM), header(headers::PARTITION)) {
                     (Some(stamp), Some(stream), Some(partition)) => {
-                        let worker = header("shardline.worker").unwrap_or_default();
+                        let worker = header(headers::WORKER).unwrap_or_default();
                         // The worker's producer stamps the receipt when it
                         // forwards the record: the processing time itself,
                         // not when this reader got to it.
@@ -183,7 +184,7 @@ impl ReceiptReader {
                             .to_millis()
                             .and_then(|ms| u64::try_from(ms).ok())
                             .unwrap_or_else(now_ms);
-                        let invoked_ms = header("shardline.invoked_at_ms").and_then(|v| v.parse().ok());
+                        let invoked_ms = header(headers::INVOKED_AT_MS).and_then(|v| v.parse().ok());
                         ledger.receipt(
                             &stamp,
                             &stream,
