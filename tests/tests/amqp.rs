@@ -545,8 +545,9 @@ async fn a_rabbitmq_crash_while_messages_wait_in_retry_queues_loses_none() -> Re
     (s.batch_size, s.max_retries, s.report_item_failures) = (50, Some(2), true);
     s.retry_backoff = backoff(Duration::from_secs(2), Duration::from_secs(4));
     let exchange = names.receipts[0].as_str();
-    let worker =
-        config::hosting("chaos", &[("exchange", exchange), ("poison", "7"), ("report_items", "true")]);
+    let mut worker = config::hosting("chaos", &[("exchange", exchange), ("poison", "7")]);
+    // A boolean setting: the handler refuses the string "true".
+    worker.handlers.entry("chaos".into()).or_default().insert("report_items".into(), true.into());
     let run = Run::start(config, &worker, &["w1", "w2"])?;
     run.consuming(sub, 2).await?;
     let receipts_q = format!("{}.q", names.receipts[0]);
