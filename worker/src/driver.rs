@@ -1,15 +1,9 @@
 //! The one lease driver, for every source: open the lease ([`Source`]),
 //! then loop cut batch → policy/handler → finalize, until the lease is
 //! released (finish the batch, report the final position) or lost (stop at
-//! once, finish nothing).
-//!
-//! It owns what is the same for a Kafka shard and a queue slot: the
-//! filter, batching, the completion [`Tracker`], the failure policy
-//! ([`Lane`]), parallel lanes (`parallelization_factor`: bounded per-lane
-//! queues by key, so one slow key does not hold back the others), the node's
-//! batch budget (`max_inflight_batches`) and the per-batch accounting. A
-//! source that breaks (a queue slot's channel) is opened again. The driver
-//! never names a concrete source or sink.
+//! once, finish nothing). A source that breaks is opened again. Parallel
+//! lanes get bounded queues by key, so one slow key does not hold back the
+//! others. The driver never names a concrete source or sink.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -82,17 +76,13 @@ impl LeaseTask {
             }
         };
         loop {
-            let opened = tokio::select! {
-                biased;
-                () = lease.kill.cancelled() => return Exit::Killed,
-                opened = source.open(lease) => opened,
-            };
-            let Opened { reader, finalizer, position } = match opened {
-                Ok(opened) => opened,
-                // `drain` fires with `kill`: a killed lease is never released.
-                Err(_) if lease.kill.is_cancelled() => return Exit::Killed,
-                Err(exit) => return exit,
-            };
+            let Opened { reader, finalizer, position } =
+                match lease.kill.run_until_cancelled(source.open(lease)).await {
+                    Some(Ok(opened)) => opened,
+                    // `drain` fires with `kill`: a killed lease is never released.
+                    Some(Err(exit)) if !lease.kill.is_cancelled() => return exit,
+                    _ => return Exit::Killed,
+                };
             let (end, next) = self.session(&source, reader, &finalizer, position, filter.as_ref()).await;
             let last = finalizer.close(end, next).await;
             match end {
@@ -103,10 +93,7 @@ impl LeaseTask {
             }
             // The source broke (RabbitMQ requeued what it had not seen
             // acked): a short pause before reading again.
-            tokio::select! {
-                () = lease.drain.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
+            lease.drain.run_until_cancelled(tokio::time::sleep(Duration::from_millis(200))).await;
         }
     }
 
@@ -172,7 +159,6 @@ impl LeaseTask {
         };
         let mut batcher = Batcher::new(reader, limits);
         let labels = [("handler", lease.mapping.handler.clone())];
-        let lag_now = AtomicI64::new(-1);
         // Runs one batch through the policy, finalizes and counts it.
         let handle = |records: Vec<Arc<Record>>| async {
             let n = records.len() as u64;
@@ -182,7 +168,7 @@ impl LeaseTask {
                 None => None,
             };
             self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let done = lane.process(records, lag_now.load(Ordering::Relaxed)).await;
+            let done = lane.process(records, self.stats.lag.load(Ordering::Relaxed)).await;
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             let done = done.map_err(|_| End::Killed)?;
             if !finalizer.settle(tracker.position()).await {
@@ -201,7 +187,6 @@ impl LeaseTask {
             let finished = tracker.position();
             let cut_to = records.last().map_or(finished, |r| r.position() + 1);
             let lag = batcher.reader().lag(cut_to, finished);
-            lag_now.store(lag, Ordering::Relaxed);
             self.stats.lag.store(lag, Ordering::Relaxed);
             metrics::gauge!("shardline_lease_lag", "lease" => lease.id.to_string()).set(lag as f64);
             tracker.add(&records);
@@ -210,11 +195,10 @@ impl LeaseTask {
         let drain = &lease.drain;
         let result = if lanes == 1 {
             async {
-                while let Some(records) = cut().await {
+                while !drain.is_cancelled()
+                    && let Some(records) = cut().await
+                {
                     handle(records).await?;
-                    if drain.is_cancelled() {
-                        break;
-                    }
                 }
                 Ok(())
             }
@@ -227,15 +211,13 @@ impl LeaseTask {
                 (0..lanes).map(|_| tokio::sync::mpsc::channel::<Arc<Record>>(batch_size * 2)).unzip();
             let handle = &handle;
             let dispatch = async move {
-                while let Some(records) = cut().await {
+                while !drain.is_cancelled()
+                    && let Some(records) = cut().await
+                {
                     for r in records {
-                        let i = lane_of(&r, lanes);
-                        if senders[i].send(r).await.is_err() {
+                        if senders[lane_of(&r, lanes)].send(r).await.is_err() {
                             return; // that lane stopped: the lease is ending
                         }
-                    }
-                    if drain.is_cancelled() {
-                        break;
                     }
                 }
             };
@@ -247,11 +229,10 @@ impl LeaseTask {
                         break;
                     }
                     let mut batch = vec![first];
-                    while batch.len() < batch_size {
-                        match rx.try_recv() {
-                            Ok(r) => batch.push(r),
-                            Err(_) => break,
-                        }
+                    while batch.len() < batch_size
+                        && let Ok(r) = rx.try_recv()
+                    {
+                        batch.push(r);
                     }
                     handle(batch).await?;
                 }

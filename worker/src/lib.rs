@@ -75,16 +75,10 @@ pub(crate) async fn persist<T, F: std::future::Future<Output = Option<T>>>(
 ) -> Option<T> {
     let mut wait = min;
     loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return None,
-            answer = attempt(wait) => if answer.is_some() { return answer },
+        if let Some(answer) = stop.run_until_cancelled(attempt(wait)).await? {
+            return Some(answer);
         }
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return None,
-            () = tokio::time::sleep(wait) => {}
-        }
+        stop.run_until_cancelled(tokio::time::sleep(wait)).await?;
         wait = (wait * 2).min(max);
     }
 }

@@ -8,20 +8,11 @@
 //! the coordinator re-sends whatever a lost reply carried, and when it
 //! registers again, so a coordinator restart moves nothing.
 //!
-//! **Self-fencing.** The coordinator grants a silent worker's leases away
-//! `session_timeout` after the last heartbeat it *received*. A heartbeat is
-//! received after it was sent, so a worker that has had no acknowledged
-//! heartbeat for `session_timeout - margin`, counted from when the last
-//! acknowledged one was *sent*, is still inside its session on any clock
-//! that runs at the coordinator's rate. At that point the session trips the
-//! [`Fence`]: every lease task stops at once (in-flight handler futures are
-//! dropped, no new batch or retry starts), the held set is emptied, and
-//! instructions received before the trip are ignored. The margin (see
-//! [`fence_after`]) is the time a tripped worker has to stop what it runs
-//! before anyone else may start it: a fifth of the session, and at least two
-//! heartbeat intervals. When the coordinator answers again, the worker
-//! rejoins: its heartbeats quote no leases, so it is sent what it still owns,
-//! or, if it was expired, it registers afresh.
+//! **Self-fencing** (ARCHITECTURE.md, "Self-fencing"): with no heartbeat
+//! acknowledged for [`fence_after`], the session trips the [`Fence`], which
+//! stops every lease task at once. When the coordinator answers again, the
+//! worker rejoins: its heartbeats quote no leases, so it is sent what it
+//! still owns, or, if it was expired, it registers afresh.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -101,9 +92,11 @@ impl HeldLeases {
 
     /// Removes the lease if it is held under `epoch` (an older instruction
     /// never stops a newer run).
-    pub fn remove(&self, lease: &LeaseId, epoch: u64) -> bool {
+    pub fn remove(&self, lease: &LeaseId, epoch: u64) {
         let mut held = self.lock();
-        if held.get(lease) == Some(&epoch) { held.remove(lease).is_some() } else { false }
+        if held.get(lease) == Some(&epoch) {
+            held.remove(lease);
+        }
     }
 
     pub fn snapshot(&self) -> BTreeMap<LeaseId, u64> {
@@ -247,15 +240,16 @@ impl Session {
             .with_max_delay(Duration::from_secs(5))
             .with_jitter()
             .without_max_times();
+        let retried = attempt
+            .retry(backoff)
+            .when(|e| !matches!(e, SessionError::Protocol(_)))
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "register failed; retrying"));
         tokio::select! {
-            result = attempt
-                .retry(backoff)
-                .when(|e| !matches!(e, SessionError::Protocol(_)))
-                .notify(|e, wait| tracing::warn!(error = %e, ?wait, "register failed; retrying")) => result,
-            () = shutdown.cancelled() => Err(SessionError::Unreachable {
-                url: self.cfg.coordinator.clone(),
-                message: "shut down before registering".into(),
-            }),
+            result = retried => result,
+            () = shutdown.cancelled() => {
+                let message = "shut down before registering".into();
+                Err(SessionError::Unreachable { url: self.cfg.coordinator.clone(), message })
+            }
         }
     }
 

@@ -54,57 +54,17 @@ pub trait Hooks: Send + Sync {
 
 impl Hooks for () {}
 
-/// Which records of a lease are finished, in order of position. Positions
-/// may have gaps (compaction, transaction markers): the checkpoint is the
-/// position of the first unfinished record, or one past the last one seen.
-#[derive(Debug, Default)]
-pub struct Completion {
-    pending: BTreeMap<i64, bool>,
-    position: i64,
-}
-
-impl Completion {
-    pub fn new(position: i64) -> Self {
-        Self { pending: BTreeMap::new(), position }
-    }
-
-    /// Records about to be processed.
-    pub fn add(&mut self, positions: impl IntoIterator<Item = i64>) {
-        for o in positions {
-            self.pending.insert(o, false);
-        }
-    }
-
-    /// Marks a record finished; returns the new checkpoint if it moved.
-    pub fn finish(&mut self, position: i64) -> Option<i64> {
-        if let Some(done) = self.pending.get_mut(&position) {
-            *done = true;
-        }
-        let before = self.position;
-        while let Some((&o, &done)) = self.pending.first_key_value() {
-            if !done {
-                self.position = self.position.max(o);
-                break;
-            }
-            self.pending.pop_first();
-            self.position = o + 1;
-        }
-        (self.position != before).then_some(self.position)
-    }
-
-    pub fn position(&self) -> i64 {
-        self.position
-    }
-}
-
-/// One lease's [`Completion`], shared by its lanes, and what happens when
-/// its finished prefix moves.
+/// Which records of one lease are finished, shared by its lanes, and what
+/// happens when the finished prefix moves. Positions may have gaps
+/// (compaction, transaction markers): the prefix is the position of the
+/// first unfinished record, or one past the last one seen.
 ///
 /// The lanes of a lease are futures of one task, so this lock is never
 /// contended; it is a lock and not a `RefCell` only because the task must be
 /// `Send` to run on tokio's threads, and a future holding `&RefCell` is not.
 pub struct Tracker<'a> {
-    completion: Mutex<Completion>,
+    /// Records cut and not yet in the prefix (finished or not), and the prefix.
+    state: Mutex<(BTreeMap<i64, bool>, i64)>,
     /// Called with the new prefix on every advance (must not wait).
     advanced: &'a (dyn Fn(i64) + Send + Sync),
     kill: CancellationToken,
@@ -115,22 +75,18 @@ impl<'a> Tracker<'a> {
     /// Starts at `position`; `kill` is the lease's: records dropped once it
     /// fired are not finished, and that is no error.
     pub fn new(position: i64, kill: &CancellationToken, advanced: &'a (dyn Fn(i64) + Send + Sync)) -> Self {
-        Self {
-            completion: Mutex::new(Completion::new(position)),
-            advanced,
-            kill: kill.clone(),
-            broken: CancellationToken::new(),
-        }
+        let state = Mutex::new((BTreeMap::new(), position));
+        Self { state, advanced, kill: kill.clone(), broken: CancellationToken::new() }
     }
 
     /// Records cut for processing, in order.
     pub fn add(&self, records: &[Arc<Record>]) {
-        crate::lock(&self.completion).add(records.iter().map(|r| r.position()));
+        crate::lock(&self.state).0.extend(records.iter().map(|r| (r.position(), false)));
     }
 
     /// The finished prefix: the position of the first unfinished record.
     pub fn position(&self) -> i64 {
-        crate::lock(&self.completion).position()
+        crate::lock(&self.state).1
     }
 
     /// Fires when records were dropped undecided (a bug): the lease stops.
@@ -143,9 +99,24 @@ impl<'a> Tracker<'a> {
     }
 
     fn finish(&self, records: &[Arc<Record>]) {
-        let mut completion = crate::lock(&self.completion);
-        let moved = records.iter().filter_map(|r| completion.finish(r.position())).last();
-        drop(completion);
+        let mut state = crate::lock(&self.state);
+        let (pending, position) = &mut *state;
+        let before = *position;
+        for r in records {
+            if let Some(done) = pending.get_mut(&r.position()) {
+                *done = true;
+            }
+        }
+        while let Some((&p, &done)) = pending.first_key_value() {
+            if !done {
+                *position = (*position).max(p);
+                break;
+            }
+            pending.pop_first();
+            *position = p + 1;
+        }
+        let moved = (*position != before).then_some(*position);
+        drop(state);
         if let Some(p) = moved {
             (self.advanced)(p);
         }
@@ -375,17 +346,22 @@ impl Lane<'_> {
     ) -> Result<Result<BatchResponse, (HandlerError, Reason)>, Stopped> {
         let batch = Batch { records: records.to_vec(), lease: self.lease.clone(), epoch: self.epoch, lag };
         let started = Instant::now();
-        let run = tokio::time::timeout(self.policy.handler_timeout, attempt(self.handler, &batch));
-        let result = tokio::select! {
-            biased;
-            () = self.tracker.kill.cancelled() => return Err(Stopped),
-            r = run => r,
-        };
+        let run = AssertUnwindSafe(self.handler.handle(&batch)).catch_unwind();
+        let run = tokio::time::timeout(self.policy.handler_timeout, run);
+        let result = self.tracker.kill.run_until_cancelled(run).await.ok_or(Stopped)?;
         metrics::histogram!("shardline_handler_duration_seconds", "handler" => self.name.to_owned())
             .record(started.elapsed().as_secs_f64());
         Ok(match result {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err((e, Reason::RetriesExhausted)),
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err((e, Reason::RetriesExhausted)),
+            Ok(Err(panic)) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                Err((HandlerError::new(format!("handler panicked: {message}")), Reason::RetriesExhausted))
+            }
             Err(_) => Err((
                 HandlerError::new(format!("handler timed out after {:?}", self.policy.handler_timeout)),
                 Reason::HandlerTimeout,
@@ -422,27 +398,8 @@ impl Lane<'_> {
                     tracing::error!(lease = %self.lease, error = %e, ?wait, "failure destination refuses the records; retrying until it takes them");
                 }
             }
-            tokio::select! {
-                biased;
-                () = self.tracker.kill.cancelled() => return Err(Stopped),
-                () = tokio::time::sleep(wait) => {}
-            }
+            self.tracker.kill.run_until_cancelled(tokio::time::sleep(wait)).await.ok_or(Stopped)?;
             wait = (wait * 2).min(Duration::from_secs(10));
-        }
-    }
-}
-
-/// Runs one attempt, turning a panic into an error.
-pub async fn attempt(handler: &dyn DynHandler, batch: &Batch) -> Result<BatchResponse, HandlerError> {
-    match AssertUnwindSafe(handler.handle(batch)).catch_unwind().await {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
-            Err(HandlerError::new(format!("handler panicked: {message}")))
         }
     }
 }

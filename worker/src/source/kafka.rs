@@ -15,15 +15,16 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use shardline_proto::{LeaseId, Mapping, Start, StartingPosition};
 use tokio::task::JoinHandle;
@@ -83,12 +84,14 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {}
 
-type Queue = StreamPartitionQueue<SourceContext>;
+/// How long one broker lookup for a start position may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The worker's one Kafka consumer.
 #[derive(Clone)]
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
+    brokers: Arc<str>,
 }
 
 impl KafkaSource {
@@ -120,11 +123,7 @@ impl KafkaSource {
         let consumer = Arc::new(consumer);
         let main = consumer.clone();
         let events = tokio::spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    () = stop.cancelled() => return,
-                    event = main.recv() => event,
-                };
+            while let Some(event) = stop.run_until_cancelled(main.recv()).await {
                 match event {
                     Ok(m) => tracing::warn!(
                         topic = m.topic(),
@@ -134,15 +133,12 @@ impl KafkaSource {
                     Err(e) => {
                         tracing::warn!(error = %e, "kafka client error");
                         metrics::counter!("shardline_kafka_errors_total").increment(1);
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        }
+                        stop.run_until_cancelled(tokio::time::sleep(Duration::from_millis(200))).await;
                     }
                 }
             }
         });
-        Ok((Self { consumer }, events))
+        Ok((Self { consumer, brokers: brokers.into() }, events))
     }
 
     /// Resolves `start` (the mapping's starting position when it is not a
@@ -158,13 +154,12 @@ impl KafkaSource {
         mapping: &Mapping,
     ) -> Result<(PartitionReader, i64), SourceError> {
         let offset = self.resolve(topic, partition, start, mapping).await?;
-        let p = partition as i32;
         let queue = self
             .consumer
-            .split_partition_queue(topic, p)
+            .split_partition_queue(topic, partition as i32)
             .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
         self.consumer.incremental_assign(&tpl)?;
         let reader = PartitionReader { queue, source: self.clone(), topic: topic.into(), partition };
         Ok((reader, offset))
@@ -182,23 +177,26 @@ impl KafkaSource {
             Start::Earliest => StartingPosition::TrimHorizon,
             Start::MappingDefault => m.starting_position,
         };
-        let (consumer, topic, p, ts) =
-            (self.consumer.clone(), topic.to_owned(), partition as i32, m.starting_timestamp_ms);
-        let timeout = Duration::from_secs(10);
+        let (consumer, brokers, topic) = (self.consumer.clone(), self.brokers.clone(), topic.to_owned());
+        let (p, ts) = (partition as i32, m.starting_timestamp_ms);
         let resolved = tokio::task::spawn_blocking(move || {
-            let watermarks = || consumer.fetch_watermarks(&topic, p, timeout);
+            let watermarks = || consumer.fetch_watermarks(&topic, p, TIMEOUT);
             match position {
                 StartingPosition::Latest => watermarks().map(|(_, high)| high),
                 StartingPosition::TrimHorizon => watermarks().map(|(low, _)| low),
                 StartingPosition::AtTimestamp => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition_offset(&topic, p, Offset::Offset(ts))?;
-                    match consumer
-                        .offsets_for_times(tpl, timeout)?
-                        .find_partition(&topic, p)
-                        .map(|e| e.offset())
-                    {
-                        Some(Offset::Offset(o)) => Ok(o),
+                    let found = consumer.offsets_for_times(tpl, TIMEOUT)?;
+                    match found.find_partition(&topic, p).map(|e| e.offset()) {
+                        // Kafka answers -1 when every record is older than
+                        // the time; tansu 0.6.0 answers 0, which would
+                        // rewind the shard to its start. So the answer
+                        // stands only if the record it names is not older
+                        // (as the coordinator's `Offsets::at_time` checks).
+                        Some(Offset::Offset(o)) if o >= 0 && !stamped_before(&brokers, &topic, p, o, ts)? => {
+                            Ok(o)
+                        }
                         // No record at or after the time: start at the end.
                         _ => watermarks().map(|(_, high)| high),
                     }
@@ -207,36 +205,48 @@ impl KafkaSource {
         });
         Ok(resolved.await??)
     }
+}
 
-    fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition as i32);
-        tpl
-    }
-
-    /// Stops fetching a partition (a failing batch is being retried: no
-    /// point prefetching more).
-    pub fn pause(&self, topic: &str, partition: u32) {
-        if let Err(e) = self.consumer.pause(&Self::tpl(topic, partition)) {
-            tracing::debug!(topic, partition, error = %e, "pause failed");
+/// Is the first record at or after `offset` stamped before `timestamp_ms`?
+/// (No record there, or one without a timestamp: no.) Read with a consumer
+/// of its own: the worker's consumer fetches each partition once, for its
+/// lease. Blocking.
+fn stamped_before(
+    brokers: &str,
+    topic: &str,
+    p: i32,
+    offset: i64,
+    timestamp_ms: i64,
+) -> Result<bool, KafkaError> {
+    let consumer: BaseConsumer = client_config(brokers)
+        .set("group.id", "shardline-worker-start")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(record)) => return Ok(record.timestamp().to_millis().is_some_and(|t| t < timestamp_ms)),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(false),
+            Some(Err(e)) => return Err(e),
+            None => {}
         }
     }
+    Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OperationTimedOut))
+}
 
-    pub fn resume(&self, topic: &str, partition: u32) {
-        if let Err(e) = self.consumer.resume(&Self::tpl(topic, partition)) {
-            tracing::debug!(topic, partition, error = %e, "resume failed");
-        }
-    }
-
-    /// The partition's high watermark from the latest statistics.
-    pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
-        crate::lock(&self.consumer.context().high).get(&(topic.to_owned(), partition as i32)).copied()
-    }
+fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition as i32);
+    tpl
 }
 
 /// One leased partition's record queue. Dropping it stops fetching.
 pub struct PartitionReader {
-    queue: Queue,
+    queue: StreamPartitionQueue<SourceContext>,
     source: KafkaSource,
     pub topic: String,
     pub partition: u32,
@@ -265,7 +275,8 @@ impl RecordReader for PartitionReader {
     }
 
     fn lag(&self, cut_to: i64, _finished: i64) -> i64 {
-        self.source.high_watermark(&self.topic, self.partition).map_or(-1, |h| (h - cut_to).max(0))
+        let high = crate::lock(&self.source.consumer.context().high);
+        high.get(&(self.topic.clone(), self.partition as i32)).map_or(-1, |h| (h - cut_to).max(0))
     }
 }
 
@@ -320,8 +331,7 @@ fn headers(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> 
 
 impl Drop for PartitionReader {
     fn drop(&mut self) {
-        let tpl = KafkaSource::tpl(&self.topic, self.partition);
-        if let Err(e) = self.source.consumer.incremental_unassign(&tpl) {
+        if let Err(e) = self.source.consumer.incremental_unassign(&tpl(&self.topic, self.partition)) {
             tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "unassign failed");
         }
     }
@@ -339,13 +349,18 @@ pub struct Shard {
     pub partition: u32,
 }
 
+/// A failing batch is being retried: no point prefetching more.
 impl Hooks for Shard {
     fn failing(&self) {
-        self.client.pause(&self.topic, self.partition);
+        if let Err(e) = self.client.consumer.pause(&tpl(&self.topic, self.partition)) {
+            tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "pause failed");
+        }
     }
 
     fn recovered(&self) {
-        self.client.resume(&self.topic, self.partition);
+        if let Err(e) = self.client.consumer.resume(&tpl(&self.topic, self.partition)) {
+            tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "resume failed");
+        }
     }
 }
 
@@ -415,12 +430,8 @@ impl Shard {
             {
                 Ok(Some(Ok(()))) => Some(Ok(())),
                 Ok(Some(Err(SessionError::Fenced { .. }))) => Some(Err(Exit::Killed)),
-                Ok(other) => {
-                    tracing::warn!(lease = %lease.id, ?other, "start checkpoint refused; retrying");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(lease = %lease.id, error = %e, "start checkpoint failed; retrying");
+                failed => {
+                    tracing::warn!(lease = %lease.id, result = ?failed, "start checkpoint failed; retrying");
                     None
                 }
             }
