@@ -1,15 +1,10 @@
 //! RabbitMQ on the worker: one AMQP connection per process (DESIGN.md),
-//! with a channel per queue slot ([`crate::source::amqp`]) and one for
-//! publishing ([`Publisher`], which lives with the sinks and is
-//! re-exported here for handlers, tests and the load test).
-//!
-//! [`Amqp`] owns the connection. It connects on first use, and whoever
-//! finds it broken reconnects it with backoff (one at a time); until it is
-//! back the worker reports itself unhealthy in its heartbeats. Channels are
-//! not recovered: a queue slot that loses its channel opens a new one and
-//! consumes again, and RabbitMQ has already put its unacknowledged
-//! deliveries back in the queue, so nothing acknowledged is ever lost and
-//! nothing unacknowledged is ever skipped.
+//! with a channel per queue slot and one for publishing ([`Publisher`],
+//! re-exported here for handlers, tests and the load test). [`Amqp`]
+//! connects on first use, and whoever finds it broken reconnects it with
+//! backoff (one at a time); until it is back the worker reports itself
+//! unhealthy in its heartbeats. Channels are not recovered: their users
+//! open new ones (RabbitMQ has requeued what a lost channel had unacked).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -44,11 +44,7 @@ impl<R: RecordReader> Batcher<R> {
     pub async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Arc<Record>>> {
         let first = match self.carry.take() {
             Some(r) => r,
-            None => tokio::select! {
-                biased;
-                () = stop.cancelled() => return None,
-                r = self.reader.next() => r?,
-            },
+            None => stop.run_until_cancelled(self.reader.next()).await??,
         };
         let deadline = Instant::now() + self.limits.window;
         let mut bytes = first.payload_len();

@@ -37,27 +37,14 @@ impl Checkpointer {
         crate::lock(&self.pending).remove(lease);
     }
 
-    fn take(&self) -> Vec<(LeaseId, u64, i64)> {
-        crate::lock(&self.pending).drain().map(|(lease, (epoch, offset))| (lease, epoch, offset)).collect()
-    }
-
-    /// Puts back entries whose call failed, unless a newer one arrived.
-    fn restore(&self, entries: Vec<(LeaseId, u64, i64)>) {
-        let mut pending = crate::lock(&self.pending);
-        for (lease, epoch, offset) in entries {
-            pending.entry(lease).or_insert((epoch, offset));
-        }
-    }
-
     /// Sends until `stop`; reports lost leases as `(lease, epoch)`.
     pub async fn run(self, session: Session, lost: mpsc::Sender<(LeaseId, u64)>, stop: CancellationToken) {
         let mut failures = 0u32;
         loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = self.notify.notified() => {}
+            if stop.run_until_cancelled(self.notify.notified()).await.is_none() {
+                return;
             }
-            let entries = self.take();
+            let entries: Vec<_> = crate::lock(&self.pending).drain().map(|(l, (e, o))| (l, e, o)).collect();
             if entries.is_empty() {
                 continue;
             }
@@ -84,11 +71,13 @@ impl Checkpointer {
                     failures += 1;
                     metrics::counter!("shardline_checkpoint_errors_total").increment(1);
                     tracing::warn!(error = %e, "checkpoint call failed; retrying");
-                    self.restore(entries);
+                    // Put back, unless a newer one arrived meanwhile.
+                    for (lease, epoch, offset) in entries {
+                        crate::lock(&self.pending).entry(lease).or_insert((epoch, offset));
+                    }
                     let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(wait) => {}
+                    if stop.run_until_cancelled(tokio::time::sleep(wait)).await.is_none() {
+                        return;
                     }
                     self.notify.notify_one();
                 }

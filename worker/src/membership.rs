@@ -82,33 +82,29 @@ pub enum SessionError {
 pub struct HeldLeases(Arc<Mutex<BTreeMap<LeaseId, u64>>>);
 
 impl HeldLeases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<LeaseId, u64>> {
-        crate::lock(&self.0)
-    }
-
     pub fn insert(&self, lease: LeaseId, epoch: u64) {
-        self.lock().insert(lease, epoch);
+        crate::lock(&self.0).insert(lease, epoch);
     }
 
     /// Removes the lease if it is held under `epoch` (an older instruction
     /// never stops a newer run).
     pub fn remove(&self, lease: &LeaseId, epoch: u64) {
-        let mut held = self.lock();
+        let mut held = crate::lock(&self.0);
         if held.get(lease) == Some(&epoch) {
             held.remove(lease);
         }
     }
 
     pub fn snapshot(&self) -> BTreeMap<LeaseId, u64> {
-        self.lock().clone()
+        crate::lock(&self.0).clone()
     }
 
     fn clear(&self) {
-        self.lock().clear();
+        crate::lock(&self.0).clear();
     }
 
     fn wire(&self) -> Vec<v1::HeldLease> {
-        self.lock()
+        crate::lock(&self.0)
             .iter()
             .map(|(lease, epoch)| v1::HeldLease { lease: Some(lease.into()), epoch: *epoch })
             .collect()
@@ -125,25 +121,21 @@ impl HeldLeases {
 pub struct Fence(Arc<Mutex<(u64, CancellationToken)>>);
 
 impl Fence {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, CancellationToken)> {
-        crate::lock(&self.0)
-    }
-
     pub fn generation(&self) -> u64 {
-        self.lock().0
+        crate::lock(&self.0).0
     }
 
     /// The kill token of a lease started on an instruction of `generation`
     /// (cancelled when the fence trips); `None` if it has tripped since that
     /// instruction arrived, which must then be ignored.
     pub fn token(&self, generation: u64) -> Option<CancellationToken> {
-        let fence = self.lock();
+        let fence = crate::lock(&self.0);
         (fence.0 == generation).then(|| fence.1.child_token())
     }
 
     /// Stops every lease started before now.
     pub fn trip(&self) {
-        let mut fence = self.lock();
+        let mut fence = crate::lock(&self.0);
         fence.1.cancel();
         fence.0 += 1;
         fence.1 = CancellationToken::new();

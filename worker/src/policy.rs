@@ -2,15 +2,13 @@
 //! and handler semantics"). Every lease runs its batches through
 //! [`Lane::process`], whatever its source, so the rules live in one place.
 //!
-//! A lane takes records in order and does not return until every record is
-//! *finished*: handled successfully, filtered out, or given up on (sent to
-//! the lease's [`FailureSink`]), or, on a drain, *left* for the next owner.
-//! Records a lane owes a decision on are held in a [`Work`], which is the
-//! only way to finish them: finishing marks them in the lease's
-//! [`Tracker`], whose contiguous prefix is what may be checkpointed or
-//! acked. A `Work` dropped with records in it is silent only when the lease
-//! was killed (nothing may be finished then); otherwise it is a bug that
-//! stops the lease, loudly, rather than skip or redo records quietly.
+//! A lane does not return until every record is *finished* (handled,
+//! filtered out, or given up to the lease's [`FailureSink`]) or, on a
+//! drain, *left* for the next owner. Records owed a decision are held in a
+//! [`Work`], the only way to finish them (in the lease's [`Tracker`], whose
+//! contiguous prefix may be checkpointed or acked); one dropped undecided
+//! while the lease is not killed is a bug that stops the lease, loudly,
+//! rather than skip or redo records quietly.
 //!
 //! The rules, in Lambda's terms:
 //!
@@ -121,16 +119,6 @@ impl<'a> Tracker<'a> {
             (self.advanced)(p);
         }
     }
-
-    fn dropped(&self, records: usize) {
-        if !self.kill.is_cancelled() {
-            tracing::error!(
-                records,
-                "records dropped without being finished or left (a bug); stopping the lease"
-            );
-            self.broken.cancel();
-        }
-    }
 }
 
 /// Records a lane owes a decision on (see the module docs).
@@ -168,8 +156,14 @@ impl<'t> Work<'t> {
 
 impl Drop for Work<'_> {
     fn drop(&mut self) {
-        if !self.records.is_empty() {
-            self.tracker.dropped(self.records.len());
+        // Once the lease is killed nothing may be finished: no error then.
+        if !self.records.is_empty() && !self.tracker.kill.is_cancelled() {
+            let records = self.records.len();
+            tracing::error!(
+                records,
+                "records dropped without being finished or left (a bug); stopping the lease"
+            );
+            self.tracker.broken.cancel();
         }
     }
 }

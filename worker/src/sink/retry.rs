@@ -46,7 +46,14 @@ impl RetrySink {
 
     /// The republished copy of `r`, to the retry queue or the dead letters.
     fn message(&self, r: &Record, why: &GaveUp, now_ms: u128, failed_at: &str) -> (Message, bool) {
-        let attempts = previous_attempts(r) + why.attempts.max(1);
+        // Attempts before this delivery, and this one's.
+        let before: u32 = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == headers::ATTEMPTS)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
+            .unwrap_or(0);
+        let attempts = before + why.attempts.max(1);
         let to_dlq = why.reason == Reason::TooOld || self.max_retries.is_some_and(|max| attempts > max);
         let ours =
             |k: &str| is_broker_header(k) || k == headers::ATTEMPTS || k == headers::ATTEMPTS_FAILED_AT;
@@ -101,15 +108,6 @@ impl RetrySink {
         };
         (message, to_dlq)
     }
-}
-
-/// Attempts a record has had before this delivery.
-fn previous_attempts(r: &Record) -> u32 {
-    r.headers
-        .iter()
-        .find(|(k, _)| k == headers::ATTEMPTS)
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 impl FailureSink for RetrySink {

@@ -3,10 +3,9 @@
 //! (room for the next batch while one is in the handler, so the slot does
 //! not idle for a round trip after each ack), and acks with one
 //! multiple-ack per batch, up to the contiguous finished prefix of delivery
-//! tags ([`Acks`]). Released: the consumer is cancelled and the channel
-//! closed, so the rest of the prefetch goes back to the queue. Lost: the
-//! channel is closed at once, and RabbitMQ redelivers everything unacked. A
-//! channel that breaks is reopened; delivery tags start at 1 on each.
+//! tags ([`Acks`]); released or lost, it closes the channel and RabbitMQ
+//! requeues the rest. A channel that breaks is reopened; delivery tags
+//! start at 1 on each.
 //!
 //! Each delivery is tried once: a failing message goes to its retry queue
 //! or the dead letters ([`RetrySink`]), and is acked only after that
@@ -142,12 +141,10 @@ impl Deliveries {
     fn take(&mut self, delivery: Option<Result<lapin::message::Delivery, lapin::Error>>) -> Option<Record> {
         let delivery = match delivery {
             Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                tracing::warn!(slot = self.slot, error = %e, "consumer failed");
-                self.ended = true;
-                return None;
-            }
-            None => {
+            ended => {
+                if let Some(Err(e)) = ended {
+                    tracing::warn!(slot = self.slot, error = %e, "consumer failed");
+                }
                 self.ended = true;
                 return None;
             }

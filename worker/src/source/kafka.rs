@@ -140,71 +140,6 @@ impl KafkaSource {
         });
         Ok((Self { consumer, brokers: brokers.into() }, events))
     }
-
-    /// Resolves `start` (the mapping's starting position when it is not a
-    /// checkpoint) to a concrete offset and starts fetching the partition
-    /// from there. The offset is returned so the lease can checkpoint it at
-    /// once: a later owner then continues from the same place even if no
-    /// record was processed (no gap after `latest`).
-    pub async fn open(
-        &self,
-        topic: &str,
-        partition: u32,
-        start: Start,
-        mapping: &Mapping,
-    ) -> Result<(PartitionReader, i64), SourceError> {
-        let offset = self.resolve(topic, partition, start, mapping).await?;
-        let queue = self
-            .consumer
-            .split_partition_queue(topic, partition as i32)
-            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
-        self.consumer.incremental_assign(&tpl)?;
-        let reader = PartitionReader { queue, source: self.clone(), topic: topic.into(), partition };
-        Ok((reader, offset))
-    }
-
-    async fn resolve(
-        &self,
-        topic: &str,
-        partition: u32,
-        start: Start,
-        m: &Mapping,
-    ) -> Result<i64, SourceError> {
-        let position = match start {
-            Start::Checkpoint(offset) => return Ok(offset),
-            Start::Earliest => StartingPosition::TrimHorizon,
-            Start::MappingDefault => m.starting_position,
-        };
-        let (consumer, brokers, topic) = (self.consumer.clone(), self.brokers.clone(), topic.to_owned());
-        let (p, ts) = (partition as i32, m.starting_timestamp_ms);
-        let resolved = tokio::task::spawn_blocking(move || {
-            let watermarks = || consumer.fetch_watermarks(&topic, p, TIMEOUT);
-            match position {
-                StartingPosition::Latest => watermarks().map(|(_, high)| high),
-                StartingPosition::TrimHorizon => watermarks().map(|(low, _)| low),
-                StartingPosition::AtTimestamp => {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition_offset(&topic, p, Offset::Offset(ts))?;
-                    let found = consumer.offsets_for_times(tpl, TIMEOUT)?;
-                    match found.find_partition(&topic, p).map(|e| e.offset()) {
-                        // Kafka answers -1 when every record is older than
-                        // the time; tansu 0.6.0 answers 0, which would
-                        // rewind the shard to its start. So the answer
-                        // stands only if the record it names is not older
-                        // (as the coordinator's `Offsets::at_time` checks).
-                        Some(Offset::Offset(o)) if o >= 0 && !stamped_before(&brokers, &topic, p, o, ts)? => {
-                            Ok(o)
-                        }
-                        // No record at or after the time: start at the end.
-                        _ => watermarks().map(|(_, high)| high),
-                    }
-                }
-            }
-        });
-        Ok(resolved.await??)
-    }
 }
 
 /// Is the first record at or after `offset` stamped before `timestamp_ms`?
@@ -396,12 +331,63 @@ impl Source for Shard {
 }
 
 impl Shard {
+    /// Resolves the lease's start to a concrete offset (see [`Start`]) and
+    /// starts fetching the partition from there.
+    async fn try_open(&self, lease: &Lease) -> Result<(PartitionReader, i64), SourceError> {
+        let offset = self.resolve(lease).await?;
+        let (client, topic, partition) = (&self.client, self.topic.as_str(), self.partition);
+        let queue = client
+            .consumer
+            .split_partition_queue(topic, partition as i32)
+            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
+        client.consumer.incremental_assign(&tpl)?;
+        let reader = PartitionReader { queue, source: client.clone(), topic: topic.into(), partition };
+        Ok((reader, offset))
+    }
+
+    async fn resolve(&self, lease: &Lease) -> Result<i64, SourceError> {
+        let position = match lease.start {
+            Start::Checkpoint(offset) => return Ok(offset),
+            Start::Earliest => StartingPosition::TrimHorizon,
+            Start::MappingDefault => lease.mapping.starting_position,
+        };
+        let (consumer, brokers) = (self.client.consumer.clone(), self.client.brokers.clone());
+        let (topic, p, ts) = (self.topic.clone(), self.partition as i32, lease.mapping.starting_timestamp_ms);
+        let resolved = tokio::task::spawn_blocking(move || {
+            let watermarks = || consumer.fetch_watermarks(&topic, p, TIMEOUT);
+            match position {
+                StartingPosition::Latest => watermarks().map(|(_, high)| high),
+                StartingPosition::TrimHorizon => watermarks().map(|(low, _)| low),
+                StartingPosition::AtTimestamp => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition_offset(&topic, p, Offset::Offset(ts))?;
+                    let found = consumer.offsets_for_times(tpl, TIMEOUT)?;
+                    match found.find_partition(&topic, p).map(|e| e.offset()) {
+                        // Kafka answers -1 when every record is older than
+                        // the time; tansu 0.6.0 answers 0, which would
+                        // rewind the shard to its start. So the answer
+                        // stands only if the record it names is not older
+                        // (as the coordinator's `Offsets::at_time` checks).
+                        Some(Offset::Offset(o)) if o >= 0 && !stamped_before(&brokers, &topic, p, o, ts)? => {
+                            Ok(o)
+                        }
+                        // No record at or after the time: start at the end.
+                        _ => watermarks().map(|(_, high)| high),
+                    }
+                }
+            }
+        });
+        Ok(resolved.await??)
+    }
+
     /// Opens the partition, retrying with backoff while the broker or topic
     /// is unavailable. `None`: drained before it opened, or it cannot open.
     async fn open_partition(&self, lease: &Lease) -> Option<(PartitionReader, i64)> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(10));
         let opened = crate::persist(&lease.drain, backoff, |wait| async move {
-            match self.client.open(&self.topic, self.partition, lease.start, &lease.mapping).await {
+            match self.try_open(lease).await {
                 Ok(opened) => Some(Some(opened)),
                 Err(e) if !e.retryable() => {
                     tracing::error!(lease = %lease.id, error = %e, "cannot open the partition; giving the lease back");
