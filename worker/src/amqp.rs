@@ -51,7 +51,6 @@ impl Amqp {
         }
     }
 
-    /// `Some(reason)` while the connection is down.
     pub fn problem(&self) -> Option<String> {
         crate::lock(&self.inner.problem).clone()
     }
@@ -127,7 +126,7 @@ pub(crate) fn is_broker_header(key: &str) -> bool {
     key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
 }
 
-/// Builds AMQP headers from byte headers (as long strings).
+/// Byte headers as AMQP long strings.
 pub fn field_table<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> FieldTable {
     let mut table = FieldTable::default();
     for (k, v) in headers {

@@ -1,10 +1,7 @@
-//! Cuts batches by count, bytes or time window (DESIGN.md "Batches").
-//!
-//! A batch starts with the first record available (waiting for it), then
-//! takes more until `batch_size` records, until the next record would pass
-//! `max_batch_bytes` (it is carried into the next batch), or until the
-//! window closes. With a zero window it takes only what is already
-//! buffered, so latency stays low when traffic is light.
+//! Cuts batches by count, bytes or time window (DESIGN.md "Batches"). A
+//! record that does not fit is carried into the next batch. With a zero
+//! window a batch takes only what is already buffered, so latency stays
+//! low when traffic is light.
 
 use std::sync::Arc;
 
@@ -14,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use crate::handler::Record;
 use crate::source::RecordReader;
 
-/// Batch limits, from the mapping.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub batch_size: usize,

@@ -12,7 +12,6 @@ use shardline_proto::topology::headers;
 use crate::amqp::{Message, Publisher};
 use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
 
-/// Every built-in handler under its name.
 pub fn handlers() -> Handlers {
     Handlers::new()
         .with::<Log>("log")
@@ -126,10 +125,9 @@ impl Handler for Log {
 /// Writes each record to Kafka `topic` or to RabbitMQ `exchange` (exactly
 /// one), keeping key and headers and adding `shardline.stream`,
 /// `shardline.partition` (or slot), `shardline.offset` (or delivery tag),
-/// `shardline.worker` and `shardline.invoked_at_ms` (when the handler
-/// invocation began, unix ms, one value per batch: the load-test harness
-/// tells a zombie's work from a lease holder's by it) headers. The batch succeeds once the broker has acknowledged (Kafka) or
-/// confirmed and routed (RabbitMQ) every record.
+/// `shardline.worker` and `shardline.invoked_at_ms` (when the invocation
+/// began: the load-test harness tells a zombie's work from a lease
+/// holder's by it) headers; done once the broker took every record.
 pub struct Forward {
     to: Destination,
     worker: String,

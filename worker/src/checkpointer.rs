@@ -1,10 +1,7 @@
-//! Sends checkpoints to the coordinator asynchronously, coalesced: only the
-//! newest position per lease matters, so while one call is in flight every
-//! new position simply replaces the pending one. The next batch never waits
-//! for the previous checkpoint's acknowledgement.
-//!
-//! A stale-epoch answer means the lease was lost: it is reported to the
-//! runtime, which stops that lease at once.
+//! Sends checkpoints asynchronously, coalesced: only the newest position
+//! per lease matters, so the next batch never waits for the previous
+//! checkpoint's acknowledgement. A stale-epoch answer means the lease was
+//! lost: the runtime stops it at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::membership::{Session, SessionError};
 
-/// Pending checkpoints, shared by the lease tasks (which submit) and the
-/// sender task.
+/// Pending checkpoints, newest per lease.
 #[derive(Clone, Default)]
 pub struct Checkpointer {
     pending: Arc<Mutex<HashMap<LeaseId, (u64, i64)>>>,
@@ -31,8 +27,7 @@ impl Checkpointer {
         self.notify.notify_one();
     }
 
-    /// Drops a pending checkpoint (the lease is released with its final
-    /// offset, or was lost).
+    /// Drops a pending checkpoint (released with its final offset, or lost).
     pub fn forget(&self, lease: &LeaseId) {
         crate::lock(&self.pending).remove(lease);
     }

@@ -54,7 +54,6 @@ impl UsageMeter {
     }
 }
 
-/// Everything a lease task needs, whatever its source.
 pub struct LeaseTask {
     pub lease: Lease,
     pub handler: Arc<dyn DynHandler>,
@@ -97,8 +96,7 @@ impl LeaseTask {
         }
     }
 
-    /// Reads one opened session until it ends; how, and the finished
-    /// prefix then.
+    /// Reads one opened session; how it ended, and the finished prefix.
     async fn session<S: Source>(
         &self,
         source: &S,
@@ -137,8 +135,6 @@ impl LeaseTask {
         (end, tracker.position())
     }
 
-    /// Cuts batches and runs them through `lane` until drained, broken or
-    /// killed.
     async fn batches<R: RecordReader, F: Finalizer>(
         &self,
         lanes: usize,

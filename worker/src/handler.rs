@@ -1,10 +1,7 @@
-//! The handler SDK: what user code implements, and what it is given.
-//!
-//! A [`Handler`] is built once per worker node by [`Handler::init`]; that
-//! one value (a connection pool, a model, a client) is shared by every batch
-//! of every lease the node runs. [`Handler::handle`] runs once per batch.
-//! [`Handlers`] holds several handlers by name, type-erased, so one worker
-//! binary can host many mappings.
+//! The handler SDK. A [`Handler`] is built once per worker node by
+//! [`Handler::init`]; that one value (a connection pool, a model, a client)
+//! is shared by every batch of every lease the node runs. [`Handlers`]
+//! holds several by name, type-erased, so one binary can host many mappings.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -94,17 +91,15 @@ impl Batch {
     }
 }
 
-/// What a handler returns for a successful batch. `failed` names records
-/// that failed individually (used with `report_item_failures`, a later
-/// setting); empty means the whole batch succeeded.
+/// What a handler returns for a successful batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchResponse {
-    /// Positions ([`Record::position`]) of records that failed.
+    /// Positions ([`Record::position`]) of records that failed on their own
+    /// (with `report_item_failures`); empty: the whole batch succeeded.
     pub failed: Vec<i64>,
 }
 
-/// A batch failed. The batch policy decides what happens next (retry,
-/// later bisect or on_failure); the worker keeps running.
+/// A batch failed; the batch policy decides what happens next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct HandlerError {

@@ -1,8 +1,6 @@
 //! `shardline-worker --config FILE`: a worker node hosting the built-in
-//! handlers (`log`, `forward`, `sleep`, `noop`). A bad config exits 2 with
-//! a message naming the field. The first SIGTERM/SIGINT drains (finish
-//! in-flight batches, checkpoint, release every lease); a second exits at
-//! once.
+//! handlers. A bad config exits 2 naming the field; the first
+//! SIGTERM/SIGINT drains, a second exits at once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

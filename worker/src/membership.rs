@@ -1,11 +1,7 @@
-//! The worker's side of the lease protocol: register, heartbeat, follow the
-//! coordinator's instructions, re-register after a coordinator restart or a
-//! lost session, and leave cleanly.
-//!
-//! The session knows nothing about records: it turns instructions into
-//! [`LeaseEvent`]s for the runtime and keeps the set of leases the runtime
-//! says it runs ([`HeldLeases`]). It quotes that set in every heartbeat, so
-//! the coordinator re-sends whatever a lost reply carried, and when it
+//! The worker's side of the lease protocol. The session knows nothing
+//! about records: it turns instructions into [`LeaseEvent`]s and quotes the
+//! leases the runtime runs ([`HeldLeases`]) in every heartbeat, so the
+//! coordinator re-sends whatever a lost reply carried, and when it
 //! registers again, so a coordinator restart moves nothing.
 //!
 //! **Self-fencing** (ARCHITECTURE.md, "Self-fencing"): with no heartbeat
@@ -75,9 +71,7 @@ pub enum SessionError {
     Protocol(String),
 }
 
-/// The leases the runtime runs, by epoch: shared between the runtime (which
-/// updates it) and the session (which quotes it in heartbeats and when
-/// re-registering).
+/// The leases the runtime runs, by epoch, as the session quotes them.
 #[derive(Debug, Clone, Default)]
 pub struct HeldLeases(Arc<Mutex<BTreeMap<LeaseId, u64>>>);
 
@@ -111,12 +105,10 @@ impl HeldLeases {
     }
 }
 
-/// The worker's self-fence, shared by the session (which trips it when the
-/// coordinator has been silent too long) and the runtime (whose lease tasks
-/// stop the moment it trips, whatever the runtime loop is busy with).
-///
-/// Each trip starts a new generation; instructions carry the generation
-/// they arrived in, so one received before a trip is never acted on after.
+/// The worker's self-fence: lease tasks' kill tokens are its children, so
+/// they stop the moment it trips. Each trip starts a new generation;
+/// instructions carry the one they arrived in, so one received before a
+/// trip is never acted on after.
 #[derive(Debug, Clone, Default)]
 pub struct Fence(Arc<Mutex<(u64, CancellationToken)>>);
 
@@ -143,8 +135,7 @@ impl Fence {
 }
 
 /// How long after the last acknowledged heartbeat was sent a worker fences
-/// itself: `session_timeout - margin`, the margin being a fifth of the
-/// session and at least two heartbeat intervals (see the module docs).
+/// itself: `session_timeout` less a fifth of it, and at least two heartbeats.
 pub fn fence_after(session_timeout: Duration, heartbeat_interval: Duration) -> Duration {
     let margin = (session_timeout / 5).max(heartbeat_interval * 2);
     session_timeout.saturating_sub(margin).max(heartbeat_interval)
@@ -245,9 +236,8 @@ impl Session {
         }
     }
 
-    /// One heartbeat, quoting every lease the worker runs. `Ok(None)`: the
-    /// coordinator does not know us (we expired or it restarted): register
-    /// again.
+    /// One heartbeat. `Ok(None)`: the coordinator does not know us (we
+    /// expired or it restarted): register again.
     async fn heartbeat(
         &self,
         held: &HeldLeases,
@@ -323,12 +313,9 @@ impl Session {
         Ok(())
     }
 
-    /// Registers, then heartbeats every interval until `shutdown`, sending
-    /// every instruction to `events` with the fence generation it arrived
-    /// in. `load` builds each heartbeat's report (and the worker's health
-    /// problems, if any); once `draining` fires, heartbeats say so (no new
-    /// leases). Trips `fence` when the coordinator has been silent too long
-    /// (see the module docs); returns [`SessionError::Superseded`] when
+    /// Registers, then heartbeats until `shutdown`, forwarding instructions
+    /// with the fence generation they arrived in and tripping the fence when
+    /// the coordinator is silent too long; [`SessionError::Superseded`] when
     /// another process took over this worker's id.
     pub async fn run(
         self,

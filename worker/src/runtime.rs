@@ -199,8 +199,7 @@ struct Runtime {
     kafka_config: (String, u32),
     /// Stops the helper tasks (and the session).
     background: CancellationToken,
-    /// Tasks that serve the whole worker until `background` stops them:
-    /// the checkpointer, the Kafka consumer's event loop.
+    /// The checkpointer and the Kafka consumer's event loop.
     helpers: Vec<(&'static str, JoinHandle<()>)>,
     handlers: BTreeMap<String, Arc<dyn DynHandler>>,
     checkpointer: Checkpointer,
@@ -212,8 +211,6 @@ struct Runtime {
     inflight: Option<Arc<tokio::sync::Semaphore>>,
     held: HeldLeases,
     stats: StatsTable,
-    /// Trips when the coordinator has been silent too long: every lease
-    /// task's kill token is its child.
     fence: Fence,
     running: HashMap<LeaseId, Running>,
     tasks: JoinSet<Exit>,

@@ -1,10 +1,6 @@
-//! Writing records to Kafka topics: the `on_failure` destination, and the
-//! copy that the `forward` handler shares with it.
-//!
-//! A record that gave up is written unchanged (key, value, headers) to the
-//! mapping's `on_failure` topic, with headers saying where it came from and
-//! why it gave up. The shard may checkpoint past it only once the broker has
-//! acknowledged the write.
+//! Writing records to Kafka topics: the `on_failure` destination (records
+//! unchanged, plus headers saying where they came from and why they gave
+//! up), and the copy that the `forward` handler shares with it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,9 +53,8 @@ pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
     client_config(brokers).set("acks", "all").set("linger.ms", "5").create()
 }
 
-/// Copies `records` to `topic`, keeping key, value and headers and adding
-/// the headers `extra` gives for each; returns once the broker acknowledged
-/// every one.
+/// Copies `records` to `topic` with `extra` headers each; returns once the
+/// broker acknowledged every one.
 pub async fn copy_to(
     producer: &FutureProducer,
     topic: &str,
@@ -91,7 +86,6 @@ pub async fn copy_to(
     Ok(())
 }
 
-/// Writes records that gave up to one Kafka topic.
 pub struct OnFailure {
     pub producer: FutureProducer,
     pub topic: String,

@@ -1,11 +1,7 @@
-//! Publishing with publisher confirms: [`Publisher::publish`] returns only
-//! once RabbitMQ has taken responsibility for every message (confirmed, and
-//! routed to at least one queue: messages are `mandatory`, so one that no
-//! queue would keep is an error, not a silent drop).
-//!
-//! Used for retries and dead letters by queue slots, by the `forward`
-//! handler's AMQP mode, and by tests, examples and the load-test harness as
-//! the producer. Persistent delivery mode, so a confirmed message on a
+//! Publishing with confirms: [`Publisher::publish`] returns only once
+//! RabbitMQ has taken responsibility for every message (confirmed, and
+//! routed: messages are `mandatory`, so one no queue would keep is an
+//! error, not a silent drop). Persistent, so a confirmed message on a
 //! durable queue survives a broker restart.
 
 use std::time::Duration;
@@ -42,7 +38,6 @@ impl PublishError {
     }
 }
 
-/// One message to publish.
 #[derive(Debug, Clone, Default)]
 pub struct Message {
     pub exchange: String,
@@ -70,7 +65,6 @@ impl Publisher {
         Self { amqp, channel: Default::default() }
     }
 
-    /// A publisher on its own connection to `url`.
     pub fn connect(url: &str, name: &str) -> Self {
         Self::new(Amqp::new(url, name))
     }

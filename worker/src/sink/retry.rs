@@ -1,8 +1,6 @@
 //! Where failing queue messages go: the retry queue of their next delay
-//! (`S.retry.<ms>ms`, which brings them back to `S` after the delay), or
-//! the dead-letter exchange once `max_retries` is used up or they are older
-//! than `max_record_age`. Published with confirms; the slot acks the
-//! original only after this returns `Ok`.
+//! (`S.retry.<ms>ms`, which brings them back to `S`), or the dead-letter
+//! exchange once `max_retries` is used up or they are too old.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +20,6 @@ use crate::handler::Record;
 /// that consumes so a failing message is republished faithfully.
 pub type Properties = Arc<Mutex<HashMap<u64, BasicProperties>>>;
 
-/// The retry and dead-letter destinations of one subscription.
 pub struct RetrySink {
     pub publisher: Publisher,
     pub subscription: String,

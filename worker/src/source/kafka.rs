@@ -1,17 +1,8 @@
-//! The Kafka source: one rdkafka consumer per worker process, with one
-//! partition queue per leased shard. A [`Shard`] opens a lease's
-//! partition, makes its resolved start durable (`pin`), and checkpoints
-//! through the coalescing [`Checkpointer`] on every advance of the finished
-//! prefix ([`Checkpoints`]).
-//!
-//! Partitions are assigned by hand (`incremental_assign`), never through a
-//! consumer group: the coordinator is the group. No offsets are committed to
-//! Kafka; checkpoints live in the coordinator.
-//!
-//! Memory is bounded on purpose: each partition buffers at most
-//! `fetch_queue_kib` of prefetched records. When a handler is slower than
-//! the broker, the buffer fills and librdkafka stops fetching that partition
-//! until the handler drains it (backpressure), whatever the backlog.
+//! The Kafka source: one rdkafka consumer per worker process, partitions
+//! assigned by hand (the coordinator is the group; no offsets committed to
+//! Kafka), one partition queue per [`Shard`]. Memory is bounded on purpose:
+//! each partition buffers at most `fetch_queue_kib`; a slow handler fills
+//! it and librdkafka stops fetching that partition (backpressure).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,9 +41,8 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Whether trying again can help: the broker may be down or the topic
-    /// briefly missing, and a partition still open is closed by the run
-    /// being stopped; a bad client config or a panic stays.
+    /// Whether trying again can help: a broker down, a topic briefly
+    /// missing, a partition still open (its old run is stopping) may pass.
     pub fn retryable(&self) -> bool {
         match self {
             SourceError::Kafka(e) => transient(e),
@@ -95,9 +85,8 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Creates the consumer and the task that serves its main queue (which
-    /// carries client events; records all go to partition queues) until
-    /// `stop`.
+    /// The consumer, and the task that serves its main queue (client
+    /// events; records all go to partition queues) until `stop`.
     pub fn new(
         brokers: &str,
         worker_id: &str,
@@ -179,7 +168,7 @@ fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
     tpl
 }
 
-/// One leased partition's record queue. Dropping it stops fetching.
+/// Dropping it stops fetching the partition.
 pub struct PartitionReader {
     queue: StreamPartitionQueue<SourceContext>,
     source: KafkaSource,
@@ -272,13 +261,10 @@ impl Drop for PartitionReader {
     }
 }
 
-/// A shard lease's partition on the worker's consumer.
 pub struct Shard {
     pub client: KafkaSource,
-    /// For making the resolved start durable before the first batch.
     pub session: Session,
     pub checkpointer: Checkpointer,
-    /// `on_failure`, or discard.
     pub sink: Box<dyn FailureSink>,
     pub topic: String,
     pub partition: u32,
@@ -403,8 +389,7 @@ impl Shard {
         opened.await.flatten()
     }
 
-    /// Checkpoints the resolved start and waits for the acknowledgement,
-    /// retrying while the coordinator is unreachable.
+    /// Checkpoints the resolved start, retrying until it is acknowledged.
     async fn pin(&self, lease: &Lease, offset: i64) -> Result<(), Exit> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(2));
         let pinned = crate::persist(&lease.drain, backoff, |_| async move {
@@ -426,8 +411,8 @@ impl Shard {
     }
 }
 
-/// A shard's finalizer: every advance of the finished prefix is submitted
-/// to the coalescing checkpointer; the final one goes in the release.
+/// Every advance of the finished prefix is a checkpoint; the last goes in
+/// the release.
 pub struct Checkpoints {
     checkpointer: Checkpointer,
     lease: LeaseId,

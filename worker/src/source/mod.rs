@@ -1,9 +1,6 @@
-//! Where records come from, side by side under the one lease driver
-//! ([`crate::driver`]): [`kafka`] reads a shard lease's partition, [`amqp`]
-//! a queue slot's deliveries. A [`Source`] opens a lease as a
+//! Where records come from: a [`Source`] opens a lease as a
 //! [`RecordReader`] plus the [`Finalizer`] that makes finished records
 //! final at the broker (a checkpoint, an ack); the driver does the rest.
-//!
 //! Sources use the sinks and clients below them, never the driver or the
 //! runtime above.
 
