@@ -20,7 +20,7 @@ pub struct Limits {
 
 /// Cuts batches from one reader; keeps the record that did not fit.
 pub struct Batcher<R> {
-    reader: R,
+    pub reader: R,
     limits: Limits,
     carry: Option<Record>,
 }
@@ -28,10 +28,6 @@ pub struct Batcher<R> {
 impl<R: RecordReader> Batcher<R> {
     pub fn new(reader: R, limits: Limits) -> Self {
         Self { reader, limits, carry: None }
-    }
-
-    pub fn reader(&self) -> &R {
-        &self.reader
     }
 
     /// The next batch, or `None` when `stop` fires before a first record

@@ -38,13 +38,9 @@ pub struct Chaos {
 impl Handler for Chaos {
     async fn init(ctx: &InitContext) -> Result<Self, InitError> {
         ctx.only(&["topic", "exchange", "poison", "report_items", "sleep_per_batch", "sleep_per_record"])?;
-        let forward = if ctx.settings.contains_key("topic") || ctx.settings.contains_key("exchange") {
-            let mut forward_ctx = ctx.clone();
-            forward_ctx.settings.retain(|k, _| k == "topic" || k == "exchange");
-            Some(Forward::init(&forward_ctx).await?)
-        } else {
-            None
-        };
+        let mut to = ctx.clone();
+        to.settings.retain(|k, _| k == "topic" || k == "exchange");
+        let forward = if to.settings.is_empty() { None } else { Some(Forward::init(&to).await?) };
         let report_items = match ctx.settings.get("report_items") {
             None => false,
             Some(toml::Value::Boolean(b)) => *b,

@@ -182,7 +182,7 @@ impl LeaseTask {
             let records = batcher.next_batch(&lease.drain).await?;
             let finished = tracker.position();
             let cut_to = records.last().map_or(finished, |r| r.position() + 1);
-            let lag = batcher.reader().lag(cut_to, finished);
+            let lag = batcher.reader.lag(cut_to, finished);
             self.stats.lag.store(lag, Ordering::Relaxed);
             metrics::gauge!("shardline_lease_lag", "lease" => lease.id.to_string()).set(lag as f64);
             tracker.add(&records);

@@ -89,12 +89,9 @@ impl HeldLeases {
         }
     }
 
-    pub fn snapshot(&self) -> BTreeMap<LeaseId, u64> {
-        crate::lock(&self.0).clone()
-    }
-
-    fn clear(&self) {
-        crate::lock(&self.0).clear();
+    /// Empties the set; how many it held.
+    fn clear(&self) -> usize {
+        std::mem::take(&mut *crate::lock(&self.0)).len()
     }
 
     fn wire(&self) -> Vec<v1::HeldLease> {
@@ -158,6 +155,9 @@ pub struct Session {
     /// Drawn once per process: a registration under a known id with another
     /// incarnation fences the older process.
     incarnation: u64,
+    /// What the runtime runs, quoted in heartbeats and when registering.
+    pub held: HeldLeases,
+    pub fence: Fence,
 }
 
 impl Session {
@@ -173,7 +173,14 @@ impl Session {
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        Ok(Self { cfg, client: WorkerApiClient::new(channel), incarnation: incarnation() })
+        let client = WorkerApiClient::new(channel);
+        Ok(Self {
+            cfg,
+            client,
+            incarnation: incarnation(),
+            held: HeldLeases::default(),
+            fence: Fence::default(),
+        })
     }
 
     pub fn worker_id(&self) -> &str {
@@ -192,18 +199,14 @@ impl Session {
 
     /// Registers, quoting what the worker still runs; retries with backoff
     /// until the coordinator answers or `shutdown` fires.
-    async fn register(
-        &self,
-        held: &HeldLeases,
-        shutdown: &CancellationToken,
-    ) -> Result<Registered, SessionError> {
+    async fn register(&self, shutdown: &CancellationToken) -> Result<Registered, SessionError> {
         let attempt = || async {
             let message = v1::RegisterRequest {
                 worker_id: self.cfg.worker_id.clone(),
                 address: self.cfg.address.clone(),
                 handlers: self.cfg.handlers.clone(),
                 capacity: self.cfg.capacity,
-                held: held.wire(),
+                held: self.held.wire(),
                 concurrency: self.cfg.concurrency,
                 incarnation: self.incarnation,
             };
@@ -240,7 +243,6 @@ impl Session {
     /// expired or it restarted): register again.
     async fn heartbeat(
         &self,
-        held: &HeldLeases,
         load: v1::LoadReport,
         unhealthy: Vec<String>,
         draining: bool,
@@ -251,7 +253,7 @@ impl Session {
             load: Some(load),
             draining,
             unhealthy,
-            held: held.wire(),
+            held: self.held.wire(),
             incarnation: self.incarnation,
         };
         let mut request = self.request(message);
@@ -271,7 +273,6 @@ impl Session {
         &self,
         entries: Vec<(LeaseId, u64, i64)>,
     ) -> Result<Vec<Result<(), SessionError>>, SessionError> {
-        let leases: Vec<LeaseId> = entries.iter().map(|(l, _, _)| l.clone()).collect();
         let message = v1::CheckpointRequest {
             worker_id: self.cfg.worker_id.clone(),
             entries: entries
@@ -284,7 +285,7 @@ impl Session {
                 .collect(),
         };
         let reply = self.client.clone().checkpoint(self.request(message)).await?.into_inner();
-        Ok(leases.into_iter().zip(reply.results).map(|(lease, r)| status(lease, r)).collect())
+        Ok(entries.into_iter().zip(reply.results).map(|((lease, _, _), r)| status(lease, r)).collect())
     }
 
     /// Confirms a release with the final checkpoint.
@@ -301,10 +302,7 @@ impl Session {
             offset,
         };
         let reply = self.client.clone().release_done(self.request(message)).await?.into_inner();
-        status(
-            lease.clone(),
-            v1::CheckpointResult { status: reply.status, current_epoch: 0, checkpoint: None },
-        )
+        status(lease.clone(), v1::CheckpointResult { status: reply.status, ..Default::default() })
     }
 
     pub async fn deregister(&self) -> Result<(), SessionError> {
@@ -321,8 +319,9 @@ impl Session {
         self,
         ctx: SessionRun<impl Fn() -> (v1::LoadReport, Vec<String>) + Send>,
     ) -> Result<(), SessionError> {
-        let SessionRun { held, events, load, fence, draining, shutdown } = ctx;
-        let mut joined = self.register(&held, &shutdown).await?;
+        let SessionRun { events, load, draining, shutdown } = ctx;
+        let fence = &self.fence;
+        let mut joined = self.register(&shutdown).await?;
         forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
         tracing::info!(worker = %self.cfg.worker_id, "registered with the coordinator");
         let mut acked = joined.sent;
@@ -334,7 +333,7 @@ impl Session {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(fence_at), if !fenced => {
-                    self.trip(&fence, &held, acked);
+                    self.trip(acked);
                     fenced = true;
                     continue;
                 }
@@ -347,12 +346,12 @@ impl Session {
             let sent = Instant::now();
             // A hung call must not hold back the next heartbeat for long.
             let timeout = (joined.fence_after / 3).max(joined.interval);
-            let call = self.heartbeat(&held, report, unhealthy, told_draining, timeout);
+            let call = self.heartbeat(report, unhealthy, told_draining, timeout);
             let result = tokio::select! {
                 biased;
                 result = call => result,
                 () = tokio::time::sleep_until(fence_at), if !fenced => {
-                    self.trip(&fence, &held, acked);
+                    self.trip(acked);
                     fenced = true;
                     continue;
                 }
@@ -369,13 +368,13 @@ impl Session {
                     tracing::warn!(worker = %self.cfg.worker_id, "coordinator lost our session; registering again");
                     // The fence deadline still runs while registering: a
                     // coordinator that expired us may answer only later.
-                    let registering = self.register(&held, &shutdown);
+                    let registering = self.register(&shutdown);
                     tokio::pin!(registering);
                     joined = loop {
                         tokio::select! {
                             result = &mut registering => break result?,
                             () = tokio::time::sleep_until(fence_at), if !fenced => {
-                                self.trip(&fence, &held, acked);
+                                self.trip(acked);
                                 fenced = true;
                             }
                         }
@@ -386,7 +385,7 @@ impl Session {
                 }
                 Err(e @ SessionError::Superseded(_)) => {
                     fence.trip();
-                    held.clear();
+                    self.held.clear();
                     tracing::error!(worker = %self.cfg.worker_id, error = %e, "stopping every lease: another process uses this worker id");
                     return Err(e);
                 }
@@ -398,10 +397,9 @@ impl Session {
     }
 
     /// Self-fencing: the coordinator may hand our leases to others soon.
-    fn trip(&self, fence: &Fence, held: &HeldLeases, acked: Instant) {
-        let leases = held.snapshot().len();
-        fence.trip();
-        held.clear();
+    fn trip(&self, acked: Instant) {
+        self.fence.trip();
+        let leases = self.held.clear();
         metrics::counter!("shardline_self_fenced_total").increment(1);
         // Each lease it ran is lost to this worker: stopped without a release.
         metrics::counter!("shardline_leases_lost_total").increment(leases as u64);
@@ -416,11 +414,9 @@ impl Session {
 
 /// What [`Session::run`] works with.
 pub struct SessionRun<L> {
-    pub held: HeldLeases,
     pub events: mpsc::Sender<(u64, LeaseEvent)>,
     /// Builds each heartbeat's load report and health problems.
     pub load: L,
-    pub fence: Fence,
     pub draining: CancellationToken,
     pub shutdown: CancellationToken,
 }

@@ -50,8 +50,6 @@ pub trait Hooks: Send + Sync {
     fn recovered(&self) {}
 }
 
-impl Hooks for () {}
-
 /// Which records of one lease are finished, shared by its lanes, and what
 /// happens when the finished prefix moves. Positions may have gaps
 /// (compaction, transaction markers): the prefix is the position of the

@@ -1,6 +1,6 @@
 //! The worker runtime: initialise handlers once, join the fleet, and turn
 //! the coordinator's instructions into lease tasks. One loop owns the table
-//! of running leases; the session's [`Fence`] kills every task directly,
+//! of running leases; the session's fence kills every task directly,
 //! whatever this loop is doing. A task that dies gives its lease back, so
 //! the shard moves instead of staying stuck. Shutdown drains every lease,
 //! confirms each release and deregisters, so leases move at once and
@@ -21,7 +21,7 @@ use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
 use crate::driver::{LeaseStats, LeaseTask, UsageMeter};
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
-use crate::membership::{Fence, HeldLeases, LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
+use crate::membership::{LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
 use crate::sink::kafka::OnFailure;
 use crate::sink::{Discard, FailureSink};
 use crate::source::amqp::Slot;
@@ -71,7 +71,6 @@ pub async fn run(
         let field = format!("handlers.{name}");
         return Err(crate::config::Invalid::new(field, "not a handler of this worker", known).into());
     }
-    // One AMQP connection per process, opened when first needed.
     let amqp = Amqp::new(config.amqp_url.clone(), format!("shardline-worker {worker_id}"));
     let contexts = config
         .handlers
@@ -103,7 +102,6 @@ pub async fn run(
         token: config.auth_token.clone(),
     })?;
 
-    let held = HeldLeases::default();
     let usage = UsageMeter::default();
     let stats: StatsTable = Arc::default();
     let background = CancellationToken::new();
@@ -115,12 +113,9 @@ pub async fn run(
         tokio::spawn(checkpointer.clone().run(session.clone(), lost_tx, background.clone())),
     )];
     let (events_tx, mut events_rx) = mpsc::channel(1024);
-    let fence = Fence::default();
     let mut membership = tokio::spawn(session.clone().run(SessionRun {
-        held: held.clone(),
         events: events_tx,
         load: load_report(stats.clone(), amqp.clone(), usage.clone()),
-        fence: fence.clone(),
         draining: draining.clone(),
         shutdown: background.clone(),
     }));
@@ -138,8 +133,6 @@ pub async fn run(
         inflight: (config.max_inflight_batches > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches as usize))),
         amqp,
-        held,
-        fence,
         stats,
         running: HashMap::new(),
         tasks: JoinSet::new(),
@@ -204,17 +197,13 @@ struct Runtime {
     handlers: BTreeMap<String, Arc<dyn DynHandler>>,
     checkpointer: Checkpointer,
     amqp: Amqp,
-    /// Retries and dead letters of queue slots.
     publisher: Publisher,
     usage: UsageMeter,
     /// `max_inflight_batches` permits, shared by every lease.
     inflight: Option<Arc<tokio::sync::Semaphore>>,
-    held: HeldLeases,
     stats: StatsTable,
-    fence: Fence,
     running: HashMap<LeaseId, Running>,
     tasks: JoinSet<Exit>,
-    /// Which lease each task runs.
     task_leases: HashMap<tokio::task::Id, (LeaseId, u64)>,
     /// Shutting down: leases offered now are given straight back.
     draining: bool,
@@ -222,7 +211,7 @@ struct Runtime {
 
 impl Runtime {
     async fn on_event(&mut self, generation: u64, event: LeaseEvent) {
-        if generation != self.fence.generation() {
+        if generation != self.session.fence.generation() {
             // Sent before the worker fenced itself: the coordinator may have
             // given the lease away since. It re-sends what still holds.
             tracing::debug!(?event, "ignoring an instruction from before the self-fence");
@@ -298,7 +287,7 @@ impl Runtime {
                 }
             },
         };
-        let Some(kill) = self.fence.token(generation) else {
+        let Some(kill) = self.session.fence.token(generation) else {
             tracing::debug!(%lease, "fenced since this acquire arrived; not starting it");
             return;
         };
@@ -349,7 +338,7 @@ impl Runtime {
             }
         };
         self.task_leases.insert(spawned.id(), (lease.clone(), epoch));
-        self.held.insert(lease.clone(), epoch);
+        self.session.held.insert(lease.clone(), epoch);
         crate::lock(&self.stats).insert(lease.clone(), (epoch, stats));
         self.running.insert(lease, Running { epoch, stopping: false, drain, kill });
     }
@@ -375,7 +364,7 @@ impl Runtime {
             tracing::warn!(%lease, epoch, lost, "stopping lease at once");
             r.kill.cancel();
             self.checkpointer.forget(lease);
-            self.held.remove(lease, epoch);
+            self.session.held.remove(lease, epoch);
             metrics::counter!("shardline_leases_lost_total").increment(1);
         }
     }
@@ -412,7 +401,7 @@ impl Runtime {
         if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
             self.running.remove(&lease);
         }
-        self.held.remove(&lease, epoch);
+        self.session.held.remove(&lease, epoch);
         let mut table = crate::lock(&self.stats);
         if table.get(&lease).is_some_and(|(e, _)| *e == epoch) {
             table.remove(&lease);
@@ -436,7 +425,7 @@ impl Runtime {
         session: Result<Result<(), SessionError>, tokio::task::JoinError>,
     ) -> Result<(), WorkerError> {
         // Every lease task's kill token is a child of the fence.
-        self.fence.trip();
+        self.session.fence.trip();
         self.join_all().await;
         self.join_helpers().await;
         match session {

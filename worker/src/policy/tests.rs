@@ -11,6 +11,8 @@ use super::*;
 use crate::handler::{Batch, BatchResponse, BoxFuture, DynHandler, HandlerError, Origin, Record};
 use crate::sink::Sent;
 
+impl Hooks for () {}
+
 type Script = dyn Fn(&Batch) -> Result<BatchResponse, HandlerError> + Send + Sync;
 
 /// A handler driven by a closure that records every batch it was given.

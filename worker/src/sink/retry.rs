@@ -13,7 +13,7 @@ use shardline_proto::{FailurePolicy, LeaseId};
 
 use super::publish::{Message, Publisher};
 use super::{FailureSink, GaveUp, Reason, Sent};
-use crate::amqp::is_broker_header;
+use crate::amqp::{field_table, is_broker_header};
 use crate::handler::Record;
 
 /// Each delivery's original properties by delivery tag, kept by the slot
@@ -54,10 +54,8 @@ impl RetrySink {
         let to_dlq = why.reason == Reason::TooOld || self.max_retries.is_some_and(|max| attempts > max);
         let ours =
             |k: &str| is_broker_header(k) || k == headers::ATTEMPTS || k == headers::ATTEMPTS_FAILED_AT;
-        let mut table = FieldTable::default();
-        for (k, v) in r.headers.iter().filter(|(k, _)| !ours(k)) {
-            table.insert(k.as_str().into(), AMQPValue::LongString(v.clone().into()));
-        }
+        let kept = r.headers.iter().filter(|(k, _)| !ours(k));
+        let mut table = field_table(kept.map(|(k, v)| (k.as_str(), v.as_slice())));
         let original = crate::lock(&self.properties).get(&(r.position() as u64)).cloned();
         if let Some(h) = original.as_ref().and_then(|p| p.headers().as_ref()) {
             // Keep the original header types (not the byte copies).
@@ -94,10 +92,11 @@ impl RetrySink {
             routing_key,
             body: r.value.clone(),
             headers: table,
-            message_id: original
-                .is_none()
-                .then(|| r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()))
-                .flatten(),
+            message_id: r
+                .key
+                .as_ref()
+                .filter(|_| original.is_none())
+                .map(|k| String::from_utf8_lossy(k).into()),
             timestamp: original
                 .as_ref()
                 .map_or(r.timestamp_ms.map(|ms| (ms / 1000) as u64), |p| *p.timestamp()),

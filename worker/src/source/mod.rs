@@ -57,8 +57,8 @@ pub enum End {
 
 /// A lease's stream of records, in order.
 pub trait RecordReader: Send {
-    /// The next record, waiting as long as it takes; `None` once this
-    /// reader has ended (its channel broke): the source is opened again.
+    /// The next record, waiting as long as it takes; `None`: the reader
+    /// ended (its channel broke) and the source is opened again.
     fn next(&mut self) -> impl Future<Output = Option<Record>> + Send;
     /// A record if one is already buffered; never waits.
     fn try_next(&mut self) -> Option<Record>;
@@ -67,7 +67,7 @@ pub trait RecordReader: Send {
     fn lag(&self, cut_to: i64, finished: i64) -> i64;
 }
 
-/// Makes finished records final at the source.
+/// Makes finished records final at the source (a checkpoint, an ack).
 pub trait Finalizer: Send + Sync {
     /// Every record before `next` is finished. Called on every advance,
     /// from inside the policy: it must not wait (Kafka submits the
@@ -85,7 +85,6 @@ pub trait Finalizer: Send + Sync {
     fn close(self, how: End, next: i64) -> impl Future<Output = Option<i64>> + Send;
 }
 
-/// A lease opened for reading.
 pub struct Opened<R, F> {
     pub reader: R,
     pub finalizer: F,
@@ -105,16 +104,13 @@ pub trait Source: Hooks + Send + Sync {
         lease: &Lease,
     ) -> impl Future<Output = Result<Opened<Self::Reader, Self::Finalizer>, Exit>> + Send;
 
-    /// Lanes the records are spread over by key.
     fn lanes(&self, _mapping: &Mapping) -> usize {
         1
     }
 
-    /// The failure policy the lanes apply.
     fn policy<'a>(&'a self, mapping: &'a Mapping) -> &'a FailurePolicy {
         &mapping.policy
     }
 
-    /// Where records that gave up go.
     fn sink(&self) -> &dyn FailureSink;
 }
