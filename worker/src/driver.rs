@@ -87,7 +87,12 @@ impl LeaseTask {
             match end {
                 End::Drained => return Exit::Released(last),
                 End::Killed => return Exit::Killed,
-                End::Failed => return Exit::Failed,
+                End::Failed => {
+                    // Records were dropped undecided (a bug, logged): given
+                    // back like a lease whose task died.
+                    metrics::counter!("shardline_lease_task_failures_total").increment(1);
+                    return Exit::Released(None);
+                }
                 End::Broken => {}
             }
             // The source broke (RabbitMQ requeued what it had not seen

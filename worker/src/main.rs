@@ -50,17 +50,13 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        match shardline_worker::run(config, shardline_worker::builtin::handlers(), shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e @ (WorkerError::Init(_) | WorkerError::Config(_) | WorkerError::Metrics { .. })) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        let Err(e) = shardline_worker::run(config, shardline_worker::builtin::handlers(), shutdown).await
+        else {
+            return ExitCode::SUCCESS;
+        };
+        eprintln!("error: {e}");
+        let usage = matches!(e, WorkerError::Init(_) | WorkerError::Config(_) | WorkerError::Metrics { .. });
+        if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
     })
 }
 

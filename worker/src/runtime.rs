@@ -382,11 +382,6 @@ impl Runtime {
     async fn joined(&mut self, done: Joined) {
         let Some((lease, epoch)) = self.task_leases.remove(&task_id(&done)) else { return };
         let exit = match done {
-            Ok((_, Exit::Failed)) => {
-                // Its records were dropped undecided; the error is logged.
-                metrics::counter!("shardline_lease_task_failures_total").increment(1);
-                Exit::Released(None)
-            }
             Ok((_, exit)) => exit,
             Err(e) => {
                 tracing::error!(%lease, epoch, error = %e, "lease task died; giving the lease back");

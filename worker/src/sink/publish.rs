@@ -101,8 +101,7 @@ impl Publisher {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
-            let mut props = m.properties.clone().unwrap_or_default();
-            props = props
+            let mut props = (m.properties.clone().unwrap_or_default())
                 .with_delivery_mode(2)
                 .with_headers(m.headers.clone())
                 .with_timestamp(m.timestamp.unwrap_or(now));
@@ -110,14 +109,9 @@ impl Publisher {
                 props = props.with_message_id(id.as_str().into());
             }
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+            let (exchange, routing_key) = (m.exchange.as_str().into(), m.routing_key.as_str().into());
             let confirm = channel
-                .basic_publish(
-                    m.exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
-                    options,
-                    &m.body,
-                    props,
-                )
+                .basic_publish(exchange, routing_key, options, &m.body, props)
                 .await
                 .map_err(|source| self.failed(format!("publish to `{}`", m.exchange), source))?;
             confirms.push((m, confirm));

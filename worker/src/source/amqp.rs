@@ -169,18 +169,12 @@ impl Deliveries {
 
 impl RecordReader for Deliveries {
     async fn next(&mut self) -> Option<Record> {
-        if self.ended {
-            return None;
-        }
-        let delivery = self.consumer.next().await;
+        let delivery = if self.ended { None } else { self.consumer.next().await };
         self.take(delivery)
     }
 
     fn try_next(&mut self) -> Option<Record> {
-        if self.ended {
-            return None;
-        }
-        let delivery = self.consumer.next().now_or_never()?;
+        let delivery = if self.ended { None } else { self.consumer.next().now_or_never()? };
         self.take(delivery)
     }
 

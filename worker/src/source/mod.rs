@@ -35,14 +35,11 @@ pub struct Lease {
 /// How a lease task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
-    /// Drained: what the release reports (the final checkpoint; `None`:
-    /// the last acknowledged one stands).
+    /// Drained, or failed (given back like a dead task's): what the release
+    /// reports (the final checkpoint; `None`: the last acknowledged stands).
     Released(Option<i64>),
     /// Lost or revoked: nothing more may be checkpointed.
     Killed,
-    /// Records were dropped undecided (a bug, already logged): the lease is
-    /// given back like one whose task died.
-    Failed,
 }
 
 /// How one reading session of a lease ended.
