@@ -62,29 +62,16 @@ impl Handler for Chaos {
         // began, not when its forwarding did.
         let invoked_at_ms = unix_ms();
         tokio::time::sleep(self.per_batch + self.per_record * batch.len() as u32).await;
-        let poisoned: Vec<i64> = match &self.poison {
-            Some(p) => batch
-                .records
-                .iter()
-                .filter(|r| String::from_utf8_lossy(&r.value).contains(p.as_str()))
-                .map(|r| r.position())
-                .collect(),
-            None => Vec::new(),
-        };
+        let is_poison =
+            |r: &Record| self.poison.as_ref().is_some_and(|p| String::from_utf8_lossy(&r.value).contains(p));
+        let poisoned: Vec<i64> =
+            batch.records.iter().filter(|r| is_poison(r)).map(|r| r.position()).collect();
         if !poisoned.is_empty() && !self.report_items {
             return Err(HandlerError::new(format!("poison records at offsets {poisoned:?}")));
         }
         if let Some(forward) = &self.forward {
-            let healthy = Batch {
-                records: batch
-                    .records
-                    .iter()
-                    .filter(|r| !poisoned.contains(&r.position()))
-                    .cloned()
-                    .collect(),
-                ..batch.clone()
-            };
-            forward.send(&healthy, invoked_at_ms).await?;
+            let records = batch.records.iter().filter(|r| !is_poison(r)).cloned().collect();
+            forward.send(&Batch { records, ..batch.clone() }, invoked_at_ms).await?;
         }
         Ok(BatchResponse { failed: poisoned })
     }

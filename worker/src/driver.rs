@@ -15,7 +15,7 @@ use crate::handler::{DynHandler, Record};
 use crate::policy::{CompiledFilter, Lane, LaneStats, Tracker};
 use crate::source::{End, Exit, Finalizer, Lease, Opened, RecordReader, Source};
 
-/// Live figures of one lease, read by the heartbeat's load report.
+/// Live figures of one lease, for the heartbeat's load report.
 #[derive(Debug, Default)]
 pub struct LeaseStats {
     /// The next position to process; -1 until known.

@@ -132,9 +132,8 @@ pub struct InitError {
     pub message: String,
 }
 
-/// What `init` gets: the handler's name and its settings from the worker
-/// config (`[handlers.NAME]`), plus the Kafka brokers and the worker's
-/// RabbitMQ connection for handlers that produce.
+/// What `init` gets: its settings (`[handlers.NAME]`), and the Kafka
+/// brokers and RabbitMQ connection for handlers that produce.
 #[derive(Debug, Clone)]
 pub struct InitContext {
     pub name: String,
@@ -146,7 +145,6 @@ pub struct InitContext {
 }
 
 impl InitContext {
-    /// An error for this handler, for `init` to return.
     pub fn error(&self, message: impl Into<String>) -> InitError {
         InitError { handler: self.name.clone(), message: message.into() }
     }
@@ -203,7 +201,6 @@ impl<H: Handler> DynHandler for H {
 type Factory =
     Box<dyn Fn(InitContext) -> BoxFuture<'static, Result<Arc<dyn DynHandler>, InitError>> + Send + Sync>;
 
-/// Handlers by name, before `init`.
 #[derive(Default)]
 pub struct Handlers {
     factories: BTreeMap<String, Factory>,

@@ -66,8 +66,8 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     })
 }
 
-/// Tries `attempt` until it gives an answer, waiting `min` between tries at
-/// first and twice as long each time up to `max`; `None` once `stop` fires.
+/// Tries `attempt` until it answers, waiting from `min` doubling up to
+/// `max` between tries; `None` once `stop` fires.
 pub(crate) async fn persist<T, F: std::future::Future<Output = Option<T>>>(
     stop: &tokio_util::sync::CancellationToken,
     (min, max): (std::time::Duration, std::time::Duration),

@@ -25,14 +25,13 @@ use tonic::transport::{Channel, Endpoint};
 /// How a worker joins the fleet.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// The coordinator's gRPC URL, e.g. `http://127.0.0.1:7400`.
     pub coordinator: String,
     pub worker_id: String,
     /// Where this worker can be reached (its metrics endpoint); informational.
     pub address: String,
     /// Handlers this worker hosts; it only gets leases of their mappings.
     pub handlers: Vec<String>,
-    /// Most leases to take; 0 = no limit.
+    /// Most leases to take; 0: no limit.
     pub capacity: u32,
     /// Batches this worker runs at once (the balancer's capacity unit).
     pub concurrency: u32,
@@ -45,8 +44,7 @@ pub struct SessionConfig {
 pub enum LeaseEvent {
     /// Start (or restart, if running under an older epoch) from `start`.
     Acquire { lease: LeaseId, epoch: u64, start: Start, mapping: Option<Box<Mapping>> },
-    /// Finish the in-flight batch, checkpoint, then call
-    /// [`Session::release_done`].
+    /// Finish the in-flight batch, then [`Session::release_done`].
     Release { lease: LeaseId, epoch: u64 },
     /// Stop at once, without checkpointing.
     Revoke { lease: LeaseId, epoch: u64 },
@@ -138,7 +136,6 @@ pub fn fence_after(session_timeout: Duration, heartbeat_interval: Duration) -> D
     session_timeout.saturating_sub(margin).max(heartbeat_interval)
 }
 
-/// What a registration answered.
 struct Registered {
     interval: Duration,
     fence_after: Duration,
@@ -147,7 +144,6 @@ struct Registered {
     events: Vec<LeaseEvent>,
 }
 
-/// A connection to the coordinator for one worker.
 #[derive(Clone)]
 pub struct Session {
     cfg: SessionConfig,
@@ -268,7 +264,7 @@ impl Session {
         }
     }
 
-    /// Checkpoints many leases in one call; one result per entry.
+    /// One result per entry.
     pub async fn checkpoint(
         &self,
         entries: Vec<(LeaseId, u64, i64)>,
@@ -288,7 +284,6 @@ impl Session {
         Ok(entries.into_iter().zip(reply.results).map(|((lease, _, _), r)| status(lease, r)).collect())
     }
 
-    /// Confirms a release with the final checkpoint.
     pub async fn release_done(
         &self,
         lease: &LeaseId,
@@ -415,7 +410,7 @@ impl Session {
 /// What [`Session::run`] works with.
 pub struct SessionRun<L> {
     pub events: mpsc::Sender<(u64, LeaseEvent)>,
-    /// Builds each heartbeat's load report and health problems.
+    /// Each heartbeat's load report and health problems.
     pub load: L,
     pub draining: CancellationToken,
     pub shutdown: CancellationToken,
@@ -451,8 +446,8 @@ fn status(lease: LeaseId, r: v1::CheckpointResult) -> Result<(), SessionError> {
 
 fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, SessionError> {
     use v1::instruction::Kind;
-    let lease =
-        |id: Option<&v1::LeaseId>| LeaseId::try_from(id).map_err(|e| SessionError::Protocol(e.to_string()));
+    let bad = |e: shardline_proto::ConvertError| SessionError::Protocol(e.to_string());
+    let lease = |id: Option<&v1::LeaseId>| LeaseId::try_from(id).map_err(bad);
     instructions
         .into_iter()
         .filter_map(|i| i.kind)
@@ -465,10 +460,9 @@ fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, Session
                     mapping: a
                         .mapping
                         .as_ref()
-                        .map(Mapping::try_from)
+                        .map(|m| Mapping::try_from(m).map(Box::new))
                         .transpose()
-                        .map(|m| m.map(Box::new))
-                        .map_err(|e| SessionError::Protocol(e.to_string()))?,
+                        .map_err(bad)?,
                 },
                 Kind::Release(r) => LeaseEvent::Release { lease: lease(r.lease.as_ref())?, epoch: r.epoch },
                 Kind::Revoke(r) => LeaseEvent::Revoke { lease: lease(r.lease.as_ref())?, epoch: r.epoch },

@@ -75,12 +75,10 @@ impl<'a> Tracker<'a> {
         Self { state, advanced, kill: kill.clone(), broken: CancellationToken::new() }
     }
 
-    /// Records cut for processing, in order.
     pub fn add(&self, records: &[Arc<Record>]) {
         crate::lock(&self.state).0.extend(records.iter().map(|r| (r.position(), false)));
     }
 
-    /// The finished prefix: the position of the first unfinished record.
     pub fn position(&self) -> i64 {
         crate::lock(&self.state).1
     }
@@ -119,7 +117,7 @@ impl<'a> Tracker<'a> {
     }
 }
 
-/// Records a lane owes a decision on (see the module docs).
+/// Records a lane owes a decision on.
 #[must_use]
 struct Work<'t> {
     records: Vec<Arc<Record>>,
@@ -128,14 +126,14 @@ struct Work<'t> {
 }
 
 impl<'t> Work<'t> {
-    /// Moves the records `keep` rejects into a `Work` of their own.
+    /// Moves the records `keep` rejects into a `Work` of their own;
+    /// `split_off`, those from `at` on.
     fn split_by(&mut self, keep: impl Fn(&Record) -> bool) -> Work<'t> {
         let (kept, out) = std::mem::take(&mut self.records).into_iter().partition(|r| keep(r));
         self.records = kept;
         Work { records: out, attempts: self.attempts, tracker: self.tracker }
     }
 
-    /// Moves the records from `at` on into a `Work` of their own.
     fn split_off(&mut self, at: usize) -> Work<'t> {
         Work { records: self.records.split_off(at), attempts: self.attempts, tracker: self.tracker }
     }
@@ -166,7 +164,6 @@ impl Drop for Work<'_> {
     }
 }
 
-/// Counts of what a lane did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LaneStats {
     pub handled: u64,
@@ -181,10 +178,9 @@ pub struct LaneStats {
     pub abandoned: u64,
 }
 
-/// Everything a lane needs; one per lease, shared by its lanes.
+/// One per lease, shared by its lanes.
 pub struct Lane<'a> {
     pub handler: &'a dyn DynHandler,
-    /// The handler's name, for metrics.
     pub name: &'a str,
     pub policy: &'a FailurePolicy,
     pub filter: Option<&'a CompiledFilter>,
@@ -206,8 +202,8 @@ fn abandon(failed: Work<'_>, queue: &mut VecDeque<Work<'_>>, lease: &LeaseId, er
 }
 
 impl Lane<'_> {
-    /// Runs `records` (in order, cut when the source was `lag` behind)
-    /// until every one is finished, or left on a drain.
+    /// Runs `records` (cut when the source was `lag` behind) until every
+    /// one is finished, or left on a drain.
     pub async fn process(&self, records: Vec<Arc<Record>>, lag: i64) -> Result<LaneStats, Stopped> {
         let mut paused = false;
         let result = self.run(self.tracker.claim(records), lag, &mut paused).await;

@@ -51,7 +51,7 @@ pub enum WorkerError {
 
 struct Running {
     epoch: u64,
-    /// Killed and on its way out; a second stop is a no-op.
+    /// Killed and on its way out: a second stop is a no-op.
     stopping: bool,
     drain: CancellationToken,
     kill: CancellationToken,
@@ -188,9 +188,7 @@ struct Runtime {
     /// The Kafka consumer and on_failure producer, made at the first shard
     /// lease: a worker that only runs queue slots never talks to Kafka.
     kafka: Option<(KafkaSource, FutureProducer)>,
-    /// Brokers and fetch queue size for making them.
     kafka_config: (String, u32),
-    /// Stops the helper tasks (and the session).
     background: CancellationToken,
     /// The checkpointer and the Kafka consumer's event loop.
     helpers: Vec<(&'static str, JoinHandle<()>)>,
@@ -205,7 +203,7 @@ struct Runtime {
     running: HashMap<LeaseId, Running>,
     tasks: JoinSet<Exit>,
     task_leases: HashMap<tokio::task::Id, (LeaseId, u64)>,
-    /// Shutting down: leases offered now are given straight back.
+    /// Leases offered now are given straight back.
     draining: bool,
 }
 

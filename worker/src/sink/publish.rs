@@ -48,7 +48,7 @@ pub struct Message {
     pub message_id: Option<String>,
     /// Seconds since the Unix epoch (AMQP `timestamp`); `None`: now.
     pub timestamp: Option<u64>,
-    /// Other properties to carry over (content type and the like).
+    /// Others to carry over (content type and the like).
     pub properties: Option<BasicProperties>,
 }
 

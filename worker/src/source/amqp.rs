@@ -139,8 +139,9 @@ impl Deliveries {
                 return None;
             }
         };
-        self.received = i64::try_from(delivery.delivery_tag).unwrap_or(i64::MAX);
-        if delivery.redelivered {
+        let (delivery_tag, redelivered) = (delivery.delivery_tag, delivery.redelivered);
+        self.received = i64::try_from(delivery_tag).unwrap_or(i64::MAX);
+        if redelivered {
             metrics::counter!("shardline_redeliveries_total").increment(1);
         }
         let properties = &delivery.properties;
@@ -156,13 +157,9 @@ impl Deliveries {
             tombstone: false,
             headers,
             timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
-            origin: Origin::Queue {
-                slot: self.slot,
-                delivery_tag: delivery.delivery_tag,
-                redelivered: delivery.redelivered,
-            },
+            origin: Origin::Queue { slot: self.slot, delivery_tag, redelivered },
         };
-        crate::lock(&self.properties).insert(delivery.delivery_tag, delivery.properties);
+        crate::lock(&self.properties).insert(delivery_tag, delivery.properties);
         Some(record)
     }
 }

@@ -74,10 +74,8 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {}
 
-/// How long one broker lookup for a start position may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The worker's one Kafka consumer.
 #[derive(Clone)]
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
@@ -131,10 +129,9 @@ impl KafkaSource {
     }
 }
 
-/// Is the first record at or after `offset` stamped before `timestamp_ms`?
-/// (No record there, or one without a timestamp: no.) Read with a consumer
-/// of its own: the worker's consumer fetches each partition once, for its
-/// lease. Blocking.
+/// Is the first record from `offset` on stamped before `timestamp_ms` (none
+/// there, or no timestamp: no)? Blocking; a consumer of its own, as the
+/// worker's fetches each partition once, for its lease.
 fn stamped_before(
     brokers: &str,
     topic: &str,
@@ -393,12 +390,8 @@ impl Shard {
     async fn pin(&self, lease: &Lease, offset: i64) -> Result<(), Exit> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(2));
         let pinned = crate::persist(&lease.drain, backoff, |_| async move {
-            match self
-                .session
-                .checkpoint(vec![(lease.id.clone(), lease.epoch, offset)])
-                .await
-                .map(|mut r| r.pop())
-            {
+            let entry = vec![(lease.id.clone(), lease.epoch, offset)];
+            match self.session.checkpoint(entry).await.map(|mut r| r.pop()) {
                 Ok(Some(Ok(()))) => Some(Ok(())),
                 Ok(Some(Err(SessionError::Fenced { .. }))) => Some(Err(Exit::Killed)),
                 failed => {
