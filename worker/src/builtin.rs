@@ -4,6 +4,7 @@
 //! `sleep` simulates work, `noop` does nothing (for benchmarks of the
 //! machinery itself), `chaos` injects failures.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
@@ -60,7 +61,7 @@ impl Handler for Chaos {
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
         // Before the simulated work: the receipts say when the invocation
         // began, not when its forwarding did.
-        let invoked_at_ms = unix_ms();
+        let invoked_at_ms = crate::unix_ms();
         tokio::time::sleep(self.per_batch + self.per_record * batch.len() as u32).await;
         let is_poison =
             |r: &Record| self.poison.as_ref().is_some_and(|p| String::from_utf8_lossy(&r.value).contains(p));
@@ -139,16 +140,8 @@ impl Handler for Forward {
     }
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
-        self.send(batch, unix_ms()).await
+        self.send(batch, crate::unix_ms()).await
     }
-}
-
-/// Wall-clock unix ms (0 if the clock is before 1970, which no receipt
-/// reader takes for a real time).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Forward {
@@ -172,26 +165,20 @@ impl Forward {
                     .map_err(|e| HandlerError::new(e.to_string()))?;
             }
             Destination::Amqp { publisher, exchange } => {
-                let messages: Vec<Message> = batch
-                    .records
-                    .iter()
-                    .map(|r| {
-                        let added = source(r);
-                        let headers = r
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_slice()))
-                            .chain(added.iter().map(|(k, v)| (*k, v.as_bytes())));
-                        Message {
-                            exchange: exchange.clone(),
-                            body: r.value.clone(),
-                            headers: crate::amqp::field_table(headers),
-                            message_id: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
-                            timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
-                            ..Message::default()
-                        }
-                    })
-                    .collect();
+                let message = |r: &Arc<Record>| {
+                    let added = source(r);
+                    let ours = added.iter().map(|(k, v)| (*k, v.as_bytes()));
+                    let headers = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+                    Message {
+                        exchange: exchange.clone(),
+                        body: r.value.clone(),
+                        headers: crate::amqp::field_table(headers.chain(ours)),
+                        message_id: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
+                        ..Message::default()
+                    }
+                };
+                let messages: Vec<Message> = batch.records.iter().map(message).collect();
                 publisher.publish(&messages).await.map_err(|e| HandlerError::new(e.to_string()))?;
             }
         }

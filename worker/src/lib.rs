@@ -26,13 +26,10 @@
 //! ```
 //!
 //! Layers, bottom up (a layer imports only those below it): the clients
-//! ([`amqp`], the one RabbitMQ connection) → [`sink`] (where records the
-//! worker writes go: `on_failure`, retry and dead-letter queues, `forward`'s
-//! producers) → [`source`] (Kafka partitions and queue slots, side by side)
-//! → [`batcher`] and [`policy`] (retries; the handler runs here) →
-//! [`driver`] (one lease's loop, for every source) → [`runtime`]
-//! (instructions from the coordinator, drain on shutdown). [`membership`]
-//! and [`checkpointer`] talk to the coordinator.
+//! ([`amqp`]) → [`sink`] (where records the worker writes go) → [`source`]
+//! (Kafka partitions and queue slots) → [`batcher`] and [`policy`] (the
+//! handler runs here) → [`driver`] (one lease's loop, for every source) →
+//! [`runtime`]. [`membership`] and [`checkpointer`] talk to the coordinator.
 
 pub mod amqp;
 pub mod batcher;
@@ -64,6 +61,12 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.clear_poison();
         poisoned.into_inner()
     })
+}
+
+/// Wall-clock Unix ms (0 before 1970, which no reader takes for a real time).
+pub(crate) fn unix_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Tries `attempt` until it answers, waiting from `min` doubling up to

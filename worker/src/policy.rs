@@ -231,10 +231,7 @@ impl Lane<'_> {
                 return Err(Stopped);
             }
             if let Some(max_age) = self.policy.max_record_age {
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64);
-                let limit = now_ms - max_age.as_millis() as i64;
+                let limit = crate::unix_ms() as i64 - max_age.as_millis() as i64;
                 let expired = work.split_by(|r| r.timestamp_ms.is_none_or(|t| t >= limit));
                 if !expired.records.is_empty() {
                     let why = GaveUp {

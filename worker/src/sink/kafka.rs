@@ -63,13 +63,10 @@ pub async fn copy_to(
 ) -> Result<(), SinkError> {
     let sends = records.iter().map(|r| {
         let added = extra(r);
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + added.len());
-        for (key, value) in &r.headers {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
-        for (key, value) in &added {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
+        let empty = OwnedHeaders::new_with_capacity(r.headers.len() + added.len());
+        let all = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        let all = all.chain(added.iter().map(|(k, v)| (*k, v.as_bytes())));
+        let headers = all.fold(empty, |h, (key, value)| h.insert(Header { key, value: Some(value) }));
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
         // A tombstone stays a tombstone: no payload at all, not an empty one.
         if let Some(value) = r.value() {

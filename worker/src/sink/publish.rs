@@ -91,10 +91,9 @@ impl Publisher {
         Ok(channel)
     }
 
-    /// Publishes every message and waits for all their confirms. `Err`
-    /// names the first message that was not confirmed or not routed; the
-    /// caller must treat all of them as not published (some may have been:
-    /// at-least-once).
+    /// Publishes every message and waits for all confirms. `Err` names the
+    /// first one not confirmed or not routed; treat all as not published
+    /// (some may have been: at least once).
     pub async fn publish(&self, messages: &[Message]) -> Result<(), PublishError> {
         let channel = self.channel().await?;
         let now =
