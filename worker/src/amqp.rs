@@ -38,8 +38,7 @@ impl std::fmt::Debug for Amqp {
 }
 
 impl Amqp {
-    /// A handle that connects to `url` on first use; `name` shows in
-    /// RabbitMQ's connection list.
+    /// Connects on first use; `name` shows in RabbitMQ's connection list.
     pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -61,8 +60,7 @@ impl Amqp {
         metrics::gauge!("shardline_amqp_connected").set(if connected { 1.0 } else { 0.0 });
     }
 
-    /// A new channel, reconnecting with backoff as long as it takes;
-    /// `None` once `stop` fires.
+    /// A new channel, reconnecting as long as it takes; `None` once `stop`.
     pub async fn channel(&self, stop: &CancellationToken) -> Option<Channel> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(5));
         crate::persist(stop, backoff, |wait| async move {

@@ -22,12 +22,10 @@ pub fn handlers() -> Handlers {
         .with::<Chaos>("chaos")
 }
 
-/// Fault injection for tests and load tests of the batch policy. A record
-/// whose value contains `poison` fails its batch (or, with `report_items`,
-/// is reported as a failed item); `sleep_per_batch` / `sleep_per_record`
-/// simulate work (and handler timeouts). Records of a batch that succeeds,
-/// and with `report_items` the records not reported, are forwarded to
-/// `topic` as receipts, like `forward`.
+/// Fault injection for tests: a record whose value contains `poison` fails
+/// its batch (or, with `report_items`, is reported as failed);
+/// `sleep_per_batch` / `sleep_per_record` simulate work. The records that
+/// succeed are forwarded to `topic` or `exchange` as receipts, like `forward`.
 pub struct Chaos {
     forward: Option<Forward>,
     poison: Option<String>,

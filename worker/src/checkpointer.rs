@@ -21,7 +21,6 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Queues `offset` (the next offset to process) for `lease`.
     pub fn submit(&self, lease: &LeaseId, epoch: u64, offset: i64) {
         crate::lock(&self.pending).insert(lease.clone(), (epoch, offset));
         self.notify.notify_one();

@@ -33,7 +33,6 @@ pub struct LeaseStats {
 pub struct UsageMeter(Arc<Mutex<BTreeMap<String, shardline_proto::v1::MappingUsage>>>);
 
 impl UsageMeter {
-    /// Adds one processed batch of `mapping`.
     pub fn add(&self, mapping: &str, handler: &str, records: u64, done: &LaneStats) {
         let mut table = crate::lock(&self.0);
         let u = table.entry(mapping.to_owned()).or_insert_with(|| shardline_proto::v1::MappingUsage {

@@ -19,9 +19,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// The payload; empty for a tombstone.
     pub value: Vec<u8>,
-    /// The Kafka record's value is null (a deletion marker in a compacted
-    /// topic), not merely empty. Copies (`forward`, `on_failure`) keep it
-    /// null.
+    /// The Kafka value is null (a compacted topic's deletion marker), not
+    /// merely empty; copies (`forward`, `on_failure`) keep it null.
     pub tombstone: bool,
     pub headers: Vec<(String, Vec<u8>)>,
     /// Milliseconds since the Unix epoch, when the broker gave one.
@@ -231,8 +230,7 @@ impl Handlers {
         self.factories.contains_key(name)
     }
 
-    /// Runs `init` of the named handlers once each; this node shares the
-    /// results for all its leases.
+    /// Runs `init` of the named handlers once each, for all leases.
     pub async fn init(
         &self,
         contexts: Vec<InitContext>,

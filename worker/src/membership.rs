@@ -50,8 +50,7 @@ pub enum LeaseEvent {
     Revoke { lease: LeaseId, epoch: u64 },
 }
 
-/// Errors talking to the coordinator. All are transient from the worker's
-/// point of view except `Fenced`.
+/// Errors talking to the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("coordinator unreachable at {url}: {message}")]
@@ -193,8 +192,7 @@ impl Session {
         request
     }
 
-    /// Registers, quoting what the worker still runs; retries with backoff
-    /// until the coordinator answers or `shutdown` fires.
+    /// Registers, quoting what the worker still runs; retries until answered.
     async fn register(&self, shutdown: &CancellationToken) -> Result<Registered, SessionError> {
         let attempt = || async {
             let message = v1::RegisterRequest {
@@ -328,8 +326,7 @@ impl Session {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(fence_at), if !fenced => {
-                    self.trip(acked);
-                    fenced = true;
+                    self.trip(acked, &mut fenced);
                     continue;
                 }
                 () = tokio::time::sleep(joined.interval) => {}
@@ -346,8 +343,7 @@ impl Session {
                 biased;
                 result = call => result,
                 () = tokio::time::sleep_until(fence_at), if !fenced => {
-                    self.trip(acked);
-                    fenced = true;
+                    self.trip(acked, &mut fenced);
                     continue;
                 }
             };
@@ -368,10 +364,7 @@ impl Session {
                     joined = loop {
                         tokio::select! {
                             result = &mut registering => break result?,
-                            () = tokio::time::sleep_until(fence_at), if !fenced => {
-                                self.trip(acked);
-                                fenced = true;
-                            }
+                            () = tokio::time::sleep_until(fence_at), if !fenced => self.trip(acked, &mut fenced),
                         }
                     };
                     acked = joined.sent;
@@ -392,7 +385,8 @@ impl Session {
     }
 
     /// Self-fencing: the coordinator may hand our leases to others soon.
-    fn trip(&self, acked: Instant) {
+    fn trip(&self, acked: Instant, fenced: &mut bool) {
+        *fenced = true;
         self.fence.trip();
         let leases = self.held.clear();
         metrics::counter!("shardline_self_fenced_total").increment(1);

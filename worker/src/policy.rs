@@ -1,6 +1,5 @@
 //! The batch policy: what happens when a handler fails (DESIGN.md "Batches
-//! and handler semantics"). Every lease runs its batches through
-//! [`Lane::process`], whatever its source, so the rules live in one place.
+//! and handler semantics"), in one place for every source ([`Lane::process`]).
 //!
 //! A lane does not return until every record is *finished* (handled,
 //! filtered out, or given up to the lease's [`FailureSink`]) or, on a
@@ -14,17 +13,16 @@
 //!
 //! - records older than `max_record_age` skip the handler and give up;
 //! - an attempt that errs, panics, times out (`handler_timeout`) or names a
-//!   record that is not in the batch fails the whole sub-batch;
-//! - with `bisect_on_error` a failing sub-batch is split in two and each half
-//!   tried on its own, down to single records (a split is not a retry);
+//!   record not in the batch fails the whole sub-batch;
+//! - with `bisect_on_error` a failing sub-batch is split in two, down to
+//!   single records (a split is not a retry);
 //! - otherwise it is retried after a backoff until `max_retries` is used up
 //!   (`None`: until its records are too old), then gives up;
-//! - with `report_item_failures` the handler names failed records: those
-//!   before the first failure are finished, the rest are retried from it;
-//! - once the lease drains (released to another worker, or shutdown), no
-//!   retry, split or further attempt starts: failing records are left
-//!   unfinished, the lease checkpoints the finished prefix, and the next
-//!   owner retries the rest. So a drain ends within one `handler_timeout`.
+//! - with `report_item_failures` the records before the first one the
+//!   handler names are finished, the rest retried from it;
+//! - once the lease drains, no retry, split or further attempt starts:
+//!   failing records are left for the next owner, so a drain ends within
+//!   one `handler_timeout`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;

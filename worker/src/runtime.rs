@@ -341,7 +341,6 @@ impl Runtime {
         self.running.insert(lease, Running { epoch, stopping: false, drain, kill });
     }
 
-    /// The Kafka consumer and producer, made on first use.
     fn kafka(&mut self) -> Result<(KafkaSource, FutureProducer), SourceError> {
         if let Some((source, producer)) = &self.kafka {
             return Ok((source.clone(), producer.clone()));
@@ -410,9 +409,8 @@ impl Runtime {
         }
     }
 
-    /// The session ended by itself: another process took over this
-    /// worker's id (it already stopped every lease), or it could not
-    /// register before shutdown.
+    /// The session ended by itself: another process took this worker's id
+    /// (it stopped every lease), or it could not register before shutdown.
     async fn session_ended(
         mut self,
         session: Result<Result<(), SessionError>, tokio::task::JoinError>,

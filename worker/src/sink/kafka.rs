@@ -25,9 +25,8 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
-/// Whether a Kafka error may go away by itself (a broker down, a leader
-/// moving, a timeout), not only after someone changes something (the
-/// client's config, a record too large for the topic, permissions).
+/// Whether a Kafka error may go away by itself (a broker down, a timeout),
+/// not only once someone changes something (config, record size, ACLs).
 pub fn transient(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     match e {

@@ -24,11 +24,9 @@ pub struct Lease {
     /// Where to start: the checkpoint, or the mapping's starting position,
     /// or (a partition that appeared after the mapping) the earliest offset.
     pub start: Start,
-    /// Fires on release or shutdown, and with `kill` (it is kill's child):
-    /// finish the in-flight batch, then stop.
+    /// Release or shutdown (and `kill`, its parent): finish the batch.
     pub drain: CancellationToken,
-    /// Fires when the lease is lost or revoked: stop at once, finish
-    /// nothing more.
+    /// Lost or revoked: stop at once, finish nothing more.
     pub kill: CancellationToken,
 }
 
