@@ -394,11 +394,12 @@ impl Runtime {
             self.running.remove(&lease);
         }
         self.session.held.remove(&lease, epoch);
-        let mut table = crate::lock(&self.stats);
-        if table.get(&lease).is_some_and(|(e, _)| *e == epoch) {
-            table.remove(&lease);
+        {
+            let mut table = crate::lock(&self.stats);
+            if table.get(&lease).is_some_and(|(e, _)| *e == epoch) {
+                table.remove(&lease);
+            }
         }
-        drop(table);
         if let Exit::Released(offset) = exit {
             match self.session.release_done(&lease, epoch, offset).await {
                 Ok(()) => tracing::info!(%lease, epoch, ?offset, "lease released"),
