@@ -1,15 +1,10 @@
 //! RabbitMQ on the worker: one AMQP connection per process (DESIGN.md),
-//! with a channel per queue slot ([`crate::source::amqp`]) and one for
-//! publishing ([`Publisher`], which lives with the sinks and is
-//! re-exported here for handlers, tests and the load test).
-//!
-//! [`Amqp`] owns the connection. It connects on first use, and whoever
-//! finds it broken reconnects it with backoff (one at a time); until it is
-//! back the worker reports itself unhealthy in its heartbeats. Channels are
-//! not recovered: a queue slot that loses its channel opens a new one and
-//! consumes again, and RabbitMQ has already put its unacknowledged
-//! deliveries back in the queue, so nothing acknowledged is ever lost and
-//! nothing unacknowledged is ever skipped.
+//! with a channel per queue slot and one for publishing ([`Publisher`],
+//! re-exported here for handlers, tests and the load test). [`Amqp`]
+//! connects on first use, and whoever finds it broken reconnects it with
+//! backoff (one at a time); until it is back the worker reports itself
+//! unhealthy in its heartbeats. Channels are not recovered: their users
+//! open new ones (RabbitMQ has requeued what a lost channel had unacked).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,8 +38,7 @@ impl std::fmt::Debug for Amqp {
 }
 
 impl Amqp {
-    /// A handle that connects to `url` on first use; `name` shows in
-    /// RabbitMQ's connection list.
+    /// Connects on first use; `name` shows in RabbitMQ's connection list.
     pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -56,7 +50,6 @@ impl Amqp {
         }
     }
 
-    /// `Some(reason)` while the connection is down.
     pub fn problem(&self) -> Option<String> {
         crate::lock(&self.inner.problem).clone()
     }
@@ -67,8 +60,7 @@ impl Amqp {
         metrics::gauge!("shardline_amqp_connected").set(if connected { 1.0 } else { 0.0 });
     }
 
-    /// A new channel, reconnecting with backoff as long as it takes;
-    /// `None` once `stop` fires.
+    /// A new channel, reconnecting as long as it takes; `None` once `stop`.
     pub async fn channel(&self, stop: &CancellationToken) -> Option<Channel> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(5));
         crate::persist(stop, backoff, |wait| async move {
@@ -132,7 +124,7 @@ pub(crate) fn is_broker_header(key: &str) -> bool {
     key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
 }
 
-/// Builds AMQP headers from byte headers (as long strings).
+/// Byte headers as AMQP long strings.
 pub fn field_table<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> FieldTable {
     let mut table = FieldTable::default();
     for (k, v) in headers {

@@ -1,10 +1,7 @@
-//! Cuts batches by count, bytes or time window (DESIGN.md "Batches").
-//!
-//! A batch starts with the first record available (waiting for it), then
-//! takes more until `batch_size` records, until the next record would pass
-//! `max_batch_bytes` (it is carried into the next batch), or until the
-//! window closes. With a zero window it takes only what is already
-//! buffered, so latency stays low when traffic is light.
+//! Cuts batches by count, bytes or time window (DESIGN.md "Batches"). A
+//! record that does not fit is carried into the next batch. With a zero
+//! window a batch takes only what is already buffered, so latency stays
+//! low when traffic is light.
 
 use std::sync::Arc;
 
@@ -14,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use crate::handler::Record;
 use crate::source::RecordReader;
 
-/// Batch limits, from the mapping.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub batch_size: usize,
@@ -24,7 +20,7 @@ pub struct Limits {
 
 /// Cuts batches from one reader; keeps the record that did not fit.
 pub struct Batcher<R> {
-    reader: R,
+    pub reader: R,
     limits: Limits,
     carry: Option<Record>,
 }
@@ -34,21 +30,13 @@ impl<R: RecordReader> Batcher<R> {
         Self { reader, limits, carry: None }
     }
 
-    pub fn reader(&self) -> &R {
-        &self.reader
-    }
-
     /// The next batch, or `None` when `stop` fires before a first record
     /// arrives (a record already carried is never dropped: it is returned)
     /// or the reader has ended.
     pub async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Arc<Record>>> {
         let first = match self.carry.take() {
             Some(r) => r,
-            None => tokio::select! {
-                biased;
-                () = stop.cancelled() => return None,
-                r = self.reader.next() => r?,
-            },
+            None => stop.run_until_cancelled(self.reader.next()).await??,
         };
         let deadline = Instant::now() + self.limits.window;
         let mut bytes = first.payload_len();

@@ -4,6 +4,7 @@
 //! `sleep` simulates work, `noop` does nothing (for benchmarks of the
 //! machinery itself), `chaos` injects failures.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
@@ -12,7 +13,6 @@ use shardline_proto::topology::headers;
 use crate::amqp::{Message, Publisher};
 use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
 
-/// Every built-in handler under its name.
 pub fn handlers() -> Handlers {
     Handlers::new()
         .with::<Log>("log")
@@ -22,12 +22,10 @@ pub fn handlers() -> Handlers {
         .with::<Chaos>("chaos")
 }
 
-/// Fault injection for tests and load tests of the batch policy. A record
-/// whose value contains `poison` fails its batch (or, with `report_items`,
-/// is reported as a failed item); `sleep_per_batch` / `sleep_per_record`
-/// simulate work (and handler timeouts). Records of a batch that succeeds,
-/// and with `report_items` the records not reported, are forwarded to
-/// `topic` as receipts, like `forward`.
+/// Fault injection for tests: a record whose value contains `poison` fails
+/// its batch (or, with `report_items`, is reported as failed);
+/// `sleep_per_batch` / `sleep_per_record` simulate work. The records that
+/// succeed are forwarded to `topic` or `exchange` as receipts, like `forward`.
 pub struct Chaos {
     forward: Option<Forward>,
     poison: Option<String>,
@@ -39,13 +37,9 @@ pub struct Chaos {
 impl Handler for Chaos {
     async fn init(ctx: &InitContext) -> Result<Self, InitError> {
         ctx.only(&["topic", "exchange", "poison", "report_items", "sleep_per_batch", "sleep_per_record"])?;
-        let forward = if ctx.settings.contains_key("topic") || ctx.settings.contains_key("exchange") {
-            let mut forward_ctx = ctx.clone();
-            forward_ctx.settings.retain(|k, _| k == "topic" || k == "exchange");
-            Some(Forward::init(&forward_ctx).await?)
-        } else {
-            None
-        };
+        let mut to = ctx.clone();
+        to.settings.retain(|k, _| k == "topic" || k == "exchange");
+        let forward = if to.settings.is_empty() { None } else { Some(Forward::init(&to).await?) };
         let report_items = match ctx.settings.get("report_items") {
             None => false,
             Some(toml::Value::Boolean(b)) => *b,
@@ -65,31 +59,18 @@ impl Handler for Chaos {
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
         // Before the simulated work: the receipts say when the invocation
         // began, not when its forwarding did.
-        let invoked_at_ms = unix_ms();
+        let invoked_at_ms = crate::unix_ms();
         tokio::time::sleep(self.per_batch + self.per_record * batch.len() as u32).await;
-        let poisoned: Vec<i64> = match &self.poison {
-            Some(p) => batch
-                .records
-                .iter()
-                .filter(|r| String::from_utf8_lossy(&r.value).contains(p.as_str()))
-                .map(|r| r.position())
-                .collect(),
-            None => Vec::new(),
-        };
+        let is_poison =
+            |r: &Record| self.poison.as_ref().is_some_and(|p| String::from_utf8_lossy(&r.value).contains(p));
+        let poisoned: Vec<i64> =
+            batch.records.iter().filter(|r| is_poison(r)).map(|r| r.position()).collect();
         if !poisoned.is_empty() && !self.report_items {
             return Err(HandlerError::new(format!("poison records at offsets {poisoned:?}")));
         }
         if let Some(forward) = &self.forward {
-            let healthy = Batch {
-                records: batch
-                    .records
-                    .iter()
-                    .filter(|r| !poisoned.contains(&r.position()))
-                    .cloned()
-                    .collect(),
-                ..batch.clone()
-            };
-            forward.send(&healthy, invoked_at_ms).await?;
+            let records = batch.records.iter().filter(|r| !is_poison(r)).cloned().collect();
+            forward.send(&Batch { records, ..batch.clone() }, invoked_at_ms).await?;
         }
         Ok(BatchResponse { failed: poisoned })
     }
@@ -126,10 +107,9 @@ impl Handler for Log {
 /// Writes each record to Kafka `topic` or to RabbitMQ `exchange` (exactly
 /// one), keeping key and headers and adding `shardline.stream`,
 /// `shardline.partition` (or slot), `shardline.offset` (or delivery tag),
-/// `shardline.worker` and `shardline.invoked_at_ms` (when the handler
-/// invocation began, unix ms, one value per batch: the load-test harness
-/// tells a zombie's work from a lease holder's by it) headers. The batch succeeds once the broker has acknowledged (Kafka) or
-/// confirmed and routed (RabbitMQ) every record.
+/// `shardline.worker` and `shardline.invoked_at_ms` (when the invocation
+/// began: the load-test harness tells a zombie's work from a lease
+/// holder's by it) headers; done once the broker took every record.
 pub struct Forward {
     to: Destination,
     worker: String,
@@ -158,16 +138,8 @@ impl Handler for Forward {
     }
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
-        self.send(batch, unix_ms()).await
+        self.send(batch, crate::unix_ms()).await
     }
-}
-
-/// Wall-clock unix ms (0 if the clock is before 1970, which no receipt
-/// reader takes for a real time).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Forward {
@@ -191,26 +163,20 @@ impl Forward {
                     .map_err(|e| HandlerError::new(e.to_string()))?;
             }
             Destination::Amqp { publisher, exchange } => {
-                let messages: Vec<Message> = batch
-                    .records
-                    .iter()
-                    .map(|r| {
-                        let added = source(r);
-                        let headers = r
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_slice()))
-                            .chain(added.iter().map(|(k, v)| (*k, v.as_bytes())));
-                        Message {
-                            exchange: exchange.clone(),
-                            body: r.value.clone(),
-                            headers: crate::amqp::field_table(headers),
-                            message_id: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
-                            timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
-                            ..Message::default()
-                        }
-                    })
-                    .collect();
+                let message = |r: &Arc<Record>| {
+                    let added = source(r);
+                    let ours = added.iter().map(|(k, v)| (*k, v.as_bytes()));
+                    let headers = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+                    Message {
+                        exchange: exchange.clone(),
+                        body: r.value.clone(),
+                        headers: crate::amqp::field_table(headers.chain(ours)),
+                        message_id: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
+                        ..Message::default()
+                    }
+                };
+                let messages: Vec<Message> = batch.records.iter().map(message).collect();
                 publisher.publish(&messages).await.map_err(|e| HandlerError::new(e.to_string()))?;
             }
         }

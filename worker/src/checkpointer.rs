@@ -1,10 +1,7 @@
-//! Sends checkpoints to the coordinator asynchronously, coalesced: only the
-//! newest position per lease matters, so while one call is in flight every
-//! new position simply replaces the pending one. The next batch never waits
-//! for the previous checkpoint's acknowledgement.
-//!
-//! A stale-epoch answer means the lease was lost: it is reported to the
-//! runtime, which stops that lease at once.
+//! Sends checkpoints asynchronously, coalesced: only the newest position
+//! per lease matters, so the next batch never waits for the previous
+//! checkpoint's acknowledgement. A stale-epoch answer means the lease was
+//! lost: the runtime stops it at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::membership::{Session, SessionError};
 
-/// Pending checkpoints, shared by the lease tasks (which submit) and the
-/// sender task.
+/// Pending checkpoints, newest per lease.
 #[derive(Clone, Default)]
 pub struct Checkpointer {
     pending: Arc<Mutex<HashMap<LeaseId, (u64, i64)>>>,
@@ -25,39 +21,24 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Queues `offset` (the next offset to process) for `lease`.
     pub fn submit(&self, lease: &LeaseId, epoch: u64, offset: i64) {
         crate::lock(&self.pending).insert(lease.clone(), (epoch, offset));
         self.notify.notify_one();
     }
 
-    /// Drops a pending checkpoint (the lease is released with its final
-    /// offset, or was lost).
+    /// Drops a pending checkpoint (released with its final offset, or lost).
     pub fn forget(&self, lease: &LeaseId) {
         crate::lock(&self.pending).remove(lease);
-    }
-
-    fn take(&self) -> Vec<(LeaseId, u64, i64)> {
-        crate::lock(&self.pending).drain().map(|(lease, (epoch, offset))| (lease, epoch, offset)).collect()
-    }
-
-    /// Puts back entries whose call failed, unless a newer one arrived.
-    fn restore(&self, entries: Vec<(LeaseId, u64, i64)>) {
-        let mut pending = crate::lock(&self.pending);
-        for (lease, epoch, offset) in entries {
-            pending.entry(lease).or_insert((epoch, offset));
-        }
     }
 
     /// Sends until `stop`; reports lost leases as `(lease, epoch)`.
     pub async fn run(self, session: Session, lost: mpsc::Sender<(LeaseId, u64)>, stop: CancellationToken) {
         let mut failures = 0u32;
         loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = self.notify.notified() => {}
+            if stop.run_until_cancelled(self.notify.notified()).await.is_none() {
+                return;
             }
-            let entries = self.take();
+            let entries: Vec<_> = crate::lock(&self.pending).drain().map(|(l, (e, o))| (l, e, o)).collect();
             if entries.is_empty() {
                 continue;
             }
@@ -84,11 +65,13 @@ impl Checkpointer {
                     failures += 1;
                     metrics::counter!("shardline_checkpoint_errors_total").increment(1);
                     tracing::warn!(error = %e, "checkpoint call failed; retrying");
-                    self.restore(entries);
+                    // Put back, unless a newer one arrived meanwhile.
+                    for (lease, epoch, offset) in entries {
+                        crate::lock(&self.pending).entry(lease).or_insert((epoch, offset));
+                    }
                     let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(wait) => {}
+                    if stop.run_until_cancelled(tokio::time::sleep(wait)).await.is_none() {
+                        return;
                     }
                     self.notify.notify_one();
                 }

@@ -1,9 +1,6 @@
-//! The worker's TOML config: which coordinator, which handlers (and their
-//! settings), Kafka and drain settings. Parsed strictly and validated before
-//! anything starts; batch settings live with the mapping in the
-//! coordinator's config, so every worker runs a mapping alike. Loading,
-//! env overrides and the field error are `shardline-config`'s, shared with
-//! the coordinator.
+//! The worker's TOML config. Batch settings live with the mapping in the
+//! coordinator's config, so every worker runs a mapping alike; loading,
+//! env overrides and field errors are `shardline-config`'s.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,10 +1,7 @@
-//! The handler SDK: what user code implements, and what it is given.
-//!
-//! A [`Handler`] is built once per worker node by [`Handler::init`]; that
-//! one value (a connection pool, a model, a client) is shared by every batch
-//! of every lease the node runs. [`Handler::handle`] runs once per batch.
-//! [`Handlers`] holds several handlers by name, type-erased, so one worker
-//! binary can host many mappings.
+//! The handler SDK. A [`Handler`] is built once per worker node by
+//! [`Handler::init`]; that one value (a connection pool, a model, a client)
+//! is shared by every batch of every lease the node runs. [`Handlers`]
+//! holds several by name, type-erased, so one binary can host many mappings.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -22,9 +19,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// The payload; empty for a tombstone.
     pub value: Vec<u8>,
-    /// The Kafka record's value is null (a deletion marker in a compacted
-    /// topic), not merely empty. Copies (`forward`, `on_failure`) keep it
-    /// null.
+    /// The Kafka value is null (a compacted topic's deletion marker), not
+    /// merely empty; copies (`forward`, `on_failure`) keep it null.
     pub tombstone: bool,
     pub headers: Vec<(String, Vec<u8>)>,
     /// Milliseconds since the Unix epoch, when the broker gave one.
@@ -94,17 +90,15 @@ impl Batch {
     }
 }
 
-/// What a handler returns for a successful batch. `failed` names records
-/// that failed individually (used with `report_item_failures`, a later
-/// setting); empty means the whole batch succeeded.
+/// What a handler returns for a successful batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchResponse {
-    /// Positions ([`Record::position`]) of records that failed.
+    /// Positions ([`Record::position`]) of records that failed on their own
+    /// (with `report_item_failures`); empty: the whole batch succeeded.
     pub failed: Vec<i64>,
 }
 
-/// A batch failed. The batch policy decides what happens next (retry,
-/// later bisect or on_failure); the worker keeps running.
+/// A batch failed; the batch policy decides what happens next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct HandlerError {
@@ -137,9 +131,8 @@ pub struct InitError {
     pub message: String,
 }
 
-/// What `init` gets: the handler's name and its settings from the worker
-/// config (`[handlers.NAME]`), plus the Kafka brokers and the worker's
-/// RabbitMQ connection for handlers that produce.
+/// What `init` gets: its settings (`[handlers.NAME]`), and the Kafka
+/// brokers and RabbitMQ connection for handlers that produce.
 #[derive(Debug, Clone)]
 pub struct InitContext {
     pub name: String,
@@ -151,7 +144,6 @@ pub struct InitContext {
 }
 
 impl InitContext {
-    /// An error for this handler, for `init` to return.
     pub fn error(&self, message: impl Into<String>) -> InitError {
         InitError { handler: self.name.clone(), message: message.into() }
     }
@@ -208,7 +200,6 @@ impl<H: Handler> DynHandler for H {
 type Factory =
     Box<dyn Fn(InitContext) -> BoxFuture<'static, Result<Arc<dyn DynHandler>, InitError>> + Send + Sync>;
 
-/// Handlers by name, before `init`.
 #[derive(Default)]
 pub struct Handlers {
     factories: BTreeMap<String, Factory>,
@@ -239,8 +230,7 @@ impl Handlers {
         self.factories.contains_key(name)
     }
 
-    /// Runs `init` of the named handlers once each; this node shares the
-    /// results for all its leases.
+    /// Runs `init` of the named handlers once each, for all leases.
     pub async fn init(
         &self,
         contexts: Vec<InitContext>,

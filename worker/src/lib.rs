@@ -26,13 +26,10 @@
 //! ```
 //!
 //! Layers, bottom up (a layer imports only those below it): the clients
-//! ([`amqp`], the one RabbitMQ connection) → [`sink`] (where records the
-//! worker writes go: `on_failure`, retry and dead-letter queues, `forward`'s
-//! producers) → [`source`] (Kafka partitions and queue slots, side by side)
-//! → [`batcher`] and [`policy`] (retries; the handler runs here) →
-//! [`driver`] (one lease's loop, for every source) → [`runtime`]
-//! (instructions from the coordinator, drain on shutdown). [`membership`]
-//! and [`checkpointer`] talk to the coordinator.
+//! ([`amqp`]) → [`sink`] (where records the worker writes go) → [`source`]
+//! (Kafka partitions and queue slots) → [`batcher`] and [`policy`] (the
+//! handler runs here) → [`driver`] (one lease's loop, for every source) →
+//! [`runtime`]. [`membership`] and [`checkpointer`] talk to the coordinator.
 
 pub mod amqp;
 pub mod batcher;
@@ -66,8 +63,14 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     })
 }
 
-/// Tries `attempt` until it gives an answer, waiting `min` between tries at
-/// first and twice as long each time up to `max`; `None` once `stop` fires.
+/// Wall-clock Unix ms (0 before 1970, which no reader takes for a real time).
+pub(crate) fn unix_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Tries `attempt` until it answers, waiting from `min` doubling up to
+/// `max` between tries; `None` once `stop` fires.
 pub(crate) async fn persist<T, F: std::future::Future<Output = Option<T>>>(
     stop: &tokio_util::sync::CancellationToken,
     (min, max): (std::time::Duration, std::time::Duration),
@@ -75,16 +78,10 @@ pub(crate) async fn persist<T, F: std::future::Future<Output = Option<T>>>(
 ) -> Option<T> {
     let mut wait = min;
     loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return None,
-            answer = attempt(wait) => if answer.is_some() { return answer },
+        if let Some(answer) = stop.run_until_cancelled(attempt(wait)).await? {
+            return Some(answer);
         }
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return None,
-            () = tokio::time::sleep(wait) => {}
-        }
+        stop.run_until_cancelled(tokio::time::sleep(wait)).await?;
         wait = (wait * 2).min(max);
     }
 }

@@ -1,8 +1,6 @@
 //! `shardline-worker --config FILE`: a worker node hosting the built-in
-//! handlers (`log`, `forward`, `sleep`, `noop`). A bad config exits 2 with
-//! a message naming the field. The first SIGTERM/SIGINT drains (finish
-//! in-flight batches, checkpoint, release every lease); a second exits at
-//! once.
+//! handlers. A bad config exits 2 naming the field; the first
+//! SIGTERM/SIGINT drains, a second exits at once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,17 +50,13 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        match shardline_worker::run(config, shardline_worker::builtin::handlers(), shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e @ (WorkerError::Init(_) | WorkerError::Config(_) | WorkerError::Metrics { .. })) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        let Err(e) = shardline_worker::run(config, shardline_worker::builtin::handlers(), shutdown).await
+        else {
+            return ExitCode::SUCCESS;
+        };
+        eprintln!("error: {e}");
+        let usage = matches!(e, WorkerError::Init(_) | WorkerError::Config(_) | WorkerError::Metrics { .. });
+        if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
     })
 }
 

@@ -1,27 +1,14 @@
-//! The worker's side of the lease protocol: register, heartbeat, follow the
-//! coordinator's instructions, re-register after a coordinator restart or a
-//! lost session, and leave cleanly.
-//!
-//! The session knows nothing about records: it turns instructions into
-//! [`LeaseEvent`]s for the runtime and keeps the set of leases the runtime
-//! says it runs ([`HeldLeases`]). It quotes that set in every heartbeat, so
-//! the coordinator re-sends whatever a lost reply carried, and when it
+//! The worker's side of the lease protocol. The session knows nothing
+//! about records: it turns instructions into [`LeaseEvent`]s and quotes the
+//! leases the runtime runs ([`HeldLeases`]) in every heartbeat, so the
+//! coordinator re-sends whatever a lost reply carried, and when it
 //! registers again, so a coordinator restart moves nothing.
 //!
-//! **Self-fencing.** The coordinator grants a silent worker's leases away
-//! `session_timeout` after the last heartbeat it *received*. A heartbeat is
-//! received after it was sent, so a worker that has had no acknowledged
-//! heartbeat for `session_timeout - margin`, counted from when the last
-//! acknowledged one was *sent*, is still inside its session on any clock
-//! that runs at the coordinator's rate. At that point the session trips the
-//! [`Fence`]: every lease task stops at once (in-flight handler futures are
-//! dropped, no new batch or retry starts), the held set is emptied, and
-//! instructions received before the trip are ignored. The margin (see
-//! [`fence_after`]) is the time a tripped worker has to stop what it runs
-//! before anyone else may start it: a fifth of the session, and at least two
-//! heartbeat intervals. When the coordinator answers again, the worker
-//! rejoins: its heartbeats quote no leases, so it is sent what it still owns,
-//! or, if it was expired, it registers afresh.
+//! **Self-fencing** (ARCHITECTURE.md, "Self-fencing"): with no heartbeat
+//! acknowledged for [`fence_after`], the session trips the [`Fence`], which
+//! stops every lease task at once. When the coordinator answers again, the
+//! worker rejoins: its heartbeats quote no leases, so it is sent what it
+//! still owns, or, if it was expired, it registers afresh.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -38,14 +25,13 @@ use tonic::transport::{Channel, Endpoint};
 /// How a worker joins the fleet.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// The coordinator's gRPC URL, e.g. `http://127.0.0.1:7400`.
     pub coordinator: String,
     pub worker_id: String,
     /// Where this worker can be reached (its metrics endpoint); informational.
     pub address: String,
     /// Handlers this worker hosts; it only gets leases of their mappings.
     pub handlers: Vec<String>,
-    /// Most leases to take; 0 = no limit.
+    /// Most leases to take; 0: no limit.
     pub capacity: u32,
     /// Batches this worker runs at once (the balancer's capacity unit).
     pub concurrency: u32,
@@ -58,15 +44,13 @@ pub struct SessionConfig {
 pub enum LeaseEvent {
     /// Start (or restart, if running under an older epoch) from `start`.
     Acquire { lease: LeaseId, epoch: u64, start: Start, mapping: Option<Box<Mapping>> },
-    /// Finish the in-flight batch, checkpoint, then call
-    /// [`Session::release_done`].
+    /// Finish the in-flight batch, then [`Session::release_done`].
     Release { lease: LeaseId, epoch: u64 },
     /// Stop at once, without checkpointing.
     Revoke { lease: LeaseId, epoch: u64 },
 }
 
-/// Errors talking to the coordinator. All are transient from the worker's
-/// point of view except `Fenced`.
+/// Errors talking to the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("coordinator unreachable at {url}: {message}")]
@@ -84,73 +68,60 @@ pub enum SessionError {
     Protocol(String),
 }
 
-/// The leases the runtime runs, by epoch: shared between the runtime (which
-/// updates it) and the session (which quotes it in heartbeats and when
-/// re-registering).
+/// The leases the runtime runs, by epoch, as the session quotes them.
 #[derive(Debug, Clone, Default)]
 pub struct HeldLeases(Arc<Mutex<BTreeMap<LeaseId, u64>>>);
 
 impl HeldLeases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<LeaseId, u64>> {
-        crate::lock(&self.0)
-    }
-
     pub fn insert(&self, lease: LeaseId, epoch: u64) {
-        self.lock().insert(lease, epoch);
+        crate::lock(&self.0).insert(lease, epoch);
     }
 
     /// Removes the lease if it is held under `epoch` (an older instruction
     /// never stops a newer run).
-    pub fn remove(&self, lease: &LeaseId, epoch: u64) -> bool {
-        let mut held = self.lock();
-        if held.get(lease) == Some(&epoch) { held.remove(lease).is_some() } else { false }
+    pub fn remove(&self, lease: &LeaseId, epoch: u64) {
+        let mut held = crate::lock(&self.0);
+        if held.get(lease) == Some(&epoch) {
+            held.remove(lease);
+        }
     }
 
-    pub fn snapshot(&self) -> BTreeMap<LeaseId, u64> {
-        self.lock().clone()
-    }
-
-    fn clear(&self) {
-        self.lock().clear();
+    /// Empties the set; how many it held.
+    fn clear(&self) -> usize {
+        std::mem::take(&mut *crate::lock(&self.0)).len()
     }
 
     fn wire(&self) -> Vec<v1::HeldLease> {
-        self.lock()
+        crate::lock(&self.0)
             .iter()
             .map(|(lease, epoch)| v1::HeldLease { lease: Some(lease.into()), epoch: *epoch })
             .collect()
     }
 }
 
-/// The worker's self-fence, shared by the session (which trips it when the
-/// coordinator has been silent too long) and the runtime (whose lease tasks
-/// stop the moment it trips, whatever the runtime loop is busy with).
-///
-/// Each trip starts a new generation; instructions carry the generation
-/// they arrived in, so one received before a trip is never acted on after.
+/// The worker's self-fence: lease tasks' kill tokens are its children, so
+/// they stop the moment it trips. Each trip starts a new generation;
+/// instructions carry the one they arrived in, so one received before a
+/// trip is never acted on after.
 #[derive(Debug, Clone, Default)]
 pub struct Fence(Arc<Mutex<(u64, CancellationToken)>>);
 
 impl Fence {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, CancellationToken)> {
-        crate::lock(&self.0)
-    }
-
     pub fn generation(&self) -> u64 {
-        self.lock().0
+        crate::lock(&self.0).0
     }
 
     /// The kill token of a lease started on an instruction of `generation`
     /// (cancelled when the fence trips); `None` if it has tripped since that
     /// instruction arrived, which must then be ignored.
     pub fn token(&self, generation: u64) -> Option<CancellationToken> {
-        let fence = self.lock();
+        let fence = crate::lock(&self.0);
         (fence.0 == generation).then(|| fence.1.child_token())
     }
 
     /// Stops every lease started before now.
     pub fn trip(&self) {
-        let mut fence = self.lock();
+        let mut fence = crate::lock(&self.0);
         fence.1.cancel();
         fence.0 += 1;
         fence.1 = CancellationToken::new();
@@ -158,14 +129,12 @@ impl Fence {
 }
 
 /// How long after the last acknowledged heartbeat was sent a worker fences
-/// itself: `session_timeout - margin`, the margin being a fifth of the
-/// session and at least two heartbeat intervals (see the module docs).
+/// itself: `session_timeout` less a fifth of it, and at least two heartbeats.
 pub fn fence_after(session_timeout: Duration, heartbeat_interval: Duration) -> Duration {
     let margin = (session_timeout / 5).max(heartbeat_interval * 2);
     session_timeout.saturating_sub(margin).max(heartbeat_interval)
 }
 
-/// What a registration answered.
 struct Registered {
     interval: Duration,
     fence_after: Duration,
@@ -174,7 +143,6 @@ struct Registered {
     events: Vec<LeaseEvent>,
 }
 
-/// A connection to the coordinator for one worker.
 #[derive(Clone)]
 pub struct Session {
     cfg: SessionConfig,
@@ -182,6 +150,9 @@ pub struct Session {
     /// Drawn once per process: a registration under a known id with another
     /// incarnation fences the older process.
     incarnation: u64,
+    /// What the runtime runs, quoted in heartbeats and when registering.
+    pub held: HeldLeases,
+    pub fence: Fence,
 }
 
 impl Session {
@@ -197,7 +168,14 @@ impl Session {
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        Ok(Self { cfg, client: WorkerApiClient::new(channel), incarnation: incarnation() })
+        let client = WorkerApiClient::new(channel);
+        Ok(Self {
+            cfg,
+            client,
+            incarnation: incarnation(),
+            held: HeldLeases::default(),
+            fence: Fence::default(),
+        })
     }
 
     pub fn worker_id(&self) -> &str {
@@ -214,20 +192,15 @@ impl Session {
         request
     }
 
-    /// Registers, quoting what the worker still runs; retries with backoff
-    /// until the coordinator answers or `shutdown` fires.
-    async fn register(
-        &self,
-        held: &HeldLeases,
-        shutdown: &CancellationToken,
-    ) -> Result<Registered, SessionError> {
+    /// Registers, quoting what the worker still runs; retries until answered.
+    async fn register(&self, shutdown: &CancellationToken) -> Result<Registered, SessionError> {
         let attempt = || async {
             let message = v1::RegisterRequest {
                 worker_id: self.cfg.worker_id.clone(),
                 address: self.cfg.address.clone(),
                 handlers: self.cfg.handlers.clone(),
                 capacity: self.cfg.capacity,
-                held: held.wire(),
+                held: self.held.wire(),
                 concurrency: self.cfg.concurrency,
                 incarnation: self.incarnation,
             };
@@ -247,24 +220,23 @@ impl Session {
             .with_max_delay(Duration::from_secs(5))
             .with_jitter()
             .without_max_times();
+        let retried = attempt
+            .retry(backoff)
+            .when(|e| !matches!(e, SessionError::Protocol(_)))
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "register failed; retrying"));
         tokio::select! {
-            result = attempt
-                .retry(backoff)
-                .when(|e| !matches!(e, SessionError::Protocol(_)))
-                .notify(|e, wait| tracing::warn!(error = %e, ?wait, "register failed; retrying")) => result,
-            () = shutdown.cancelled() => Err(SessionError::Unreachable {
-                url: self.cfg.coordinator.clone(),
-                message: "shut down before registering".into(),
-            }),
+            result = retried => result,
+            () = shutdown.cancelled() => {
+                let message = "shut down before registering".into();
+                Err(SessionError::Unreachable { url: self.cfg.coordinator.clone(), message })
+            }
         }
     }
 
-    /// One heartbeat, quoting every lease the worker runs. `Ok(None)`: the
-    /// coordinator does not know us (we expired or it restarted): register
-    /// again.
+    /// One heartbeat. `Ok(None)`: the coordinator does not know us (we
+    /// expired or it restarted): register again.
     async fn heartbeat(
         &self,
-        held: &HeldLeases,
         load: v1::LoadReport,
         unhealthy: Vec<String>,
         draining: bool,
@@ -275,7 +247,7 @@ impl Session {
             load: Some(load),
             draining,
             unhealthy,
-            held: held.wire(),
+            held: self.held.wire(),
             incarnation: self.incarnation,
         };
         let mut request = self.request(message);
@@ -290,12 +262,11 @@ impl Session {
         }
     }
 
-    /// Checkpoints many leases in one call; one result per entry.
+    /// One result per entry.
     pub async fn checkpoint(
         &self,
         entries: Vec<(LeaseId, u64, i64)>,
     ) -> Result<Vec<Result<(), SessionError>>, SessionError> {
-        let leases: Vec<LeaseId> = entries.iter().map(|(l, _, _)| l.clone()).collect();
         let message = v1::CheckpointRequest {
             worker_id: self.cfg.worker_id.clone(),
             entries: entries
@@ -308,10 +279,9 @@ impl Session {
                 .collect(),
         };
         let reply = self.client.clone().checkpoint(self.request(message)).await?.into_inner();
-        Ok(leases.into_iter().zip(reply.results).map(|(lease, r)| status(lease, r)).collect())
+        Ok(entries.into_iter().zip(reply.results).map(|((lease, _, _), r)| status(lease, r)).collect())
     }
 
-    /// Confirms a release with the final checkpoint.
     pub async fn release_done(
         &self,
         lease: &LeaseId,
@@ -325,10 +295,7 @@ impl Session {
             offset,
         };
         let reply = self.client.clone().release_done(self.request(message)).await?.into_inner();
-        status(
-            lease.clone(),
-            v1::CheckpointResult { status: reply.status, current_epoch: 0, checkpoint: None },
-        )
+        status(lease.clone(), v1::CheckpointResult { status: reply.status, ..Default::default() })
     }
 
     pub async fn deregister(&self) -> Result<(), SessionError> {
@@ -337,19 +304,17 @@ impl Session {
         Ok(())
     }
 
-    /// Registers, then heartbeats every interval until `shutdown`, sending
-    /// every instruction to `events` with the fence generation it arrived
-    /// in. `load` builds each heartbeat's report (and the worker's health
-    /// problems, if any); once `draining` fires, heartbeats say so (no new
-    /// leases). Trips `fence` when the coordinator has been silent too long
-    /// (see the module docs); returns [`SessionError::Superseded`] when
+    /// Registers, then heartbeats until `shutdown`, forwarding instructions
+    /// with the fence generation they arrived in and tripping the fence when
+    /// the coordinator is silent too long; [`SessionError::Superseded`] when
     /// another process took over this worker's id.
     pub async fn run(
         self,
         ctx: SessionRun<impl Fn() -> (v1::LoadReport, Vec<String>) + Send>,
     ) -> Result<(), SessionError> {
-        let SessionRun { held, events, load, fence, draining, shutdown } = ctx;
-        let mut joined = self.register(&held, &shutdown).await?;
+        let SessionRun { events, load, draining, shutdown } = ctx;
+        let fence = &self.fence;
+        let mut joined = self.register(&shutdown).await?;
         forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
         tracing::info!(worker = %self.cfg.worker_id, "registered with the coordinator");
         let mut acked = joined.sent;
@@ -361,8 +326,7 @@ impl Session {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(fence_at), if !fenced => {
-                    self.trip(&fence, &held, acked);
-                    fenced = true;
+                    self.trip(acked, &mut fenced);
                     continue;
                 }
                 () = tokio::time::sleep(joined.interval) => {}
@@ -374,13 +338,12 @@ impl Session {
             let sent = Instant::now();
             // A hung call must not hold back the next heartbeat for long.
             let timeout = (joined.fence_after / 3).max(joined.interval);
-            let call = self.heartbeat(&held, report, unhealthy, told_draining, timeout);
+            let call = self.heartbeat(report, unhealthy, told_draining, timeout);
             let result = tokio::select! {
                 biased;
                 result = call => result,
                 () = tokio::time::sleep_until(fence_at), if !fenced => {
-                    self.trip(&fence, &held, acked);
-                    fenced = true;
+                    self.trip(acked, &mut fenced);
                     continue;
                 }
             };
@@ -396,15 +359,12 @@ impl Session {
                     tracing::warn!(worker = %self.cfg.worker_id, "coordinator lost our session; registering again");
                     // The fence deadline still runs while registering: a
                     // coordinator that expired us may answer only later.
-                    let registering = self.register(&held, &shutdown);
+                    let registering = self.register(&shutdown);
                     tokio::pin!(registering);
                     joined = loop {
                         tokio::select! {
                             result = &mut registering => break result?,
-                            () = tokio::time::sleep_until(fence_at), if !fenced => {
-                                self.trip(&fence, &held, acked);
-                                fenced = true;
-                            }
+                            () = tokio::time::sleep_until(fence_at), if !fenced => self.trip(acked, &mut fenced),
                         }
                     };
                     acked = joined.sent;
@@ -413,7 +373,7 @@ impl Session {
                 }
                 Err(e @ SessionError::Superseded(_)) => {
                     fence.trip();
-                    held.clear();
+                    self.held.clear();
                     tracing::error!(worker = %self.cfg.worker_id, error = %e, "stopping every lease: another process uses this worker id");
                     return Err(e);
                 }
@@ -425,10 +385,10 @@ impl Session {
     }
 
     /// Self-fencing: the coordinator may hand our leases to others soon.
-    fn trip(&self, fence: &Fence, held: &HeldLeases, acked: Instant) {
-        let leases = held.snapshot().len();
-        fence.trip();
-        held.clear();
+    fn trip(&self, acked: Instant, fenced: &mut bool) {
+        *fenced = true;
+        self.fence.trip();
+        let leases = self.held.clear();
         metrics::counter!("shardline_self_fenced_total").increment(1);
         // Each lease it ran is lost to this worker: stopped without a release.
         metrics::counter!("shardline_leases_lost_total").increment(leases as u64);
@@ -443,11 +403,9 @@ impl Session {
 
 /// What [`Session::run`] works with.
 pub struct SessionRun<L> {
-    pub held: HeldLeases,
     pub events: mpsc::Sender<(u64, LeaseEvent)>,
-    /// Builds each heartbeat's load report and health problems.
+    /// Each heartbeat's load report and health problems.
     pub load: L,
-    pub fence: Fence,
     pub draining: CancellationToken,
     pub shutdown: CancellationToken,
 }
@@ -482,8 +440,8 @@ fn status(lease: LeaseId, r: v1::CheckpointResult) -> Result<(), SessionError> {
 
 fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, SessionError> {
     use v1::instruction::Kind;
-    let lease =
-        |id: Option<&v1::LeaseId>| LeaseId::try_from(id).map_err(|e| SessionError::Protocol(e.to_string()));
+    let bad = |e: shardline_proto::ConvertError| SessionError::Protocol(e.to_string());
+    let lease = |id: Option<&v1::LeaseId>| LeaseId::try_from(id).map_err(bad);
     instructions
         .into_iter()
         .filter_map(|i| i.kind)
@@ -496,10 +454,9 @@ fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, Session
                     mapping: a
                         .mapping
                         .as_ref()
-                        .map(Mapping::try_from)
+                        .map(|m| Mapping::try_from(m).map(Box::new))
                         .transpose()
-                        .map(|m| m.map(Box::new))
-                        .map_err(|e| SessionError::Protocol(e.to_string()))?,
+                        .map_err(bad)?,
                 },
                 Kind::Release(r) => LeaseEvent::Release { lease: lease(r.lease.as_ref())?, epoch: r.epoch },
                 Kind::Revoke(r) => LeaseEvent::Revoke { lease: lease(r.lease.as_ref())?, epoch: r.epoch },

@@ -1,32 +1,28 @@
 //! The batch policy: what happens when a handler fails (DESIGN.md "Batches
-//! and handler semantics"). Every lease runs its batches through
-//! [`Lane::process`], whatever its source, so the rules live in one place.
+//! and handler semantics"), in one place for every source ([`Lane::process`]).
 //!
-//! A lane takes records in order and does not return until every record is
-//! *finished*: handled successfully, filtered out, or given up on (sent to
-//! the lease's [`FailureSink`]), or, on a drain, *left* for the next owner.
-//! Records a lane owes a decision on are held in a [`Work`], which is the
-//! only way to finish them: finishing marks them in the lease's
-//! [`Tracker`], whose contiguous prefix is what may be checkpointed or
-//! acked. A `Work` dropped with records in it is silent only when the lease
-//! was killed (nothing may be finished then); otherwise it is a bug that
-//! stops the lease, loudly, rather than skip or redo records quietly.
+//! A lane does not return until every record is *finished* (handled,
+//! filtered out, or given up to the lease's [`FailureSink`]) or, on a
+//! drain, *left* for the next owner. Records owed a decision are held in a
+//! [`Work`], the only way to finish them (in the lease's [`Tracker`], whose
+//! contiguous prefix may be checkpointed or acked); one dropped undecided
+//! while the lease is not killed is a bug that stops the lease, loudly,
+//! rather than skip or redo records quietly.
 //!
 //! The rules, in Lambda's terms:
 //!
 //! - records older than `max_record_age` skip the handler and give up;
 //! - an attempt that errs, panics, times out (`handler_timeout`) or names a
-//!   record that is not in the batch fails the whole sub-batch;
-//! - with `bisect_on_error` a failing sub-batch is split in two and each half
-//!   tried on its own, down to single records (a split is not a retry);
+//!   record not in the batch fails the whole sub-batch;
+//! - with `bisect_on_error` a failing sub-batch is split in two, down to
+//!   single records (a split is not a retry);
 //! - otherwise it is retried after a backoff until `max_retries` is used up
 //!   (`None`: until its records are too old), then gives up;
-//! - with `report_item_failures` the handler names failed records: those
-//!   before the first failure are finished, the rest are retried from it;
-//! - once the lease drains (released to another worker, or shutdown), no
-//!   retry, split or further attempt starts: failing records are left
-//!   unfinished, the lease checkpoints the finished prefix, and the next
-//!   owner retries the rest. So a drain ends within one `handler_timeout`.
+//! - with `report_item_failures` the records before the first one the
+//!   handler names are finished, the rest retried from it;
+//! - once the lease drains, no retry, split or further attempt starts:
+//!   failing records are left for the next owner, so a drain ends within
+//!   one `handler_timeout`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -52,59 +48,17 @@ pub trait Hooks: Send + Sync {
     fn recovered(&self) {}
 }
 
-impl Hooks for () {}
-
-/// Which records of a lease are finished, in order of position. Positions
-/// may have gaps (compaction, transaction markers): the checkpoint is the
-/// position of the first unfinished record, or one past the last one seen.
-#[derive(Debug, Default)]
-pub struct Completion {
-    pending: BTreeMap<i64, bool>,
-    position: i64,
-}
-
-impl Completion {
-    pub fn new(position: i64) -> Self {
-        Self { pending: BTreeMap::new(), position }
-    }
-
-    /// Records about to be processed.
-    pub fn add(&mut self, positions: impl IntoIterator<Item = i64>) {
-        for o in positions {
-            self.pending.insert(o, false);
-        }
-    }
-
-    /// Marks a record finished; returns the new checkpoint if it moved.
-    pub fn finish(&mut self, position: i64) -> Option<i64> {
-        if let Some(done) = self.pending.get_mut(&position) {
-            *done = true;
-        }
-        let before = self.position;
-        while let Some((&o, &done)) = self.pending.first_key_value() {
-            if !done {
-                self.position = self.position.max(o);
-                break;
-            }
-            self.pending.pop_first();
-            self.position = o + 1;
-        }
-        (self.position != before).then_some(self.position)
-    }
-
-    pub fn position(&self) -> i64 {
-        self.position
-    }
-}
-
-/// One lease's [`Completion`], shared by its lanes, and what happens when
-/// its finished prefix moves.
+/// Which records of one lease are finished, shared by its lanes, and what
+/// happens when the finished prefix moves. Positions may have gaps
+/// (compaction, transaction markers): the prefix is the position of the
+/// first unfinished record, or one past the last one seen.
 ///
 /// The lanes of a lease are futures of one task, so this lock is never
 /// contended; it is a lock and not a `RefCell` only because the task must be
 /// `Send` to run on tokio's threads, and a future holding `&RefCell` is not.
 pub struct Tracker<'a> {
-    completion: Mutex<Completion>,
+    /// Records cut and not yet in the prefix (finished or not), and the prefix.
+    state: Mutex<(BTreeMap<i64, bool>, i64)>,
     /// Called with the new prefix on every advance (must not wait).
     advanced: &'a (dyn Fn(i64) + Send + Sync),
     kill: CancellationToken,
@@ -115,22 +69,16 @@ impl<'a> Tracker<'a> {
     /// Starts at `position`; `kill` is the lease's: records dropped once it
     /// fired are not finished, and that is no error.
     pub fn new(position: i64, kill: &CancellationToken, advanced: &'a (dyn Fn(i64) + Send + Sync)) -> Self {
-        Self {
-            completion: Mutex::new(Completion::new(position)),
-            advanced,
-            kill: kill.clone(),
-            broken: CancellationToken::new(),
-        }
+        let state = Mutex::new((BTreeMap::new(), position));
+        Self { state, advanced, kill: kill.clone(), broken: CancellationToken::new() }
     }
 
-    /// Records cut for processing, in order.
     pub fn add(&self, records: &[Arc<Record>]) {
-        crate::lock(&self.completion).add(records.iter().map(|r| r.position()));
+        crate::lock(&self.state).0.extend(records.iter().map(|r| (r.position(), false)));
     }
 
-    /// The finished prefix: the position of the first unfinished record.
     pub fn position(&self) -> i64 {
-        crate::lock(&self.completion).position()
+        crate::lock(&self.state).1
     }
 
     /// Fires when records were dropped undecided (a bug): the lease stops.
@@ -143,26 +91,31 @@ impl<'a> Tracker<'a> {
     }
 
     fn finish(&self, records: &[Arc<Record>]) {
-        let mut completion = crate::lock(&self.completion);
-        let moved = records.iter().filter_map(|r| completion.finish(r.position())).last();
-        drop(completion);
+        let mut state = crate::lock(&self.state);
+        let (pending, position) = &mut *state;
+        let before = *position;
+        for r in records {
+            if let Some(done) = pending.get_mut(&r.position()) {
+                *done = true;
+            }
+        }
+        while let Some((&p, &done)) = pending.first_key_value() {
+            if !done {
+                *position = (*position).max(p);
+                break;
+            }
+            pending.pop_first();
+            *position = p + 1;
+        }
+        let moved = (*position != before).then_some(*position);
+        drop(state);
         if let Some(p) = moved {
             (self.advanced)(p);
         }
     }
-
-    fn dropped(&self, records: usize) {
-        if !self.kill.is_cancelled() {
-            tracing::error!(
-                records,
-                "records dropped without being finished or left (a bug); stopping the lease"
-            );
-            self.broken.cancel();
-        }
-    }
 }
 
-/// Records a lane owes a decision on (see the module docs).
+/// Records a lane owes a decision on.
 #[must_use]
 struct Work<'t> {
     records: Vec<Arc<Record>>,
@@ -171,14 +124,14 @@ struct Work<'t> {
 }
 
 impl<'t> Work<'t> {
-    /// Moves the records `keep` rejects into a `Work` of their own.
+    /// Moves the records `keep` rejects into a `Work` of their own;
+    /// `split_off`, those from `at` on.
     fn split_by(&mut self, keep: impl Fn(&Record) -> bool) -> Work<'t> {
         let (kept, out) = std::mem::take(&mut self.records).into_iter().partition(|r| keep(r));
         self.records = kept;
         Work { records: out, attempts: self.attempts, tracker: self.tracker }
     }
 
-    /// Moves the records from `at` on into a `Work` of their own.
     fn split_off(&mut self, at: usize) -> Work<'t> {
         Work { records: self.records.split_off(at), attempts: self.attempts, tracker: self.tracker }
     }
@@ -197,13 +150,18 @@ impl<'t> Work<'t> {
 
 impl Drop for Work<'_> {
     fn drop(&mut self) {
-        if !self.records.is_empty() {
-            self.tracker.dropped(self.records.len());
+        // Once the lease is killed nothing may be finished: no error then.
+        if !self.records.is_empty() && !self.tracker.kill.is_cancelled() {
+            let records = self.records.len();
+            tracing::error!(
+                records,
+                "records dropped without being finished or left (a bug); stopping the lease"
+            );
+            self.tracker.broken.cancel();
         }
     }
 }
 
-/// Counts of what a lane did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LaneStats {
     pub handled: u64,
@@ -218,10 +176,9 @@ pub struct LaneStats {
     pub abandoned: u64,
 }
 
-/// Everything a lane needs; one per lease, shared by its lanes.
+/// One per lease, shared by its lanes.
 pub struct Lane<'a> {
     pub handler: &'a dyn DynHandler,
-    /// The handler's name, for metrics.
     pub name: &'a str,
     pub policy: &'a FailurePolicy,
     pub filter: Option<&'a CompiledFilter>,
@@ -243,8 +200,8 @@ fn abandon(failed: Work<'_>, queue: &mut VecDeque<Work<'_>>, lease: &LeaseId, er
 }
 
 impl Lane<'_> {
-    /// Runs `records` (in order, cut when the source was `lag` behind)
-    /// until every one is finished, or left on a drain.
+    /// Runs `records` (cut when the source was `lag` behind) until every
+    /// one is finished, or left on a drain.
     pub async fn process(&self, records: Vec<Arc<Record>>, lag: i64) -> Result<LaneStats, Stopped> {
         let mut paused = false;
         let result = self.run(self.tracker.claim(records), lag, &mut paused).await;
@@ -272,10 +229,7 @@ impl Lane<'_> {
                 return Err(Stopped);
             }
             if let Some(max_age) = self.policy.max_record_age {
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64);
-                let limit = now_ms - max_age.as_millis() as i64;
+                let limit = crate::unix_ms() as i64 - max_age.as_millis() as i64;
                 let expired = work.split_by(|r| r.timestamp_ms.is_none_or(|t| t >= limit));
                 if !expired.records.is_empty() {
                     let why = GaveUp {
@@ -375,17 +329,22 @@ impl Lane<'_> {
     ) -> Result<Result<BatchResponse, (HandlerError, Reason)>, Stopped> {
         let batch = Batch { records: records.to_vec(), lease: self.lease.clone(), epoch: self.epoch, lag };
         let started = Instant::now();
-        let run = tokio::time::timeout(self.policy.handler_timeout, attempt(self.handler, &batch));
-        let result = tokio::select! {
-            biased;
-            () = self.tracker.kill.cancelled() => return Err(Stopped),
-            r = run => r,
-        };
+        let run = AssertUnwindSafe(self.handler.handle(&batch)).catch_unwind();
+        let run = tokio::time::timeout(self.policy.handler_timeout, run);
+        let result = self.tracker.kill.run_until_cancelled(run).await.ok_or(Stopped)?;
         metrics::histogram!("shardline_handler_duration_seconds", "handler" => self.name.to_owned())
             .record(started.elapsed().as_secs_f64());
         Ok(match result {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err((e, Reason::RetriesExhausted)),
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err((e, Reason::RetriesExhausted)),
+            Ok(Err(panic)) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                Err((HandlerError::new(format!("handler panicked: {message}")), Reason::RetriesExhausted))
+            }
             Err(_) => Err((
                 HandlerError::new(format!("handler timed out after {:?}", self.policy.handler_timeout)),
                 Reason::HandlerTimeout,
@@ -422,27 +381,8 @@ impl Lane<'_> {
                     tracing::error!(lease = %self.lease, error = %e, ?wait, "failure destination refuses the records; retrying until it takes them");
                 }
             }
-            tokio::select! {
-                biased;
-                () = self.tracker.kill.cancelled() => return Err(Stopped),
-                () = tokio::time::sleep(wait) => {}
-            }
+            self.tracker.kill.run_until_cancelled(tokio::time::sleep(wait)).await.ok_or(Stopped)?;
             wait = (wait * 2).min(Duration::from_secs(10));
-        }
-    }
-}
-
-/// Runs one attempt, turning a panic into an error.
-pub async fn attempt(handler: &dyn DynHandler, batch: &Batch) -> Result<BatchResponse, HandlerError> {
-    match AssertUnwindSafe(handler.handle(batch)).catch_unwind().await {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
-            Err(HandlerError::new(format!("handler panicked: {message}")))
         }
     }
 }

@@ -1,14 +1,10 @@
 //! The worker runtime: initialise handlers once, join the fleet, and turn
-//! the coordinator's instructions into lease tasks.
-//!
-//! One loop owns the table of running leases. Acquire starts a task,
-//! Release drains it and confirms with its final offset, Revoke (or a
-//! stale-epoch checkpoint) kills it at once. A task that dies (panics)
-//! gives its lease back, so the shard moves instead of staying stuck. The
-//! session's [`Fence`] kills every task directly when the coordinator has
-//! been silent too long, whatever this loop is doing. The first shutdown
-//! signal drains every lease within `drain_timeout`, confirms each release
-//! and deregisters, so leases move at once and without duplicates.
+//! the coordinator's instructions into lease tasks. One loop owns the table
+//! of running leases; the session's fence kills every task directly,
+//! whatever this loop is doing. A task that dies gives its lease back, so
+//! the shard moves instead of staying stuck. Shutdown drains every lease,
+//! confirms each release and deregisters, so leases move at once and
+//! without duplicates.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -25,7 +21,7 @@ use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
 use crate::driver::{LeaseStats, LeaseTask, UsageMeter};
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
-use crate::membership::{Fence, HeldLeases, LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
+use crate::membership::{LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
 use crate::sink::kafka::OnFailure;
 use crate::sink::{Discard, FailureSink};
 use crate::source::amqp::Slot;
@@ -47,8 +43,6 @@ pub enum WorkerError {
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics { addr: std::net::SocketAddr, source: metrics_exporter_prometheus::BuildError },
     #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
     Session(#[from] SessionError),
     /// A task the worker cannot run without died: a bug, reported loudly.
     #[error("{0}")]
@@ -57,7 +51,7 @@ pub enum WorkerError {
 
 struct Running {
     epoch: u64,
-    /// Killed and on its way out; a second stop is a no-op.
+    /// Killed and on its way out: a second stop is a no-op.
     stopping: bool,
     drain: CancellationToken,
     kill: CancellationToken,
@@ -72,16 +66,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
-    for name in config.handlers.keys() {
-        if !handlers.contains(name) {
-            let known: Vec<&str> = handlers.names().collect();
-            let field = format!("handlers.{name}");
-            let invalid =
-                crate::config::Invalid::new(field, "not a handler of this worker", known.join(", "));
-            return Err(invalid.into());
-        }
+    if let Some(name) = config.handlers.keys().find(|name| !handlers.contains(name)) {
+        let known = handlers.names().collect::<Vec<_>>().join(", ");
+        let field = format!("handlers.{name}");
+        return Err(crate::config::Invalid::new(field, "not a handler of this worker", known).into());
     }
-    // One AMQP connection per process, opened when first needed.
     let amqp = Amqp::new(config.amqp_url.clone(), format!("shardline-worker {worker_id}"));
     let contexts = config
         .handlers
@@ -113,7 +102,6 @@ pub async fn run(
         token: config.auth_token.clone(),
     })?;
 
-    let held = HeldLeases::default();
     let usage = UsageMeter::default();
     let stats: StatsTable = Arc::default();
     let background = CancellationToken::new();
@@ -125,12 +113,9 @@ pub async fn run(
         tokio::spawn(checkpointer.clone().run(session.clone(), lost_tx, background.clone())),
     )];
     let (events_tx, mut events_rx) = mpsc::channel(1024);
-    let fence = Fence::default();
     let mut membership = tokio::spawn(session.clone().run(SessionRun {
-        held: held.clone(),
         events: events_tx,
         load: load_report(stats.clone(), amqp.clone(), usage.clone()),
-        fence: fence.clone(),
         draining: draining.clone(),
         shutdown: background.clone(),
     }));
@@ -138,7 +123,7 @@ pub async fn run(
     let mut rt = Runtime {
         session,
         kafka: None,
-        kafka_config: (config.kafka_brokers.clone(), worker_id.clone(), config.fetch_queue_kib),
+        kafka_config: (config.kafka_brokers.clone(), config.fetch_queue_kib),
         background: background.clone(),
         helpers,
         handlers: ready,
@@ -148,9 +133,6 @@ pub async fn run(
         inflight: (config.max_inflight_batches > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches as usize))),
         amqp,
-        worker_id: worker_id.clone(),
-        held,
-        fence,
         stats,
         running: HashMap::new(),
         tasks: JoinSet::new(),
@@ -158,29 +140,23 @@ pub async fn run(
         draining: false,
     };
     tracing::info!(worker = %worker_id, "worker started");
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some((generation, event)) = events_rx.recv() => rt.on_event(generation, event).await,
-            Some((lease, epoch)) = lost_rx.recv() => rt.stop(&lease, epoch, true),
-            Some(done) = rt.tasks.join_next_with_id(), if !rt.tasks.is_empty() => rt.joined(done).await,
-            session = &mut membership => return rt.session_ended(session, background).await,
-        }
-    }
-
-    // Drain: keep heartbeating (saying we are draining, so nothing new
-    // comes), finish in-flight batches, confirm every release, then leave.
-    tracing::info!(leases = rt.running.len(), timeout = ?config.drain_timeout, "draining");
-    draining.cancel();
-    rt.draining = true;
-    for r in rt.running.values() {
-        r.drain.cancel();
-    }
-    let deadline = tokio::time::sleep(config.drain_timeout);
+    let deadline = tokio::time::sleep(std::time::Duration::MAX);
     tokio::pin!(deadline);
-    while !rt.tasks.is_empty() {
+    while !(rt.draining && rt.tasks.is_empty()) {
         tokio::select! {
-            () = &mut deadline => {
+            () = shutdown.cancelled(), if !rt.draining => {
+                // Drain: keep heartbeating (saying we are draining, so
+                // nothing new comes), finish in-flight batches, confirm
+                // every release, then leave.
+                tracing::info!(leases = rt.running.len(), timeout = ?config.drain_timeout, "draining");
+                draining.cancel();
+                rt.draining = true;
+                for r in rt.running.values() {
+                    r.drain.cancel();
+                }
+                deadline.as_mut().reset(tokio::time::Instant::now() + config.drain_timeout);
+            }
+            () = &mut deadline, if rt.draining => {
                 tracing::warn!(leases = rt.running.len(), "drain timed out; the rest move after the session timeout");
                 for r in rt.running.values() {
                     r.kill.cancel();
@@ -189,8 +165,8 @@ pub async fn run(
             }
             Some((generation, event)) = events_rx.recv() => rt.on_event(generation, event).await,
             Some((lease, epoch)) = lost_rx.recv() => rt.stop(&lease, epoch, true),
-            Some(done) = rt.tasks.join_next_with_id() => rt.joined(done).await,
-            session = &mut membership => return rt.session_ended(session, background).await,
+            Some(done) = rt.tasks.join_next_with_id(), if !rt.tasks.is_empty() => rt.joined(done).await,
+            session = &mut membership => return rt.session_ended(session).await,
         }
     }
     // Every partition queue goes before the consumer they belong to.
@@ -212,38 +188,28 @@ struct Runtime {
     /// The Kafka consumer and on_failure producer, made at the first shard
     /// lease: a worker that only runs queue slots never talks to Kafka.
     kafka: Option<(KafkaSource, FutureProducer)>,
-    /// Brokers, client id and fetch queue size for making them.
-    kafka_config: (String, String, u32),
-    /// Stops the helper tasks (the Kafka consumer's event loop).
+    kafka_config: (String, u32),
     background: CancellationToken,
-    /// Tasks that serve the whole worker until `background` stops them:
-    /// the checkpointer, the Kafka consumer's event loop.
+    /// The checkpointer and the Kafka consumer's event loop.
     helpers: Vec<(&'static str, JoinHandle<()>)>,
     handlers: BTreeMap<String, Arc<dyn DynHandler>>,
     checkpointer: Checkpointer,
     amqp: Amqp,
-    /// Retries and dead letters of queue slots.
     publisher: Publisher,
     usage: UsageMeter,
     /// `max_inflight_batches` permits, shared by every lease.
     inflight: Option<Arc<tokio::sync::Semaphore>>,
-    worker_id: String,
-    held: HeldLeases,
     stats: StatsTable,
-    /// Trips when the coordinator has been silent too long: every lease
-    /// task's kill token is its child.
-    fence: Fence,
     running: HashMap<LeaseId, Running>,
-    tasks: JoinSet<(LeaseId, u64, Exit)>,
-    /// Which lease each task runs, for a task that dies without saying.
+    tasks: JoinSet<Exit>,
     task_leases: HashMap<tokio::task::Id, (LeaseId, u64)>,
-    /// Shutting down: leases offered now are given straight back.
+    /// Leases offered now are given straight back.
     draining: bool,
 }
 
 impl Runtime {
     async fn on_event(&mut self, generation: u64, event: LeaseEvent) {
-        if generation != self.fence.generation() {
+        if generation != self.session.fence.generation() {
             // Sent before the worker fenced itself: the coordinator may have
             // given the lease away since. It re-sends what still holds.
             tracing::debug!(?event, "ignoring an instruction from before the self-fence");
@@ -263,12 +229,9 @@ impl Runtime {
                     self.checkpointer.forget(&lease);
                     while self.tasks.len() > self.running.len() {
                         let Some(done) = self.tasks.join_next_with_id().await else { break };
-                        let old_run = match &done {
-                            Ok((_, (l, e, _))) => *l == lease && *e == old.epoch,
-                            Err(e) => self.task_leases.get(&e.id()) == Some(&(lease.clone(), old.epoch)),
-                        };
-                        if old_run {
-                            self.forget_task(&done);
+                        let id = task_id(&done);
+                        if self.task_leases.get(&id) == Some(&(lease.clone(), old.epoch)) {
+                            self.task_leases.remove(&id);
                             break;
                         }
                         self.joined(done).await;
@@ -322,7 +285,7 @@ impl Runtime {
                 }
             },
         };
-        let Some(kill) = self.fence.token(generation) else {
+        let Some(kill) = self.session.fence.token(generation) else {
             tracing::debug!(%lease, "fenced since this acquire arrived; not starting it");
             return;
         };
@@ -346,11 +309,15 @@ impl Runtime {
             usage: self.usage.clone(),
             inflight: self.inflight.clone(),
         };
-        let id = lease.clone();
         let spawned = match kafka {
             None => {
-                let slot = Slot::new(self.amqp.clone(), self.publisher.clone(), &self.worker_id, &task.lease);
-                self.tasks.spawn(async move { (id, epoch, task.run(slot).await) })
+                let slot = Slot::new(
+                    self.amqp.clone(),
+                    self.publisher.clone(),
+                    self.session.worker_id(),
+                    &task.lease,
+                );
+                self.tasks.spawn(task.run(slot))
             }
             Some((client, producer)) => {
                 let sink: Box<dyn FailureSink> = match &task.lease.mapping.policy.on_failure {
@@ -365,24 +332,23 @@ impl Runtime {
                     topic: lease.name.clone(),
                     partition: lease.index,
                 };
-                self.tasks.spawn(async move { (id, epoch, task.run(shard).await) })
+                self.tasks.spawn(task.run(shard))
             }
         };
         self.task_leases.insert(spawned.id(), (lease.clone(), epoch));
-        self.held.insert(lease.clone(), epoch);
+        self.session.held.insert(lease.clone(), epoch);
         crate::lock(&self.stats).insert(lease.clone(), (epoch, stats));
         self.running.insert(lease, Running { epoch, stopping: false, drain, kill });
     }
 
-    /// The Kafka consumer and producer, made on first use.
     fn kafka(&mut self) -> Result<(KafkaSource, FutureProducer), SourceError> {
         if let Some((source, producer)) = &self.kafka {
             return Ok((source.clone(), producer.clone()));
         }
-        let (brokers, client_id, fetch_queue_kib) = &self.kafka_config;
+        let (brokers, fetch_queue_kib) = &self.kafka_config;
         let producer = crate::sink::kafka::producer(brokers)?;
         let (source, events) =
-            KafkaSource::new(brokers, client_id, *fetch_queue_kib, self.background.clone())?;
+            KafkaSource::new(brokers, self.session.worker_id(), *fetch_queue_kib, self.background.clone())?;
         self.kafka = Some((source.clone(), producer.clone()));
         self.helpers.push(("kafka events", events));
         Ok((source, producer))
@@ -395,7 +361,7 @@ impl Runtime {
             tracing::warn!(%lease, epoch, lost, "stopping lease at once");
             r.kill.cancel();
             self.checkpointer.forget(lease);
-            self.held.remove(lease, epoch);
+            self.session.held.remove(lease, epoch);
             metrics::counter!("shardline_leases_lost_total").increment(1);
         }
     }
@@ -410,18 +376,10 @@ impl Runtime {
     /// A task ended: by itself, or by dying (a panic the policy did not
     /// catch). A dead task's lease is given back with its last acknowledged
     /// checkpoint (at least once), so the coordinator grants it again.
-    async fn joined(
-        &mut self,
-        done: Result<(tokio::task::Id, (LeaseId, u64, Exit)), tokio::task::JoinError>,
-    ) {
-        let Some((lease, epoch)) = self.forget_task(&done) else { return };
+    async fn joined(&mut self, done: Joined) {
+        let Some((lease, epoch)) = self.task_leases.remove(&task_id(&done)) else { return };
         let exit = match done {
-            Ok((_, (_, _, Exit::Failed))) => {
-                // Its records were dropped undecided; the error is logged.
-                metrics::counter!("shardline_lease_task_failures_total").increment(1);
-                Exit::Released(None)
-            }
-            Ok((_, (_, _, exit))) => exit,
+            Ok((_, exit)) => exit,
             Err(e) => {
                 tracing::error!(%lease, epoch, error = %e, "lease task died; giving the lease back");
                 metrics::counter!("shardline_lease_task_failures_total").increment(1);
@@ -432,33 +390,35 @@ impl Runtime {
                 }
             }
         };
-        self.finished(lease, epoch, exit).await;
+        if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
+            self.running.remove(&lease);
+        }
+        self.session.held.remove(&lease, epoch);
+        {
+            let mut table = crate::lock(&self.stats);
+            if table.get(&lease).is_some_and(|(e, _)| *e == epoch) {
+                table.remove(&lease);
+            }
+        }
+        if let Exit::Released(offset) = exit {
+            match self.session.release_done(&lease, epoch, offset).await {
+                Ok(()) => tracing::info!(%lease, epoch, ?offset, "lease released"),
+                Err(e) => {
+                    tracing::warn!(%lease, error = %e, "release confirmation failed; the coordinator forces it")
+                }
+            }
+        }
     }
 
-    /// Drops the task's entry; its lease and epoch.
-    fn forget_task(
-        &mut self,
-        done: &Result<(tokio::task::Id, (LeaseId, u64, Exit)), tokio::task::JoinError>,
-    ) -> Option<(LeaseId, u64)> {
-        let id = match done {
-            Ok((id, _)) => *id,
-            Err(e) => e.id(),
-        };
-        self.task_leases.remove(&id)
-    }
-
-    /// The session ended by itself: another process took over this
-    /// worker's id (it already stopped every lease), or it could not
-    /// register before shutdown.
+    /// The session ended by itself: another process took this worker's id
+    /// (it stopped every lease), or it could not register before shutdown.
     async fn session_ended(
         mut self,
         session: Result<Result<(), SessionError>, tokio::task::JoinError>,
-        background: CancellationToken,
     ) -> Result<(), WorkerError> {
         // Every lease task's kill token is a child of the fence.
-        self.fence.trip();
+        self.session.fence.trip();
         self.join_all().await;
-        background.cancel();
         self.join_helpers().await;
         match session {
             Ok(Ok(())) => Ok(()),
@@ -476,34 +436,24 @@ impl Runtime {
         }
     }
 
-    /// Waits for the helper tasks once `background` has stopped them.
+    /// Stops the helper tasks and waits for them.
     async fn join_helpers(&mut self) {
+        self.background.cancel();
         for (name, handle) in std::mem::take(&mut self.helpers) {
             if let Err(e) = handle.await {
                 tracing::error!(task = name, error = %e, "a helper task died");
             }
         }
     }
+}
 
-    async fn finished(&mut self, lease: LeaseId, epoch: u64, exit: Exit) {
-        if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
-            self.running.remove(&lease);
-        }
-        self.held.remove(&lease, epoch);
-        {
-            let mut table = crate::lock(&self.stats);
-            if table.get(&lease).is_some_and(|(e, _)| *e == epoch) {
-                table.remove(&lease);
-            }
-        }
-        if let Exit::Released(offset) = exit {
-            match self.session.release_done(&lease, epoch, offset).await {
-                Ok(()) => tracing::info!(%lease, epoch, ?offset, "lease released"),
-                Err(e) => {
-                    tracing::warn!(%lease, error = %e, "release confirmation failed; the coordinator forces it")
-                }
-            }
-        }
+/// How a lease task ended, or why it did not.
+type Joined = Result<(tokio::task::Id, Exit), tokio::task::JoinError>;
+
+fn task_id(done: &Joined) -> tokio::task::Id {
+    match done {
+        Ok((id, _)) => *id,
+        Err(e) => e.id(),
     }
 }
 

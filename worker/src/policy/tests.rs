@@ -1,4 +1,4 @@
-//! Unit tests of the batch policy: checkpoint arithmetic with gaps, bisect
+//! Unit tests of the batch policy: the finished prefix across gaps, bisect
 //! trees, item failures, record age, timeouts, filters.
 
 use std::sync::Mutex;
@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::handler::{Batch, BatchResponse, BoxFuture, DynHandler, HandlerError, Origin, Record};
 use crate::sink::Sent;
+
+impl Hooks for () {}
 
 type Script = dyn Fn(&Batch) -> Result<BatchResponse, HandlerError> + Send + Sync;
 
@@ -150,14 +152,28 @@ async fn run_lane(setup: Setup<'_>, input: Vec<Arc<Record>>) -> (Result<LaneStat
 
 #[test]
 fn the_checkpoint_is_the_first_unfinished_record_across_gaps() {
-    let mut c = Completion::new(0);
-    c.add([0, 1, 2, 5, 6]);
-    assert_eq!(c.finish(1), None, "0 is not finished yet");
-    assert_eq!(c.finish(0), Some(2));
-    assert_eq!(c.finish(5), None, "2 still blocks");
-    assert_eq!(c.finish(2), Some(6), "the offset gap 3..5 is skipped");
-    assert_eq!(c.finish(6), Some(7));
-    assert_eq!(c.finish(6), None);
+    let kill = CancellationToken::new();
+    let advances = Mutex::new(Vec::new());
+    let advanced = |p: i64| advances.lock().unwrap_or_else(|e| panic!("{e}")).push(p);
+    let tracker = Tracker::new(0, &kill, &advanced);
+    tracker.add(&records([0, 1, 2, 5, 6]));
+    // Finishes `offsets`; the prefix it moved to, if it moved.
+    let finish = |offsets: &[i64]| {
+        let before = advances.lock().unwrap_or_else(|e| panic!("{e}")).len();
+        tracker.finish(&records(offsets.iter().copied()));
+        let after = advances.lock().unwrap_or_else(|e| panic!("{e}")).clone();
+        assert!(after.len() <= before + 1, "one advance per call at most: {after:?}");
+        (after.len() > before).then(|| after[before])
+    };
+    assert_eq!(finish(&[1]), None, "0 is not finished yet");
+    assert_eq!(finish(&[0]), Some(2));
+    assert_eq!(tracker.position(), 2);
+    assert_eq!(finish(&[5]), None, "2 still blocks");
+    assert_eq!(finish(&[2]), Some(6), "the offset gap 3..5 is skipped");
+    assert_eq!(finish(&[6]), Some(7));
+    assert_eq!(finish(&[6]), None);
+    assert_eq!(finish(&[9]), None, "a record never cut moves nothing");
+    assert_eq!(tracker.position(), 7);
 }
 
 /// A lease released while its batch keeps failing: the lane starts no new

@@ -1,10 +1,6 @@
-//! Writing records to Kafka topics: the `on_failure` destination, and the
-//! copy that the `forward` handler shares with it.
-//!
-//! A record that gave up is written unchanged (key, value, headers) to the
-//! mapping's `on_failure` topic, with headers saying where it came from and
-//! why it gave up. The shard may checkpoint past it only once the broker has
-//! acknowledged the write.
+//! Writing records to Kafka topics: the `on_failure` destination (records
+//! unchanged, plus headers saying where they came from and why they gave
+//! up), and the copy that the `forward` handler shares with it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +25,8 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
-/// Whether a Kafka error may go away by itself (a broker down, a leader
-/// moving, a timeout), not only after someone changes something (the
-/// client's config, a record too large for the topic, permissions).
+/// Whether a Kafka error may go away by itself (a broker down, a timeout),
+/// not only once someone changes something (config, record size, ACLs).
 pub fn transient(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     match e {
@@ -57,9 +52,8 @@ pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
     client_config(brokers).set("acks", "all").set("linger.ms", "5").create()
 }
 
-/// Copies `records` to `topic`, keeping key, value and headers and adding
-/// the headers `extra` gives for each; returns once the broker acknowledged
-/// every one.
+/// Copies `records` to `topic` with `extra` headers each; returns once the
+/// broker acknowledged every one.
 pub async fn copy_to(
     producer: &FutureProducer,
     topic: &str,
@@ -68,13 +62,10 @@ pub async fn copy_to(
 ) -> Result<(), SinkError> {
     let sends = records.iter().map(|r| {
         let added = extra(r);
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + added.len());
-        for (key, value) in &r.headers {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
-        for (key, value) in &added {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
+        let empty = OwnedHeaders::new_with_capacity(r.headers.len() + added.len());
+        let all = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        let all = all.chain(added.iter().map(|(k, v)| (*k, v.as_bytes())));
+        let headers = all.fold(empty, |h, (key, value)| h.insert(Header { key, value: Some(value) }));
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
         // A tombstone stays a tombstone: no payload at all, not an empty one.
         if let Some(value) = r.value() {
@@ -91,7 +82,6 @@ pub async fn copy_to(
     Ok(())
 }
 
-/// Writes records that gave up to one Kafka topic.
 pub struct OnFailure {
     pub producer: FutureProducer,
     pub topic: String,

@@ -1,10 +1,7 @@
-//! Where records go that the worker writes itself: records that gave up
-//! (a Kafka `on_failure` topic, a queue's retry queues and dead-letter
-//! queue, or nowhere), and the producers `forward` shares with them.
-//!
-//! Sinks sit below the sources and the driver: they never import either.
-//! A sink says `Ok` only once the records are safely where it sent them;
-//! its errors say whether trying again can help.
+//! Where records go that the worker writes itself. Sinks sit below the
+//! sources and the driver and never import either. A sink says `Ok` only
+//! once the records are safely where it sent them (the lease may finish
+//! them only then); its errors say whether trying again can help.
 
 pub mod kafka;
 pub mod publish;
@@ -16,7 +13,6 @@ use shardline_proto::LeaseId;
 
 use crate::handler::{BoxFuture, Record};
 
-/// Why records gave up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     RetriesExhausted,
@@ -34,7 +30,6 @@ impl Reason {
     }
 }
 
-/// What is known about records that gave up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GaveUp {
     pub reason: Reason,
@@ -42,7 +37,6 @@ pub struct GaveUp {
     pub error: String,
 }
 
-/// A sink could not take records.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("write to Kafka topic `{topic}`: {source}")]
@@ -63,7 +57,6 @@ impl SinkError {
     }
 }
 
-/// A sink's answer, once the records are where it sent them (or not).
 pub type Sent<'a> = BoxFuture<'a, Result<(), SinkError>>;
 
 /// Where records that gave up go. `Ok` only once they are safely there:

@@ -1,11 +1,7 @@
-//! Publishing with publisher confirms: [`Publisher::publish`] returns only
-//! once RabbitMQ has taken responsibility for every message (confirmed, and
-//! routed to at least one queue: messages are `mandatory`, so one that no
-//! queue would keep is an error, not a silent drop).
-//!
-//! Used for retries and dead letters by queue slots, by the `forward`
-//! handler's AMQP mode, and by tests, examples and the load-test harness as
-//! the producer. Persistent delivery mode, so a confirmed message on a
+//! Publishing with confirms: [`Publisher::publish`] returns only once
+//! RabbitMQ has taken responsibility for every message (confirmed, and
+//! routed: messages are `mandatory`, so one no queue would keep is an
+//! error, not a silent drop). Persistent, so a confirmed message on a
 //! durable queue survives a broker restart.
 
 use std::time::Duration;
@@ -42,7 +38,6 @@ impl PublishError {
     }
 }
 
-/// One message to publish.
 #[derive(Debug, Clone, Default)]
 pub struct Message {
     pub exchange: String,
@@ -53,7 +48,7 @@ pub struct Message {
     pub message_id: Option<String>,
     /// Seconds since the Unix epoch (AMQP `timestamp`); `None`: now.
     pub timestamp: Option<u64>,
-    /// Other properties to carry over (content type and the like).
+    /// Others to carry over (content type and the like).
     pub properties: Option<BasicProperties>,
 }
 
@@ -70,7 +65,6 @@ impl Publisher {
         Self { amqp, channel: Default::default() }
     }
 
-    /// A publisher on its own connection to `url`.
     pub fn connect(url: &str, name: &str) -> Self {
         Self::new(Amqp::new(url, name))
     }
@@ -97,18 +91,16 @@ impl Publisher {
         Ok(channel)
     }
 
-    /// Publishes every message and waits for all their confirms. `Err`
-    /// names the first message that was not confirmed or not routed; the
-    /// caller must treat all of them as not published (some may have been:
-    /// at-least-once).
+    /// Publishes every message and waits for all confirms. `Err` names the
+    /// first one not confirmed or not routed; treat all as not published
+    /// (some may have been: at least once).
     pub async fn publish(&self, messages: &[Message]) -> Result<(), PublishError> {
         let channel = self.channel().await?;
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
-            let mut props = m.properties.clone().unwrap_or_default();
-            props = props
+            let mut props = (m.properties.clone().unwrap_or_default())
                 .with_delivery_mode(2)
                 .with_headers(m.headers.clone())
                 .with_timestamp(m.timestamp.unwrap_or(now));
@@ -116,14 +108,9 @@ impl Publisher {
                 props = props.with_message_id(id.as_str().into());
             }
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+            let (exchange, routing_key) = (m.exchange.as_str().into(), m.routing_key.as_str().into());
             let confirm = channel
-                .basic_publish(
-                    m.exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
-                    options,
-                    &m.body,
-                    props,
-                )
+                .basic_publish(exchange, routing_key, options, &m.body, props)
                 .await
                 .map_err(|source| self.failed(format!("publish to `{}`", m.exchange), source))?;
             confirms.push((m, confirm));

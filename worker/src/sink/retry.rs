@@ -1,8 +1,6 @@
 //! Where failing queue messages go: the retry queue of their next delay
-//! (`S.retry.<ms>ms`, which brings them back to `S` after the delay), or
-//! the dead-letter exchange once `max_retries` is used up or they are older
-//! than `max_record_age`. Published with confirms; the slot acks the
-//! original only after this returns `Ok`.
+//! (`S.retry.<ms>ms`, which brings them back to `S`), or the dead-letter
+//! exchange once `max_retries` is used up or they are too old.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,14 +13,13 @@ use shardline_proto::{FailurePolicy, LeaseId};
 
 use super::publish::{Message, Publisher};
 use super::{FailureSink, GaveUp, Reason, Sent};
-use crate::amqp::is_broker_header;
+use crate::amqp::{field_table, is_broker_header};
 use crate::handler::Record;
 
 /// Each delivery's original properties by delivery tag, kept by the slot
 /// that consumes so a failing message is republished faithfully.
 pub type Properties = Arc<Mutex<HashMap<u64, BasicProperties>>>;
 
-/// The retry and dead-letter destinations of one subscription.
 pub struct RetrySink {
     pub publisher: Publisher,
     pub subscription: String,
@@ -46,14 +43,19 @@ impl RetrySink {
 
     /// The republished copy of `r`, to the retry queue or the dead letters.
     fn message(&self, r: &Record, why: &GaveUp, now_ms: u128, failed_at: &str) -> (Message, bool) {
-        let attempts = previous_attempts(r) + why.attempts.max(1);
+        // Attempts before this delivery, and this one's.
+        let before: u32 = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == headers::ATTEMPTS)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
+            .unwrap_or(0);
+        let attempts = before + why.attempts.max(1);
         let to_dlq = why.reason == Reason::TooOld || self.max_retries.is_some_and(|max| attempts > max);
         let ours =
             |k: &str| is_broker_header(k) || k == headers::ATTEMPTS || k == headers::ATTEMPTS_FAILED_AT;
-        let mut table = FieldTable::default();
-        for (k, v) in r.headers.iter().filter(|(k, _)| !ours(k)) {
-            table.insert(k.as_str().into(), AMQPValue::LongString(v.clone().into()));
-        }
+        let kept = r.headers.iter().filter(|(k, _)| !ours(k));
+        let mut table = field_table(kept.map(|(k, v)| (k.as_str(), v.as_slice())));
         let original = crate::lock(&self.properties).get(&(r.position() as u64)).cloned();
         if let Some(h) = original.as_ref().and_then(|p| p.headers().as_ref()) {
             // Keep the original header types (not the byte copies).
@@ -90,10 +92,11 @@ impl RetrySink {
             routing_key,
             body: r.value.clone(),
             headers: table,
-            message_id: original
-                .is_none()
-                .then(|| r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()))
-                .flatten(),
+            message_id: r
+                .key
+                .as_ref()
+                .filter(|_| original.is_none())
+                .map(|k| String::from_utf8_lossy(k).into()),
             timestamp: original
                 .as_ref()
                 .map_or(r.timestamp_ms.map(|ms| (ms / 1000) as u64), |p| *p.timestamp()),
@@ -101,15 +104,6 @@ impl RetrySink {
         };
         (message, to_dlq)
     }
-}
-
-/// Attempts a record has had before this delivery.
-fn previous_attempts(r: &Record) -> u32 {
-    r.headers
-        .iter()
-        .find(|(k, _)| k == headers::ATTEMPTS)
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 impl FailureSink for RetrySink {

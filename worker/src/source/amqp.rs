@@ -1,19 +1,13 @@
-//! The RabbitMQ source: a queue slot consumes the subscription queue on a
-//! channel of its own with `basic.qos` prefetch of twice the batch size
-//! (room for the next batch while one is in the handler, so the slot does
-//! not idle for a round trip after each ack), and acks with one
-//! multiple-ack per batch, up to the contiguous finished prefix of delivery
-//! tags ([`Acks`]). Released: the consumer is cancelled and the channel
-//! closed, so the rest of the prefetch goes back to the queue. Lost: the
-//! channel is closed at once, and RabbitMQ redelivers everything unacked. A
-//! channel that breaks is reopened; delivery tags start at 1 on each.
+//! The RabbitMQ source: a queue slot consumes on a channel of its own with
+//! a prefetch of twice the batch size (room for the next batch while one is
+//! in the handler, so the slot does not idle a round trip after each ack),
+//! and acks with one multiple-ack per batch ([`Acks`]). A channel that
+//! breaks is reopened; delivery tags start at 1 on each.
 //!
 //! Each delivery is tried once: a failing message goes to its retry queue
-//! or the dead letters ([`RetrySink`]), and is acked only after that
-//! publish is confirmed. So retries wait in RabbitMQ, not in a hot
-//! `nack(requeue)` loop, and a worker crash during a retry delay loses
-//! nothing. With `bisect_on_error` a failing batch is split first, so the
-//! good records of a batch are acked and only the poison goes round.
+//! or the dead letters ([`RetrySink`]) and is acked once that is confirmed.
+//! So retries wait in RabbitMQ, not in a hot `nack(requeue)` loop, and a
+//! worker crash during a retry delay loses nothing.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -31,7 +25,6 @@ use crate::policy::Hooks;
 use crate::sink::FailureSink;
 use crate::sink::retry::{Properties, RetrySink};
 
-/// A queue slot of a subscription.
 pub struct Slot {
     amqp: Amqp,
     tag: String,
@@ -118,23 +111,19 @@ impl Source for Slot {
     }
 }
 
-/// Closes a channel that is done with; one that is already gone (the usual
-/// case after it broke) has nothing left to close.
+/// Closes a channel; one already gone (as after it broke) is no error.
 async fn close(channel: &Channel, why: &str) {
     if let Err(e) = channel.close(200, why.into()).await {
         tracing::debug!(error = %e, why, "closing a channel that is already gone");
     }
 }
 
-/// One channel's deliveries, in order, as records.
 pub struct Deliveries {
     consumer: Consumer,
     slot: u32,
     properties: Properties,
-    /// The newest delivery tag seen.
     received: i64,
-    /// The consumer ended: cancelled by the broker (queue deleted), channel
-    /// closed or connection lost.
+    /// Cancelled by the broker (queue deleted), channel or connection lost.
     ended: bool,
 }
 
@@ -142,18 +131,17 @@ impl Deliveries {
     fn take(&mut self, delivery: Option<Result<lapin::message::Delivery, lapin::Error>>) -> Option<Record> {
         let delivery = match delivery {
             Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                tracing::warn!(slot = self.slot, error = %e, "consumer failed");
-                self.ended = true;
-                return None;
-            }
-            None => {
+            ended => {
+                if let Some(Err(e)) = ended {
+                    tracing::warn!(slot = self.slot, error = %e, "consumer failed");
+                }
                 self.ended = true;
                 return None;
             }
         };
-        self.received = i64::try_from(delivery.delivery_tag).unwrap_or(i64::MAX);
-        if delivery.redelivered {
+        let (delivery_tag, redelivered) = (delivery.delivery_tag, delivery.redelivered);
+        self.received = i64::try_from(delivery_tag).unwrap_or(i64::MAX);
+        if redelivered {
             metrics::counter!("shardline_redeliveries_total").increment(1);
         }
         let properties = &delivery.properties;
@@ -169,31 +157,21 @@ impl Deliveries {
             tombstone: false,
             headers,
             timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
-            origin: Origin::Queue {
-                slot: self.slot,
-                delivery_tag: delivery.delivery_tag,
-                redelivered: delivery.redelivered,
-            },
+            origin: Origin::Queue { slot: self.slot, delivery_tag, redelivered },
         };
-        crate::lock(&self.properties).insert(delivery.delivery_tag, delivery.properties);
+        crate::lock(&self.properties).insert(delivery_tag, delivery.properties);
         Some(record)
     }
 }
 
 impl RecordReader for Deliveries {
     async fn next(&mut self) -> Option<Record> {
-        if self.ended {
-            return None;
-        }
-        let delivery = self.consumer.next().await;
+        let delivery = if self.ended { None } else { self.consumer.next().await };
         self.take(delivery)
     }
 
     fn try_next(&mut self) -> Option<Record> {
-        if self.ended {
-            return None;
-        }
-        let delivery = self.consumer.next().now_or_never()?;
+        let delivery = if self.ended { None } else { self.consumer.next().now_or_never()? };
         self.take(delivery)
     }
 
@@ -202,13 +180,10 @@ impl RecordReader for Deliveries {
     }
 }
 
-/// A slot's finalizer: one multiple-ack per batch up to the finished
-/// prefix; on the way out, cancel and close (release) or just close.
 pub struct Acks {
     channel: Channel,
     tag: String,
     lease: LeaseId,
-    /// The highest delivery tag acked.
     acked: AtomicI64,
     /// Kept for republishing until acked.
     properties: Properties,

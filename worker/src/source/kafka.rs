@@ -1,29 +1,21 @@
-//! The Kafka source: one rdkafka consumer per worker process, with one
-//! partition queue per leased shard. A [`Shard`] opens a lease's
-//! partition, makes its resolved start durable (`pin`), and checkpoints
-//! through the coalescing [`Checkpointer`] on every advance of the finished
-//! prefix ([`Checkpoints`]).
-//!
-//! Partitions are assigned by hand (`incremental_assign`), never through a
-//! consumer group: the coordinator is the group. No offsets are committed to
-//! Kafka; checkpoints live in the coordinator.
-//!
-//! Memory is bounded on purpose: each partition buffers at most
-//! `fetch_queue_kib` of prefetched records. When a handler is slower than
-//! the broker, the buffer fills and librdkafka stops fetching that partition
-//! until the handler drains it (backpressure), whatever the backlog.
+//! The Kafka source: one rdkafka consumer per worker process, partitions
+//! assigned by hand (the coordinator is the group; no offsets committed to
+//! Kafka), one partition queue per [`Shard`]. Memory is bounded on purpose:
+//! each partition buffers at most `fetch_queue_kib`; a slow handler fills
+//! it and librdkafka stops fetching that partition (backpressure).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use shardline_proto::{LeaseId, Mapping, Start, StartingPosition};
 use tokio::task::JoinHandle;
@@ -49,9 +41,8 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Whether trying again can help: the broker may be down or the topic
-    /// briefly missing, and a partition still open is closed by the run
-    /// being stopped; a bad client config or a panic stays.
+    /// Whether trying again can help: a broker down, a topic briefly
+    /// missing, a partition still open (its old run is stopping) may pass.
     pub fn retryable(&self) -> bool {
         match self {
             SourceError::Kafka(e) => transient(e),
@@ -83,18 +74,17 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {}
 
-type Queue = StreamPartitionQueue<SourceContext>;
+const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The worker's one Kafka consumer.
 #[derive(Clone)]
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
+    brokers: Arc<str>,
 }
 
 impl KafkaSource {
-    /// Creates the consumer and the task that serves its main queue (which
-    /// carries client events; records all go to partition queues) until
-    /// `stop`.
+    /// The consumer, and the task that serves its main queue (client
+    /// events; records all go to partition queues) until `stop`.
     pub fn new(
         brokers: &str,
         worker_id: &str,
@@ -120,11 +110,7 @@ impl KafkaSource {
         let consumer = Arc::new(consumer);
         let main = consumer.clone();
         let events = tokio::spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    () = stop.cancelled() => return,
-                    event = main.recv() => event,
-                };
+            while let Some(event) = stop.run_until_cancelled(main.recv()).await {
                 match event {
                     Ok(m) => tracing::warn!(
                         topic = m.topic(),
@@ -134,109 +120,54 @@ impl KafkaSource {
                     Err(e) => {
                         tracing::warn!(error = %e, "kafka client error");
                         metrics::counter!("shardline_kafka_errors_total").increment(1);
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        }
+                        stop.run_until_cancelled(tokio::time::sleep(Duration::from_millis(200))).await;
                     }
                 }
             }
         });
-        Ok((Self { consumer }, events))
-    }
-
-    /// Resolves `start` (the mapping's starting position when it is not a
-    /// checkpoint) to a concrete offset and starts fetching the partition
-    /// from there. The offset is returned so the lease can checkpoint it at
-    /// once: a later owner then continues from the same place even if no
-    /// record was processed (no gap after `latest`).
-    pub async fn open(
-        &self,
-        topic: &str,
-        partition: u32,
-        start: Start,
-        mapping: &Mapping,
-    ) -> Result<(PartitionReader, i64), SourceError> {
-        let offset = self.resolve(topic, partition, start, mapping).await?;
-        let p = partition as i32;
-        let queue = self
-            .consumer
-            .split_partition_queue(topic, p)
-            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
-        self.consumer.incremental_assign(&tpl)?;
-        let reader = PartitionReader { queue, source: self.clone(), topic: topic.into(), partition };
-        Ok((reader, offset))
-    }
-
-    async fn resolve(
-        &self,
-        topic: &str,
-        partition: u32,
-        start: Start,
-        m: &Mapping,
-    ) -> Result<i64, SourceError> {
-        let position = match start {
-            Start::Checkpoint(offset) => return Ok(offset),
-            Start::Earliest => StartingPosition::TrimHorizon,
-            Start::MappingDefault => m.starting_position,
-        };
-        let (consumer, topic, p, ts) =
-            (self.consumer.clone(), topic.to_owned(), partition as i32, m.starting_timestamp_ms);
-        let timeout = Duration::from_secs(10);
-        let resolved = tokio::task::spawn_blocking(move || {
-            let watermarks = || consumer.fetch_watermarks(&topic, p, timeout);
-            match position {
-                StartingPosition::Latest => watermarks().map(|(_, high)| high),
-                StartingPosition::TrimHorizon => watermarks().map(|(low, _)| low),
-                StartingPosition::AtTimestamp => {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition_offset(&topic, p, Offset::Offset(ts))?;
-                    match consumer
-                        .offsets_for_times(tpl, timeout)?
-                        .find_partition(&topic, p)
-                        .map(|e| e.offset())
-                    {
-                        Some(Offset::Offset(o)) => Ok(o),
-                        // No record at or after the time: start at the end.
-                        _ => watermarks().map(|(_, high)| high),
-                    }
-                }
-            }
-        });
-        Ok(resolved.await??)
-    }
-
-    fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition as i32);
-        tpl
-    }
-
-    /// Stops fetching a partition (a failing batch is being retried: no
-    /// point prefetching more).
-    pub fn pause(&self, topic: &str, partition: u32) {
-        if let Err(e) = self.consumer.pause(&Self::tpl(topic, partition)) {
-            tracing::debug!(topic, partition, error = %e, "pause failed");
-        }
-    }
-
-    pub fn resume(&self, topic: &str, partition: u32) {
-        if let Err(e) = self.consumer.resume(&Self::tpl(topic, partition)) {
-            tracing::debug!(topic, partition, error = %e, "resume failed");
-        }
-    }
-
-    /// The partition's high watermark from the latest statistics.
-    pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
-        crate::lock(&self.consumer.context().high).get(&(topic.to_owned(), partition as i32)).copied()
+        Ok((Self { consumer, brokers: brokers.into() }, events))
     }
 }
 
-/// One leased partition's record queue. Dropping it stops fetching.
+/// Is the first record from `offset` on stamped before `timestamp_ms` (none
+/// there, or no timestamp: no)? Blocking; a consumer of its own, as the
+/// worker's fetches each partition once, for its lease.
+fn stamped_before(
+    brokers: &str,
+    topic: &str,
+    p: i32,
+    offset: i64,
+    timestamp_ms: i64,
+) -> Result<bool, KafkaError> {
+    let consumer: BaseConsumer = client_config(brokers)
+        .set("group.id", "shardline-worker-start")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(record)) => return Ok(record.timestamp().to_millis().is_some_and(|t| t < timestamp_ms)),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(false),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OperationTimedOut))
+}
+
+fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition as i32);
+    tpl
+}
+
+/// Dropping it stops fetching the partition.
 pub struct PartitionReader {
-    queue: Queue,
+    queue: StreamPartitionQueue<SourceContext>,
     source: KafkaSource,
     pub topic: String,
     pub partition: u32,
@@ -265,7 +196,8 @@ impl RecordReader for PartitionReader {
     }
 
     fn lag(&self, cut_to: i64, _finished: i64) -> i64 {
-        self.source.high_watermark(&self.topic, self.partition).map_or(-1, |h| (h - cut_to).max(0))
+        let high = crate::lock(&self.source.consumer.context().high);
+        high.get(&(self.topic.clone(), self.partition as i32)).map_or(-1, |h| (h - cut_to).max(0))
     }
 }
 
@@ -320,32 +252,33 @@ fn headers(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> 
 
 impl Drop for PartitionReader {
     fn drop(&mut self) {
-        let tpl = KafkaSource::tpl(&self.topic, self.partition);
-        if let Err(e) = self.source.consumer.incremental_unassign(&tpl) {
+        if let Err(e) = self.source.consumer.incremental_unassign(&tpl(&self.topic, self.partition)) {
             tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "unassign failed");
         }
     }
 }
 
-/// A shard lease's partition on the worker's consumer.
 pub struct Shard {
     pub client: KafkaSource,
-    /// For making the resolved start durable before the first batch.
     pub session: Session,
     pub checkpointer: Checkpointer,
-    /// `on_failure`, or discard.
     pub sink: Box<dyn FailureSink>,
     pub topic: String,
     pub partition: u32,
 }
 
+/// A failing batch is being retried: no point prefetching more.
 impl Hooks for Shard {
     fn failing(&self) {
-        self.client.pause(&self.topic, self.partition);
+        if let Err(e) = self.client.consumer.pause(&tpl(&self.topic, self.partition)) {
+            tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "pause failed");
+        }
     }
 
     fn recovered(&self) {
-        self.client.resume(&self.topic, self.partition);
+        if let Err(e) = self.client.consumer.resume(&tpl(&self.topic, self.partition)) {
+            tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "resume failed");
+        }
     }
 }
 
@@ -381,12 +314,63 @@ impl Source for Shard {
 }
 
 impl Shard {
+    /// Resolves the lease's start to a concrete offset (see [`Start`]) and
+    /// starts fetching the partition from there.
+    async fn try_open(&self, lease: &Lease) -> Result<(PartitionReader, i64), SourceError> {
+        let offset = self.resolve(lease).await?;
+        let (client, topic, partition) = (&self.client, self.topic.as_str(), self.partition);
+        let queue = client
+            .consumer
+            .split_partition_queue(topic, partition as i32)
+            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
+        client.consumer.incremental_assign(&tpl)?;
+        let reader = PartitionReader { queue, source: client.clone(), topic: topic.into(), partition };
+        Ok((reader, offset))
+    }
+
+    async fn resolve(&self, lease: &Lease) -> Result<i64, SourceError> {
+        let position = match lease.start {
+            Start::Checkpoint(offset) => return Ok(offset),
+            Start::Earliest => StartingPosition::TrimHorizon,
+            Start::MappingDefault => lease.mapping.starting_position,
+        };
+        let (consumer, brokers) = (self.client.consumer.clone(), self.client.brokers.clone());
+        let (topic, p, ts) = (self.topic.clone(), self.partition as i32, lease.mapping.starting_timestamp_ms);
+        let resolved = tokio::task::spawn_blocking(move || {
+            let watermarks = || consumer.fetch_watermarks(&topic, p, TIMEOUT);
+            match position {
+                StartingPosition::Latest => watermarks().map(|(_, high)| high),
+                StartingPosition::TrimHorizon => watermarks().map(|(low, _)| low),
+                StartingPosition::AtTimestamp => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition_offset(&topic, p, Offset::Offset(ts))?;
+                    let found = consumer.offsets_for_times(tpl, TIMEOUT)?;
+                    match found.find_partition(&topic, p).map(|e| e.offset()) {
+                        // Kafka answers -1 when every record is older than
+                        // the time; tansu 0.6.0 answers 0, which would
+                        // rewind the shard to its start. So the answer
+                        // stands only if the record it names is not older
+                        // (as the coordinator's `Offsets::at_time` checks).
+                        Some(Offset::Offset(o)) if o >= 0 && !stamped_before(&brokers, &topic, p, o, ts)? => {
+                            Ok(o)
+                        }
+                        // No record at or after the time: start at the end.
+                        _ => watermarks().map(|(_, high)| high),
+                    }
+                }
+            }
+        });
+        Ok(resolved.await??)
+    }
+
     /// Opens the partition, retrying with backoff while the broker or topic
     /// is unavailable. `None`: drained before it opened, or it cannot open.
     async fn open_partition(&self, lease: &Lease) -> Option<(PartitionReader, i64)> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(10));
         let opened = crate::persist(&lease.drain, backoff, |wait| async move {
-            match self.client.open(&self.topic, self.partition, lease.start, &lease.mapping).await {
+            match self.try_open(lease).await {
                 Ok(opened) => Some(Some(opened)),
                 Err(e) if !e.retryable() => {
                     tracing::error!(lease = %lease.id, error = %e, "cannot open the partition; giving the lease back");
@@ -402,25 +386,16 @@ impl Shard {
         opened.await.flatten()
     }
 
-    /// Checkpoints the resolved start and waits for the acknowledgement,
-    /// retrying while the coordinator is unreachable.
+    /// Checkpoints the resolved start, retrying until it is acknowledged.
     async fn pin(&self, lease: &Lease, offset: i64) -> Result<(), Exit> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(2));
         let pinned = crate::persist(&lease.drain, backoff, |_| async move {
-            match self
-                .session
-                .checkpoint(vec![(lease.id.clone(), lease.epoch, offset)])
-                .await
-                .map(|mut r| r.pop())
-            {
+            let entry = vec![(lease.id.clone(), lease.epoch, offset)];
+            match self.session.checkpoint(entry).await.map(|mut r| r.pop()) {
                 Ok(Some(Ok(()))) => Some(Ok(())),
                 Ok(Some(Err(SessionError::Fenced { .. }))) => Some(Err(Exit::Killed)),
-                Ok(other) => {
-                    tracing::warn!(lease = %lease.id, ?other, "start checkpoint refused; retrying");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(lease = %lease.id, error = %e, "start checkpoint failed; retrying");
+                failed => {
+                    tracing::warn!(lease = %lease.id, result = ?failed, "start checkpoint failed; retrying");
                     None
                 }
             }
@@ -429,8 +404,8 @@ impl Shard {
     }
 }
 
-/// A shard's finalizer: every advance of the finished prefix is submitted
-/// to the coalescing checkpointer; the final one goes in the release.
+/// Every advance of the finished prefix is a checkpoint; the last goes in
+/// the release.
 pub struct Checkpoints {
     checkpointer: Checkpointer,
     lease: LeaseId,

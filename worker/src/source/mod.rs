@@ -1,9 +1,6 @@
-//! Where records come from, side by side under the one lease driver
-//! ([`crate::driver`]): [`kafka`] reads a shard lease's partition, [`amqp`]
-//! a queue slot's deliveries. A [`Source`] opens a lease as a
+//! Where records come from: a [`Source`] opens a lease as a
 //! [`RecordReader`] plus the [`Finalizer`] that makes finished records
 //! final at the broker (a checkpoint, an ack); the driver does the rest.
-//!
 //! Sources use the sinks and clients below them, never the driver or the
 //! runtime above.
 
@@ -27,25 +24,20 @@ pub struct Lease {
     /// Where to start: the checkpoint, or the mapping's starting position,
     /// or (a partition that appeared after the mapping) the earliest offset.
     pub start: Start,
-    /// Fires on release or shutdown, and with `kill` (it is kill's child):
-    /// finish the in-flight batch, then stop.
+    /// Release or shutdown (and `kill`, its parent): finish the batch.
     pub drain: CancellationToken,
-    /// Fires when the lease is lost or revoked: stop at once, finish
-    /// nothing more.
+    /// Lost or revoked: stop at once, finish nothing more.
     pub kill: CancellationToken,
 }
 
 /// How a lease task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
-    /// Drained: what the release reports (the final checkpoint; `None`:
-    /// the last acknowledged one stands).
+    /// Drained, or failed (given back like a dead task's): what the release
+    /// reports (the final checkpoint; `None`: the last acknowledged stands).
     Released(Option<i64>),
     /// Lost or revoked: nothing more may be checkpointed.
     Killed,
-    /// Records were dropped undecided (a bug, already logged): the lease is
-    /// given back like one whose task died.
-    Failed,
 }
 
 /// How one reading session of a lease ended.
@@ -60,8 +52,8 @@ pub enum End {
 
 /// A lease's stream of records, in order.
 pub trait RecordReader: Send {
-    /// The next record, waiting as long as it takes; `None` once this
-    /// reader has ended (its channel broke): the source is opened again.
+    /// The next record, waiting as long as it takes; `None`: the reader
+    /// ended (its channel broke) and the source is opened again.
     fn next(&mut self) -> impl Future<Output = Option<Record>> + Send;
     /// A record if one is already buffered; never waits.
     fn try_next(&mut self) -> Option<Record>;
@@ -70,7 +62,7 @@ pub trait RecordReader: Send {
     fn lag(&self, cut_to: i64, finished: i64) -> i64;
 }
 
-/// Makes finished records final at the source.
+/// Makes finished records final at the source (a checkpoint, an ack).
 pub trait Finalizer: Send + Sync {
     /// Every record before `next` is finished. Called on every advance,
     /// from inside the policy: it must not wait (Kafka submits the
@@ -88,7 +80,6 @@ pub trait Finalizer: Send + Sync {
     fn close(self, how: End, next: i64) -> impl Future<Output = Option<i64>> + Send;
 }
 
-/// A lease opened for reading.
 pub struct Opened<R, F> {
     pub reader: R,
     pub finalizer: F,
@@ -108,16 +99,13 @@ pub trait Source: Hooks + Send + Sync {
         lease: &Lease,
     ) -> impl Future<Output = Result<Opened<Self::Reader, Self::Finalizer>, Exit>> + Send;
 
-    /// Lanes the records are spread over by key.
     fn lanes(&self, _mapping: &Mapping) -> usize {
         1
     }
 
-    /// The failure policy the lanes apply.
     fn policy<'a>(&'a self, mapping: &'a Mapping) -> &'a FailurePolicy {
         &mapping.policy
     }
 
-    /// Where records that gave up go.
     fn sink(&self) -> &dyn FailureSink;
 }
