@@ -95,10 +95,11 @@ kafka_up() {
   mkdir -p "$state"
   log "starting tansu on 127.0.0.1:$kafka_port"
   # tansu 0.6.0 mangles absolute sqlite paths: run it in the state dir and
-  # give it a relative file.
+  # give it a relative file. Its own session (setsid): a broker started
+  # from a shell that ends, or a process group that is killed, stays up.
   (
     cd "$state"
-    nohup tansu broker \
+    setsid nohup tansu broker \
       --listener-url "tcp://127.0.0.1:$kafka_port" \
       --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
       --storage-engine "sqlite://tansu.db" >"$state/tansu.log" 2>&1 &

@@ -8,11 +8,13 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Result, ensure};
+use shardline_proto::StartingPosition;
+use shardline_testkit::config;
 use shardline_tests::kafka::read_topic;
-use shardline_tests::{Coordinator, eventually, start_worker_with};
+use shardline_tests::{Coordinator, StreamConfig, eventually, start_worker_config};
 
 /// 2026-01-01T00:00:00Z in Unix ms: the first old record's timestamp.
 const BASE: i64 = 1_767_225_600_000;
@@ -34,14 +36,15 @@ async fn at_timestamp_after_every_record_starts_at_the_end_of_the_log() -> Resul
     support::produce_rows(&topic, Some(0), old).await?;
 
     let dir = tempfile::tempdir()?;
-    let config = format!(
-        "{}[[streams]]\nname = \"{topic}\"\nhandler = \"forward\"\nstarting_position = \"at_timestamp\"\n\
-         starting_timestamp = \"2026-01-01T01:00:00Z\"\n",
-        support::TIMINGS
-    );
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let mut worker =
-        start_worker_with(&c.url, "a", &format!("[handlers.forward]\ntopic = \"{receipts}\"\n"))?;
+    let mut config = support::timings();
+    config.streams = vec![StreamConfig {
+        starting_position: StartingPosition::AtTimestamp,
+        // An hour after the newest old record, still in the past.
+        starting_timestamp: Some(UNIX_EPOCH + Duration::from_millis(BASE as u64 + 3_600_000)),
+        ..StreamConfig::new(&topic, "forward")
+    }];
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let mut worker = start_worker_config(&c.url, "a", config::hosting("forward", &[("topic", &receipts)]))?;
     // The resolved start is checkpointed before the first batch runs.
     let pinned = eventually(Duration::from_secs(30), "the shard to start and pin its start", || async {
         owned_checkpoint(&c, &topic).await

@@ -89,6 +89,17 @@ pub async fn run(
             .with_http_listener(addr)
             .install()
             .map_err(|source| WorkerError::Metrics { addr, source })?;
+        // Failure counters exist from the start, at 0: an alert on them
+        // (and a test) tells "none yet" from "not exported".
+        for name in [
+            "shardline_lease_task_failures_total",
+            "shardline_redeliveries_total",
+            "shardline_checkpoint_errors_total",
+            "shardline_source_errors_total",
+            "shardline_kafka_errors_total",
+        ] {
+            metrics::counter!(name).absolute(0);
+        }
     }
     // Once per node: every lease and batch shares these.
     let ready = handlers.init(contexts).await?;
