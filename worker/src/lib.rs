@@ -49,7 +49,7 @@ pub use handler::{
     Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Origin, Record,
 };
 pub use membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
-pub use runtime::{WorkerError, run};
+pub use runtime::{WorkerError, drain_on_signals, run};
 
 /// Locks `m`. A lock is poisoned only by a panic while it was held; every
 /// mutex here guards plain data changed in single steps (maps of figures,

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        tokio::spawn(shardline_worker::drain_on_signals(shutdown.clone()));
         let Err(e) = shardline_worker::run(config, shardline_worker::builtin::handlers(), shutdown).await
         else {
             return ExitCode::SUCCESS;
@@ -58,18 +58,4 @@ fn main() -> ExitCode {
         let usage = matches!(e, WorkerError::Init(_) | WorkerError::Config(_) | WorkerError::Metrics { .. });
         if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
     })
-}
-
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("draining: finishing batches and releasing leases (signal again to exit at once)");
-    shutdown.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    std::process::exit(130);
 }

@@ -59,6 +59,24 @@ struct Running {
 
 type StatsTable = Arc<Mutex<BTreeMap<LeaseId, (u64, Arc<LeaseStats>)>>>;
 
+/// Cancels `shutdown` on the first SIGTERM or SIGINT (the worker drains:
+/// finishes its batches and releases its leases) and exits the process with
+/// 130 on the second. Every worker binary, the stock one and users' own,
+/// spawns this so an orchestrator's SIGTERM drains rather than kills.
+pub async fn drain_on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("draining: finishing batches and releasing leases (signal again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    std::process::exit(130);
+}
+
 /// Runs a worker hosting `handlers` until `shutdown` fires, then drains.
 pub async fn run(
     config: WorkerConfig,

@@ -56,12 +56,8 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_signal.cancel();
-        }
-    });
+    // SIGTERM (an orchestrator's stop) or Ctrl-C drains; a second exits.
+    tokio::spawn(shardline_worker::drain_on_signals(shutdown.clone()));
     match shardline_worker::run(config, Handlers::new().with::<JsonSum>("json-sum"), shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
