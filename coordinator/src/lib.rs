@@ -101,11 +101,14 @@ pub async fn serve(
             () = died.cancelled() => {}
         }
     };
-    let discovery_task = tokio::spawn(discovery::run(config.clone(), handle.clone(), shutdown.clone()));
+    // Discovery and the RabbitMQ loop stop on this token: on `shutdown`, or
+    // when the API has closed for any reason.
+    let background = shutdown.child_token();
+    let discovery_task = tokio::spawn(discovery::run(config.clone(), handle.clone(), background.clone()));
 
     let subscriptions = amqp::StatusTable::default();
     let amqp_task =
-        tokio::spawn(amqp::run(config.clone(), handle.clone(), subscriptions.clone(), shutdown.clone()));
+        tokio::spawn(amqp::run(config.clone(), handle.clone(), subscriptions.clone(), background.clone()));
     let api = api::Api::new(handle, config.clone(), subscriptions);
     let auth = api::Auth { token: config.auth_token.clone() };
     tracing::info!(%addr, streams = config.streams.len(), subscriptions = config.subscriptions.len(), "coordinator serving");
@@ -133,8 +136,18 @@ pub async fn serve(
     // `loop_stop` is cancelled, which ends a healthy loop too.)
     let loop_died = loop_died.is_cancelled();
     // The API is closed: let the loop make everything durable, then stop.
-    discovery_task.abort();
-    amqp_task.abort();
+    background.cancel();
+    for (name, task) in [("discovery", discovery_task), ("rabbitmq", amqp_task)] {
+        // Bounded: a broker call in flight may take its own timeout to
+        // return; the store's last flush must not wait for it.
+        match tokio::time::timeout(FATAL_GRACE, task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(task = name, error = %e, "background task failed"),
+            Err(_) => {
+                tracing::warn!(task = name, grace = ?FATAL_GRACE, "background task still busy; leaving it")
+            }
+        }
+    }
     loop_stop.cancel();
     let stored = service_task.await.map_err(StoreError::Task);
     match stored {
