@@ -49,12 +49,6 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts the binary with `config` (TOML, read as the coordinator's
-    /// config) and waits for its `listening ADDR` line; see [`Self::start_config`].
-    pub fn start(config: &str, data_dir: &Path) -> Result<Self> {
-        Self::start_config(config::parse(config)?, data_dir)
-    }
-
     /// Starts the binary with `config`, its `data_dir` set, the tests'
     /// brokers where it keeps the defaults, and a port the OS chooses where
     /// it keeps the default `listen`.
@@ -115,12 +109,6 @@ impl Coordinator {
 /// Starts a `shardline-worker` process hosting `handler` (with no settings).
 pub fn start_worker(coordinator_url: &str, worker_id: &str, handler: &str) -> Result<Proc> {
     start_worker_config(coordinator_url, worker_id, WorkerConfig::hosting([handler]))
-}
-
-/// Starts a `shardline-worker` with `extra` (TOML: handler tables,
-/// metrics_listen, ...) read as its config.
-pub fn start_worker_with(coordinator_url: &str, worker_id: &str, extra: &str) -> Result<Proc> {
-    start_worker_config(coordinator_url, worker_id, config::parse(extra)?)
 }
 
 /// Starts a `shardline-worker` with `config`, its coordinator and id set,

@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use shardline_proto::{LeaseId, v1};
 use shardline_tests::serial::broker_outage;
-use shardline_tests::{Coordinator, add_partitions, create_topic, eventually, unique};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, StreamConfig, add_partitions, create_topic, eventually, unique,
+};
 
 fn id(info: &v1::LeaseInfo) -> Result<LeaseId> {
     LeaseId::try_from(info.lease.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))
@@ -27,9 +29,12 @@ async fn discovers_partitions_from_kafka_including_ones_added_while_running() ->
     let topic = unique("disc");
     create_topic(&topic, 8).await?;
     let dir = tempfile::tempdir()?;
-    let config =
-        format!("discovery_interval = \"300ms\"\n[[streams]]\nname = \"{topic}\"\nhandler = \"noop\"\n");
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
+    let config = CoordinatorConfig {
+        discovery_interval: Duration::from_millis(300),
+        streams: vec![StreamConfig::new(&topic, "noop")],
+        ..CoordinatorConfig::default()
+    };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     let mut api = c.worker_api().await?;
     let reply = api
         .register(v1::RegisterRequest {

@@ -20,10 +20,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use shardline_proto::StartingPosition;
+use shardline_testkit::config::{Backoff, BatchSettings, FilterConfig, hosting};
 use shardline_tests::kafka::{Consumed, produce, producer, read_topic};
 use shardline_tests::{
-    Coordinator, Proc, create_topic, eventually, kafka_brokers, start_worker_with, unique,
+    Coordinator, CoordinatorConfig, Proc, StreamConfig, WorkerConfig, create_topic, eventually,
+    kafka_brokers, start_worker_config, unique,
 };
+
+mod support;
 
 /// One test at a time in this file (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -34,13 +39,6 @@ const KEYS: u64 = 50;
 /// The poison of tests with 1,000 records `id-0..id-999`: only `id-777`
 /// contains it (`id-7770` would too, but is never produced).
 const POISON: &str = "id-777";
-
-/// Coordinator timings that keep the tests short.
-const TIMINGS: &str =
-    "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\n";
-
-/// Start from the oldest record.
-const TRIM: &str = "starting_position = \"trim_horizon\"\n";
 
 /// A stream, its one-partition receipts topic (receipt order is processing
 /// order) and its on_failure topic.
@@ -58,15 +56,25 @@ async fn topics(name: &str, partitions: i32) -> Result<Topics> {
     Ok(t)
 }
 
-/// A `[[streams]]` table mapping `topic` to `chaos`; `settings` are the
-/// mapping's settings, one per line.
-fn stream(topic: &str, settings: &str) -> String {
-    format!("[[streams]]\nname = \"{topic}\"\nhandler = \"chaos\"\n{settings}")
+/// A stream mapping `topic` to `chaos` from its oldest record, with
+/// `settings`.
+fn stream(topic: &str, settings: BatchSettings) -> StreamConfig {
+    StreamConfig { settings, ..support::from_start(topic, "chaos") }
 }
 
-/// A worker config hosting `chaos` writing receipts to `receipts`.
-fn chaos(receipts: &str, settings: &str) -> String {
-    format!("[handlers.chaos]\ntopic = \"{receipts}\"\n{settings}")
+/// [`stream`] of `t.stream` giving up records to `t.dlq`.
+fn failing(t: &Topics, settings: BatchSettings) -> StreamConfig {
+    StreamConfig { on_failure: Some(t.dlq.clone()), ..stream(&t.stream, settings) }
+}
+
+/// A worker config hosting `chaos` writing receipts to `receipts`, with
+/// string `settings`.
+fn chaos(receipts: &str, settings: &[(&str, &str)]) -> WorkerConfig {
+    hosting("chaos", &[&[("topic", receipts)], settings].concat())
+}
+
+fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
 }
 
 /// A coordinator and its workers, all killed on drop (workers first).
@@ -77,12 +85,14 @@ struct Run {
 }
 
 impl Run {
-    /// Starts a coordinator with `streams` and one worker per id, each with
-    /// `worker` appended to its config.
-    fn start(streams: &str, worker: &str, ids: &[&str]) -> Result<Self> {
+    /// Starts a coordinator with `streams` and one worker per id, each
+    /// with the config `worker`.
+    fn start(streams: Vec<StreamConfig>, worker: &WorkerConfig, ids: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let c = Coordinator::start(&format!("{TIMINGS}{streams}"), &dir.path().join("data"))?;
-        let workers = ids.iter().map(|id| start_worker_with(&c.url, id, worker)).collect::<Result<_>>()?;
+        let config = CoordinatorConfig { streams, ..support::timings() };
+        let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+        let workers =
+            ids.iter().map(|id| start_worker_config(&c.url, id, worker.clone())).collect::<Result<_>>()?;
         Ok(Self { workers, c, _dir: dir })
     }
 }
@@ -269,16 +279,13 @@ async fn bisect_on_error_sends_only_the_poison_record_to_on_failure_after_max_re
     let n = 1000;
     produce(&producer()?, &t.stream, 0, n, KEYS).await?;
     let since = rfc3339(now_ms());
-    let settings = format!(
-        "{TRIM}bisect_on_error = true\nmax_retries = 3\non_failure = \"{}\"\n\
-         retry_backoff = {{ initial = \"50ms\", max = \"400ms\" }}\n",
-        t.dlq
-    );
-    let run = Run::start(
-        &stream(&t.stream, &settings),
-        &chaos(&t.receipts, &format!("poison = \"{POISON}\"\n")),
-        &["a"],
-    )?;
+    let settings = BatchSettings {
+        bisect_on_error: true,
+        max_retries: Some(3),
+        retry_backoff: Backoff { initial: ms(50), max: ms(400), ..Backoff::default() },
+        ..BatchSettings::default()
+    };
+    let run = Run::start(vec![failing(&t, settings)], &chaos(&t.receipts, &[("poison", POISON)]), &["a"])?;
     caught_up(&run.c, &t.stream, Duration::from_secs(30)).await?;
 
     let source = read(&t.stream).await?;
@@ -317,13 +324,15 @@ async fn report_item_failures_retries_from_the_failed_record_and_never_reprocess
     let n = 1000;
     produce(&producer()?, &t.stream, 0, n, KEYS).await?;
     let since = rfc3339(now_ms());
-    let settings = format!(
-        "{TRIM}report_item_failures = true\nmax_retries = 2\non_failure = \"{}\"\n\
-         retry_backoff = {{ initial = \"50ms\", max = \"400ms\" }}\n",
-        t.dlq
-    );
-    let worker = chaos(&t.receipts, &format!("poison = \"{POISON}\"\nreport_items = true\n"));
-    let run = Run::start(&stream(&t.stream, &settings), &worker, &["a"])?;
+    let settings = BatchSettings {
+        report_item_failures: true,
+        max_retries: Some(2),
+        retry_backoff: Backoff { initial: ms(50), max: ms(400), ..Backoff::default() },
+        ..BatchSettings::default()
+    };
+    let mut worker = chaos(&t.receipts, &[("poison", POISON)]);
+    worker.handlers.entry("chaos".into()).or_default().insert("report_items".into(), true.into());
+    let run = Run::start(vec![failing(&t, settings)], &worker, &["a"])?;
     caught_up(&run.c, &t.stream, Duration::from_secs(30)).await?;
 
     let source = read(&t.stream).await?;
@@ -363,13 +372,14 @@ async fn max_retries_without_bisect_gives_up_the_whole_batch_and_later_batches_f
     produce(&p, &t.stream, 0, 300, KEYS).await?;
     let since = rfc3339(now_ms());
     // A window, so every batch is a full 10 (offsets 150..159 together).
-    let settings = format!(
-        "{TRIM}batch_size = 10\nbatch_window = \"500ms\"\nmax_retries = 2\non_failure = \"{}\"\n\
-         retry_backoff = {{ initial = \"100ms\", max = \"200ms\", multiplier = 2.0, jitter = false }}\n",
-        t.dlq
-    );
-    let run =
-        Run::start(&stream(&t.stream, &settings), &chaos(&t.receipts, "poison = \"id-155\"\n"), &["a"])?;
+    let settings = BatchSettings {
+        batch_size: 10,
+        batch_window: ms(500),
+        max_retries: Some(2),
+        retry_backoff: Backoff { initial: ms(100), max: ms(200), multiplier: 2.0, jitter: false },
+        ..BatchSettings::default()
+    };
+    let run = Run::start(vec![failing(&t, settings)], &chaos(&t.receipts, &[("poison", "id-155")]), &["a"])?;
     caught_up(&run.c, &t.stream, Duration::from_secs(30)).await?;
     // The partition went through a failing batch: new records still flow.
     produce(&p, &t.stream, 300, 400, KEYS).await?;
@@ -403,13 +413,15 @@ async fn handler_timeout_fails_slow_batches_to_on_failure_and_the_worker_keeps_g
     let p = producer()?;
     produce(&p, &t.stream, 0, 30, KEYS).await?;
     let since = rfc3339(now_ms());
-    let settings = format!(
-        "{TRIM}batch_size = 10\nbatch_window = \"300ms\"\nhandler_timeout = \"1s\"\nmax_retries = 0\n\
-         on_failure = \"{}\"\n",
-        t.dlq
-    );
+    let settings = BatchSettings {
+        batch_size: 10,
+        batch_window: ms(300),
+        handler_timeout: Duration::from_secs(1),
+        max_retries: Some(0),
+        ..BatchSettings::default()
+    };
     let mut run =
-        Run::start(&stream(&t.stream, &settings), &chaos(&t.receipts, "sleep_per_batch = \"3s\"\n"), &["a"])?;
+        Run::start(vec![failing(&t, settings)], &chaos(&t.receipts, &[("sleep_per_batch", "3s")]), &["a"])?;
     let started = Instant::now();
     caught_up(&run.c, &t.stream, Duration::from_secs(30)).await?;
     let first = started.elapsed();
@@ -478,8 +490,9 @@ async fn max_record_age_sends_old_records_to_on_failure_without_calling_the_hand
         ensure!(kept, "the broker did not keep the producer's CreateTime of {}: {:?}", r.value, r.timestamp);
     }
     let since = rfc3339(now_ms());
-    let settings = format!("{TRIM}max_record_age = \"60s\"\non_failure = \"{}\"\n", t.dlq);
-    let run = Run::start(&stream(&t.stream, &settings), &chaos(&t.receipts, ""), &["a"])?;
+    let settings =
+        BatchSettings { max_record_age: Some(Duration::from_secs(60)), ..BatchSettings::default() };
+    let run = Run::start(vec![failing(&t, settings)], &chaos(&t.receipts, &[]), &["a"])?;
     caught_up(&run.c, &t.stream, Duration::from_secs(30)).await?;
 
     let failed = read(&t.dlq).await?;
@@ -525,8 +538,9 @@ async fn filter_passes_only_matching_records_and_checkpoints_past_the_others() -
     for r in futures::future::join_all(sends).await {
         r?;
     }
-    let settings = format!("{TRIM}batch_size = 25\nfilter = {{ field = \"kind\", equals = \"a\" }}\n");
-    let run = Run::start(&stream(&t.stream, &settings), &chaos(&t.receipts, ""), &["a"])?;
+    let filter = FilterConfig { field: "kind".into(), equals: Some("a".into()), exists: None, prefix: None };
+    let settings = BatchSettings { batch_size: 25, filter: Some(filter), ..BatchSettings::default() };
+    let run = Run::start(vec![stream(&t.stream, settings)], &chaos(&t.receipts, &[]), &["a"])?;
     let end = caught_up(&run.c, &t.stream, Duration::from_secs(30)).await?;
     ensure!(end == n as i64, "the partition holds {end} records, want {n}");
 
@@ -578,11 +592,13 @@ async fn parallel_run(factor: u32, kill: bool) -> Result<Duration> {
     let t = topics("parallel", 1).await?;
     let n = 400;
     produce(&producer()?, &t.stream, 0, n, 40).await?;
-    let settings = format!("{TRIM}batch_size = 10\nparallelization_factor = {factor}\n");
+    let settings = BatchSettings { batch_size: 10, ..BatchSettings::default() };
+    let parallel = StreamConfig { parallelization_factor: factor, ..stream(&t.stream, settings) };
     let ids: &[&str] = if kill { &["a", "b"] } else { &["a"] };
-    let mut run =
-        Run::start(&stream(&t.stream, &settings), &chaos(&t.receipts, "sleep_per_batch = \"200ms\"\n"), ids)?;
+    let mut run = Run::start(vec![parallel], &chaos(&t.receipts, &[("sleep_per_batch", "200ms")]), ids)?;
     let started = Instant::now();
+    // The killed worker and the checkpoint right after its death.
+    let mut killed = None;
     if kill {
         let (owner, at) = eventually(Duration::from_secs(20), "the lease to be 100 records in", || async {
             let leases = run.c.leases_of(&t.stream).await?;
@@ -592,13 +608,17 @@ async fn parallel_run(factor: u32, kill: bool) -> Result<Duration> {
         .await?;
         let victim = run.workers.iter_mut().find(|w| w.name == owner).context("owner is not ours")?;
         victim.kill9()?;
-        eprintln!("{what}: killed {owner} with the checkpoint at {at}");
+        // It is gone: nothing but a checkpoint already on its way can move
+        // the lease's checkpoint before the failover, and that only raises it.
+        let at_kill = run.c.leases_of(&t.stream).await?.first().and_then(|l| l.checkpoint).unwrap_or(at);
+        eprintln!("{what}: killed {owner} with the checkpoint at {at_kill} (seen at {at} before)");
         let survivor = eventually(Duration::from_secs(20), "another worker to take the lease", || async {
             let leases = run.c.leases_of(&t.stream).await?;
             Ok(leases.first().filter(|l| !l.owner.is_empty() && l.owner != owner).map(|l| l.owner.clone()))
         })
         .await?;
         eprintln!("{what}: {survivor} took the lease {:?} after the start", started.elapsed());
+        killed = Some((owner, at_kill));
     }
     caught_up(&run.c, &t.stream, Duration::from_secs(40)).await?;
     let wall = started.elapsed();
@@ -607,10 +627,52 @@ async fn parallel_run(factor: u32, kill: bool) -> Result<Duration> {
     eprintln!(
         "{what}: {n} records processed in {span:?} (first to last receipt; {wall:?} from the start), {duplicates} duplicates"
     );
-    if !kill {
-        ensure!(duplicates == 0, "{what}: {duplicates} duplicates without any failure");
+    match killed {
+        Some((owner, at_kill)) => uncheckpointed_only(&receipts, &owner, at_kill, duplicates, &what)?,
+        None => ensure!(duplicates == 0, "{what}: {duplicates} duplicates without any failure"),
     }
     Ok(span)
+}
+
+/// Checks the `duplicates` of a run whose one partition's owner was killed
+/// with the checkpoint at `at_kill`: only records the killed worker
+/// processed at or after that checkpoint may come twice (a new owner
+/// resumes from it), and no more than those.
+fn uncheckpointed_only(
+    receipts: &[Consumed],
+    owner: &str,
+    at_kill: i64,
+    duplicates: usize,
+    what: &str,
+) -> Result<()> {
+    let mut uncheckpointed = BTreeSet::new();
+    for r in receipts.iter().filter(|r| r.header("shardline.worker") == Some(owner)) {
+        let offset: i64 = r.header("shardline.offset").context("offset header")?.parse()?;
+        if offset >= at_kill {
+            uncheckpointed
+                .insert(id_of(&r.value).with_context(|| format!("{what}: no id in {:?}", r.value))?);
+        }
+    }
+    let unexplained: Vec<u64> = counts(receipts)?
+        .into_iter()
+        .filter(|(id, n)| *n > 1 && !uncheckpointed.contains(id))
+        .map(|(id, _)| id)
+        .collect();
+    eprintln!(
+        "{what}: {duplicates} duplicates, at most {} allowed ({owner}'s work at or after its checkpoint {at_kill})",
+        uncheckpointed.len()
+    );
+    ensure!(
+        unexplained.is_empty(),
+        "{what}: records processed twice that {owner} had checkpointed (a new owner restarted before {at_kill}): {}",
+        few(&unexplained)
+    );
+    ensure!(
+        duplicates <= uncheckpointed.len(),
+        "{what}: {duplicates} duplicates; {owner} processed only {} records at or after its last checkpoint",
+        uncheckpointed.len()
+    );
+    Ok(())
 }
 
 /// The speed-up factor 4 must show over factor 1. Ideal is 4× (40 batches
@@ -620,8 +682,9 @@ const MIN_SPEEDUP: f64 = 1.5;
 
 /// parallelization_factor = 4: the same slow work runs several batches of a
 /// shard at once (at least [`MIN_SPEEDUP`] over factor 1), order is kept per
-/// key, and a kill -9 of the worker mid-run loses nothing (a second worker
-/// takes over from the contiguous checkpoint).
+/// key, and a kill -9 of the worker mid-run loses nothing and repeats only
+/// what it processed past its checkpoint (a second worker takes over from
+/// the contiguous checkpoint).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallelization_factor_runs_batches_concurrently_keeping_key_order_and_survives_kill_9() -> Result<()>
 {
@@ -704,19 +767,19 @@ async fn starting_position_at_timestamp_and_latest_skip_older_records() -> Resul
         rfc3339(t_after)
     );
 
-    let streams = format!(
-        "{}{}{}",
-        stream(
-            &at.stream,
-            &format!("starting_position = \"at_timestamp\"\nstarting_timestamp = \"{}\"\n", rfc3339(t))
-        ),
-        stream(&latest, "starting_position = \"latest\"\n"),
-        stream(
-            &after,
-            &format!("starting_position = \"at_timestamp\"\nstarting_timestamp = \"{}\"\n", rfc3339(t_after))
-        ),
-    );
-    let run = Run::start(&streams, &chaos(&at.receipts, ""), &["a"])?;
+    let at_time = |topic: &str, ms: i64| -> Result<StreamConfig> {
+        Ok(StreamConfig {
+            starting_position: StartingPosition::AtTimestamp,
+            starting_timestamp: Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms)?)),
+            ..StreamConfig::new(topic, "chaos")
+        })
+    };
+    let streams = vec![
+        at_time(&at.stream, t)?,
+        StreamConfig { starting_position: StartingPosition::Latest, ..StreamConfig::new(&latest, "chaos") },
+        at_time(&after, t_after)?,
+    ];
+    let run = Run::start(streams, &chaos(&at.receipts, &[]), &["a"])?;
     // The latest stream's lease pins where it started (the high watermark).
     let pinned =
         eventually(Duration::from_secs(20), "the leases to start and pin their checkpoints", || async {

@@ -10,13 +10,16 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use shardline_testkit::config::{hosting, settings};
 use shardline_tests::kafka::{Consumed, RawRecord, produce, produce_raw, producer, read_topic};
-use shardline_tests::{Coordinator, create_topic, eventually, start_worker_with, unique};
+use shardline_tests::{
+    Coordinator, CoordinatorConfig, StreamConfig, create_topic, eventually, start_worker_config, unique,
+};
+use support::{from_start, timings};
+
+mod support;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const TIMINGS: &str =
-    "heartbeat_interval = \"300ms\"\nsession_timeout = \"3s\"\ndiscovery_interval = \"500ms\"\n";
 
 async fn read(topic: &str) -> Result<Vec<Consumed>> {
     let topic = topic.to_owned();
@@ -55,17 +58,16 @@ async fn tombstones_stay_null_and_odd_header_names_do_not_panic_the_worker() -> 
     produce_raw(&failing, &odd_records())?;
 
     let dir = tempfile::tempdir()?;
-    let config = format!(
-        "{TIMINGS}[[streams]]\nname = \"{forwarded}\"\nhandler = \"forward\"\nstarting_position = \"trim_horizon\"\n\
-         [[streams]]\nname = \"{failing}\"\nhandler = \"sleep\"\nstarting_position = \"trim_horizon\"\n\
-         handler_timeout = \"1s\"\nmax_retries = 0\non_failure = \"{dlq}\"\n"
-    );
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let mut w = start_worker_with(
-        &c.url,
-        "w",
-        &format!("[handlers.forward]\ntopic = \"{receipts}\"\n[handlers.sleep]\nper_batch = \"5s\"\n"),
-    )?;
+    let mut sleeping = from_start(&failing, "sleep");
+    sleeping.on_failure = Some(dlq.clone());
+    sleeping.settings.handler_timeout = Duration::from_secs(1);
+    sleeping.settings.max_retries = Some(0);
+    let config =
+        CoordinatorConfig { streams: vec![from_start(&forwarded, "forward"), sleeping], ..timings() };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let mut worker = hosting("forward", &[("topic", &receipts)]);
+    worker.handlers.insert("sleep".into(), settings(&[("per_batch", "5s")]));
+    let mut w = start_worker_config(&c.url, "w", worker)?;
     for stream in [&forwarded, &failing] {
         eventually(Duration::from_secs(60), &format!("{stream} checkpointed past all 3 records"), || async {
             let now = checkpoints(&c, stream).await?;
@@ -110,9 +112,9 @@ async fn a_topic_created_after_its_mapping_is_read_from_its_first_record() -> Re
     let (topic, receipts) = (unique("late"), unique("receipts"));
     create_topic(&receipts, 1).await?;
     let dir = tempfile::tempdir()?;
-    let config = format!("{TIMINGS}[[streams]]\nname = \"{topic}\"\nhandler = \"forward\"\n");
-    let c = Coordinator::start(&config, &dir.path().join("data"))?;
-    let _w = start_worker_with(&c.url, "w", &format!("[handlers.forward]\ntopic = \"{receipts}\"\n"))?;
+    let config = CoordinatorConfig { streams: vec![StreamConfig::new(&topic, "forward")], ..timings() };
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let _w = start_worker_config(&c.url, "w", hosting("forward", &[("topic", &receipts)]))?;
     eventually(Duration::from_secs(20), "the worker to join", || async {
         Ok(c.workers().await?.iter().any(|w| w.worker_id == "w").then_some(()))
     })
