@@ -96,8 +96,7 @@ impl Publisher {
     /// (some may have been: at least once).
     pub async fn publish(&self, messages: &[Message]) -> Result<(), PublishError> {
         let channel = self.channel().await?;
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = crate::unix_ms() / 1000;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
             let mut props = (m.properties.clone().unwrap_or_default())
@@ -132,11 +131,15 @@ impl Publisher {
         Ok(())
     }
 
-    /// Forgets a channel that failed, so the next publish opens a new one
-    /// (one busy opening a channel already replaces it).
+    /// Forgets a channel that failed, so the next publish opens a new one.
     fn failed(&self, what: String, source: lapin::Error) -> PublishError {
-        if let Ok(mut slot) = self.channel.try_lock() {
-            *slot = None;
+        match self.channel.try_lock() {
+            Ok(mut slot) => *slot = None,
+            // Held by a caller in `channel()`, which checks the channel's
+            // state under the lock and replaces a broken one itself.
+            Err(tokio::sync::TryLockError { .. }) => {
+                tracing::debug!("channel slot busy; its holder replaces a broken channel")
+            }
         }
         PublishError::Channel { what, source }
     }
