@@ -80,6 +80,49 @@ pub fn mask_password(url: &str) -> String {
     }
 }
 
+/// Where the coordinator keeps its lease table: `store = "sled"` (the
+/// default: a directory on one machine) or `store = { postgres = "URL" }`
+/// (shared by any number of coordinators, one of which leads). Env
+/// `SHARDLINE_STORE` overrides with `sled` or a `postgres://` URL.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Store {
+    #[default]
+    Sled,
+    Postgres(String),
+}
+
+impl Store {
+    /// `sled`, or any other text as a PostgreSQL URL (checked by [`Store::check`]).
+    pub fn from_env(value: String) -> Self {
+        if value == "sled" { Self::Sled } else { Self::Postgres(value) }
+    }
+
+    /// A PostgreSQL store is a `postgres://` or `postgresql://` URL.
+    pub fn check(&self) -> Result<(), Invalid> {
+        match self {
+            Self::Sled => Ok(()),
+            Self::Postgres(url) => {
+                let ok = url.starts_with("postgres://") || url.starts_with("postgresql://");
+                let shown = format!("`{}`", mask_password(url));
+                let allowed =
+                    "\"sled\" or { postgres = \"postgres://USER:PASS@HOST:PORT/DB[?sslmode=require]\" }";
+                ensure(ok, "store", shown, allowed)
+            }
+        }
+    }
+}
+
+/// Shows a PostgreSQL URL with its password masked: configs are logged.
+impl Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sled => f.write_str("Sled"),
+            Self::Postgres(url) => write!(f, "Postgres({:?})", mask_password(url)),
+        }
+    }
+}
+
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -100,6 +143,8 @@ pub struct Overrides<'a> {
     pub kafka_brokers: &'a mut String,
     pub amqp_url: &'a mut String,
     pub auth_token: &'a mut Option<String>,
+    /// The coordinator's `store`; `None` for the worker.
+    pub store: Option<&'a mut Store>,
 }
 
 impl Overrides<'_> {
@@ -124,6 +169,10 @@ impl Overrides<'_> {
         if let Some(v) = env("SHARDLINE_TOKEN") {
             *self.auth_token = Some(v);
             set.push(("auth_token", "SHARDLINE_TOKEN"));
+        }
+        if let (Some(field), Some(v)) = (self.store, env("SHARDLINE_STORE")) {
+            *field = Store::from_env(v);
+            set.push(("store", "SHARDLINE_STORE"));
         }
         set
     }
@@ -163,13 +212,14 @@ mod tests {
 
     #[test]
     fn env_overrides_replace_their_fields_and_empty_ones_are_ignored() {
-        let (mut coordinator, mut brokers, mut amqp, mut token) =
-            ("c".to_owned(), "b".to_owned(), "a".to_owned(), None);
+        let (mut coordinator, mut brokers, mut amqp, mut token, mut store) =
+            ("c".to_owned(), "b".to_owned(), "a".to_owned(), None, Store::Sled);
         let env = |name: &str| match name {
             "SHARDLINE_COORDINATOR" => Some("http://x:1".to_owned()),
             "SHARDLINE_KAFKA_BROKERS" => Some("k:9".to_owned()),
             "SHARDLINE_AMQP_URL" => Some(String::new()),
             "SHARDLINE_TOKEN" => Some("t".to_owned()),
+            "SHARDLINE_STORE" => Some("postgres://u:pw@db/x".to_owned()),
             _ => None,
         };
         let set = Overrides {
@@ -177,12 +227,22 @@ mod tests {
             kafka_brokers: &mut brokers,
             amqp_url: &mut amqp,
             auth_token: &mut token,
+            store: Some(&mut store),
         }
         .apply(env);
         assert_eq!(
             set.iter().map(|(_, var)| *var).collect::<Vec<_>>(),
-            ["SHARDLINE_COORDINATOR", "SHARDLINE_KAFKA_BROKERS", "SHARDLINE_TOKEN"]
+            ["SHARDLINE_COORDINATOR", "SHARDLINE_KAFKA_BROKERS", "SHARDLINE_TOKEN", "SHARDLINE_STORE"]
         );
+        assert_eq!(store, Store::Postgres("postgres://u:pw@db/x".into()));
+        assert_eq!(
+            format!("{store:?}"),
+            "Postgres(\"postgres://u:***@db/x\")",
+            "a logged config hides the password"
+        );
+        assert_eq!(Store::from_env("sled".into()), Store::Sled);
+        let e = Store::Postgres("mysql://u:pw@h/db".into()).check().map_err(|e| e.to_string());
+        assert!(e.as_ref().is_err_and(|e| e.contains("`store` is `mysql://u:***@h/db`")), "{e:?}");
         assert_eq!((coordinator.as_str(), brokers.as_str(), amqp.as_str()), ("http://x:1", "k:9", "a"));
         assert_eq!(token.as_deref(), Some("t"));
     }

@@ -12,12 +12,15 @@ use crate::core::{
     Beat, CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad,
 };
 use crate::offsets::{ResolveError, Target};
+use crate::role::{Role, State};
 use crate::service::{CheckpointCmd, Closed, Command, Handle};
 
-/// Serves both gRPC services over one service-loop handle.
+/// Serves both gRPC services: through the service loop's handle while
+/// this coordinator leads; as a standby, every call is answered
+/// UNAVAILABLE with the leader's URL in the `shardline-leader` header.
 #[derive(Clone)]
 pub struct Api {
-    handle: Handle,
+    role: Role,
     /// Kafka offsets for checkpoint listings and operator moves.
     offsets: Option<crate::offsets::Offsets>,
     subscriptions: crate::amqp::StatusTable,
@@ -28,7 +31,7 @@ pub struct Api {
 
 impl Api {
     pub fn new(
-        handle: Handle,
+        role: Role,
         cfg: std::sync::Arc<crate::config::Config>,
         subscriptions: crate::amqp::StatusTable,
     ) -> Self {
@@ -43,11 +46,43 @@ impl Api {
             offsets,
             subscriptions,
             config: cfg.clone(),
-            handle,
+            role,
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
             session_timeout_ms: cfg.session_timeout.as_millis() as u64,
         }
     }
+}
+
+impl Api {
+    /// The service loop, if this coordinator leads; otherwise the status
+    /// that sends the client to the leader (or to its next URL).
+    fn leader(&self) -> Result<Handle, Status> {
+        match self.role.get() {
+            State::Leading { handle, .. } => Ok(handle),
+            State::Following { leader } => Err(standby(leader.as_deref())),
+            State::Starting => Err(Status::unavailable("this coordinator is starting; retry")),
+            State::Stopped => Err(Status::unavailable("this coordinator is shutting down; try another")),
+        }
+    }
+}
+
+/// The trailer naming the leader (clients read it through the proto crate's
+/// `endpoints`).
+const LEADER_HEADER: &str = "shardline-leader";
+
+/// UNAVAILABLE, naming the leader (message and header) when known.
+fn standby(leader: Option<&str>) -> Status {
+    let Some(url) = leader else {
+        return Status::unavailable("this coordinator is a standby; no leader is known yet");
+    };
+    let mut status = Status::unavailable(format!("this coordinator is a standby; the leader is {url}"));
+    match url.parse() {
+        Ok(value) => {
+            status.metadata_mut().insert(LEADER_HEADER, value);
+        }
+        Err(e) => tracing::warn!(%url, error = %e, "the leader's URL cannot be sent as a header"),
+    }
+    status
 }
 
 fn bad(e: ConvertError) -> Status {
@@ -197,7 +232,7 @@ impl WorkerApi for Api {
             incarnation: req.incarnation,
         };
         let instructions =
-            self.handle.call(|tx| Command::Register(registration, tx)).await.map_err(closed)?;
+            self.leader()?.call(|tx| Command::Register(registration, tx)).await.map_err(closed)?;
         Ok(Response::new(v1::RegisterReply {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             session_timeout_ms: self.session_timeout_ms,
@@ -216,7 +251,7 @@ impl WorkerApi for Api {
         let beat = Beat { incarnation: req.incarnation, held: held(&req.held)?.into_iter().collect(), load };
         let draining = req.draining;
         let result = self
-            .handle
+            .leader()?
             .call(|reply| Command::Heartbeat { worker, beat, draining, reply })
             .await
             .map_err(closed)?;
@@ -241,8 +276,11 @@ impl WorkerApi for Api {
             let lease = LeaseId::try_from(e.lease.as_ref()).map_err(bad)?;
             entries.push(CheckpointCmd { lease, epoch: e.epoch, offset: e.offset });
         }
-        let outcomes =
-            self.handle.call(|reply| Command::Checkpoint { worker, entries, reply }).await.map_err(closed)?;
+        let outcomes = self
+            .leader()?
+            .call(|reply| Command::Checkpoint { worker, entries, reply })
+            .await
+            .map_err(closed)?;
         Ok(Response::new(v1::CheckpointReply {
             results: outcomes.into_iter().map(checkpoint_result).collect(),
         }))
@@ -257,7 +295,7 @@ impl WorkerApi for Api {
         let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
         let (epoch, offset) = (req.epoch, req.offset);
         let outcome = self
-            .handle
+            .leader()?
             .call(|reply| Command::ReleaseDone { worker, lease, epoch, offset, reply })
             .await
             .map_err(closed)?;
@@ -269,7 +307,7 @@ impl WorkerApi for Api {
         req: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::DeregisterReply>, Status> {
         let worker = worker_id(&req.into_inner().worker_id)?;
-        self.handle.call(|reply| Command::Deregister { worker, reply }).await.map_err(closed)?;
+        self.leader()?.call(|reply| Command::Deregister { worker, reply }).await.map_err(closed)?;
         Ok(Response::new(v1::DeregisterReply {}))
     }
 }
@@ -280,7 +318,7 @@ impl AdminApi for Api {
         &self,
         _req: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersReply>, Status> {
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let mut counts = std::collections::BTreeMap::<&str, u32>::new();
         for lease in &snapshot.leases {
             if let Some(owner) = &lease.record.owner {
@@ -320,7 +358,7 @@ impl AdminApi for Api {
         req: Request<v1::ListLeasesRequest>,
     ) -> Result<Response<v1::ListLeasesReply>, Status> {
         let name = req.into_inner().name;
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let leases = snapshot
             .leases
             .iter()
@@ -335,7 +373,7 @@ impl AdminApi for Api {
         req: Request<v1::GetCheckpointRequest>,
     ) -> Result<Response<v1::LeaseInfo>, Status> {
         let id = LeaseId::try_from(req.into_inner().lease.as_ref()).map_err(bad)?;
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         snapshot
             .leases
             .iter()
@@ -351,7 +389,7 @@ impl AdminApi for Api {
         let req = req.into_inner();
         let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
         let target = target(req.target)?;
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         if !snapshot.leases.iter().any(|l| l.record.lease == lease) {
             return Err(unknown_lease(&lease, &snapshot.leases));
         }
@@ -389,7 +427,7 @@ impl AdminApi for Api {
         &self,
         _req: Request<v1::ExportCheckpointsRequest>,
     ) -> Result<Response<v1::ExportCheckpointsReply>, Status> {
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let checkpoints = snapshot
             .leases
             .iter()
@@ -409,7 +447,7 @@ impl AdminApi for Api {
         req: Request<v1::ImportCheckpointsRequest>,
     ) -> Result<Response<v1::CheckpointPlan>, Status> {
         let req = req.into_inner();
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let mut changes = Vec::with_capacity(req.checkpoints.len());
         for c in &req.checkpoints {
             let lease = LeaseId::try_from(c.lease.as_ref()).map_err(bad)?;
@@ -425,17 +463,23 @@ impl AdminApi for Api {
     async fn usage(&self, req: Request<v1::UsageRequest>) -> Result<Response<v1::UsageReply>, Status> {
         let since_ms = req.into_inner().since_ms;
         let (totals, from_ms) =
-            self.handle.call(|reply| Command::Usage { since_ms, reply }).await.map_err(closed)?;
+            self.leader()?.call(|reply| Command::Usage { since_ms, reply }).await.map_err(closed)?;
         Ok(Response::new(usage_reply(totals, from_ms)))
     }
 
     async fn health(&self, _req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let term = match self.role.get() {
+            State::Leading { term, .. } => term,
+            _ => 0,
+        };
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         Ok(Response::new(v1::HealthReply {
             status: "serving".into(),
             workers: snapshot.workers.iter().filter(|w| !w.restored).count() as u32,
             leases: snapshot.leases.len() as u32,
             version: env!("CARGO_PKG_VERSION").into(),
+            leader: self.role.address.clone(),
+            term,
         }))
     }
 
@@ -443,6 +487,8 @@ impl AdminApi for Api {
         &self,
         _req: Request<v1::ListSubscriptionsRequest>,
     ) -> Result<Response<v1::ListSubscriptionsReply>, Status> {
+        // Only the leader reads RabbitMQ; a standby's table is stale.
+        self.leader()?;
         let table = self.subscriptions.lock().map_err(|_| Status::internal("subscription table poisoned"))?;
         let subscriptions = table
             .values()
@@ -550,7 +596,7 @@ impl Api {
     /// The shards of `stream` (every stream's when empty); an unknown
     /// stream is an error naming the known ones.
     async fn shards(&self, stream: &str) -> Result<Vec<Lease>, Status> {
-        let snapshot = self.handle.call(Command::Snapshot).await.map_err(closed)?;
+        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let shards: Vec<Lease> = snapshot
             .leases
             .into_iter()
@@ -583,7 +629,7 @@ impl Api {
     ) -> Result<Response<v1::CheckpointPlan>, Status> {
         let to: Vec<i64> = changes.iter().map(|(_, o)| *o).collect();
         let result = self
-            .handle
+            .leader()?
             .call(|reply| Command::SetCheckpoints { changes, dry_run, reply })
             .await
             .map_err(closed)?;

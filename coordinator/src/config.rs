@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-pub use shardline_config::{ConfigError, ConfigFile, Invalid};
+pub use shardline_config::{ConfigError, ConfigFile, Invalid, Store};
 use shardline_config::{Overrides, check_amqp_url, check_brokers, ensure, in_range};
 use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
 
@@ -31,8 +31,21 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the Prometheus metrics endpoint; absent: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
-    /// Where the sled lease store lives.
+    /// Where the sled lease store lives (with `store = "sled"`).
     pub data_dir: PathBuf,
+    /// The lease store: `"sled"` (default, in `data_dir`) or `{ postgres =
+    /// "postgres://..." }`, shared by any number of coordinators of which
+    /// one leads; env `SHARDLINE_STORE` overrides.
+    pub store: Store,
+    /// With PostgreSQL: each renewal sets the leader's deadline this far
+    /// ahead (renewed every quarter of it); a standby takes over once it
+    /// passes. At most half of the workers' fence time.
+    #[serde(with = "humantime_serde")]
+    pub leadership_timeout: Duration,
+    /// With PostgreSQL: the URL standbys send clients to while this
+    /// coordinator leads. Default: `http://` + `listen` (the host name when
+    /// `listen` is a wildcard address).
+    pub advertise_url: Option<String>,
     /// Shared secret required from every client (`authorization: Bearer
     /// TOKEN`). Required when `listen` is not a loopback address; env
     /// `SHARDLINE_TOKEN` overrides.
@@ -76,6 +89,9 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], shardline_config::COORDINATOR_PORT)),
             metrics_listen: None,
             data_dir: PathBuf::from("./shardline-data"),
+            store: Store::Sled,
+            leadership_timeout: Duration::from_secs(2),
+            advertise_url: None,
             auth_token: None,
             heartbeat_interval: Duration::from_secs(1),
             session_timeout: core.session_timeout,
@@ -533,6 +549,7 @@ impl ConfigFile for Config {
             kafka_brokers: &mut self.kafka_brokers,
             amqp_url: &mut self.amqp_url,
             auth_token: &mut self.auth_token,
+            store: Some(&mut self.store),
         }
     }
 
@@ -547,6 +564,11 @@ impl ConfigFile for Config {
             self.listen
         );
         ensure(token_ok, "auth_token", "unset", why)?;
+        self.store.check()?;
+        if let Some(url) = &self.advertise_url {
+            let ok = url.starts_with("http://") || url.starts_with("https://");
+            ensure(ok, "advertise_url", format!("`{url}`"), "an http:// or https:// URL clients can reach")?;
+        }
         if self.streams.iter().any(|s| s.partitions.is_none()) {
             check_brokers(&self.kafka_brokers)?;
         }
@@ -599,6 +621,17 @@ impl Config {
         let (session, heartbeat) = (self.session_timeout, self.heartbeat_interval);
         let twice = format!("at least twice heartbeat_interval ({heartbeat:?})");
         ensure(session >= heartbeat * 2, "session_timeout", format!("{session:?}"), twice)?;
+        let leadership = self.leadership_timeout;
+        in_range("leadership_timeout", leadership, ms(200), ms(60_000))?;
+        if matches!(self.store, Store::Postgres(_)) {
+            let most = shardline_proto::timing::max_leadership_timeout(session, heartbeat);
+            let allowed = format!(
+                "at most {most:?}: half the time workers wait for an acknowledged heartbeat before fencing \
+                 themselves (session_timeout {session:?}, heartbeat_interval {heartbeat:?}), so they find a new \
+                 leader in time; raise session_timeout or lower leadership_timeout"
+            );
+            ensure(leadership <= most, "leadership_timeout", format!("{leadership:?}"), allowed)?;
+        }
         in_range("scale_interval", self.scale_interval, ms(100), ms(60_000))
     }
 

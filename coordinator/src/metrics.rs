@@ -1,18 +1,74 @@
-//! The coordinator's Prometheus metrics. Names are `shardline_*`; gauges are
-//! republished from the core after every turn of the service loop, counters
-//! are bumped where the event happens.
+//! The coordinator's HTTP endpoint and Prometheus metrics. On
+//! `metrics_listen` it serves `/metrics`, `/healthz` (200 while the process
+//! serves) and `/readyz` (200 only on the leader, so a Kubernetes Service
+//! routes to it). Names are `shardline_*`; gauges are republished from the
+//! core after every turn of the service loop, counters are bumped where the
+//! event happens.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::core::{Core, LeaseState};
+use axum::http::StatusCode;
+use metrics_exporter_prometheus::PrometheusHandle;
 
-/// Installs the global recorder and serves `/metrics` on `addr`.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
+use crate::core::{Core, LeaseState};
+use crate::role::Role;
+
+/// How often histograms are compacted (what the exporter's own listener did).
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Installs the global recorder and serves the endpoint on `addr` until
+/// `stop`.
+pub async fn install(
+    addr: SocketAddr,
+    role: Role,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    let upkeep = handle.clone();
+    let upkept = stop.clone();
+    tokio::spawn(async move {
+        while upkept.run_until_cancelled(tokio::time::sleep(UPKEEP)).await.is_some() {
+            upkeep.run_upkeep();
+        }
+    });
+    let app = router(handle, role);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(%addr, error = %e, "the metrics endpoint failed");
+        }
+    });
+    leading(false, 0);
+    Ok(())
+}
+
+fn router(handle: PrometheusHandle, role: Role) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .route(
+            "/readyz",
+            get(move || {
+                std::future::ready(if role.is_leading() {
+                    (StatusCode::OK, "leading\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n")
+                })
+            }),
+        )
+}
+
+/// 1 on the coordinator that leads (always, with sled), and its term.
+pub(crate) fn leading(yes: bool, term: u64) {
+    metrics::gauge!("shardline_coordinator_leader").set(if yes { 1.0 } else { 0.0 });
+    metrics::gauge!("shardline_coordinator_term").set(term as f64);
 }
 
 pub(crate) fn checkpoints(accepted: u64, refused: u64) {

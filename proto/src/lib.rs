@@ -7,6 +7,7 @@
 
 mod convert;
 mod domain;
+pub mod timing;
 pub mod topology;
 
 pub use convert::ConvertError;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 pub use shardline_coordinator::config::{
-    Backoff, BatchSettings, Config as CoordinatorConfig, FilterConfig, QueueType, StreamConfig,
+    Backoff, BatchSettings, Config as CoordinatorConfig, FilterConfig, QueueType, Store, StreamConfig,
     SubscriptionConfig, TopicConfig, TopicKind,
 };
 pub use shardline_worker::WorkerConfig;

@@ -14,7 +14,9 @@ pub mod broker;
 pub mod config;
 pub mod kafka;
 pub mod metrics;
+pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod receipts;
 
 use std::net::SocketAddr;

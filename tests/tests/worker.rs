@@ -18,11 +18,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, ensure};
 use shardline_proto::v1;
 use shardline_testkit::config;
-use shardline_tests::kafka::{Receipt, Verdict, produce, producer, read_receipts, verify};
+use shardline_tests::kafka::{Receipt, produce, producer, verify};
 use shardline_tests::{
     Coordinator, CoordinatorConfig, WorkerConfig, create_topic, eventually, free_port, http_get, metric,
     owners, start_worker_config, unique,
 };
+use support::{Feed, check, receipts_of};
 use tokio::task::JoinHandle;
 
 mod support;
@@ -152,67 +153,6 @@ async fn advanced_past(c: &Coordinator, from: &BTreeMap<u32, i64>, not: &str) ->
     .await
 }
 
-/// Records produced in the background at a steady rate until stopped.
-struct Feed {
-    stop: Arc<AtomicBool>,
-    task: JoinHandle<Result<u64>>,
-}
-
-impl Feed {
-    /// Produces ids `0, 1, ...` in chunks of `per_s / 10` every 100 ms
-    /// (slower if the broker is slower).
-    fn start(topic: &str, per_s: u64) -> Self {
-        let (topic, stop) = (topic.to_owned(), Arc::new(AtomicBool::new(false)));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let producer = producer()?;
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut n = 0;
-            while !flag.load(Ordering::Relaxed) {
-                tick.tick().await;
-                produce(&producer, &topic, n, n + per_s / 10, KEYS).await?;
-                n += per_s / 10;
-            }
-            Ok(n)
-        });
-        Self { stop, task }
-    }
-
-    /// Stops producing; returns how many records were produced (ids
-    /// `0..n`, every one acknowledged).
-    async fn stop(self) -> Result<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await?
-    }
-}
-
-/// Reads receipts until all `produced` ids are there and the topic has been
-/// quiet for 3 s (late duplicates), at most 90 s.
-async fn receipts_of(topic: &str, produced: u64) -> Result<Vec<Receipt>> {
-    let topic = topic.to_owned();
-    let want = usize::try_from(produced)?;
-    tokio::task::spawn_blocking(move || {
-        read_receipts(&topic, want, Duration::from_secs(3), Duration::from_secs(90))
-    })
-    .await?
-}
-
-/// Prints the verdict and checks that nothing was lost and first
-/// deliveries kept partition order.
-fn check(v: &Verdict, what: &str) -> Result<()> {
-    eprintln!(
-        "{what}: {} unique, {} duplicates, {} lost, {} order violations",
-        v.unique,
-        v.duplicates,
-        v.lost.len(),
-        v.order_violations
-    );
-    ensure!(v.lost.is_empty(), "lost {} records, e.g. {:?}", v.lost.len(), &v.lost[..v.lost.len().min(10)]);
-    ensure!(v.order_violations == 0, "{} order violations", v.order_violations);
-    Ok(())
-}
-
 fn by_worker(receipts: &[Receipt]) -> BTreeMap<&str, usize> {
     let mut counts = BTreeMap::new();
     for r in receipts {
@@ -307,7 +247,7 @@ async fn kill_9_of_a_worker_mid_stream_loses_nothing_and_its_partitions_resume_w
     let _c = start_worker_config(&c.url, "c", forward(&receipts))?;
     settled(&c, 8, &[3, 3, 2], Duration::from_secs(30)).await?;
 
-    let feed = Feed::start(&topic, RATE);
+    let feed = Feed::start(&topic, RATE, KEYS);
     let victims = processing(&c, "b").await?;
     // Well into the stream: b has checkpointed work a careless new owner
     // would process again.
@@ -395,7 +335,7 @@ async fn a_worker_joining_mid_stream_takes_leases_by_graceful_handoff_without_du
     let _b = start_worker_config(&c.url, "b", forward(&receipts))?;
     settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
 
-    let feed = Feed::start(&topic, RATE);
+    let feed = Feed::start(&topic, RATE, KEYS);
     processing(&c, "a").await?;
     processing(&c, "b").await?;
     let _c = start_worker_config(&c.url, "c", forward(&receipts))?;
@@ -534,7 +474,7 @@ async fn a_frozen_worker_loses_its_leases_and_cannot_move_checkpoints_when_it_wa
     settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
     let watch = CheckpointWatch::start(&c);
 
-    let feed = Feed::start(&topic, RATE);
+    let feed = Feed::start(&topic, RATE, KEYS);
     let held = processing(&c, "z").await?;
     let epochs: BTreeMap<u32, u64> = c
         .leases()
@@ -668,7 +608,7 @@ async fn sigterm_hands_leases_over_without_duplicates_and_exits_0() -> Result<()
     let _b = start_worker_config(&c.url, "b", forward(&receipts))?;
     settled(&c, 8, &[4, 4], Duration::from_secs(30)).await?;
 
-    let feed = Feed::start(&topic, RATE);
+    let feed = Feed::start(&topic, RATE, KEYS);
     let moving = processing(&c, "a").await?;
     a.signal(libc::SIGTERM)?;
     let status = tokio::task::spawn_blocking(move || a.wait_exit(Duration::from_secs(30))).await??;

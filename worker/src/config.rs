@@ -70,6 +70,7 @@ impl ConfigFile for WorkerConfig {
             kafka_brokers: &mut self.kafka_brokers,
             amqp_url: &mut self.amqp_url,
             auth_token: &mut self.auth_token,
+            store: None,
         }
     }
 

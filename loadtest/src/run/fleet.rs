@@ -15,8 +15,8 @@ use shardline_proto::v1::{self, LeaseState};
 use shardline_testkit::config::WorkerConfig;
 use tonic::transport::{Channel, Endpoint};
 
-use super::proxy::Proxy;
 use crate::child::{Coordinator, Running, Worker};
+use shardline_testkit::proxy::Proxy;
 
 /// The handler every worker hosts and every mapping names (but the
 /// subscriptions of a run with both targets: see [`FORWARD`]).

@@ -33,7 +33,6 @@ mod fleet;
 mod kafka;
 mod ledger;
 mod payload;
-mod proxy;
 mod rate;
 mod report;
 mod scenario;
@@ -48,10 +47,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use shardline_proto::StartingPosition;
-use shardline_testkit::broker;
 use shardline_testkit::config::{
     CoordinatorConfig, StreamConfig, SubscriptionConfig, TopicConfig, TopicKind, WorkerConfig,
 };
+use shardline_testkit::{broker, proxy};
 use tokio::time::Instant;
 
 use crate::child::{self, Coordinator};

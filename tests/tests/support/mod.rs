@@ -12,14 +12,17 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use rdkafka::producer::FutureRecord;
 use shardline_proto::{FailurePolicy, StartingPosition};
 use shardline_testkit::amqp::Cleanup;
 use shardline_testkit::config::{self, SubscriptionConfig, TopicConfig, TopicKind};
 use shardline_testkit::process;
-use shardline_tests::kafka::Consumed;
+use shardline_tests::kafka::{Consumed, Receipt, Verdict, produce, producer, read_receipts};
 use shardline_tests::{Coordinator, CoordinatorConfig, Proc, StreamConfig, bin, create_topic, unique};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::task::JoinHandle;
 
 /// A coordinator config with short timings, so that leases are granted
 /// and moved within a second or two.
@@ -196,5 +199,66 @@ pub async fn produce_rows(
             .await
             .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
     }
+    Ok(())
+}
+
+/// Records produced in the background at a steady rate until stopped.
+pub struct Feed {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Result<u64>>,
+}
+
+impl Feed {
+    /// Produces ids `0, 1, ...` in chunks of `per_s / 10` every 100 ms
+    /// (slower if the broker is slower).
+    pub fn start(topic: &str, per_s: u64, keys: u64) -> Self {
+        let (topic, stop) = (topic.to_owned(), Arc::new(AtomicBool::new(false)));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let producer = producer()?;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n = 0;
+            while !flag.load(Ordering::Relaxed) {
+                tick.tick().await;
+                produce(&producer, &topic, n, n + per_s / 10, keys).await?;
+                n += per_s / 10;
+            }
+            Ok(n)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops producing; returns how many records were produced (ids
+    /// `0..n`, every one acknowledged).
+    pub async fn stop(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+/// Reads receipts until all `produced` ids are there and the topic has been
+/// quiet for 3 s (late duplicates), at most 90 s.
+pub async fn receipts_of(topic: &str, produced: u64) -> Result<Vec<Receipt>> {
+    let topic = topic.to_owned();
+    let want = usize::try_from(produced)?;
+    tokio::task::spawn_blocking(move || {
+        read_receipts(&topic, want, Duration::from_secs(3), Duration::from_secs(90))
+    })
+    .await?
+}
+
+/// Prints the verdict and checks that nothing was lost and first
+/// deliveries kept partition order.
+pub fn check(v: &Verdict, what: &str) -> Result<()> {
+    eprintln!(
+        "{what}: {} unique, {} duplicates, {} lost, {} order violations",
+        v.unique,
+        v.duplicates,
+        v.lost.len(),
+        v.order_violations
+    );
+    ensure!(v.lost.is_empty(), "lost {} records, e.g. {:?}", v.lost.len(), &v.lost[..v.lost.len().min(10)]);
+    ensure!(v.order_violations == 0, "{} order violations", v.order_violations);
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! A TCP proxy the harness puts between each worker and the coordinator,
-//! so network faults can be injected on one worker's control traffic
-//! without touching the process or the brokers.
+//! A TCP proxy put between a process and what it talks to, so network
+//! faults can be injected on one link without touching either process: the
+//! load harness puts one between each worker and the coordinator, the
+//! failover tests one between a coordinator and PostgreSQL.
 //!
 //! Each worker's config names its own proxy (127.0.0.1, a port the OS
 //! chose) as the coordinator; the proxy dials the coordinator's real
@@ -33,7 +34,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::payload::now_ms;
+/// Wall-clock milliseconds, as the harness's ledger counts them.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Bytes read at a time per direction: control traffic is small.
 const BUF: usize = 16 * 1024;
