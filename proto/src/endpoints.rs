@@ -147,6 +147,23 @@ pub fn leader_hint(status: &tonic::Status) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
+/// A failed call's status for people: its code, its message, and the
+/// transport error under it (tonic's messages for those are terse, e.g.
+/// `tcp connect error`, while the cause says `Connection refused`).
+pub fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 /// One entry, trimmed, checked.
 fn check(entry: &str) -> Result<String, EndpointsError> {
     let bad = |problem: &str| EndpointsError { entry: entry.to_owned(), problem: problem.to_owned() };
@@ -317,5 +334,6 @@ mod tests {
         assert_eq!(leader_hint(&status), Some("http://b:1"));
         let blank = tonic::Status::unavailable("no leader is known yet");
         assert_eq!(leader_hint(&blank), None);
+        assert_eq!(describe(&blank), "Unavailable: no leader is known yet");
     }
 }
