@@ -166,7 +166,7 @@ struct Registered {
 }
 
 /// The coordinators a session may call: which one is current, and a lazy
-/// channel to each one called so far.
+/// channel to each one listed or learned from a hint.
 struct Coordinators {
     endpoints: Endpoints,
     channels: BTreeMap<String, Channel>,
