@@ -26,7 +26,9 @@ use crate::backend::Backend;
 #[derive(Parser)]
 #[command(name = "shardline", version, about = "Inspect and steer shardline: workers, leases, checkpoints")]
 struct Cli {
-    /// The coordinator's gRPC URL (online mode).
+    /// The coordinators' gRPC URLs, comma-separated (online mode): each
+    /// command goes to the leader, found by trying them in order and
+    /// following a standby's pointer to it.
     #[arg(long, global = true, env = "SHARDLINE_COORDINATOR", default_value = "http://127.0.0.1:7400")]
     coordinator: String,
     /// Work on a stopped coordinator's store directory instead (offline).
@@ -250,7 +252,7 @@ async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     let mut backend = match &cli.data_dir {
         Some(dir) => Backend::offline(dir, &cli.kafka_brokers)?,
-        None => Backend::online(&cli.coordinator, cli.token.clone()).await?,
+        None => Backend::online(&cli.coordinator, cli.token.clone())?,
     };
     match cli.command {
         Cmd::Workers => output::workers(&backend.workers().await?, json),

@@ -66,10 +66,6 @@ impl Api {
     }
 }
 
-/// The trailer naming the leader (clients read it through the proto crate's
-/// `endpoints`).
-const LEADER_HEADER: &str = "shardline-leader";
-
 /// UNAVAILABLE, naming the leader (message and header) when known.
 fn standby(leader: Option<&str>) -> Status {
     let Some(url) = leader else {
@@ -78,7 +74,7 @@ fn standby(leader: Option<&str>) -> Status {
     let mut status = Status::unavailable(format!("this coordinator is a standby; the leader is {url}"));
     match url.parse() {
         Ok(value) => {
-            status.metadata_mut().insert(LEADER_HEADER, value);
+            status.metadata_mut().insert(shardline_proto::LEADER_HEADER, value);
         }
         Err(e) => tracing::warn!(%url, error = %e, "the leader's URL cannot be sent as a header"),
     }

@@ -2,16 +2,20 @@
 //! `shardline.v1` (generated from `proto/shardline.proto`), plus the few
 //! domain types that cross the wire and their conversions.
 //!
-//! Invariant: no runtime logic lives here, only types and conversions, so
-//! the coordinator and the worker can change their internals freely.
+//! Invariant: no runtime logic lives here, only types, conversions and
+//! pure rules both sides must agree on (which coordinator to call next:
+//! [`endpoints`]), so the coordinator and the worker can change their
+//! internals freely.
 
 mod convert;
 mod domain;
+pub mod endpoints;
 pub mod timing;
 pub mod topology;
 
 pub use convert::ConvertError;
 pub use domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition};
+pub use endpoints::{Endpoints, EndpointsError, LEADER_HEADER};
 
 /// The generated code of package `shardline.v1`.
 #[allow(clippy::all, missing_docs)]

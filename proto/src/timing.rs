@@ -28,12 +28,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_defaults_leave_room_for_a_takeover() {
+    fn a_worker_fences_itself_well_inside_its_session_and_a_takeover_fits() {
         let s = Duration::from_secs;
         let ms = Duration::from_millis;
+        // The defaults: 10 s session, 1 s heartbeats: 2 s to stop handlers.
         assert_eq!(fence_after(s(10), s(1)), s(8));
+        // The load tests' 3 s session with 300 ms heartbeats.
         assert_eq!(fence_after(s(3), ms(300)), ms(2400));
+        // At least two heartbeat intervals of margin.
         assert_eq!(fence_after(s(2), ms(500)), s(1));
+        // Never sooner than one heartbeat interval.
         assert_eq!(fence_after(ms(200), ms(100)), ms(100));
         // The default leadership_timeout (2 s) fits the default session.
         assert_eq!(max_leadership_timeout(s(10), s(1)), s(4));

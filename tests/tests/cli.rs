@@ -685,6 +685,44 @@ async fn export_then_import_into_a_fresh_coordinator_reproduces_every_checkpoint
     Ok(())
 }
 
+/// `--coordinator` takes a list: a dead coordinator first, then a serving
+/// one, works (the CLI's own tests cover standbys and leader hints with
+/// fake servers); when none serves, each URL is named with its error; a
+/// malformed list is a usage error naming the bad entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_coordinators_is_tried_in_order() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir()?;
+    let c = Coordinator::start_config(support::timings(), &dir.path().join("data"))?;
+    let direct = online(&c, &["--json", "health"]).await?.ok()?.stdout.clone();
+    let list = format!("http://127.0.0.1:1, {}", c.url);
+    let via_list = shardline(&["--coordinator", &list, "--json", "health"]).await?.ok()?.stdout.clone();
+    ensure!(via_list == direct, "health through `{list}`: {via_list}, directly: {direct}");
+    shardline(&["--coordinator", &list, "export"]).await?.ok()?.says(EXPORT_FORMAT)?;
+    shardline(&["--coordinator", &list, "workers"]).await?.ok()?;
+
+    // None serving: each URL named with its error, exit 1.
+    shardline(&["--coordinator", "http://127.0.0.1:1,http://127.0.0.1:2", "health"])
+        .await?
+        .status(1)?
+        .says("cannot reach the coordinator")?
+        .says("http://127.0.0.1:1 (")?
+        .says("http://127.0.0.1:2 (")?
+        .says("Connection refused")?;
+
+    // A bad list: exit 2, naming the bad entry and what is allowed.
+    for (list, entry) in
+        [(format!("{},ftp://x", c.url), "ftp://x"), (format!("{0},{0}", c.url), c.url.as_str())]
+    {
+        shardline(&["--coordinator", &list, "health"])
+            .await?
+            .status(2)?
+            .says(&format!("entry `{entry}`"))?
+            .says("http:// or https://")?;
+    }
+    Ok(())
+}
+
 /// Every kind of bad input exits with its status and a line naming the
 /// problem, and changes no checkpoint or epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

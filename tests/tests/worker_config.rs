@@ -17,7 +17,16 @@ fn bad_worker_configs_exit_2_naming_the_problem() -> Result<()> {
     let cases = [
         (
             "coordinator = \"127.0.0.1:7400\"\n[handlers.log]\n",
-            "`coordinator` is `127.0.0.1:7400`; allowed: an http:// or https:// URL",
+            "`coordinator` is `127.0.0.1:7400`, whose entry `127.0.0.1:7400` is not an http:// or https:// URL; \
+             allowed: a comma-separated list of distinct http:// or https:// URLs, at least one",
+        ),
+        (
+            "coordinator = \"http://c1:7400, ftp://c2:7400\"\n[handlers.log]\n",
+            "whose entry `ftp://c2:7400` is not an http:// or https:// URL",
+        ),
+        (
+            "coordinator = \"http://c1:7400,http://c1:7400/\"\n[handlers.log]\n",
+            "whose entry `http://c1:7400/` is listed twice",
         ),
         ("fetch_queue_kib = 1\n[handlers.log]\n", "`fetch_queue_kib` is 1; allowed: 64 to 1048576"),
         (

@@ -14,7 +14,9 @@ use shardline_config::{Overrides, check_amqp_url, check_brokers, ensure, in_rang
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// The coordinator's gRPC URL; env `SHARDLINE_COORDINATOR` overrides.
+    /// The coordinators' gRPC URLs, comma-separated (one leads, the others
+    /// stand by; one URL, such as a Service's, is enough: a standby names
+    /// the leader); env `SHARDLINE_COORDINATOR` overrides.
     pub coordinator: String,
     /// Unique in the fleet. Default: host name and process id.
     pub worker_id: Option<String>,
@@ -75,9 +77,11 @@ impl ConfigFile for WorkerConfig {
     }
 
     fn validate(&self) -> Result<(), Invalid> {
-        let url = &self.coordinator;
-        let http = url.starts_with("http://") || url.starts_with("https://");
-        ensure(http, "coordinator", format!("`{url}`"), "an http:// or https:// URL")?;
+        let list = &self.coordinator;
+        shardline_proto::Endpoints::parse(list).map_err(|e| {
+            let value = format!("`{list}`, whose entry `{}` {}", e.entry, e.problem);
+            Invalid::new("coordinator", value, shardline_proto::EndpointsError::ALLOWED)
+        })?;
         ensure(!self.handlers.is_empty(), "handlers", "empty", "at least one [handlers.NAME] table")?;
         if let Some(id) = &self.worker_id {
             let ok = !id.is_empty() && id.len() <= 200;
@@ -143,6 +147,22 @@ mod tests {
         assert!(matches!(none, Ok(Err(Invalid { field: f, .. })) if f == "handlers"));
         let url = WorkerConfig::parse("coordinator = \"x:1\"\n[handlers.log]\n").map(|c| c.validate());
         assert!(matches!(url, Ok(Err(Invalid { field: f, .. })) if f == "coordinator"));
+        // A list: every entry is checked, and the bad one is named.
+        let list = |text: &str| {
+            let c = WorkerConfig::parse(&format!("coordinator = \"{text}\"\n[handlers.log]\n"));
+            c.unwrap_or_else(|e| panic!("{e}")).validate()
+        };
+        assert_eq!(list(" http://c1:7000 , https://c2:7000 "), Ok(()));
+        for (text, entry) in [
+            ("http://c1:7000,ftp://c2:7000", "ftp://c2:7000"),
+            ("http://c1:7000,,http://c2:7000", ""),
+            ("http://c1:7000,http://c1:7000", "http://c1:7000"),
+        ] {
+            let Err(e) = list(text) else { panic!("`{text}` was accepted") };
+            assert_eq!(e.field, "coordinator");
+            assert!(e.to_string().contains(&format!("entry `{entry}`")), "{e}");
+            assert!(e.allowed.contains("comma-separated list"), "{e}");
+        }
         assert!(
             WorkerConfig::parse("[handlers.log]\nbogus = 1\n").is_ok(),
             "handler settings are the handler's"

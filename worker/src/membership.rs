@@ -9,14 +9,28 @@
 //! stops every lease task at once. When the coordinator answers again, the
 //! worker rejoins: its heartbeats quote no leases, so it is sent what it
 //! still owns, or, if it was expired, it registers afresh.
+//!
+//! **Several coordinators** (one leads, the others stand by): the session
+//! keeps their URLs in an [`Endpoints`] and a lazy channel to each. Every
+//! call goes to the current one; a call failing in a way
+//! [`should_try_another`] accepts (a standby's `UNAVAILABLE`, a dead or
+//! frozen coordinator) makes the *next* call go to the leader the standby
+//! named, or else to the next URL. No call is repeated in place: heartbeats
+//! come every interval anyway and the fence counts from acknowledged ones,
+//! and registering retries with backoff, each attempt on the current URL.
+//! A new leader that does not know the worker answers `NOT_FOUND` to its
+//! heartbeat, and the worker registers again, quoting its leases: that is
+//! how a new leader learns the fleet.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use shardline_proto::endpoints::{describe, leader_hint, should_try_another};
+use shardline_proto::timing::fence_after;
 use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
-use shardline_proto::{LeaseId, Mapping, Start};
+use shardline_proto::{Endpoints, LeaseId, Mapping, Start};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +39,7 @@ use tonic::transport::{Channel, Endpoint};
 /// How a worker joins the fleet.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
+    /// The coordinators' URLs, comma-separated ([`Endpoints::parse`]).
     pub coordinator: String,
     pub worker_id: String,
     /// Where this worker can be reached (its metrics endpoint); informational.
@@ -53,8 +68,14 @@ pub enum LeaseEvent {
 /// Errors talking to the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("coordinator unreachable at {url}: {message}")]
+    /// The coordinator at `url` (the one actually called) did not serve
+    /// the call: a standby, shutting down, unreachable or frozen. The next
+    /// call goes to another one.
+    #[error("coordinator at {url} unavailable: {message}")]
     Unreachable { url: String, message: String },
+    /// The coordinator list is unusable.
+    #[error("{0}")]
+    Config(#[from] shardline_proto::EndpointsError),
     #[error("coordinator refused: {0}")]
     Rpc(#[from] tonic::Status),
     /// The coordinator says another owner or a newer epoch holds the lease.
@@ -128,14 +149,9 @@ impl Fence {
     }
 }
 
-/// How long after the last acknowledged heartbeat was sent a worker fences
-/// itself: `session_timeout` less a fifth of it, and at least two heartbeats.
-pub fn fence_after(session_timeout: Duration, heartbeat_interval: Duration) -> Duration {
-    let margin = (session_timeout / 5).max(heartbeat_interval * 2);
-    session_timeout.saturating_sub(margin).max(heartbeat_interval)
-}
-
 struct Registered {
+    /// The coordinator that answered.
+    url: String,
     interval: Duration,
     fence_after: Duration,
     /// When the request that got this answer was sent.
@@ -143,10 +159,24 @@ struct Registered {
     events: Vec<LeaseEvent>,
 }
 
+/// The coordinators a session may call: which one is current, and a lazy
+/// channel to each one listed or learned from a hint.
+struct Coordinators {
+    endpoints: Endpoints,
+    channels: BTreeMap<String, Channel>,
+}
+
+/// A lazy channel: nothing is dialled until the first call.
+fn channel(url: &str) -> Result<Channel, SessionError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| SessionError::Unreachable { url: url.to_owned(), message: e.to_string() })?;
+    Ok(endpoint.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(10)).connect_lazy())
+}
+
 #[derive(Clone)]
 pub struct Session {
     cfg: SessionConfig,
-    client: WorkerApiClient<Channel>,
+    coordinators: Arc<Mutex<Coordinators>>,
     /// Drawn once per process: a registration under a known id with another
     /// incarnation fences the older process.
     incarnation: u64,
@@ -156,22 +186,19 @@ pub struct Session {
 }
 
 impl Session {
-    /// Prepares a lazy connection: nothing is dialled until the first call,
-    /// so a worker can start before its coordinator.
+    /// Prepares lazy connections to every coordinator listed: nothing is
+    /// dialled until the first call, so a worker can start before its
+    /// coordinators.
     pub fn new(cfg: SessionConfig) -> Result<Self, SessionError> {
-        let unreachable = |e: tonic::transport::Error| SessionError::Unreachable {
-            url: cfg.coordinator.clone(),
-            message: e.to_string(),
-        };
-        let channel = Endpoint::from_shared(cfg.coordinator.clone())
-            .map_err(unreachable)?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
-        let client = WorkerApiClient::new(channel);
+        let endpoints = Endpoints::parse(&cfg.coordinator)?;
+        let channels = endpoints
+            .urls()
+            .iter()
+            .map(|url| Ok((url.clone(), channel(url)?)))
+            .collect::<Result<_, SessionError>>()?;
         Ok(Self {
             cfg,
-            client,
+            coordinators: Arc::new(Mutex::new(Coordinators { endpoints, channels })),
             incarnation: incarnation(),
             held: HeldLeases::default(),
             fence: Fence::default(),
@@ -180,6 +207,55 @@ impl Session {
 
     pub fn worker_id(&self) -> &str {
         &self.cfg.worker_id
+    }
+
+    /// The URL calls go to now.
+    pub fn coordinator(&self) -> String {
+        crate::lock(&self.coordinators).endpoints.current().to_owned()
+    }
+
+    /// The current coordinator and a client for it. A leader learned from a
+    /// hint gets its channel here, on first use.
+    fn client(&self) -> Result<(String, WorkerApiClient<Channel>), SessionError> {
+        let mut c = crate::lock(&self.coordinators);
+        let url = c.endpoints.current().to_owned();
+        if let Some(channel) = c.channels.get(&url) {
+            return Ok((url, WorkerApiClient::new(channel.clone())));
+        }
+        match channel(&url) {
+            Ok(channel) => {
+                c.channels.insert(url.clone(), channel.clone());
+                Ok((url, WorkerApiClient::new(channel)))
+            }
+            Err(e) => {
+                // A hint the endpoint parser took but tonic cannot dial:
+                // the next call goes elsewhere.
+                c.endpoints.failed(&url, None);
+                Err(e)
+            }
+        }
+    }
+
+    /// The error a failed call to `url` becomes. One that says another
+    /// coordinator may serve it moves the session on (to the leader the
+    /// status names, if any) for the next call; this call is not repeated.
+    fn failed(&self, url: String, status: tonic::Status) -> SessionError {
+        if !should_try_another(status.code()) {
+            return SessionError::Rpc(status);
+        }
+        let message = describe(&status);
+        let hint = leader_hint(&status);
+        let moved = crate::lock(&self.coordinators).endpoints.failed(&url, hint).map(str::to_owned);
+        if let Some(to) = moved {
+            tracing::info!(
+                worker = %self.cfg.worker_id,
+                from = %url,
+                to = %to,
+                why = %message,
+                "switching coordinator"
+            );
+        }
+        SessionError::Unreachable { url, message }
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -205,10 +281,15 @@ impl Session {
                 incarnation: self.incarnation,
             };
             let sent = Instant::now();
-            let reply = self.client.clone().register(self.request(message)).await?.into_inner();
+            let (url, mut client) = self.client()?;
+            let reply = match client.register(self.request(message)).await {
+                Ok(reply) => reply.into_inner(),
+                Err(status) => return Err(self.failed(url, status)),
+            };
             let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(50));
             let session_timeout = Duration::from_millis(reply.session_timeout_ms.max(100));
             Ok::<_, SessionError>(Registered {
+                url,
                 interval,
                 fence_after: fence_after(session_timeout, interval),
                 sent,
@@ -228,7 +309,7 @@ impl Session {
             result = retried => result,
             () = shutdown.cancelled() => {
                 let message = "shut down before registering".into();
-                Err(SessionError::Unreachable { url: self.cfg.coordinator.clone(), message })
+                Err(SessionError::Unreachable { url: self.coordinator(), message })
             }
         }
     }
@@ -252,13 +333,14 @@ impl Session {
         };
         let mut request = self.request(message);
         request.set_timeout(timeout);
-        match self.client.clone().heartbeat(request).await {
+        let (url, mut client) = self.client()?;
+        match client.heartbeat(request).await {
             Ok(reply) => Ok(Some(events(reply.into_inner().instructions)?)),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                 Err(SessionError::Superseded(status.message().to_owned()))
             }
-            Err(status) => Err(status.into()),
+            Err(status) => Err(self.failed(url, status)),
         }
     }
 
@@ -278,7 +360,11 @@ impl Session {
                 })
                 .collect(),
         };
-        let reply = self.client.clone().checkpoint(self.request(message)).await?.into_inner();
+        let (url, mut client) = self.client()?;
+        let reply = match client.checkpoint(self.request(message)).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => return Err(self.failed(url, status)),
+        };
         Ok(entries.into_iter().zip(reply.results).map(|((lease, _, _), r)| status(lease, r)).collect())
     }
 
@@ -294,14 +380,21 @@ impl Session {
             epoch,
             offset,
         };
-        let reply = self.client.clone().release_done(self.request(message)).await?.into_inner();
+        let (url, mut client) = self.client()?;
+        let reply = match client.release_done(self.request(message)).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => return Err(self.failed(url, status)),
+        };
         status(lease.clone(), v1::CheckpointResult { status: reply.status, ..Default::default() })
     }
 
     pub async fn deregister(&self) -> Result<(), SessionError> {
         let message = v1::DeregisterRequest { worker_id: self.cfg.worker_id.clone() };
-        self.client.clone().deregister(self.request(message)).await?;
-        Ok(())
+        let (url, mut client) = self.client()?;
+        match client.deregister(self.request(message)).await {
+            Ok(_) => Ok(()),
+            Err(status) => Err(self.failed(url, status)),
+        }
     }
 
     /// Registers, then heartbeats until `shutdown`, forwarding instructions
@@ -316,7 +409,7 @@ impl Session {
         let fence = &self.fence;
         let mut joined = self.register(&shutdown).await?;
         forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
-        tracing::info!(worker = %self.cfg.worker_id, "registered with the coordinator");
+        tracing::info!(worker = %self.cfg.worker_id, coordinator = %joined.url, "registered with the coordinator");
         let mut acked = joined.sent;
         let mut fenced = false;
         let mut told_draining = false;
@@ -470,20 +563,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_worker_fences_itself_well_inside_its_session() {
-        let s = Duration::from_secs;
-        let ms = Duration::from_millis;
-        // The defaults: 10 s session, 1 s heartbeats: 2 s to stop handlers.
-        assert_eq!(fence_after(s(10), s(1)), s(8));
-        // The load tests' 3 s session with 300 ms heartbeats.
-        assert_eq!(fence_after(s(3), ms(300)), ms(2400));
-        // At least two heartbeat intervals of margin.
-        assert_eq!(fence_after(s(2), ms(500)), s(1));
-        // Never sooner than one heartbeat interval.
-        assert_eq!(fence_after(ms(200), ms(100)), ms(100));
-    }
-
-    #[test]
     fn a_trip_kills_every_lease_started_before_it_and_voids_older_instructions() {
         let fence = Fence::default();
         let before = fence.generation();
@@ -493,5 +572,292 @@ mod tests {
         assert!(fence.token(before).is_none(), "an instruction from before the trip is void");
         let Some(after) = fence.token(fence.generation()) else { panic!("a new generation") };
         assert!(!after.is_cancelled(), "leases started after the trip run");
+    }
+
+    // ------------------------------------------------ several coordinators
+    //
+    // Protocol-level tests of the client: tiny WorkerApi servers on
+    // 127.0.0.1:0 play a leader (knows the workers that registered with
+    // it, NOT_FOUND to others) or a standby (UNAVAILABLE to everything,
+    // naming the leader in `shardline-leader` when it knows one).
+
+    use std::collections::BTreeSet;
+
+    use shardline_proto::LEADER_HEADER;
+    use shardline_proto::v1::worker_api_server::{WorkerApi, WorkerApiServer};
+    use tonic::{Request, Response, Status};
+
+    /// One fake coordinator. `standby_of`: `None` leads; `Some(None)`
+    /// stands by knowing no leader; `Some(Some(url))` names `url`.
+    #[derive(Clone, Default)]
+    struct Fake {
+        standby_of: Arc<Mutex<Option<Option<String>>>>,
+        known: Arc<Mutex<BTreeSet<String>>>,
+        /// Every call it received, by method name.
+        calls: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    impl Fake {
+        fn count(&self, method: &str) -> usize {
+            crate::lock(&self.calls).iter().filter(|m| **m == method).count()
+        }
+
+        fn stand_by(&self, leader: Option<&str>) {
+            *crate::lock(&self.standby_of) = Some(leader.map(str::to_owned));
+        }
+
+        /// Records the call; a standby's answer as the error.
+        fn serve(&self, method: &'static str) -> Result<(), Status> {
+            crate::lock(&self.calls).push(method);
+            let Some(leader) = crate::lock(&self.standby_of).clone() else { return Ok(()) };
+            let Some(leader) = leader else {
+                return Err(Status::unavailable("this coordinator is a standby; no leader is known yet"));
+            };
+            let mut status =
+                Status::unavailable(format!("this coordinator is a standby; the leader is {leader}"));
+            let value = leader.parse().map_err(|_| Status::internal("bad leader URL in the fake"))?;
+            status.metadata_mut().insert(LEADER_HEADER, value);
+            Err(status)
+        }
+
+        fn knows(&self, worker: &str) -> Result<(), Status> {
+            let known = crate::lock(&self.known).contains(worker);
+            if known { Ok(()) } else { Err(Status::not_found(format!("unknown worker {worker}"))) }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl WorkerApi for Fake {
+        async fn register(
+            &self,
+            request: Request<v1::RegisterRequest>,
+        ) -> Result<Response<v1::RegisterReply>, Status> {
+            self.serve("register")?;
+            crate::lock(&self.known).insert(request.into_inner().worker_id);
+            Ok(Response::new(v1::RegisterReply {
+                heartbeat_interval_ms: 100,
+                session_timeout_ms: 3000,
+                instructions: Vec::new(),
+            }))
+        }
+
+        async fn heartbeat(
+            &self,
+            request: Request<v1::HeartbeatRequest>,
+        ) -> Result<Response<v1::HeartbeatReply>, Status> {
+            self.serve("heartbeat")?;
+            self.knows(&request.into_inner().worker_id)?;
+            Ok(Response::new(v1::HeartbeatReply::default()))
+        }
+
+        async fn checkpoint(
+            &self,
+            request: Request<v1::CheckpointRequest>,
+        ) -> Result<Response<v1::CheckpointReply>, Status> {
+            self.serve("checkpoint")?;
+            let request = request.into_inner();
+            self.knows(&request.worker_id)?;
+            let ok = v1::CheckpointResult { status: v1::CheckpointStatus::Ok.into(), ..Default::default() };
+            Ok(Response::new(v1::CheckpointReply { results: vec![ok; request.entries.len()] }))
+        }
+
+        async fn release_done(
+            &self,
+            request: Request<v1::ReleaseDoneRequest>,
+        ) -> Result<Response<v1::ReleaseDoneReply>, Status> {
+            self.serve("release_done")?;
+            self.knows(&request.into_inner().worker_id)?;
+            Ok(Response::new(v1::ReleaseDoneReply { status: v1::CheckpointStatus::Ok.into() }))
+        }
+
+        async fn deregister(
+            &self,
+            request: Request<v1::DeregisterRequest>,
+        ) -> Result<Response<v1::DeregisterReply>, Status> {
+            self.serve("deregister")?;
+            crate::lock(&self.known).remove(&request.into_inner().worker_id);
+            Ok(Response::new(v1::DeregisterReply {}))
+        }
+    }
+
+    /// Serves `fake` on a port of the OS's choosing until the test's
+    /// runtime ends; its URL.
+    async fn serve(fake: &Fake) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let server = tonic::transport::Server::builder()
+            .add_service(WorkerApiServer::new(fake.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                panic!("fake coordinator at {addr}: {e}");
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn session(coordinators: &str) -> Session {
+        Session::new(SessionConfig {
+            coordinator: coordinators.to_owned(),
+            worker_id: "w-1".into(),
+            address: String::new(),
+            handlers: vec!["log".into()],
+            capacity: 0,
+            concurrency: 1,
+            token: None,
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn register(session: &Session) -> Registered {
+        let shutdown = CancellationToken::new();
+        let registering = session.register(&shutdown);
+        match tokio::time::timeout(Duration::from_secs(10), registering).await {
+            Ok(Ok(joined)) => joined,
+            Ok(Err(e)) => panic!("register failed: {e}"),
+            Err(_) => panic!("not registered within 10 s"),
+        }
+    }
+
+    async fn heartbeat(session: &Session) -> Result<Option<Vec<LeaseEvent>>, SessionError> {
+        session.heartbeat(v1::LoadReport::default(), Vec::new(), false, Duration::from_secs(5)).await
+    }
+
+    /// A dead coordinator: a port nothing listens on.
+    const DEAD: &str = "http://127.0.0.1:1";
+
+    #[tokio::test]
+    async fn one_standby_url_is_enough_to_find_and_register_with_the_leader() {
+        let (standby, leader) = (Fake::default(), Fake::default());
+        let (standby_url, leader_url) = (serve(&standby).await, serve(&leader).await);
+        standby.stand_by(Some(&leader_url));
+        let s = session(&standby_url);
+        let joined = register(&s).await;
+        assert_eq!(joined.url, leader_url, "registered with the leader the standby named");
+        assert_eq!((standby.count("register"), leader.count("register")), (1, 1));
+        assert_eq!(s.coordinator(), leader_url);
+        // Every later call goes to the leader, learned though never listed.
+        assert!(matches!(heartbeat(&s).await, Ok(Some(_))));
+        let lease: LeaseId = "orders/0".parse().unwrap_or_else(|e| panic!("{e}"));
+        let results = s.checkpoint(vec![(lease.clone(), 1, 5)]).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        s.release_done(&lease, 1, Some(6)).await.unwrap_or_else(|e| panic!("{e}"));
+        s.deregister().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(standby.count("register"), 1, "the standby was asked once");
+        for method in ["heartbeat", "checkpoint", "release_done", "deregister"] {
+            assert_eq!((standby.count(method), leader.count(method)), (0, 1), "{method}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_coordinator_and_a_standby_knowing_no_leader_are_passed_over_in_order() {
+        let (standby, leader) = (Fake::default(), Fake::default());
+        let (standby_url, leader_url) = (serve(&standby).await, serve(&leader).await);
+        standby.stand_by(None);
+        let s = session(&format!("{DEAD}, {standby_url}, {leader_url}"));
+        let joined = register(&s).await;
+        assert_eq!(joined.url, leader_url);
+        assert_eq!((standby.count("register"), leader.count("register")), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_is_not_repeated_in_place_and_names_the_url_tried() {
+        let (standby, leader) = (Fake::default(), Fake::default());
+        let (standby_url, leader_url) = (serve(&standby).await, serve(&leader).await);
+        standby.stand_by(Some(&leader_url));
+        let s = session(&format!("{DEAD},{standby_url}"));
+        // One heartbeat, one call: to the dead one, which the error names.
+        match heartbeat(&s).await {
+            Err(SessionError::Unreachable { url, .. }) => assert_eq!(url, DEAD),
+            other => panic!("a dead coordinator: {other:?}"),
+        }
+        assert_eq!(s.coordinator(), standby_url, "the next call goes to the next URL");
+        match heartbeat(&s).await {
+            Err(SessionError::Unreachable { url, message }) => {
+                assert_eq!(url, standby_url);
+                assert!(message.contains("standby"), "{message}");
+            }
+            other => panic!("a standby: {other:?}"),
+        }
+        assert_eq!(leader.count("heartbeat"), 0, "no retry inside one heartbeat");
+        assert_eq!(s.coordinator(), leader_url, "the hint is followed next");
+        // The leader does not know this worker: register again (not a
+        // reason to move on).
+        assert!(matches!(heartbeat(&s).await, Ok(None)));
+        assert_eq!(s.coordinator(), leader_url);
+    }
+
+    #[tokio::test]
+    async fn refusals_of_a_serving_coordinator_do_not_move_on() {
+        let (leader, other) = (Fake::default(), Fake::default());
+        let (leader_url, other_url) = (serve(&leader).await, serve(&other).await);
+        let s = session(&format!("{leader_url},{other_url}"));
+        // Unknown worker: NOT_FOUND on every call but register.
+        assert!(matches!(heartbeat(&s).await, Ok(None)));
+        let lease: LeaseId = "orders/0".parse().unwrap_or_else(|e| panic!("{e}"));
+        let e = s.checkpoint(vec![(lease.clone(), 1, 5)]).await;
+        assert!(
+            matches!(&e, Err(SessionError::Rpc(status)) if status.code() == tonic::Code::NotFound),
+            "{e:?}"
+        );
+        let e = s.release_done(&lease, 1, None).await;
+        assert!(
+            matches!(&e, Err(SessionError::Rpc(status)) if status.code() == tonic::Code::NotFound),
+            "{e:?}"
+        );
+        assert_eq!(s.coordinator(), leader_url);
+        assert_eq!(other.count("heartbeat") + other.count("checkpoint") + other.count("release_done"), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_failures_at_one_coordinator_skip_no_url() {
+        let (a, b, c) = (Fake::default(), Fake::default(), Fake::default());
+        let (a_url, b_url, c_url) = (serve(&a).await, serve(&b).await, serve(&c).await);
+        a.stand_by(None);
+        let s = session(&format!("{a_url},{b_url},{c_url}"));
+        let (one, two) = tokio::join!(heartbeat(&s), heartbeat(&s));
+        assert!(matches!(one, Err(SessionError::Unreachable { .. })), "{one:?}");
+        assert!(matches!(two, Err(SessionError::Unreachable { .. })), "{two:?}");
+        assert_eq!(a.count("heartbeat"), 2, "both calls went to a");
+        assert_eq!(s.coordinator(), b_url, "two failures at a move on once, to b (not c)");
+    }
+
+    #[tokio::test]
+    async fn a_running_worker_follows_a_new_leader_and_registers_there() {
+        let (first, second) = (Fake::default(), Fake::default());
+        let (first_url, second_url) = (serve(&first).await, serve(&second).await);
+        second.stand_by(Some(&first_url));
+        let s = session(&format!("{first_url},{second_url}"));
+        let (events, _rx) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let run = SessionRun {
+            events,
+            load: || (v1::LoadReport::default(), Vec::new()),
+            draining: CancellationToken::new(),
+            shutdown: shutdown.clone(),
+        };
+        let task = tokio::spawn(s.clone().run(run));
+        let until = |what: &'static str, check: Box<dyn Fn() -> bool + Send>| async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let f = first.clone();
+        until("heartbeats to the first leader", Box::new(move || f.count("heartbeat") >= 2)).await;
+        assert_eq!(second.count("register") + second.count("heartbeat"), 0);
+        // Failover: the first steps down naming the second, which leads.
+        first.stand_by(Some(&second_url));
+        *crate::lock(&second.standby_of) = None;
+        let t = second.clone();
+        until("heartbeats to the new leader", Box::new(move || t.count("heartbeat") >= 3)).await;
+        assert_eq!(second.count("register"), 1, "the new leader learned the worker by its registering");
+        assert_eq!(s.coordinator(), second_url);
+        shutdown.cancel();
+        match task.await {
+            Ok(Ok(())) => {}
+            other => panic!("the session ended with {other:?}"),
+        }
     }
 }
