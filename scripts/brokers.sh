@@ -6,6 +6,10 @@
 #   A Kafka-protocol broker on 9092: tansu 0.6.0 (installed with cargo when
 #     missing), SQLite storage engine under .brokers/, ready once it answers
 #     a Metadata request.
+#   PostgreSQL on 5432 (the replicated lease store's tests): installed with
+#     apt-get when missing, its cluster started when down, ready once
+#     `psql -U postgres` answers on 127.0.0.1; the `test` database and trust
+#     authentication for local TCP are set up when missing.
 #
 # Idempotent: `up` on running brokers changes nothing. Point shardline at
 # your own clusters instead with SHARDLINE_KAFKA_BROKERS / SHARDLINE_AMQP_URL.
@@ -78,6 +82,38 @@ rabbit_up() {
   wait_for rabbitmq amqp_ready 120
 }
 
+pg_ready() {
+  psql -h 127.0.0.1 -U postgres -d "${1:-postgres}" -Atqc 'select 1' >/dev/null 2>&1
+}
+
+postgres_up() {
+  if pg_ready test; then log "postgresql already up"; return 0; fi
+  if ! command -v pg_ctlcluster >/dev/null; then
+    log "installing postgresql"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  if ! pg_ready; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -1)
+    # Tests connect over TCP as postgres without a password, as on the
+    # machines CI runs on.
+    local hba="/etc/postgresql/$version/main/pg_hba.conf"
+    if ! grep -q "^host all all 127.0.0.1/32 trust" "$hba"; then
+      log "allowing trust authentication on 127.0.0.1 ($hba)"
+      sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    fi
+    log "starting postgresql $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null || pg_ctlcluster "$version" main start
+    wait_for postgresql pg_ready 60
+  fi
+  if ! pg_ready test; then
+    log "creating database test"
+    psql -h 127.0.0.1 -U postgres -qc 'CREATE DATABASE test' >/dev/null
+  fi
+  log "postgresql ready"
+}
+
 tansu_installed() {
   command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$tansu_version"
 }
@@ -144,6 +180,7 @@ case "${1:-}" in
   up)
     need_python
     rabbit_up
+    postgres_up
     kafka_up
     ;;
   down)
@@ -155,6 +192,7 @@ case "${1:-}" in
     need_python
     amqp_ready && echo "rabbitmq: up (127.0.0.1:$amqp_port)" || echo "rabbitmq: down"
     kafka_ready && echo "kafka: up (127.0.0.1:$kafka_port)" || echo "kafka: down"
+    pg_ready test && echo "postgresql: up (127.0.0.1:5432)" || echo "postgresql: down"
     ;;
   *)
     echo "usage: $0 up|down|status" >&2

@@ -565,6 +565,16 @@ impl ConfigFile for Config {
         );
         ensure(token_ok, "auth_token", "unset", why)?;
         self.store.check()?;
+        if let Store::Postgres(url) = &self.store {
+            // The driver's own parser: what it refuses at start is refused here.
+            url.parse::<tokio_postgres::Config>().map_err(|e| {
+                let shown = format!("`{}`", shardline_config::mask_password(url));
+                // The driver's message is generic; its source names the part.
+                let why =
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+                Invalid::new("store", shown, format!("a PostgreSQL URL the driver accepts ({why})"))
+            })?;
+        }
         if let Some(url) = &self.advertise_url {
             let ok = url.starts_with("http://") || url.starts_with("https://");
             ensure(ok, "advertise_url", format!("`{url}`"), "an http:// or https:// URL clients can reach")?;
@@ -887,6 +897,8 @@ mod tests {
         full.auth_token = Some("secret".into());
         full.handoff_timeout = Some(Duration::from_secs(90));
         full.balancer.strategy = crate::core::Strategy::Count;
+        full.store = Store::Postgres("postgres://u:p@db:5432/shardline?sslmode=require".into());
+        full.advertise_url = Some("http://c0:7400".into());
         let mut stream = StreamConfig::new("t", "h");
         stream.partitions = Some(4);
         stream.starting_position = StartingPosition::AtTimestamp;
@@ -907,6 +919,37 @@ mod tests {
             let text = toml::to_string(&c).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(Config::parse(&text).map_err(|e| e.to_string()), Ok(c), "{text}");
         }
+    }
+
+    /// The store is `"sled"` or a PostgreSQL URL (checked by the driver's
+    /// own parser, the password masked in the error), and with PostgreSQL
+    /// the leader's deadline must leave workers time to find a new leader
+    /// before they fence themselves.
+    #[test]
+    fn the_store_and_the_election_timing_are_checked() {
+        let check = |text: &str| Config::parse(text).map(|c| c.validate()).map_err(|e| e.to_string());
+        let pg = "store = { postgres = \"postgres://u:secret@db/x\" }\n";
+        assert_eq!(check(pg), Ok(Ok(())));
+        assert_eq!(check("store = \"sled\""), Ok(Ok(())));
+        assert!(check("store = \"mysql\"").is_err(), "an unknown store kind is a parse error");
+        let e = check("store = { postgres = \"mysql://u:secret@db/x\" }");
+        assert!(
+            matches!(&e, Ok(Err(i)) if i.field == "store" && i.value.contains("u:***@db") && !i.value.contains("secret")),
+            "{e:?}"
+        );
+        let e = check("store = { postgres = \"postgres://u:secret@db/x?bogus=1\" }");
+        assert!(matches!(&e, Ok(Err(i)) if i.field == "store" && i.allowed.contains("bogus")), "{e:?}");
+        // Defaults: fence after 8 s, so at most 4 s.
+        let e = check(&format!("{pg}leadership_timeout = \"5s\""));
+        assert!(
+            matches!(&e, Ok(Err(i)) if i.field == "leadership_timeout" && i.allowed.starts_with("at most 4s")),
+            "{e:?}"
+        );
+        assert_eq!(check(&format!("{pg}leadership_timeout = \"4s\"")), Ok(Ok(())));
+        // With sled the election does not run: nothing to check against.
+        assert_eq!(check("leadership_timeout = \"5s\""), Ok(Ok(())));
+        let e = check("advertise_url = \"c0:7400\"");
+        assert!(matches!(&e, Ok(Err(i)) if i.field == "advertise_url"), "{e:?}");
     }
 
     /// A handoff that cannot outlast the batch in flight would always be

@@ -170,6 +170,8 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
         (format!("shardline_subscription_slots{{subscription=\"{sub}\"}}"), 1.0),
         (format!("shardline_subscription_dead_lettered{{subscription=\"{sub}\"}}"), 1.0),
         ("shardline_worker_utilisation{worker=\"m\"}".to_owned(), 0.0),
+        // With sled this coordinator alone leads.
+        ("shardline_coordinator_leader".to_owned(), 1.0),
     ];
     eventually(Duration::from_secs(30), "the coordinator's series to move", || async {
         let m = scrape(&coordinator_metrics).await?;

@@ -119,7 +119,11 @@ impl Postgres {
         // A transaction left open by a frozen or dead client must not keep
         // the leader row locked: the server ends such a session itself.
         let idle = self.timeout.as_millis().max(100) / 2;
-        client.batch_execute(&format!("SET idle_in_transaction_session_timeout = {idle}")).await?;
+        client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {idle}; SET client_min_messages = warning"
+            ))
+            .await?;
         Ok(client)
     }
 
