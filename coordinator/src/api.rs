@@ -653,3 +653,22 @@ impl tonic::service::Interceptor for Auth {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A standby sends clients on: UNAVAILABLE (which clients take as "try
+    /// another") with the leader's URL in the header they follow, and none
+    /// while no leader is known (they try their next URL).
+    #[test]
+    fn a_standby_answers_unavailable_naming_the_leader() {
+        let status = standby(Some("http://10.0.0.7:7400"));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(shardline_proto::endpoints::leader_hint(&status), Some("http://10.0.0.7:7400"));
+        assert!(status.message().contains("http://10.0.0.7:7400"), "{}", status.message());
+        let unknown = standby(None);
+        assert_eq!(unknown.code(), tonic::Code::Unavailable);
+        assert_eq!(shardline_proto::endpoints::leader_hint(&unknown), None);
+    }
+}
