@@ -66,12 +66,15 @@ impl Schema {
             .client()
             .await?
             .query(
-                "SELECT term, address, extract(epoch FROM deadline) * 1000 FROM shardline_leader WHERE id = 1",
+                "SELECT term, address, (extract(epoch FROM deadline) * 1000)::float8 FROM shardline_leader WHERE id = 1",
                 &[],
             )
             .await;
         match rows {
-            Ok(rows) => Ok(rows.first().map(|r| (r.get(0), r.get(1), r.get::<_, f64>(2)))),
+            Ok(rows) => match rows.first() {
+                Some(r) => Ok(Some((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))),
+                None => Ok(None),
+            },
             // No table yet: no coordinator has migrated the schema.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(None),
             Err(e) => Err(e.into()),

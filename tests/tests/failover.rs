@@ -32,6 +32,13 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const RATE: u64 = 500;
 const KEYS: u64 = 200;
 
+/// Milliseconds since the epoch, as the database's clock on this machine counts.
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
 fn loopback() -> Result<SocketAddr> {
     Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
 }
@@ -201,7 +208,10 @@ async fn kill_9_of_the_leader_under_load_moves_no_lease_and_loses_nothing() -> R
 /// A leader cut off from PostgreSQL (a proxy the test owns, frozen) steps
 /// down before its deadline; a standby leads; no lease row is written with
 /// the old term after the old deadline, and the records keep flowing.
-#[tokio::test]
+///
+/// Multi-threaded: the proxy runs on the test's runtime while the test
+/// blocks starting a coordinator through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_the_database_steps_down_and_writes_nothing_after_its_deadline() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir()?;
@@ -209,12 +219,16 @@ async fn a_leader_cut_off_from_the_database_steps_down_and_writes_nothing_after_
     let (topic, receipts) = (unique("cutoff"), unique("receipts"));
     create_topic(&topic, 4).await?;
     create_topic(&receipts, 1).await?;
+    // Fence after 4 s, so a 2 s leadership: A steps down 1.5 s after its
+    // last renewal was sent, half a second before its deadline.
     let base = CoordinatorConfig {
+        heartbeat_interval: Duration::from_millis(500),
+        session_timeout: Duration::from_secs(5),
+        leadership_timeout: Duration::from_secs(2),
         discovery_interval: Duration::from_millis(500),
         streams: vec![support::from_start(&topic, "forward")],
-        ..support::timings()
+        ..CoordinatorConfig::default()
     };
-    let base = CoordinatorConfig { leadership_timeout: Duration::from_secs(1), ..base };
     let proxy = Proxy::start("http://127.0.0.1:5432").await?;
     let via = proxy.url().trim_start_matches("http://").to_owned();
     let a = Node::start(&base, &schema.url_via(&via), dir.path())?;
@@ -237,12 +251,29 @@ async fn a_leader_cut_off_from_the_database_steps_down_and_writes_nothing_after_
     tokio::time::sleep(Duration::from_millis(200)).await;
     let Some((term, _, deadline_a)) = schema.leader().await? else { bail!("no leader row") };
     ensure!(term == term_a, "the term changed before A was cut off");
-    eventually(Duration::from_secs(5), "A steps down", || async { Ok((!a.leads().await).then_some(())) })
-        .await?;
+    // Watched closely: the moment A is seen standing down is at most a poll
+    // later than the moment it did.
+    let mut stepped_down_ms = None;
+    for _ in 0..200 {
+        if !a.leads().await {
+            stepped_down_ms = Some(wall_ms());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stepped_down_ms = stepped_down_ms.context("A still leads 4 s after it was cut off")?;
     let stepped_down = frozen_at.elapsed();
     eventually(Duration::from_secs(10), "B leads", || async { Ok(b.leads().await.then_some(())) }).await?;
-    eprintln!("cut off: A stepped down after {stepped_down:?}, B leads after {:?}", frozen_at.elapsed());
-    ensure!(stepped_down < base.leadership_timeout, "A stepped down only after {stepped_down:?}");
+    eprintln!(
+        "cut off: A stepped down after {stepped_down:?} ({:.0} ms before its deadline), B leads after {:?}",
+        deadline_a - stepped_down_ms,
+        frozen_at.elapsed()
+    );
+    ensure!(
+        stepped_down_ms < deadline_a,
+        "A stopped answering only {:.0} ms after its deadline",
+        stepped_down_ms - deadline_a
+    );
     // The worker carries on with B.
     eventually(Duration::from_secs(15), "the worker registered with B", || async {
         let w = b.coordinator.workers().await?;
@@ -261,7 +292,7 @@ async fn a_leader_cut_off_from_the_database_steps_down_and_writes_nothing_after_
     let client = schema.client().await?;
     let late = client
         .query_one(
-            "SELECT count(*) FROM shardline_leases WHERE term = $1 AND extract(epoch FROM written_at) * 1000 > $2",
+            "SELECT count(*) FROM shardline_leases WHERE term = $1 AND (extract(epoch FROM written_at) * 1000)::float8 > $2",
             &[&term_a, &deadline_a],
         )
         .await?

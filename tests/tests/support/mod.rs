@@ -32,6 +32,8 @@ pub fn timings() -> CoordinatorConfig {
         session_timeout: Duration::from_secs(3),
         discovery_interval: Duration::from_millis(500),
         scale_interval: Duration::from_millis(500),
+        // At most half the workers' 2.4 s fence time (PostgreSQL only).
+        leadership_timeout: Duration::from_secs(1),
         ..CoordinatorConfig::default()
     }
 }
