@@ -12,6 +12,9 @@ use shardline_proto::v1;
 use shardline_tests::{Coordinator, CoordinatorConfig, StreamConfig, bin, eventually, owners, start_worker};
 use tokio::sync::Mutex;
 
+mod support;
+use support::cli;
+
 /// A coordinator of one static stream `name` of `partitions` leases, no
 /// Kafka, `noop` handler.
 fn fixed(name: &str, partitions: u32) -> CoordinatorConfig {
@@ -311,22 +314,6 @@ fn with<T>(token: Option<&str>, message: T) -> Result<tonic::Request<T>> {
         request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
     }
     Ok(request)
-}
-
-/// Runs the CLI against `url` with `args`, nothing from the environment;
-/// returns its exit code and stdout + stderr.
-async fn cli(url: &str, args: &[&str]) -> Result<(i32, String)> {
-    let out = tokio::process::Command::new(bin("shardline"))
-        .arg("--coordinator")
-        .arg(url)
-        .args(args)
-        .env_remove("SHARDLINE_TOKEN")
-        .env_remove("SHARDLINE_COORDINATOR")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out).await.context("the CLI hung")??;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.code().unwrap_or(-1), text))
 }
 
 /// With a token configured, every call without it or with a wrong one is

@@ -19,10 +19,10 @@ use shardline_testkit::postgres::Schema;
 use shardline_testkit::proxy::{Mode, Proxy};
 use shardline_tests::kafka::verify;
 use shardline_tests::{
-    Coordinator, CoordinatorConfig, WorkerConfig, bin, create_topic, eventually, free_port, http_get, scrape,
+    Coordinator, CoordinatorConfig, WorkerConfig, create_topic, eventually, free_port, http_get, scrape,
     start_worker_config, unique,
 };
-use support::{Feed, check, receipts_of};
+use support::{Feed, check, cli, receipts_of};
 
 mod support;
 
@@ -107,21 +107,6 @@ fn worker(urls: &str, id: &str, receipts: &str, metrics: SocketAddr) -> Result<s
     let config =
         WorkerConfig { metrics_listen: Some(metrics), ..config::hosting("forward", &[("topic", receipts)]) };
     start_worker_config(urls, id, config)
-}
-
-/// Runs the CLI with `--coordinator urls`; its exit code and output.
-async fn cli(urls: &str, args: &[&str]) -> Result<(i32, String)> {
-    let out = tokio::process::Command::new(bin("shardline"))
-        .arg("--coordinator")
-        .arg(urls)
-        .args(args)
-        .env_remove("SHARDLINE_TOKEN")
-        .env_remove("SHARDLINE_COORDINATOR")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out).await.context("the CLI hung")??;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.code().unwrap_or(-1), text))
 }
 
 /// `kill -9` of the leader of three under load, at the default timings: a

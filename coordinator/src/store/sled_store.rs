@@ -34,23 +34,9 @@ impl SledStore {
                 reason: "it has no sled database".into(),
             });
         }
-        let db = sled::Config::new().path(path).open().map_err(|e| open_error(path, e))?;
-        match db.get(FORMAT_KEY)? {
-            Some(v) => check_format(path, &v)?,
-            None if fresh || db.tree_names().len() <= 1 => {
-                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes()[..])?;
-                db.flush()?;
-            }
-            None => {
-                return Err(StoreError::Foreign {
-                    path: path.display().to_string(),
-                    reason: "sled database without a shardline format marker".into(),
-                });
-            }
-        }
-        let leases = db.open_tree(LEASES_TREE)?;
-        let usage = db.open_tree(USAGE_TREE)?;
-        Ok(Self { db, leases, usage })
+        // A new directory, or a database with nothing in it yet, gets the
+        // marker; one with trees but no marker is someone else's.
+        Self::open_marked(path, |db| fresh || db.tree_names().len() <= 1)
     }
 
     /// Opens an existing store for reading only: refuses to create one.
@@ -66,9 +52,19 @@ impl SledStore {
                 reason: "no sled database there (its `conf` and `db` files are missing or not sled's)".into(),
             });
         }
+        Self::open_marked(path, |_| false)
+    }
+
+    /// Opens the database and checks its format marker; one without a
+    /// marker gets it if `may_mark` says so, else is refused as foreign.
+    fn open_marked(path: &Path, may_mark: impl Fn(&sled::Db) -> bool) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(path).open().map_err(|e| open_error(path, e))?;
         match db.get(FORMAT_KEY)? {
             Some(v) => check_format(path, &v)?,
+            None if may_mark(&db) => {
+                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes()[..])?;
+                db.flush()?;
+            }
             None => {
                 return Err(StoreError::Foreign {
                     path: path.display().to_string(),

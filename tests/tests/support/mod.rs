@@ -1,4 +1,4 @@
-//! Helpers shared by test files (`offsets.rs`, `process.rs`, `batching.rs`,
+//! Helpers shared by test files (`offsets.rs`, `process.rs`, `batching.rs`, `failover.rs`, `coordinator.rs`,
 //! `topics.rs`, `examples.rs`, `cli.rs`, `worker.rs`): coordinator configs
 //! with short timings, starting the binaries with a chosen environment,
 //! telling batches apart in receipts, and naming a RabbitMQ topology that
@@ -263,4 +263,21 @@ pub fn check(v: &Verdict, what: &str) -> Result<()> {
     ensure!(v.lost.is_empty(), "lost {} records, e.g. {:?}", v.lost.len(), &v.lost[..v.lost.len().min(10)]);
     ensure!(v.order_violations == 0, "{} order violations", v.order_violations);
     Ok(())
+}
+
+/// Runs the CLI against `url` (one URL or a comma-separated list) with
+/// `args`, nothing from the environment; returns its exit code and stdout +
+/// stderr.
+pub async fn cli(url: &str, args: &[&str]) -> Result<(i32, String)> {
+    let out = tokio::process::Command::new(bin("shardline"))
+        .arg("--coordinator")
+        .arg(url)
+        .args(args)
+        .env_remove("SHARDLINE_TOKEN")
+        .env_remove("SHARDLINE_COORDINATOR")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out).await.context("the CLI hung")??;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.code().unwrap_or(-1), text))
 }
