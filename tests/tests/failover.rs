@@ -337,3 +337,36 @@ async fn checkpoints_move_from_sled_to_postgres_by_export_and_import() -> Result
     ensure!(checkpoints == wanted.map(Some), "imported checkpoints: {checkpoints:?}, exported {wanted:?}");
     Ok(())
 }
+
+/// SIGTERM of the leader hands over at once: it drains, resigns, and a
+/// standby leads before the deadline the leader had last set (which it
+/// would have to wait for after a crash).
+#[tokio::test]
+async fn a_gracefully_stopped_leader_hands_over_before_its_deadline() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir()?;
+    let schema = Schema::create("handover").await?;
+    let stream = shardline_tests::StreamConfig {
+        partitions: Some(2),
+        ..shardline_tests::StreamConfig::new("fixed", "noop")
+    };
+    let base = CoordinatorConfig { streams: vec![stream], ..CoordinatorConfig::default() };
+    let mut a = Node::start(&base, &schema.url(), dir.path())?;
+    eventually(Duration::from_secs(15), "A leads", || async { Ok(a.leads().await.then_some(())) }).await?;
+    let b = Node::start(&base, &schema.url(), dir.path())?;
+    let Some((term_a, _, deadline_a)) = schema.leader().await? else { bail!("no leader row") };
+    a.coordinator.proc.signal(libc::SIGTERM)?;
+    eventually(Duration::from_secs(10), "B leads", || async { Ok(b.leads().await.then_some(())) }).await?;
+    let led_ms = wall_ms();
+    let Some((term_b, _, _)) = schema.leader().await? else { bail!("no leader row") };
+    eprintln!("graceful stop: B leads {:.0} ms before A's deadline", deadline_a - led_ms);
+    ensure!(term_b == term_a + 1, "terms {term_a} then {term_b}");
+    ensure!(
+        led_ms < deadline_a,
+        "B led only {:.0} ms after A's deadline: A did not resign",
+        led_ms - deadline_a
+    );
+    let status = a.coordinator.proc.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.success(), "A exited with {status}");
+    Ok(())
+}
