@@ -142,12 +142,13 @@ async fn launch(
     config::write(&config_path, config)?;
     let log = dir.join(log);
     let stderr = log_file(&log)?;
-    let bin = bin.to_owned();
-    let started = tokio::task::spawn_blocking(move || {
-        process::start_coordinator(&bin, &config_path, &[], stderr, START_TIMEOUT)
-    })
-    .await
-    .context("the coordinator's starter panicked")?;
+    // Spawned here, on a runtime worker thread, which lives as long as the
+    // run: the child dies with the thread that started it (PDEATHSIG), and
+    // a `spawn_blocking` thread ends after 10 s idle. Only the wait blocks.
+    let starting = process::spawn_coordinator(bin, &config_path, &[], stderr)?;
+    let started = tokio::task::spawn_blocking(move || starting.wait(START_TIMEOUT))
+        .await
+        .context("the coordinator's starter panicked")?;
     let (proc, addr) = started.with_context(|| format!("its log:\n{}", tail(&log)))?;
     if config.listen.port() != 0 && addr != config.listen {
         bail!("the restarted coordinator listens on {addr}, not {}", config.listen);

@@ -64,7 +64,11 @@ pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Resul
     let channels = coordinator.channels(settings.channels).await?;
     let mut client = WorkerApiClient::new(channels[0].clone());
 
-    let granted = acquire_all(&mut client, settings.leases).await?;
+    // A failed call may mean the coordinator died: then say how.
+    let granted = match acquire_all(&mut client, settings.leases).await {
+        Ok(granted) => granted,
+        Err(e) => return Err(super::with_death(&mut coordinator, e)),
+    };
 
     // Keeps the session alive for the whole run (10 s default timeout).
     let heartbeat_errors = Arc::new(AtomicU64::new(0));

@@ -151,7 +151,10 @@ pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Resul
 
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     while shared.registered.load(Ordering::Relaxed) < settings.workers {
-        wait_step(&mut workers, deadline, "the workers to register").await?;
+        // A refused connection may mean the coordinator died: say how.
+        wait_step(&mut workers, deadline, "the workers to register")
+            .await
+            .map_err(|e| super::with_death(&mut coordinator, e))?;
     }
     let registered_s = started.elapsed().as_secs_f64();
     let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -162,7 +165,9 @@ pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Resul
         if owned == settings.partitions as usize && leases.len() == owned && held == owned as i64 {
             break;
         }
-        wait_step(&mut workers, deadline, "every lease to be owned").await?;
+        wait_step(&mut workers, deadline, "every lease to be owned")
+            .await
+            .map_err(|e| super::with_death(&mut coordinator, e))?;
     }
     let settled_s = started.elapsed().as_secs_f64();
 

@@ -203,6 +203,15 @@ fn print_comparison(rows: &[Row]) {
     }
 }
 
+/// `e`, and if the coordinator has died, how (its exit status and log):
+/// a refused or broken connection says nothing of why.
+fn with_death(coordinator: &mut child::Coordinator, e: anyhow::Error) -> anyhow::Error {
+    match coordinator.check_alive() {
+        Ok(()) => e,
+        Err(dead) => e.context(format!("{dead:#}")),
+    }
+}
+
 /// Fails the run when calls mostly fail: then the figures describe an
 /// error path, not the coordinator, and must not be mistaken for a result.
 fn check_calls(what: &str, ok: u64, failed: u64, first_error: Option<&str>) -> anyhow::Result<()> {
