@@ -428,6 +428,9 @@ pub struct LeaseWatch {
     /// Last checkpoint seen by (name, index).
     checkpoints: BTreeMap<(String, u32), i64>,
     pub moves: u64,
+    /// Every move as (wall-clock ms of the listing, `name/index from -> to`),
+    /// so a report can tell a fault's moves from the balancer's.
+    pub log: Vec<(u64, String)>,
 }
 
 impl LeaseWatch {
@@ -436,7 +439,7 @@ impl LeaseWatch {
     /// failover passes through "unassigned"; a first grant is no move).
     /// Returns the leases whose checkpoint moved forward since the last
     /// listing (a first sighting is no advance: nothing to compare).
-    pub fn update(&mut self, leases: &[LeaseView]) -> Vec<(String, u32)> {
+    pub fn update(&mut self, leases: &[LeaseView], at_ms: u64) -> Vec<(String, u32)> {
         let mut advanced = Vec::new();
         for l in leases {
             let key = (l.name.clone(), l.index);
@@ -447,8 +450,11 @@ impl LeaseWatch {
                 advanced.push(key.clone());
             }
             if !l.owner.is_empty() {
-                if self.last_owner.get(&key).is_some_and(|prev| *prev != l.owner) {
+                if let Some(prev) = self.last_owner.get(&key)
+                    && *prev != l.owner
+                {
                     self.moves += 1;
+                    self.log.push((at_ms, format!("{}/{} {prev} -> {}", l.name, l.index, l.owner)));
                 }
                 self.last_owner.insert(key.clone(), l.owner.clone());
             }
@@ -484,15 +490,16 @@ mod tests {
     #[test]
     fn moves_count_owner_changes_across_unassigned_gaps() {
         let mut w = LeaseWatch::default();
-        w.update(&[lease(0, "a"), lease(1, "")]);
-        w.update(&[lease(0, "a"), lease(1, "b")]);
+        w.update(&[lease(0, "a"), lease(1, "")], 0);
+        w.update(&[lease(0, "a"), lease(1, "b")], 0);
         assert_eq!(w.moves, 0, "first grants are no moves");
-        w.update(&[lease(0, ""), lease(1, "b")]);
+        w.update(&[lease(0, ""), lease(1, "b")], 0);
         assert_eq!(w.owned_by("a"), Vec::<(String, u32)>::new());
-        w.update(&[lease(0, "c"), lease(1, "a")]);
+        w.update(&[lease(0, "c"), lease(1, "a")], 7);
         assert_eq!(w.moves, 2);
+        assert_eq!(w.log, vec![(7, "s/0 a -> c".to_owned()), (7, "s/1 b -> a".to_owned())]);
         assert_eq!(w.owned_by("a"), vec![("s".to_owned(), 1)]);
-        w.update(&[lease(0, "c"), lease(1, "a")]);
+        w.update(&[lease(0, "c"), lease(1, "a")], 0);
         assert_eq!(w.moves, 2);
     }
 
@@ -500,10 +507,10 @@ mod tests {
     fn checkpoint_advances_are_reported_from_the_second_sighting() {
         let mut w = LeaseWatch::default();
         let at = |index: u32, checkpoint: Option<i64>| LeaseView { checkpoint, ..lease(index, "a") };
-        assert!(w.update(&[at(0, Some(5)), at(1, None)]).is_empty(), "first sightings");
-        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(3))]), vec![("s".to_owned(), 0)]);
-        assert!(w.update(&[at(0, Some(9)), at(1, Some(3))]).is_empty(), "standing still");
-        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(4))]), vec![("s".to_owned(), 1)]);
+        assert!(w.update(&[at(0, Some(5)), at(1, None)], 0).is_empty(), "first sightings");
+        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(3))], 0), vec![("s".to_owned(), 0)]);
+        assert!(w.update(&[at(0, Some(9)), at(1, Some(3))], 0).is_empty(), "standing still");
+        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(4))], 0), vec![("s".to_owned(), 1)]);
     }
 
     #[test]

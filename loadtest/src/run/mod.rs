@@ -548,6 +548,11 @@ async fn run_one(
     }
     drop(faults);
     let lease_moves = lock_watch(&watch).moves;
+    // Each move, when the watcher saw it: a fault's or the balancer's.
+    for (at_ms, text) in &lock_watch(&watch).log {
+        let at_s = at_ms.saturating_sub(start_ms) as f64 / 1000.0;
+        warnings.push(format!("lease moved (seen at {at_s:.1} s): {text}"));
+    }
     pb.finish_and_clear();
 
     let mut fleet = fleet.lock().await;
@@ -906,7 +911,7 @@ async fn watch_leases(admin: Admin, plan: Arc<Plan>, books: Vec<Books>, watch: A
         every.tick().await;
         if let Ok(leases) = admin.leases(&destinations).await {
             let at_ms = now_ms();
-            let advanced = lock_watch(&watch).update(&leases);
+            let advanced = lock_watch(&watch).update(&leases, at_ms);
             for (name, index) in advanced {
                 if let Some(i) = plan.sides.iter().position(|s| s.destinations.contains(&name))
                     && let Some(b) = books.get(i)
