@@ -469,6 +469,17 @@ impl LeaseWatch {
     }
 }
 
+/// Whether the owners' lease counts (active leases, owned ones) differ
+/// by at most one: what the balancer settles to with no load.
+pub fn counts_within_one(leases: &[LeaseView]) -> bool {
+    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in leases.iter().filter(|l| !l.parked && !l.owner.is_empty()) {
+        *per.entry(l.owner.as_str()).or_default() += 1;
+    }
+    let (min, max) = (per.values().min(), per.values().max());
+    min.zip(max).is_none_or(|(min, max)| max - min <= 1)
+}
+
 /// Whether every expected lease is owned, and by how many workers.
 pub fn assignment(leases: &[LeaseView], expected: usize) -> (bool, usize) {
     let active: Vec<&LeaseView> = leases.iter().filter(|l| !l.parked).collect();
@@ -511,6 +522,15 @@ mod tests {
         assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(3))], 0), vec![("s".to_owned(), 0)]);
         assert!(w.update(&[at(0, Some(9)), at(1, Some(3))], 0).is_empty(), "standing still");
         assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(4))], 0), vec![("s".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn counts_within_one_ignores_unowned_and_parked_leases() {
+        assert!(counts_within_one(&[lease(0, "a"), lease(1, "a"), lease(2, "b")]));
+        assert!(!counts_within_one(&[lease(0, "a"), lease(1, "a"), lease(2, "a"), lease(3, "b")]));
+        let parked = LeaseView { parked: true, ..lease(2, "a") };
+        assert!(counts_within_one(&[lease(0, "a"), lease(1, "b"), parked, lease(3, "")]));
+        assert!(counts_within_one(&[]));
     }
 
     #[test]

@@ -65,6 +65,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// After every lease is owned, how long to wait for the balancer to give
 /// each worker a share before producing anyway.
 const BALANCE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a balanced assignment must stand still before producing starts.
+const SETTLED_FOR: Duration = Duration::from_secs(1);
 /// After the last record is processed, how long to keep reading receipts:
 /// a zombie's or a redelivery's late duplicates land in the report.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -804,10 +806,14 @@ async fn wait_topology(admin: &Admin, plan: &mut Side, external: bool) -> anyhow
     }
 }
 
+/// (name, index, owner) of every lease listed.
+type Owners = Vec<(String, u32, String)>;
+
 /// Waits until every expected lease is owned and, if it comes within
-/// [`BALANCE_TIMEOUT`], spread over the workers: a measurement that starts
-/// with all leases on the first worker measures the balancer, not the
-/// scenario.
+/// [`BALANCE_TIMEOUT`], spread over the workers (counts within one,
+/// unchanged for [`SETTLED_FOR`]): a measurement that starts with all
+/// leases on the first worker measures the balancer, not the scenario, and
+/// a handoff still under way would count as a lease move of the run.
 async fn wait_ready(
     admin: &Admin,
     destinations: &[String],
@@ -822,6 +828,8 @@ async fn wait_ready(
     pb.set_message(format!("waiting for {expected} leases to be owned by {workers} workers"));
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut owned_since: Option<Instant> = None;
+    // Since when the owners have been these.
+    let mut stable: Option<(Instant, Owners)> = None;
     let mut last;
     loop {
         let crashes = fleet.lock().await.check();
@@ -833,10 +841,24 @@ async fn wait_ready(
                 let (all_owned, owners) = fleet::assignment(&leases, expected);
                 let owned = leases.iter().filter(|l| !l.owner.is_empty()).count();
                 last = format!("{owned} of {expected} leases owned, by {owners} workers");
-                if all_owned {
-                    if owners >= workers.min(expected) {
-                        return Ok(());
+                // Settled: every worker owns some, the counts are within
+                // one, and nothing changed hands for SETTLED_FOR; moves of
+                // the first balancing would otherwise count as the run's.
+                let owners_now: Owners =
+                    leases.iter().map(|l| (l.name.clone(), l.index, l.owner.clone())).collect();
+                if all_owned && owners >= workers.min(expected) && fleet::counts_within_one(&leases) {
+                    match &stable {
+                        Some((since, seen)) if *seen == owners_now => {
+                            if since.elapsed() >= SETTLED_FOR {
+                                return Ok(());
+                            }
+                        }
+                        _ => stable = Some((Instant::now(), owners_now)),
                     }
+                } else {
+                    stable = None;
+                }
+                if all_owned {
                     let since = *owned_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= BALANCE_TIMEOUT {
                         say(pb, &format!("warning: starting unbalanced: {last}"));
