@@ -168,7 +168,9 @@ pub fn spawn<S: AsRef<OsStr>>(
 /// Starts `shardline-coordinator --config CONFIG` (see [`spawn`]) and
 /// waits up to `timeout` for its `listening ADDR` line. Stdout is drained
 /// by a thread afterwards, so a full pipe never blocks the child; stderr
-/// (its log) goes to `stderr`. Blocking.
+/// (its log) goes to `stderr`. Blocking; from async code use
+/// [`spawn_coordinator`] on a runtime thread and [`Starting::wait`] on a
+/// blocking one.
 pub fn start_coordinator(
     bin: &Path,
     config: &Path,
@@ -176,6 +178,21 @@ pub fn start_coordinator(
     stderr: Stdio,
     timeout: Duration,
 ) -> Result<(Proc, SocketAddr)> {
+    spawn_coordinator(bin, config, env, stderr)?.wait(timeout)
+}
+
+/// A coordinator started but maybe not listening yet.
+pub struct Starting {
+    proc: Proc,
+    listening: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `shardline-coordinator --config CONFIG` without waiting. The
+/// kernel kills a child when the *thread* that started it ends
+/// (`PR_SET_PDEATHSIG`), so call this on a thread that lives as long as
+/// the child: the test's, or a runtime worker, never a `spawn_blocking`
+/// thread (tokio ends those after 10 s idle, killing the coordinator).
+pub fn spawn_coordinator(bin: &Path, config: &Path, env: &[(&str, &str)], stderr: Stdio) -> Result<Starting> {
     let args = [OsStr::new("--config"), config.as_os_str()];
     let mut proc = spawn("coordinator", bin, args, env, Stdio::piped(), stderr)?;
     let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
@@ -193,18 +210,26 @@ pub fn start_coordinator(
             }
         }
     });
-    let addr = match rx.recv_timeout(timeout) {
-        Ok(addr) => addr,
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            let status = proc.wait_exit(Duration::from_secs(5))?;
-            bail!("the coordinator exited ({status}) before listening")
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            bail!("the coordinator printed no `listening ADDR` within {timeout:?}")
-        }
-    };
-    let addr = addr.parse().with_context(|| format!("bad address in `listening {addr}`"))?;
-    Ok((proc, addr))
+    Ok(Starting { proc, listening: rx })
+}
+
+impl Starting {
+    /// Waits up to `timeout` for the `listening ADDR` line. Blocking (any
+    /// thread: the child's life is tied to the one that spawned it).
+    pub fn wait(mut self, timeout: Duration) -> Result<(Proc, SocketAddr)> {
+        let addr = match self.listening.recv_timeout(timeout) {
+            Ok(addr) => addr,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.proc.wait_exit(Duration::from_secs(5))?;
+                bail!("the coordinator exited ({status}) before listening")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                bail!("the coordinator printed no `listening ADDR` within {timeout:?}")
+            }
+        };
+        let addr = addr.parse().with_context(|| format!("bad address in `listening {addr}`"))?;
+        Ok((self.proc, addr))
+    }
 }
 
 /// Starts `shardline-worker --config CONFIG` (`id` names it in messages);

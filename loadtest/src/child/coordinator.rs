@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use shardline_testkit::config::{self, CoordinatorConfig, StreamConfig};
+use shardline_testkit::config::{self, CoordinatorConfig, Store, StreamConfig};
 use shardline_testkit::process::{self, Proc};
 use tonic::transport::{Channel, Endpoint};
 
@@ -27,9 +27,15 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts `bin` with static streams (no Kafka).
-    pub async fn start(bin: &Path, streams: Vec<StreamConfig>) -> anyhow::Result<Self> {
-        Self::start_with(bin, CoordinatorConfig { streams, ..CoordinatorConfig::default() }).await
+    /// Starts `bin` with static streams (no Kafka) on `store`, and waits until it
+    /// leads (at once on sled; after winning the election on PostgreSQL),
+    /// so the first call a benchmark makes is served.
+    pub async fn start_on(bin: &Path, streams: Vec<StreamConfig>, store: Store) -> anyhow::Result<Self> {
+        let coordinator =
+            Self::start_with(bin, CoordinatorConfig { streams, store, ..CoordinatorConfig::default() })
+                .await?;
+        coordinator.wait_leading(START_TIMEOUT).await?;
+        Ok(coordinator)
     }
 
     /// Starts `bin` with `config` on a loopback port chosen by the OS, a
@@ -44,12 +50,44 @@ impl Coordinator {
         Ok(Self { run: Running { proc, log, metrics_addr: metrics, _dir: dir }, config, restarts: 0 })
     }
 
+    /// Whether `/readyz` answers 200: this coordinator leads (a sled one
+    /// always does; on PostgreSQL only the elected one).
+    pub async fn leads(&self) -> bool {
+        shardline_testkit::metrics::http_get(&self.run.metrics_addr.to_string(), "/readyz").await.is_ok()
+    }
+
+    /// Waits until [`Coordinator::leads`], failing with the log's tail
+    /// after `timeout`.
+    pub async fn wait_leading(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.leads().await {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the coordinator did not lead within {timeout:?}; its log:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// `kill -9`s the coordinator and starts `bin` again on the same
     /// address, config and data directory: workers reconnect to the URL
     /// they have, and the lease store is what the killed process left.
     /// Returns once the new process listens.
     pub async fn restart(&mut self, bin: &Path) -> anyhow::Result<()> {
-        self.run.proc.kill9()?;
+        self.kill9()?;
+        self.relaunch(bin).await
+    }
+
+    /// `kill -9`s the coordinator and waits for it to be gone; the guard
+    /// stays, so [`Coordinator::relaunch`] can start it again.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.run.proc.kill9()
+    }
+
+    /// Starts `bin` again on the address, config and store of the killed
+    /// process; returns once it listens (on PostgreSQL: as a standby until
+    /// it wins an election).
+    pub async fn relaunch(&mut self, bin: &Path) -> anyhow::Result<()> {
         self.restarts += 1;
         // A log per incarnation: the killed one's log stays readable.
         let log = format!("coordinator-{}.log", self.restarts);
@@ -104,12 +142,13 @@ async fn launch(
     config::write(&config_path, config)?;
     let log = dir.join(log);
     let stderr = log_file(&log)?;
-    let bin = bin.to_owned();
-    let started = tokio::task::spawn_blocking(move || {
-        process::start_coordinator(&bin, &config_path, &[], stderr, START_TIMEOUT)
-    })
-    .await
-    .context("the coordinator's starter panicked")?;
+    // Spawned here, on a runtime worker thread, which lives as long as the
+    // run: the child dies with the thread that started it (PDEATHSIG), and
+    // a `spawn_blocking` thread ends after 10 s idle. Only the wait blocks.
+    let starting = process::spawn_coordinator(bin, &config_path, &[], stderr)?;
+    let started = tokio::task::spawn_blocking(move || starting.wait(START_TIMEOUT))
+        .await
+        .context("the coordinator's starter panicked")?;
     let (proc, addr) = started.with_context(|| format!("its log:\n{}", tail(&log)))?;
     if config.listen.port() != 0 && addr != config.listen {
         bail!("the restarted coordinator listens on {addr}, not {}", config.listen);

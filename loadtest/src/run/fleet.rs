@@ -1,8 +1,10 @@
 //! The processes of a run and what the coordinator says about them: the
-//! coordinator (unless `--external`), the workers by index (each talking
-//! to the coordinator through its own [`Proxy`], where network faults are
-//! made), the faults done to them, and the lease table watched once a
-//! second.
+//! coordinators (none with `--external`; one on sled, or several sharing a
+//! PostgreSQL schema of which one leads), the workers by index (with one
+//! coordinator, each talks to it through its own [`Proxy`], where network
+//! faults are made; with several, each is given every URL and follows the
+//! leader itself), the faults done to them, and the lease table watched
+//! once a second.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,15 +45,38 @@ pub struct WorkerSlot {
     /// `None` once killed (or crashed).
     proc: Option<Worker>,
     pub stopped: bool,
-    /// Between this worker and the coordinator; shared with a network
-    /// fault while it lasts.
-    proxy: Arc<Proxy>,
+    /// Between this worker and the one coordinator; shared with a network
+    /// fault while it lasts. `None` with several coordinators: a proxy
+    /// targets one address, and the worker must follow the leader among
+    /// all of them (no network fault applies then; the scenario refuses
+    /// them).
+    proxy: Option<Arc<Proxy>>,
+}
+
+/// One of the harness's coordinators.
+struct CoordinatorSlot {
+    proc: Coordinator,
+    /// Killed by a fault and not started again yet: its exit is no crash.
+    down: bool,
+}
+
+/// What a kill of the leader saw.
+#[derive(Debug, Clone, Copy)]
+pub struct Takeover {
+    /// The index of the coordinator killed.
+    pub killed: usize,
+    /// The index of the standby that leads now.
+    pub leader: usize,
+    /// From the kill until the new leader's `/readyz` answered 200.
+    pub takeover_ms: u64,
 }
 
 pub struct Fleet {
-    coordinator: Option<Coordinator>,
+    coordinators: Vec<CoordinatorSlot>,
     coordinator_bin: PathBuf,
     worker_bin: PathBuf,
+    /// The URL(s) workers are given: one, or every coordinator's
+    /// comma-separated.
     url: String,
     template: WorkerTemplate,
     workers: Vec<WorkerSlot>,
@@ -63,15 +88,20 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// `url`: the coordinators' URLs comma-separated (the external one's
+    /// with `--external`, where `coordinators` is empty).
     pub fn new(
-        coordinator: Option<Coordinator>,
+        coordinators: Vec<Coordinator>,
         url: String,
         coordinator_bin: PathBuf,
         worker_bin: PathBuf,
         template: WorkerTemplate,
     ) -> Self {
         Self {
-            coordinator,
+            coordinators: coordinators
+                .into_iter()
+                .map(|proc| CoordinatorSlot { proc, down: false })
+                .collect(),
             coordinator_bin,
             worker_bin,
             url,
@@ -109,13 +139,14 @@ impl Fleet {
         }
     }
 
-    /// Starts worker number `len()` behind a proxy of its own; returns
-    /// its id.
+    /// Starts worker number `len()`, behind a proxy of its own with one
+    /// coordinator, given every URL with several; returns its id.
     pub async fn start_worker(&mut self) -> anyhow::Result<String> {
         let id = format!("w{}{}", self.workers.len(), self.template.id_suffix);
-        let proxy = Arc::new(Proxy::start(&self.url).await?);
+        let proxy =
+            if self.coordinators.len() > 1 { None } else { Some(Arc::new(Proxy::start(&self.url).await?)) };
         let config = WorkerConfig {
-            coordinator: proxy.url().to_owned(),
+            coordinator: proxy.as_ref().map_or_else(|| self.url.clone(), |p| p.url().to_owned()),
             worker_id: Some(id.clone()),
             ..self.template.config.clone()
         };
@@ -128,9 +159,9 @@ impl Fleet {
         self.workers.get(index).map(|w| w.id.as_str())
     }
 
-    /// Worker `index`'s proxy to the coordinator.
+    /// Worker `index`'s proxy to the coordinator (none with several).
     pub fn proxy(&self, index: usize) -> Option<Arc<Proxy>> {
-        self.workers.get(index).map(|w| w.proxy.clone())
+        self.workers.get(index).and_then(|w| w.proxy.clone())
     }
 
     /// SIGKILLs worker `index` and waits for it to be gone.
@@ -159,17 +190,68 @@ impl Fleet {
         Ok(())
     }
 
-    /// SIGKILLs the coordinator and starts it again on its store.
+    /// SIGKILLs the (one) coordinator and starts it again on its store.
     pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
-        let coordinator =
-            self.coordinator.as_mut().context("no coordinator of ours to restart (--external)")?;
-        coordinator.restart(&self.coordinator_bin).await?;
+        let [slot] = self.coordinators.as_mut_slice() else {
+            bail!(
+                "restart_coordinator needs exactly one coordinator of ours, not {}",
+                self.coordinators.len()
+            );
+        };
+        slot.proc.restart(&self.coordinator_bin).await?;
         // The restart keeps the address today; should that change, the
         // proxies follow, so the workers' configs never need to.
-        self.url = coordinator.url();
-        for slot in &self.workers {
-            slot.proxy.retarget(&self.url)?;
+        self.url = slot.proc.url();
+        for proxy in self.workers.iter().filter_map(|w| w.proxy.as_ref()) {
+            proxy.retarget(&self.url)?;
         }
+        Ok(())
+    }
+
+    /// The index of the coordinator whose `/readyz` answers 200, when
+    /// exactly one running coordinator's does.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut leading = Vec::new();
+        for (i, slot) in self.coordinators.iter().enumerate() {
+            if !slot.down && slot.proc.leads().await {
+                leading.push(i);
+            }
+        }
+        match leading.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// SIGKILLs the coordinator that leads and waits (up to `within`) for
+    /// another to lead; the killed one stays down until
+    /// [`Fleet::start_coordinator`]. `at_ms` is set to the kill's time.
+    pub async fn kill_leader(&mut self, within: Duration, at_ms: &mut u64) -> anyhow::Result<Takeover> {
+        let killed = self.leader().await.context("no single coordinator leads (every /readyz polled)")?;
+        let slot = &mut self.coordinators[killed];
+        slot.proc.kill9()?;
+        slot.down = true;
+        let killed_at = tokio::time::Instant::now();
+        *at_ms = super::payload::now_ms();
+        let deadline = killed_at + within;
+        loop {
+            if let Some(leader) = self.leader().await {
+                let takeover_ms = u64::try_from(killed_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                return Ok(Takeover { killed, leader, takeover_ms });
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no standby led within {within:?} of killing coordinator {killed}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts killed coordinator `index` again on its address, config and
+    /// store: it joins as a standby.
+    pub async fn start_coordinator(&mut self, index: usize) -> anyhow::Result<()> {
+        let slot = self.coordinators.get_mut(index).with_context(|| format!("no coordinator {index}"))?;
+        slot.proc.relaunch(&self.coordinator_bin).await?;
+        slot.down = false;
         Ok(())
     }
 
@@ -189,13 +271,18 @@ impl Fleet {
         for (id, worker) in gone {
             self.save_logs(&id, &worker);
         }
-        if let Some(coordinator) = self.coordinator.as_mut()
-            && let Err(e) = coordinator.check_alive()
-        {
-            new.push(format!("coordinator: {e:#}"));
-            if let Some(coordinator) = self.coordinator.take() {
-                self.save_logs("coordinator", &coordinator);
+        let mut dead = Vec::new();
+        for (i, slot) in self.coordinators.iter_mut().enumerate() {
+            if !slot.down
+                && let Err(e) = slot.proc.check_alive()
+            {
+                new.push(format!("{}: {e:#}", coordinator_name(i)));
+                slot.down = true;
+                dead.push(i);
             }
+        }
+        for i in dead {
+            self.save_logs(&coordinator_name(i), &self.coordinators[i].proc);
         }
         self.crashes.extend(new.iter().cloned());
         new
@@ -216,14 +303,20 @@ impl Fleet {
                 errors.push(format!("worker {id}: {e:#}"));
             }
         }
-        if let Some(coordinator) = self.coordinator.take() {
-            self.save_logs("coordinator", &coordinator);
-            if let Err(e) = coordinator.stop() {
-                errors.push(format!("coordinator: {e:#}"));
+        for (i, slot) in std::mem::take(&mut self.coordinators).into_iter().enumerate() {
+            self.save_logs(&coordinator_name(i), &slot.proc);
+            if let Err(e) = slot.proc.stop() {
+                errors.push(format!("{}: {e:#}", coordinator_name(i)));
             }
         }
         errors
     }
+}
+
+/// `coordinator`, `coordinator1`, ...: the first keeps the name it had
+/// when there was only ever one.
+fn coordinator_name(index: usize) -> String {
+    if index == 0 { "coordinator".to_owned() } else { format!("coordinator{index}") }
 }
 
 /// One lease as the admin API lists it.
@@ -238,32 +331,67 @@ pub struct LeaseView {
     pub checkpoint: Option<i64>,
 }
 
-/// The coordinator's admin API. The channel connects lazily and again
-/// after every failure, so it outlives a coordinator restart.
+/// The coordinators' admin API. The channels connect lazily and again
+/// after every failure, so they outlive a coordinator restart. With
+/// several coordinators a call goes to the one that answered last and,
+/// when it fails (a standby answers UNAVAILABLE, a killed one not at all),
+/// to the others in turn.
 #[derive(Clone)]
 pub struct Admin {
-    client: AdminApiClient<Channel>,
+    clients: Vec<AdminApiClient<Channel>>,
+    /// The index of the client that answered last.
+    last: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Admin {
-    pub fn new(url: &str) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .with_context(|| format!("bad coordinator URL {url}"))?
-            .connect_timeout(ADMIN_TIMEOUT)
-            .timeout(ADMIN_TIMEOUT)
-            .connect_lazy();
-        Ok(Self { client: AdminApiClient::new(channel) })
+    /// `urls`: one URL or several, comma-separated.
+    pub fn new(urls: &str) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let channel = Endpoint::from_shared(url.to_owned())
+                .with_context(|| format!("bad coordinator URL {url}"))?
+                .connect_timeout(ADMIN_TIMEOUT)
+                .timeout(ADMIN_TIMEOUT)
+                .connect_lazy();
+            clients.push(AdminApiClient::new(channel));
+        }
+        if clients.is_empty() {
+            bail!("no coordinator URL in `{urls}`");
+        }
+        Ok(Self { clients, last: Arc::default() })
+    }
+
+    /// Calls `call` on the coordinator that answered last, then the others;
+    /// the first success, else the last error.
+    async fn first_answer<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(AdminApiClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        use std::sync::atomic::Ordering;
+        let start = self.last.load(Ordering::Relaxed);
+        let mut last_error = tonic::Status::unavailable("no coordinator");
+        for k in 0..self.clients.len() {
+            let i = (start + k) % self.clients.len();
+            match call(self.clients[i].clone()).await {
+                Ok(reply) => {
+                    self.last.store(i, Ordering::Relaxed);
+                    return Ok(reply.into_inner());
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
     }
 
     /// The leases of `names` (streams or subscriptions).
     pub async fn leases(&self, names: &[String]) -> anyhow::Result<Vec<LeaseView>> {
         let reply = self
-            .client
-            .clone()
-            .list_leases(v1::ListLeasesRequest { name: String::new() })
+            .first_answer(|mut c| async move {
+                c.list_leases(v1::ListLeasesRequest { name: String::new() }).await
+            })
             .await
-            .context("ListLeases failed")?
-            .into_inner();
+            .context("ListLeases failed")?;
         Ok(reply
             .leases
             .into_iter()
@@ -283,12 +411,9 @@ impl Admin {
 
     pub async fn subscriptions(&self) -> anyhow::Result<Vec<v1::SubscriptionInfo>> {
         Ok(self
-            .client
-            .clone()
-            .list_subscriptions(v1::ListSubscriptionsRequest {})
+            .first_answer(|mut c| async move { c.list_subscriptions(v1::ListSubscriptionsRequest {}).await })
             .await
             .context("ListSubscriptions failed")?
-            .into_inner()
             .subscriptions)
     }
 }
@@ -303,6 +428,9 @@ pub struct LeaseWatch {
     /// Last checkpoint seen by (name, index).
     checkpoints: BTreeMap<(String, u32), i64>,
     pub moves: u64,
+    /// Every move as (wall-clock ms of the listing, `name/index from -> to`),
+    /// so a report can tell a fault's moves from the balancer's.
+    pub log: Vec<(u64, String)>,
 }
 
 impl LeaseWatch {
@@ -311,7 +439,7 @@ impl LeaseWatch {
     /// failover passes through "unassigned"; a first grant is no move).
     /// Returns the leases whose checkpoint moved forward since the last
     /// listing (a first sighting is no advance: nothing to compare).
-    pub fn update(&mut self, leases: &[LeaseView]) -> Vec<(String, u32)> {
+    pub fn update(&mut self, leases: &[LeaseView], at_ms: u64) -> Vec<(String, u32)> {
         let mut advanced = Vec::new();
         for l in leases {
             let key = (l.name.clone(), l.index);
@@ -322,8 +450,11 @@ impl LeaseWatch {
                 advanced.push(key.clone());
             }
             if !l.owner.is_empty() {
-                if self.last_owner.get(&key).is_some_and(|prev| *prev != l.owner) {
+                if let Some(prev) = self.last_owner.get(&key)
+                    && *prev != l.owner
+                {
                     self.moves += 1;
+                    self.log.push((at_ms, format!("{}/{} {prev} -> {}", l.name, l.index, l.owner)));
                 }
                 self.last_owner.insert(key.clone(), l.owner.clone());
             }
@@ -336,6 +467,17 @@ impl LeaseWatch {
     pub fn owned_by(&self, owner: &str) -> Vec<(String, u32)> {
         self.current.iter().filter(|(_, o)| o.as_str() == owner).map(|(k, _)| k.clone()).collect()
     }
+}
+
+/// Whether the owners' lease counts (active leases, owned ones) differ
+/// by at most one: what the balancer settles to with no load.
+pub fn counts_within_one(leases: &[LeaseView]) -> bool {
+    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in leases.iter().filter(|l| !l.parked && !l.owner.is_empty()) {
+        *per.entry(l.owner.as_str()).or_default() += 1;
+    }
+    let (min, max) = (per.values().min(), per.values().max());
+    min.zip(max).is_none_or(|(min, max)| max - min <= 1)
 }
 
 /// Whether every expected lease is owned, and by how many workers.
@@ -359,15 +501,16 @@ mod tests {
     #[test]
     fn moves_count_owner_changes_across_unassigned_gaps() {
         let mut w = LeaseWatch::default();
-        w.update(&[lease(0, "a"), lease(1, "")]);
-        w.update(&[lease(0, "a"), lease(1, "b")]);
+        w.update(&[lease(0, "a"), lease(1, "")], 0);
+        w.update(&[lease(0, "a"), lease(1, "b")], 0);
         assert_eq!(w.moves, 0, "first grants are no moves");
-        w.update(&[lease(0, ""), lease(1, "b")]);
+        w.update(&[lease(0, ""), lease(1, "b")], 0);
         assert_eq!(w.owned_by("a"), Vec::<(String, u32)>::new());
-        w.update(&[lease(0, "c"), lease(1, "a")]);
+        w.update(&[lease(0, "c"), lease(1, "a")], 7);
         assert_eq!(w.moves, 2);
+        assert_eq!(w.log, vec![(7, "s/0 a -> c".to_owned()), (7, "s/1 b -> a".to_owned())]);
         assert_eq!(w.owned_by("a"), vec![("s".to_owned(), 1)]);
-        w.update(&[lease(0, "c"), lease(1, "a")]);
+        w.update(&[lease(0, "c"), lease(1, "a")], 0);
         assert_eq!(w.moves, 2);
     }
 
@@ -375,10 +518,19 @@ mod tests {
     fn checkpoint_advances_are_reported_from_the_second_sighting() {
         let mut w = LeaseWatch::default();
         let at = |index: u32, checkpoint: Option<i64>| LeaseView { checkpoint, ..lease(index, "a") };
-        assert!(w.update(&[at(0, Some(5)), at(1, None)]).is_empty(), "first sightings");
-        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(3))]), vec![("s".to_owned(), 0)]);
-        assert!(w.update(&[at(0, Some(9)), at(1, Some(3))]).is_empty(), "standing still");
-        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(4))]), vec![("s".to_owned(), 1)]);
+        assert!(w.update(&[at(0, Some(5)), at(1, None)], 0).is_empty(), "first sightings");
+        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(3))], 0), vec![("s".to_owned(), 0)]);
+        assert!(w.update(&[at(0, Some(9)), at(1, Some(3))], 0).is_empty(), "standing still");
+        assert_eq!(w.update(&[at(0, Some(9)), at(1, Some(4))], 0), vec![("s".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn counts_within_one_ignores_unowned_and_parked_leases() {
+        assert!(counts_within_one(&[lease(0, "a"), lease(1, "a"), lease(2, "b")]));
+        assert!(!counts_within_one(&[lease(0, "a"), lease(1, "a"), lease(2, "a"), lease(3, "b")]));
+        let parked = LeaseView { parked: true, ..lease(2, "a") };
+        assert!(counts_within_one(&[lease(0, "a"), lease(1, "b"), parked, lease(3, "")]));
+        assert!(counts_within_one(&[]));
     }
 
     #[test]

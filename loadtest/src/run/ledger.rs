@@ -163,6 +163,21 @@ pub struct FaultEvent {
     pub ends_ms: Option<u64>,
     /// A cut_worker fault's session bounds, for the zombie count.
     pub cut: Option<Cut>,
+    /// kill_leader: how the standbys took over.
+    pub failover: Option<Failover>,
+}
+
+/// A kill of the leading coordinator as the harness saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failover {
+    /// From the kill until a standby's `/readyz` answered 200.
+    pub takeover_ms: u64,
+    /// From the kill until every partition's checkpoint, as the new leader
+    /// lists it, had moved past where it stood at the kill (so the new
+    /// leader acknowledged each lease's owner and made its progress
+    /// durable; queue slots, which have no checkpoint: until each is
+    /// owned). `None`: not within the wait.
+    pub recovery_ms: Option<u64>,
 }
 
 impl FaultEvent {
@@ -176,6 +191,7 @@ impl FaultEvent {
             error: None,
             ends_ms: None,
             cut: None,
+            failover: None,
         }
     }
 }
@@ -232,6 +248,8 @@ pub struct Recovery {
     /// where; `None`: no partitions, or no window.
     pub checkpoint_stall_s: Option<f64>,
     pub checkpoint_stalled: Option<String>,
+    /// kill_leader only: takeover and recovery (see [`Failover`]).
+    pub failover: Option<Failover>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -411,6 +429,8 @@ impl Recovery {
             zombie_invocations: (!zombies.is_empty()).then(|| zombies.iter().sum()),
             checkpoint_stall_s: checkpoint.and_then(|r| r.checkpoint_stall_s),
             checkpoint_stalled: checkpoint.and_then(|r| r.checkpoint_stalled.clone()),
+            // The coordinators are the same for every target.
+            failover: first.failover,
         })
     }
 }
@@ -776,6 +796,7 @@ impl Ledger {
             zombie_invocations,
             checkpoint_stall_s: checkpoint_stall.map(|(ms, _)| ms as f64 / 1000.0),
             checkpoint_stalled: checkpoint_stall.map(|(_, scope)| self.scope_name(&scope)),
+            failover: fault.failover,
         };
         (recovery, receipt_gaps, checkpoint_gaps)
     }

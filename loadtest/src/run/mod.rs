@@ -8,7 +8,8 @@
 //!    topic with its subscriptions, or both): a Kafka topic and a receipts
 //!    topic, a fanout topic with subscriptions and a receipts exchange +
 //!    queue;
-//! 3. [`fleet`]: start the real coordinator (unless `--external`) and the
+//! 3. [`fleet`]: start the real coordinator(s) (unless `--external`; one on
+//!    sled, or `[coordinators] count` sharing a fresh PostgreSQL schema) and the
 //!    workers, all hosting the built-in `chaos` handler, which sleeps as
 //!    the scenario says and forwards every record it processed to the
 //!    receipts destination once the broker has it;
@@ -48,7 +49,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use shardline_proto::StartingPosition;
 use shardline_testkit::config::{
-    CoordinatorConfig, StreamConfig, SubscriptionConfig, TopicConfig, TopicKind, WorkerConfig,
+    CoordinatorConfig, Store, StreamConfig, SubscriptionConfig, TopicConfig, TopicKind, WorkerConfig,
 };
 use shardline_testkit::{broker, proxy};
 use tokio::time::Instant;
@@ -57,13 +58,15 @@ use crate::child::{self, Coordinator};
 use fleet::{Admin, Fleet, LeaseWatch, WorkerTemplate};
 use ledger::{Books, Cut, FaultEvent, Ledger, Scope, lock};
 use payload::now_ms;
-use scenario::{Action, Fault, Kind, Scenario};
+use scenario::{Action, Fault, Kind, Scenario, StoreKind};
 
 /// How long the coordinator and workers get to have every lease owned.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// After every lease is owned, how long to wait for the balancer to give
 /// each worker a share before producing anyway.
 const BALANCE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a balanced assignment must stand still before producing starts.
+const SETTLED_FOR: Duration = Duration::from_secs(1);
 /// After the last record is processed, how long to keep reading receipts:
 /// a zombie's or a redelivery's late duplicates land in the report.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -246,9 +249,24 @@ async fn run_one(
     json_path: Option<PathBuf>,
     chart_path: Option<PathBuf>,
 ) -> anyhow::Result<RunResult> {
-    if args.external.is_some() && scenario.faults.iter().any(|f| f.action == Action::RestartCoordinator) {
+    if args.external.is_some()
+        && let Some(f) = scenario
+            .faults
+            .iter()
+            .find(|f| matches!(f.action, Action::RestartCoordinator | Action::KillLeader))
+    {
+        return Err(BadScenario(format!(
+            "action `{}` needs the harness's own coordinator; run without --external",
+            f.action.as_str()
+        ))
+        .into());
+    }
+    if args.external.is_some()
+        && (scenario.coordinators.count > 1 || scenario.coordinators.store != StoreKind::Sled)
+    {
         return Err(BadScenario(
-            "action `restart_coordinator` needs the harness's own coordinator; run without --external".into(),
+            "`[coordinators]` describes the harness's own coordinators; remove it or run without --external"
+                .into(),
         )
         .into());
     }
@@ -327,17 +345,37 @@ async fn run_one(
         }
     }
 
-    let (coordinator, url) = match &args.external {
-        Some(url) => (None, url.clone()),
+    // Lives until the run is over; dropped with its tables after the
+    // coordinators are gone.
+    let schema = match (scenario.coordinators.store, &args.external) {
+        (StoreKind::Postgres, None) => Some(
+            shardline_testkit::postgres::Schema::create("loadtest")
+                .await
+                .context("cannot create the run's PostgreSQL schema")?,
+        ),
+        _ => None,
+    };
+    let (coordinators, url) = match &args.external {
+        Some(url) => (Vec::new(), url.clone()),
         None => {
             let mut config = coordinator_config(&scenario, &plan, &args.amqp_url)?;
             if kind.has_kafka() {
                 config.kafka_brokers = args.brokers.clone();
                 config.discovery_interval = Duration::from_secs(1);
             }
-            let coordinator = Coordinator::start_with(&coordinator_bin, config).await?;
-            let url = coordinator.url();
-            (Some(coordinator), url)
+            if let Some(schema) = &schema {
+                config.store = Store::Postgres(schema.url());
+            }
+            let mut started = Vec::new();
+            for _ in 0..scenario.coordinators.count {
+                started.push(Coordinator::start_with(&coordinator_bin, config.clone()).await?);
+            }
+            wait_leader(&started).await?;
+            let url = started.iter().map(Coordinator::url).collect::<Vec<_>>().join(",");
+            if started.len() > 1 {
+                say(&pb, &format!("{} coordinators on PostgreSQL schema {url}", started.len()));
+            }
+            (started, url)
         }
     };
     let admin = Admin::new(&url)?;
@@ -388,7 +426,7 @@ async fn run_one(
         id_suffix: if plan.external { format!("-{run_id}") } else { String::new() },
     };
     let fleet = Arc::new(tokio::sync::Mutex::new(Fleet::new(
-        coordinator,
+        coordinators,
         url.clone(),
         coordinator_bin,
         worker_bin,
@@ -512,6 +550,11 @@ async fn run_one(
     }
     drop(faults);
     let lease_moves = lock_watch(&watch).moves;
+    // Each move, when the watcher saw it: a fault's or the balancer's.
+    for (at_ms, text) in &lock_watch(&watch).log {
+        let at_s = at_ms.saturating_sub(start_ms) as f64 / 1000.0;
+        warnings.push(format!("lease moved (seen at {at_s:.1} s): {text}"));
+    }
     pb.finish_and_clear();
 
     let mut fleet = fleet.lock().await;
@@ -588,6 +631,25 @@ async fn run_one(
         lost: analysis.lost,
         json,
     })
+}
+
+/// Waits until one of `coordinators` leads (a sled one at once; on
+/// PostgreSQL once one has won the election), so the workers' first calls
+/// are answered.
+async fn wait_leader(coordinators: &[Coordinator]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for c in coordinators {
+            if c.leads().await {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = coordinators.iter().map(|c| c.log_tail()).collect();
+            bail!("no coordinator led within 20 s of starting; their logs:\n{}", logs.join("\n---\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The leases of the run and (RabbitMQ) each subscription's queue as the
@@ -744,10 +806,14 @@ async fn wait_topology(admin: &Admin, plan: &mut Side, external: bool) -> anyhow
     }
 }
 
+/// (name, index, owner) of every lease listed.
+type Owners = Vec<(String, u32, String)>;
+
 /// Waits until every expected lease is owned and, if it comes within
-/// [`BALANCE_TIMEOUT`], spread over the workers: a measurement that starts
-/// with all leases on the first worker measures the balancer, not the
-/// scenario.
+/// [`BALANCE_TIMEOUT`], spread over the workers (counts within one,
+/// unchanged for [`SETTLED_FOR`]): a measurement that starts with all
+/// leases on the first worker measures the balancer, not the scenario, and
+/// a handoff still under way would count as a lease move of the run.
 async fn wait_ready(
     admin: &Admin,
     destinations: &[String],
@@ -762,6 +828,8 @@ async fn wait_ready(
     pb.set_message(format!("waiting for {expected} leases to be owned by {workers} workers"));
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut owned_since: Option<Instant> = None;
+    // Since when the owners have been these.
+    let mut stable: Option<(Instant, Owners)> = None;
     let mut last;
     loop {
         let crashes = fleet.lock().await.check();
@@ -773,10 +841,24 @@ async fn wait_ready(
                 let (all_owned, owners) = fleet::assignment(&leases, expected);
                 let owned = leases.iter().filter(|l| !l.owner.is_empty()).count();
                 last = format!("{owned} of {expected} leases owned, by {owners} workers");
-                if all_owned {
-                    if owners >= workers.min(expected) {
-                        return Ok(());
+                // Settled: every worker owns some, the counts are within
+                // one, and nothing changed hands for SETTLED_FOR; moves of
+                // the first balancing would otherwise count as the run's.
+                let owners_now: Owners =
+                    leases.iter().map(|l| (l.name.clone(), l.index, l.owner.clone())).collect();
+                if all_owned && owners >= workers.min(expected) && fleet::counts_within_one(&leases) {
+                    match &stable {
+                        Some((since, seen)) if *seen == owners_now => {
+                            if since.elapsed() >= SETTLED_FOR {
+                                return Ok(());
+                            }
+                        }
+                        _ => stable = Some((Instant::now(), owners_now)),
                     }
+                } else {
+                    stable = None;
+                }
+                if all_owned {
                     let since = *owned_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= BALANCE_TIMEOUT {
                         say(pb, &format!("warning: starting unbalanced: {last}"));
@@ -851,7 +933,7 @@ async fn watch_leases(admin: Admin, plan: Arc<Plan>, books: Vec<Books>, watch: A
         every.tick().await;
         if let Ok(leases) = admin.leases(&destinations).await {
             let at_ms = now_ms();
-            let advanced = lock_watch(&watch).update(&leases);
+            let advanced = lock_watch(&watch).update(&leases, at_ms);
             for (name, index) in advanced {
                 if let Some(i) = plan.sides.iter().position(|s| s.destinations.contains(&name))
                     && let Some(b) = books.get(i)
@@ -966,6 +1048,10 @@ async fn execute(cx: &FaultContext, fault: &Fault, stopped_app: &mut Option<brok
                 event.at_ms = now_ms();
                 fleet.restart_coordinator().await
             }
+            Action::KillLeader => {
+                hits = cx.plan.everything_of(|_| true);
+                kill_leader(cx, fault, &mut event).await
+            }
             Action::RabbitStop => {
                 // The guard first: from the command on, the app is started
                 // again whatever happens to the run.
@@ -993,6 +1079,67 @@ async fn execute(cx: &FaultContext, fault: &Fault, stopped_app: &mut Option<brok
         event.error = Some(format!("{e:#}"));
     }
     Executed { event, hits }
+}
+
+/// kill_leader: reads where every lease stands, SIGKILLs the leading
+/// coordinator, times the takeover (a standby's `/readyz` 200) and the
+/// recovery (every partition's checkpoint past where it stood, as the new
+/// leader lists it: each owner was acknowledged by it and checkpoints
+/// again), and starts the killed one again `for` after the kill. The fault
+/// ends with that restart, or with the recovery if that comes later (at
+/// most `session_timeout` more: then it counts as never).
+async fn kill_leader(cx: &FaultContext, fault: &Fault, event: &mut FaultEvent) -> anyhow::Result<()> {
+    let down_for = fault.for_.context("kill_leader without `for`")?;
+    let destinations = cx.plan.destinations();
+    let before = cx.admin.leases(&destinations).await.context("cannot list the leases before the kill")?;
+    let takeover = {
+        let mut fleet = cx.fleet.lock().await;
+        // Workers fence themselves within session_timeout: a takeover
+        // slower than that has failed whatever happens after.
+        fleet.kill_leader(cx.session_timeout, &mut event.at_ms).await?
+    };
+    let killed_at = Instant::now() - Duration::from_millis(takeover.takeover_ms);
+    event.label =
+        format!("kill_leader coordinator {} (coordinator {} took over)", takeover.killed, takeover.leader);
+    let restart_at = killed_at + down_for;
+    let give_up = restart_at.max(killed_at + cx.session_timeout) + cx.session_timeout;
+    let (mut recovery_ms, mut restarted) = (None, false);
+    loop {
+        if recovery_ms.is_none()
+            && let Ok(now) = cx.admin.leases(&destinations).await
+            && moved_past(&before, &now)
+        {
+            recovery_ms = Some(u64::try_from(killed_at.elapsed().as_millis()).unwrap_or(u64::MAX));
+        }
+        if !restarted && Instant::now() >= restart_at {
+            cx.fleet.lock().await.start_coordinator(takeover.killed).await?;
+            event.ends_ms = Some(now_ms());
+            restarted = true;
+        }
+        if restarted && (recovery_ms.is_some() || Instant::now() > give_up) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    event.failover = Some(ledger::Failover { takeover_ms: takeover.takeover_ms, recovery_ms });
+    Ok(())
+}
+
+/// Whether every lease of `before` is owned in `now` and, where it has a
+/// checkpoint (Kafka partitions), that checkpoint is past the one in
+/// `before` (leases without one, queue slots or partitions not yet
+/// checkpointed at the kill: owned suffices).
+fn moved_past(before: &[fleet::LeaseView], now: &[fleet::LeaseView]) -> bool {
+    before.iter().all(|b| {
+        now.iter().find(|n| n.name == b.name && n.index == b.index).is_some_and(|n| {
+            !n.owner.is_empty()
+                && match (b.checkpoint, n.checkpoint) {
+                    (Some(then), Some(now)) => now > then,
+                    (Some(_), None) => false,
+                    (None, _) => true,
+                }
+        })
+    })
 }
 
 /// rabbit_kill or kafka_kill: SIGKILL of the broker, down for `for`, then
@@ -1135,6 +1282,22 @@ mod tests {
              per_second = 10\n[handler]\nper_batch = \"2ms\"\n[mapping]\nbatch_size = 50\n\
              retry_backoff = {{ initial = \"1s\", max = \"5s\" }}\n[coordinator]\nsession_timeout = \"3s\"\n"
         ))
+    }
+
+    #[test]
+    fn recovery_needs_every_checkpoint_past_the_kill_and_every_lease_owned() {
+        let at = |index: u32, owner: &str, checkpoint: Option<i64>| fleet::LeaseView {
+            name: "s".into(),
+            index,
+            owner: owner.into(),
+            parked: false,
+            checkpoint,
+        };
+        let before = [at(0, "w0", Some(10)), at(1, "w1", None)];
+        assert!(moved_past(&before, &[at(0, "w0", Some(11)), at(1, "w1", None)]));
+        assert!(!moved_past(&before, &[at(0, "w0", Some(10)), at(1, "w1", None)]), "standing still");
+        assert!(!moved_past(&before, &[at(0, "w0", Some(11)), at(1, "", None)]), "unowned");
+        assert!(!moved_past(&before, &[at(0, "w0", Some(11))]), "not listed");
     }
 
     #[test]

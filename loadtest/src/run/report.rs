@@ -78,6 +78,11 @@ impl Outcome<'_> {
             };
             out.push(format!("lost {}{per_target} > max_lost {}", a.lost, t.max_lost));
         }
+        if let Some(max) = t.max_lease_moves
+            && self.lease_moves > max
+        {
+            out.push(format!("{} lease moves > max_lease_moves {max}", self.lease_moves));
+        }
         if let Some(max) = t.max_p99_ms
             && a.latency.p99_ms > max
         {
@@ -131,6 +136,31 @@ impl Outcome<'_> {
                     r.label,
                     r.checkpoint_stalled.as_deref().unwrap_or("a partition")
                 ));
+            }
+            if let Some(f) = &r.failover {
+                // Validated when the scenario was read.
+                let session_ms = self
+                    .scenario
+                    .session_timeout()
+                    .map_or(u64::MAX, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                let max_takeover = t.max_takeover_ms.unwrap_or(session_ms);
+                if f.takeover_ms > max_takeover {
+                    out.push(format!(
+                        "`{}`: a standby led {} ms after the kill > max_takeover_ms {max_takeover}",
+                        r.label, f.takeover_ms
+                    ));
+                }
+                match (f.recovery_ms, t.max_recovery_s) {
+                    (None, _) => out.push(format!(
+                        "`{}`: the checkpoints of some partitions never moved again under the new leader",
+                        r.label
+                    )),
+                    (Some(ms), Some(max)) if ms as f64 / 1000.0 > max => out.push(format!(
+                        "`{}`: checkpoints moved again {ms} ms after the kill > max_recovery_s {max}",
+                        r.label
+                    )),
+                    _ => {}
+                }
             }
             let Some(max) = t.max_recovery_s else { continue };
             if r.affected == 0 {
@@ -414,6 +444,8 @@ fn figures_json(a: &Analysis) -> serde_json::Value {
             "zombie_invocations": r.zombie_invocations,
             "checkpoint_stall_s": r.checkpoint_stall_s.map(round3),
             "checkpoint_stalled": r.checkpoint_stalled,
+            "takeover_ms": r.failover.map(|f| f.takeover_ms),
+            "recovery_ms": r.failover.and_then(|f| f.recovery_ms),
             "error": r.error,
         })).collect::<Vec<_>>(),
         "per_subscription": a.destinations.iter().map(|d| json!({
@@ -479,6 +511,10 @@ fn fault_text(r: &Recovery) -> String {
     if let Some(z) = r.zombie_invocations {
         text.push_str(&format!(", zombie invocations {z}"));
     }
+    if let Some(f) = &r.failover {
+        let recovered = f.recovery_ms.map_or("never".to_owned(), |ms| format!("{ms} ms"));
+        text.push_str(&format!(", takeover {} ms, checkpoints again after {recovered}", f.takeover_ms));
+    }
     text
 }
 
@@ -543,6 +579,7 @@ mod tests {
                     zombie_invocations: None,
                     checkpoint_stall_s: None,
                     checkpoint_stalled: None,
+                    failover: None,
                 },
                 Recovery {
                     label: "start_worker w3".into(),
@@ -557,6 +594,7 @@ mod tests {
                     zombie_invocations: None,
                     checkpoint_stall_s: None,
                     checkpoint_stalled: None,
+                    failover: None,
                 },
             ],
             zombie_invocations: 0,
@@ -609,6 +647,46 @@ mod tests {
         assert_eq!(j["recoveries"][0]["recovery_s"], 4.25);
         assert_eq!(j["recoveries"][1]["recovery_s"], serde_json::Value::Null);
         assert_eq!(j["passed"], false);
+        Ok(())
+    }
+
+    #[test]
+    fn failovers_and_lease_moves_are_judged() -> Result<(), crate::run::scenario::BadScenario> {
+        use crate::run::ledger::Failover;
+        let mut a = analysis();
+        a.lost = 0;
+        let kill9 = a.recoveries[0].clone();
+        let failover = |takeover_ms, recovery_ms| Recovery {
+            label: "kill_leader coordinator 0".into(),
+            failover: Some(Failover { takeover_ms, recovery_ms }),
+            ..kill9.clone()
+        };
+        a.recoveries = vec![failover(900, Some(2500))];
+        let s = scenario(
+            "[coordinators]\ncount = 2\nstore = \"postgres\"\n[coordinator]\nsession_timeout = \"3s\"\n\
+             [thresholds]\nmax_lease_moves = 0\nmax_recovery_s = 5\n",
+        )?;
+        assert!(outcome(&s, &a).breaches().is_empty(), "{:?}", outcome(&s, &a).breaches());
+        let j = outcome(&s, &a).json();
+        assert_eq!(
+            (j["recoveries"][0]["takeover_ms"].clone(), j["recoveries"][0]["recovery_ms"].clone()),
+            (900.into(), 2500.into())
+        );
+        assert!(outcome(&s, &a).table().contains("takeover 900 ms, checkpoints again after 2500 ms"));
+
+        let moved = Outcome { lease_moves: 1, ..outcome(&s, &a) }.breaches();
+        assert_eq!(moved, vec!["1 lease moves > max_lease_moves 0".to_owned()]);
+        // Slower than the session (the default max_takeover_ms), never
+        // recovered, recovered too late.
+        for (takeover, recovery, needle) in [
+            (3001, Some(3500), "max_takeover_ms 3000"),
+            (900, None, "never moved again"),
+            (900, Some(5001), "max_recovery_s 5"),
+        ] {
+            a.recoveries = vec![failover(takeover, recovery)];
+            let b = outcome(&s, &a).breaches();
+            assert!(b.len() == 1 && b[0].contains(needle), "{needle}: {b:?}");
+        }
         Ok(())
     }
 

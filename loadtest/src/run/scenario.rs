@@ -64,6 +64,9 @@ pub struct Scenario {
     /// Copied to the coordinator config's top level.
     #[serde(default)]
     pub coordinator: toml::Table,
+    /// How many coordinators, on which store (default: one on sled).
+    #[serde(default)]
+    pub coordinators: Coordinators,
     #[serde(default)]
     pub faults: Vec<Fault>,
     /// Draw `faults` at random (seeded) instead of listing them.
@@ -118,6 +121,38 @@ impl Kind {
     pub fn has_rabbitmq(self) -> bool {
         matches!(self, Kind::Rabbitmq | Kind::Both)
     }
+}
+
+/// `[coordinators]`: the harness's coordinators. Several share one
+/// PostgreSQL schema (fresh per run) and one of them leads; workers are
+/// given every URL and follow the leader.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Coordinators {
+    #[serde(default = "one")]
+    pub count: usize,
+    #[serde(default)]
+    pub store: StoreKind,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for Coordinators {
+    fn default() -> Self {
+        Self { count: 1, store: StoreKind::Sled }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A sled directory of the one coordinator's own.
+    #[default]
+    Sled,
+    /// A fresh schema of the local PostgreSQL (`SHARDLINE_TEST_POSTGRES`).
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +272,11 @@ pub enum Action {
     Sigcont,
     /// SIGKILL the coordinator and start it again on the same store.
     RestartCoordinator,
+    /// SIGKILL the coordinator that leads (`/readyz` 200), wait for a
+    /// standby to take over, keep the killed one down for `for`, then
+    /// start it again (as a supervisor would): needs
+    /// `coordinators.count >= 2` on PostgreSQL.
+    KillLeader,
     /// `rabbitmqctl stop_app`.
     RabbitStop,
     /// `rabbitmqctl start_app`.
@@ -266,6 +306,7 @@ impl Action {
             Action::Sigstop => "sigstop",
             Action::Sigcont => "sigcont",
             Action::RestartCoordinator => "restart_coordinator",
+            Action::KillLeader => "kill_leader",
             Action::RabbitStop => "rabbit_stop",
             Action::RabbitStart => "rabbit_start",
             Action::CutWorker => "cut_worker",
@@ -286,7 +327,14 @@ impl Action {
     /// themselves (a killed broker is started again by the same fault, so
     /// no schedule can leave it down).
     pub fn takes_duration(self) -> bool {
-        matches!(self, Action::CutWorker | Action::DropReplies | Action::RabbitKill | Action::KafkaKill)
+        matches!(
+            self,
+            Action::CutWorker
+                | Action::DropReplies
+                | Action::RabbitKill
+                | Action::KafkaKill
+                | Action::KillLeader
+        )
     }
 
     /// The broker a whole-broker fault needs in the run, if any.
@@ -452,6 +500,12 @@ pub struct Thresholds {
     pub max_order_violations: Option<u64>,
     /// Every fault with affected shards must recover within this.
     pub max_recovery_s: Option<f64>,
+    /// Times a lease changed owner during the run (the lease watcher's
+    /// count). Unset: no limit.
+    pub max_lease_moves: Option<u64>,
+    /// kill_leader: from the kill until a standby's `/readyz` is 200.
+    /// Unset: the coordinators' `session_timeout` (workers fence then).
+    pub max_takeover_ms: Option<u64>,
     /// Receipts a cut-off worker's handler began after its session ended
     /// and before it got through to the coordinator again (see
     /// `zombie_invocations` in the report). Unset: 0 when the scenario
@@ -483,6 +537,8 @@ const RESERVED_COORDINATOR: &[&str] = &[
     "metrics_listen",
     "data_dir",
     "auth_token",
+    "store",
+    "advertise_url",
     "kafka_brokers",
     "discovery_interval",
     "amqp_url",
@@ -678,7 +734,42 @@ impl Scenario {
             }
         }
         self.session_timeout()?;
+        self.validate_coordinators()?;
         self.validate_faults()?;
+        Ok(())
+    }
+
+    /// `[coordinators]`, and the faults that depend on it.
+    fn validate_coordinators(&self) -> Result<(), BadScenario> {
+        let c = &self.coordinators;
+        if !(1..=5).contains(&c.count) {
+            return Err(bad(format!("`coordinators.count` is {}; allowed: 1 to 5", c.count)));
+        }
+        if c.count > 1 && c.store != StoreKind::Postgres {
+            return Err(bad(format!(
+                "`coordinators.count` is {}, but only one coordinator can use a sled store; set `coordinators.store = \"postgres\"`",
+                c.count
+            )));
+        }
+        for (i, fault) in self.faults.iter().enumerate() {
+            let action = fault.action.as_str();
+            let several = c.count > 1;
+            let refused = match fault.action {
+                Action::KillLeader if !several => Some("needs `coordinators.count` of 2 or more"),
+                Action::RestartCoordinator if several => {
+                    Some("restarts the one coordinator; with several use `kill_leader`")
+                }
+                // Workers talk to several coordinators directly: there is
+                // no proxy of theirs to cut.
+                Action::CutWorker | Action::DropReplies if several => {
+                    Some("needs one coordinator (each worker's proxy targets it)")
+                }
+                _ => None,
+            };
+            if let Some(why) = refused {
+                return Err(bad(format!("`faults[{i}].action` `{action}` {why}")));
+            }
+        }
         Ok(())
     }
 
@@ -1012,6 +1103,49 @@ max_p99_ms = 10000
         }
     }
 
+    /// `FAILOVER` (a kafka run, 3 s sessions) with `extra` appended.
+    fn with(extra: &str) -> Result<Scenario, BadScenario> {
+        Scenario::parse(&format!("{FAILOVER}{extra}"))
+    }
+
+    #[test]
+    fn coordinators_default_to_one_on_sled_and_kill_leader_needs_several_on_postgres()
+    -> Result<(), BadScenario> {
+        let s = with("")?;
+        assert_eq!((s.coordinators.count, s.coordinators.store), (1, StoreKind::Sled));
+        let several = "[coordinators]\ncount = 3\nstore = \"postgres\"\n";
+        let kill = "[[faults]]\nat = \"20s\"\naction = \"kill_leader\"\nfor = \"3s\"\n";
+        let s = with(&format!("{several}{kill}"))?;
+        assert_eq!((s.coordinators.count, s.coordinators.store), (3, StoreKind::Postgres));
+        assert_eq!(
+            s.faults.last().map(|f| (f.action, f.for_)),
+            Some((Action::KillLeader, Some(Duration::from_secs(3))))
+        );
+        let refused = |extra: &str, needle: &str| match with(extra) {
+            Ok(_) => panic!("accepted: {extra}"),
+            Err(e) => assert!(e.0.contains(needle), "{extra}: {e}"),
+        };
+        refused(kill, "needs `coordinators.count` of 2 or more");
+        refused("[coordinators]\ncount = 2\n", "only one coordinator can use a sled store");
+        refused("[coordinators]\ncount = 0\nstore = \"postgres\"\n", "allowed: 1 to 5");
+        refused("[coordinators]\ncount = 2\nstore = \"mysql\"\n", "unknown variant");
+        refused(
+            &format!("{several}[[faults]]\nat = \"20s\"\naction = \"kill_leader\"\n"),
+            "`faults[1].for` is required",
+        );
+        refused(
+            &format!("{several}[[faults]]\nat = \"20s\"\naction = \"restart_coordinator\"\n"),
+            "with several use `kill_leader`",
+        );
+        refused(
+            &format!(
+                "{several}[[faults]]\nat = \"20s\"\naction = \"cut_worker\"\nworker = 0\nfor = \"1s\"\n"
+            ),
+            "needs one coordinator",
+        );
+        Ok(())
+    }
+
     #[test]
     fn the_documented_example_parses() -> Result<(), BadScenario> {
         let s = Scenario::parse(FAILOVER)?;
@@ -1045,6 +1179,8 @@ max_p99_ms = 10000
             names,
             [
                 "ci-short",
+                "coordinator-failover",
+                "coordinator-failover-ci",
                 "coordinator-restart",
                 "failover",
                 "hot-shards",

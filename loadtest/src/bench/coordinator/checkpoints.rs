@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::json;
 use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
-use shardline_testkit::config::StreamConfig;
+use shardline_testkit::config::{Store, StreamConfig};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -57,14 +57,18 @@ struct CallerStats {
     first_error: Option<String>,
 }
 
-pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
+pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Result<Figures> {
     let stream = StreamConfig { partitions: Some(settings.leases), ..StreamConfig::new(STREAM, HANDLER) };
-    let mut coordinator = Coordinator::start(bin, vec![stream]).await?;
+    let mut coordinator = Coordinator::start_on(bin, vec![stream], store).await?;
     let rss = RssSampler::start(coordinator.pid());
     let channels = coordinator.channels(settings.channels).await?;
     let mut client = WorkerApiClient::new(channels[0].clone());
 
-    let granted = acquire_all(&mut client, settings.leases).await?;
+    // A failed call may mean the coordinator died: then say how.
+    let granted = match acquire_all(&mut client, settings.leases).await {
+        Ok(granted) => granted,
+        Err(e) => return Err(super::with_death(&mut coordinator, e)),
+    };
 
     // Keeps the session alive for the whole run (10 s default timeout).
     let heartbeat_errors = Arc::new(AtomicU64::new(0));
@@ -232,6 +236,11 @@ async fn caller(
 }
 
 impl Figures {
+    /// Acknowledged checkpoints/s and their p99 latency (ms).
+    pub fn headline(&self) -> (Option<f64>, Option<f64>) {
+        (Some(self.per_s), Some(self.latency.p99_ms))
+    }
+
     pub fn print(&self, s: &Settings) {
         println!();
         println!(

@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use shardline_proto::LeaseId;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
-use shardline_testkit::config::StreamConfig;
+use shardline_testkit::config::{Store, StreamConfig};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -133,9 +133,9 @@ struct WorkerResult {
     first_error: Option<String>,
 }
 
-pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
+pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Result<Figures> {
     let stream = StreamConfig { partitions: Some(settings.partitions), ..StreamConfig::new(STREAM, HANDLER) };
-    let mut coordinator = Coordinator::start(bin, vec![stream]).await?;
+    let mut coordinator = Coordinator::start_on(bin, vec![stream], store).await?;
     let rss = RssSampler::start(coordinator.pid());
     let channels = coordinator.channels(settings.channels).await?;
     let mut admin = AdminApiClient::new(channels[0].clone());
@@ -151,7 +151,10 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
 
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     while shared.registered.load(Ordering::Relaxed) < settings.workers {
-        wait_step(&mut workers, deadline, "the workers to register").await?;
+        // A refused connection may mean the coordinator died: say how.
+        wait_step(&mut workers, deadline, "the workers to register")
+            .await
+            .map_err(|e| super::with_death(&mut coordinator, e))?;
     }
     let registered_s = started.elapsed().as_secs_f64();
     let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -162,7 +165,9 @@ pub async fn run(bin: &Path, settings: &Settings) -> anyhow::Result<Figures> {
         if owned == settings.partitions as usize && leases.len() == owned && held == owned as i64 {
             break;
         }
-        wait_step(&mut workers, deadline, "every lease to be owned").await?;
+        wait_step(&mut workers, deadline, "every lease to be owned")
+            .await
+            .map_err(|e| super::with_death(&mut coordinator, e))?;
     }
     let settled_s = started.elapsed().as_secs_f64();
 
@@ -591,6 +596,11 @@ impl SimWorker {
 }
 
 impl Figures {
+    /// The fleet's heartbeat p99 (ms) and the coordinator's peak RSS (MiB).
+    pub fn headline(&self) -> (Option<f64>, Option<f64>) {
+        (Some(self.heartbeat.p99_ms), Some(self.peak_rss_mib()))
+    }
+
     pub fn print(&self, s: &Settings) {
         let t = &self.totals;
         println!();

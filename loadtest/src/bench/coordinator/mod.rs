@@ -1,8 +1,9 @@
 //! `bench coordinator`: the real coordinator binary with static streams (no
 //! Kafka), driven over gRPC by simulated workers.
 //!
-//! Two modes, each against a fresh coordinator so neither inherits the
-//! other's store or memory:
+//! Each mode runs against a fresh coordinator per store (`--store`: sled,
+//! PostgreSQL in a fresh schema, or both under the same load, printed side
+//! by side), so no run inherits another's store or memory:
 //! - [`checkpoints`]: one worker, many leases, checkpoints as fast as the
 //!   coordinator acknowledges them (durably: each waits for a group commit);
 //! - [`fleet`]: many workers heartbeating and checkpointing at the normal
@@ -18,6 +19,9 @@ use anyhow::Context;
 use clap::ValueEnum;
 use serde_json::json;
 
+use shardline_testkit::config::Store;
+use shardline_testkit::postgres::Schema;
+
 use super::verdict;
 use crate::child;
 
@@ -31,8 +35,33 @@ pub enum Mode {
     Both,
 }
 
+/// Which lease store(s) the coordinator runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreChoice {
+    /// sled in a temporary directory.
+    Sled,
+    /// PostgreSQL (`SHARDLINE_TEST_POSTGRES`, default
+    /// postgres://postgres@127.0.0.1:5432/test), a fresh schema per run.
+    Postgres,
+    /// sled, then PostgreSQL, with the same load; printed side by side.
+    Both,
+}
+
+impl StoreChoice {
+    fn names(self) -> &'static [&'static str] {
+        match self {
+            Self::Sled => &["sled"],
+            Self::Postgres => &["postgres"],
+            Self::Both => &["sled", "postgres"],
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The lease store(s) to measure.
+    #[arg(long, value_enum, default_value_t = StoreChoice::Both)]
+    store: StoreChoice,
     /// What to measure.
     #[arg(long, value_enum, default_value_t = Mode::Both)]
     mode: Mode,
@@ -75,34 +104,112 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "channels": channels,
     });
-    if matches!(args.mode, Mode::Checkpoints | Mode::Both) {
-        let settings = checkpoints::Settings {
-            leases: args.checkpoint_leases,
-            channels,
-            warmup: Duration::from_secs(1),
-            duration: Duration::from_secs(args.duration.unwrap_or(10)),
+    let mut rows = Vec::new();
+    for &name in args.store.names() {
+        // The schema lives until this store's modes are measured; dropped
+        // (with its tables) after.
+        let schema = match name {
+            "postgres" => Some(Schema::create("bench").await.context("cannot create a PostgreSQL schema")?),
+            _ => None,
         };
-        let figures = checkpoints::run(&bin, &settings).await.context("checkpoints benchmark failed")?;
-        figures.print(&settings);
-        report["checkpoints"] = figures.json(&settings);
+        let store = schema.as_ref().map_or(Store::Sled, |s| Store::Postgres(s.url()));
+        println!();
+        println!("=== store: {name} ===");
+        let mut row = Row { store: name, ..Row::default() };
+        let mut figures_json = json!({});
+        if matches!(args.mode, Mode::Checkpoints | Mode::Both) {
+            let settings = checkpoints::Settings {
+                leases: args.checkpoint_leases,
+                channels,
+                warmup: Duration::from_secs(1),
+                duration: Duration::from_secs(args.duration.unwrap_or(10)),
+            };
+            let figures = checkpoints::run(&bin, store.clone(), &settings)
+                .await
+                .with_context(|| format!("checkpoints benchmark on {name} failed"))?;
+            figures.print(&settings);
+            (row.checkpoints_per_s, row.checkpoint_p99_ms) = figures.headline();
+            figures_json["checkpoints"] = figures.json(&settings);
+        }
+        if matches!(args.mode, Mode::Fleet | Mode::Both) {
+            let settings = fleet::Settings {
+                workers: args.fleet_workers,
+                partitions: args.fleet_partitions,
+                channels,
+                duration: Duration::from_secs(args.duration.unwrap_or(20)),
+            };
+            let figures = fleet::run(&bin, store.clone(), &settings)
+                .await
+                .with_context(|| format!("fleet benchmark on {name} failed"))?;
+            figures.print(&settings);
+            (row.heartbeat_p99_ms, row.fleet_rss_mib) = figures.headline();
+            figures_json["fleet"] = figures.json(&settings);
+        }
+        report["stores"][name] = figures_json;
+        rows.push(row);
     }
-    if matches!(args.mode, Mode::Fleet | Mode::Both) {
-        let settings = fleet::Settings {
-            workers: args.fleet_workers,
-            partitions: args.fleet_partitions,
-            channels,
-            duration: Duration::from_secs(args.duration.unwrap_or(20)),
-        };
-        let figures = fleet::run(&bin, &settings).await.context("fleet benchmark failed")?;
-        figures.print(&settings);
-        report["fleet"] = figures.json(&settings);
-    }
+    print_comparison(&rows);
+    report["comparison"] = rows.iter().map(Row::json).collect();
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         println!("figures written to {}", path.display());
     }
     Ok(())
+}
+
+/// One store's headline figures, for the side-by-side table (`None`: the
+/// mode was not run).
+#[derive(Debug, Default)]
+struct Row {
+    store: &'static str,
+    checkpoints_per_s: Option<f64>,
+    checkpoint_p99_ms: Option<f64>,
+    heartbeat_p99_ms: Option<f64>,
+    fleet_rss_mib: Option<f64>,
+}
+
+impl Row {
+    fn json(&self) -> serde_json::Value {
+        use crate::stats::round3;
+        json!({
+            "store": self.store,
+            "checkpoints_per_s": self.checkpoints_per_s.map(round3),
+            "checkpoint_p99_ms": self.checkpoint_p99_ms.map(round3),
+            "fleet_heartbeat_p99_ms": self.heartbeat_p99_ms.map(round3),
+            "fleet_peak_rss_mib": self.fleet_rss_mib.map(round3),
+        })
+    }
+}
+
+/// The stores side by side: what the issue compares.
+fn print_comparison(rows: &[Row]) {
+    let cell = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    println!();
+    println!("coordinator by store (same load)");
+    println!(
+        "  {:<10} {:>16} {:>16} {:>18} {:>16}",
+        "store", "checkpoints/s", "ckpt p99 ms", "fleet hb p99 ms", "fleet RSS MiB"
+    );
+    for r in rows {
+        println!(
+            "  {:<10} {:>16} {:>16} {:>18} {:>16}",
+            r.store,
+            cell(r.checkpoints_per_s, 0),
+            cell(r.checkpoint_p99_ms, 2),
+            cell(r.heartbeat_p99_ms, 2),
+            cell(r.fleet_rss_mib, 1)
+        );
+    }
+}
+
+/// `e`, and if the coordinator has died, how (its exit status and log):
+/// a refused or broken connection says nothing of why.
+fn with_death(coordinator: &mut child::Coordinator, e: anyhow::Error) -> anyhow::Error {
+    match coordinator.check_alive() {
+        Ok(()) => e,
+        Err(dead) => e.context(format!("{dead:#}")),
+    }
 }
 
 /// Fails the run when calls mostly fail: then the figures describe an
