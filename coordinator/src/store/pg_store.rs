@@ -66,6 +66,34 @@ const MIGRATION_LOCK: i64 = 0x5348_4152_444c_494e; // "SHARDLIN"
 const CHECK_TERM: &str = "SELECT 1 FROM shardline_leader
      WHERE id = 1 AND term = $1 AND holder = $2 AND deadline > clock_timestamp() FOR SHARE";
 
+/// A whole flush: the same check as [`CHECK_TERM`] (term $3, holder $4),
+/// and only if it finds the row, the lease upserts ($1 keys, $2 records),
+/// the usage upserts ($5 minutes, $6 mappings, $7 counts) and deletions ($8,
+/// $9). Returns how many leader rows matched: 0 means deposed, nothing
+/// written. Data-modifying CTEs all run, each gated on the check.
+const FLUSH: &str = "WITH ok AS (
+       SELECT 1 FROM shardline_leader
+       WHERE id = 1 AND term = $3 AND holder = $4 AND deadline > clock_timestamp() FOR SHARE
+     ), leases AS (
+       INSERT INTO shardline_leases (lease, record, term, written_at)
+       SELECT k, v::jsonb, $3, clock_timestamp() FROM unnest($1::text[], $2::text[]) AS t(k, v)
+       WHERE EXISTS (SELECT 1 FROM ok)
+       ON CONFLICT (lease) DO UPDATE
+       SET record = EXCLUDED.record, term = EXCLUDED.term, written_at = EXCLUDED.written_at
+       RETURNING 1
+     ), usage_set AS (
+       INSERT INTO shardline_usage (minute, mapping, counts)
+       SELECT m, k, c::jsonb FROM unnest($5::int8[], $6::text[], $7::text[]) AS t(m, k, c)
+       WHERE EXISTS (SELECT 1 FROM ok)
+       ON CONFLICT (minute, mapping) DO UPDATE SET counts = EXCLUDED.counts
+       RETURNING 1
+     ), usage_gone AS (
+       DELETE FROM shardline_usage
+       WHERE EXISTS (SELECT 1 FROM ok) AND (minute, mapping) IN (SELECT * FROM unnest($8::int8[], $9::text[]))
+       RETURNING 1
+     )
+     SELECT count(*) FROM ok";
+
 /// A leader's term: what every write of it quotes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Term {
@@ -173,6 +201,8 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
 /// read; writes are buffered (the newest per key) until the next flush.
 pub struct PgStore {
     client: Arc<tokio::sync::Mutex<Client>>,
+    /// [`FLUSH`], prepared once: a flush is then a single round trip.
+    flush_statement: tokio_postgres::Statement,
     term: Term,
     timeout: Duration,
     records: Vec<LeaseRecord>,
@@ -217,7 +247,9 @@ impl PgStore {
             Ok::<_, StoreError>((records, usage))
         };
         let (records, usage) = bounded(pg.timeout, read).await?;
+        let flush_statement = bounded(pg.timeout, async { Ok(client.prepare(FLUSH).await?) }).await?;
         Ok(Self {
+            flush_statement,
             client: Arc::new(tokio::sync::Mutex::new(client)),
             term,
             timeout: pg.timeout,
@@ -266,61 +298,42 @@ impl LeaseStore for PgStore {
         Ok(())
     }
 
-    /// One transaction: the term check, then every buffered write as one
-    /// batched upsert per table.
+    /// One statement, so one round trip and one commit: the term check
+    /// (`FOR SHARE` on the leader row) guards every buffered write, as one
+    /// batched upsert per table; nothing is written if the term is over.
     fn flush(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let (client, term, limit) = (self.client.clone(), self.term.clone(), self.timeout);
+        let (client, statement, term, limit) =
+            (self.client.clone(), self.flush_statement.clone(), self.term.clone(), self.timeout);
         let (keys, values): (Vec<String>, Vec<String>) =
             std::mem::take(&mut self.pending).into_iter().unzip();
-        let usage = std::mem::take(&mut self.pending_usage);
+        let (mut set, mut gone) = ((vec![], vec![], vec![]), (vec![], vec![]));
+        for ((minute, mapping), counts) in std::mem::take(&mut self.pending_usage) {
+            match counts {
+                Some(c) => {
+                    set.0.push(minute);
+                    set.1.push(mapping);
+                    set.2.push(c);
+                }
+                None => {
+                    gone.0.push(minute);
+                    gone.1.push(mapping);
+                }
+            }
+        }
         async move {
-            let mut client = client.lock().await;
+            let client = client.lock().await;
             bounded(limit, async {
-                let tx = client.transaction().await?;
-                check_term(&tx, &term).await?;
-                if !keys.is_empty() {
-                    tx.execute(
-                        "INSERT INTO shardline_leases (lease, record, term, written_at)
-                         SELECT k, v::jsonb, $3, clock_timestamp() FROM unnest($1::text[], $2::text[]) AS t(k, v)
-                         ON CONFLICT (lease) DO UPDATE
-                         SET record = EXCLUDED.record, term = EXCLUDED.term, written_at = EXCLUDED.written_at",
-                        &[&keys, &values, &(term.term as i64)],
+                let t = term.term as i64;
+                let row = client
+                    .query_one(
+                        &statement,
+                        &[&keys, &values, &t, &term.holder, &set.0, &set.1, &set.2, &gone.0, &gone.1],
                     )
                     .await?;
+                match row.try_get::<_, i64>(0)? {
+                    0 => Err(StoreError::Deposed { term: term.term }),
+                    _ => Ok(()),
                 }
-                let (mut set, mut gone) = ((vec![], vec![], vec![]), (vec![], vec![]));
-                for ((minute, mapping), counts) in usage {
-                    match counts {
-                        Some(c) => {
-                            set.0.push(minute);
-                            set.1.push(mapping);
-                            set.2.push(c);
-                        }
-                        None => {
-                            gone.0.push(minute);
-                            gone.1.push(mapping);
-                        }
-                    }
-                }
-                if !set.0.is_empty() {
-                    tx.execute(
-                        "INSERT INTO shardline_usage (minute, mapping, counts)
-                         SELECT m, k, c::jsonb FROM unnest($1::int8[], $2::text[], $3::text[]) AS t(m, k, c)
-                         ON CONFLICT (minute, mapping) DO UPDATE SET counts = EXCLUDED.counts",
-                        &[&set.0, &set.1, &set.2],
-                    )
-                    .await?;
-                }
-                if !gone.0.is_empty() {
-                    tx.execute(
-                        "DELETE FROM shardline_usage WHERE (minute, mapping) IN
-                         (SELECT * FROM unnest($1::int8[], $2::text[]))",
-                        &[&gone.0, &gone.1],
-                    )
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(())
             })
             .await
         }
