@@ -57,8 +57,13 @@ impl Api {
     /// The service loop, if this coordinator leads; otherwise the status
     /// that sends the client to the leader (or to its next URL).
     fn leader(&self) -> Result<Handle, Status> {
+        self.leading().map(|(handle, _)| handle)
+    }
+
+    /// [`Api::leader`] with the term it leads in, read at once.
+    fn leading(&self) -> Result<(Handle, u64), Status> {
         match self.role.get() {
-            State::Leading { handle, .. } => Ok(handle),
+            State::Leading { handle, term } => Ok((handle, term)),
             State::Following { leader } => Err(standby(leader.as_deref())),
             State::Starting => Err(Status::unavailable("this coordinator is starting; retry")),
             State::Stopped => Err(Status::unavailable("this coordinator is shutting down; try another")),
@@ -464,11 +469,8 @@ impl AdminApi for Api {
     }
 
     async fn health(&self, _req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
-        let term = match self.role.get() {
-            State::Leading { term, .. } => term,
-            _ => 0,
-        };
-        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
+        let (handle, term) = self.leading()?;
+        let snapshot = handle.call(Command::Snapshot).await.map_err(closed)?;
         Ok(Response::new(v1::HealthReply {
             status: "serving".into(),
             workers: snapshot.workers.iter().filter(|w| !w.restored).count() as u32,

@@ -58,21 +58,21 @@ impl Election {
     ) -> Result<T, StoreError> {
         let limit = self.period();
         let result = async {
-            if self.client.as_ref().is_none_or(Client::is_closed) {
-                // Connecting has its own bound (the connect timeout).
-                let client = self.pg.connect().await?;
-                // A takeover waits at most this long for a lock (a write in
-                // flight); it is tried again next period.
-                let wait = limit.as_millis().max(10);
-                client.batch_execute(&format!("SET lock_timeout = {wait}")).await?;
-                self.client = Some(client);
-            }
-            match &self.client {
-                Some(client) => match tokio::time::timeout(limit, statement(client)).await {
-                    Ok(done) => done.map_err(StoreError::from),
-                    Err(_) => Err(StoreError::Timeout(limit)),
-                },
-                None => Err(StoreError::Timeout(limit)),
+            let client = match self.client.take() {
+                Some(client) if !client.is_closed() => self.client.insert(client),
+                _ => {
+                    // Connecting has its own bound (the connect timeout).
+                    let client = self.pg.connect().await?;
+                    // A takeover waits at most this long for a lock (a write
+                    // in flight); it is tried again next period.
+                    let wait = limit.as_millis().max(10);
+                    client.batch_execute(&format!("SET lock_timeout = {wait}")).await?;
+                    self.client.insert(client)
+                }
+            };
+            match tokio::time::timeout(limit, statement(client)).await {
+                Ok(done) => done.map_err(StoreError::from),
+                Err(_) => Err(StoreError::Timeout(limit)),
             }
         }
         .await;

@@ -41,18 +41,29 @@ impl Schema {
         Ok(Self { name, base })
     }
 
-    /// The URL of this schema on `host:port` (the server itself, or a
-    /// proxy in front of it).
-    pub fn url_via(&self, authority: &str) -> String {
-        let base = self.base.replacen("127.0.0.1:5432", authority, 1);
-        let sep = if base.contains('?') { '&' } else { '?' };
-        format!("{base}{sep}options=-csearch_path%3D{}", self.name)
+    /// The URL of this schema on `host:port` instead of the server's own
+    /// (a proxy in front of it); an error if the server's URL does not
+    /// name a host and port to replace.
+    pub fn url_via(&self, authority: &str) -> anyhow::Result<String> {
+        let at = self.base.find('@').map_or(self.base.find("://").map_or(0, |i| i + 3), |i| i + 1);
+        let end = self.base[at..].find(['/', '?']).map_or(self.base.len(), |i| at + i);
+        anyhow::ensure!(
+            self.base[at..end].contains(':'),
+            "cannot route {} through a proxy: it names no host:port",
+            self.base
+        );
+        Ok(self.in_schema(&format!("{}{authority}{}", &self.base[..at], &self.base[end..])))
     }
 
     /// The URL of this schema on the server.
     pub fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+        self.in_schema(&self.base)
+    }
+
+    /// `url` with this schema as its search path.
+    fn in_schema(&self, url: &str) -> String {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options=-csearch_path%3D{}", self.name)
     }
 
     pub async fn client(&self) -> anyhow::Result<Client> {

@@ -50,6 +50,7 @@ fn hermetic(command: &mut Command) -> &mut Command {
         "SHARDLINE_CONFIG",
         "SHARDLINE_COORDINATOR",
         "SHARDLINE_WORKER_CONFIG",
+        "SHARDLINE_STORE",
     ] {
         command.env_remove(var);
     }

@@ -216,7 +216,7 @@ async fn a_leader_cut_off_from_the_database_steps_down_and_writes_nothing_after_
     };
     let proxy = Proxy::start("http://127.0.0.1:5432").await?;
     let via = proxy.url().trim_start_matches("http://").to_owned();
-    let a = Node::start(&base, &schema.url_via(&via), dir.path())?;
+    let a = Node::start(&base, &schema.url_via(&via)?, dir.path())?;
     eventually(Duration::from_secs(15), "A leads", || async { Ok(a.leads().await.then_some(())) }).await?;
     let b = Node::start(&base, &schema.url(), dir.path())?;
     let list = format!("{},{}", a.url(), b.url());
