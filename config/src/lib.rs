@@ -6,6 +6,10 @@
 //! It imports no other shardline crate; the coordinator and the worker
 //! import it, so neither copies the other.
 
+mod secret;
+
+pub use secret::{ClientTls, check_pem, read_secret};
+
 use std::fmt::{Debug, Display};
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,8 @@
 //! ([`metrics`]), Kafka topic admin ([`kafka`]), RabbitMQ connections and
 //! clean-up ([`amqp`]), whole-broker faults with their restarts
 //! ([`broker`]), and the counting of receipts into lost, duplicated
-//! and out-of-order records ([`receipts`]).
+//! and out-of-order records ([`receipts`]), and a test certificate
+//! authority ([`tls`]).
 //!
 //! Production code never depends on this crate.
 
@@ -18,6 +19,7 @@ pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod receipts;
+pub mod tls;
 
 use std::net::SocketAddr;
 
