@@ -24,8 +24,8 @@ use shardline_coordinator::store::{LeaseStore, SledStore, StoreError};
 use shardline_coordinator::usage::Meter;
 use shardline_proto::endpoints::{describe, leader_hint, should_try_another};
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient};
-use shardline_proto::{Endpoints, EndpointsError, LeaseId, LeaseKind};
-use tonic::transport::{Channel, Endpoint};
+use shardline_proto::{Credentials, Endpoints, EndpointsError, LeaseId, LeaseKind};
+use tonic::transport::Channel;
 
 use crate::{Failure, Result};
 
@@ -38,7 +38,7 @@ pub struct Online {
     endpoints: Endpoints,
     /// A lazy channel per coordinator called so far.
     channels: BTreeMap<String, Channel>,
-    token: Option<String>,
+    credentials: Credentials,
 }
 
 pub struct Offline {
@@ -68,7 +68,7 @@ fn to_wire(target: Target) -> v1::Target {
 
 impl Backend {
     /// Nothing is dialled until the first call; a bad `list` is a usage error.
-    pub fn online(list: &str, token: Option<String>) -> Result<Self> {
+    pub fn online(list: &str, credentials: Credentials) -> Result<Self> {
         let endpoints = Endpoints::parse(list).map_err(|e| {
             Failure::Usage(format!(
                 "--coordinator `{list}`: entry `{}` {}; allowed: {}",
@@ -77,7 +77,7 @@ impl Backend {
                 EndpointsError::ALLOWED
             ))
         })?;
-        Ok(Self::Online(Online { endpoints, channels: BTreeMap::new(), token }))
+        Ok(Self::Online(Online { endpoints, channels: BTreeMap::new(), credentials }))
     }
 
     pub fn offline(dir: &Path, brokers: &str) -> Result<Self> {
@@ -320,7 +320,11 @@ impl Online {
                 Ok(reply) => return Ok(reply.into_inner()),
                 Err(status) if should_try_another(status.code()) => {
                     self.endpoints.failed(&url, leader_hint(&status));
-                    tried.push(Tried { url, error: describe(&status) });
+                    let mut error = describe(&status);
+                    if let Some(hint) = shardline_proto::credentials::tls_hint(&url, &error) {
+                        error = format!("{error}; {hint}");
+                    }
+                    tried.push(Tried { url, error });
                 }
                 Err(status) => return Err(status.into()),
             }
@@ -337,23 +341,15 @@ impl Online {
         if let Some(channel) = self.channels.get(url) {
             return Ok(AdminApiClient::new(channel.clone()));
         }
-        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
         // A frozen coordinator must not hold the command forever: after the
         // timeout the next one is tried.
-        let channel =
-            endpoint.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(30)).connect_lazy();
+        let channel = self.credentials.channel(url, Duration::from_secs(3), Duration::from_secs(30))?;
         self.channels.insert(url.to_owned(), channel.clone());
         Ok(AdminApiClient::new(channel))
     }
 
     fn req<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &self.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
+        self.credentials.request(message)
     }
 }
 
@@ -502,7 +498,7 @@ mod tests {
     const DEAD: &str = "http://127.0.0.1:1";
 
     async fn health(list: &str) -> Result<v1::HealthReply> {
-        let mut backend = Backend::online(list, None)?;
+        let mut backend = Backend::online(list, Credentials::default())?;
         tokio::time::timeout(Duration::from_secs(20), backend.health())
             .await
             .unwrap_or_else(|_| panic!("`{list}`: no answer within 20 s"))
@@ -575,7 +571,7 @@ mod tests {
     #[test]
     fn a_bad_list_is_a_usage_error_naming_the_entry() {
         for (list, entry) in [("ftp://x", "ftp://x"), ("http://a:1, b:2", "b:2"), ("http://a:1,", "")] {
-            match Backend::online(list, None) {
+            match Backend::online(list, Credentials::default()) {
                 Err(Failure::Usage(m)) => {
                     assert!(m.contains(&format!("entry `{entry}`")), "{m}");
                     assert!(m.contains("allowed: a comma-separated list"), "{m}");

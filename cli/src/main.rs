@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use shardline_coordinator::offsets::Target;
-use shardline_proto::{LeaseId, LeaseKind};
+use shardline_proto::{Credentials, LeaseId, LeaseKind, TlsPem};
 
 use crate::backend::Backend;
 
@@ -37,9 +37,30 @@ struct Cli {
     /// Kafka brokers, for offsets in offline mode.
     #[arg(long, global = true, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
-    /// Shared token, when the coordinator requires one.
-    #[arg(long, global = true, env = "SHARDLINE_TOKEN", hide_env_values = true)]
+    /// The token to present (an admin token, or a viewer token for the
+    /// read-only commands). Prefer --token-file or the variable: a command
+    /// line is visible to every user of the machine.
+    #[arg(
+        long,
+        global = true,
+        env = "SHARDLINE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
+    /// A file holding the token (a mounted secret).
+    #[arg(long, global = true, env = "SHARDLINE_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed an https:// coordinator's
+    /// certificate; without it, the system's roots are used.
+    #[arg(long, global = true, env = "SHARDLINE_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long, global = true, env = "SHARDLINE_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "SHARDLINE_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -170,7 +191,14 @@ impl From<tonic::Status> for Failure {
             Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::FailedPrecondition => {
                 Failure::Usage(s.message().to_owned())
             }
-            Code::Unauthenticated => Failure::Runtime(format!("{} (see --token)", s.message())),
+            Code::Unauthenticated => Failure::Runtime(format!(
+                "{} (see --token, --token-file or a client certificate)",
+                s.message()
+            )),
+            Code::PermissionDenied => Failure::Runtime(format!(
+                "{} (an admin token or certificate is needed to change or export checkpoints)",
+                s.message()
+            )),
             _ => Failure::Runtime(s.message().to_owned()),
         }
     }
@@ -248,11 +276,43 @@ fn target(to: &To) -> Result<Target> {
     })
 }
 
+/// The token (from the flag, the variable or the file) and the TLS files.
+fn credentials(cli: &Cli) -> Result<Credentials> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("{flag} {}: {e}", path.display())))
+    };
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(token), _) => Some(token.clone()),
+        (None, Some(path)) => {
+            let token = read("--token-file", path)?.trim_end_matches(['\r', '\n']).to_owned();
+            if token.is_empty() {
+                return Err(Failure::Usage(format!("--token-file {}: the file is empty", path.display())));
+            }
+            Some(token)
+        }
+        (None, None) => None,
+    };
+    let identity = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
+        _ => None,
+    };
+    let tls = match (&cli.tls_ca, identity) {
+        (Some(ca), identity) => Some(TlsPem { ca: read("--tls-ca", ca)?, identity }),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(Failure::Usage(
+                "--tls-cert needs --tls-ca, the CA that signed the coordinator's certificate".into(),
+            ));
+        }
+    };
+    Credentials::new(token, tls).map_err(|e| Failure::Usage(format!("--token: {e}")))
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     let mut backend = match &cli.data_dir {
         Some(dir) => Backend::offline(dir, &cli.kafka_brokers)?,
-        None => Backend::online(&cli.coordinator, cli.token.clone())?,
+        None => Backend::online(&cli.coordinator, credentials(&cli)?)?,
     };
     match cli.command {
         Cmd::Workers => output::workers(&backend.workers().await?, json),

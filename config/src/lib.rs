@@ -149,6 +149,8 @@ pub struct Overrides<'a> {
     pub auth_token: &'a mut Option<String>,
     /// The coordinator's `store`; `None` for the worker.
     pub store: Option<&'a mut Store>,
+    /// The coordinator's worker and viewer tokens; `None` for the worker.
+    pub role_tokens: Option<(&'a mut Option<String>, &'a mut Option<String>)>,
 }
 
 impl Overrides<'_> {
@@ -177,6 +179,16 @@ impl Overrides<'_> {
         if let (Some(field), Some(v)) = (self.store, env("SHARDLINE_STORE")) {
             *field = Store::from_env(v);
             set.push(("store", "SHARDLINE_STORE"));
+        }
+        if let Some((worker, viewer)) = self.role_tokens {
+            if let Some(v) = env("SHARDLINE_WORKER_TOKEN") {
+                *worker = Some(v);
+                set.push(("worker_token", "SHARDLINE_WORKER_TOKEN"));
+            }
+            if let Some(v) = env("SHARDLINE_VIEWER_TOKEN") {
+                *viewer = Some(v);
+                set.push(("viewer_token", "SHARDLINE_VIEWER_TOKEN"));
+            }
         }
         set
     }
@@ -232,6 +244,7 @@ mod tests {
             amqp_url: &mut amqp,
             auth_token: &mut token,
             store: Some(&mut store),
+            role_tokens: None,
         }
         .apply(env);
         assert_eq!(

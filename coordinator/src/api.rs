@@ -8,6 +8,7 @@ use shardline_proto::v1::{self, admin_api_server::AdminApi, worker_api_server::W
 use shardline_proto::{ConvertError, LeaseId, LeaseKind};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Access, allow};
 use crate::core::{
     Beat, CheckpointOutcome, CoreError, Instruction, Lease, LeaseLoad, LeaseState, Registration, WorkerLoad,
 };
@@ -317,8 +318,9 @@ impl WorkerApi for Api {
 impl AdminApi for Api {
     async fn list_workers(
         &self,
-        _req: Request<v1::ListWorkersRequest>,
+        req: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersReply>, Status> {
+        allow(&req, Access::Read)?;
         let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let mut counts = std::collections::BTreeMap::<&str, u32>::new();
         for lease in &snapshot.leases {
@@ -358,6 +360,7 @@ impl AdminApi for Api {
         &self,
         req: Request<v1::ListLeasesRequest>,
     ) -> Result<Response<v1::ListLeasesReply>, Status> {
+        allow(&req, Access::Read)?;
         let name = req.into_inner().name;
         let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let leases = snapshot
@@ -373,6 +376,7 @@ impl AdminApi for Api {
         &self,
         req: Request<v1::GetCheckpointRequest>,
     ) -> Result<Response<v1::LeaseInfo>, Status> {
+        allow(&req, Access::Read)?;
         let id = LeaseId::try_from(req.into_inner().lease.as_ref()).map_err(bad)?;
         let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         snapshot
@@ -387,6 +391,7 @@ impl AdminApi for Api {
         &self,
         req: Request<v1::SetCheckpointRequest>,
     ) -> Result<Response<v1::CheckpointPlan>, Status> {
+        allow(&req, Access::Write)?;
         let req = req.into_inner();
         let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
         let target = target(req.target)?;
@@ -402,6 +407,7 @@ impl AdminApi for Api {
         &self,
         req: Request<v1::ResetCheckpointsRequest>,
     ) -> Result<Response<v1::CheckpointPlan>, Status> {
+        allow(&req, Access::Write)?;
         let req = req.into_inner();
         let target = target(req.target)?;
         let shards = self.shards(&req.stream).await?;
@@ -417,6 +423,7 @@ impl AdminApi for Api {
         &self,
         req: Request<v1::ListCheckpointsRequest>,
     ) -> Result<Response<v1::ListCheckpointsReply>, Status> {
+        allow(&req, Access::Read)?;
         let shards = self.shards(&req.into_inner().stream).await?;
         let now = std::time::Instant::now();
         let lookups = shards.iter().map(|l| shard_checkpoint(self.offsets.as_ref(), l, now));
@@ -426,8 +433,9 @@ impl AdminApi for Api {
 
     async fn export_checkpoints(
         &self,
-        _req: Request<v1::ExportCheckpointsRequest>,
+        req: Request<v1::ExportCheckpointsRequest>,
     ) -> Result<Response<v1::ExportCheckpointsReply>, Status> {
+        allow(&req, Access::Write)?;
         let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let checkpoints = snapshot
             .leases
@@ -447,6 +455,7 @@ impl AdminApi for Api {
         &self,
         req: Request<v1::ImportCheckpointsRequest>,
     ) -> Result<Response<v1::CheckpointPlan>, Status> {
+        allow(&req, Access::Write)?;
         let req = req.into_inner();
         let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
         let mut changes = Vec::with_capacity(req.checkpoints.len());
@@ -462,13 +471,15 @@ impl AdminApi for Api {
     }
 
     async fn usage(&self, req: Request<v1::UsageRequest>) -> Result<Response<v1::UsageReply>, Status> {
+        allow(&req, Access::Read)?;
         let since_ms = req.into_inner().since_ms;
         let (totals, from_ms) =
             self.leader()?.call(|reply| Command::Usage { since_ms, reply }).await.map_err(closed)?;
         Ok(Response::new(usage_reply(totals, from_ms)))
     }
 
-    async fn health(&self, _req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
+    async fn health(&self, req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
+        allow(&req, Access::Read)?;
         let (handle, term) = self.leading()?;
         let snapshot = handle.call(Command::Snapshot).await.map_err(closed)?;
         Ok(Response::new(v1::HealthReply {
@@ -483,8 +494,9 @@ impl AdminApi for Api {
 
     async fn list_subscriptions(
         &self,
-        _req: Request<v1::ListSubscriptionsRequest>,
+        req: Request<v1::ListSubscriptionsRequest>,
     ) -> Result<Response<v1::ListSubscriptionsReply>, Status> {
+        allow(&req, Access::Read)?;
         // Only the leader reads RabbitMQ; a standby's table is stale.
         self.leader()?;
         let table = self.subscriptions.lock().map_err(|_| Status::internal("subscription table poisoned"))?;
@@ -636,23 +648,6 @@ impl Api {
             _ => Status::invalid_argument(e.to_string()),
         })?;
         Ok(Response::new(plan(before, to, !dry_run)))
-    }
-}
-
-/// Checks `authorization: Bearer TOKEN` when a token is configured.
-#[derive(Clone)]
-pub struct Auth {
-    pub token: Option<String>,
-}
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else { return Ok(req) };
-        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match given.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(t) if t == token => Ok(req),
-            _ => Err(Status::unauthenticated("missing or wrong token: send `authorization: Bearer TOKEN`")),
-        }
     }
 }
 

@@ -18,9 +18,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use shardline_config::{ConfigError, ConfigFile, Invalid, Store};
-use shardline_config::{Overrides, check_amqp_url, check_brokers, ensure, in_range};
+use shardline_config::{Overrides, check_amqp_url, check_brokers, check_pem, ensure, in_range, read_secret};
 use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
 
+pub use crate::auth::Tokens;
 use crate::core::{Balancer, CoreConfig};
 
 /// The whole coordinator config file.
@@ -46,10 +47,28 @@ pub struct Config {
     /// coordinator leads. Default: `http://` + `listen` (the host name when
     /// `listen` is a wildcard address).
     pub advertise_url: Option<String>,
-    /// Shared secret required from every client (`authorization: Bearer
-    /// TOKEN`). Required when `listen` is not a loopback address; env
-    /// `SHARDLINE_TOKEN` overrides.
+    /// TLS for the gRPC API: `{ cert, key, client_ca? }`; `client_ca`
+    /// turns on mutual TLS (every client must present a certificate it
+    /// signed, whose subject's `OU` may name the client's role).
+    pub tls: Option<ServerTls>,
+    /// Serve plaintext gRPC although `listen` is not a loopback address
+    /// (only behind a TLS-terminating proxy or a mesh that encrypts).
+    pub insecure: bool,
+    /// The admin token (every call: `authorization: Bearer TOKEN`); env
+    /// `SHARDLINE_TOKEN` overrides. Prefer `auth_token_file` or the
+    /// variable: a config file is often readable by more people than a
+    /// secret should be.
     pub auth_token: Option<String>,
+    /// A file holding the admin token (a mounted Kubernetes Secret).
+    pub auth_token_file: Option<PathBuf>,
+    /// The workers' token: the worker service only; env
+    /// `SHARDLINE_WORKER_TOKEN`.
+    pub worker_token: Option<String>,
+    pub worker_token_file: Option<PathBuf>,
+    /// A read-only token for dashboards and `shardline checkpoints`; env
+    /// `SHARDLINE_VIEWER_TOKEN`.
+    pub viewer_token: Option<String>,
+    pub viewer_token_file: Option<PathBuf>,
     /// How often workers heartbeat (told to them at registration).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -92,7 +111,14 @@ impl Default for Config {
             store: Store::Sled,
             leadership_timeout: Duration::from_secs(2),
             advertise_url: None,
+            tls: None,
+            insecure: false,
             auth_token: None,
+            auth_token_file: None,
+            worker_token: None,
+            worker_token_file: None,
+            viewer_token: None,
+            viewer_token_file: None,
             heartbeat_interval: Duration::from_secs(1),
             session_timeout: core.session_timeout,
             handoff_timeout: None,
@@ -105,6 +131,27 @@ impl Default for Config {
             topics: Vec::new(),
             subscriptions: Vec::new(),
         }
+    }
+}
+
+/// The gRPC listener's TLS: PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// The coordinator's certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// CA certificate(s) client certificates must chain to; set: mutual
+    /// TLS, a client without such a certificate is refused.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    pub fn check(&self) -> Result<(), Invalid> {
+        check_pem("cert", &self.cert)?;
+        check_pem("key", &self.key)?;
+        self.client_ca.as_ref().map_or(Ok(()), |ca| check_pem("client_ca", ca))
     }
 }
 
@@ -550,6 +597,7 @@ impl ConfigFile for Config {
             amqp_url: &mut self.amqp_url,
             auth_token: &mut self.auth_token,
             store: Some(&mut self.store),
+            role_tokens: Some((&mut self.worker_token, &mut self.viewer_token)),
         }
     }
 
@@ -557,13 +605,7 @@ impl ConfigFile for Config {
     /// tables (names listed once, subscriptions' topics).
     fn validate(&self) -> Result<(), Invalid> {
         self.validate_timing()?;
-        let token_ok =
-            self.listen.ip().is_loopback() || self.auth_token.as_deref().is_some_and(|t| !t.is_empty());
-        let why = format!(
-            "a token, required because listen ({}) is not a loopback address; set it or SHARDLINE_TOKEN",
-            self.listen
-        );
-        ensure(token_ok, "auth_token", "unset", why)?;
+        self.validate_security()?;
         self.store.check()?;
         if let Store::Postgres(url) = &self.store {
             // The driver's own parser: what it refuses at start is refused here.
@@ -612,6 +654,80 @@ impl ConfigFile for Config {
 }
 
 impl Config {
+    /// The tokens each role is given, read from their files. Checked by
+    /// `validate`, so after a successful load this fails only if a file
+    /// changed in between.
+    pub fn tokens(&self) -> Result<Tokens, Invalid> {
+        let one = |name: &str,
+                   inline: &Option<String>,
+                   file: &Option<PathBuf>|
+         -> Result<Option<String>, Invalid> {
+            match (inline, file) {
+                (Some(_), Some(_)) => Err(Invalid::new(
+                    format!("{name}_file"),
+                    format!("set as well as `{name}`"),
+                    format!("one of `{name}` and `{name}_file`"),
+                )),
+                (Some(token), None) => {
+                    ensure(!token.is_empty(), name, "empty", "a non-empty token")?;
+                    Ok(Some(token.clone()))
+                }
+                (None, Some(path)) => read_secret(&format!("{name}_file"), path).map(Some),
+                (None, None) => Ok(None),
+            }
+        };
+        let tokens = Tokens {
+            admin: one("auth_token", &self.auth_token, &self.auth_token_file)?,
+            worker: one("worker_token", &self.worker_token, &self.worker_token_file)?,
+            viewer: one("viewer_token", &self.viewer_token, &self.viewer_token_file)?,
+        };
+        for (name, token) in [
+            ("auth_token", &tokens.admin),
+            ("worker_token", &tokens.worker),
+            ("viewer_token", &tokens.viewer),
+        ] {
+            let visible = token.as_deref().is_none_or(|t| t.bytes().all(|b| b.is_ascii_graphic()));
+            ensure(
+                visible,
+                name,
+                "a token with spaces or control characters",
+                "visible ASCII (what an HTTP header carries)",
+            )?;
+        }
+        let mut given: Vec<&String> =
+            [&tokens.admin, &tokens.worker, &tokens.viewer].into_iter().flatten().collect();
+        given.sort();
+        let distinct = given.windows(2).all(|w| w[0] != w[1]);
+        ensure(distinct, "worker_token", "the same as another role's token", "a token of its own per role")?;
+        Ok(tokens)
+    }
+
+    /// TLS files readable; off loopback, credentials and TLS (or an
+    /// explicit `insecure`).
+    fn validate_security(&self) -> Result<(), Invalid> {
+        if let Some(tls) = &self.tls {
+            tls.check().map_err(|e| e.under("tls"))?;
+        }
+        let tokens = self.tokens()?;
+        if self.listen.ip().is_loopback() {
+            return Ok(());
+        }
+        let mutual = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        let why = format!(
+            "a credential, required because listen ({}) is not a loopback address: auth_token_file, \
+             worker_token_file, viewer_token_file (or the tokens, or SHARDLINE_TOKEN, SHARDLINE_WORKER_TOKEN, \
+             SHARDLINE_VIEWER_TOKEN), or tls.client_ca",
+            self.listen
+        );
+        ensure(!tokens.is_empty() || mutual, "auth_token", "unset", why)?;
+        let why = format!(
+            "a [tls] table (cert, key), required because listen ({}) is not a loopback address; or \
+             insecure = true to serve plaintext (only behind a TLS-terminating proxy or an encrypting mesh)",
+            self.listen
+        );
+        ensure(self.tls.is_some() || self.insecure, "tls", "unset", why)
+    }
+
     fn validate_timing(&self) -> Result<(), Invalid> {
         let ms = Duration::from_millis;
         in_range("heartbeat_interval", self.heartbeat_interval, ms(50), ms(60_000))?;

@@ -12,6 +12,7 @@
 
 pub mod amqp;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod discovery;
@@ -50,6 +51,9 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Metrics(String),
+    /// A secret or TLS file that was fine at load cannot be used now.
+    #[error("{0}")]
+    Security(String),
     /// The store failed while serving (DESIGN.md rule 7): the coordinator
     /// stopped rather than answer without durability; a restart recovers
     /// from what the store made durable.
@@ -103,7 +107,8 @@ pub async fn serve(
         .await
         .map_err(|source| Error::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
-    let role = Role::new(config.advertise_url.clone().unwrap_or_else(|| advertise(addr)));
+    let role =
+        Role::new(config.advertise_url.clone().unwrap_or_else(|| advertise(addr, config.tls.is_some())));
     // The HTTP endpoint outlives the gRPC server by nothing: both stop here.
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();
@@ -126,7 +131,9 @@ pub async fn serve(
     });
 
     let api = api::Api::new(role.clone(), config.clone(), subscriptions);
-    let auth = api::Auth { token: config.auth_token.clone() };
+    let tokens = config.tokens().map_err(|e| Error::Security(e.to_string()))?;
+    let mutual = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let auth = auth::Auth::new(&tokens, mutual);
     tracing::info!(%addr, store = ?config.store, streams = config.streams.len(), subscriptions = config.subscriptions.len(), "coordinator serving");
     on_ready(addr);
     let (stop, stopped) = (shutdown.clone(), role.clone());
@@ -136,8 +143,12 @@ pub async fn serve(
             () = stopped.stopped() => {}
         }
     };
-    let server = tonic::transport::Server::builder()
-        .add_service(WorkerApiServer::with_interceptor(api.clone(), auth.clone()))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(server_tls(tls)?)?;
+    }
+    let server = builder
+        .add_service(WorkerApiServer::with_interceptor(api.clone(), auth.requiring(auth::Access::Work)))
         .add_service(AdminApiServer::with_interceptor(api, auth))
         .serve_with_incoming_shutdown(
             // Nagle plus delayed ACKs would add ~40 ms to small replies.
@@ -166,17 +177,35 @@ pub async fn serve(
     Ok(())
 }
 
+/// The listener's TLS from the configured PEM files; with `client_ca`,
+/// a client certificate signed by it is required.
+fn server_tls(tls: &config::ServerTls) -> Result<tonic::transport::ServerTlsConfig, Error> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Security(format!("cannot read tls.{what} {}: {e}", path.display())))
+    };
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read("cert", &tls.cert)?, read("key", &tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read("client_ca", ca)?));
+    }
+    Ok(config)
+}
+
 /// The URL standbys hand out for this coordinator when none is configured:
-/// the bound address, or the host name for a wildcard one.
-fn advertise(addr: SocketAddr) -> String {
+/// the bound address, or the host name for a wildcard one; `https://` when
+/// it serves TLS.
+fn advertise(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     if addr.ip().is_unspecified() {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let host = host.trim();
         if !host.is_empty() {
-            return format!("http://{host}:{}", addr.port());
+            return format!("{scheme}://{host}:{}", addr.port());
         }
     }
-    format!("http://{addr}")
+    format!("{scheme}://{addr}")
 }
 
 /// What runs the lease table, and what it tells.

@@ -4,16 +4,18 @@
 //!
 //! Invariant: no runtime logic lives here, only types, conversions and
 //! pure rules both sides must agree on (which coordinator to call next:
-//! [`endpoints`]), so the coordinator and the worker can change their
+//! [`endpoints`]; how a client dials and signs its calls: [`credentials`]), so the coordinator and the worker can change their
 //! internals freely.
 
 mod convert;
+pub mod credentials;
 mod domain;
 pub mod endpoints;
 pub mod timing;
 pub mod topology;
 
 pub use convert::ConvertError;
+pub use credentials::{Credentials, TlsPem};
 pub use domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition};
 pub use endpoints::{Endpoints, EndpointsError, LEADER_HEADER};
 

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 pub use shardline_coordinator::config::{
-    Backoff, BatchSettings, Config as CoordinatorConfig, FilterConfig, QueueType, Store, StreamConfig,
-    SubscriptionConfig, TopicConfig, TopicKind,
+    Backoff, BatchSettings, Config as CoordinatorConfig, FilterConfig, QueueType, ServerTls, Store,
+    StreamConfig, SubscriptionConfig, TopicConfig, TopicKind,
 };
 pub use shardline_worker::WorkerConfig;
 

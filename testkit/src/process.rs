@@ -51,6 +51,12 @@ fn hermetic(command: &mut Command) -> &mut Command {
         "SHARDLINE_COORDINATOR",
         "SHARDLINE_WORKER_CONFIG",
         "SHARDLINE_STORE",
+        "SHARDLINE_WORKER_TOKEN",
+        "SHARDLINE_VIEWER_TOKEN",
+        "SHARDLINE_TOKEN_FILE",
+        "SHARDLINE_TLS_CA",
+        "SHARDLINE_TLS_CERT",
+        "SHARDLINE_TLS_KEY",
     ] {
         command.env_remove(var);
     }

@@ -4,11 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+pub use shardline_config::ClientTls;
 pub use shardline_config::{ConfigError, ConfigFile, Invalid};
-use shardline_config::{Overrides, check_amqp_url, check_brokers, ensure, in_range};
+use shardline_config::{Overrides, check_amqp_url, check_brokers, ensure, in_range, read_secret};
+use shardline_proto::{Credentials, TlsPem};
 
 /// The whole worker config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,8 +23,17 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// Unique in the fleet. Default: host name and process id.
     pub worker_id: Option<String>,
-    /// Shared token for the coordinator; env `SHARDLINE_TOKEN` overrides.
+    /// The token this worker presents to the coordinator (its worker
+    /// token); env `SHARDLINE_TOKEN` overrides. Prefer `auth_token_file`
+    /// or the variable over writing it here.
     pub auth_token: Option<String>,
+    /// A file holding the token (a mounted Kubernetes Secret).
+    pub auth_token_file: Option<PathBuf>,
+    /// TLS to `https://` coordinators: `{ ca, cert?, key? }` (the CA that
+    /// signed the coordinator's certificate; a client certificate for
+    /// mutual TLS). Without it, `https://` is verified against the
+    /// system's roots.
+    pub tls: Option<ClientTls>,
     /// Prometheus `/metrics`; absent: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// Kafka bootstrap servers; env `SHARDLINE_KAFKA_BROKERS` overrides.
@@ -53,6 +65,8 @@ impl Default for WorkerConfig {
             coordinator: format!("http://127.0.0.1:{}", shardline_config::COORDINATOR_PORT),
             worker_id: None,
             auth_token: None,
+            auth_token_file: None,
+            tls: None,
             metrics_listen: None,
             kafka_brokers: shardline_config::KAFKA_BROKERS.into(),
             amqp_url: shardline_config::AMQP_URL.into(),
@@ -73,6 +87,7 @@ impl ConfigFile for WorkerConfig {
             amqp_url: &mut self.amqp_url,
             auth_token: &mut self.auth_token,
             store: None,
+            role_tokens: None,
         }
     }
 
@@ -82,6 +97,13 @@ impl ConfigFile for WorkerConfig {
             let value = format!("`{list}`, whose entry `{}` {}", e.entry, e.problem);
             Invalid::new("coordinator", value, shardline_proto::EndpointsError::ALLOWED)
         })?;
+        if let Some(tls) = &self.tls {
+            tls.check("tls")?;
+            let https = list.split(',').any(|url| url.trim().starts_with("https://"));
+            let shown = format!("set, but every coordinator URL (`{list}`) is http://");
+            ensure(https, "tls", shown, "https:// coordinator URLs with `tls`, or no `tls`")?;
+        }
+        self.credentials()?;
         ensure(!self.handlers.is_empty(), "handlers", "empty", "at least one [handlers.NAME] table")?;
         if let Some(id) = &self.worker_id {
             let ok = !id.is_empty() && id.len() <= 200;
@@ -98,6 +120,29 @@ impl ConfigFile for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The token (from the file or the variable) and the TLS files, read.
+    pub fn credentials(&self) -> Result<Credentials, Invalid> {
+        let token = match (&self.auth_token, &self.auth_token_file) {
+            (Some(_), Some(_)) => {
+                let allowed = "one of `auth_token` (or SHARDLINE_TOKEN) and `auth_token_file`";
+                return Err(Invalid::new("auth_token_file", "set as well as `auth_token`", allowed));
+            }
+            (Some(token), None) => Some(token.clone()),
+            (None, Some(path)) => Some(read_secret("auth_token_file", path)?),
+            (None, None) => None,
+        };
+        let tls = match &self.tls {
+            None => None,
+            Some(tls) => {
+                let (ca, identity) = tls
+                    .read()
+                    .map_err(|e| Invalid::new("tls", format!("unreadable ({e})"), "readable PEM files"))?;
+                Some(TlsPem { ca, identity })
+            }
+        };
+        Credentials::new(token, tls).map_err(|why| Invalid::new("auth_token", "unusable", why))
+    }
+
     /// A config hosting `handlers` (each with no settings), defaults
     /// elsewhere: for tests and embedders that build configs as values.
     pub fn hosting<'a>(handlers: impl IntoIterator<Item = &'a str>) -> Self {

@@ -30,11 +30,11 @@ use backon::{ExponentialBuilder, Retryable};
 use shardline_proto::endpoints::{describe, leader_hint, should_try_another};
 use shardline_proto::timing::fence_after;
 use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
-use shardline_proto::{Endpoints, LeaseId, Mapping, Start};
+use shardline_proto::{Credentials, Endpoints, LeaseId, Mapping, Start};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How a worker joins the fleet.
 #[derive(Debug, Clone)]
@@ -50,8 +50,8 @@ pub struct SessionConfig {
     pub capacity: u32,
     /// Batches this worker runs at once (the balancer's capacity unit).
     pub concurrency: u32,
-    /// Sent as `authorization: Bearer TOKEN` when set.
-    pub token: Option<String>,
+    /// The token and TLS settings every call and channel use.
+    pub credentials: Credentials,
 }
 
 /// What the runtime must do with a lease.
@@ -78,6 +78,11 @@ pub enum SessionError {
     Config(#[from] shardline_proto::EndpointsError),
     #[error("coordinator refused: {0}")]
     Rpc(#[from] tonic::Status),
+    /// The coordinator refused this worker's credentials (a wrong or
+    /// missing token, a certificate without the worker role): retrying
+    /// cannot help, so the worker stops and says so.
+    #[error("the coordinator at {url} refused this worker's credentials: {message}")]
+    Refused { url: String, message: String },
     /// The coordinator says another owner or a newer epoch holds the lease.
     #[error("lease {lease} lost: current epoch is {current_epoch}")]
     Fenced { lease: LeaseId, current_epoch: u64 },
@@ -167,10 +172,10 @@ struct Coordinators {
 }
 
 /// A lazy channel: nothing is dialled until the first call.
-fn channel(url: &str) -> Result<Channel, SessionError> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| SessionError::Unreachable { url: url.to_owned(), message: e.to_string() })?;
-    Ok(endpoint.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(10)).connect_lazy())
+fn channel(credentials: &Credentials, url: &str) -> Result<Channel, SessionError> {
+    credentials
+        .channel(url, Duration::from_secs(3), Duration::from_secs(10))
+        .map_err(|message| SessionError::Unreachable { url: url.to_owned(), message })
 }
 
 #[derive(Clone)]
@@ -194,7 +199,7 @@ impl Session {
         let channels = endpoints
             .urls()
             .iter()
-            .map(|url| Ok((url.clone(), channel(url)?)))
+            .map(|url| Ok((url.clone(), channel(&cfg.credentials, url)?)))
             .collect::<Result<_, SessionError>>()?;
         Ok(Self {
             cfg,
@@ -222,7 +227,7 @@ impl Session {
         if let Some(channel) = c.channels.get(&url) {
             return Ok((url, WorkerApiClient::new(channel.clone())));
         }
-        match channel(&url) {
+        match channel(&self.cfg.credentials, &url) {
             Ok(channel) => {
                 c.channels.insert(url.clone(), channel.clone());
                 Ok((url, WorkerApiClient::new(channel)))
@@ -240,10 +245,20 @@ impl Session {
     /// coordinator may serve it moves the session on (to the leader the
     /// status names, if any) for the next call; this call is not repeated.
     fn failed(&self, url: String, status: tonic::Status) -> SessionError {
+        if matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
+            let message = format!(
+                "{} (check auth_token / auth_token_file / SHARDLINE_TOKEN and the client certificate)",
+                status.message()
+            );
+            return SessionError::Refused { url, message };
+        }
         if !should_try_another(status.code()) {
             return SessionError::Rpc(status);
         }
-        let message = describe(&status);
+        let mut message = describe(&status);
+        if let Some(hint) = shardline_proto::credentials::tls_hint(&url, &message) {
+            message = format!("{message} ({hint})");
+        }
         let hint = leader_hint(&status);
         let moved = crate::lock(&self.coordinators).endpoints.failed(&url, hint).map(str::to_owned);
         if let Some(to) = moved {
@@ -259,13 +274,7 @@ impl Session {
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &self.cfg.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
+        self.cfg.credentials.request(message)
     }
 
     /// Registers, quoting what the worker still runs; retries until answered.
@@ -303,7 +312,7 @@ impl Session {
             .without_max_times();
         let retried = attempt
             .retry(backoff)
-            .when(|e| !matches!(e, SessionError::Protocol(_)))
+            .when(|e| !matches!(e, SessionError::Protocol(_) | SessionError::Refused { .. }))
             .notify(|e, wait| tracing::warn!(error = %e, ?wait, "register failed; retrying"));
         tokio::select! {
             result = retried => result,
@@ -704,7 +713,7 @@ mod tests {
             handlers: vec!["log".into()],
             capacity: 0,
             concurrency: 1,
-            token: None,
+            credentials: Credentials::default(),
         })
         .unwrap_or_else(|e| panic!("{e}"))
     }

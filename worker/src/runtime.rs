@@ -128,7 +128,7 @@ pub async fn run(
         handlers: ready.keys().cloned().collect(),
         capacity: config.capacity,
         concurrency: config.concurrency(),
-        token: config.auth_token.clone(),
+        credentials: config.credentials()?,
     })?;
 
     let usage = UsageMeter::default();
