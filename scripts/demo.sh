@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/brokers.sh up
+scripts/build-deps.sh
 cargo build --release --workspace --bins
 bin=target/release
 echo

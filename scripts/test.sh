@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/brokers.sh up
+scripts/build-deps.sh
 cargo build --workspace --bins
 cargo test --workspace "$@"

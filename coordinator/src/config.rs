@@ -1003,6 +1003,45 @@ mod tests {
         assert_eq!(parsed.ok(), Some(c));
     }
 
+    /// Off loopback: a credential and TLS (or `insecure`); tokens from
+    /// files, one source each, distinct per role.
+    #[test]
+    fn security_is_required_off_loopback_and_tokens_come_from_files() -> Result<(), std::io::Error> {
+        let dir = tempfile::tempdir()?;
+        let token = dir.path().join("admin");
+        std::fs::write(&token, "adm-token\n")?;
+        let pem = dir.path().join("cert.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")?;
+        let wide = Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            auth_token_file: Some(token.clone()),
+            ..Config::default()
+        };
+        let field = |c: &Config| c.validate().map_err(|e| e.field);
+        assert_eq!(field(&wide), Err("tls".into()), "no TLS off loopback");
+        assert_eq!(field(&Config { insecure: true, ..wide.clone() }), Ok(()));
+        let tls = ServerTls { cert: pem.clone(), key: pem.clone(), client_ca: None };
+        assert_eq!(field(&Config { tls: Some(tls.clone()), ..wide.clone() }), Ok(()));
+        let missing = ServerTls { key: dir.path().join("absent"), ..tls.clone() };
+        assert_eq!(field(&Config { tls: Some(missing), ..wide.clone() }), Err("tls.key".into()));
+        // Mutual TLS alone is a credential.
+        let mutual = ServerTls { client_ca: Some(pem.clone()), ..tls.clone() };
+        let certs_only = Config { tls: Some(mutual), auth_token_file: None, ..wide.clone() };
+        assert_eq!(field(&certs_only), Ok(()));
+        let nothing = Config { tls: Some(tls), auth_token_file: None, ..wide.clone() };
+        assert_eq!(field(&nothing), Err("auth_token".into()));
+
+        let tokens = wide.tokens().map(|t| t.admin);
+        assert_eq!(tokens, Ok(Some("adm-token".into())), "the file's newline is not part of the token");
+        let both = Config { auth_token: Some("x".into()), ..wide.clone() };
+        assert_eq!(field(&both), Err("auth_token_file".into()));
+        let same = Config { worker_token: Some("adm-token".into()), insecure: true, ..wide.clone() };
+        assert_eq!(field(&same), Err("worker_token".into()), "roles may not share a token");
+        let spaced = Config { viewer_token: Some("a b".into()), insecure: true, ..wide.clone() };
+        assert_eq!(field(&spaced), Err("viewer_token".into()));
+        Ok(())
+    }
+
     /// parse → serialize → parse gives the same value, for the shipped
     /// example and for one that sets what the example leaves out.
     #[test]

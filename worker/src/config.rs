@@ -181,6 +181,35 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_an_https_coordinator_and_the_token_one_source() -> Result<(), std::io::Error> {
+        let dir = std::env::temp_dir().join(format!("shardline-worker-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let pem = dir.join("ca.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")?;
+        let token = dir.join("token");
+        std::fs::write(&token, "wrk\n")?;
+        let base = WorkerConfig {
+            tls: Some(ClientTls { ca: pem.clone(), cert: None, key: None }),
+            auth_token_file: Some(token.clone()),
+            ..WorkerConfig::hosting(["log"])
+        };
+        let field = |c: &WorkerConfig| c.validate().map_err(|e| e.field);
+        assert_eq!(field(&base), Err("tls".into()), "tls with only http:// URLs is a mistake");
+        let https = WorkerConfig { coordinator: "https://c:7400".into(), ..base.clone() };
+        assert_eq!(field(&https), Ok(()));
+        let both = WorkerConfig { auth_token: Some("x".into()), ..https.clone() };
+        assert_eq!(field(&both), Err("auth_token_file".into()));
+        let gone = WorkerConfig { auth_token_file: Some(dir.join("absent")), ..https.clone() };
+        assert_eq!(field(&gone), Err("auth_token_file".into()));
+        let Ok(credentials) = https.credentials() else { panic!("credentials of a valid config") };
+        let request = credentials.request(());
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        assert_eq!(header, Some("Bearer wrk"));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn parses_and_names_bad_fields() {
         let ok = WorkerConfig::parse("[handlers.log]\n[handlers.forward]\ntopic = \"r\"\n");
         let ok = ok.unwrap_or_else(|e| panic!("{e}"));
