@@ -318,15 +318,18 @@ impl Online {
             };
             match rpc(client, self.req(message.clone())).await {
                 Ok(reply) => return Ok(reply.into_inner()),
-                Err(status) if should_try_another(status.code()) => {
-                    self.endpoints.failed(&url, leader_hint(&status));
-                    let mut error = describe(&status);
-                    if let Some(hint) = shardline_proto::credentials::tls_hint(&url, &error) {
-                        error = format!("{error}; {hint}");
+                Err(status) => {
+                    // A connection TLS broke on one side is a failure of this
+                    // URL, whatever code the transport gave it.
+                    let described = describe(&status);
+                    let hint = shardline_proto::credentials::tls_hint(&url, &status);
+                    if hint.is_none() && !should_try_another(status.code()) {
+                        return Err(status.into());
                     }
+                    self.endpoints.failed(&url, leader_hint(&status));
+                    let error = hint.map_or_else(|| described.clone(), |h| format!("{described}; {h}"));
                     tried.push(Tried { url, error });
                 }
-                Err(status) => return Err(status.into()),
             }
         }
         let each: Vec<String> = tried.iter().map(|t| format!("{} ({})", t.url, t.error)).collect();

@@ -89,10 +89,16 @@ impl Credentials {
 
 /// A hint for a failed call's message when the failure looks like TLS on
 /// one side only: a plaintext client to a TLS coordinator sees its
-/// connection dropped, a TLS client to a plaintext one sees a handshake
-/// error.
-pub fn tls_hint(url: &str, described: &str) -> Option<&'static str> {
-    let lower = described.to_ascii_lowercase();
+/// connection dropped or an HTTP/2 protocol error, a TLS client to a
+/// plaintext one (or with the wrong CA) a handshake error. Only transport
+/// failures qualify: an answer from the coordinator (a refused token, say)
+/// never does.
+pub fn tls_hint(url: &str, status: &tonic::Status) -> Option<&'static str> {
+    use tonic::Code;
+    if !matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled) {
+        return None;
+    }
+    let lower = crate::endpoints::describe(status).to_ascii_lowercase();
     let transport =
         ["connection reset", "broken pipe", "h2 protocol error", "connection closed", "unexpected eof"]
             .iter()

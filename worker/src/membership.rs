@@ -252,11 +252,14 @@ impl Session {
             );
             return SessionError::Refused { url, message };
         }
-        if !should_try_another(status.code()) {
+        let mut message = describe(&status);
+        // A connection TLS broke on one side fails this URL, whatever code
+        // the transport gave it (a reset, or an HTTP/2 protocol error).
+        let hint = shardline_proto::credentials::tls_hint(&url, &status);
+        if hint.is_none() && !should_try_another(status.code()) {
             return SessionError::Rpc(status);
         }
-        let mut message = describe(&status);
-        if let Some(hint) = shardline_proto::credentials::tls_hint(&url, &message) {
+        if let Some(hint) = hint {
             message = format!("{message} ({hint})");
         }
         let hint = leader_hint(&status);
