@@ -148,14 +148,17 @@ mod tests {
 
     #[test]
     fn hints_name_tls_when_only_one_side_speaks_it() {
-        assert!(
-            tls_hint("http://c:7400", "Unavailable: error trying to connect: connection reset by peer")
-                .is_some()
-        );
-        assert!(
-            tls_hint("https://c:7400", "Unknown: transport error: invalid peer certificate: UnknownIssuer")
-                .is_some()
-        );
-        assert!(tls_hint("http://c:7400", "Unavailable: tcp connect error: Connection refused").is_none());
+        use tonic::Status;
+        let reset = Status::unavailable("error trying to connect: connection reset by peer");
+        assert!(tls_hint("http://c:7400", &reset).is_some());
+        assert!(tls_hint("https://c:7400", &reset).is_none(), "a reset says nothing about TLS on https");
+        let h2 = Status::internal("h2 protocol error: http2 error");
+        assert!(tls_hint("http://c:7400", &h2).is_some());
+        let issuer = Status::unknown("transport error: invalid peer certificate: UnknownIssuer");
+        assert!(tls_hint("https://c:7400", &issuer).is_some());
+        let refused = Status::unavailable("tcp connect error: Connection refused");
+        assert!(tls_hint("http://c:7400", &refused).is_none());
+        let answered = Status::permission_denied("the client certificate names no role");
+        assert!(tls_hint("https://c:7400", &answered).is_none(), "an answer is not a TLS failure");
     }
 }
