@@ -36,6 +36,8 @@ impl Api {
         cfg: std::sync::Arc<crate::config::Config>,
         subscriptions: crate::amqp::StatusTable,
     ) -> Self {
+        // Served at 0 from the start, so "none" is a value, not a gap.
+        metrics::counter!("shardline_usage_unknown_mappings_total").increment(0);
         let offsets = match crate::offsets::Offsets::new(&cfg.kafka_brokers) {
             Ok(o) => Some(o),
             Err(e) => {
@@ -130,6 +132,11 @@ fn checkpoint_result(outcome: CheckpointOutcome) -> v1::CheckpointResult {
         CheckpointOutcome::UnknownLease => {
             v1::CheckpointResult { status: S::UnknownLease as i32, current_epoch: 0, checkpoint: None }
         }
+        // Answered as INVALID_ARGUMENT by `Api::verified` before it gets
+        // here; unspecified (not OK) if it ever did.
+        CheckpointOutcome::BeyondWatermark { .. } => {
+            v1::CheckpointResult { status: S::Unspecified as i32, current_epoch: 0, checkpoint: None }
+        }
     }
 }
 
@@ -137,7 +144,16 @@ fn held(held: &[v1::HeldLease]) -> Result<Vec<(LeaseId, u64)>, Status> {
     held.iter().map(|h| Ok((LeaseId::try_from(h.lease.as_ref()).map_err(bad)?, h.epoch))).collect()
 }
 
-fn load(report: Option<v1::LoadReport>) -> Result<WorkerLoad, Status> {
+/// A worker's load report in domain terms. Usage of a mapping the config
+/// does not name is dropped (logged and counted), so a worker cannot make
+/// the coordinator store buckets under names of its choosing; the handler
+/// recorded is the config's, not the worker's word. The load figures are
+/// checked by the core, which knows which leases the worker holds.
+fn load(
+    config: &crate::config::Config,
+    worker: &str,
+    report: Option<v1::LoadReport>,
+) -> Result<WorkerLoad, Status> {
     let Some(report) = report else { return Ok(WorkerLoad::default()) };
     let mut leases = std::collections::BTreeMap::new();
     for l in report.leases {
@@ -153,20 +169,22 @@ fn load(report: Option<v1::LoadReport>) -> Result<WorkerLoad, Status> {
             },
         );
     }
-    let usage = report
-        .usage
-        .into_iter()
-        .map(|u| {
-            let counts = crate::usage::Counts {
-                handler: u.handler,
-                batches: u.batches,
-                records: u.records,
-                handler_ms: u.handler_ms,
-                billed_units: u.billed_units,
-            };
-            (u.mapping, counts)
-        })
-        .collect();
+    let mut usage = Vec::with_capacity(report.usage.len());
+    for u in report.usage {
+        let Some(handler) = mapping_handler(config, &u.mapping) else {
+            metrics::counter!("shardline_usage_unknown_mappings_total").increment(1);
+            tracing::warn!(%worker, mapping = %u.mapping, "usage report for a mapping the config does not name; dropped");
+            continue;
+        };
+        let counts = crate::usage::Counts {
+            handler: handler.to_owned(),
+            batches: u.batches,
+            records: u.records,
+            handler_ms: u.handler_ms,
+            billed_units: u.billed_units,
+        };
+        usage.push((u.mapping, counts));
+    }
     Ok(WorkerLoad {
         cpu: report.cpu,
         inflight_batches: report.inflight_batches,
@@ -174,6 +192,12 @@ fn load(report: Option<v1::LoadReport>) -> Result<WorkerLoad, Status> {
         unhealthy: Vec::new(),
         usage,
     })
+}
+
+/// The handler of the stream or subscription called `mapping`, if configured.
+fn mapping_handler<'a>(config: &'a crate::config::Config, mapping: &str) -> Option<&'a str> {
+    let stream = config.streams.iter().find(|s| s.name == mapping).map(|s| s.handler.as_str());
+    stream.or_else(|| config.subscriptions.iter().find(|s| s.name == mapping).map(|s| s.handler.as_str()))
 }
 
 fn load_report(load: &WorkerLoad) -> v1::LoadReport {
@@ -248,7 +272,7 @@ impl WorkerApi for Api {
     ) -> Result<Response<v1::HeartbeatReply>, Status> {
         let req = req.into_inner();
         let worker = worker_id(&req.worker_id)?;
-        let mut load = load(req.load)?;
+        let mut load = load(&self.config, &worker, req.load)?;
         load.unhealthy = req.unhealthy;
         let beat = Beat { incarnation: req.incarnation, held: held(&req.held)?.into_iter().collect(), load };
         let draining = req.draining;
@@ -278,11 +302,7 @@ impl WorkerApi for Api {
             let lease = LeaseId::try_from(e.lease.as_ref()).map_err(bad)?;
             entries.push(CheckpointCmd { lease, epoch: e.epoch, offset: e.offset });
         }
-        let outcomes = self
-            .leader()?
-            .call(|reply| Command::Checkpoint { worker, entries, reply })
-            .await
-            .map_err(closed)?;
+        let outcomes = self.verified(&worker, entries).await?;
         Ok(Response::new(v1::CheckpointReply {
             results: outcomes.into_iter().map(checkpoint_result).collect(),
         }))
@@ -296,11 +316,21 @@ impl WorkerApi for Api {
         let worker = worker_id(&req.worker_id)?;
         let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
         let (epoch, offset) = (req.epoch, req.offset);
-        let outcome = self
-            .leader()?
-            .call(|reply| Command::ReleaseDone { worker, lease, epoch, offset, reply })
-            .await
-            .map_err(closed)?;
+        let release = |worker: String, lease: LeaseId| async move {
+            let handle = self.leader()?;
+            handle
+                .call(|reply| Command::ReleaseDone { worker, lease, epoch, offset, reply })
+                .await
+                .map_err(closed)
+        };
+        let mut outcome = release(worker.clone(), lease.clone()).await?;
+        if let (CheckpointOutcome::BeyondWatermark { high }, Some(offset)) = (outcome, offset) {
+            self.reread_watermarks(&[(&lease, offset, high)]).await?;
+            outcome = release(worker, lease.clone()).await?;
+            if let CheckpointOutcome::BeyondWatermark { high } = outcome {
+                return Err(beyond_watermark(&lease, offset, high));
+            }
+        }
         Ok(Response::new(v1::ReleaseDoneReply { status: checkpoint_result(outcome).status }))
     }
 
@@ -378,13 +408,12 @@ impl AdminApi for Api {
     ) -> Result<Response<v1::LeaseInfo>, Status> {
         allow(&req, Access::Read)?;
         let id = LeaseId::try_from(req.into_inner().lease.as_ref()).map_err(bad)?;
-        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
-        snapshot
-            .leases
-            .iter()
-            .find(|l| l.record.lease == id)
-            .map(|l| Response::new(lease_info(l, snapshot.now)))
-            .ok_or_else(|| Status::not_found(format!("unknown lease `{id}`")))
+        let lease = id.clone();
+        let found = self.leader()?.call(|reply| Command::Lease { lease, reply }).await.map_err(closed)?;
+        match found {
+            Ok(l) => Ok(Response::new(lease_info(&l, std::time::Instant::now()))),
+            Err(_) => Err(Status::not_found(format!("unknown lease `{id}`"))),
+        }
     }
 
     async fn set_checkpoint(
@@ -395,10 +424,7 @@ impl AdminApi for Api {
         let req = req.into_inner();
         let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
         let target = target(req.target)?;
-        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
-        if !snapshot.leases.iter().any(|l| l.record.lease == lease) {
-            return Err(unknown_lease(&lease, &snapshot.leases));
-        }
+        self.known(vec![lease.clone()]).await?;
         let offset = self.resolve(&lease, target).await?;
         self.apply(vec![(lease, offset)], req.dry_run).await
     }
@@ -457,13 +483,14 @@ impl AdminApi for Api {
     ) -> Result<Response<v1::CheckpointPlan>, Status> {
         allow(&req, Access::Write)?;
         let req = req.into_inner();
-        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
+        let leases = req
+            .checkpoints
+            .iter()
+            .map(|c| LeaseId::try_from(c.lease.as_ref()).map_err(bad))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.known(leases.clone()).await?;
         let mut changes = Vec::with_capacity(req.checkpoints.len());
-        for c in &req.checkpoints {
-            let lease = LeaseId::try_from(c.lease.as_ref()).map_err(bad)?;
-            if !snapshot.leases.iter().any(|l| l.record.lease == lease) {
-                return Err(unknown_lease(&lease, &snapshot.leases));
-            }
+        for (lease, c) in leases.into_iter().zip(&req.checkpoints) {
             let offset = self.resolve(&lease, Target::Offset(c.checkpoint)).await?;
             changes.push((lease, offset));
         }
@@ -481,11 +508,11 @@ impl AdminApi for Api {
     async fn health(&self, req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
         allow(&req, Access::Read)?;
         let (handle, term) = self.leading()?;
-        let snapshot = handle.call(Command::Snapshot).await.map_err(closed)?;
+        let (workers, leases) = handle.call(Command::Counts).await.map_err(closed)?;
         Ok(Response::new(v1::HealthReply {
             status: "serving".into(),
-            workers: snapshot.workers.iter().filter(|w| !w.restored).count() as u32,
-            leases: snapshot.leases.len() as u32,
+            workers,
+            leases,
             version: env!("CARGO_PKG_VERSION").into(),
             leader: self.role.address.clone(),
             term,
@@ -589,9 +616,16 @@ fn target(t: Option<v1::Target>) -> Result<Target, Status> {
     }
 }
 
-fn unknown_lease(lease: &LeaseId, leases: &[Lease]) -> Status {
-    let same: Vec<u32> =
-        leases.iter().filter(|l| l.record.lease.name == lease.name).map(|l| l.record.lease.index).collect();
+/// A checkpoint past the partition's high watermark, as just read from Kafka.
+fn beyond_watermark(lease: &LeaseId, offset: i64, high: i64) -> Status {
+    Status::invalid_argument(format!(
+        "checkpoint of `{lease}` at offset {offset} is past the partition's high watermark {high}; \
+         allowed: at most {high} (the next offset to be written); nothing changed"
+    ))
+}
+
+/// `same`: the indexes the table has under the lease's kind and name.
+fn unknown_lease(lease: &LeaseId, same: &[u32]) -> Status {
     match (same.first(), same.last()) {
         (Some(first), Some(last)) => {
             Status::not_found(format!("unknown lease `{lease}`; `{}` has {first}..={last}", lease.name))
@@ -606,13 +640,12 @@ impl Api {
     /// The shards of `stream` (every stream's when empty); an unknown
     /// stream is an error naming the known ones.
     async fn shards(&self, stream: &str) -> Result<Vec<Lease>, Status> {
-        let snapshot = self.leader()?.call(Command::Snapshot).await.map_err(closed)?;
-        let shards: Vec<Lease> = snapshot
-            .leases
-            .into_iter()
-            .filter(|l| l.record.lease.kind == LeaseKind::Shard)
-            .filter(|l| stream.is_empty() || l.record.lease.name == stream)
-            .collect();
+        let name = (!stream.is_empty()).then(|| stream.to_owned());
+        let shards = self
+            .leader()?
+            .call(|reply| Command::Leases { kind: LeaseKind::Shard, name, reply })
+            .await
+            .map_err(closed)?;
         if shards.is_empty() && !stream.is_empty() {
             let known: BTreeSet<&str> = self.config.streams.iter().map(|s| s.name.as_str()).collect();
             let known: Vec<&str> = known.into_iter().collect();
@@ -622,6 +655,80 @@ impl Api {
             )));
         }
         Ok(shards)
+    }
+
+    /// NOT_FOUND naming the first of `leases` the table does not have.
+    async fn known(&self, leases: Vec<LeaseId>) -> Result<(), Status> {
+        let missing =
+            self.leader()?.call(|reply| Command::Missing { leases, reply }).await.map_err(closed)?;
+        match missing {
+            Some((lease, same)) => Err(unknown_lease(&lease, &same)),
+            None => Ok(()),
+        }
+    }
+
+    /// A worker's checkpoints. Those past the high watermark the core last
+    /// read are checked against a fresh read from Kafka (the log may have
+    /// grown since) and sent once more; one still past it is refused with
+    /// INVALID_ARGUMENT and changed nothing (the others in the call were
+    /// applied, and a worker's retry of them is harmless).
+    async fn verified(
+        &self,
+        worker: &str,
+        entries: Vec<CheckpointCmd>,
+    ) -> Result<Vec<CheckpointOutcome>, Status> {
+        let call = |entries: Vec<CheckpointCmd>| async move {
+            let worker = worker.to_owned();
+            let handle = self.leader()?;
+            handle.call(|reply| Command::Checkpoint { worker, entries, reply }).await.map_err(closed)
+        };
+        let mut outcomes = call(entries.clone()).await?;
+        let beyond: Vec<usize> = (0..outcomes.len())
+            .filter(|i| matches!(outcomes[*i], CheckpointOutcome::BeyondWatermark { .. }))
+            .collect();
+        if beyond.is_empty() {
+            return Ok(outcomes);
+        }
+        let stale: Vec<(&LeaseId, i64, i64)> = beyond
+            .iter()
+            .filter_map(|i| match outcomes[*i] {
+                CheckpointOutcome::BeyondWatermark { high } => {
+                    Some((&entries[*i].lease, entries[*i].offset, high))
+                }
+                _ => None,
+            })
+            .collect();
+        self.reread_watermarks(&stale).await?;
+        let again = call(beyond.iter().map(|i| entries[*i].clone()).collect()).await?;
+        for (i, outcome) in beyond.into_iter().zip(again) {
+            if let CheckpointOutcome::BeyondWatermark { high } = outcome {
+                return Err(beyond_watermark(&entries[i].lease, entries[i].offset, high));
+            }
+            outcomes[i] = outcome;
+        }
+        Ok(outcomes)
+    }
+
+    /// Reads the high watermarks of `(lease, offset, last known)` from
+    /// Kafka and gives them to the core. A partition that cannot be read
+    /// is UNAVAILABLE (retry): the offset is past what was last read, and
+    /// only a fresh read may let it through.
+    async fn reread_watermarks(&self, stale: &[(&LeaseId, i64, i64)]) -> Result<(), Status> {
+        let offsets = self.offsets.as_ref();
+        let reads = stale.iter().map(|(lease, offset, known)| async move {
+            let read = match offsets {
+                Some(o) => o.watermarks(&lease.name, lease.index).await,
+                None => Err("no Kafka client".to_owned()),
+            };
+            read.map(|(_, high)| ((*lease).clone(), high)).map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot read the high watermark of `{lease}` to check checkpoint {offset} \
+                     (last read: {known}): {e}; retry"
+                ))
+            })
+        });
+        let highs = futures::future::join_all(reads).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+        self.leader()?.send(Command::Watermarks(highs)).await.map_err(closed)
     }
 
     async fn resolve(&self, lease: &LeaseId, target: Target) -> Result<i64, Status> {

@@ -1,14 +1,16 @@
 //! Shard discovery: the partitions of each configured stream come from Kafka
 //! metadata (through rdkafka), re-read every `discovery_interval`, so a
 //! partition added while running gets a lease. Discovery only ever adds
-//! leases. (Queue slots come from [`crate::amqp`]'s scaler.)
+//! leases. (Queue slots come from [`crate::amqp`]'s scaler.) Each round
+//! also reads every partition's high watermark, the core's bound on
+//! checkpoints (a worker's own figures are not trusted for it).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use shardline_proto::LeaseKind;
+use shardline_proto::{LeaseId, LeaseKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -65,10 +67,9 @@ pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToke
             _ = interval.tick() => {}
         }
         for stream in &streams {
-            let consumer = consumer.clone();
-            let topic = stream.name.clone();
+            let (reader, topic) = (consumer.clone(), stream.name.clone());
             let timeout = config.discovery_interval.max(Duration::from_secs(5));
-            let result = tokio::task::spawn_blocking(move || partition_count(&consumer, &topic, timeout))
+            let result = tokio::task::spawn_blocking(move || partition_count(&reader, &topic, timeout))
                 .await
                 .unwrap_or_else(|e| Err(DiscoveryError::Client(e.to_string())));
             // A missing topic is reported as zero partitions: the mapping
@@ -94,6 +95,17 @@ pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToke
                     if handle.send(command).await.is_err() {
                         return;
                     }
+                    // After the leases exist (the core keeps watermarks of
+                    // its leases only).
+                    let (consumer, topic) = (consumer.clone(), stream.name.clone());
+                    let highs = tokio::task::spawn_blocking(move || {
+                        high_watermarks(&consumer, &topic, count, timeout)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    if !highs.is_empty() && handle.send(Command::Watermarks(highs)).await.is_err() {
+                        return;
+                    }
                 }
                 Err(e) => {
                     metrics::counter!("shardline_discovery_errors_total", "stream" => stream.name.clone())
@@ -117,4 +129,26 @@ fn partition_count(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> R
         return Err(DiscoveryError::NoTopic(topic.to_owned()));
     }
     Ok(t.partitions().len() as u32)
+}
+
+/// The high watermarks of the first `count` partitions of `topic`, up to
+/// the first that does not answer (the rest are read next round rather
+/// than each waiting out the timeout). Blocking.
+fn high_watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    count: u32,
+    timeout: Duration,
+) -> Vec<(LeaseId, i64)> {
+    let mut highs = Vec::with_capacity(count as usize);
+    for p in 0..count {
+        match consumer.fetch_watermarks(topic, p as i32, timeout) {
+            Ok((_, high)) => highs.push((LeaseId::shard(topic, p), high)),
+            Err(e) => {
+                tracing::debug!(%topic, partition = p, error = %e, "high watermarks not read; next round");
+                break;
+            }
+        }
+    }
+    highs
 }

@@ -4,8 +4,17 @@
 //! routes to it). Names are `shardline_*`; gauges are republished from the
 //! core after every turn of the service loop, counters are bumped where the
 //! event happens.
+//!
+//! Per-worker series (`shardline_worker_utilisation{worker}`) are not kept
+//! in the recorder: its registry never forgets a label set, so every
+//! worker id ever seen (each `kill -9`ed pod has a new one) would stay
+//! served and held forever. They are rendered at each scrape from the
+//! table's live workers instead, so a worker that expires or deregisters
+//! is gone from the next scrape and from memory.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -16,6 +25,40 @@ use crate::role::Role;
 
 /// How often histograms are compacted (what the exporter's own listener did).
 const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Each live worker's utilisation as last published by the leader's loop;
+/// empty while this coordinator does not lead.
+static UTILISATION: Mutex<BTreeMap<String, f64>> = Mutex::new(BTreeMap::new());
+
+fn utilisation() -> std::sync::MutexGuard<'static, BTreeMap<String, f64>> {
+    // A panic while holding it cannot leave the map half-written in a way
+    // that matters: it is replaced whole on the next publish.
+    UTILISATION.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The recorder's output and the per-worker series.
+fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    text.push_str(&render_workers(&utilisation()));
+    text
+}
+
+/// `shardline_worker_utilisation` for exactly these workers, in the
+/// Prometheus text format (label values escaped: worker ids come from
+/// workers).
+fn render_workers(workers: &BTreeMap<String, f64>) -> String {
+    let mut text = String::new();
+    if workers.is_empty() {
+        return text;
+    }
+    text.push_str("# TYPE shardline_worker_utilisation gauge\n");
+    for (worker, u) in workers {
+        let escaped = worker.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        text.push_str(&format!("shardline_worker_utilisation{{worker=\"{escaped}\"}} {u}\n"));
+    }
+    text.push('\n');
+    text
+}
 
 /// Installs the global recorder and serves the endpoint on `addr` until
 /// `stop`.
@@ -51,7 +94,7 @@ pub async fn install(
 fn router(handle: PrometheusHandle, role: Role) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
-        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/metrics", get(move || std::future::ready(render(&handle))))
         .route("/healthz", get(|| std::future::ready("ok\n")))
         .route(
             "/readyz",
@@ -67,6 +110,10 @@ fn router(handle: PrometheusHandle, role: Role) -> axum::Router {
 
 /// 1 on the coordinator that leads (always, with sled), and its term.
 pub(crate) fn leading(yes: bool, term: u64) {
+    if !yes {
+        // Only the leader's table has live workers.
+        utilisation().clear();
+    }
     metrics::gauge!("shardline_coordinator_leader").set(if yes { 1.0 } else { 0.0 });
     metrics::gauge!("shardline_coordinator_term").set(term as f64);
 }
@@ -104,8 +151,46 @@ pub(crate) fn publish(core: &Core) {
     metrics::counter!("shardline_rebalance_moves_total").absolute(c.rebalance_moves);
     metrics::counter!("shardline_handoffs_forced_total").absolute(c.forced_handoffs);
     metrics::counter!("shardline_load_moves_total").absolute(c.load_moves);
+    metrics::counter!("shardline_load_figures_dropped_total").absolute(c.load_figures_dropped);
     metrics::gauge!("shardline_desired_workers").set(f64::from(core.desired_workers()));
-    for (worker, u) in core.utilisation() {
-        metrics::gauge!("shardline_worker_utilisation", "worker" => worker).set(u);
+    *utilisation() = core.utilisation();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    use shardline_proto::LeaseKind;
+
+    use super::*;
+    use crate::core::{CoreConfig, Registration};
+
+    /// The series of a worker that left are gone from the next scrape;
+    /// hostile ids cannot break the format.
+    #[test]
+    fn per_worker_series_are_exactly_the_live_workers() {
+        let t = Instant::now();
+        let mut core = Core::new(CoreConfig::default());
+        core.discovered(t, LeaseKind::Shard, "s", "h", 4);
+        for w in ["a", "b", "evil\"} 1\nshardline_x 9"] {
+            let handlers = BTreeSet::from(["h".to_owned()]);
+            core.register(t, Registration { worker: w.into(), handlers, ..Registration::default() });
+        }
+        publish(&core);
+        let text = render_workers(&utilisation());
+        assert_eq!(text.matches("shardline_worker_utilisation{").count(), 3, "{text}");
+        assert!(text.contains(r#"worker="evil\"} 1\nshardline_x 9""#), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("shardline_x")), "{text}");
+        core.deregister(t, "b");
+        // Expire `a` (and the other one): silent past the session timeout.
+        publish(&core);
+        let text = render_workers(&utilisation());
+        assert!(!text.contains(r#"worker="b""#), "{text}");
+        core.tick(t + CoreConfig::default().session_timeout * 2);
+        publish(&core);
+        assert_eq!(render_workers(&utilisation()), "", "expired workers still served");
+        leading(false, 0);
+        assert!(utilisation().is_empty());
     }
 }

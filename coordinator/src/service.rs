@@ -110,6 +110,27 @@ pub enum Command {
         dry_run: bool,
         reply: Reply<Result<Vec<Before>, CoreError>>,
     },
+    /// Shards' high watermarks as read from Kafka (discovery, or a fresh
+    /// read before a checkpoint past the known one is refused).
+    Watermarks(Vec<(LeaseId, i64)>),
+    /// One lease, or (unknown) the indexes its name has.
+    Lease {
+        lease: LeaseId,
+        reply: Reply<Result<Lease, Vec<u32>>>,
+    },
+    /// Leases of one kind, of one name (all when `None`).
+    Leases {
+        kind: LeaseKind,
+        name: Option<String>,
+        reply: Reply<Vec<Lease>>,
+    },
+    /// The first of `leases` not in the table, with the indexes its name has.
+    Missing {
+        leases: Vec<LeaseId>,
+        reply: Reply<Option<(LeaseId, Vec<u32>)>>,
+    },
+    /// Live workers and leases, counted (for Health).
+    Counts(Reply<(u32, u32)>),
     /// Handler usage per mapping since `since_ms`, and the first minute counted.
     Usage {
         since_ms: i64,
@@ -206,6 +227,10 @@ impl<S: LeaseStore> Service<S> {
                 }
                 _ = tick.tick() => {
                     self.core.tick(Instant::now().into_std());
+                    // Usage baselines of workers the table dropped (expired)
+                    // go to the meter's small ring of departed workers.
+                    let core = &self.core;
+                    self.meter.depart_absent(|w| core.worker(w).is_some());
                     self.persist().inspect_err(store_failed)?;
                     self.persist_usage().inspect_err(store_failed)?;
                     m::publish(&self.core);
@@ -310,12 +335,13 @@ impl<S: LeaseStore> Service<S> {
             }
             Command::Heartbeat { worker, mut beat, draining, reply } => {
                 let usage = std::mem::take(&mut beat.load.usage);
+                let incarnation = beat.incarnation;
                 let result = self.core.heartbeat(now, &worker, beat);
                 if result.is_ok() {
                     if draining {
                         self.core.drain(&worker);
                     }
-                    self.meter.observe(&worker, unix_ms(), usage);
+                    self.meter.observe(&worker, incarnation, unix_ms(), usage);
                 }
                 let reveals = result.as_ref().is_ok_and(|i| !i.is_empty());
                 self.reply_if(reveals, reply, result)?;
@@ -373,6 +399,33 @@ impl<S: LeaseStore> Service<S> {
                 }
                 self.reply(reply, result)?;
             }
+            Command::Watermarks(highs) => {
+                for (lease, high) in highs {
+                    self.core.set_watermark(&lease, high);
+                }
+            }
+            Command::Lease { lease, reply } => {
+                let found = self.core.lease(&lease).cloned().ok_or_else(|| self.indexes(&lease));
+                let _ = reply.send(found);
+            }
+            Command::Leases { kind, name, reply } => {
+                let _ = reply.send(self.core.leases_of(kind, name.as_deref()).cloned().collect());
+            }
+            Command::Missing { leases, reply } => {
+                let missing = leases.into_iter().find(|l| self.core.lease(l).is_none());
+                let _ = reply.send(missing.map(|l| {
+                    let indexes = self.indexes(&l);
+                    (l, indexes)
+                }));
+            }
+            Command::Counts(reply) => {
+                let live = self.core.workers().filter(|w| !w.restored).count();
+                let leases = self.core.leases().count();
+                let _ = reply.send((
+                    u32::try_from(live).unwrap_or(u32::MAX),
+                    u32::try_from(leases).unwrap_or(u32::MAX),
+                ));
+            }
             Command::Usage { since_ms, reply } => {
                 let _ = reply.send(self.meter.totals(since_ms));
             }
@@ -388,6 +441,14 @@ impl<S: LeaseStore> Service<S> {
             }
         }
         Ok(())
+    }
+}
+
+impl<S: LeaseStore> Service<S> {
+    /// The indexes the table has under `lease`'s kind and name (for an
+    /// error naming what exists).
+    fn indexes(&self, lease: &LeaseId) -> Vec<u32> {
+        self.core.leases_of(lease.kind, Some(&lease.name)).map(|l| l.record.lease.index).collect()
     }
 }
 
@@ -670,6 +731,41 @@ mod tests {
         assert_eq!(outcomes, vec![CheckpointOutcome::Ok { checkpoint: Some(7) }]);
         let stored = store.load().unwrap_or_default();
         assert!(stored.iter().any(|r| r.lease == lease && r.checkpoint == Some(7)));
+        token.cancel();
+    }
+
+    /// Admin reads of one lease or one stream answer just that (and an
+    /// unknown lease the indexes its name has, for the error).
+    #[tokio::test(start_paused = true)]
+    async fn admin_reads_look_up_only_what_they_need() {
+        let (handle, token) = start(MemStore::default()).await;
+        register(&handle, "a").await;
+        let other =
+            Command::Discovered { kind: LeaseKind::Shard, name: "t".into(), handler: "h".into(), count: 2 };
+        assert!(handle.send(other).await.is_ok());
+        let lease = LeaseId::shard("s", 2);
+        let found = handle.call(|reply| Command::Lease { lease: lease.clone(), reply }).await;
+        assert!(
+            matches!(&found, Ok(Ok(l)) if l.record.lease == lease && l.record.owner.as_deref() == Some("a")),
+            "{found:?}"
+        );
+        let missing = handle.call(|reply| Command::Lease { lease: LeaseId::shard("s", 9), reply }).await;
+        assert!(matches!(&missing, Ok(Err(indexes)) if indexes == &[0, 1, 2, 3]), "{missing:?}");
+        let leases = vec![LeaseId::shard("t", 1), LeaseId::shard("t", 5), LeaseId::shard("s", 0)];
+        let first = handle.call(|reply| Command::Missing { leases, reply }).await;
+        assert!(
+            matches!(&first, Ok(Some((l, i))) if *l == LeaseId::shard("t", 5) && i == &[0, 1]),
+            "{first:?}"
+        );
+        let of_t = handle
+            .call(|reply| Command::Leases { kind: LeaseKind::Shard, name: Some("t".into()), reply })
+            .await;
+        let names: Vec<String> =
+            of_t.unwrap_or_default().iter().map(|l| l.record.lease.to_string()).collect();
+        assert_eq!(names, ["t/0", "t/1"]);
+        let all = handle.call(|reply| Command::Leases { kind: LeaseKind::Shard, name: None, reply }).await;
+        assert_eq!(all.map(|l| l.len()).ok(), Some(6));
+        assert_eq!(handle.call(Command::Counts).await.ok(), Some((1, 6)));
         token.cancel();
     }
 }

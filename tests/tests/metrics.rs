@@ -203,8 +203,14 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
     // Failure counters are served from the start; this healthy run has none.
     ensure!(worker.get("shardline_lease_task_failures_total")? == 0.0, "a lease task died");
 
-    // Every documented series is there, each on its own endpoint.
-    let coordinator = scrape(&coordinator_metrics).await?;
+    // Every documented series is there, each on its own endpoint. The
+    // coordinator expired the fenced worker, and per-worker series exist
+    // only for live workers: its series is back once it registered again.
+    let coordinator = eventually(Duration::from_secs(30), "the worker to register again", || async {
+        let m = scrape(&coordinator_metrics).await?;
+        Ok(m.get("shardline_worker_utilisation{worker=\"m\"}").is_ok().then_some(m))
+    })
+    .await?;
     let mut missing = Vec::new();
     for (endpoint, m, opening) in [
         ("coordinator", &coordinator, "Metrics: `shardline_"),

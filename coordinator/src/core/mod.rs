@@ -309,6 +309,12 @@ pub enum CheckpointOutcome {
         current_epoch: u64,
     },
     UnknownLease,
+    /// The offset is past the partition's high watermark as the
+    /// coordinator last read it from Kafka; nothing changed. The IO layer
+    /// reads the watermark again before it refuses (it may have moved).
+    BeyondWatermark {
+        high: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -341,6 +347,9 @@ pub struct Counters {
     pub forced_handoffs: u64,
     /// Moves planned by the `load` strategy (also in `rebalance_moves`).
     pub load_moves: u64,
+    /// Load figures ignored: about leases the reporter does not hold, or
+    /// not finite and non-negative.
+    pub load_figures_dropped: u64,
 }
 
 /// Heartbeats in a row a worker may leave an owned lease un-run (its
@@ -364,6 +373,10 @@ pub struct Core {
     /// plan was made.
     overloaded_since: Option<Instant>,
     last_plan: Option<Instant>,
+    /// The high watermark of each shard, as the coordinator last read it
+    /// from Kafka itself (never what a worker reports): a checkpoint may
+    /// not go past it. Only leases in the table, so bounded by it.
+    watermarks: BTreeMap<LeaseId, i64>,
     /// Streams discovery has reported at least once (with or without
     /// partitions): a partition that appears later starts at the earliest
     /// offset. Rebuilt on restore from the streams with leases.
@@ -383,6 +396,7 @@ impl Core {
             model: BTreeMap::new(),
             overloaded_since: None,
             last_plan: None,
+            watermarks: BTreeMap::new(),
             known_streams: BTreeSet::new(),
         }
     }
@@ -576,38 +590,71 @@ impl Core {
         worker: &str,
         beat: Beat,
     ) -> Result<Vec<Instruction>, CoreError> {
-        match self.workers.get_mut(worker) {
+        let concurrency = match self.workers.get(worker) {
             Some(w) if w.incarnation.is_some_and(|i| i != beat.incarnation) => {
-                Err(CoreError::Superseded(worker.to_owned()))
+                return Err(CoreError::Superseded(worker.to_owned()));
             }
-            Some(w) if !w.restored => {
-                w.last_seen = now;
-                let alpha = self.cfg.balancer.ema_alpha.clamp(0.01, 1.0);
-                for (lease, l) in &beat.load.leases {
-                    let owned =
-                        self.leases.get(lease).is_some_and(|x| x.record.owner.as_deref() == Some(worker));
-                    let m = self.model.entry(lease.clone()).or_default();
-                    if !owned || m.settle_until.is_some_and(|t| now < t) {
-                        continue;
-                    }
-                    m.weight = if m.measured {
-                        alpha * l.busy_ratio + (1.0 - alpha) * m.weight
-                    } else {
-                        l.busy_ratio
-                    };
-                    m.measured = true;
-                    m.lags.push_back(l.lag);
-                    while m.lags.len() > 3 {
-                        m.lags.pop_front();
-                    }
-                }
-                w.load = beat.load;
-                self.reconcile(now, worker, &beat.held);
-                Ok(self.outbox.remove(worker).unwrap_or_default())
-            }
+            Some(w) if !w.restored => w.concurrency.max(1),
             // A restored worker must register so we learn what it still runs.
-            _ => Err(CoreError::UnknownWorker(worker.to_owned())),
+            _ => return Err(CoreError::UnknownWorker(worker.to_owned())),
+        };
+        let mut beat = beat;
+        let dropped = self.admit_load(worker, concurrency, &mut beat.load);
+        if dropped > 0 {
+            self.counters.load_figures_dropped += dropped as u64;
+            tracing::warn!(
+                %worker, dropped,
+                "load report: figures of leases it does not hold, or not finite and non-negative, ignored"
+            );
         }
+        let alpha = self.cfg.balancer.ema_alpha.clamp(0.01, 1.0);
+        for (lease, l) in &beat.load.leases {
+            // Only leases the worker owns are left: entries stay bounded by
+            // the table.
+            let m = self.model.entry(lease.clone()).or_default();
+            if m.settle_until.is_some_and(|t| now < t) {
+                continue;
+            }
+            m.weight =
+                if m.measured { alpha * l.busy_ratio + (1.0 - alpha) * m.weight } else { l.busy_ratio };
+            m.measured = true;
+            m.lags.push_back(l.lag);
+            while m.lags.len() > 3 {
+                m.lags.pop_front();
+            }
+        }
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.last_seen = now;
+            w.load = beat.load;
+        }
+        self.reconcile(now, worker, &beat.held);
+        Ok(self.outbox.remove(worker).unwrap_or_default())
+    }
+
+    /// Keeps of a worker's load report only what it may say: figures of
+    /// leases it owns, each finite and not negative. A figure that is not
+    /// is no evidence, so it is dropped (not clamped to 0, which would
+    /// teach the model that the lease is idle); a busy ratio above the
+    /// worker's concurrency (more handler time than it can run) counts as
+    /// that much. Returns how many figures were dropped.
+    fn admit_load(&self, worker: &str, concurrency: u32, load: &mut WorkerLoad) -> usize {
+        let before = load.leases.len();
+        let sane = |x: f64| x.is_finite() && x >= 0.0;
+        load.leases.retain(|lease, l| {
+            self.leases.get(lease).is_some_and(|x| x.record.owner.as_deref() == Some(worker))
+                && sane(l.busy_ratio)
+                && sane(l.records_in_per_s)
+                && sane(l.records_out_per_s)
+        });
+        for l in load.leases.values_mut() {
+            l.busy_ratio = l.busy_ratio.min(f64::from(concurrency));
+        }
+        let mut dropped = before - load.leases.len();
+        if !sane(load.cpu) {
+            load.cpu = 0.0;
+            dropped += 1;
+        }
+        dropped
     }
 
     /// Compares what a worker runs with what the table gives it and queues
@@ -707,11 +754,48 @@ impl Core {
         if l.record.owner.as_deref() != Some(worker) || l.record.epoch != epoch {
             return CheckpointOutcome::Stale { current_epoch: l.record.epoch };
         }
+        if let Some(high) = self.watermarks.get(lease).copied()
+            && offset > high
+        {
+            return CheckpointOutcome::BeyondWatermark { high };
+        }
         if l.record.checkpoint.is_none_or(|c| offset > c) {
             l.record.checkpoint = Some(offset);
             self.dirty.insert(lease.clone());
         }
         CheckpointOutcome::Ok { checkpoint: l.record.checkpoint }
+    }
+
+    /// A shard's high watermark as the coordinator read it from Kafka;
+    /// ignored for a lease not in the table.
+    pub fn set_watermark(&mut self, lease: &LeaseId, high: i64) {
+        if lease.kind == LeaseKind::Shard && self.leases.contains_key(lease) {
+            self.watermarks.insert(lease.clone(), high);
+        }
+    }
+
+    /// A worker the table knows (live or restored).
+    pub fn worker(&self, id: &str) -> Option<&Worker> {
+        self.workers.get(id)
+    }
+
+    /// Leases of one kind and name (every name when `None`), in order.
+    pub fn leases_of<'a>(
+        &'a self,
+        kind: LeaseKind,
+        name: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Lease> + 'a {
+        let range = match name {
+            Some(n) => {
+                let (from, to) = (
+                    LeaseId { kind, name: n.to_owned(), index: 0 },
+                    LeaseId { kind, name: n.to_owned(), index: u32::MAX },
+                );
+                self.leases.range(from..=to)
+            }
+            None => self.leases.range(..),
+        };
+        range.map(|(_, l)| l).filter(move |l| l.record.lease.kind == kind)
     }
 
     /// The owner confirms a release (asked for, or its own on shutdown),

@@ -583,6 +583,7 @@ impl Model {
                         }
                     }
                     CheckpointOutcome::UnknownLease => panic!("{lease} exists"),
+                    CheckpointOutcome::BeyondWatermark { .. } => panic!("no watermark is known here"),
                 }
             }
             Op::Leave(w) => {
@@ -917,4 +918,144 @@ fn a_joining_worker_fills_within_two_heartbeats_under_load() {
     println!("the joining worker owned its 3 of 9 leases after {beats} heartbeat round(s)");
     assert_eq!(owned(&core), 3, "its share");
     assert!(beats <= 2, "took {beats} heartbeat rounds");
+}
+
+// ------------------------------------------------- hostile worker input
+
+/// A `load` core with 8 shards, all on `a` (settle off, so reports count
+/// at once).
+fn loaded_core(t: Instant) -> Core {
+    let balancer =
+        Balancer { strategy: super::Strategy::Load, settle: Duration::ZERO, ..Balancer::default() };
+    let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
+    core.discovered(t, LeaseKind::Shard, "s", H, 8);
+    core.register(t, reg("a"));
+    core
+}
+
+/// A report of `busy` for every lease `worker` owns.
+fn every_lease_at(core: &Core, worker: &str, busy: f64) -> WorkerLoad {
+    let leases = core
+        .owned_by(worker)
+        .map(|l| (l.record.lease.clone(), LeaseLoad { busy_ratio: busy, ..LeaseLoad::default() }))
+        .collect();
+    WorkerLoad { leases, ..WorkerLoad::default() }
+}
+
+/// NaN, infinite or negative figures are no evidence: they are dropped
+/// (the model keeps what honest reports taught it), so
+/// `shardline_desired_workers`, which an autoscaler follows, stays what the
+/// honest load needs: 8 × 0.3 of handler time at 0.7 per worker is 4.
+#[test]
+fn nonsense_load_figures_do_not_poison_the_model_or_desired_workers() {
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -5.0] {
+        let t = Instant::now();
+        let mut core = loaded_core(t);
+        let load = every_lease_at(&core, "a", bad);
+        beat(&mut core, t, "a", load).unwrap_or_default();
+        assert!(
+            core.model.values().all(|m| m.weight.is_finite() && m.weight >= 0.0),
+            "busy_ratio {bad}: the model took it: {:?}",
+            core.model.values().map(|m| m.weight).collect::<Vec<_>>()
+        );
+        for s in 1..4 {
+            let load = every_lease_at(&core, "a", 0.3);
+            beat(&mut core, t + Duration::from_secs(s), "a", load).unwrap_or_default();
+        }
+        assert_eq!(core.desired_workers(), 4, "after busy_ratio {bad} and honest reports of 0.3");
+        let shown = core.workers().find(|w| w.id == "a").map(|w| w.load.clone()).unwrap_or_default();
+        assert!(shown.leases.values().all(|l| l.busy_ratio.is_finite()), "{shown:?}");
+    }
+}
+
+/// An infinite report alone (nothing honest after it) must not ask for
+/// u32::MAX workers either; a figure above what the worker can run (its
+/// concurrency) counts as that much.
+#[test]
+fn desired_workers_is_bounded_by_the_leases() {
+    let t = Instant::now();
+    let mut core = loaded_core(t);
+    let load = every_lease_at(&core, "a", f64::INFINITY);
+    beat(&mut core, t, "a", load).unwrap_or_default();
+    assert!(core.desired_workers() <= 8, "{} workers for 8 leases", core.desired_workers());
+    let load = every_lease_at(&core, "a", 1e300);
+    beat(&mut core, t + Duration::from_secs(1), "a", load).unwrap_or_default();
+    assert!(core.model.values().all(|m| m.weight <= 1.0), "clamped to the concurrency (1)");
+    assert_eq!(core.desired_workers(), 8, "8 leases each using a whole worker need 8, not more");
+}
+
+/// Load for a lease the worker does not own (unknown, or another's) creates
+/// nothing: no model entry, nothing shown as its load.
+#[test]
+fn load_for_leases_a_worker_does_not_hold_creates_no_state() {
+    let t = Instant::now();
+    let mut core = loaded_core(t);
+    core.register(t, reg("b"));
+    let before = core.model.len();
+    let mut load = WorkerLoad::default();
+    for i in 0..100 {
+        load.leases.insert(LeaseId::shard("ghost", i), LeaseLoad { busy_ratio: 0.5, ..LeaseLoad::default() });
+    }
+    // A lease `a` owns, reported by `b`.
+    let theirs = core.owned_by("a").next().map(|l| l.record.lease.clone());
+    if let Some(l) = &theirs {
+        load.leases.insert(l.clone(), LeaseLoad { busy_ratio: 0.9, ..LeaseLoad::default() });
+    }
+    beat(&mut core, t, "b", load).unwrap_or_default();
+    assert_eq!(core.model.len(), before, "model entries made for leases b does not hold");
+    assert!(core.model.keys().all(|l| l.name == "s"));
+    if let Some(l) = &theirs {
+        assert!(core.model.get(l).is_none_or(|m| !m.measured), "b's report about a's lease was taken");
+    }
+    let shown = core.workers().find(|w| w.id == "b").map(|w| w.load.leases.len());
+    assert_eq!(shown, Some(0), "b's load lists leases it does not hold");
+}
+
+/// A checkpoint for a lease the caller does not own is refused and
+/// changes nothing, whatever epoch it quotes; one for an unknown lease
+/// creates no lease.
+#[test]
+fn a_checkpoint_for_a_lease_the_worker_does_not_own_changes_nothing() {
+    let t = Instant::now();
+    let mut core = core_with(2, t);
+    core.register(t, reg("a"));
+    core.register(t, reg("b"));
+    core.take_dirty();
+    let Some(lease) = core.owned_by("a").next().map(|l| (l.record.lease.clone(), l.record.epoch)) else {
+        panic!("a owns nothing")
+    };
+    let outcome = core.checkpoint("b", &lease.0, lease.1, 1_000);
+    assert_eq!(outcome, CheckpointOutcome::Stale { current_epoch: lease.1 });
+    assert_eq!(core.lease(&lease.0).and_then(|l| l.record.checkpoint), None);
+    let ghost = LeaseId::shard("ghost", 0);
+    assert_eq!(core.checkpoint("b", &ghost, 1, 5), CheckpointOutcome::UnknownLease);
+    assert!(core.lease(&ghost).is_none());
+    assert!(core.take_dirty().is_empty(), "refused checkpoints wrote records");
+}
+
+/// A checkpoint (or a release's final offset) past the high watermark the
+/// coordinator read from Kafka is refused and changes nothing; up to it is
+/// accepted. Watermarks are kept only for leases in the table.
+#[test]
+fn a_checkpoint_past_the_known_high_watermark_changes_nothing() {
+    let t = Instant::now();
+    let mut core = core_with(2, t);
+    core.register(t, reg("a"));
+    let lease = LeaseId::shard("s", 0);
+    let epoch = core.lease(&lease).map_or(0, |l| l.record.epoch);
+    core.set_watermark(&lease, 100);
+    core.set_watermark(&LeaseId::shard("ghost", 0), 5);
+    assert_eq!(core.watermarks.len(), 1, "a watermark kept for a lease not in the table");
+    core.take_dirty();
+    assert_eq!(core.checkpoint("a", &lease, epoch, 101), CheckpointOutcome::BeyondWatermark { high: 100 });
+    assert_eq!(
+        core.release_done(t, "a", &lease, epoch, Some(1_000_000)),
+        CheckpointOutcome::BeyondWatermark { high: 100 }
+    );
+    assert!(core.take_dirty().is_empty(), "a refused checkpoint wrote");
+    let l = core.lease(&lease).map(|l| (l.record.checkpoint, l.record.owner.clone(), l.state.clone()));
+    assert_eq!(l, Some((None, Some("a".to_owned()), LeaseState::Owned)), "the refused release released");
+    assert_eq!(core.checkpoint("a", &lease, epoch, 100), CheckpointOutcome::Ok { checkpoint: Some(100) });
+    // Not the owner: stale first, whatever the offset.
+    assert!(matches!(core.checkpoint("b", &lease, epoch, 500), CheckpointOutcome::Stale { .. }));
 }

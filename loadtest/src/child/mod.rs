@@ -50,6 +50,11 @@ impl Running {
         shardline_testkit::metrics::scrape(&self.metrics_addr.to_string()).await
     }
 
+    /// The child's `/metrics` as served (every series, exposition text).
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
+        shardline_testkit::metrics::http_get(&self.metrics_addr.to_string(), "/metrics").await
+    }
+
     /// Fails if the child has exited (crashed) while being measured.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         match self.proc.exited()? {

@@ -7,10 +7,14 @@
 //! - [`checkpoints`]: one worker, many leases, checkpoints as fast as the
 //!   coordinator acknowledges them (durably: each waits for a group commit);
 //! - [`fleet`]: many workers heartbeating and checkpointing at the normal
-//!   1/s pace; heartbeat latency and the coordinator's memory are measured.
+//!   1/s pace; heartbeat latency and the coordinator's memory are measured;
+//! - [`restarts`] (`--mode restarts`, not part of `both`): workers joining
+//!   and dying in turn, deregistered or expired; the coordinator's memory
+//!   and per-worker series must stay flat.
 
 mod checkpoints;
 mod fleet;
+mod restarts;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +37,8 @@ pub enum Mode {
     Fleet,
     /// Both, one after the other.
     Both,
+    /// Memory and per-worker series over many worker restarts.
+    Restarts,
 }
 
 /// Which lease store(s) the coordinator runs on.
@@ -88,6 +94,9 @@ pub struct Args {
     /// Fleet mode: partitions of the one stream.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     fleet_partitions: u32,
+    /// Restarts mode: workers that join and die in turn.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    restarts: u32,
 }
 
 /// The stream and handler every simulated worker hosts.
@@ -144,6 +153,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             figures.print(&settings);
             (row.heartbeat_p99_ms, row.fleet_rss_mib) = figures.headline();
             figures_json["fleet"] = figures.json(&settings);
+        }
+        if args.mode == Mode::Restarts {
+            let settings = restarts::Settings { restarts: args.restarts };
+            let figures = restarts::run(&bin, store.clone(), &settings)
+                .await
+                .with_context(|| format!("restarts benchmark on {name} failed"))?;
+            figures.print(&settings);
+            row.fleet_rss_mib = figures.headline();
+            figures_json["restarts"] = figures.json(&settings);
         }
         report["stores"][name] = figures_json;
         rows.push(row);
