@@ -36,7 +36,7 @@ impl Api {
         cfg: std::sync::Arc<crate::config::Config>,
         subscriptions: crate::amqp::StatusTable,
     ) -> Self {
-        let offsets = match crate::offsets::Offsets::new(&cfg.kafka_brokers) {
+        let offsets = match crate::offsets::Offsets::new(&cfg.kafka_brokers, &cfg.kafka) {
             Ok(o) => Some(o),
             Err(e) => {
                 tracing::warn!(error = %e, "no Kafka client: checkpoint listings will lack offsets");

@@ -1,0 +1,252 @@
+//! Broker security passthrough with the real binaries: `amqps://` with
+//! `amqp_tls` (through a TLS-terminating proxy in front of the tests'
+//! plain RabbitMQ, its certificate from a throwaway CA), and `[kafka]
+//! properties` reaching the coordinator's and the worker's Kafka clients
+//! (`security.protocol = "ssl"` against the tests' plaintext broker makes
+//! every one of them fail its TLS handshake, which a client without the
+//! property never does); bad settings are exit 2 naming the field.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use shardline_proto::v1;
+use shardline_testkit::amqp::connect_tls;
+use shardline_testkit::config::{self as kit_config};
+use shardline_testkit::process;
+use shardline_testkit::proxy::Proxy;
+use shardline_testkit::tls::Pki;
+use shardline_tests::amqp::{amqp_url, depth, publish_ids, publisher};
+use shardline_tests::kafka::{produce, producer, read_topic};
+use shardline_tests::{
+    Coordinator, WorkerConfig, bin, create_topic, eventually, free_port, scrape, start_worker_config, unique,
+};
+use shardline_worker::config::{ClientTls, KafkaSettings};
+use support::{Topology, config_file, from_start, refused, timings};
+
+/// `host:port` of the tests' RabbitMQ, as a `tcp://` URL for the proxy.
+fn rabbit_target() -> Result<String> {
+    let url = amqp_url();
+    let rest = url.rsplit_once('@').map_or(url.as_str(), |(_, r)| r);
+    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
+    let authority = rest.split('/').next().context("no host in the AMQP URL")?;
+    Ok(format!("tcp://{authority}"))
+}
+
+fn ca(path: &std::path::Path) -> ClientTls {
+    ClientTls { ca: path.to_owned(), cert: None, key: None }
+}
+
+/// The coordinator declares, and a worker consumes, over `amqps://` with
+/// the CA in `amqp_tls`; the same connection with another CA fails naming
+/// the certificate, in the connect function both binaries use, in a
+/// worker's health report and in a coordinator's subscription status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_the_brokers_ca_delivers_and_a_wrong_ca_is_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, other) = (Pki::new(dir.path(), "rabbit")?, Pki::new(dir.path(), "other")?);
+    let proxy = Proxy::start_tls(&rabbit_target()?, &pki.server("rabbit")?).await?;
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", proxy.addr().port());
+    let (good, wrong) = (ca(&pki.ca), ca(&other.ca));
+
+    let connection = connect_tls(&url, Some(&good), "shardline-tests-tls").await?;
+    ensure!(connection.status().connected(), "connected over TLS, yet not connected");
+    connection.close(200, "done".into()).await.context("close")?;
+    for (tls, what) in [(Some(&wrong), "another CA"), (None, "the system's roots only")] {
+        let e = connect_tls(&url, tls, "shardline-tests-tls").await.err().map(|e| format!("{e:#}"));
+        let e = e.with_context(|| format!("connected with {what}"))?;
+        ensure!(e.contains("certificate"), "with {what} the error does not name the certificate: {e}");
+    }
+
+    // Both binaries over TLS: the topology is declared, messages consumed.
+    let t = Topology::new(1, 1);
+    let (exchange, subscription) = (&t.exchanges[0], &t.subscriptions[0]);
+    let receipts = unique("receipts");
+    create_topic(&receipts, 1).await?;
+    let mut config = t.config("forward");
+    config.amqp_url.clone_from(&url);
+    config.amqp_tls = Some(good.clone());
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    eventually(Duration::from_secs(20), "the subscription queue, declared over TLS", || async {
+        Ok(depth(subscription).await.is_ok().then_some(()))
+    })
+    .await?;
+    publish_ids(&publisher(), exchange, 0, 20).await?;
+    let tls_worker = |tls: &ClientTls| WorkerConfig {
+        amqp_url: url.clone(),
+        amqp_tls: Some(tls.clone()),
+        ..kit_config::hosting("forward", &[("topic", &receipts)])
+    };
+    let a = start_worker_config(&c.url, "tls-a", tls_worker(&good))?;
+    let got = eventually(Duration::from_secs(40), "20 receipts", || {
+        let receipts = receipts.clone();
+        async move {
+            let got =
+                tokio::task::spawn_blocking(move || read_topic(&receipts, Duration::from_secs(10))).await??;
+            Ok((got.len() >= 20).then_some(got))
+        }
+    })
+    .await?;
+    ensure!(got.len() == 20, "{} receipts for 20 messages", got.len());
+    ensure!(depth(subscription).await? == 0, "the queue is not drained");
+
+    // A worker with the wrong CA takes the slot over and reports why it
+    // cannot consume.
+    drop(a);
+    let _b = start_worker_config(&c.url, "tls-b", tls_worker(&wrong))?;
+    let problem = eventually(Duration::from_secs(30), "tls-b reporting the certificate", || async {
+        let workers = c.workers().await?;
+        let b = workers.iter().find(|w| w.worker_id == "tls-b");
+        let problem = b.map(|b| b.unhealthy.join("; ")).unwrap_or_default();
+        Ok(problem.contains("certificate").then_some(problem))
+    })
+    .await?;
+    eprintln!("tls-b reports: {problem}");
+
+    // A coordinator with the wrong CA names it in its subscription status.
+    let t2 = Topology::new(1, 1);
+    let mut config = t2.config("forward");
+    config.amqp_url.clone_from(&url);
+    config.amqp_tls = Some(wrong);
+    let c2 = Coordinator::start_config(config, &dir.path().join("data2"))?;
+    let error = eventually(Duration::from_secs(20), "the subscription's error", || async {
+        let mut admin = c2.admin().await?;
+        let reply = admin.list_subscriptions(v1::ListSubscriptionsRequest {}).await?.into_inner();
+        let error = reply.subscriptions.first().map(|s| s.error.clone()).unwrap_or_default();
+        Ok(error.contains("certificate").then_some(error))
+    })
+    .await?;
+    eprintln!("the coordinator reports: {error}");
+    ensure!(depth(&t2.subscriptions[0]).await.is_err(), "declared through a TLS connection it should refuse");
+    Ok(())
+}
+
+/// `security.protocol = "ssl"` in `[kafka] properties` against the tests'
+/// plaintext Kafka: the coordinator's discovery client and the worker's
+/// consumer both fail their TLS handshake (in their logs, a discovery error
+/// counted, no record read), so the property reached both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_properties_reach_the_coordinators_and_the_workers_clients() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (topic, receipts) = (unique("secure"), unique("receipts"));
+    create_topic(&topic, 2).await?;
+    create_topic(&receipts, 1).await?;
+    let ssl = KafkaSettings::from_texts([("security.protocol", "ssl")]);
+
+    // The coordinator: discovery fails, so the stream gets no leases.
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let mut config = timings();
+    config.listen = "127.0.0.1:0".parse()?;
+    config.metrics_listen = Some(metrics.parse()?);
+    config.data_dir = dir.path().join("data-ssl");
+    config.kafka_brokers = shardline_tests::kafka_brokers();
+    config.streams = vec![from_start(&topic, "forward")];
+    config.kafka = ssl.clone();
+    let path = config_file(dir.path(), "coordinator-ssl", &config)?;
+    let log = dir.path().join("coordinator-ssl.log");
+    let (mut coordinator, _) = process::start_coordinator(
+        &bin("shardline-coordinator"),
+        std::path::Path::new(&path),
+        &[],
+        Stdio::from(std::fs::File::create(&log)?),
+        Duration::from_secs(30),
+    )?;
+    let series = format!("shardline_discovery_errors_total{{stream=\"{topic}\"}}");
+    eventually(Duration::from_secs(30), "a discovery error", || async {
+        Ok((scrape(&metrics, &series).await? >= 1.0).then_some(()))
+    })
+    .await?;
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(text.contains("SSL"), "the coordinator's log names no SSL failure:\n{text}");
+    coordinator.kill9()?;
+
+    // The worker: a plain coordinator grants it the shards; its consumer,
+    // told to speak TLS, never reads a record.
+    let c = Coordinator::start_config(
+        shardline_tests::CoordinatorConfig { streams: vec![from_start(&topic, "forward")], ..timings() },
+        &dir.path().join("data"),
+    )?;
+    produce(&producer()?, &topic, 0, 10, 10).await?;
+    let log = dir.path().join("worker-ssl.log");
+    let mut worker = WorkerConfig { kafka: ssl, ..kit_config::hosting("forward", &[("topic", &receipts)]) };
+    worker.coordinator.clone_from(&c.url);
+    worker.worker_id = Some("ssl-w".into());
+    worker.kafka_brokers = shardline_tests::kafka_brokers();
+    worker.amqp_url = amqp_url();
+    let path = config_file(dir.path(), "worker-ssl", &worker)?;
+    let _w = process::start_worker(
+        &bin("shardline-worker"),
+        std::path::Path::new(&path),
+        "ssl-w",
+        Stdio::from(std::fs::File::create(&log)?),
+    )?;
+    eventually(Duration::from_secs(20), "both shards on ssl-w", || async {
+        let leases = c.leases_of(&topic).await?;
+        Ok((leases.len() == 2 && leases.iter().all(|l| l.owner == "ssl-w")).then_some(()))
+    })
+    .await?;
+    let text = eventually(Duration::from_secs(30), "an SSL failure in the worker's log", || async {
+        let text = std::fs::read_to_string(&log)?;
+        Ok(text.contains("SSL").then_some(text))
+    })
+    .await?;
+    eprintln!("worker log: {}", text.lines().find(|l| l.contains("SSL")).unwrap_or_default());
+    let got = tokio::task::spawn_blocking(move || read_topic(&receipts, Duration::from_secs(5))).await??;
+    ensure!(got.is_empty(), "{} records read by a consumer that cannot reach its broker", got.len());
+    Ok(())
+}
+
+/// A misspelt librdkafka property, a property shardline sets itself, a
+/// secret file that is missing and `amqp_tls` without `amqps://`: each
+/// refused at load (exit 2), naming the field, by both binaries and (for
+/// the properties) the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_broker_security_settings_are_exit_2_naming_the_field() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")?;
+    let cases = [
+        (
+            "[kafka.properties]\n\"sasl.pasword\" = \"x\"\n",
+            "`kafka.properties.\"sasl.pasword\"`",
+            "No such configuration property",
+        ),
+        (
+            "[kafka.properties]\n\"group.id\" = \"mine\"\n",
+            "`kafka.properties.\"group.id\"`",
+            "shardline sets itself",
+        ),
+        (
+            "[kafka.properties]\n\"sasl.password\" = { file = \"/nonexistent/kafka-pass\" }\n",
+            "`kafka.properties.\"sasl.password\"`",
+            "/nonexistent/kafka-pass",
+        ),
+        (&format!("[amqp_tls]\nca = {:?}\n", pem.display().to_string()), "`amqp_tls`", "amqps://"),
+    ];
+    for (i, (text, field, why)) in cases.iter().enumerate() {
+        for (name, head) in [("shardline-coordinator", ""), ("shardline-worker", "[handlers.noop]\n")] {
+            let path = dir.path().join(format!("{name}-{i}.toml"));
+            std::fs::write(&path, format!("{head}{text}"))?;
+            let (code, stderr) = refused(name, &path.display().to_string(), &[]).await?;
+            ensure!(code == 2, "{name} with {text:?}: exit {code}, want 2: {stderr}");
+            ensure!(stderr.contains(field) && stderr.contains(why), "{name} with {text:?}: {stderr}");
+        }
+    }
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    for (property, field) in [("sasl.pasword=x", "sasl.pasword"), ("acks=0", "acks")] {
+        let out = tokio::process::Command::new(bin("shardline"))
+            .args(["--data-dir", &data.display().to_string(), "--kafka-property", property, "leases"])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.code() == Some(2), "the CLI with {property}: {:?}: {stderr}", out.status);
+        ensure!(
+            stderr.contains(&format!("`kafka.properties.\"{field}\"`")),
+            "the CLI with {property}: {stderr}"
+        );
+    }
+    Ok(())
+}
