@@ -40,5 +40,22 @@ pub async fn connect(url: &str, tls: Option<&ClientTls>, name: &str) -> Result<C
             OwnedTLSConfig { cert_chain: Some(ca), identity }
         }
     };
-    Connection::connect_with_config(url, props, config, lapin::runtime::default_runtime()?).await
+    let connected =
+        Connection::connect_with_config(url, props, config, lapin::runtime::default_runtime()?).await;
+    connected.map_err(|e| match e.kind() {
+        // rustls says what is wrong with the certificate, not whose CA
+        // was asked: say which, so the operator knows what to fix.
+        ErrorKind::IOError(io) if io.to_string().contains("certificate") => {
+            let trusted = match tls {
+                Some(tls) => format!("amqp_tls.ca `{}` and the system's roots", tls.ca.display()),
+                None => "the system's roots (set amqp_tls.ca for a private CA)".to_owned(),
+            };
+            let e = std::io::Error::new(
+                io.kind(),
+                format!("{io} (the broker's certificate, checked against {trusted})"),
+            );
+            lapin::Error::from(ErrorKind::IOError(Arc::new(e)))
+        }
+        _ => e,
+    })
 }

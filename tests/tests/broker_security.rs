@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use shardline_testkit::config::{self as kit_config};
 use shardline_testkit::process;
 use shardline_testkit::proxy::Proxy;
 use shardline_testkit::tls::Pki;
-use shardline_tests::amqp::{amqp_url, depth, publish_ids, publisher};
+use shardline_tests::amqp::{
+    Got, amqp_url, channel, depth, drain_queue, publish_ids, publisher, receipts_exchange,
+};
 use shardline_tests::kafka::{produce, producer, read_topic};
 use shardline_tests::{
     Coordinator, WorkerConfig, bin, create_topic, eventually, free_port, scrape, start_worker_config, unique,
@@ -54,17 +57,24 @@ async fn amqps_with_the_brokers_ca_delivers_and_a_wrong_ca_is_named() -> Result<
     let connection = connect_tls(&url, Some(&good), "shardline-tests-tls").await?;
     ensure!(connection.status().connected(), "connected over TLS, yet not connected");
     connection.close(200, "done".into()).await.context("close")?;
-    for (tls, what) in [(Some(&wrong), "another CA"), (None, "the system's roots only")] {
+    let named = format!("amqp_tls.ca `{}`", other.ca.display());
+    for (tls, what, names) in
+        [(Some(&wrong), "another CA", named.as_str()), (None, "the system's roots only", "set amqp_tls.ca")]
+    {
         let e = connect_tls(&url, tls, "shardline-tests-tls").await.err().map(|e| format!("{e:#}"));
         let e = e.with_context(|| format!("connected with {what}"))?;
-        ensure!(e.contains("certificate"), "with {what} the error does not name the certificate: {e}");
+        ensure!(e.contains("invalid peer certificate") && e.contains(names), "with {what}: {e}");
     }
 
-    // Both binaries over TLS: the topology is declared, messages consumed.
+    // Both binaries over TLS: the coordinator declares the topology, the
+    // worker consumes and publishes its receipts on its one connection.
     let t = Topology::new(1, 1);
     let (exchange, subscription) = (&t.exchanges[0], &t.subscriptions[0]);
     let receipts = unique("receipts");
-    create_topic(&receipts, 1).await?;
+    let mut cleanup = shardline_tests::amqp::cleanup();
+    cleanup.exchanges.push(receipts.clone());
+    let (_connection, ch) = channel().await?;
+    cleanup.queues.push(receipts_exchange(&ch, &receipts).await?);
     let mut config = t.config("forward");
     config.amqp_url.clone_from(&url);
     config.amqp_tls = Some(good.clone());
@@ -77,20 +87,13 @@ async fn amqps_with_the_brokers_ca_delivers_and_a_wrong_ca_is_named() -> Result<
     let tls_worker = |tls: &ClientTls| WorkerConfig {
         amqp_url: url.clone(),
         amqp_tls: Some(tls.clone()),
-        ..kit_config::hosting("forward", &[("topic", &receipts)])
+        ..kit_config::hosting("forward", &[("exchange", &receipts)])
     };
     let a = start_worker_config(&c.url, "tls-a", tls_worker(&good))?;
-    let got = eventually(Duration::from_secs(40), "20 receipts", || {
-        let receipts = receipts.clone();
-        async move {
-            let got =
-                tokio::task::spawn_blocking(move || read_topic(&receipts, Duration::from_secs(10))).await??;
-            Ok((got.len() >= 20).then_some(got))
-        }
-    })
-    .await?;
-    ensure!(got.len() == 20, "{} receipts for 20 messages", got.len());
-    ensure!(depth(subscription).await? == 0, "the queue is not drained");
+    let got = drain_queue(&cleanup.queues[0], 20, Duration::from_secs(1), Duration::from_secs(40)).await?;
+    let ids: BTreeSet<u64> = got.iter().filter_map(Got::id).collect();
+    ensure!(got.len() == 20 && ids == (0..20).collect(), "receipts for ids {ids:?} ({} in all)", got.len());
+    ensure!(proxy.last_up_ms().is_some(), "nothing went through the TLS proxy");
 
     // A worker with the wrong CA takes the slot over and reports why it
     // cannot consume.
