@@ -337,13 +337,7 @@ fn kafka(cli: &Cli) -> Result<(String, KafkaSettings)> {
                 .map_err(|e| Failure::Usage(format!("--kafka-config {shown}: [kafka]: {e}")))?;
         }
     }
-    for pair in &cli.kafka_properties {
-        let Some((key, value)) = pair.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
-            let why = "allowed: KEY=VALUE, a librdkafka property such as security.protocol=ssl";
-            return Err(Failure::Usage(format!("--kafka-property `{pair}` has no KEY=; {why}")));
-        };
-        kafka.properties.extend(KafkaSettings::from_texts([(key.trim(), value)]).properties);
-    }
+    let kafka = kafka.with_args(cli.kafka_properties.iter().map(String::as_str)).map_err(Failure::Usage)?;
     kafka.check().map_err(|e| Failure::Usage(format!("{e} (from --kafka-config or --kafka-property)")))?;
     let brokers = cli.kafka_brokers.clone().or(brokers);
     Ok((brokers.unwrap_or_else(|| shardline_coordinator::config::Config::default().kafka_brokers), kafka))

@@ -94,6 +94,26 @@ impl KafkaSettings {
         Self { properties }
     }
 
+    /// Adds `KEY=VALUE` arguments (`--kafka-property` of the CLI and the
+    /// load test) as text properties, replacing any of the same name.
+    pub fn with_args<'a>(mut self, args: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        for arg in args {
+            match arg.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    self.properties.insert(key.trim().to_owned(), Property::Text(value.to_owned()));
+                }
+                // The argument is not shown: it may hold a secret.
+                _ => {
+                    return Err(
+                        "a --kafka-property without KEY=; allowed: KEY=VALUE, e.g. security.protocol=ssl"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok(self)
+    }
+
     /// Checks what [`KafkaSettings::client_config`] will need; fields are
     /// named from the file's root (`kafka.properties."sasl.password"`).
     pub fn check(&self) -> Result<(), Invalid> {
@@ -403,6 +423,16 @@ mod tests {
         let shown = format!("{k:?} {:?}", k.properties["ssl.key.password"]);
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("billing") && shown.contains("kafka-pass") && shown.contains(&var), "{shown}");
+
+        let args = KafkaSettings::default().with_args(["client.id=a=b", " linger.ms =5"]);
+        let args = args.map(|k| k.properties);
+        let want = BTreeMap::from([
+            ("client.id".to_owned(), Property::Text("a=b".into())),
+            ("linger.ms".to_owned(), Property::Text("5".into())),
+        ]);
+        assert_eq!(args, Ok(want));
+        let e = KafkaSettings::default().with_args(["hunter2"]).err().unwrap_or_default();
+        assert!(e.contains("KEY=VALUE") && !e.contains("hunter2"), "{e}");
 
         // A default shardline sets gives way to the operator's property.
         let mut config = config;
