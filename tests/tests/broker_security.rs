@@ -4,7 +4,9 @@
 //! properties` reaching the coordinator's and the worker's Kafka clients
 //! (`security.protocol = "ssl"` against the tests' plaintext broker makes
 //! every one of them fail its TLS handshake, which a client without the
-//! property never does); bad settings are exit 2 naming the field.
+//! property never does), and Kafka over real TLS (a second tansu behind a
+//! TLS-terminating proxy it advertises); bad settings are exit 2 naming
+//! the field.
 
 mod support;
 
@@ -13,10 +15,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use shardline_proto::v1;
 use shardline_testkit::amqp::connect_tls;
 use shardline_testkit::config::{self as kit_config};
-use shardline_testkit::process;
+use shardline_testkit::kafka::KafkaAccess;
+use shardline_testkit::process::{self, Proc};
 use shardline_testkit::proxy::Proxy;
 use shardline_testkit::tls::Pki;
 use shardline_tests::amqp::{
@@ -252,4 +259,108 @@ async fn bad_broker_security_settings_are_exit_2_naming_the_field() -> Result<()
         );
     }
     Ok(())
+}
+
+/// The `tansu` binary `scripts/brokers.sh` installs.
+fn tansu_bin() -> std::path::PathBuf {
+    let installed = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo/bin/tansu"));
+    installed.filter(|p| p.exists()).unwrap_or_else(|| "tansu".into())
+}
+
+/// Reads `want` records of `topic` (one partition) from its start.
+fn read_all(kafka: &KafkaAccess, topic: &str, want: usize) -> Result<Vec<String>> {
+    let consumer: BaseConsumer = kafka
+        .client_config()?
+        .set("group.id", unique("tls-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("a TLS consumer")?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let (mut got, deadline) = (Vec::new(), std::time::Instant::now() + Duration::from_secs(30));
+    while got.len() < want && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => got.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned()),
+            Some(Err(e)) => eprintln!("tls reader: {e}"),
+            None => {}
+        }
+    }
+    Ok(got)
+}
+
+/// Kafka over real TLS: a second tansu (free ports, its own SQLite file,
+/// killed on drop) advertises the address of a TLS-terminating proxy in
+/// front of it, so a client reaches it only by speaking TLS and trusting
+/// the test CA. With `security.protocol = "ssl"` and `ssl.ca.location` in
+/// `[kafka] properties`, the coordinator discovers the topic, the worker
+/// consumes it and `forward` produces every record to the receipts topic,
+/// all through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_over_tls_runs_end_to_end_with_the_properties() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path(), "kafka")?;
+    let plain = shardline_testkit::free_addr()?;
+    let proxy = Proxy::start_tls(&format!("tcp://{plain}"), &pki.server("kafka")?).await?;
+    let advertised = format!("localhost:{}", proxy.addr().port());
+    let mut command = std::process::Command::new(tansu_bin());
+    command
+        .current_dir(dir.path())
+        .args(["broker", "--listener-url", &format!("tcp://{plain}")])
+        .args(["--advertised-listener-url", &format!("tcp://{advertised}")])
+        .args(["--storage-engine", "sqlite://tansu.db"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(dir.path().join("tansu.log"))?));
+    let _tansu = Proc::spawn("tansu (TLS)", command)?;
+    let ca = pki.ca.display().to_string();
+    let settings =
+        KafkaSettings::from_texts([("security.protocol", "ssl"), ("ssl.ca.location", ca.as_str())]);
+    let kafka = KafkaAccess { brokers: advertised.clone(), settings: settings.clone() };
+    let (topic, receipts) = (unique("tls"), unique("receipts"));
+    eventually(Duration::from_secs(30), "the TLS broker creating topics", || async {
+        Ok(create_topic_on(&kafka, &topic, 2).await.ok())
+    })
+    .await?;
+    create_topic_on(&kafka, &receipts, 1).await?;
+    let producer: FutureProducer = kafka.client_config()?.set("acks", "all").create()?;
+    for i in 0..20 {
+        let (key, value) = (format!("k{i}"), format!("id-{i}"));
+        let record = FutureRecord::to(&topic).key(&key).payload(&value);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .context("produce over TLS")?;
+    }
+
+    let c = Coordinator::start_config(
+        shardline_tests::CoordinatorConfig {
+            kafka_brokers: advertised.clone(),
+            kafka: settings.clone(),
+            streams: vec![from_start(&topic, "forward")],
+            ..timings()
+        },
+        &dir.path().join("data"),
+    )?;
+    eventually(Duration::from_secs(30), "2 leases discovered over TLS", || async {
+        Ok((c.leases_of(&topic).await?.len() == 2).then_some(()))
+    })
+    .await?;
+    let worker = WorkerConfig {
+        kafka_brokers: advertised,
+        kafka: settings,
+        ..kit_config::hosting("forward", &[("topic", &receipts)])
+    };
+    let _w = start_worker_config(&c.url, "tls-k", worker)?;
+    let reader = kafka.clone();
+    let got = tokio::task::spawn_blocking(move || read_all(&reader, &receipts, 20)).await??;
+    let ids: BTreeSet<String> = got.into_iter().collect();
+    let want: BTreeSet<String> = (0..20).map(|i| format!("id-{i}")).collect();
+    ensure!(ids == want, "receipts over TLS: {ids:?}");
+    ensure!(proxy.last_up_ms().is_some(), "nothing went through the TLS proxy");
+    Ok(())
+}
+
+async fn create_topic_on(kafka: &KafkaAccess, topic: &str, partitions: u32) -> Result<()> {
+    shardline_testkit::kafka::create_topic(kafka, topic, partitions, false).await
 }
