@@ -358,6 +358,61 @@ async fn kafka_over_tls_runs_end_to_end_with_the_properties() -> Result<()> {
     let want: BTreeSet<String> = (0..20).map(|i| format!("id-{i}")).collect();
     ensure!(ids == want, "receipts over TLS: {ids:?}");
     ensure!(proxy.last_up_ms().is_some(), "nothing went through the TLS proxy");
+
+    // The CLI offline, on the stopped coordinator's store: offsets come
+    // over TLS with the coordinator's config file (`--kafka-config`) or
+    // the same as `--kafka-property`, and not at all without them.
+    let mut c = c;
+    c.proc.kill9()?;
+    let file = config_file(
+        dir.path(),
+        "for-cli",
+        &shardline_tests::CoordinatorConfig {
+            kafka_brokers: kafka.brokers.clone(),
+            kafka: kafka.settings.clone(),
+            ..timings()
+        },
+    )?;
+    let ca_property = format!("ssl.ca.location={ca}");
+    let data = c.data_dir.display().to_string();
+    for (args, want) in [
+        (vec!["--kafka-config", file.as_str()], Some(20)),
+        (
+            vec![
+                "--kafka-brokers",
+                &kafka.brokers,
+                "--kafka-property",
+                "security.protocol=ssl",
+                "--kafka-property",
+                &ca_property,
+            ],
+            Some(20),
+        ),
+        (vec!["--kafka-brokers", &kafka.brokers], None),
+    ] {
+        let out = tokio::process::Command::new(bin("shardline"))
+            .args(["--data-dir", &data, "--json"])
+            .args(&args)
+            .args(["checkpoints", "--stream", &topic])
+            .env_remove("SHARDLINE_KAFKA_BROKERS")
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "shardline {args:?}: {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(&stdout).with_context(|| format!("{args:?}: {stdout}"))?;
+        let shards = doc["shards"].as_array().with_context(|| format!("{args:?}: no shards in {stdout}"))?;
+        let latest: Option<i64> = shards.iter().map(|s| s["latest"].as_i64()).sum();
+        ensure!(
+            shards.len() == 2 && latest == want,
+            "shardline {args:?}: latest {latest:?}, want {want:?}: {stdout}"
+        );
+    }
     Ok(())
 }
 
