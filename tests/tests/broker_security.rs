@@ -1,10 +1,10 @@
 //! Broker security passthrough with the real binaries: `amqps://` with
 //! `amqp_tls` (through a TLS-terminating proxy in front of the tests'
-//! plain RabbitMQ, its certificate from a throwaway CA), and `[kafka]
-//! properties` reaching the coordinator's and the worker's Kafka clients
-//! (`security.protocol = "ssl"` against the tests' plaintext broker makes
-//! every one of them fail its TLS handshake, which a client without the
-//! property never does), and Kafka over real TLS (a second tansu behind a
+//! plain RabbitMQ, its certificate from a throwaway CA), `[kafka]
+//! properties` reaching the coordinator's, the worker's and the CLI's
+//! Kafka clients (with `security.protocol = "ssl"` each opens its
+//! connection with a TLS handshake, seen by a listener standing in for the
+//! broker), and Kafka over real TLS end to end (a second tansu behind a
 //! TLS-terminating proxy it advertises); bad settings are exit 2 naming
 //! the field.
 
@@ -12,6 +12,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -23,18 +24,17 @@ use shardline_proto::v1;
 use shardline_testkit::amqp::connect_tls;
 use shardline_testkit::config::{self as kit_config};
 use shardline_testkit::kafka::KafkaAccess;
-use shardline_testkit::process::{self, Proc};
+use shardline_testkit::process::Proc;
 use shardline_testkit::proxy::Proxy;
 use shardline_testkit::tls::Pki;
+use shardline_tests::StreamConfig;
 use shardline_tests::amqp::{
     Got, amqp_url, channel, depth, drain_queue, publish_ids, publisher, receipts_exchange,
 };
-use shardline_tests::kafka::{produce, producer, read_topic};
-use shardline_tests::{
-    Coordinator, WorkerConfig, bin, create_topic, eventually, free_port, scrape, start_worker_config, unique,
-};
+use shardline_tests::{Coordinator, WorkerConfig, bin, eventually, start_worker_config, unique};
 use shardline_worker::config::{ClientTls, KafkaSettings};
 use support::{Topology, config_file, from_start, refused, timings};
+use tokio::io::AsyncReadExt;
 
 /// `host:port` of the tests' RabbitMQ, as a `tcp://` URL for the proxy.
 fn rabbit_target() -> Result<String> {
@@ -133,78 +133,118 @@ async fn amqps_with_the_brokers_ca_delivers_and_a_wrong_ca_is_named() -> Result<
     Ok(())
 }
 
-/// `security.protocol = "ssl"` in `[kafka] properties` against the tests'
-/// plaintext Kafka: the coordinator's discovery client and the worker's
-/// consumer both fail their TLS handshake (in their logs, a discovery error
-/// counted, no record read), so the property reached both.
+/// A listener standing in for a Kafka broker that records the first two
+/// bytes of every connection: a TLS client opens with a handshake record
+/// (0x16 0x03), a plaintext Kafka client with a 4-byte request size. So
+/// what a process sends shows whether `security.protocol` reached the
+/// client that dialled, without a broker or a log line.
+struct FirstBytes {
+    addr: String,
+    seen: Arc<Mutex<Vec<[u8; 2]>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FirstBytes {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FirstBytes {
+    async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut first = [0u8; 2];
+                let read = tokio::time::timeout(Duration::from_secs(5), socket.read_exact(&mut first)).await;
+                if matches!(read, Ok(Ok(_))) {
+                    record.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(first);
+                }
+                // Kept open: the client waits for an answer, not a reconnect.
+                held.push(socket);
+            }
+        });
+        Ok(Self { addr, seen, task })
+    }
+
+    fn seen(&self) -> Vec<[u8; 2]> {
+        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Waits for a first connection; true if it opened a TLS handshake.
+    async fn first_is_tls(&self, who: &str) -> Result<bool> {
+        let first = eventually(Duration::from_secs(30), &format!("{who} dialling {}", self.addr), || async {
+            Ok(self.seen().first().copied())
+        })
+        .await?;
+        Ok(first == [0x16, 0x03])
+    }
+}
+
+/// `security.protocol = "ssl"` in `[kafka] properties` reaches every Kafka
+/// client: the coordinator's discovery client, the worker's consumer and
+/// the CLI's offset client each open their connection with a TLS
+/// handshake; the CLI without the property speaks plaintext Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_properties_reach_the_coordinators_and_the_workers_clients() -> Result<()> {
+async fn kafka_properties_reach_the_coordinators_the_workers_and_the_clis_clients() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (topic, receipts) = (unique("secure"), unique("receipts"));
-    create_topic(&topic, 2).await?;
-    create_topic(&receipts, 1).await?;
     let ssl = KafkaSettings::from_texts([("security.protocol", "ssl")]);
 
-    // The coordinator: discovery fails, so the stream gets no leases.
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    let mut config = timings();
-    config.listen = "127.0.0.1:0".parse()?;
-    config.metrics_listen = Some(metrics.parse()?);
-    config.data_dir = dir.path().join("data-ssl");
-    config.kafka_brokers = shardline_tests::kafka_brokers();
-    config.streams = vec![from_start(&topic, "forward")];
-    config.kafka = ssl.clone();
-    let path = config_file(dir.path(), "coordinator-ssl", &config)?;
-    let log = dir.path().join("coordinator-ssl.log");
-    let (mut coordinator, _) = process::start_coordinator(
-        &bin("shardline-coordinator"),
-        std::path::Path::new(&path),
-        &[],
-        Stdio::from(std::fs::File::create(&log)?),
-        Duration::from_secs(30),
-    )?;
-    let series = format!("shardline_discovery_errors_total{{stream=\"{topic}\"}}");
-    eventually(Duration::from_secs(30), "a discovery error", || async {
-        Ok((scrape(&metrics, &series).await? >= 1.0).then_some(()))
-    })
-    .await?;
-    let text = std::fs::read_to_string(&log)?;
-    ensure!(text.contains("SSL"), "the coordinator's log names no SSL failure:\n{text}");
-    coordinator.kill9()?;
+    // The coordinator's discovery.
+    let broker = FirstBytes::start().await?;
+    let config = shardline_tests::CoordinatorConfig {
+        kafka_brokers: broker.addr.clone(),
+        kafka: ssl.clone(),
+        streams: vec![from_start(&unique("secure"), "noop")],
+        ..timings()
+    };
+    let _c = Coordinator::start_config(config, &dir.path().join("data-discovery"))?;
+    ensure!(
+        broker.first_is_tls("the coordinator").await?,
+        "the coordinator sent {:?}, not TLS",
+        broker.seen()
+    );
 
-    // The worker: a plain coordinator grants it the shards; its consumer,
-    // told to speak TLS, never reads a record.
-    let c = Coordinator::start_config(
-        shardline_tests::CoordinatorConfig { streams: vec![from_start(&topic, "forward")], ..timings() },
+    // The worker's consumer, given shards of a fixed-size stream (so the
+    // coordinator itself needs no Kafka).
+    let broker = FirstBytes::start().await?;
+    let topic = unique("secure");
+    let stream = StreamConfig { partitions: Some(2), ..from_start(&topic, "noop") };
+    let mut c = Coordinator::start_config(
+        shardline_tests::CoordinatorConfig { streams: vec![stream], ..timings() },
         &dir.path().join("data"),
     )?;
-    produce(&producer()?, &topic, 0, 10, 10).await?;
-    let log = dir.path().join("worker-ssl.log");
-    let mut worker = WorkerConfig { kafka: ssl, ..kit_config::hosting("forward", &[("topic", &receipts)]) };
-    worker.coordinator.clone_from(&c.url);
-    worker.worker_id = Some("ssl-w".into());
-    worker.kafka_brokers = shardline_tests::kafka_brokers();
-    worker.amqp_url = amqp_url();
-    let path = config_file(dir.path(), "worker-ssl", &worker)?;
-    let _w = process::start_worker(
-        &bin("shardline-worker"),
-        std::path::Path::new(&path),
-        "ssl-w",
-        Stdio::from(std::fs::File::create(&log)?),
-    )?;
-    eventually(Duration::from_secs(20), "both shards on ssl-w", || async {
-        let leases = c.leases_of(&topic).await?;
-        Ok((leases.len() == 2 && leases.iter().all(|l| l.owner == "ssl-w")).then_some(()))
-    })
-    .await?;
-    let text = eventually(Duration::from_secs(30), "an SSL failure in the worker's log", || async {
-        let text = std::fs::read_to_string(&log)?;
-        Ok(text.contains("SSL").then_some(text))
-    })
-    .await?;
-    eprintln!("worker log: {}", text.lines().find(|l| l.contains("SSL")).unwrap_or_default());
-    let got = tokio::task::spawn_blocking(move || read_topic(&receipts, Duration::from_secs(5))).await??;
-    ensure!(got.is_empty(), "{} records read by a consumer that cannot reach its broker", got.len());
+    let worker =
+        WorkerConfig { kafka_brokers: broker.addr.clone(), kafka: ssl, ..WorkerConfig::hosting(["noop"]) };
+    let _w = start_worker_config(&c.url, "ssl-w", worker)?;
+    ensure!(broker.first_is_tls("the worker").await?, "the worker sent {:?}, not TLS", broker.seen());
+
+    // The CLI offline on that coordinator's store: with the property its
+    // offset client speaks TLS, without it plaintext Kafka.
+    c.proc.kill9()?;
+    let data = c.data_dir.display().to_string();
+    for property in [Some("security.protocol=ssl"), None] {
+        let broker = FirstBytes::start().await?;
+        let mut args = vec!["--data-dir", data.as_str(), "--kafka-brokers", broker.addr.as_str()];
+        args.extend(property.iter().flat_map(|p| ["--kafka-property", p]));
+        args.extend(["checkpoint", "set", "--latest", "--dry-run"]);
+        let lease = format!("{topic}/0");
+        args.push(&lease);
+        let cli = tokio::process::Command::new(bin("shardline"))
+            .args(&args)
+            .env_remove("SHARDLINE_KAFKA_BROKERS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let tls = broker.first_is_tls("the CLI").await?;
+        drop(cli);
+        ensure!(tls == property.is_some(), "the CLI with {property:?} sent {:?}", broker.seen());
+    }
     Ok(())
 }
 
