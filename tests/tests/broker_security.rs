@@ -157,15 +157,19 @@ impl FirstBytes {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = seen.clone();
         let task = tokio::spawn(async move {
-            let mut held = Vec::new();
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut socket, _)) = listener.accept().await {
-                let mut first = [0u8; 2];
-                let read = tokio::time::timeout(Duration::from_secs(5), socket.read_exact(&mut first)).await;
-                if matches!(read, Ok(Ok(_))) {
-                    record.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(first);
-                }
-                // Kept open: the client waits for an answer, not a reconnect.
-                held.push(socket);
+                let record = record.clone();
+                connections.spawn(async move {
+                    let mut first = [0u8; 2];
+                    if socket.read_exact(&mut first).await.is_ok() {
+                        record.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(first);
+                    }
+                    // Held open until the listener goes: the client waits
+                    // for an answer rather than reconnecting at once.
+                    std::future::pending::<()>().await;
+                    drop(socket);
+                });
             }
         });
         Ok(Self { addr, seen, task })
@@ -234,14 +238,21 @@ async fn kafka_properties_reach_the_coordinators_the_workers_and_the_clis_client
         args.extend(["checkpoint", "set", "--latest", "--dry-run"]);
         let lease = format!("{topic}/0");
         args.push(&lease);
-        let cli = tokio::process::Command::new(bin("shardline"))
+        let mut cli = tokio::process::Command::new(bin("shardline"))
             .args(&args)
             .env_remove("SHARDLINE_KAFKA_BROKERS")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
-        let tls = broker.first_is_tls("the CLI").await?;
+        let tls = match broker.first_is_tls("the CLI").await {
+            Ok(tls) => tls,
+            Err(e) => {
+                cli.start_kill()?;
+                let out = cli.wait_with_output().await?;
+                anyhow::bail!("{e:#}; `shardline {args:?}`: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        };
         drop(cli);
         ensure!(tls == property.is_some(), "the CLI with {property:?} sent {:?}", broker.seen());
     }
