@@ -18,6 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shardline_coordinator::api::{lease_info, plan, shard_checkpoint, usage_reply};
+use shardline_coordinator::config::KafkaSettings;
 use shardline_coordinator::core::{Core, CoreConfig, CoreError, LeaseRecord};
 use shardline_coordinator::offsets::{Offsets, ResolveError, Target, resolve};
 use shardline_coordinator::store::{LeaseStore, SledStore, StoreError};
@@ -80,7 +81,7 @@ impl Backend {
         Ok(Self::Online(Online { endpoints, channels: BTreeMap::new(), credentials }))
     }
 
-    pub fn offline(dir: &Path, brokers: &str) -> Result<Self> {
+    pub fn offline(dir: &Path, brokers: &str, kafka: &KafkaSettings) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Failure::Usage(format!("--data-dir {}: no such directory", dir.display())));
         }
@@ -88,7 +89,7 @@ impl Backend {
         let records: Vec<LeaseRecord> = store.load().map_err(store_error)?;
         let core = Core::restore(CoreConfig::default(), records, Instant::now());
         // Offsets are optional offline: listings show "-" without them.
-        let offsets = Offsets::new(brokers).ok();
+        let offsets = Offsets::new(brokers, kafka).ok();
         Ok(Self::Offline(Box::new(Offline { store, core, offsets, dir: dir.display().to_string() })))
     }
 

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
+use shardline_coordinator::config::KafkaSettings;
 use shardline_coordinator::offsets::Target;
 use shardline_proto::{Credentials, LeaseId, LeaseKind, TlsPem};
 
@@ -34,9 +35,20 @@ struct Cli {
     /// Work on a stopped coordinator's store directory instead (offline).
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
-    /// Kafka brokers, for offsets in offline mode.
-    #[arg(long, global = true, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    kafka_brokers: String,
+    /// Kafka brokers, for offsets in offline mode (default: the
+    /// --kafka-config file's, else 127.0.0.1:9092).
+    #[arg(long, global = true, env = "SHARDLINE_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// A coordinator's (or worker's) config file: offline mode's Kafka
+    /// client uses its `kafka_brokers` and `[kafka]` properties, secrets
+    /// read from their files or variables as that process does.
+    #[arg(long, global = true, value_name = "FILE")]
+    kafka_config: Option<std::path::PathBuf>,
+    /// A librdkafka property for offline mode's Kafka client, over the
+    /// --kafka-config file's (repeatable). Keep secrets in that file as
+    /// `{ file = "PATH" }`: arguments show in the process list.
+    #[arg(long = "kafka-property", global = true, value_name = "KEY=VALUE")]
+    kafka_properties: Vec<String>,
     /// The token to present (an admin token, or a viewer token for the
     /// read-only commands). Prefer --token-file or the variable: a command
     /// line is visible to every user of the machine.
@@ -308,10 +320,36 @@ fn credentials(cli: &Cli) -> Result<Credentials> {
     Credentials::new(token, tls).map_err(|e| Failure::Usage(format!("--token: {e}")))
 }
 
+/// Offline mode's Kafka brokers and properties: the flags over the
+/// `--kafka-config` file over the default; checked as a config file's are.
+fn kafka(cli: &Cli) -> Result<(String, KafkaSettings)> {
+    let (mut brokers, mut kafka) = (None, KafkaSettings::default());
+    if let Some(path) = &cli.kafka_config {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("--kafka-config {shown}: cannot read it: {e}")))?;
+        let mut file: toml::Table =
+            toml::from_str(&text).map_err(|e| Failure::Usage(format!("--kafka-config {shown}: {e}")))?;
+        brokers = file.remove("kafka_brokers").and_then(|v| v.as_str().map(str::to_owned));
+        if let Some(table) = file.remove("kafka") {
+            kafka = table
+                .try_into()
+                .map_err(|e| Failure::Usage(format!("--kafka-config {shown}: [kafka]: {e}")))?;
+        }
+    }
+    let kafka = kafka.with_args(cli.kafka_properties.iter().map(String::as_str)).map_err(Failure::Usage)?;
+    kafka.check().map_err(|e| Failure::Usage(format!("{e} (from --kafka-config or --kafka-property)")))?;
+    let brokers = cli.kafka_brokers.clone().or(brokers);
+    Ok((brokers.unwrap_or_else(|| shardline_coordinator::config::Config::default().kafka_brokers), kafka))
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     let mut backend = match &cli.data_dir {
-        Some(dir) => Backend::offline(dir, &cli.kafka_brokers)?,
+        Some(dir) => {
+            let (brokers, kafka) = kafka(&cli)?;
+            Backend::offline(dir, &brokers, &kafka)?
+        }
         None => Backend::online(&cli.coordinator, credentials(&cli)?)?,
     };
     match cli.command {

@@ -6,8 +6,12 @@
 //! It imports no other shardline crate; the coordinator and the worker
 //! import it, so neither copies the other.
 
+pub mod amqp;
+pub mod kafka;
 mod secret;
 
+pub use amqp::check_amqp_tls;
+pub use kafka::{KafkaSettings, SetDefault};
 pub use secret::{ClientTls, check_pem, read_secret};
 
 use std::fmt::{Debug, Display};

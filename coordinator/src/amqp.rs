@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use shardline_proto::{LeaseKind, topology};
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +112,7 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
     while !shutdown.is_cancelled() {
         let connection = tokio::select! {
             () = shutdown.cancelled() => return,
-            c = Connection::connect(&config.amqp_url, props("shardline-coordinator")) => c,
+            c = shardline_config::amqp::connect(&config.amqp_url, config.amqp_tls.as_ref(), "shardline-coordinator") => c,
         };
         let connection = match connection {
             Ok(c) => c,
@@ -191,10 +191,6 @@ pub async fn run(config: Arc<Config>, handle: Handle, status: StatusTable, shutd
         tracing::warn!("lost the RabbitMQ connection; reconnecting");
         mark_all(&status, "RabbitMQ connection lost; reconnecting");
     }
-}
-
-fn props(name: &str) -> ConnectionProperties {
-    ConnectionProperties::default().with_connection_name(name.into())
 }
 
 fn bounds(s: &SubscriptionConfig) -> Bounds {

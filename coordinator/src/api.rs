@@ -38,7 +38,7 @@ impl Api {
     ) -> Self {
         // Served at 0 from the start, so "none" is a value, not a gap.
         metrics::counter!("shardline_usage_unknown_mappings_total").increment(0);
-        let offsets = match crate::offsets::Offsets::new(&cfg.kafka_brokers) {
+        let offsets = match crate::offsets::Offsets::new(&cfg.kafka_brokers, &cfg.kafka) {
             Ok(o) => Some(o),
             Err(e) => {
                 tracing::warn!(error = %e, "no Kafka client: checkpoint listings will lack offsets");

@@ -17,8 +17,10 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-pub use shardline_config::{ConfigError, ConfigFile, Invalid, Store};
-use shardline_config::{Overrides, check_amqp_url, check_brokers, check_pem, ensure, in_range, read_secret};
+pub use shardline_config::{ClientTls, ConfigError, ConfigFile, Invalid, KafkaSettings, Store};
+use shardline_config::{
+    Overrides, check_amqp_tls, check_amqp_url, check_brokers, check_pem, ensure, in_range, read_secret,
+};
 use shardline_proto::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, StartingPosition};
 
 pub use crate::auth::Tokens;
@@ -88,6 +90,15 @@ pub struct Config {
     /// RabbitMQ URL (`amqp://` or `amqps://`); env `SHARDLINE_AMQP_URL`
     /// overrides. Used only when subscriptions are configured.
     pub amqp_url: String,
+    // Broker security (README "Broker security"): checked at load.
+    /// `[kafka] properties`: librdkafka properties (security.protocol,
+    /// sasl.*, ssl.*, ...) for every Kafka client of the coordinator
+    /// (discovery, offsets); values are text, `{ file = "PATH" }` or
+    /// `{ env = "VAR" }`.
+    pub kafka: KafkaSettings,
+    /// With an `amqps://` amqp_url: the CA the broker's certificate chains
+    /// to (`ca`), and a client certificate (`cert`, `key`) if it asks.
+    pub amqp_tls: Option<ClientTls>,
     /// How often subscription depths are read and slots rescaled.
     #[serde(with = "humantime_serde")]
     pub scale_interval: Duration,
@@ -125,6 +136,8 @@ impl Default for Config {
             discovery_interval: Duration::from_secs(10),
             kafka_brokers: shardline_config::KAFKA_BROKERS.into(),
             amqp_url: shardline_config::AMQP_URL.into(),
+            kafka: KafkaSettings::default(),
+            amqp_tls: None,
             scale_interval: Duration::from_secs(2),
             balancer: core.balancer,
             streams: Vec::new(),
@@ -624,6 +637,8 @@ impl ConfigFile for Config {
         if self.streams.iter().any(|s| s.partitions.is_none()) {
             check_brokers(&self.kafka_brokers)?;
         }
+        self.kafka.check()?;
+        check_amqp_tls(&self.amqp_url, self.amqp_tls.as_ref())?;
         for (i, s) in self.streams.iter().enumerate() {
             s.validate().map_err(|e| e.under(&format!("streams[{i}]")))?;
         }

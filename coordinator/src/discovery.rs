@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use shardline_proto::{LeaseId, LeaseKind};
 use tokio_util::sync::CancellationToken;
@@ -43,11 +42,11 @@ pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToke
     if streams.is_empty() {
         return;
     }
-    let consumer: Arc<BaseConsumer> = match ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .set("allow.auto.create.topics", "false")
-        .create()
-    {
+    let client = config.kafka.client_config(&config.kafka_brokers).map_err(|e| e.to_string());
+    let consumer = client.and_then(|mut c| {
+        c.set("allow.auto.create.topics", "false").create::<BaseConsumer>().map_err(|e| e.to_string())
+    });
+    let consumer: Arc<BaseConsumer> = match consumer {
         Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::error!(error = %e, "cannot create the Kafka metadata client; streams get no leases");

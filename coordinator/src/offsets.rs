@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+use shardline_config::KafkaSettings;
 use shardline_proto::{LeaseId, LeaseKind};
 
 /// How long one lookup may take before the operator gets an error.
@@ -18,17 +19,17 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Offsets {
     consumer: Arc<BaseConsumer>,
-    brokers: Arc<str>,
+    kafka: Arc<(String, KafkaSettings)>,
 }
 
 impl Offsets {
-    pub fn new(brokers: &str) -> Result<Self, String> {
-        let consumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    /// A client of `brokers` with the `[kafka]` properties `kafka`.
+    pub fn new(brokers: &str, kafka: &KafkaSettings) -> Result<Self, String> {
+        let consumer = client_config(brokers, kafka)?
             .set("allow.auto.create.topics", "false")
             .create()
             .map_err(|e| format!("kafka client: {e}"))?;
-        Ok(Self { consumer: Arc::new(consumer), brokers: brokers.into() })
+        Ok(Self { consumer: Arc::new(consumer), kafka: Arc::new((brokers.to_owned(), kafka.clone())) })
     }
 
     /// `(earliest, latest)`: the log start and the next offset to be written.
@@ -48,8 +49,7 @@ impl Offsets {
     /// answers 0, which would rewind the shard to its start: so the answer
     /// stands only if the record it names is at or after the time.
     pub async fn at_time(&self, topic: &str, partition: u32, timestamp_ms: i64) -> Result<i64, String> {
-        let (consumer, brokers, topic_owned) =
-            (self.consumer.clone(), self.brokers.clone(), topic.to_owned());
+        let (consumer, kafka, topic_owned) = (self.consumer.clone(), self.kafka.clone(), topic.to_owned());
         let found = tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic_owned, partition as i32, Offset::Offset(timestamp_ms))
@@ -61,7 +61,7 @@ impl Offsets {
                 .ok_or_else(|| format!("{topic_owned}/{partition}: no answer for the timestamp"))?;
             match offset {
                 Offset::Offset(o) if o >= 0 => {
-                    let wrong = stamped_before(&brokers, &topic_owned, partition, o, timestamp_ms)?;
+                    let wrong = stamped_before(&kafka, &topic_owned, partition, o, timestamp_ms)?;
                     Ok::<_, String>((!wrong).then_some(o))
                 }
                 _ => Ok(None),
@@ -81,14 +81,13 @@ impl Offsets {
 /// of its own: an assignment is per consumer, and lookups may run at once.
 /// Blocking.
 fn stamped_before(
-    brokers: &str,
+    (brokers, kafka): &(String, KafkaSettings),
     topic: &str,
     partition: u32,
     offset: i64,
     timestamp_ms: i64,
 ) -> Result<bool, String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = client_config(brokers, kafka)?
         .set("group.id", "shardline-offsets")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -107,6 +106,12 @@ fn stamped_before(
         }
     }
     Err(format!("read {topic}/{partition} at {offset}: no answer within {TIMEOUT:?}"))
+}
+
+/// `shardline-config`'s one home for a Kafka client's brokers and
+/// properties (checked at load; what fails now is a secret file gone since).
+fn client_config(brokers: &str, kafka: &KafkaSettings) -> Result<rdkafka::ClientConfig, String> {
+    kafka.client_config(brokers).map_err(|e| format!("kafka client: {e}"))
 }
 
 /// Where an operator moves a checkpoint.
@@ -174,7 +179,7 @@ mod tests {
     /// timeout here and answer `Unavailable`).
     #[tokio::test]
     async fn a_queue_slot_is_refused_as_invalid_without_asking_the_broker() {
-        let offsets = Offsets::new(NOBODY).unwrap_or_else(|e| panic!("{e}"));
+        let offsets = Offsets::new(NOBODY, &KafkaSettings::default()).unwrap_or_else(|e| panic!("{e}"));
         let slot = LeaseId::slot("orders-sub", 2);
         let started = Instant::now();
         for target in TARGETS {
@@ -192,7 +197,7 @@ mod tests {
     /// against the log without it. The message names the lease.
     #[tokio::test]
     async fn an_unreachable_broker_is_unavailable_for_every_target() {
-        let offsets = Offsets::new(NOBODY).unwrap_or_else(|e| panic!("{e}"));
+        let offsets = Offsets::new(NOBODY, &KafkaSettings::default()).unwrap_or_else(|e| panic!("{e}"));
         let shard = LeaseId::shard("orders", 1);
         let lookups = TARGETS.map(|t| {
             let (offsets, shard) = (offsets.clone(), shard.clone());

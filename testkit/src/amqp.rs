@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
+use shardline_config::ClientTls;
 use shardline_proto::{FailurePolicy, topology};
 
 /// How long the broker gets for one connection, declaration or deletion.
@@ -16,8 +17,13 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection named `name`, so RabbitMQ's connection list tells the
 /// harness's apart from the workers' and the coordinator's.
 pub async fn connect(url: &str, name: &str) -> Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    tokio::time::timeout(TIMEOUT, Connection::connect(url, props))
+    connect_tls(url, None, name).await
+}
+
+/// The same, through `amqp_tls` for an `amqps://` URL: the path every
+/// AMQP connection of the worker and the coordinator takes.
+pub async fn connect_tls(url: &str, tls: Option<&ClientTls>, name: &str) -> Result<Connection> {
+    tokio::time::timeout(TIMEOUT, shardline_config::amqp::connect(url, tls, name))
         .await
         .with_context(|| format!("RabbitMQ did not accept a connection within {TIMEOUT:?}"))?
         .with_context(|| {

@@ -7,33 +7,30 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
+pub use shardline_worker::sink::kafka::KafkaAccess;
 
 /// How long the broker gets for one admin operation.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn admin(brokers: &str) -> Result<(AdminClient<DefaultClientContext>, AdminOptions)> {
-    let client = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("cannot create a Kafka admin client")?;
+fn admin(kafka: &KafkaAccess) -> Result<(AdminClient<DefaultClientContext>, AdminOptions)> {
+    let client = kafka.client_config()?.create().context("cannot create a Kafka admin client")?;
     Ok((client, AdminOptions::new().operation_timeout(Some(TIMEOUT)).request_timeout(Some(TIMEOUT))))
 }
 
 /// Creates `topic` with `partitions`; one that exists already is fine when
 /// `may_exist` (an external coordinator's stream), an error otherwise.
-pub async fn create_topic(brokers: &str, topic: &str, partitions: u32, may_exist: bool) -> Result<()> {
-    let (admin, options) = admin(brokers)?;
+pub async fn create_topic(kafka: &KafkaAccess, topic: &str, partitions: u32, may_exist: bool) -> Result<()> {
+    let (admin, options) = admin(kafka)?;
     let partitions = i32::try_from(partitions).context("too many partitions")?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = admin
         .create_topics([&new], &options)
         .await
-        .with_context(|| format!("cannot create topic {topic} on {brokers}"))?;
+        .with_context(|| format!("cannot create topic {topic} on {}", kafka.brokers))?;
     for result in results {
         match result {
             Ok(_) => {}
@@ -45,8 +42,8 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: u32, may_exist
 }
 
 /// Deletes `topic` (on tansu: every topic, see the module doc).
-pub async fn delete_topic(brokers: &str, topic: &str) -> Result<()> {
-    let (admin, options) = admin(brokers)?;
+pub async fn delete_topic(kafka: &KafkaAccess, topic: &str) -> Result<()> {
+    let (admin, options) = admin(kafka)?;
     let results = admin
         .delete_topics(&[topic], &options)
         .await
@@ -62,8 +59,8 @@ pub async fn delete_topic(brokers: &str, topic: &str) -> Result<()> {
 /// there the topic is deleted and created again with `total` partitions:
 /// to the coordinator's discovery that is the same event, a topic whose
 /// partition count grew while it ran.
-pub async fn add_partitions(brokers: &str, topic: &str, total: usize) -> Result<()> {
-    let (admin, options) = admin(brokers)?;
+pub async fn add_partitions(kafka: &KafkaAccess, topic: &str, total: usize) -> Result<()> {
+    let (admin, options) = admin(kafka)?;
     let results = admin.create_partitions([&NewPartitions::new(topic, total)], &options).await;
     if !matches!(&results, Err(KafkaError::AdminOp(RDKafkaErrorCode::UnsupportedFeature))) {
         for r in results.context("create_partitions")? {
@@ -71,6 +68,6 @@ pub async fn add_partitions(brokers: &str, topic: &str, total: usize) -> Result<
         }
         return Ok(());
     }
-    delete_topic(brokers, topic).await?;
-    create_topic(brokers, topic, u32::try_from(total)?, false).await
+    delete_topic(kafka, topic).await?;
+    create_topic(kafka, topic, u32::try_from(total)?, false).await
 }

@@ -26,13 +26,23 @@
 //! The proxy records when it last forwarded client→coordinator bytes: the
 //! coordinator's last heartbeat from that worker is at or before that
 //! instant, which bounds when the worker's session can have ended.
+//!
+//! [`Proxy::start_tls`] terminates TLS: clients speak TLS to the proxy,
+//! which presents a certificate of the test's [`crate::tls::Pki`] and
+//! forwards plain bytes. It stands in for a broker's TLS listener (an
+//! `amqps://` RabbitMQ) in front of the plain brokers the tests run; the
+//! modes apply to it alike.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Wall-clock milliseconds, as the harness's ledger counts them.
 fn now_ms() -> u64 {
@@ -74,6 +84,8 @@ struct Shared {
     target: Mutex<String>,
     control: watch::Sender<Control>,
     upstream: Mutex<Upstream>,
+    /// Set: clients speak TLS to the proxy ([`Proxy::start_tls`]).
+    tls: Option<TlsAcceptor>,
 }
 
 impl Shared {
@@ -96,6 +108,7 @@ impl Shared {
 /// dropped.
 pub struct Proxy {
     url: String,
+    addr: SocketAddr,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -112,6 +125,29 @@ impl Proxy {
     /// Listens on 127.0.0.1 (a port the OS chooses) and forwards to the
     /// coordinator at `target_url` (`http://host:port`).
     pub async fn start(target_url: &str) -> anyhow::Result<Self> {
+        Self::listen(target_url, None).await
+    }
+
+    /// The same, terminating TLS with `server` (a certificate and key, PEM)
+    /// and forwarding plain bytes to `target_url` (`http://` or `tcp://`
+    /// `host:port`).
+    pub async fn start_tls(target_url: &str, server: &crate::tls::Pair) -> anyhow::Result<Self> {
+        let certs = CertificateDer::pem_file_iter(&server.cert)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .with_context(|| format!("cannot read {}", server.cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(&server.key)
+            .with_context(|| format!("cannot read {}", server.key.display()))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("the proxy's server certificate")?;
+        Self::listen(target_url, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn listen(target_url: &str, tls: Option<TlsAcceptor>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.context("cannot bind the worker proxy")?;
         let addr = listener.local_addr().context("the worker proxy has no local address")?;
         let (control, _) = watch::channel(Control { mode: Mode::Pass, closes: 0 });
@@ -119,9 +155,15 @@ impl Proxy {
             target: Mutex::new(authority(target_url)?),
             control,
             upstream: Mutex::new(Upstream::default()),
+            tls,
         });
         let task = tokio::spawn(accept(listener, shared.clone()));
-        Ok(Self { url: format!("http://{addr}"), shared, task })
+        Ok(Self { url: format!("http://{addr}"), addr, shared, task })
+    }
+
+    /// The address it listens on (127.0.0.1, a port the OS chose).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The URL to give the worker as its coordinator.
@@ -177,10 +219,12 @@ impl Proxy {
     }
 }
 
-/// `host:port` of an `http://host:port[/]` URL.
+/// `host:port` of an `http://host:port[/]` (or `tcp://`) URL.
 fn authority(url: &str) -> anyhow::Result<String> {
-    let rest =
-        url.strip_prefix("http://").with_context(|| format!("the proxy needs an http:// URL, not {url}"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .with_context(|| format!("the proxy needs an http:// or tcp:// URL, not {url}"))?;
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() || authority.contains('/') {
         anyhow::bail!("the proxy needs a URL of the form http://host:port, not {url}");
@@ -217,20 +261,46 @@ async fn connection(client: TcpStream, shared: Arc<Shared>) {
     if wait_unfrozen(&mut control, closes).await.is_err() {
         return;
     }
+    // Without TCP_NODELAY small gRPC frames only wait longer; a socket
+    // that refuses it still forwards correctly.
+    nodelay(&client);
+    match shared.tls.clone() {
+        None => {
+            let (read, write) = client.into_split();
+            forward(read, write, shared, closes).await;
+        }
+        // The handshake before the target is dialled: a client that
+        // refuses the certificate (a test's wrong CA) reaches nothing.
+        Some(acceptor) => match acceptor.accept(client).await {
+            Ok(tls) => {
+                let (read, write) = tokio::io::split(tls);
+                forward(read, write, shared, closes).await;
+            }
+            Err(e) => eprintln!("the TLS proxy: handshake failed: {e}"),
+        },
+    }
+}
+
+fn nodelay(socket: &TcpStream) {
+    if let Err(e) = socket.set_nodelay(true) {
+        eprintln!("warning: the worker proxy cannot set TCP_NODELAY: {e}");
+    }
+}
+
+/// Dials the target and pumps both ways.
+async fn forward(
+    client_read: impl AsyncRead + Unpin,
+    client_write: impl AsyncWrite + Unpin,
+    shared: Arc<Shared>,
+    closes: u64,
+) {
     let target = shared.target.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let Ok(server) = TcpStream::connect(&target).await else {
         // The coordinator is down (restarting): dropping the client's
         // socket is what it would see without the proxy.
         return;
     };
-    // Without TCP_NODELAY small gRPC frames only wait longer; a socket
-    // that refuses it still forwards correctly.
-    for socket in [&client, &server] {
-        if let Err(e) = socket.set_nodelay(true) {
-            eprintln!("warning: the worker proxy cannot set TCP_NODELAY: {e}");
-        }
-    }
-    let (client_read, client_write) = client.into_split();
+    nodelay(&server);
     let (server_read, server_write) = server.into_split();
     let up = pump(client_read, server_write, Direction::Up, shared.clone(), closes);
     let down = pump(server_read, client_write, Direction::Down, shared, closes);
@@ -271,8 +341,8 @@ async fn wait_unfrozen(control: &mut watch::Receiver<Control>, closes: u64) -> R
 /// before each write (a read that was under way when a freeze began must
 /// not be forwarded during it).
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
     direction: Direction,
     shared: Arc<Shared>,
     closes: u64,
@@ -391,6 +461,7 @@ mod tests {
     fn authority_needs_a_plain_http_url() -> anyhow::Result<()> {
         assert_eq!(authority("http://127.0.0.1:7400")?, "127.0.0.1:7400");
         assert_eq!(authority("http://localhost:7400/")?, "localhost:7400");
+        assert_eq!(authority("tcp://127.0.0.1:5672")?, "127.0.0.1:5672");
         assert!(authority("https://x:1").is_err());
         assert!(authority("http://x:1/path").is_err());
         Ok(())

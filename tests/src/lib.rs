@@ -41,6 +41,11 @@ pub fn kafka_brokers() -> String {
     std::env::var("SHARDLINE_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The tests' Kafka for the kit's topic admin (no `[kafka]` properties).
+pub fn kafka() -> shardline_testkit::kafka::KafkaAccess {
+    shardline_testkit::kafka::KafkaAccess { brokers: kafka_brokers(), ..Default::default() }
+}
+
 /// A running `shardline-coordinator`.
 pub struct Coordinator {
     pub proc: Proc,
@@ -131,14 +136,14 @@ pub fn start_worker_config(coordinator_url: &str, worker_id: &str, mut config: W
 
 /// Creates a topic on the real broker.
 pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
-    shardline_testkit::kafka::create_topic(&kafka_brokers(), name, u32::try_from(partitions)?, false).await
+    shardline_testkit::kafka::create_topic(&kafka(), name, u32::try_from(partitions)?, false).await
 }
 
 /// Grows a topic to `total` partitions; on tansu by deleting and creating
 /// it again, and tansu's DeleteTopics deletes every topic of the cluster:
 /// see tests/tests/discovery.rs.
 pub async fn add_partitions(name: &str, total: usize) -> Result<()> {
-    shardline_testkit::kafka::add_partitions(&kafka_brokers(), name, total).await
+    shardline_testkit::kafka::add_partitions(&kafka(), name, total).await
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
+use shardline_config::ClientTls;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::sink::publish::{Message, PublishError, Publisher};
@@ -23,6 +24,8 @@ pub struct Amqp {
 
 struct Inner {
     url: String,
+    /// `amqp_tls`: the CA and client certificate for an `amqps://` URL.
+    tls: Option<ClientTls>,
     name: String,
     connection: tokio::sync::Mutex<Option<Connection>>,
     /// Why the connection is down, while it is.
@@ -40,9 +43,16 @@ impl std::fmt::Debug for Amqp {
 impl Amqp {
     /// Connects on first use; `name` shows in RabbitMQ's connection list.
     pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::with_tls(url, name, None)
+    }
+
+    /// The same, trusting `tls`'s CA (and presenting its certificate) for
+    /// an `amqps://` URL: the worker's `amqp_tls`.
+    pub fn with_tls(url: impl Into<String>, name: impl Into<String>, tls: Option<ClientTls>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 url: url.into(),
+                tls,
                 name: name.into(),
                 connection: tokio::sync::Mutex::new(None),
                 problem: Mutex::new(None),
@@ -85,8 +95,8 @@ impl Amqp {
             }
         }
         *slot = None;
-        let props = ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
-        let connection = Connection::connect(&self.inner.url, props).await?;
+        let inner = &self.inner;
+        let connection = shardline_config::amqp::connect(&inner.url, inner.tls.as_ref(), &inner.name).await?;
         let channel = connection.create_channel().await?;
         *slot = Some(connection);
         if self.problem().is_some() {

@@ -125,7 +125,7 @@ impl Handler for Forward {
         ctx.only(&["topic", "exchange"])?;
         let to = match (ctx.string("topic")?, ctx.string("exchange")?) {
             (Some(topic), None) => {
-                let producer = crate::sink::kafka::producer(&ctx.kafka_brokers)
+                let producer = crate::sink::kafka::producer(&ctx.kafka)
                     .map_err(|e| ctx.error(format!("kafka producer: {e}")))?;
                 Destination::Kafka { producer, topic }
             }

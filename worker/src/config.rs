@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-pub use shardline_config::ClientTls;
-pub use shardline_config::{ConfigError, ConfigFile, Invalid};
-use shardline_config::{Overrides, check_amqp_url, check_brokers, ensure, in_range, read_secret};
+pub use shardline_config::{ClientTls, ConfigError, ConfigFile, Invalid, KafkaSettings};
+use shardline_config::{
+    Overrides, check_amqp_tls, check_amqp_url, check_brokers, ensure, in_range, read_secret,
+};
 use shardline_proto::{Credentials, TlsPem};
 
 /// The whole worker config file.
@@ -41,6 +42,14 @@ pub struct WorkerConfig {
     /// RabbitMQ URL for queue slots; env `SHARDLINE_AMQP_URL` overrides.
     /// The worker connects only once it is given a queue slot.
     pub amqp_url: String,
+    // Broker security (README "Broker security"): checked at load.
+    /// `[kafka] properties`: librdkafka properties (security.protocol,
+    /// sasl.*, ssl.*, ...) for every Kafka client of this worker; values
+    /// are text, `{ file = "PATH" }` or `{ env = "VAR" }`.
+    pub kafka: KafkaSettings,
+    /// With an `amqps://` amqp_url: the CA the broker's certificate chains
+    /// to (`ca`), and a client certificate (`cert`, `key`) if it asks.
+    pub amqp_tls: Option<ClientTls>,
     /// Most batches this worker runs at once, over all its leases (its node's
     /// capacity; the load balancer measures utilisation against it).
     /// 0: no limit, and the CPU count is reported as capacity.
@@ -70,6 +79,8 @@ impl Default for WorkerConfig {
             metrics_listen: None,
             kafka_brokers: shardline_config::KAFKA_BROKERS.into(),
             amqp_url: shardline_config::AMQP_URL.into(),
+            kafka: KafkaSettings::default(),
+            amqp_tls: None,
             max_inflight_batches: 0,
             capacity: 0,
             drain_timeout: Duration::from_secs(30),
@@ -115,6 +126,8 @@ impl ConfigFile for WorkerConfig {
         ensure(inflight <= 10_000, "max_inflight_batches", inflight, "0 (no limit) to 10000")?;
         in_range("fetch_queue_kib", self.fetch_queue_kib, 64, 1_048_576)?;
         check_amqp_url(&self.amqp_url)?;
+        check_amqp_tls(&self.amqp_url, self.amqp_tls.as_ref())?;
+        self.kafka.check()?;
         check_brokers(&self.kafka_brokers)
     }
 }

@@ -138,6 +138,9 @@ pub struct InitContext {
     pub name: String,
     pub settings: toml::Table,
     pub kafka_brokers: String,
+    /// `kafka_brokers` with the `[kafka]` properties: what a handler's own
+    /// Kafka clients start from (`KafkaAccess::client_config`).
+    pub kafka: crate::sink::kafka::KafkaAccess,
     /// The worker's one AMQP connection (it connects on first use).
     pub amqp: crate::amqp::Amqp,
     pub worker_id: String,

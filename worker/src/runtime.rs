@@ -22,7 +22,7 @@ use crate::config::WorkerConfig;
 use crate::driver::{LeaseStats, LeaseTask, UsageMeter};
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
 use crate::membership::{LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
-use crate::sink::kafka::OnFailure;
+use crate::sink::kafka::{KafkaAccess, OnFailure};
 use crate::sink::{Discard, FailureSink};
 use crate::source::amqp::Slot;
 use crate::source::kafka::{KafkaSource, Shard, SourceError};
@@ -89,7 +89,9 @@ pub async fn run(
         let field = format!("handlers.{name}");
         return Err(crate::config::Invalid::new(field, "not a handler of this worker", known).into());
     }
-    let amqp = Amqp::new(config.amqp_url.clone(), format!("shardline-worker {worker_id}"));
+    let name = format!("shardline-worker {worker_id}");
+    let amqp = Amqp::with_tls(config.amqp_url.clone(), name, config.amqp_tls.clone());
+    let kafka = KafkaAccess { brokers: config.kafka_brokers.clone(), settings: config.kafka.clone() };
     let contexts = config
         .handlers
         .iter()
@@ -97,6 +99,7 @@ pub async fn run(
             name: name.clone(),
             settings: settings.clone(),
             kafka_brokers: config.kafka_brokers.clone(),
+            kafka: kafka.clone(),
             amqp: amqp.clone(),
             worker_id: worker_id.clone(),
         })
@@ -152,7 +155,7 @@ pub async fn run(
     let mut rt = Runtime {
         session,
         kafka: None,
-        kafka_config: (config.kafka_brokers.clone(), config.fetch_queue_kib),
+        kafka_config: (kafka.clone(), config.fetch_queue_kib),
         background: background.clone(),
         helpers,
         handlers: ready,
@@ -217,7 +220,7 @@ struct Runtime {
     /// The Kafka consumer and on_failure producer, made at the first shard
     /// lease: a worker that only runs queue slots never talks to Kafka.
     kafka: Option<(KafkaSource, FutureProducer)>,
-    kafka_config: (String, u32),
+    kafka_config: (KafkaAccess, u32),
     background: CancellationToken,
     /// The checkpointer and the Kafka consumer's event loop.
     helpers: Vec<(&'static str, JoinHandle<()>)>,
@@ -374,10 +377,10 @@ impl Runtime {
         if let Some((source, producer)) = &self.kafka {
             return Ok((source.clone(), producer.clone()));
         }
-        let (brokers, fetch_queue_kib) = &self.kafka_config;
-        let producer = crate::sink::kafka::producer(brokers)?;
+        let (access, fetch_queue_kib) = &self.kafka_config;
+        let producer = crate::sink::kafka::producer(access)?;
         let (source, events) =
-            KafkaSource::new(brokers, self.session.worker_id(), *fetch_queue_kib, self.background.clone())?;
+            KafkaSource::new(access, self.session.worker_id(), *fetch_queue_kib, self.background.clone())?;
         self.kafka = Some((source.clone(), producer.clone()));
         self.helpers.push(("kafka events", events));
         Ok((source, producer))

@@ -14,7 +14,8 @@ use futures::stream::FuturesUnordered;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+use shardline_testkit::kafka::KafkaAccess;
 use tokio::time::Instant;
 
 use super::ledger::{Books, Ledger, lock};
@@ -33,7 +34,7 @@ const MESSAGE_TIMEOUT_MS: &str = "30000";
 
 /// What the producer needs besides the shared ledger.
 pub struct ProduceSpec {
-    pub brokers: String,
+    pub kafka: KafkaAccess,
     pub topic: String,
     pub run: String,
     pub partitions: u32,
@@ -48,8 +49,9 @@ pub struct ProduceSpec {
 /// before it is sent and marked acknowledged or failed when librdkafka
 /// reports on it (acks=all, so "acknowledged" means the broker has it).
 pub async fn produce(spec: ProduceSpec, ledger: Books, started: Instant) -> anyhow::Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &spec.brokers)
+    let producer: FutureProducer = spec
+        .kafka
+        .client_config()?
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", MESSAGE_TIMEOUT_MS)
@@ -138,9 +140,9 @@ pub struct ReceiptReader {
 }
 
 impl ReceiptReader {
-    pub fn start(brokers: &str, topic: &str, ledger: Books) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    pub fn start(kafka: &KafkaAccess, topic: &str, ledger: Books) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = kafka
+            .client_config()?
             // Required by librdkafka even for manual assignment; never joined.
             .set("group.id", format!("shardline-loadtest-{}", std::process::id()))
             .set("enable.auto.commit", "false")

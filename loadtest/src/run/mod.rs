@@ -51,7 +51,9 @@ use shardline_proto::StartingPosition;
 use shardline_testkit::config::{
     CoordinatorConfig, Store, StreamConfig, SubscriptionConfig, TopicConfig, TopicKind, WorkerConfig,
 };
+use shardline_testkit::kafka::KafkaAccess;
 use shardline_testkit::{broker, proxy};
+use shardline_worker::config::KafkaSettings;
 use tokio::time::Instant;
 
 use crate::child::{self, Coordinator};
@@ -111,6 +113,11 @@ pub struct Args {
     /// Kafka bootstrap servers.
     #[arg(long, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
+    /// A librdkafka property (`security.protocol=ssl`) for every Kafka
+    /// client of the run: the harness's and, as `[kafka] properties`, the
+    /// coordinators' and workers' (repeatable).
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    kafka_properties: Vec<String>,
     /// RabbitMQ.
     #[arg(long, env = "SHARDLINE_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -118,6 +125,18 @@ pub struct Args {
     /// are deleted with their temporary directories otherwise).
     #[arg(long, value_name = "DIR")]
     logs: Option<PathBuf>,
+}
+
+impl Args {
+    /// `--brokers` with the `--kafka-property`s, checked as a config
+    /// file's `[kafka]` is (a bad one is exit 2, nothing started).
+    fn kafka(&self) -> Result<KafkaAccess, BadScenario> {
+        let settings = KafkaSettings::default()
+            .with_args(self.kafka_properties.iter().map(String::as_str))
+            .map_err(BadScenario)?;
+        settings.check().map_err(|e| BadScenario(format!("{e} (from --kafka-property)")))?;
+        Ok(KafkaAccess { brokers: self.brokers.clone(), settings })
+    }
 }
 
 /// One target of a run: a Kafka stream, or a RabbitMQ fanout topic with
@@ -298,6 +317,7 @@ async fn run_one(
     let run_id = run_id(&scenario.name);
     let base = format!("shardline-lt-{run_id}");
     let kind = scenario.target.kind;
+    let kafka_access = args.kafka()?;
     let mut plan = Plan::new(&run_id, &scenario, &base, args.stream.as_deref(), args.external.is_some());
     let pb = progress_bar();
     let receipts: Vec<String> =
@@ -328,14 +348,14 @@ async fn run_one(
             Kind::Rabbitmq => amqp::declare_receipts(&args.amqp_url, &side.receipts).await?,
             Kind::Kafka | Kind::Both => {
                 shardline_testkit::kafka::create_topic(
-                    &args.brokers,
+                    &kafka_access,
                     &side.stream,
                     side.partitions,
                     plan.external,
                 )
                 .await?;
                 shardline_testkit::kafka::create_topic(
-                    &args.brokers,
+                    &kafka_access,
                     &side.receipts,
                     kafka::RECEIPT_PARTITIONS,
                     false,
@@ -361,6 +381,7 @@ async fn run_one(
             let mut config = coordinator_config(&scenario, &plan, &args.amqp_url)?;
             if kind.has_kafka() {
                 config.kafka_brokers = args.brokers.clone();
+                config.kafka = kafka_access.settings.clone();
                 config.discovery_interval = Duration::from_secs(1);
             }
             if let Some(schema) = &schema {
@@ -410,7 +431,7 @@ async fn run_one(
             }
             Kind::Kafka | Kind::Both => {
                 kafka_reader =
-                    Some(kafka::ReceiptReader::start(&args.brokers, &side.receipts, books.clone())?)
+                    Some(kafka::ReceiptReader::start(&kafka_access, &side.receipts, books.clone())?)
             }
         }
     }
@@ -418,6 +439,7 @@ async fn run_one(
     let template = WorkerTemplate {
         config: WorkerConfig {
             kafka_brokers: args.brokers.clone(),
+            kafka: kafka_access.settings.clone(),
             amqp_url: args.amqp_url.clone(),
             handlers: child::handlers(&handler_settings(&scenario, &plan)),
             max_inflight_batches: scenario.max_inflight_batches.unwrap_or(0),
@@ -455,8 +477,8 @@ async fn run_one(
         .iter()
         .zip(&books)
         .map(|(side, b)| {
-            let task = producer(&scenario, args, &plan, side, profile.clone()).run(b.clone(), started);
-            Some(AbortOnDrop(tokio::spawn(task)))
+            let task = producer(&scenario, (args, &kafka_access), &plan, side, profile.clone());
+            Some(AbortOnDrop(tokio::spawn(task.run(b.clone(), started))))
         })
         .collect();
     let watch = Arc::new(Mutex::new(LeaseWatch::default()));
@@ -893,10 +915,16 @@ impl Producer {
 
 /// The producer of `side`: each side is produced on the whole rate
 /// profile.
-fn producer(s: &Scenario, args: &Args, plan: &Plan, side: &Side, profile: rate::Profile) -> Producer {
+fn producer(
+    s: &Scenario,
+    (args, kafka): (&Args, &KafkaAccess),
+    plan: &Plan,
+    side: &Side,
+    profile: rate::Profile,
+) -> Producer {
     match side.kind {
         Kind::Kafka | Kind::Both => Producer::Kafka(kafka::ProduceSpec {
-            brokers: args.brokers.clone(),
+            kafka: kafka.clone(),
             topic: side.stream.clone(),
             run: plan.run.clone(),
             partitions: side.partitions,

@@ -10,19 +10,37 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
+use shardline_config::{KafkaSettings, SetDefault};
 use shardline_proto::LeaseId;
 use shardline_proto::topology::headers;
 
 use super::{FailureSink, GaveUp, Sent, SinkError};
 use crate::handler::Record;
 
-/// What every Kafka client of a worker starts from. Reconnects back off to
-/// at most 1 s (librdkafka's default is 10 s): a broker that restarts is
-/// read from again within a second of answering, not up to ten later.
-pub fn client_config(brokers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers).set("reconnect.backoff.max.ms", "1000");
-    config
+/// Where and how a worker's Kafka clients connect: `kafka_brokers` and
+/// the `[kafka]` properties.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaAccess {
+    pub brokers: String,
+    pub settings: KafkaSettings,
+}
+
+impl KafkaAccess {
+    /// What every Kafka client of a worker starts from: the brokers and
+    /// the operator's properties (`shardline-config`'s one home for
+    /// them). Reconnects back off to at most 1 s unless a property says
+    /// otherwise (librdkafka's default is 10 s): a broker that restarts is
+    /// read from again within a second of answering, not up to ten later.
+    pub fn client_config(&self) -> Result<ClientConfig, KafkaError> {
+        // The properties were checked at load; what fails now is a
+        // secret file gone since.
+        let mut config = self
+            .settings
+            .client_config(&self.brokers)
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+        config.set_default("reconnect.backoff.max.ms", "1000");
+        Ok(config)
+    }
 }
 
 /// Whether a Kafka error may go away by itself (a broker down, a timeout),
@@ -48,8 +66,8 @@ pub fn transient(e: &KafkaError) -> bool {
 
 /// The producer for what a worker writes to Kafka (on_failure, forward):
 /// each write acknowledged by every in-sync replica before it counts.
-pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
-    client_config(brokers).set("acks", "all").set("linger.ms", "5").create()
+pub fn producer(kafka: &KafkaAccess) -> Result<FutureProducer, KafkaError> {
+    kafka.client_config()?.set("acks", "all").set_default("linger.ms", "5").create()
 }
 
 /// Copies `records` to `topic` with `extra` headers each; returns once the

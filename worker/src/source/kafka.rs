@@ -17,6 +17,7 @@ use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
+use shardline_config::SetDefault;
 use shardline_proto::{LeaseId, Mapping, Start, StartingPosition};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +28,7 @@ use crate::handler::{Origin, Record};
 use crate::membership::{Session, SessionError};
 use crate::policy::Hooks;
 use crate::sink::FailureSink;
-use crate::sink::kafka::{client_config, transient};
+use crate::sink::kafka::{KafkaAccess, transient};
 
 /// Why the source could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -79,20 +80,21 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
-    brokers: Arc<str>,
+    kafka: Arc<KafkaAccess>,
 }
 
 impl KafkaSource {
     /// The consumer, and the task that serves its main queue (client
     /// events; records all go to partition queues) until `stop`.
     pub fn new(
-        brokers: &str,
+        kafka: &KafkaAccess,
         worker_id: &str,
         fetch_queue_kib: u32,
         stop: CancellationToken,
     ) -> Result<(Self, JoinHandle<()>), SourceError> {
-        let consumer: StreamConsumer<SourceContext> = client_config(brokers)
-            .set("client.id", format!("shardline-{worker_id}"))
+        let consumer: StreamConsumer<SourceContext> = kafka
+            .client_config()?
+            .set_default("client.id", format!("shardline-{worker_id}"))
             // librdkafka wants a group id even for manual assignment; it is
             // never used to join a group or commit.
             .set("group.id", format!("shardline-worker-{worker_id}"))
@@ -103,8 +105,8 @@ impl KafkaSource {
             // record still there (at least once, never a silent skip ahead).
             .set("auto.offset.reset", "earliest")
             .set("queued.max.messages.kbytes", fetch_queue_kib.to_string())
-            .set("queued.min.messages", "10000")
-            .set("fetch.wait.max.ms", "100")
+            .set_default("queued.min.messages", "10000")
+            .set_default("fetch.wait.max.ms", "100")
             .set("statistics.interval.ms", "1000")
             .create_with_context(SourceContext::default())?;
         let consumer = Arc::new(consumer);
@@ -125,7 +127,7 @@ impl KafkaSource {
                 }
             }
         });
-        Ok((Self { consumer, brokers: brokers.into() }, events))
+        Ok((Self { consumer, kafka: Arc::new(kafka.clone()) }, events))
     }
 }
 
@@ -133,13 +135,14 @@ impl KafkaSource {
 /// there, or no timestamp: no)? Blocking; a consumer of its own, as the
 /// worker's fetches each partition once, for its lease.
 fn stamped_before(
-    brokers: &str,
+    kafka: &KafkaAccess,
     topic: &str,
     p: i32,
     offset: i64,
     timestamp_ms: i64,
 ) -> Result<bool, KafkaError> {
-    let consumer: BaseConsumer = client_config(brokers)
+    let consumer: BaseConsumer = kafka
+        .client_config()?
         .set("group.id", "shardline-worker-start")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -336,7 +339,7 @@ impl Shard {
             Start::Earliest => StartingPosition::TrimHorizon,
             Start::MappingDefault => lease.mapping.starting_position,
         };
-        let (consumer, brokers) = (self.client.consumer.clone(), self.client.brokers.clone());
+        let (consumer, kafka) = (self.client.consumer.clone(), self.client.kafka.clone());
         let (topic, p, ts) = (self.topic.clone(), self.partition as i32, lease.mapping.starting_timestamp_ms);
         let resolved = tokio::task::spawn_blocking(move || {
             let watermarks = || consumer.fetch_watermarks(&topic, p, TIMEOUT);
@@ -353,7 +356,7 @@ impl Shard {
                         // rewind the shard to its start. So the answer
                         // stands only if the record it names is not older
                         // (as the coordinator's `Offsets::at_time` checks).
-                        Some(Offset::Offset(o)) if o >= 0 && !stamped_before(&brokers, &topic, p, o, ts)? => {
+                        Some(Offset::Offset(o)) if o >= 0 && !stamped_before(&kafka, &topic, p, o, ts)? => {
                             Ok(o)
                         }
                         // No record at or after the time: start at the end.

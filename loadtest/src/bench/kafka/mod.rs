@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use shardline_testkit::kafka;
+use shardline_testkit::kafka::{self, KafkaAccess};
+use shardline_worker::config::KafkaSettings;
 
 use super::compare::{Bins, Common, Report, Sides, Target, Units, compare, joined, row, verdict};
 use crate::stats::round3;
@@ -57,6 +58,12 @@ pub struct Args {
     /// Kafka bootstrap servers.
     #[arg(long, env = "SHARDLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
+    /// A librdkafka property (`security.protocol=ssl`) for every Kafka
+    /// client of the run: the bench's own, the raw baseline's and, as
+    /// `[kafka] properties`, the coordinator's and the worker's
+    /// (repeatable).
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    kafka_properties: Vec<String>,
     /// Delete the topic afterwards. Off by default: tansu 0.6.0 can panic
     /// when a topic is deleted while another client still fetches from it.
     #[arg(long)]
@@ -76,12 +83,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let bins = Bins::resolve(args.common.coordinator_bin.as_deref(), args.common.worker_bin.as_deref())?;
     let record_bytes = usize::try_from(args.record_bytes).context("--record-bytes is too large")?;
     let json = args.common.json.clone();
-    compare(Kafka { topic: topic::unique_name(), record_bytes, args }, bins, json.as_deref()).await
+    let settings = KafkaSettings::default()
+        .with_args(args.kafka_properties.iter().map(String::as_str))
+        .map_err(anyhow::Error::msg)?;
+    settings.check().context("--kafka-property")?;
+    let access = KafkaAccess { brokers: args.brokers.clone(), settings };
+    compare(Kafka { topic: topic::unique_name(), record_bytes, args, access }, bins, json.as_deref()).await
 }
 
 /// One run's topic and settings.
 struct Kafka {
     args: Args,
+    /// `--brokers` and the `--kafka-property`s.
+    access: KafkaAccess,
     topic: String,
     record_bytes: usize,
 }
@@ -99,19 +113,19 @@ impl Target for Kafka {
 
     async fn prepare(&mut self) -> anyhow::Result<()> {
         let created = std::time::Instant::now();
-        kafka::create_topic(&self.args.brokers, &self.topic, self.args.partitions, false).await?;
+        kafka::create_topic(&self.access, &self.topic, self.args.partitions, false).await?;
         println!("  topic created in {:.1} s", created.elapsed().as_secs_f64());
         Ok(())
     }
 
     async fn measure(&mut self, bins: &Bins) -> anyhow::Result<Figures> {
-        let (args, topic) = (&self.args, self.topic.as_str());
+        let (args, topic, access) = (&self.args, self.topic.as_str(), &self.access);
         let stall = Duration::from_secs(args.common.stall_timeout);
-        let produced = topic::produce(&args.brokers, topic, args.records, self.record_bytes)
+        let produced = topic::produce(access, topic, args.records, self.record_bytes)
             .await
             .context("producing the records failed")?;
         println!("  produced in {:.1} s ({:.0} records/s)", produced.seconds, produced.per_s);
-        let watermarks = topic::watermarks(&args.brokers, topic, args.partitions).await?;
+        let watermarks = topic::watermarks(access, topic, args.partitions).await?;
         let stored: i64 = watermarks.iter().map(|(low, high)| high - low).sum();
         if stored != args.records as i64 {
             bail!("the broker holds {stored} records of {topic} after {} were acknowledged", args.records);
@@ -122,7 +136,7 @@ impl Target for Kafka {
         }
 
         let raw = raw::run(
-            &args.brokers,
+            access,
             topic,
             args.partitions,
             args.records,
@@ -137,7 +151,7 @@ impl Target for Kafka {
         let (system, checkpoints_accepted) = system::run(&system::Settings {
             coordinator_bin: &bins.coordinator,
             worker_bin: &bins.worker,
-            brokers: &args.brokers,
+            kafka: access,
             topic,
             watermarks: &watermarks,
             batch_size: args.batch_size,
@@ -153,7 +167,7 @@ impl Target for Kafka {
 
     async fn clean_up(&mut self) -> anyhow::Result<()> {
         if self.args.delete_topic {
-            kafka::delete_topic(&self.args.brokers, &self.topic).await?;
+            kafka::delete_topic(&self.access, &self.topic).await?;
         }
         Ok(())
     }

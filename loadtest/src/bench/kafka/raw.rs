@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use shardline_testkit::kafka::KafkaAccess;
 
 use super::topic;
 use crate::bench::compare::{POLL, RawFigures};
@@ -33,7 +33,7 @@ impl Drop for StopOnDrop {
 /// Reads `expected` records from every partition of `topic`. `overrides`
 /// are extra librdkafka properties (`key=value`), for comparing settings.
 pub async fn run(
-    brokers: &str,
+    kafka: &KafkaAccess,
     topic: &str,
     partitions: u32,
     expected: u64,
@@ -41,9 +41,8 @@ pub async fn run(
     stall: Duration,
     broker_pid: Option<u32>,
 ) -> anyhow::Result<RawFigures> {
-    let mut config = ClientConfig::new();
+    let mut config = kafka.client_config()?;
     config
-        .set("bootstrap.servers", brokers)
         // Required by librdkafka even for manual assignment; never joined.
         .set("group.id", format!("shardline-bench-raw-{}", std::process::id()))
         .set("enable.auto.commit", "false")

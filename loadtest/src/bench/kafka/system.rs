@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use shardline_proto::StartingPosition;
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient};
 use shardline_testkit::config::{CoordinatorConfig, StreamConfig, WorkerConfig};
+use shardline_testkit::kafka::KafkaAccess;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -33,7 +34,7 @@ const ACCEPTED: &str = "shardline_checkpoints_total{result=\"accepted\"}";
 pub struct Settings<'a> {
     pub coordinator_bin: &'a Path,
     pub worker_bin: &'a Path,
-    pub brokers: &'a str,
+    pub kafka: &'a KafkaAccess,
     pub topic: &'a str,
     /// `(low, high)` per partition, measured after producing.
     pub watermarks: &'a [(i64, i64)],
@@ -64,7 +65,8 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<(SystemFigures, f64)> {
     };
     stream.settings.batch_size = s.batch_size;
     let config = CoordinatorConfig {
-        kafka_brokers: s.brokers.to_owned(),
+        kafka_brokers: s.kafka.brokers.clone(),
+        kafka: s.kafka.settings.clone(),
         discovery_interval: DISCOVERY_INTERVAL,
         streams: vec![stream],
         ..CoordinatorConfig::default()
@@ -80,7 +82,8 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<(SystemFigures, f64)> {
     let settings = WorkerConfig {
         coordinator: coordinator.url(),
         worker_id: Some(WORKER_ID.to_owned()),
-        kafka_brokers: s.brokers.to_owned(),
+        kafka_brokers: s.kafka.brokers.clone(),
+        kafka: s.kafka.settings.clone(),
         handlers: child::handlers(&[(handler, handler_settings)]),
         fetch_queue_kib: s.fetch_queue_kib.unwrap_or(default.fetch_queue_kib),
         ..default

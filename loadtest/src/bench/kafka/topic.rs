@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+use shardline_testkit::kafka::KafkaAccess;
 use tokio::time::Instant;
 
 /// Records in flight before the producer waits for their acknowledgements:
@@ -34,13 +35,13 @@ pub struct Produced {
 /// waiting for every acknowledgement chunk by chunk. Keys are distinct, so
 /// the partitioner spreads records over all partitions.
 pub async fn produce(
-    brokers: &str,
+    kafka: &KafkaAccess,
     topic: &str,
     records: u64,
     record_bytes: usize,
 ) -> anyhow::Result<Produced> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let producer: FutureProducer = kafka
+        .client_config()?
         .set("acks", "all")
         // Larger batches than the 5 ms default: fewer, bigger produce
         // requests are what a bulk load wants.
@@ -81,11 +82,15 @@ pub async fn produce(
 }
 
 /// `(low, high)` watermarks of every partition `0..partitions`.
-pub async fn watermarks(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<Vec<(i64, i64)>> {
-    let brokers = brokers.to_owned();
+pub async fn watermarks(
+    kafka: &KafkaAccess,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<Vec<(i64, i64)>> {
+    let kafka = kafka.clone();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer = metadata_consumer(&brokers)?;
+        let consumer = metadata_consumer(&kafka)?;
         (0..partitions)
             .map(|p| {
                 let p = i32::try_from(p).context("too many partitions")?;
@@ -100,9 +105,9 @@ pub async fn watermarks(brokers: &str, topic: &str, partitions: u32) -> anyhow::
 }
 
 /// A consumer only used for metadata; it never joins a group or commits.
-fn metadata_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+fn metadata_consumer(kafka: &KafkaAccess) -> anyhow::Result<BaseConsumer> {
+    kafka
+        .client_config()?
         .set("group.id", "shardline-bench-metadata")
         .set("enable.auto.commit", "false")
         .create()
