@@ -111,7 +111,7 @@ impl Harness {
     /// subscription (3 slots); `strategy` 0: count, else load.
     pub fn new(strategy: u8) -> Self {
         let balancer = Balancer {
-            strategy: if strategy % 2 == 0 { Strategy::Count } else { Strategy::Load },
+            strategy: if strategy.is_multiple_of(2) { Strategy::Count } else { Strategy::Load },
             stable_for: Duration::from_secs(1),
             cooldown: Duration::from_secs(2),
             settle: Duration::from_millis(500),
