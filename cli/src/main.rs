@@ -401,7 +401,8 @@ async fn run(cli: Cli) -> Result<()> {
             output::plan(&plan, confirm.dry_run, json)
         }
         Cmd::Export { output: path } => {
-            let text = output::export(&backend.export().await?)?;
+            let text = shardline::export::export(&backend.export().await?)
+                .map_err(|e| Failure::Runtime(e.to_string()))?;
             match path {
                 Some(p) => std::fs::write(&p, text)
                     .map_err(|e| Failure::Runtime(format!("cannot write {}: {e}", p.display()))),
@@ -419,7 +420,7 @@ async fn run(cli: Cli) -> Result<()> {
                 std::fs::read_to_string(&file)
                     .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?
             };
-            let entries = output::parse_export(&text)
+            let entries = shardline::export::parse_export(&text)
                 .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
             let plan = backend.import(entries, !confirm.yes).await?;
             output::plan(&plan, confirm.dry_run, json)

@@ -1,7 +1,6 @@
 //! Printing: aligned tables for people (kubectl style: upper-case headers,
 //! `-` for unknown), `--json` for scripts (one JSON document on stdout).
-//! Also the checkpoint export format, written and read here so the two
-//! cannot drift.
+//! The checkpoint export file is `shardline::export`'s.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,9 +9,6 @@ use shardline_proto::LeaseId;
 use shardline_proto::v1;
 
 use crate::{Failure, Result};
-
-/// The export file's format marker.
-const EXPORT_FORMAT: &str = "shardline.checkpoints/1";
 
 fn print_json(v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Failure::Runtime(e.to_string()))?;
@@ -309,50 +305,6 @@ pub fn plan(plan: &v1::CheckpointPlan, asked_dry_run: bool, json: bool) -> Resul
     Ok(())
 }
 
-/// The export document.
-pub fn export(checkpoints: &[v1::ExportedCheckpoint]) -> Result<String> {
-    let rows: Vec<Value> = checkpoints
-        .iter()
-        .map(|c| json!({"lease": id(c.lease.as_ref()), "checkpoint": c.checkpoint, "epoch": c.epoch}))
-        .collect();
-    let exported_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    let doc = json!({"format": EXPORT_FORMAT, "exported_at": exported_at, "checkpoints": rows});
-    serde_json::to_string_pretty(&doc).map_err(|e| Failure::Runtime(e.to_string()))
-}
-
-/// Reads an export document, checking every entry (format, lease ids,
-/// offsets, duplicates) before anything is sent anywhere.
-pub fn parse_export(text: &str) -> std::result::Result<Vec<(LeaseId, i64)>, String> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    match doc.get("format").and_then(Value::as_str) {
-        Some(EXPORT_FORMAT) => {}
-        Some(other) => {
-            return Err(format!("format `{other}`; allowed: `{EXPORT_FORMAT}` (from `shardline export`)"));
-        }
-        None => {
-            return Err(format!("no `format` field; expected a `shardline export` file (`{EXPORT_FORMAT}`)"));
-        }
-    }
-    let entries = doc.get("checkpoints").and_then(Value::as_array).ok_or("no `checkpoints` array")?;
-    let mut out = Vec::with_capacity(entries.len());
-    let mut seen = BTreeSet::new();
-    for (i, e) in entries.iter().enumerate() {
-        let lease =
-            e.get("lease").and_then(Value::as_str).ok_or(format!("checkpoints[{i}]: no `lease` string"))?;
-        let lease: LeaseId = lease.parse().map_err(|e| format!("checkpoints[{i}]: {e}"))?;
-        let offset = e
-            .get("checkpoint")
-            .and_then(Value::as_i64)
-            .filter(|o| *o >= 0)
-            .ok_or(format!("checkpoints[{i}] ({lease}): `checkpoint` must be an offset, 0 or more"))?;
-        if !seen.insert(lease.clone()) {
-            return Err(format!("checkpoints[{i}]: `{lease}` is listed twice"));
-        }
-        out.push((lease, offset));
-    }
-    Ok(out)
-}
-
 pub fn usage(reply: &v1::UsageReply, json: bool) -> Result<()> {
     let since = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(reply.from_ms.max(0) as u64),
@@ -406,29 +358,4 @@ pub fn health(h: &v1::HealthReply, json: bool) -> Result<()> {
     }
     println!("{} (version {}, {} workers, {} leases)", h.status, h.version, h.workers, h.leases);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_export_reads_back_and_bad_files_name_their_problem() {
-        let doc = export(&[v1::ExportedCheckpoint {
-            lease: Some((&LeaseId::shard("orders", 3)).into()),
-            checkpoint: 42,
-            epoch: 7,
-        }]);
-        let doc = doc.unwrap_or_else(|_| panic!("export"));
-        assert_eq!(parse_export(&doc), Ok(vec![(LeaseId::shard("orders", 3), 42)]));
-        let bad = |text: &str| parse_export(text).err().unwrap_or_default();
-        assert!(bad("{").contains("not JSON"));
-        assert!(bad("{\"checkpoints\": []}").contains("no `format`"));
-        let entries = |e: &str| format!("{{\"format\": \"{EXPORT_FORMAT}\", \"checkpoints\": [{e}]}}");
-        assert!(bad(&entries("{\"lease\": \"orders\", \"checkpoint\": 1}")).contains("checkpoints[0]"));
-        assert!(bad(&entries("{\"lease\": \"orders/1\", \"checkpoint\": -1}")).contains("0 or more"));
-        let twice =
-            entries("{\"lease\": \"o/1\", \"checkpoint\": 1}, {\"lease\": \"o/1\", \"checkpoint\": 2}");
-        assert!(bad(&twice).contains("listed twice"));
-    }
 }

@@ -97,7 +97,7 @@ fn closed(_: Closed) -> Status {
     Status::unavailable("the coordinator is shutting down; retry against the new one")
 }
 
-fn worker_id(id: &str) -> Result<String, Status> {
+pub fn worker_id(id: &str) -> Result<String, Status> {
     if id.is_empty() { Err(Status::invalid_argument("worker_id is empty")) } else { Ok(id.to_owned()) }
 }
 
@@ -138,6 +138,65 @@ fn checkpoint_result(outcome: CheckpointOutcome) -> v1::CheckpointResult {
             v1::CheckpointResult { status: S::Unspecified as i32, current_epoch: 0, checkpoint: None }
         }
     }
+}
+
+// The request conversions below are public for the fuzz targets
+// (`fuzz/`), which feed arbitrary wire messages through them into the core.
+
+/// A `Register` request as the core takes it.
+pub fn registration(req: v1::RegisterRequest) -> Result<Registration, Status> {
+    Ok(Registration {
+        worker: worker_id(&req.worker_id)?,
+        address: req.address,
+        handlers: req.handlers.into_iter().collect::<BTreeSet<_>>(),
+        capacity: req.capacity,
+        concurrency: req.concurrency,
+        held: held(&req.held)?,
+        incarnation: req.incarnation,
+    })
+}
+
+/// A `Heartbeat` request as the core takes it.
+#[derive(Debug)]
+pub struct Heartbeat {
+    pub worker: String,
+    pub beat: Beat,
+    pub draining: bool,
+}
+
+/// `config` names the mappings usage may be reported for.
+pub fn heartbeat(config: &crate::config::Config, req: v1::HeartbeatRequest) -> Result<Heartbeat, Status> {
+    let worker = worker_id(&req.worker_id)?;
+    let mut load = load(config, &worker, req.load)?;
+    load.unhealthy = req.unhealthy;
+    let beat = Beat { incarnation: req.incarnation, held: held(&req.held)?.into_iter().collect(), load };
+    Ok(Heartbeat { worker, beat, draining: req.draining })
+}
+
+/// A `Checkpoint` request: the worker and its entries.
+pub fn checkpoints(req: &v1::CheckpointRequest) -> Result<(String, Vec<CheckpointCmd>), Status> {
+    let worker = worker_id(&req.worker_id)?;
+    let mut entries = Vec::with_capacity(req.entries.len());
+    for e in &req.entries {
+        let lease = LeaseId::try_from(e.lease.as_ref()).map_err(bad)?;
+        entries.push(CheckpointCmd { lease, epoch: e.epoch, offset: e.offset });
+    }
+    Ok((worker, entries))
+}
+
+/// A `ReleaseDone` request as the core takes it.
+#[derive(Debug)]
+pub struct Release {
+    pub worker: String,
+    pub lease: LeaseId,
+    pub epoch: u64,
+    pub offset: Option<i64>,
+}
+
+pub fn release(req: &v1::ReleaseDoneRequest) -> Result<Release, Status> {
+    let worker = worker_id(&req.worker_id)?;
+    let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
+    Ok(Release { worker, lease, epoch: req.epoch, offset: req.offset })
 }
 
 fn held(held: &[v1::HeldLease]) -> Result<Vec<(LeaseId, u64)>, Status> {
@@ -247,16 +306,7 @@ impl WorkerApi for Api {
         &self,
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterReply>, Status> {
-        let req = req.into_inner();
-        let registration = Registration {
-            worker: worker_id(&req.worker_id)?,
-            address: req.address,
-            handlers: req.handlers.into_iter().collect::<BTreeSet<_>>(),
-            capacity: req.capacity,
-            concurrency: req.concurrency,
-            held: held(&req.held)?,
-            incarnation: req.incarnation,
-        };
+        let registration = registration(req.into_inner())?;
         let instructions =
             self.leader()?.call(|tx| Command::Register(registration, tx)).await.map_err(closed)?;
         Ok(Response::new(v1::RegisterReply {
@@ -270,12 +320,7 @@ impl WorkerApi for Api {
         &self,
         req: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatReply>, Status> {
-        let req = req.into_inner();
-        let worker = worker_id(&req.worker_id)?;
-        let mut load = load(&self.config, &worker, req.load)?;
-        load.unhealthy = req.unhealthy;
-        let beat = Beat { incarnation: req.incarnation, held: held(&req.held)?.into_iter().collect(), load };
-        let draining = req.draining;
+        let Heartbeat { worker, beat, draining } = heartbeat(&self.config, req.into_inner())?;
         let result = self
             .leader()?
             .call(|reply| Command::Heartbeat { worker, beat, draining, reply })
@@ -295,13 +340,7 @@ impl WorkerApi for Api {
         &self,
         req: Request<v1::CheckpointRequest>,
     ) -> Result<Response<v1::CheckpointReply>, Status> {
-        let req = req.into_inner();
-        let worker = worker_id(&req.worker_id)?;
-        let mut entries = Vec::with_capacity(req.entries.len());
-        for e in &req.entries {
-            let lease = LeaseId::try_from(e.lease.as_ref()).map_err(bad)?;
-            entries.push(CheckpointCmd { lease, epoch: e.epoch, offset: e.offset });
-        }
+        let (worker, entries) = checkpoints(&req.into_inner())?;
         let outcomes = self.verified(&worker, entries).await?;
         Ok(Response::new(v1::CheckpointReply {
             results: outcomes.into_iter().map(checkpoint_result).collect(),
@@ -312,10 +351,7 @@ impl WorkerApi for Api {
         &self,
         req: Request<v1::ReleaseDoneRequest>,
     ) -> Result<Response<v1::ReleaseDoneReply>, Status> {
-        let req = req.into_inner();
-        let worker = worker_id(&req.worker_id)?;
-        let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
-        let (epoch, offset) = (req.epoch, req.offset);
+        let Release { worker, lease, epoch, offset } = release(&req.into_inner())?;
         let release = |worker: String, lease: LeaseId| async move {
             let handle = self.leader()?;
             handle
@@ -605,7 +641,7 @@ pub fn usage_reply(totals: Vec<(String, crate::usage::Counts)>, from_ms: i64) ->
     v1::UsageReply { usage, from_ms }
 }
 
-fn target(t: Option<v1::Target>) -> Result<Target, Status> {
+pub fn target(t: Option<v1::Target>) -> Result<Target, Status> {
     use v1::target::To;
     match t.and_then(|t| t.to) {
         Some(To::Offset(o)) => Ok(Target::Offset(o)),

@@ -134,11 +134,17 @@ pub(crate) fn is_broker_header(key: &str) -> bool {
     key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
 }
 
-/// Byte headers as AMQP long strings.
-pub fn field_table<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> FieldTable {
+/// Byte headers as AMQP long strings. A name longer than 255 bytes (a
+/// Kafka header's may be) does not fit an AMQP field name: an error naming
+/// it, never a panic.
+pub fn field_table<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Result<FieldTable, PublishError> {
     let mut table = FieldTable::default();
     for (k, v) in headers {
-        table.insert(k.into(), AMQPValue::LongString(v.to_vec().into()));
+        let shown: String = k.chars().take(40).collect();
+        let key = crate::sink::publish::short_string(&format!("header name `{shown}...`"), k)?;
+        table.insert(key, AMQPValue::LongString(v.to_vec().into()));
     }
-    table
+    Ok(table)
 }

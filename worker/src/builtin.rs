@@ -4,13 +4,12 @@
 //! `sleep` simulates work, `noop` does nothing (for benchmarks of the
 //! machinery itself), `chaos` injects failures.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use shardline_proto::topology::headers;
 
-use crate::amqp::{Message, Publisher};
+use crate::amqp::{Message, PublishError, Publisher};
 use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
 
 pub fn handlers() -> Handlers {
@@ -163,25 +162,37 @@ impl Forward {
                     .map_err(|e| HandlerError::new(e.to_string()))?;
             }
             Destination::Amqp { publisher, exchange } => {
-                let message = |r: &Arc<Record>| {
-                    let added = source(r);
-                    let ours = added.iter().map(|(k, v)| (*k, v.as_bytes()));
-                    let headers = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-                    Message {
-                        exchange: exchange.clone(),
-                        body: r.value.clone(),
-                        headers: crate::amqp::field_table(headers.chain(ours)),
-                        message_id: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
-                        ..Message::default()
-                    }
-                };
-                let messages: Vec<Message> = batch.records.iter().map(message).collect();
+                let messages = batch.records.iter().map(|r| forwarded(exchange, r, &source(r)));
+                let messages: Vec<Message> = messages
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| HandlerError::new(format!("cannot forward to RabbitMQ: {e}")))?;
                 publisher.publish(&messages).await.map_err(|e| HandlerError::new(e.to_string()))?;
             }
         }
         Ok(BatchResponse::default())
     }
+}
+
+/// The RabbitMQ copy of `r` that `forward` publishes to `exchange`: its
+/// headers and `added`, the key as message id. A Kafka record's key or
+/// header name may be longer than AMQP allows (255 bytes): an error, which
+/// fails the batch like any handler error. Public for the fuzz targets
+/// (`fuzz/`).
+pub fn forwarded(exchange: &str, r: &Record, added: &[(&str, String)]) -> Result<Message, PublishError> {
+    let ours = added.iter().map(|(k, v)| (*k, v.as_bytes()));
+    let headers = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+    let message_id = r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned());
+    if let Some(id) = &message_id {
+        crate::sink::publish::short_string("the record's key (the message id)", id)?;
+    }
+    Ok(Message {
+        exchange: exchange.to_owned(),
+        body: r.value.clone(),
+        headers: crate::amqp::field_table(headers.chain(ours))?,
+        message_id,
+        timestamp: r.timestamp_ms.map(|ms| (ms / 1000) as u64),
+        ..Message::default()
+    })
 }
 
 /// Sleeps `per_batch` plus `per_record` × records: simulated work.
@@ -216,5 +227,46 @@ impl Handler for Noop {
 
     async fn handle(&self, _batch: &Batch) -> Result<BatchResponse, HandlerError> {
         Ok(BatchResponse::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::Origin;
+    use crate::sink::publish::properties;
+
+    fn kafka(key: Option<Vec<u8>>, headers: Vec<(String, Vec<u8>)>) -> Record {
+        Record {
+            key,
+            value: b"v".to_vec(),
+            tombstone: false,
+            headers,
+            timestamp_ms: Some(1_800_000_000_000),
+            origin: Origin::Kafka { partition: 0, offset: 7 },
+        }
+    }
+
+    /// Found by the `worker_records` fuzz target: a Kafka key or header
+    /// name longer than an AMQP short string (255 bytes) panicked the
+    /// lease task forwarding it to RabbitMQ (lapin's `ShortString::from`),
+    /// again on every re-grant: the partition stalled. Now the batch fails
+    /// with an error naming what is too long.
+    #[test]
+    fn a_key_or_header_name_longer_than_amqp_allows_is_an_error_not_a_panic() {
+        let long = "k".repeat(256);
+        let added = [(headers::OFFSET, "7".to_owned())];
+        let e = forwarded("out", &kafka(Some(long.clone().into_bytes()), Vec::new()), &added).map(|_| ());
+        assert!(
+            e.as_ref().is_err_and(|e| e.to_string().contains("key (the message id) is 256 bytes")),
+            "{e:?}"
+        );
+        let e = forwarded("out", &kafka(None, vec![(long, b"v".to_vec())]), &added).map(|_| ());
+        assert!(e.as_ref().is_err_and(|e| e.to_string().contains("header name `kkk")), "{e:?}");
+        assert!(e.is_err_and(|e| !e.retryable()), "publishing it again cannot help");
+        let fits =
+            forwarded("out", &kafka(Some(vec![b'k'; 255]), vec![("h".repeat(255), Vec::new())]), &added);
+        let props = fits.and_then(|m| properties(&m, 0));
+        assert!(props.is_ok_and(|p| p.message_id().as_ref().is_some_and(|id| id.as_str().len() == 255)));
     }
 }

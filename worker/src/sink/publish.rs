@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
 
@@ -28,13 +28,17 @@ pub enum PublishError {
         "no queue is bound to exchange `{exchange}` with routing key `{routing_key}`: the message would be lost"
     )]
     Unroutable { exchange: String, routing_key: String },
+    /// A record's key (the message id) or a header name longer than an
+    /// AMQP short string: the message cannot be written at all.
+    #[error("{what} is {len} bytes long; AMQP allows at most 255 (a short string)")]
+    TooLong { what: String, len: usize },
 }
 
 impl PublishError {
     /// Whether publishing the same messages again can help without anyone
     /// declaring anything.
     pub fn retryable(&self) -> bool {
-        !matches!(self, PublishError::Unroutable { .. })
+        !matches!(self, PublishError::Unroutable { .. } | PublishError::TooLong { .. })
     }
 }
 
@@ -50,6 +54,25 @@ pub struct Message {
     pub timestamp: Option<u64>,
     /// Others to carry over (content type and the like).
     pub properties: Option<BasicProperties>,
+}
+
+/// The AMQP properties `m` is published with: persistent, its headers,
+/// its timestamp (or `now`, in seconds), its message id. Public for the
+/// fuzz targets (`fuzz/`).
+pub fn properties(m: &Message, now: u64) -> Result<BasicProperties, PublishError> {
+    let mut props = (m.properties.clone().unwrap_or_default())
+        .with_delivery_mode(2)
+        .with_headers(m.headers.clone())
+        .with_timestamp(m.timestamp.unwrap_or(now));
+    if let Some(id) = &m.message_id {
+        props = props.with_message_id(short_string("the message id (the record's key)", id)?);
+    }
+    Ok(props)
+}
+
+/// `s` as an AMQP short string, or the error naming `what` is too long.
+pub fn short_string(what: &str, s: &str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(s).map_err(|_| PublishError::TooLong { what: what.to_owned(), len: s.len() })
 }
 
 /// A confirm-mode channel on an [`Amqp`] connection, reopened when it
@@ -99,13 +122,7 @@ impl Publisher {
         let now = crate::unix_ms() / 1000;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
-            let mut props = (m.properties.clone().unwrap_or_default())
-                .with_delivery_mode(2)
-                .with_headers(m.headers.clone())
-                .with_timestamp(m.timestamp.unwrap_or(now));
-            if let Some(id) = &m.message_id {
-                props = props.with_message_id(id.as_str().into());
-            }
+            let props = properties(m, now)?;
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
             let (exchange, routing_key) = (m.exchange.as_str().into(), m.routing_key.as_str().into());
             let confirm = channel

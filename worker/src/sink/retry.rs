@@ -11,7 +11,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use shardline_proto::topology::{self, headers};
 use shardline_proto::{FailurePolicy, LeaseId};
 
-use super::publish::{Message, Publisher};
+use super::publish::{Message, PublishError, Publisher};
 use super::{FailureSink, GaveUp, Reason, Sent};
 use crate::amqp::{field_table, is_broker_header};
 use crate::handler::Record;
@@ -41,8 +41,15 @@ impl RetrySink {
         }
     }
 
-    /// The republished copy of `r`, to the retry queue or the dead letters.
-    fn message(&self, r: &Record, why: &GaveUp, now_ms: u128, failed_at: &str) -> (Message, bool) {
+    /// The republished copy of `r`, to the retry queue or the dead letters
+    /// (`true`). Public for the fuzz targets (`fuzz/`).
+    pub fn message(
+        &self,
+        r: &Record,
+        why: &GaveUp,
+        now_ms: u128,
+        failed_at: &str,
+    ) -> Result<(Message, bool), PublishError> {
         // Attempts before this delivery, and this one's.
         let before: u32 = r
             .headers
@@ -50,12 +57,13 @@ impl RetrySink {
             .find(|(k, _)| k == headers::ATTEMPTS)
             .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
             .unwrap_or(0);
-        let attempts = before + why.attempts.max(1);
+        // Saturating: the header is whatever the publisher wrote.
+        let attempts = before.saturating_add(why.attempts.max(1));
         let to_dlq = why.reason == Reason::TooOld || self.max_retries.is_some_and(|max| attempts > max);
         let ours =
             |k: &str| is_broker_header(k) || k == headers::ATTEMPTS || k == headers::ATTEMPTS_FAILED_AT;
         let kept = r.headers.iter().filter(|(k, _)| !ours(k));
-        let mut table = field_table(kept.map(|(k, v)| (k.as_str(), v.as_slice())));
+        let mut table = field_table(kept.map(|(k, v)| (k.as_str(), v.as_slice())))?;
         let original = crate::lock(&self.properties).get(&(r.position() as u64)).cloned();
         if let Some(h) = original.as_ref().and_then(|p| p.headers().as_ref()) {
             // Keep the original header types (not the byte copies).
@@ -102,7 +110,7 @@ impl RetrySink {
                 .map_or(r.timestamp_ms.map(|ms| (ms / 1000) as u64), |p| *p.timestamp()),
             properties: original.map(|p| p.with_headers(FieldTable::default())),
         };
-        (message, to_dlq)
+        Ok((message, to_dlq))
     }
 }
 
@@ -114,7 +122,7 @@ impl FailureSink for RetrySink {
             let now_ms = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
             let (mut messages, mut dead) = (Vec::with_capacity(records.len()), 0u64);
             for r in records {
-                let (message, to_dlq) = self.message(r, why, now_ms, &failed_at);
+                let (message, to_dlq) = self.message(r, why, now_ms, &failed_at)?;
                 dead += u64::from(to_dlq);
                 messages.push(message);
             }
@@ -126,5 +134,48 @@ impl FailureSink for RetrySink {
                 .increment(dead);
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::Origin;
+    use crate::sink::Reason;
+
+    fn sink(max_retries: Option<u32>) -> RetrySink {
+        let policy = FailurePolicy { max_retries, ..FailurePolicy::default() };
+        RetrySink::new(Publisher::connect("amqp://127.0.0.1:1/%2f", "test"), "emails", &policy, "w0")
+    }
+
+    fn delivery(headers: Vec<(String, Vec<u8>)>) -> Record {
+        Record {
+            key: None,
+            value: b"v".to_vec(),
+            tombstone: false,
+            headers,
+            timestamp_ms: None,
+            origin: Origin::Queue { slot: 0, delivery_tag: 1, redelivered: true },
+        }
+    }
+
+    /// `shardline.attempts` arrives with the message, so anyone who
+    /// publishes may set it: u32::MAX attempts plus this one overflowed (a
+    /// panic in debug builds; in release it wrapped to 0, and the message
+    /// went back to the retry queue forever instead of the dead letters).
+    #[test]
+    fn a_huge_attempts_header_dead_letters_the_message() {
+        let why = GaveUp { reason: Reason::RetriesExhausted, attempts: 1, error: "boom".into() };
+        let r = delivery(vec![(headers::ATTEMPTS.to_owned(), u32::MAX.to_string().into_bytes())]);
+        let sent = sink(Some(3)).message(&r, &why, 0, "then");
+        let Ok((message, to_dlq)) = sent else { panic!("{sent:?}") };
+        assert!(to_dlq, "retries are used up");
+        assert_eq!(
+            message.headers.inner().get(headers::ATTEMPTS),
+            Some(&AMQPValue::LongLongInt(i64::from(u32::MAX)))
+        );
+        let r = delivery(vec![(headers::ATTEMPTS.to_owned(), b"2".to_vec())]);
+        let sent = sink(Some(3)).message(&r, &why, 0, "then");
+        assert!(sent.is_ok_and(|(_, to_dlq)| !to_dlq), "the third attempt may retry");
     }
 }

@@ -144,23 +144,29 @@ impl Deliveries {
         if redelivered {
             metrics::counter!("shardline_redeliveries_total").increment(1);
         }
-        let properties = &delivery.properties;
-        let headers = properties
-            .headers()
-            .as_ref()
-            .map(|h| h.inner().iter().map(|(k, v)| (k.as_str().to_owned(), header_bytes(v))).collect())
-            .unwrap_or_default();
-        // The message id is the key.
-        let record = Record {
-            key: properties.message_id().as_ref().map(|id| id.as_str().as_bytes().to_vec()),
-            value: delivery.data,
-            tombstone: false,
-            headers,
-            timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
-            origin: Origin::Queue { slot: self.slot, delivery_tag, redelivered },
-        };
+        let origin = Origin::Queue { slot: self.slot, delivery_tag, redelivered };
+        let record = record(&delivery.properties, delivery.data, origin);
         crate::lock(&self.properties).insert(delivery_tag, delivery.properties);
         Some(record)
+    }
+}
+
+/// The record a handler sees of a delivery: the message id is the key,
+/// headers as bytes ([`header_bytes`]), the AMQP timestamp (seconds) in
+/// milliseconds. Public for the fuzz targets (`fuzz/`).
+pub fn record(properties: &lapin::BasicProperties, data: Vec<u8>, origin: Origin) -> Record {
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().iter().map(|(k, v)| (k.as_str().to_owned(), header_bytes(v))).collect())
+        .unwrap_or_default();
+    Record {
+        key: properties.message_id().as_ref().map(|id| id.as_str().as_bytes().to_vec()),
+        value: data,
+        tombstone: false,
+        headers,
+        timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
+        origin,
     }
 }
 

@@ -206,21 +206,58 @@ impl RecordReader for PartitionReader {
 
 impl PartitionReader {
     fn record(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-        Record {
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            tombstone: m.payload().is_none(),
-            headers: headers(m),
+        let raw = raw_headers(m);
+        let headers: Vec<_> = raw.iter().map(|(name, value)| (name.to_bytes(), *value)).collect();
+        record(RawMessage {
+            key: m.key(),
+            payload: m.payload(),
+            headers: &headers,
             timestamp_ms: m.timestamp().to_millis(),
-            origin: Origin::Kafka { partition: self.partition, offset: m.offset() },
-        }
+            partition: self.partition,
+            offset: m.offset(),
+        })
     }
 }
 
-/// The record's headers. rdkafka's own accessor panics on a header name
-/// that is not UTF-8 (it unwraps the conversion); broker data must never
-/// panic a worker, so the names are read here and converted lossily.
-fn headers(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+/// A Kafka message as librdkafka hands it over, borrowed from it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawMessage<'a> {
+    pub key: Option<&'a [u8]>,
+    /// `None`: a null value (a tombstone), not an empty one.
+    pub payload: Option<&'a [u8]>,
+    /// Header names (the bytes before their NUL) and values (`None`: null).
+    pub headers: &'a [(&'a [u8], Option<&'a [u8]>)],
+    pub timestamp_ms: Option<i64>,
+    pub partition: u32,
+    pub offset: i64,
+}
+
+/// The record a handler sees. Header names that are not UTF-8 are
+/// converted lossily and a null header value becomes empty: broker data
+/// must never panic a worker. Public for the fuzz targets (`fuzz/`).
+pub fn record(m: RawMessage<'_>) -> Record {
+    Record {
+        key: m.key.map(<[u8]>::to_vec),
+        value: m.payload.map(<[u8]>::to_vec).unwrap_or_default(),
+        tombstone: m.payload.is_none(),
+        headers: m
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (String::from_utf8_lossy(name).into_owned(), value.unwrap_or_default().to_vec())
+            })
+            .collect(),
+        timestamp_ms: m.timestamp_ms,
+        origin: Origin::Kafka { partition: m.partition, offset: m.offset },
+    }
+}
+
+/// The record's headers as librdkafka holds them. rdkafka's own accessor
+/// panics on a header name that is not UTF-8 (it unwraps the conversion),
+/// so they are read here and converted by [`record`].
+fn raw_headers<'m>(
+    m: &'m rdkafka::message::BorrowedMessage<'_>,
+) -> Vec<(&'m std::ffi::CStr, Option<&'m [u8]>)> {
     use rdkafka::bindings as rd;
     let ok = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
     let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
@@ -241,12 +278,14 @@ fn headers(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> 
             }
             // SAFETY: librdkafka's header names are NUL-terminated and live
             // as long as the message.
-            let key = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
-            let value = if value.is_null() || size == 0 {
-                Vec::new()
+            let key = unsafe { std::ffi::CStr::from_ptr(name) };
+            let value = if value.is_null() {
+                None
+            } else if size == 0 {
+                Some(&[][..])
             } else {
                 // SAFETY: `value` points at `size` bytes owned by the message.
-                unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
+                Some(unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) })
             };
             Some((key, value))
         })
