@@ -45,15 +45,9 @@ fn coordinator(dir: &Path, mut config: CoordinatorConfig) -> Result<Tls> {
     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.kafka_brokers = kafka_brokers();
     config.data_dir = dir.join(unique("data"));
-    let path = support::config_file(dir, &unique("coordinator"), &config)?;
-    let (proc, addr) = process::start_coordinator(
-        &bin("shardline-coordinator"),
-        Path::new(&path),
-        &[],
-        Stdio::inherit(),
-        Duration::from_secs(30),
-    )?;
-    Ok(Tls { _proc: proc, url: format!("https://localhost:{}", addr.port()) })
+    let started = support::coordinator_with_env(dir, &config, &[])?;
+    let port = started.url.rsplit(':').next().unwrap_or_default().to_owned();
+    Ok(Tls { _proc: started.proc, url: format!("https://localhost:{port}") })
 }
 
 /// Starts a worker hosting `noop` with `config`'s credentials; its log goes
@@ -315,15 +309,8 @@ async fn off_loopback_without_tls_refuses_to_start_unless_insecure() -> Result<(
     ensure!(!dir.path().join("data").exists(), "nothing may be created for a refused config");
 
     let insecure = CoordinatorConfig { insecure: true, ..config };
-    let path = support::config_file(dir.path(), "insecure", &insecure)?;
-    let (proc, addr) = process::start_coordinator(
-        &bin("shardline-coordinator"),
-        Path::new(&path),
-        &[],
-        Stdio::inherit(),
-        Duration::from_secs(30),
-    )?;
-    ensure!(addr.port() == port, "listening on {addr}");
-    drop(proc);
+    let started = support::coordinator_with_env(dir.path(), &insecure, &[])?;
+    ensure!(started.url.ends_with(&format!(":{port}")), "listening at {}", started.url);
+    drop(started);
     Ok(())
 }
