@@ -1,8 +1,10 @@
 //! The `json-sum` example (`examples/src/bin/json-sum.rs`) run as its docs
-//! say, `json-sum WORKER_CONFIG.toml` with a `[handlers.json-sum]` table
-//! and a coordinator mapping a stream to `json-sum`, on real Kafka: its
-//! per-batch lines add up to the records produced, the setting `field` is
-//! honoured, and SIGTERM drains it and exits 0 (as Ctrl-C does).
+//! say, `json-sum --config WORKER_CONFIG.toml` with a `[handlers.json-sum]`
+//! table and a coordinator mapping a stream to `json-sum`, on real Kafka:
+//! its per-batch lines add up to the records produced, the setting `field`
+//! is honoured, a poison record is bisected out and given up *and the
+//! worker logs it* (its `main` is `shardline_worker::main`, which installs
+//! the logging), and SIGTERM drains it and exits 0 (as Ctrl-C does).
 
 mod support;
 
@@ -42,10 +44,14 @@ async fn json_sum_sums_the_configured_field_of_every_record() -> Result<()> {
     let topic = unique("json-sum");
     create_topic(&topic, 2).await?;
     let rows = (1..=40).map(|i| (format!("k{i}"), format!("{{\"cents\": {i}, \"amount\": 1000}}"), None));
-    support::produce_rows(&topic, None, rows).await?;
+    let poison = std::iter::once(("k7".to_owned(), "not json".to_owned(), None));
+    support::produce_rows(&topic, None, rows.chain(poison)).await?;
     let dir = tempfile::tempdir()?;
     let mut stream = support::from_start(&topic, "json-sum");
     stream.settings.batch_size = 10;
+    // The poison record: bisected out, given up at once (no destination).
+    stream.settings.bisect_on_error = true;
+    stream.settings.max_retries = Some(0);
     let config = CoordinatorConfig { streams: vec![stream], ..support::timings() };
     let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     let config = WorkerConfig {
@@ -53,11 +59,14 @@ async fn json_sum_sums_the_configured_field_of_every_record() -> Result<()> {
         kafka_brokers: kafka_brokers(),
         ..config::hosting("json-sum", &[("field", "cents")])
     };
-    let mut worker = support::spawn(
+    let log = dir.path().join("json-sum.log");
+    let mut worker = shardline_testkit::process::spawn(
         "json-sum",
-        &[&support::config_file(dir.path(), "worker", &config)?],
+        &shardline_tests::bin("json-sum"),
+        ["--config", &support::config_file(dir.path(), "worker", &config)?],
         &[],
         Stdio::piped(),
+        std::fs::File::create(&log)?.into(),
     )?;
     let stdout = worker.child.stdout.take().context("json-sum stdout")?;
     let (tx, rx) = mpsc::channel();
@@ -83,6 +92,16 @@ async fn json_sum_sums_the_configured_field_of_every_record() -> Result<()> {
         sum == 820 && total == Some(820) && lines.iter().map(|l| l.records).sum::<u64>() == 40,
         "json-sum printed {lines:?}: want 40 records summing to 820"
     );
+
+    // The poison record was given up, and the worker said so (before
+    // `shardline_worker::main`, this binary logged nothing at all).
+    let logged =
+        shardline_tests::eventually(Duration::from_secs(20), "json-sum logs the poison record", || async {
+            let text = std::fs::read_to_string(&log)?;
+            Ok((text.contains("is not JSON") && text.contains("bisecting")).then_some(()))
+        })
+        .await;
+    ensure!(logged.is_ok(), "json-sum's log: {}", std::fs::read_to_string(&log).unwrap_or_default());
 
     // An orchestrator's stop: SIGTERM drains, the process exits 0.
     worker.signal(libc::SIGTERM)?;

@@ -1,7 +1,9 @@
 //! shardline's worker: the handler SDK and the runtime.
 //!
 //! Write a [`Handler`] (`init` once per node, `handle` once per batch) and
-//! run it in your own `main`:
+//! make it a worker binary with [`main`] (the stock binary's command line,
+//! logging, metrics, signals and exit codes in one call), or run it inside
+//! your own program:
 //!
 //! ```no_run
 //! use shardline_worker::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError};
@@ -37,6 +39,7 @@ pub mod builtin;
 pub mod checkpointer;
 pub mod config;
 pub mod driver;
+mod entry;
 pub mod handler;
 pub mod membership;
 pub mod policy;
@@ -45,6 +48,7 @@ pub mod sink;
 pub mod source;
 
 pub use config::{ConfigError, ConfigFile, WorkerConfig};
+pub use entry::main;
 pub use handler::{
     Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Origin, Record,
 };

@@ -6,16 +6,13 @@
 //! not JSON fails the batch, which the worker retries (later: bisects and
 //! sends to on_failure, per the mapping's policy).
 //!
-//! Run: `cargo run -p shardline-examples --bin json-sum -- worker.toml`
+//! Run: `cargo run -p shardline-examples --bin json-sum -- --config worker.toml`
 //! with a worker config containing `[handlers.json-sum]` and optionally
 //! `field = "amount"`, and a coordinator mapping a stream to `json-sum`.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use shardline_worker::{
-    Batch, BatchResponse, ConfigFile, Handler, HandlerError, Handlers, InitContext, InitError, WorkerConfig,
-};
-use tokio_util::sync::CancellationToken;
+use shardline_worker::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError};
 
 struct JsonSum {
     field: String,
@@ -42,27 +39,8 @@ impl Handler for JsonSum {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let Some(path) = std::env::args().nth(1) else {
-        eprintln!("usage: json-sum WORKER_CONFIG.toml");
-        return std::process::ExitCode::from(2);
-    };
-    let config = match WorkerConfig::load(std::path::Path::new(&path)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let shutdown = CancellationToken::new();
-    // SIGTERM (an orchestrator's stop) or Ctrl-C drains; a second exits.
-    tokio::spawn(shardline_worker::drain_on_signals(shutdown.clone()));
-    match shardline_worker::run(config, Handlers::new().with::<JsonSum>("json-sum"), shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    // The stock worker's command line, logging, metrics, signal handling
+    // and exit codes, hosting this handler.
+    shardline_worker::main(Handlers::new().with::<JsonSum>("json-sum"))
 }
