@@ -40,6 +40,7 @@ pub mod checkpointer;
 pub mod config;
 pub mod driver;
 mod entry;
+pub mod function;
 pub mod handler;
 pub mod membership;
 pub mod policy;
