@@ -313,13 +313,11 @@ impl<S: LeaseStore> Service<S> {
     ) -> Result<(), StoreError> {
         // Persist first so `written` covers what this command changed.
         self.persist()?;
-        // A send fails only when the caller gave up waiting (its RPC was
-        // cancelled); the state change stands either way.
         if !reveals || self.written <= self.durable {
-            let _ = tx.send(value);
+            answer(tx, value);
         } else {
             let seq = self.written;
-            self.waiting.push((seq, Box::new(move || drop(tx.send(value)))));
+            self.waiting.push((seq, Box::new(move || answer(tx, value))));
         }
         Ok(())
     }
@@ -406,28 +404,31 @@ impl<S: LeaseStore> Service<S> {
             }
             Command::Lease { lease, reply } => {
                 let found = self.core.lease(&lease).cloned().ok_or_else(|| self.indexes(&lease));
-                let _ = reply.send(found);
+                answer(reply, found);
             }
             Command::Leases { kind, name, reply } => {
-                let _ = reply.send(self.core.leases_of(kind, name.as_deref()).cloned().collect());
+                answer(reply, self.core.leases_of(kind, name.as_deref()).cloned().collect());
             }
             Command::Missing { leases, reply } => {
                 let missing = leases.into_iter().find(|l| self.core.lease(l).is_none());
-                let _ = reply.send(missing.map(|l| {
-                    let indexes = self.indexes(&l);
-                    (l, indexes)
-                }));
+                answer(
+                    reply,
+                    missing.map(|l| {
+                        let indexes = self.indexes(&l);
+                        (l, indexes)
+                    }),
+                );
             }
             Command::Counts(reply) => {
                 let live = self.core.workers().filter(|w| !w.restored).count();
                 let leases = self.core.leases().count();
-                let _ = reply.send((
-                    u32::try_from(live).unwrap_or(u32::MAX),
-                    u32::try_from(leases).unwrap_or(u32::MAX),
-                ));
+                answer(
+                    reply,
+                    (u32::try_from(live).unwrap_or(u32::MAX), u32::try_from(leases).unwrap_or(u32::MAX)),
+                );
             }
             Command::Usage { since_ms, reply } => {
-                let _ = reply.send(self.meter.totals(since_ms));
+                answer(reply, self.meter.totals(since_ms));
             }
             Command::Snapshot(reply) => {
                 let snapshot = Snapshot {
@@ -437,7 +438,7 @@ impl<S: LeaseStore> Service<S> {
                     utilisation: self.core.utilisation(),
                     desired_workers: self.core.desired_workers(),
                 };
-                let _ = reply.send(snapshot);
+                answer(reply, snapshot);
             }
         }
         Ok(())
@@ -455,6 +456,15 @@ impl<S: LeaseStore> Service<S> {
 /// Logs the store error that is about to end the loop, where it happened.
 fn store_failed(e: &StoreError) {
     tracing::error!(error = %e, "store failed; stopping the coordinator (restart it on the durable state)");
+}
+
+/// Sends an answer. A send fails only when the caller gave up waiting
+/// (its RPC was cancelled); what the command did stands either way, so
+/// there is nothing to undo, only a note.
+fn answer<T>(tx: Reply<T>, value: T) {
+    if tx.send(value).is_err() {
+        tracing::debug!("a caller gave up before its answer; the command stands");
+    }
 }
 
 #[cfg(test)]
