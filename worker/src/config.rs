@@ -116,6 +116,18 @@ impl ConfigFile for WorkerConfig {
         }
         self.credentials()?;
         ensure(!self.handlers.is_empty(), "handlers", "empty", "at least one [handlers.NAME] table")?;
+        for (name, settings) in &self.handlers {
+            match settings.get("kind") {
+                None => {}
+                Some(_) if crate::function::is_function(settings) => {
+                    crate::function::FunctionSettings::parse(name, settings)?;
+                }
+                Some(other) => {
+                    let allowed = "\"function\" (or no kind: a handler compiled into this worker)";
+                    return Err(Invalid::new(format!("handlers.{name}.kind"), other, allowed));
+                }
+            }
+        }
         if let Some(id) = &self.worker_id {
             let ok = !id.is_empty() && id.len() <= 200;
             ensure(ok, "worker_id", format!("{} characters long", id.len()), "1 to 200 characters")?;

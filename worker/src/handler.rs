@@ -78,6 +78,10 @@ pub struct Batch {
     /// Records behind the end of the partition when the batch was cut
     /// (-1 when not known yet).
     pub lag: i64,
+    /// When this attempt times out (`handler_timeout` from its start), in
+    /// wall-clock ms since the Unix epoch: Lambda's deadline, for handlers
+    /// that pass it on. 0: no deadline known.
+    pub deadline_ms: u64,
 }
 
 impl Batch {
@@ -87,6 +91,13 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+
+    /// Time left before this attempt times out; `None` when no deadline
+    /// is known.
+    pub fn remaining(&self) -> Option<std::time::Duration> {
+        (self.deadline_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.deadline_ms.saturating_sub(crate::unix_ms())))
     }
 }
 
@@ -144,6 +155,11 @@ pub struct InitContext {
     /// The worker's one AMQP connection (it connects on first use).
     pub amqp: crate::amqp::Amqp,
     pub worker_id: String,
+    /// The batches this node runs at once (`max_inflight_batches`, or
+    /// the CPU count): what a handler sizes its own parallelism by.
+    pub concurrency: u32,
+    /// Where a handler reports a problem that makes this worker unhealthy.
+    pub health: crate::health::Health,
 }
 
 impl InitContext {
@@ -185,6 +201,12 @@ pub trait Handler: Send + Sync + Sized + 'static {
 
     /// Runs once per batch. Return `Err` (or panic) to fail the whole batch.
     fn handle(&self, batch: &Batch) -> impl Future<Output = Result<BatchResponse, HandlerError>> + Send;
+
+    /// Runs once when the worker stops, after its last batch: close what
+    /// `init` opened (a function's processes get SIGTERM here).
+    fn shutdown(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -192,12 +214,28 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A handler after `init`, type-erased so several can live in one map.
 pub trait DynHandler: Send + Sync {
     fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<BatchResponse, HandlerError>>;
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 impl<H: Handler> DynHandler for H {
     fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<BatchResponse, HandlerError>> {
         Box::pin(Handler::handle(self, batch))
     }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Handler::shutdown(self))
+    }
+}
+
+fn factory<H: Handler>() -> Factory {
+    Box::new(|ctx: InitContext| {
+        Box::pin(async move {
+            let handler = H::init(&ctx).await?;
+            Ok(Arc::new(handler) as Arc<dyn DynHandler>)
+        })
+    })
 }
 
 type Factory =
@@ -215,13 +253,7 @@ impl Handlers {
 
     /// Hosts handler type `H` under `name` (what mappings refer to).
     pub fn with<H: Handler>(mut self, name: impl Into<String>) -> Self {
-        let factory: Factory = Box::new(|ctx: InitContext| {
-            Box::pin(async move {
-                let handler = H::init(&ctx).await?;
-                Ok(Arc::new(handler) as Arc<dyn DynHandler>)
-            })
-        });
-        self.factories.insert(name.into(), factory);
+        self.factories.insert(name.into(), factory::<H>());
         self
     }
 
@@ -229,8 +261,10 @@ impl Handlers {
         self.factories.keys().map(String::as_str)
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.factories.contains_key(name)
+    /// Whether this worker can run `[handlers.NAME]` with these settings:
+    /// a handler compiled in under that name, or any `kind = "function"`.
+    pub fn hosts(&self, name: &str, settings: &toml::Table) -> bool {
+        crate::function::is_function(settings) || self.factories.contains_key(name)
     }
 
     /// Runs `init` of the named handlers once each, for all leases.
@@ -241,10 +275,17 @@ impl Handlers {
         let mut ready = BTreeMap::new();
         for ctx in contexts {
             let name = ctx.name.clone();
-            let Some(factory) = self.factories.get(&name) else {
-                return Err(InitError { handler: name, message: "no such handler in this worker".into() });
+            let handler = if crate::function::is_function(&ctx.settings) {
+                factory::<crate::function::Function>()(ctx).await?
+            } else {
+                let Some(factory) = self.factories.get(&name) else {
+                    return Err(InitError {
+                        handler: name,
+                        message: "no such handler in this worker".into(),
+                    });
+                };
+                factory(ctx).await?
             };
-            let handler = factory(ctx).await?;
             metrics::counter!("shardline_handler_inits_total", "handler" => name.clone()).increment(1);
             tracing::info!(handler = %name, "handler initialised");
             ready.insert(name, handler);

@@ -42,6 +42,7 @@ pub mod driver;
 mod entry;
 pub mod function;
 pub mod handler;
+pub mod health;
 pub mod membership;
 pub mod policy;
 pub mod runtime;

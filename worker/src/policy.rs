@@ -327,7 +327,15 @@ impl Lane<'_> {
         records: &[Arc<Record>],
         lag: i64,
     ) -> Result<Result<BatchResponse, (HandlerError, Reason)>, Stopped> {
-        let batch = Batch { records: records.to_vec(), lease: self.lease.clone(), epoch: self.epoch, lag };
+        let timeout = u64::try_from(self.policy.handler_timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline_ms = crate::unix_ms().saturating_add(timeout);
+        let batch = Batch {
+            records: records.to_vec(),
+            lease: self.lease.clone(),
+            epoch: self.epoch,
+            lag,
+            deadline_ms,
+        };
         let started = Instant::now();
         let run = AssertUnwindSafe(self.handler.handle(&batch)).catch_unwind();
         let run = tokio::time::timeout(self.policy.handler_timeout, run);

@@ -21,6 +21,7 @@ use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
 use crate::driver::{LeaseStats, LeaseTask, UsageMeter};
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
+use crate::health::Health;
 use crate::membership::{LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
 use crate::sink::kafka::{KafkaAccess, OnFailure};
 use crate::sink::{Discard, FailureSink};
@@ -84,14 +85,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
-    if let Some(name) = config.handlers.keys().find(|name| !handlers.contains(name)) {
-        let known = handlers.names().collect::<Vec<_>>().join(", ");
+    if let Some((name, _)) = config.handlers.iter().find(|(name, settings)| !handlers.hosts(name, settings)) {
+        let known = handlers.names().chain([r#"or kind = "function""#]).collect::<Vec<_>>().join(", ");
         let field = format!("handlers.{name}");
         return Err(crate::config::Invalid::new(field, "not a handler of this worker", known).into());
     }
     let name = format!("shardline-worker {worker_id}");
     let amqp = Amqp::with_tls(config.amqp_url.clone(), name, config.amqp_tls.clone());
     let kafka = KafkaAccess { brokers: config.kafka_brokers.clone(), settings: config.kafka.clone() };
+    let health = Health::default();
     let contexts = config
         .handlers
         .iter()
@@ -102,6 +104,8 @@ pub async fn run(
             kafka: kafka.clone(),
             amqp: amqp.clone(),
             worker_id: worker_id.clone(),
+            concurrency: config.concurrency(),
+            health: health.clone(),
         })
         .collect();
     // Before init, so what init records (the init counter) is exported.
@@ -147,7 +151,7 @@ pub async fn run(
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let mut membership = tokio::spawn(session.clone().run(SessionRun {
         events: events_tx,
-        load: load_report(stats.clone(), amqp.clone(), usage.clone()),
+        load: load_report(stats.clone(), (amqp.clone(), health), usage.clone()),
         draining: draining.clone(),
         shutdown: background.clone(),
     }));
@@ -468,13 +472,17 @@ impl Runtime {
         }
     }
 
-    /// Stops the helper tasks and waits for them.
+    /// Stops the helper tasks and waits for them, then the handlers'
+    /// shutdown (every batch is over by now).
     async fn join_helpers(&mut self) {
         self.background.cancel();
         for (name, handle) in std::mem::take(&mut self.helpers) {
             if let Err(e) = handle.await {
                 tracing::error!(task = name, error = %e, "a helper task died");
             }
+        }
+        for handler in self.handlers.values() {
+            handler.shutdown().await;
         }
     }
 }
@@ -493,13 +501,14 @@ fn task_id(done: &Joined) -> tokio::task::Id {
 /// change since the previous report.
 fn load_report(
     stats: StatsTable,
-    amqp: Amqp,
+    (amqp, health): (Amqp, Health),
     usage: UsageMeter,
 ) -> impl Fn() -> (v1::LoadReport, Vec<String>) + Send {
     type Previous = (Instant, HashMap<LeaseId, (u64, u64)>, f64);
     let previous: Mutex<Previous> = Mutex::new((Instant::now(), HashMap::new(), cpu_seconds()));
     move || {
-        let unhealthy: Vec<String> = amqp.problem().into_iter().collect();
+        let mut unhealthy: Vec<String> = amqp.problem().into_iter().collect();
+        unhealthy.extend(health.problems());
         let table = crate::lock(&stats);
         let mut prev = crate::lock(&previous);
         let elapsed = prev.0.elapsed().as_secs_f64().max(1e-3);

@@ -4,7 +4,8 @@
 //! would give it. Per mapping, `event_format` chooses which:
 //! - `kafka`: the self-managed Kafka event (`eventSource`
 //!   `SelfManagedKafka`, `records` keyed `topic-partition`, base64 `key`
-//!   and `value`, headers as lists of `{name: [bytes]}`);
+//!   and `value`, headers as lists of `{name: [bytes]}`, signed as Java's
+//!   bytes are);
 //! - `kinesis`: the Kinesis event (`Records[].kinesis.data`,
 //!   `partitionKey`, `sequenceNumber` = the Kafka offset), so a function
 //!   written for Kinesis runs on a Kafka topic;
@@ -41,10 +42,18 @@ pub enum EventFormat {
 
 impl EventFormat {
     /// Streams take `kafka` or `kinesis`, subscriptions the others.
-    pub fn fits(self, record: &Origin) -> bool {
-        match record {
-            Origin::Kafka { .. } => matches!(self, Self::Kafka | Self::Kinesis),
-            Origin::Queue { .. } => matches!(self, Self::Sqs | Self::Sns | Self::Rmq),
+    pub fn for_streams(self) -> bool {
+        matches!(self, Self::Kafka | Self::Kinesis)
+    }
+
+    /// The name as written in config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kafka => "kafka",
+            Self::Kinesis => "kinesis",
+            Self::Sqs => "sqs",
+            Self::Sns => "sns",
+            Self::Rmq => "rmq",
         }
     }
 }
@@ -104,7 +113,7 @@ fn kafka_record(topic: &str, partition: u32, r: &Record) -> Value {
         .iter()
         .map(|(name, value)| {
             let mut h = Map::new();
-            h.insert(name.clone(), Value::Array(value.iter().map(|b| Value::from(*b)).collect()));
+            h.insert(name.clone(), Value::Array(value.iter().map(|b| Value::from(*b as i8)).collect()));
             Value::Object(h)
         })
         .collect();
@@ -275,7 +284,7 @@ mod tests {
             key: key.map(|k| k.as_bytes().to_vec()),
             value: value.map(|v| v.as_bytes().to_vec()).unwrap_or_default(),
             tombstone: value.is_none(),
-            headers: vec![("trace".into(), b"abc".to_vec())],
+            headers: vec![("trace".into(), b"abc".to_vec()), ("enc".into(), "é".as_bytes().to_vec())],
             timestamp_ms: Some(1_545_084_650_987),
             origin: Origin::Kafka { partition: 3, offset },
         })
@@ -294,7 +303,7 @@ mod tests {
 
     fn stream_batch() -> Batch {
         let records = vec![kafka(15, Some("k1"), Some("Hello")), kafka(16, None, None)];
-        Batch { records, lease: LeaseId::shard("orders", 3), epoch: 1, lag: 0 }
+        Batch { records, lease: LeaseId::shard("orders", 3), epoch: 1, lag: 0, deadline_ms: 0 }
     }
 
     fn queue_batch() -> Batch {
@@ -304,6 +313,7 @@ mod tests {
             lease: LeaseId { kind: shardline_proto::LeaseKind::QueueSlot, name: "mail".into(), index: 1 },
             epoch: 1,
             lag: -1,
+            deadline_ms: 0,
         }
     }
 
@@ -318,6 +328,8 @@ mod tests {
         assert_eq!(records[0]["key"], "azE=");
         assert_eq!(records[0]["value"], "SGVsbG8=");
         assert_eq!(records[0]["headers"][0]["trace"], json!([97, 98, 99]));
+        // Signed, as Lambda sends Java's bytes (its event types refuse 195).
+        assert_eq!(records[0]["headers"][1]["enc"], json!([-61, -87]));
         assert_eq!(records[0]["timestamp"], 1_545_084_650_987_i64);
         assert_eq!(records[1]["value"], Value::Null, "a tombstone's value stays null");
         assert_eq!(records[1]["key"], Value::Null);
@@ -376,13 +388,5 @@ mod tests {
         let queue = queue_batch();
         let reply = json!({"batchItemFailures": [{"itemIdentifier": "1-2"}]});
         assert_eq!(failures(EventFormat::Sqs, &queue, &reply), Ok(vec![2]));
-    }
-
-    #[test]
-    fn formats_fit_their_sources() {
-        let kafka = Origin::Kafka { partition: 0, offset: 0 };
-        let queue = Origin::Queue { slot: 0, delivery_tag: 1, redelivered: false };
-        assert!(EventFormat::Kinesis.fits(&kafka) && !EventFormat::Sqs.fits(&kafka));
-        assert!(EventFormat::Rmq.fits(&queue) && !EventFormat::Kafka.fits(&queue));
     }
 }
