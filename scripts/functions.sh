@@ -43,7 +43,7 @@ usage() {
 # aws-lambda-cpp's cmake build; its postinstall runs node-gyp, which needs
 # python3, make and g++.
 ensure_build_tools() {
-  local missing=() tool pkg
+  local missing=() pair tool pkg
   for pair in cmake:cmake autoreconf:autoconf automake:automake libtoolize:libtool \
     make:make g++:g++ python3:python3; do
     tool=${pair%%:*} pkg=${pair#*:}
@@ -129,6 +129,8 @@ install_rust() {
   fi
   command -v cargo >/dev/null || die "cargo not found (needed for tests/functions/rust)"
   mkdir -p "$dir/rust"
+  [[ -x $dir/rust/fixture-function ]] ||
+    log "rust: building tests/functions/rust (its dependencies too: a few minutes the first time)"
   local messages built
   messages=$(CARGO_TARGET_DIR="$dir/rust/target" cargo build --release --quiet \
     --manifest-path "$manifest" --message-format=json-render-diagnostics) ||
