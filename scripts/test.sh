@@ -8,5 +8,8 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/brokers.sh up
 scripts/build-deps.sh
+# The runtime clients (awslambdaric, aws-lambda-ric, lambda_runtime) the
+# function tests run Lambda functions through.
+scripts/functions.sh install
 cargo build --workspace --bins
 cargo test --workspace "$@"

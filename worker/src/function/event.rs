@@ -252,6 +252,10 @@ pub fn failures(format: EventFormat, batch: &Batch, reply: &Value) -> Result<Vec
         let id = match item.get("itemIdentifier") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
+            // Lambda's Kafka form (Powertools writes it):
+            // `{"partition": "topic-2", "offset": 201}`.
+            Some(Value::Object(o)) if format == EventFormat::Kafka => kafka_identifier(batch, o)
+                .ok_or_else(|| BadReply(format!("names {item}, which is no record of the batch")))?,
             _ => return Err(BadReply(format!("has an item without an itemIdentifier: {item}"))),
         };
         let found = batch.records.iter().find(|r| identifier(format, batch.lease.index, r) == id);
@@ -261,6 +265,24 @@ pub fn failures(format: EventFormat, batch: &Batch, reply: &Value) -> Result<Vec
         }
     }
     Ok(failed)
+}
+
+/// The offset a Kafka `{partition, offset}` identifier names, when its
+/// partition (`topic-N`, if given) is the batch's.
+fn kafka_identifier(batch: &Batch, id: &Map<String, Value>) -> Option<String> {
+    let own = format!("{}-{}", batch.lease.name, batch.lease.index);
+    let partition_ok = match id.get("partition") {
+        None => true,
+        Some(Value::String(p)) => *p == own,
+        Some(Value::Number(n)) => n.as_u64() == Some(u64::from(batch.lease.index)),
+        Some(_) => false,
+    };
+    let offset = match id.get("offset")? {
+        Value::Number(n) => n.as_i64()?,
+        Value::String(s) => s.parse().ok()?,
+        _ => return None,
+    };
+    partition_ok.then(|| offset.to_string())
 }
 
 /// What a reply names a record by, in `format`.
@@ -374,6 +396,17 @@ mod tests {
         assert_eq!(failures(EventFormat::Kinesis, &batch, &reply), Ok(vec![16]));
         let numeric = json!({"batchItemFailures": [{"itemIdentifier": 15}]});
         assert_eq!(failures(EventFormat::Kafka, &batch, &numeric), Ok(vec![15]));
+        // Lambda's Kafka form, as Powertools writes it.
+        let object =
+            json!({"batchItemFailures": [{"itemIdentifier": {"partition": "orders-3", "offset": 16}}]});
+        assert_eq!(failures(EventFormat::Kafka, &batch, &object), Ok(vec![16]));
+        let elsewhere =
+            json!({"batchItemFailures": [{"itemIdentifier": {"partition": "orders-4", "offset": 16}}]});
+        assert!(failures(EventFormat::Kafka, &batch, &elsewhere).is_err());
+        assert!(
+            failures(EventFormat::Kinesis, &batch, &object).is_err(),
+            "only the Kafka event names records so"
+        );
         for ok in
             [json!(null), json!({}), json!({"batchItemFailures": []}), json!({"batchItemFailures": null})]
         {
