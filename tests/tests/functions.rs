@@ -327,6 +327,7 @@ async fn drill(name: &'static str) -> Result<()> {
     for needle in ["exit status: 3", "passed its deadline", "handled "] {
         ensure!(log.contains(needle), "{name}: the worker's log has no `{needle}`:\n{log}");
     }
+    ensure!(!log.contains("batchItemFailures"), "{name}: a reply was refused:\n{log}");
     // The function's own lines carry the invocation's request id.
     let tagged = log.lines().filter(|l| l.contains("handled ") && l.contains("request_id=")).count();
     let untagged = log.lines().filter(|l| l.contains("handled ") && l.contains("request_id= ")).count();
@@ -433,7 +434,7 @@ async fn powertools_batch_processing_reports_partial_failures() -> Result<()> {
             receipts.display().to_string()
         );
     }
-    let _worker = start_worker(dir.path(), &coordinator, "powertools", &handlers)?;
+    let worker = start_worker(dir.path(), &coordinator, "powertools", &handlers)?;
     let stream = texts("k", 30, &[(4, "poison"), (19, "poison")]);
     let kafka_texts = texts("f", 20, &[(11, "poison")]);
     let queue = texts("q", 30, &[(8, "poison")]);
@@ -459,6 +460,11 @@ async fn powertools_batch_processing_reports_partial_failures() -> Result<()> {
     let expected: BTreeSet<String> = ["k4-poison", "k19-poison", "f11-poison"].map(String::from).into();
     ensure!(failed == expected, "on_failure got {failed:?}, not {expected:?}");
     ensure!(dead == BTreeSet::from(["q8-poison".to_owned()]), "the DLQ got {dead:?}");
+    // Each reply's item failures were understood (Kafka's name records
+    // by `{partition, offset}`), not taken for a bad reply failing the
+    // whole batch, which bisecting would have hidden above.
+    let log = worker.log();
+    ensure!(!log.contains("batchItemFailures"), "a reply was refused:\n{log}");
     Ok(())
 }
 
