@@ -886,6 +886,18 @@ mod tests {
     }
 
     #[test]
+    fn the_function_example_configs_are_valid() {
+        for text in [
+            include_str!("../../examples/functions/python/coordinator.toml"),
+            include_str!("../../examples/functions/node/coordinator.toml"),
+        ] {
+            let c = Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.validate(), Ok(()));
+            assert!(c.streams.iter().all(|s| s.settings.report_item_failures));
+        }
+    }
+
+    #[test]
     fn the_shipped_example_config_is_valid() {
         let c =
             Config::parse(include_str!("../../examples/coordinator.toml")).unwrap_or_else(|e| panic!("{e}"));

@@ -205,6 +205,28 @@ mod tests {
         assert_eq!(c.handlers.keys().collect::<Vec<_>>(), ["forward", "log", "noop", "sleep"]);
     }
 
+    /// examples/functions/*/worker.toml, as the worker reads them from the
+    /// repository root (where their `working_dir`s are relative to).
+    #[test]
+    fn the_function_example_configs_are_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (text, name) in [
+            (include_str!("../../examples/functions/python/worker.toml"), "python"),
+            (include_str!("../../examples/functions/node/worker.toml"), "node"),
+        ] {
+            let mut c = WorkerConfig::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for settings in c.handlers.values_mut() {
+                assert!(crate::function::is_function(settings), "{name}: not a function");
+                let Some(toml::Value::String(dir)) = settings.get("working_dir") else {
+                    panic!("{name}: no working_dir")
+                };
+                let absolute = root.join(dir).display().to_string();
+                settings.insert("working_dir".into(), toml::Value::String(absolute));
+            }
+            assert_eq!(c.validate(), Ok(()), "{name}");
+        }
+    }
+
     #[test]
     fn tls_needs_an_https_coordinator_and_the_token_one_source() -> Result<(), std::io::Error> {
         let dir = std::env::temp_dir().join(format!("shardline-worker-tls-{}", std::process::id()));
