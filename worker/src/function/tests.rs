@@ -102,6 +102,14 @@ async fn reply(pool: &Pool, event: Value) -> Value {
     }
 }
 
+/// Waits until `n` processes initialised: one started slowly would
+/// otherwise leave both invocations of a pair to the other.
+async fn ready(pool: &Pool, n: usize) {
+    let mut status = pool.status();
+    let all = tokio::time::timeout(Duration::from_secs(30), status.wait_for(|s| s.ready >= n));
+    assert!(matches!(all.await, Ok(Ok(_))), "{n} processes did not initialise");
+}
+
 fn pid(v: &Value) -> i64 {
     v["pid"].as_i64().unwrap_or_else(|| panic!("no pid in {v}"))
 }
@@ -149,6 +157,7 @@ async fn a_process_initialises_once_and_sees_lambdas_invocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_invocations_take_separate_processes_one_at_a_time() {
     let pool = Pool::start(spec(2, &[]), Health::default());
+    ready(&pool, 2).await;
     let mut pids = std::collections::BTreeSet::new();
     for _ in 0..3 {
         let (a, b) = tokio::join!(
@@ -218,7 +227,11 @@ async fn an_init_failure_marks_the_worker_unhealthy_and_fails_invocations_by_nam
     ] {
         let health = Health::default();
         let mut s = spec(1, &[("MODE", mode)]);
-        s.init_timeout = Duration::from_millis(500);
+        // Short only where the test waits it out: Python alone can take
+        // longer than that to start on a busy machine.
+        if mode == "hang-at-init" {
+            s.init_timeout = Duration::from_millis(500);
+        }
         let pool = Pool::start(s, health.clone());
         let mut status = pool.status();
         let failed =
@@ -233,6 +246,8 @@ async fn an_init_failure_marks_the_worker_unhealthy_and_fails_invocations_by_nam
             problems.iter().any(|p| p.contains("function `thumbs`") && p.contains(expected)),
             "{problems:?}"
         );
+        // No process is ready (none ever will be): the invocation fails
+        // before its deadline, naming the init failure.
         let result = pool.invoke(Bytes::from("{}"), in_ms(700), String::new()).await;
         let Err(why) = result else { panic!("{mode}: an invocation ran without an initialised process") };
         assert!(why.contains("could initialise") && why.contains(expected), "{mode}: {why}");
@@ -262,6 +277,7 @@ async fn shutdown_sends_sigterm_and_waits() {
     let file = dir.join("terms");
     let path = file.display().to_string();
     let pool = Pool::start(spec(2, &[("TERM_FILE", &path)]), Health::default());
+    ready(&pool, 2).await;
     let (a, b) = tokio::join!(
         reply(&pool, json!({"action": "sleep", "seconds": 0.2})),
         reply(&pool, json!({"action": "sleep", "seconds": 0.2}))
