@@ -14,8 +14,9 @@
 //! (`shardline_handler_duration_seconds`, sum over count) of side 2 minus
 //! that of side 1; target < 1 ms at batch_size 100. It is split into the
 //! CPU the Python processes spent per invocation (runtime client and
-//! function) and the rest (building and encoding the event, the loopback
-//! HTTP exchange, wake-ups). Records/s of both sides and their ratio show
+//! function), the worker's CPU beyond the noop side's (building and
+//! encoding the event, serving the Runtime API) and the rest (waiting:
+//! wake-ups, the run queue). Records/s of both sides and their ratio show
 //! what it does to throughput.
 
 mod python;
@@ -305,11 +306,32 @@ impl Figures {
         (self.args.batch_size == TARGET_BATCH).then(|| self.overhead_us() < TARGET_OVERHEAD_US)
     }
 
-    /// The Python CPU per invocation, and the rest of the overhead.
-    fn split_us(&self) -> Option<(f64, f64)> {
-        let cpu = self.end.cpu.as_ref().ok()?.us_per_invocation();
-        Some((cpu, self.overhead_us() - cpu))
+    /// The worker's CPU per invocation beyond the noop side's: building
+    /// and encoding the event, serving the Runtime API, reading the reply
+    /// (both sides ran the same batches; the function side's start-up,
+    /// spawning its processes, is spread over them).
+    fn worker_cpu_us(&self) -> Option<f64> {
+        let cpu = |f: &SystemFigures| Some(f.worker_cores? * f.seconds);
+        let extra = cpu(&self.function.figures)? - cpu(&self.noop.figures)?;
+        (self.end.invocations > 0).then(|| extra * 1e6 / self.end.invocations as f64)
     }
+
+    /// How the overhead divides, where the Python CPU could be read.
+    fn split(&self) -> Option<Split> {
+        let python_cpu_us = self.end.cpu.as_ref().ok()?.us_per_invocation();
+        let worker_cpu_us = self.worker_cpu_us();
+        let rest_us = self.overhead_us() - python_cpu_us - worker_cpu_us.unwrap_or(0.0);
+        Some(Split { python_cpu_us, worker_cpu_us, rest_us })
+    }
+}
+
+/// The overhead per invocation: what the Python processes and the worker
+/// spent on CPU for it, and the rest: waiting (wake-ups, the run queue of
+/// a busy machine), and the worker's CPU when it could not be read.
+struct Split {
+    python_cpu_us: f64,
+    worker_cpu_us: Option<f64>,
+    rest_us: f64,
 }
 
 impl Report for Figures {
@@ -350,10 +372,14 @@ impl Report for Figures {
                 self.overhead_us()
             ),
         );
-        match (self.split_us(), &self.end.cpu) {
-            (Some((cpu, rest)), _) => {
-                row("  Python CPU per invocation (us)", format!("{cpu:.1}"));
-                row("  rest: event, loopback HTTP, wake-ups", format!("{rest:.1}"));
+        match (self.split(), &self.end.cpu) {
+            (Some(split), _) => {
+                row("  Python CPU (runtime client + fn)", format!("{:.1}", split.python_cpu_us));
+                row(
+                    "  worker CPU beyond noop's",
+                    split.worker_cpu_us.map_or("-".to_owned(), |us| format!("{us:.1}")),
+                );
+                row("  rest: waiting (wake-ups, run queue)", format!("{:.1}", split.rest_us));
             }
             (None, Err(why)) => row("  split", format!("left out: {why}")),
             (None, Ok(_)) => {}
@@ -378,7 +404,7 @@ impl Report for Figures {
 
     fn json(&self) -> serde_json::Value {
         let args = &self.args;
-        let split = self.split_us();
+        let split = self.split();
         json!({
             "brokers": args.brokers,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -400,8 +426,9 @@ impl Report for Figures {
             "ratio": round3(self.ratio()),
             "steady_ratio": round3(self.steady_ratio()),
             "overhead_us": round3(self.overhead_us()),
-            "python_cpu_us_per_invocation": split.map(|(cpu, _)| round3(cpu)),
-            "rest_us_per_invocation": split.map(|(_, rest)| round3(rest)),
+            "python_cpu_us_per_invocation": split.as_ref().map(|s| round3(s.python_cpu_us)),
+            "worker_cpu_us_per_invocation": self.worker_cpu_us().map(round3),
+            "rest_us_per_invocation": split.as_ref().map(|s| round3(s.rest_us)),
             "python_cpu": self.end.cpu.as_ref().ok().map(|c| json!({
                 "processes": c.processes,
                 "invocations_counted": c.invocations,

@@ -43,7 +43,7 @@ pub fn check(python: &Path) -> anyhow::Result<()> {
         bail!(
             "{} cannot import awslambdaric ({}): {INSTALL}",
             python.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("no output")
         );
     }
     Ok(())
