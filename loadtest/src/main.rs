@@ -51,6 +51,11 @@ enum BenchTarget {
     /// against the coordinator and one worker's on the same queue, and the
     /// worker's memory.
     Amqp(bench::amqp::Args),
+    /// The `function` handler kind's cost: the same Kafka records through
+    /// a Python no-op Lambda function (Runtime API) and through the
+    /// in-process `noop` handler; the ratio of their rates and the
+    /// overhead per invocation.
+    Function(bench::function::Args),
 }
 
 #[tokio::main]
@@ -66,6 +71,9 @@ async fn main() -> ExitCode {
             }
             Command::Bench(BenchTarget::Amqp(args)) => {
                 bench::amqp::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchTarget::Function(args)) => {
+                bench::function::run(args).await.map(|()| ExitCode::SUCCESS)
             }
             Command::Run(args) => run::run(args).await,
         }

@@ -4,6 +4,7 @@
 pub mod amqp;
 mod compare;
 pub mod coordinator;
+pub mod function;
 pub mod kafka;
 
 use compare::verdict;

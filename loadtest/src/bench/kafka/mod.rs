@@ -12,8 +12,9 @@
 //! bounded per partition.
 
 mod raw;
-mod system;
-mod topic;
+// `bench function` runs the same system side on a topic made the same way.
+pub(super) mod system;
+pub(super) mod topic;
 
 use std::time::Duration;
 
@@ -148,7 +149,7 @@ impl Target for Kafka {
         .context("the raw consumer baseline failed")?;
         println!("  raw consumer read them in {:.2} s", raw.seconds);
 
-        let (system, checkpoints_accepted) = system::run(&system::Settings {
+        let settings = system::Settings {
             coordinator_bin: &bins.coordinator,
             worker_bin: &bins.worker,
             kafka: access,
@@ -156,12 +157,13 @@ impl Target for Kafka {
             watermarks: &watermarks,
             batch_size: args.batch_size,
             fetch_queue_kib: args.fetch_queue_kib,
-            sleep_per_batch: args.handler_sleep_ms.map(Duration::from_millis),
+            handler: system::builtin(args.handler_sleep_ms.map(Duration::from_millis)),
+            max_inflight_batches: 0,
             stall,
             broker_pid: args.common.broker_pid,
-        })
-        .await
-        .context("the shardline run failed")?;
+        };
+        let (system, checkpoints_accepted) =
+            system::run(&settings, async |_| Ok(())).await.context("the shardline run failed")?;
         Ok(Figures { args: self.args.clone(), produced, sides: Sides { raw, system }, checkpoints_accepted })
     }
 

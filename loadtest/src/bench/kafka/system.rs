@@ -1,10 +1,10 @@
 //! The whole system on the same topic: the real coordinator discovers the
-//! topic from Kafka, one real worker (the `noop` handler) leases every
-//! partition, reads it and checkpoints. The clock runs from starting the
-//! worker process until the coordinator's checkpoints cover every record, so
-//! the rate includes everything a deployment pays: start-up, registration,
-//! lease grants, fetching, batching, the handler call and durable
-//! checkpoints.
+//! topic from Kafka, one real worker (the `noop` handler, or the handler
+//! the caller names) leases every partition, reads it and checkpoints. The
+//! clock runs from starting the worker process until the coordinator's
+//! checkpoints cover every record, so the rate includes everything a
+//! deployment pays: start-up, registration, lease grants, fetching,
+//! batching, the handler call and durable checkpoints.
 //!
 //! Completion is read from the admin API (`ListLeases`), as an operator
 //! would: a checkpoint is the next offset to process, so a partition is done
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::bench::compare::{Sample, SystemFigures, WORKER_ID, run_system};
-use crate::child::{self, Coordinator};
+use crate::child::{Coordinator, Worker};
 
 /// How often the coordinator reads Kafka metadata: the topic is found
 /// quickly, and the reads are cheap next to the fetches.
@@ -40,25 +40,43 @@ pub struct Settings<'a> {
     pub watermarks: &'a [(i64, i64)],
     pub batch_size: u32,
     pub fetch_queue_kib: Option<u32>,
-    /// `None`: the `noop` handler, so the figures are the machinery's.
-    /// `Some`: the `sleep` handler with this per batch, to make the worker
-    /// slower than the broker and fill its prefetch buffers (memory bound).
-    pub sleep_per_batch: Option<Duration>,
+    /// The handler the stream names and the worker hosts: its name and
+    /// settings ([`builtin`] for `bench kafka`'s).
+    pub handler: (&'a str, toml::Table),
+    /// The worker's `max_inflight_batches` (0: no limit, its default).
+    pub max_inflight_batches: u32,
     pub stall: Duration,
     pub broker_pid: Option<u32>,
 }
 
+/// A handler compiled into the worker. `None`: `noop`, so the figures are
+/// the machinery's. `Some`: `sleep` with this per batch, to make the
+/// worker slower than the broker and fill its prefetch buffers (memory
+/// bound).
+pub fn builtin(sleep_per_batch: Option<Duration>) -> (&'static str, toml::Table) {
+    match sleep_per_batch {
+        None => ("noop", toml::Table::new()),
+        Some(d) => (
+            "sleep",
+            shardline_testkit::config::settings(&[
+                ("per_batch", format!("{}ms", d.as_millis())),
+                ("per_record", "0s".to_owned()),
+            ]),
+        ),
+    }
+}
+
 /// The system side's figures, and the checkpoint entries the coordinator
-/// accepted during the run.
-pub async fn run(s: &Settings<'_>) -> anyhow::Result<(SystemFigures, f64)> {
+/// accepted during the run. `at_end` sees the worker once every record is
+/// checkpointed, before it is stopped (what only a live worker shows: its
+/// function processes).
+pub async fn run(
+    s: &Settings<'_>,
+    mut at_end: impl AsyncFnMut(&Worker) -> anyhow::Result<()>,
+) -> anyhow::Result<(SystemFigures, f64)> {
     let partitions = u32::try_from(s.watermarks.len()).context("too many partitions")?;
     let expected: u64 = s.watermarks.iter().map(|(low, high)| (high - low).max(0) as u64).sum();
-    let (handler, handler_settings) = match s.sleep_per_batch {
-        None => ("noop", vec![]),
-        Some(d) => {
-            ("sleep", vec![("per_batch", format!("{}ms", d.as_millis())), ("per_record", "0s".to_owned())])
-        }
-    };
+    let (handler, handler_settings) = (s.handler.0, &s.handler.1);
     let mut stream = StreamConfig {
         starting_position: StartingPosition::TrimHorizon,
         ..StreamConfig::new(s.topic, handler)
@@ -84,14 +102,19 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<(SystemFigures, f64)> {
         worker_id: Some(WORKER_ID.to_owned()),
         kafka_brokers: s.kafka.brokers.clone(),
         kafka: s.kafka.settings.clone(),
-        handlers: child::handlers(&[(handler, handler_settings)]),
+        handlers: [(handler.to_owned(), handler_settings.clone())].into(),
         fetch_queue_kib: s.fetch_queue_kib.unwrap_or(default.fetch_queue_kib),
+        max_inflight_batches: s.max_inflight_batches,
         ..default
     };
     let figures =
-        run_system(coordinator, s.worker_bin, &settings, expected, s.stall, s.broker_pid, async |_| {
+        run_system(coordinator, s.worker_bin, &settings, expected, s.stall, s.broker_pid, async |worker| {
             let leases = list(&mut admin, s.topic).await?;
-            Ok(progress_of(&leases, s.topic, s.watermarks))
+            let progress = progress_of(&leases, s.topic, s.watermarks);
+            if progress.complete {
+                at_end(worker).await?;
+            }
+            Ok(progress)
         })
         .await?;
     let accepted = (figures.coordinator_metrics.get(ACCEPTED)? - accepted_before).max(0.0);
