@@ -83,8 +83,7 @@ impl Handler for Function {
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
         let format = self.settings.format_for(&batch.lease).map_err(HandlerError::new)?;
-        let event = event::event(format, batch, &self.brokers);
-        let body = serde_json::to_vec(&event)
+        let body = event::event(format, batch, &self.brokers)
             .map_err(|e| HandlerError::new(format!("cannot encode the {} event: {e}", format.name())))?;
         let deadline = match batch.deadline_ms {
             0 => crate::unix_ms() + 15 * 60 * 1000,
