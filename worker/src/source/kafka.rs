@@ -131,6 +131,59 @@ impl KafkaSource {
     }
 }
 
+impl KafkaSource {
+    /// Starts fetching `topic`/`partition` from `offset` into a partition
+    /// queue of its own; dropping the reader stops it. Public for the load
+    /// test's instruction count (`bench kafka --callgrind`), which runs the
+    /// driver on it without a coordinator.
+    pub fn open_reader(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<PartitionReader, SourceError> {
+        let queue = self
+            .consumer
+            .split_partition_queue(topic, partition as i32)
+            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
+        self.consumer.incremental_assign(&tpl)?;
+        Ok(PartitionReader {
+            queue,
+            source: self.clone(),
+            key: (topic.to_owned(), partition as i32),
+            topic: topic.into(),
+            partition,
+        })
+    }
+}
+
+impl KafkaSource {
+    /// Messages librdkafka holds fetched for `topic`/`partition` and not yet
+    /// read (the length of the partition's fetch queue, which follows its
+    /// forwarding to a split queue); 0 for a partition it does not know.
+    /// For the load test's instruction count, which starts counting only
+    /// once every record is buffered, so the figure does not depend on how
+    /// fetches and reads interleave.
+    pub fn buffered(&self, topic: &str, partition: u32) -> usize {
+        use rdkafka::bindings as rd;
+        let Ok(name) = std::ffi::CString::new(topic) else { return 0 };
+        let rk = self.consumer.client().native_ptr();
+        // SAFETY: `rk` is this live client; librdkafka returns a new
+        // reference to the partition's queue (or null), released below.
+        let queue = unsafe { rd::rd_kafka_queue_get_partition(rk, name.as_ptr(), partition as i32) };
+        if queue.is_null() {
+            return 0;
+        }
+        // SAFETY: `queue` is the live reference taken above.
+        let length = unsafe { rd::rd_kafka_queue_length(queue) };
+        // SAFETY: the reference taken above, released once.
+        unsafe { rd::rd_kafka_queue_destroy(queue) };
+        length
+    }
+}
+
 /// Is the first record from `offset` on stamped before `timestamp_ms` (none
 /// there, or no timestamp: no)? Blocking; a consumer of its own, as the
 /// worker's fetches each partition once, for its lease.
@@ -172,6 +225,9 @@ fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
 pub struct PartitionReader {
     queue: StreamPartitionQueue<SourceContext>,
     source: KafkaSource,
+    /// `(topic, partition)`: the key of the high watermarks, built once
+    /// rather than per lag reading.
+    key: (String, i32),
     pub topic: String,
     pub partition: u32,
 }
@@ -200,7 +256,7 @@ impl RecordReader for PartitionReader {
 
     fn lag(&self, cut_to: i64, _finished: i64) -> i64 {
         let high = crate::lock(&self.source.consumer.context().high);
-        high.get(&(self.topic.clone(), self.partition as i32)).map_or(-1, |h| (h - cut_to).max(0))
+        high.get(&self.key).map_or(-1, |h| (h - cut_to).max(0))
     }
 }
 
@@ -360,16 +416,7 @@ impl Shard {
     /// starts fetching the partition from there.
     async fn try_open(&self, lease: &Lease) -> Result<(PartitionReader, i64), SourceError> {
         let offset = self.resolve(lease).await?;
-        let (client, topic, partition) = (&self.client, self.topic.as_str(), self.partition);
-        let queue = client
-            .consumer
-            .split_partition_queue(topic, partition as i32)
-            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
-        client.consumer.incremental_assign(&tpl)?;
-        let reader = PartitionReader { queue, source: client.clone(), topic: topic.into(), partition };
-        Ok((reader, offset))
+        Ok((self.client.open_reader(&self.topic, self.partition, offset)?, offset))
     }
 
     async fn resolve(&self, lease: &Lease) -> Result<i64, SourceError> {
