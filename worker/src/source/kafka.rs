@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::stream_consumer::{MessageStream, StreamPartitionQueue};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -149,7 +149,20 @@ impl KafkaSource {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
         self.consumer.incremental_assign(&tpl)?;
+        let queue = Box::new(queue);
+        // SAFETY: the stream borrows the queue's waker table and the
+        // consumer (both behind `Arc`s the queue holds) and the queue's
+        // native handle (inside the box): none of them moves or is dropped
+        // while the reader lives, and the reader drops `stream` before
+        // `queue` (field order). Messages it yields are turned into records
+        // at once, never kept past the stream.
+        let stream = unsafe {
+            std::mem::transmute::<MessageStream<'_, SourceContext>, MessageStream<'static, SourceContext>>(
+                queue.stream(),
+            )
+        };
         Ok(PartitionReader {
+            stream,
             queue,
             source: self.clone(),
             key: (topic.to_owned(), partition as i32),
@@ -223,7 +236,17 @@ fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
 
 /// Dropping it stops fetching the partition.
 pub struct PartitionReader {
-    queue: StreamPartitionQueue<SourceContext>,
+    /// One stream over `queue` for the reader's life. rdkafka's `recv`
+    /// makes a stream per call, which takes its waker table's lock twice
+    /// (register, unregister) for every record.
+    ///
+    /// Declared before `queue`, so it is dropped first: it borrows from the
+    /// queue (see [`KafkaSource::open_reader`]).
+    stream: MessageStream<'static, SourceContext>,
+    /// Boxed so that what `stream` borrows never moves; never replaced nor
+    /// handed out while `stream` lives.
+    #[allow(dead_code, reason = "owned for `stream`, which borrows from it")]
+    queue: Box<StreamPartitionQueue<SourceContext>>,
     source: KafkaSource,
     /// `(topic, partition)`: the key of the high watermarks, built once
     /// rather than per lag reading.
@@ -237,8 +260,10 @@ impl RecordReader for PartitionReader {
     /// on its own (the lease is stopped from outside).
     async fn next(&mut self) -> Option<Record> {
         loop {
-            match self.queue.recv().await {
-                Ok(m) => return Some(self.record(&m)),
+            // rdkafka's streams never end; if one did, the source is
+            // opened again.
+            match self.stream.next().await? {
+                Ok(m) => return Some(record_of(&m, self.partition)),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -248,8 +273,8 @@ impl RecordReader for PartitionReader {
     }
 
     fn try_next(&mut self) -> Option<Record> {
-        match self.queue.recv().now_or_never()? {
-            Ok(m) => Some(self.record(&m)),
+        match self.stream.next().now_or_never()?? {
+            Ok(m) => Some(record_of(&m, self.partition)),
             Err(_) => None,
         }
     }
@@ -260,19 +285,18 @@ impl RecordReader for PartitionReader {
     }
 }
 
-impl PartitionReader {
-    fn record(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-        let raw = raw_headers(m);
-        let headers: Vec<_> = raw.iter().map(|(name, value)| (name.to_bytes(), *value)).collect();
-        record(RawMessage {
-            key: m.key(),
-            payload: m.payload(),
-            headers: &headers,
-            timestamp_ms: m.timestamp().to_millis(),
-            partition: self.partition,
-            offset: m.offset(),
-        })
-    }
+/// The record of a message of `partition`.
+fn record_of(m: &rdkafka::message::BorrowedMessage<'_>, partition: u32) -> Record {
+    let raw = raw_headers(m);
+    let headers: Vec<_> = raw.iter().map(|(name, value)| (name.to_bytes(), *value)).collect();
+    record(RawMessage {
+        key: m.key(),
+        payload: m.payload(),
+        headers: &headers,
+        timestamp_ms: m.timestamp().to_millis(),
+        partition,
+        offset: m.offset(),
+    })
 }
 
 /// A Kafka message as librdkafka hands it over, borrowed from it.
