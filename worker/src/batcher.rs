@@ -40,7 +40,10 @@ impl<R: RecordReader> Batcher<R> {
         };
         let deadline = Instant::now() + self.limits.window;
         let mut bytes = first.payload_len();
-        let mut records = vec![Arc::new(first)];
+        // Room for a full batch from the start (bounded: a huge batch_size
+        // grows as records come), so filling it does not reallocate.
+        let mut records = Vec::with_capacity(self.limits.batch_size.min(4096));
+        records.push(Arc::new(first));
         while records.len() < self.limits.batch_size {
             let next = if self.limits.window.is_zero() {
                 self.reader.try_next()

@@ -35,11 +35,17 @@ pub struct UsageMeter(Arc<Mutex<BTreeMap<String, shardline_proto::v1::MappingUsa
 impl UsageMeter {
     pub fn add(&self, mapping: &str, handler: &str, records: u64, done: &LaneStats) {
         let mut table = crate::lock(&self.0);
-        let u = table.entry(mapping.to_owned()).or_insert_with(|| shardline_proto::v1::MappingUsage {
-            mapping: mapping.to_owned(),
-            handler: handler.to_owned(),
-            ..Default::default()
-        });
+        // Looked up before inserting: the key is copied once per mapping,
+        // not once per batch.
+        if !table.contains_key(mapping) {
+            let usage = shardline_proto::v1::MappingUsage {
+                mapping: mapping.to_owned(),
+                handler: handler.to_owned(),
+                ..Default::default()
+            };
+            table.insert(mapping.to_owned(), usage);
+        }
+        let Some(u) = table.get_mut(mapping) else { return };
         u.batches += 1;
         u.records += records;
         u.handler_ms += done.busy.as_millis() as u64;
@@ -158,7 +164,12 @@ impl LeaseTask {
             window: lease.mapping.batch_window,
         };
         let mut batcher = Batcher::new(reader, limits);
+        // Looked up once per session, not per batch: a registry lookup
+        // hashes the labels and takes a lock.
         let labels = [("handler", lease.mapping.handler.clone())];
+        let records_total = metrics::counter!("shardline_records_total", &labels);
+        let batches_total = metrics::counter!("shardline_batches_total", &labels);
+        let lag_gauge = metrics::gauge!("shardline_lease_lag", "lease" => lease.id.to_string());
         // Runs one batch through the policy, finalizes and counts it.
         let handle = |records: Vec<Arc<Record>>| async {
             let n = records.len() as u64;
@@ -177,8 +188,8 @@ impl LeaseTask {
             self.stats.records.fetch_add(n, Ordering::Relaxed);
             self.stats.busy_micros.fetch_add(done.busy.as_micros() as u64, Ordering::Relaxed);
             self.usage.add(&lease.id.name, &lease.mapping.handler, n, &done);
-            metrics::counter!("shardline_records_total", &labels).increment(n);
-            metrics::counter!("shardline_batches_total", &labels).increment(1);
+            records_total.increment(n);
+            batches_total.increment(1);
             Ok::<_, End>(())
         };
         // Cuts the next batch; `None` when draining or the reader ended.
@@ -188,7 +199,7 @@ impl LeaseTask {
             let cut_to = records.last().map_or(finished, |r| r.position() + 1);
             let lag = batcher.reader.lag(cut_to, finished);
             self.stats.lag.store(lag, Ordering::Relaxed);
-            metrics::gauge!("shardline_lease_lag", "lease" => lease.id.to_string()).set(lag as f64);
+            lag_gauge.set(lag as f64);
             tracker.add(&records);
             Some(records)
         };

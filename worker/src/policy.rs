@@ -24,7 +24,7 @@
 //!   failing records are left for the next owner, so a drain ends within
 //!   one `handler_timeout`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,28 +57,79 @@ pub trait Hooks: Send + Sync {
 /// contended; it is a lock and not a `RefCell` only because the task must be
 /// `Send` to run on tokio's threads, and a future holding `&RefCell` is not.
 pub struct Tracker<'a> {
-    /// Records cut and not yet in the prefix (finished or not), and the prefix.
-    state: Mutex<(BTreeMap<i64, bool>, i64)>,
+    state: Mutex<Pending>,
     /// Called with the new prefix on every advance (must not wait).
     advanced: &'a (dyn Fn(i64) + Send + Sync),
     kill: CancellationToken,
     broken: CancellationToken,
 }
 
+/// Records cut and not yet in the prefix, by position, with whether each is
+/// finished; and the prefix. Records are cut in position order, so this is
+/// a sorted queue: adding appends, the prefix pops from the front, and a
+/// finished record is found by binary search (the next record of a batch
+/// usually sits right after the previous one, which is tried first). No
+/// allocation per record once the queue has grown to a batch or two.
+struct Pending {
+    records: VecDeque<(i64, bool)>,
+    position: i64,
+}
+
+impl Pending {
+    fn add(&mut self, p: i64) {
+        match self.records.back() {
+            None => self.records.push_back((p, false)),
+            Some(&(last, _)) if p > last => self.records.push_back((p, false)),
+            // Not after the last one (no source cuts so, but a position
+            // seen twice must not be tracked twice).
+            Some(_) => {
+                if let Err(at) = self.records.binary_search_by_key(&p, |&(q, _)| q) {
+                    self.records.insert(at, (p, false));
+                }
+            }
+        }
+    }
+
+    /// Marks `p` finished; `hint` is where the previous one was found.
+    fn finish(&mut self, p: i64, hint: usize) -> Option<usize> {
+        let at = match self.records.get(hint) {
+            Some(&(q, _)) if q == p => hint,
+            _ => self.records.binary_search_by_key(&p, |&(q, _)| q).ok()?,
+        };
+        self.records[at].1 = true;
+        Some(at)
+    }
+
+    /// Moves the prefix past the finished records at the front.
+    fn advance(&mut self) {
+        while let Some(&(p, done)) = self.records.front() {
+            if !done {
+                self.position = self.position.max(p);
+                return;
+            }
+            self.records.pop_front();
+            self.position = p + 1;
+        }
+    }
+}
+
 impl<'a> Tracker<'a> {
     /// Starts at `position`; `kill` is the lease's: records dropped once it
     /// fired are not finished, and that is no error.
     pub fn new(position: i64, kill: &CancellationToken, advanced: &'a (dyn Fn(i64) + Send + Sync)) -> Self {
-        let state = Mutex::new((BTreeMap::new(), position));
+        let state = Mutex::new(Pending { records: VecDeque::new(), position });
         Self { state, advanced, kill: kill.clone(), broken: CancellationToken::new() }
     }
 
     pub fn add(&self, records: &[Arc<Record>]) {
-        crate::lock(&self.state).0.extend(records.iter().map(|r| (r.position(), false)));
+        let mut state = crate::lock(&self.state);
+        for r in records {
+            state.add(r.position());
+        }
     }
 
     pub fn position(&self) -> i64 {
-        crate::lock(&self.state).1
+        crate::lock(&self.state).position
     }
 
     /// Fires when records were dropped undecided (a bug): the lease stops.
@@ -92,22 +143,15 @@ impl<'a> Tracker<'a> {
 
     fn finish(&self, records: &[Arc<Record>]) {
         let mut state = crate::lock(&self.state);
-        let (pending, position) = &mut *state;
-        let before = *position;
+        let before = state.position;
+        let mut hint = 0;
         for r in records {
-            if let Some(done) = pending.get_mut(&r.position()) {
-                *done = true;
+            if let Some(at) = state.finish(r.position(), hint) {
+                hint = at + 1;
             }
         }
-        while let Some((&p, &done)) = pending.first_key_value() {
-            if !done {
-                *position = (*position).max(p);
-                break;
-            }
-            pending.pop_first();
-            *position = p + 1;
-        }
-        let moved = (*position != before).then_some(*position);
+        state.advance();
+        let moved = (state.position != before).then_some(state.position);
         drop(state);
         if let Some(p) = moved {
             (self.advanced)(p);
@@ -175,6 +219,10 @@ pub struct LaneStats {
     /// Left unfinished because the lease drains: the next owner retries them.
     pub abandoned: u64,
 }
+
+/// What one attempt came to: the handler's answer or why it failed;
+/// `Err(Stopped)`: the lease was killed during it.
+type Attempt = Result<Result<BatchResponse, (HandlerError, Reason)>, Stopped>;
 
 /// One per lease, shared by its lanes.
 pub struct Lane<'a> {
@@ -246,7 +294,10 @@ impl Lane<'_> {
             let attempts = work.attempts + 1;
             stats.attempts += 1;
             let started = Instant::now();
-            let result = self.attempt(&work.records, lag).await?;
+            // The records go into the batch and come back: not copied.
+            let (records, result) = self.attempt(std::mem::take(&mut work.records), lag).await;
+            work.records = records;
+            let result = result?;
             let took = started.elapsed();
             stats.busy += took;
             stats.billed_units += took.as_millis().div_ceil(100).max(1) as u64;
@@ -322,27 +373,20 @@ impl Lane<'_> {
     }
 
     /// One attempt, with the handler's panics and timeout turned into errors.
-    async fn attempt(
-        &self,
-        records: &[Arc<Record>],
-        lag: i64,
-    ) -> Result<Result<BatchResponse, (HandlerError, Reason)>, Stopped> {
+    /// The records are moved into the batch and handed back with the
+    /// outcome, whatever it is.
+    async fn attempt(&self, records: Vec<Arc<Record>>, lag: i64) -> (Vec<Arc<Record>>, Attempt) {
         let timeout = u64::try_from(self.policy.handler_timeout.as_millis()).unwrap_or(u64::MAX);
         let deadline_ms = crate::unix_ms().saturating_add(timeout);
-        let batch = Batch {
-            records: records.to_vec(),
-            lease: self.lease.clone(),
-            epoch: self.epoch,
-            lag,
-            deadline_ms,
-        };
+        let batch = Batch { records, lease: self.lease.clone(), epoch: self.epoch, lag, deadline_ms };
         let started = Instant::now();
         let run = AssertUnwindSafe(self.handler.handle(&batch)).catch_unwind();
         let run = tokio::time::timeout(self.policy.handler_timeout, run);
-        let result = self.tracker.kill.run_until_cancelled(run).await.ok_or(Stopped)?;
+        let result = self.tracker.kill.run_until_cancelled(run).await;
+        let Some(result) = result else { return (batch.records, Err(Stopped)) };
         metrics::histogram!("shardline_handler_duration_seconds", "handler" => self.name.to_owned())
             .record(started.elapsed().as_secs_f64());
-        Ok(match result {
+        let outcome = match result {
             Ok(Ok(Ok(response))) => Ok(response),
             Ok(Ok(Err(e))) => Err((e, Reason::RetriesExhausted)),
             Ok(Err(panic)) => {
@@ -357,7 +401,8 @@ impl Lane<'_> {
                 HandlerError::new(format!("handler timed out after {:?}", self.policy.handler_timeout)),
                 Reason::HandlerTimeout,
             )),
-        })
+        };
+        (batch.records, Ok(outcome))
     }
 
     fn backoff(&self, attempts: u32) -> Duration {

@@ -445,3 +445,23 @@ fn records_dropped_undecided_break_the_lease() {
     assert_eq!(tracker.position(), 0);
     drop(tracker.claim(Vec::new()));
 }
+
+/// Positions come in order from every source, but one added twice or out
+/// of order is tracked once, in its place: the prefix never passes an
+/// unfinished record.
+#[test]
+fn the_tracker_keeps_positions_added_twice_or_out_of_order_once_in_order() {
+    let kill = CancellationToken::new();
+    let advances = Mutex::new(Vec::new());
+    let advanced = |p: i64| advances.lock().unwrap_or_else(|e| panic!("{e}")).push(p);
+    let tracker = Tracker::new(0, &kill, &advanced);
+    tracker.add(&records([0, 2, 4]));
+    tracker.add(&records([2, 3]));
+    tracker.finish(&records([0, 2]));
+    assert_eq!(tracker.position(), 3, "3 came late but blocks the prefix");
+    tracker.finish(&records([3]));
+    assert_eq!(tracker.position(), 4);
+    tracker.finish(&records([4]));
+    assert_eq!(tracker.position(), 5);
+    assert_eq!(*advances.lock().unwrap_or_else(|e| panic!("{e}")), vec![3, 4, 5]);
+}

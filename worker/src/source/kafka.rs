@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::stream_consumer::{MessageStream, StreamPartitionQueue};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -131,6 +131,72 @@ impl KafkaSource {
     }
 }
 
+impl KafkaSource {
+    /// Starts fetching `topic`/`partition` from `offset` into a partition
+    /// queue of its own; dropping the reader stops it. Public for the load
+    /// test's instruction count (`bench kafka --callgrind`), which runs the
+    /// driver on it without a coordinator.
+    pub fn open_reader(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<PartitionReader, SourceError> {
+        let queue = self
+            .consumer
+            .split_partition_queue(topic, partition as i32)
+            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
+        self.consumer.incremental_assign(&tpl)?;
+        let queue = Box::new(queue);
+        // SAFETY: the stream borrows the queue's waker table and the
+        // consumer (both behind `Arc`s the queue holds) and the queue's
+        // native handle (inside the box): none of them moves or is dropped
+        // while the reader lives, and the reader drops `stream` before
+        // `queue` (field order). Messages it yields are turned into records
+        // at once, never kept past the stream.
+        let stream = unsafe {
+            std::mem::transmute::<MessageStream<'_, SourceContext>, MessageStream<'static, SourceContext>>(
+                queue.stream(),
+            )
+        };
+        Ok(PartitionReader {
+            stream,
+            queue,
+            source: self.clone(),
+            key: (topic.to_owned(), partition as i32),
+            topic: topic.into(),
+            partition,
+        })
+    }
+}
+
+impl KafkaSource {
+    /// Messages librdkafka holds fetched for `topic`/`partition` and not yet
+    /// read (the length of the partition's fetch queue, which follows its
+    /// forwarding to a split queue); 0 for a partition it does not know.
+    /// For the load test's instruction count, which starts counting only
+    /// once every record is buffered, so the figure does not depend on how
+    /// fetches and reads interleave.
+    pub fn buffered(&self, topic: &str, partition: u32) -> usize {
+        use rdkafka::bindings as rd;
+        let Ok(name) = std::ffi::CString::new(topic) else { return 0 };
+        let rk = self.consumer.client().native_ptr();
+        // SAFETY: `rk` is this live client; librdkafka returns a new
+        // reference to the partition's queue (or null), released below.
+        let queue = unsafe { rd::rd_kafka_queue_get_partition(rk, name.as_ptr(), partition as i32) };
+        if queue.is_null() {
+            return 0;
+        }
+        // SAFETY: `queue` is the live reference taken above.
+        let length = unsafe { rd::rd_kafka_queue_length(queue) };
+        // SAFETY: the reference taken above, released once.
+        unsafe { rd::rd_kafka_queue_destroy(queue) };
+        length
+    }
+}
+
 /// Is the first record from `offset` on stamped before `timestamp_ms` (none
 /// there, or no timestamp: no)? Blocking; a consumer of its own, as the
 /// worker's fetches each partition once, for its lease.
@@ -170,8 +236,21 @@ fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
 
 /// Dropping it stops fetching the partition.
 pub struct PartitionReader {
-    queue: StreamPartitionQueue<SourceContext>,
+    /// One stream over `queue` for the reader's life. rdkafka's `recv`
+    /// makes a stream per call, which takes its waker table's lock twice
+    /// (register, unregister) for every record.
+    ///
+    /// Declared before `queue`, so it is dropped first: it borrows from the
+    /// queue (see [`KafkaSource::open_reader`]).
+    stream: MessageStream<'static, SourceContext>,
+    /// Boxed so that what `stream` borrows never moves; never replaced nor
+    /// handed out while `stream` lives.
+    #[allow(dead_code, reason = "owned for `stream`, which borrows from it")]
+    queue: Box<StreamPartitionQueue<SourceContext>>,
     source: KafkaSource,
+    /// `(topic, partition)`: the key of the high watermarks, built once
+    /// rather than per lag reading.
+    key: (String, i32),
     pub topic: String,
     pub partition: u32,
 }
@@ -181,8 +260,10 @@ impl RecordReader for PartitionReader {
     /// on its own (the lease is stopped from outside).
     async fn next(&mut self) -> Option<Record> {
         loop {
-            match self.queue.recv().await {
-                Ok(m) => return Some(self.record(&m)),
+            // rdkafka's streams never end; if one did, the source is
+            // opened again.
+            match self.stream.next().await? {
+                Ok(m) => return Some(record_of(&m, self.partition)),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -192,31 +273,30 @@ impl RecordReader for PartitionReader {
     }
 
     fn try_next(&mut self) -> Option<Record> {
-        match self.queue.recv().now_or_never()? {
-            Ok(m) => Some(self.record(&m)),
+        match self.stream.next().now_or_never()?? {
+            Ok(m) => Some(record_of(&m, self.partition)),
             Err(_) => None,
         }
     }
 
     fn lag(&self, cut_to: i64, _finished: i64) -> i64 {
         let high = crate::lock(&self.source.consumer.context().high);
-        high.get(&(self.topic.clone(), self.partition as i32)).map_or(-1, |h| (h - cut_to).max(0))
+        high.get(&self.key).map_or(-1, |h| (h - cut_to).max(0))
     }
 }
 
-impl PartitionReader {
-    fn record(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-        let raw = raw_headers(m);
-        let headers: Vec<_> = raw.iter().map(|(name, value)| (name.to_bytes(), *value)).collect();
-        record(RawMessage {
-            key: m.key(),
-            payload: m.payload(),
-            headers: &headers,
-            timestamp_ms: m.timestamp().to_millis(),
-            partition: self.partition,
-            offset: m.offset(),
-        })
-    }
+/// The record of a message of `partition`.
+fn record_of(m: &rdkafka::message::BorrowedMessage<'_>, partition: u32) -> Record {
+    let raw = raw_headers(m);
+    let headers: Vec<_> = raw.iter().map(|(name, value)| (name.to_bytes(), *value)).collect();
+    record(RawMessage {
+        key: m.key(),
+        payload: m.payload(),
+        headers: &headers,
+        timestamp_ms: m.timestamp().to_millis(),
+        partition,
+        offset: m.offset(),
+    })
 }
 
 /// A Kafka message as librdkafka hands it over, borrowed from it.
@@ -360,16 +440,7 @@ impl Shard {
     /// starts fetching the partition from there.
     async fn try_open(&self, lease: &Lease) -> Result<(PartitionReader, i64), SourceError> {
         let offset = self.resolve(lease).await?;
-        let (client, topic, partition) = (&self.client, self.topic.as_str(), self.partition);
-        let queue = client
-            .consumer
-            .split_partition_queue(topic, partition as i32)
-            .ok_or_else(|| SourceError::AlreadyOpen { topic: topic.into(), partition })?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
-        client.consumer.incremental_assign(&tpl)?;
-        let reader = PartitionReader { queue, source: client.clone(), topic: topic.into(), partition };
-        Ok((reader, offset))
+        Ok((self.client.open_reader(&self.topic, self.partition, offset)?, offset))
     }
 
     async fn resolve(&self, lease: &Lease) -> Result<i64, SourceError> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use tokio::time::Instant;
@@ -50,11 +50,21 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<RawFigures> {
     let consumed = async {
         let channel = connection.create_channel().await.context("cannot open a channel")?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await.context("basic.qos failed")?;
-        let consumer = channel
+        let mut consumer = channel
             .basic_consume(s.queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .with_context(|| format!("basic.consume on {} failed", s.queue))?;
-        consume(&channel, consumer, s, started).await
+        let consumed = consume(&channel, &mut consumer, s, started).await?;
+        // A synchronous round trip after the last ack: once the cancel is
+        // confirmed the broker has taken every ack sent before it, so
+        // closing does not put the last batch back (see
+        // `queue::purge_leftovers`, which still checks).
+        let tag = consumer.tag();
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .context("basic.cancel failed")?;
+        Ok::<_, anyhow::Error>(consumed)
     }
     .await;
     // Closed before returning, success or not: the worker must be the
@@ -82,7 +92,7 @@ pub async fn run(s: &Settings<'_>) -> anyhow::Result<RawFigures> {
 /// Batches until `expected` messages are acked.
 async fn consume(
     channel: &Channel,
-    mut consumer: Consumer,
+    consumer: &mut Consumer,
     s: &Settings<'_>,
     started: Instant,
 ) -> anyhow::Result<Consumed> {

@@ -11,6 +11,7 @@
 //! (<= 200 MiB with 8 partitions at full speed): its prefetch buffers are
 //! bounded per partition.
 
+mod callgrind;
 mod raw;
 // `bench function` runs the same system side on a topic made the same way.
 pub(super) mod system;
@@ -69,6 +70,21 @@ pub struct Args {
     /// when a topic is deleted while another client still fetches from it.
     #[arg(long)]
     delete_topic: bool,
+    /// Instead of the end-to-end comparison: count instructions per record
+    /// of the raw consumer and of the worker's record path under valgrind's
+    /// callgrind, on a fresh topic with everything prefetched (a figure that
+    /// repeats on a noisy machine; try `--records 20000 --partitions 1`).
+    #[arg(long)]
+    callgrind: bool,
+    /// With `--callgrind`: runs of each side (min, median and max printed).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    callgrind_runs: u32,
+    /// Internal: this process is one side run under callgrind.
+    #[arg(long, hide = true, value_enum, requires = "callgrind_topic")]
+    callgrind_side: Option<callgrind::Side>,
+    /// Internal: the topic a `--callgrind-side` child reads.
+    #[arg(long, hide = true)]
+    callgrind_topic: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -89,6 +105,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     settings.check().context("--kafka-property")?;
     let access = KafkaAccess { brokers: args.brokers.clone(), settings };
+    if let (Some(side), Some(topic)) = (args.callgrind_side, &args.callgrind_topic) {
+        return callgrind::side(&args, &access, side, topic).await;
+    }
+    if args.callgrind {
+        return callgrind::run(&args, &access).await;
+    }
     compare(Kafka { topic: topic::unique_name(), record_bytes, args, access }, bins, json.as_deref()).await
 }
 
