@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::stream_consumer::{MessageStream, StreamPartitionQueue};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -149,20 +149,7 @@ impl KafkaSource {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))?;
         self.consumer.incremental_assign(&tpl)?;
-        let queue = Box::new(queue);
-        // SAFETY: the stream borrows the queue's waker table and the
-        // consumer (both behind `Arc`s the queue holds) and the queue's
-        // native handle (inside the box): none of them moves or is dropped
-        // while the reader lives, and the reader drops `stream` before
-        // `queue` (field order). Messages it yields are turned into records
-        // at once, never kept past the stream.
-        let stream = unsafe {
-            std::mem::transmute::<MessageStream<'_, SourceContext>, MessageStream<'static, SourceContext>>(
-                queue.stream(),
-            )
-        };
         Ok(PartitionReader {
-            stream,
             queue,
             source: self.clone(),
             key: (topic.to_owned(), partition as i32),
@@ -236,17 +223,10 @@ fn tpl(topic: &str, partition: u32) -> TopicPartitionList {
 
 /// Dropping it stops fetching the partition.
 pub struct PartitionReader {
-    /// One stream over `queue` for the reader's life. rdkafka's `recv`
-    /// makes a stream per call, which takes its waker table's lock twice
-    /// (register, unregister) for every record.
-    ///
-    /// Declared before `queue`, so it is dropped first: it borrows from the
-    /// queue (see [`KafkaSource::open_reader`]).
-    stream: MessageStream<'static, SourceContext>,
-    /// Boxed so that what `stream` borrows never moves; never replaced nor
-    /// handed out while `stream` lives.
-    #[allow(dead_code, reason = "owned for `stream`, which borrows from it")]
-    queue: Box<StreamPartitionQueue<SourceContext>>,
+    // A stream per `recv` (rdkafka's way) costs two lock operations per
+    // record; keeping one stream would make the reader borrow from itself,
+    // which only `unsafe` can express: not worth it on the record path.
+    queue: StreamPartitionQueue<SourceContext>,
     source: KafkaSource,
     /// `(topic, partition)`: the key of the high watermarks, built once
     /// rather than per lag reading.
@@ -260,9 +240,7 @@ impl RecordReader for PartitionReader {
     /// on its own (the lease is stopped from outside).
     async fn next(&mut self) -> Option<Record> {
         loop {
-            // rdkafka's streams never end; if one did, the source is
-            // opened again.
-            match self.stream.next().await? {
+            match self.queue.recv().await {
                 Ok(m) => return Some(record_of(&m, self.partition)),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
@@ -273,7 +251,7 @@ impl RecordReader for PartitionReader {
     }
 
     fn try_next(&mut self) -> Option<Record> {
-        match self.stream.next().now_or_never()?? {
+        match self.queue.recv().now_or_never()? {
             Ok(m) => Some(record_of(&m, self.partition)),
             Err(_) => None,
         }
