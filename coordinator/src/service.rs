@@ -35,6 +35,8 @@ use crate::usage::Meter;
 /// How often the loop ticks the core (expiry, forced handoffs, assignment).
 /// Well under a heartbeat, so failover detection adds little to the timeout.
 const TICK: Duration = Duration::from_millis(100);
+/// Ticks between two publications of the table's gauges (one second).
+const PUBLISH_EVERY: u64 = 10;
 /// Most commands taken per turn of the loop before writing and flushing.
 const MAX_BATCH: usize = 1024;
 
@@ -206,6 +208,7 @@ impl<S: LeaseStore> Service<S> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (flushed_tx, mut flushed_rx) = mpsc::channel::<(u64, Result<(), StoreError>)>(1);
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 biased;
@@ -243,7 +246,13 @@ impl<S: LeaseStore> Service<S> {
                     self.meter.depart_absent(|w| core.worker(w).is_some());
                     self.persist().inspect_err(store_failed)?;
                     self.persist_usage().inspect_err(store_failed)?;
-                    m::publish(&self.core);
+                    // Gauges once a second, not every tick: publishing walks
+                    // the whole table (utilisation, desired workers), which
+                    // at thousands of leases held requests up every tick.
+                    ticks += 1;
+                    if ticks.is_multiple_of(PUBLISH_EVERY) {
+                        m::publish(&self.core);
+                    }
                     m::loop_tick(started.elapsed());
                 }
             }
