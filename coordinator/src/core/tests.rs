@@ -1074,3 +1074,30 @@ fn a_checkpoint_past_the_known_high_watermark_changes_nothing() {
     // Not the owner: stale first, whatever the offset.
     assert!(matches!(core.checkpoint("b", &lease, epoch, 500), CheckpointOutcome::Stale { .. }));
 }
+
+/// Workers joining one after another are placed once, after the burst:
+/// nothing is granted while they keep coming, then each gets its share
+/// straight away, so no lease is handed from one worker to the next.
+#[test]
+fn a_burst_of_joins_is_placed_once_without_handoffs() {
+    let balancer = Balancer { strategy: super::Strategy::Count, ..Balancer::default() };
+    let t = Instant::now();
+    let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
+    core.discovered(t, LeaseKind::Shard, "s", H, 12);
+    let step = Duration::from_millis(100);
+    let mut instructions = Vec::new();
+    for (i, w) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        let now = t + step * i as u32;
+        instructions.extend(core.register(now, reg(w)));
+        core.tick(now);
+    }
+    assert!(instructions.is_empty(), "nothing placed during the burst: {instructions:?}");
+    let after = t + step * 3 + balancer.join_window;
+    core.tick(after);
+    for w in ["a", "b", "c", "d"] {
+        let got = beat(&mut core, after, w, WorkerLoad::default()).unwrap_or_default();
+        assert_eq!(acquired(&got).len(), 3, "{w}: {got:?}");
+        assert!(got.iter().all(|i| matches!(i, Instruction::Acquire { .. })), "{w}: {got:?}");
+    }
+    assert_eq!(core.counters().rebalance_moves, 0, "no handoff");
+}
