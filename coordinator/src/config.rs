@@ -832,7 +832,8 @@ fn validate_balancer(b: &Balancer) -> Result<(), Invalid> {
     let ms = Duration::from_millis;
     in_range("stable_for", b.stable_for, ms(0), ms(3_600_000))?;
     in_range("cooldown", b.cooldown, ms(0), ms(3_600_000))?;
-    in_range("settle", b.settle, ms(0), ms(600_000))
+    in_range("settle", b.settle, ms(0), ms(600_000))?;
+    in_range("join_window", b.join_window, ms(0), ms(60_000))
 }
 
 /// Each name at most once in its list (`streams[1].name` repeats

@@ -125,6 +125,25 @@ pub(crate) fn checkpoints(accepted: u64, refused: u64) {
     metrics::counter!("shardline_checkpoints_total", "result" => "refused").increment(refused);
 }
 
+/// One turn of the service loop: how many commands it took, how long they
+/// took to handle (and write), and the longest any of them had waited in
+/// the queue before. What a slow reply waited behind shows here.
+pub(crate) fn loop_turn(commands: usize, took: Duration, longest_wait: Duration) {
+    metrics::histogram!("shardline_loop_batch_commands").record(commands as f64);
+    metrics::histogram!("shardline_loop_turn_seconds").record(took.as_secs_f64());
+    metrics::histogram!("shardline_loop_queue_seconds").record(longest_wait.as_secs_f64());
+}
+
+/// One tick of the service loop (expiry, placement, metrics).
+pub(crate) fn loop_tick(took: Duration) {
+    metrics::histogram!("shardline_loop_tick_seconds").record(took.as_secs_f64());
+}
+
+/// Records one flush made durable.
+pub(crate) fn flush_records(records: u64) {
+    metrics::histogram!("shardline_store_flush_records").record(records as f64);
+}
+
 pub(crate) fn flush_done(took: Duration) {
     metrics::histogram!("shardline_store_flush_seconds").record(took.as_secs_f64());
 }

@@ -35,6 +35,8 @@ use crate::usage::Meter;
 /// How often the loop ticks the core (expiry, forced handoffs, assignment).
 /// Well under a heartbeat, so failover detection adds little to the timeout.
 const TICK: Duration = Duration::from_millis(100);
+/// Ticks between two publications of the table's gauges (one second).
+const PUBLISH_EVERY: u64 = 10;
 /// Most commands taken per turn of the loop before writing and flushing.
 const MAX_BATCH: usize = 1024;
 
@@ -147,7 +149,8 @@ fn unix_ms() -> i64 {
 /// A cloneable handle to the loop.
 #[derive(Clone, Debug)]
 pub struct Handle {
-    tx: mpsc::Sender<Command>,
+    /// Each command with when it was sent, for the queueing metric.
+    tx: mpsc::Sender<(Instant, Command)>,
 }
 
 /// The loop is gone (shutting down or crashed).
@@ -159,12 +162,12 @@ impl Handle {
     /// Sends a command built around a fresh reply channel and waits for it.
     pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Closed> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| Closed)?;
+        self.tx.send((Instant::now(), make(tx))).await.map_err(|_| Closed)?;
         rx.await.map_err(|_| Closed)
     }
 
     pub async fn send(&self, command: Command) -> Result<(), Closed> {
-        self.tx.send(command).await.map_err(|_| Closed)
+        self.tx.send((Instant::now(), command)).await.map_err(|_| Closed)
     }
 }
 
@@ -176,7 +179,7 @@ pub struct Service<S: LeaseStore> {
     core: Core,
     meter: Meter,
     store: S,
-    rx: mpsc::Receiver<Command>,
+    rx: mpsc::Receiver<(Instant, Command)>,
     /// Writes made so far, and writes known durable.
     written: u64,
     durable: u64,
@@ -205,6 +208,7 @@ impl<S: LeaseStore> Service<S> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (flushed_tx, mut flushed_rx) = mpsc::channel::<(u64, Result<(), StoreError>)>(1);
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 biased;
@@ -216,30 +220,47 @@ impl<S: LeaseStore> Service<S> {
                     self.release_waiting();
                 }
                 command = self.rx.recv() => {
-                    let Some(command) = command else { break };
+                    let Some((sent, command)) = command else { break };
+                    let turn = Instant::now();
+                    let mut longest_wait = turn.saturating_duration_since(sent);
                     self.handle(command).inspect_err(store_failed)?;
-                    for _ in 0..MAX_BATCH {
+                    let mut commands = 1;
+                    while commands < MAX_BATCH {
                         match self.rx.try_recv() {
-                            Ok(command) => self.handle(command).inspect_err(store_failed)?,
+                            Ok((sent, command)) => {
+                                longest_wait = longest_wait.max(Instant::now().saturating_duration_since(sent));
+                                self.handle(command).inspect_err(store_failed)?;
+                                commands += 1;
+                            }
                             Err(_) => break,
                         }
                     }
+                    m::loop_turn(commands, turn.elapsed(), longest_wait);
                 }
                 _ = tick.tick() => {
-                    self.core.tick(Instant::now().into_std());
+                    let started = Instant::now();
+                    self.core.tick(started.into_std());
                     // Usage baselines of workers the table dropped (expired)
                     // go to the meter's small ring of departed workers.
                     let core = &self.core;
                     self.meter.depart_absent(|w| core.worker(w).is_some());
                     self.persist().inspect_err(store_failed)?;
                     self.persist_usage().inspect_err(store_failed)?;
-                    m::publish(&self.core);
+                    // Gauges once a second, not every tick: publishing walks
+                    // the whole table (utilisation, desired workers), which
+                    // at thousands of leases held requests up every tick.
+                    ticks += 1;
+                    if ticks.is_multiple_of(PUBLISH_EVERY) {
+                        m::publish(&self.core);
+                    }
+                    m::loop_tick(started.elapsed());
                 }
             }
             self.persist().inspect_err(store_failed)?;
             if self.flushing.is_none() && !self.waiting.is_empty() && self.durable < self.written {
                 let seq = self.written;
                 self.flushing = Some(seq);
+                m::flush_records(seq - self.durable);
                 let flush = self.store.flush();
                 let done = flushed_tx.clone();
                 tokio::spawn(async move {
@@ -475,8 +496,15 @@ mod tests {
     use crate::core::CoreConfig;
     use crate::store::{FailingStore, Flushes, Gate, GatedStore, MemStore};
 
+    /// Placement at once (no join window): these tests are about the
+    /// loop, and read grants from the registration reply.
+    fn immediate() -> CoreConfig {
+        let balancer = crate::core::Balancer { join_window: Duration::ZERO, ..Default::default() };
+        CoreConfig { balancer, ..CoreConfig::default() }
+    }
+
     async fn start(store: impl LeaseStore) -> (Handle, CancellationToken) {
-        let (service, handle) = Service::new(store, CoreConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let (service, handle) = Service::new(store, immediate()).unwrap_or_else(|e| panic!("{e}"));
         let token = CancellationToken::new();
         tokio::spawn(service.run(token.clone()));
         handle
@@ -569,8 +597,7 @@ mod tests {
     async fn failing_store_with_a_lease(
         store: &FailingStore,
     ) -> (Handle, tokio::task::JoinHandle<Result<(), StoreError>>, LeaseId, u64) {
-        let (service, handle) =
-            Service::new(store.clone(), CoreConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let (service, handle) = Service::new(store.clone(), immediate()).unwrap_or_else(|e| panic!("{e}"));
         let task = tokio::spawn(service.run(CancellationToken::new()));
         let discovered =
             Command::Discovered { kind: LeaseKind::Shard, name: "s".into(), handler: "h".into(), count: 4 };

@@ -15,7 +15,7 @@
 //! [`Core::rebalance_load`] moves leases off workers that stay overloaded
 //! (see [`super::balance`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use shardline_proto::LeaseId;
@@ -46,27 +46,6 @@ impl Core {
         w.takes_leases()
             && w.handlers.contains(handler)
             && (w.capacity == 0 || counts.get(worker).copied().unwrap_or(0) < w.capacity)
-    }
-
-    /// The eligible worker with the fewest leases (ties: lowest id); under
-    /// `load`, the least utilised one first.
-    fn least_loaded(&self, handler: Option<&str>, counts: &BTreeMap<WorkerId, u32>) -> Option<WorkerId> {
-        // Only `load` looks at utilisation: computing it walks every lease,
-        // and this runs once per unassigned lease.
-        let util = match self.cfg.balancer.strategy {
-            Strategy::Count => BTreeMap::new(),
-            Strategy::Load => self.utilisation(),
-        };
-        let key = |w: &WorkerId| match self.cfg.balancer.strategy {
-            Strategy::Count => 0,
-            // Whole percent, so tiny measurement noise falls back to counts.
-            Strategy::Load => (util.get(w).copied().unwrap_or(0.0) * 100.0) as u64,
-        };
-        counts
-            .iter()
-            .filter(|(w, _)| self.eligible(w, handler, counts))
-            .min_by_key(|(w, c)| (key(w), **c, (*w).clone()))
-            .map(|(w, _)| w.clone())
     }
 
     /// Each live worker's batch concurrency (its capacity in handler
@@ -178,88 +157,240 @@ impl Core {
         }
     }
 
+    /// Places what is unplaced, then balances counts; held while workers
+    /// keep joining (`join_window`), and the count planner runs only when
+    /// something happened that can unbalance (see `rebalance_due`). One
+    /// pass costs O(leases) once plus O(log workers) per lease placed or
+    /// moved, whatever the fleet's size.
     pub(crate) fn assign(&mut self, now: Instant) {
-        let mut counts = self.lease_counts();
-
-        let unassigned: Vec<(LeaseId, Option<String>)> = self
-            .leases
-            .values()
-            .filter(|l| l.state == LeaseState::Unassigned)
-            .map(|l| (l.record.lease.clone(), l.handler.clone()))
-            .collect();
-        for (lease, handler) in unassigned {
-            if let Some(worker) = self.least_loaded(handler.as_deref(), &counts) {
+        if self.joining(now) {
+            return;
+        }
+        if self.last_join.is_some_and(|t| now.saturating_duration_since(t) < self.cfg.balancer.join_window) {
+            // The hold limit ended a burst still going on: hold the rest of
+            // it from now on.
+            self.burst_since = Some(now);
+        }
+        if self.unassigned.is_empty() && !self.rebalance_due {
+            return;
+        }
+        self.rebalance_due = false;
+        let mut plan = Planner::new(self);
+        let unassigned: Vec<LeaseId> = self.unassigned.iter().cloned().collect();
+        for lease in unassigned {
+            let handler = self.leases.get(&lease).and_then(|l| l.handler.clone());
+            if let Some(worker) = plan.least_loaded(self, handler.as_deref()) {
                 self.grant(now, &lease, &worker);
-                *counts.entry(worker).or_default() += 1;
+                plan.add(&worker, plan.weight(&lease), 1);
             }
         }
-
         // Each move lowers the sum of squared counts, so this ends; the
         // bound is a guard against a planner bug, not a tuning knob.
         for _ in 0..=self.leases.len() {
-            let Some((lease, from, to)) = self.pick_move(&counts) else { break };
-            let Some(l) = self.leases.get_mut(&lease) else { break };
+            let Some(m) = plan.pick_move(self) else { break };
+            let w = plan.weight(&m.lease);
+            plan.add(&m.from, -w, -1);
+            plan.add(&m.to, w, 1);
+            let Some(l) = self.leases.get_mut(&m.lease) else { break };
             let epoch = l.record.epoch;
-            l.state =
-                LeaseState::Releasing { to: Some(to.clone()), deadline: now + self.cfg.handoff_timeout };
-            l.since = now;
-            self.push(&from, Instruction::Release { lease, epoch });
-            self.counters.rebalance_moves += 1;
-            if let Some(c) = counts.get_mut(&from) {
-                *c -= 1;
+            let deadline = now + self.cfg.handoff_timeout;
+            match &mut l.state {
+                // On its way to `from` already: it goes to `to` instead, the
+                // same single handoff (its owner's Release is unchanged).
+                LeaseState::Releasing { to, .. } if m.retarget => *to = Some(m.to.clone()),
+                state => {
+                    *state = LeaseState::Releasing { to: Some(m.to.clone()), deadline };
+                    l.since = now;
+                    self.push(&m.from, Instruction::Release { lease: m.lease.clone(), epoch });
+                    self.counters.rebalance_moves += 1;
+                }
             }
-            *counts.entry(to).or_default() += 1;
+            plan.moved(&m);
+        }
+    }
+}
+
+/// A count move: release `lease` from `from` to `to`, or (`retarget`) send
+/// a lease already on its way to `from` to `to` instead.
+struct PlannedMove {
+    lease: LeaseId,
+    from: WorkerId,
+    to: WorkerId,
+    retarget: bool,
+}
+
+/// The working state of one placement pass: counts (a lease being handed
+/// off counts for its receiver), utilisation under `load`, and per worker
+/// the leases it could give (owned, newest first) or pass on (incoming).
+struct Planner {
+    strategy: Strategy,
+    counts: BTreeMap<WorkerId, u32>,
+    /// Workers ordered by (count, id), for the lightest and the heaviest.
+    by_count: BTreeSet<(u32, WorkerId)>,
+    /// Workers ordered for placement: (whole percent utilised under `load`,
+    /// else 0; count; id).
+    by_load: BTreeSet<(u64, u32, WorkerId)>,
+    util: BTreeMap<WorkerId, f64>,
+    caps: BTreeMap<WorkerId, f64>,
+    weights: HashMap<LeaseId, f64>,
+    /// The weight an unmeasured lease counts with.
+    mean_weight: f64,
+    limit: f64,
+    owned: HashMap<WorkerId, Vec<LeaseId>>,
+    incoming: HashMap<WorkerId, Vec<LeaseId>>,
+}
+
+impl Planner {
+    fn new(core: &Core) -> Self {
+        let strategy = core.cfg.balancer.strategy;
+        let counts = core.lease_counts();
+        let by_count = counts.iter().map(|(w, c)| (*c, w.clone())).collect();
+        let (mut caps, mut util, mut weights, mut mean_weight, mut limit) =
+            (BTreeMap::new(), BTreeMap::new(), HashMap::new(), 0.0, f64::INFINITY);
+        if strategy == Strategy::Load {
+            caps = core.capacities();
+            let lw = core.weights();
+            util = balance::utilisation(&caps, &lw);
+            limit = (balance::mean_utilisation(&caps, &lw) * (1.0 + core.cfg.balancer.threshold))
+                .max(core.cfg.balancer.min_utilisation);
+            let measured: Vec<f64> = core.model.values().filter(|m| m.measured).map(|m| m.weight).collect();
+            if !measured.is_empty() {
+                mean_weight = measured.iter().sum::<f64>() / measured.len() as f64;
+            }
+            weights = lw.into_iter().map(|l| (l.lease, l.weight)).collect();
+        }
+        let mut owned: HashMap<WorkerId, Vec<LeaseId>> = HashMap::new();
+        let mut incoming: HashMap<WorkerId, Vec<LeaseId>> = HashMap::new();
+        for w in counts.keys() {
+            for l in core.owned_by(w) {
+                match &l.state {
+                    LeaseState::Owned => owned.entry(w.clone()).or_default().push(l.record.lease.clone()),
+                    LeaseState::Releasing { to: Some(to), .. } => {
+                        incoming.entry(to.clone()).or_default().push(l.record.lease.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Leases of workers that take none (draining, restored) may be on
+        // their way to a live one too.
+        for (owner, ids) in &core.owned {
+            if counts.contains_key(owner) {
+                continue;
+            }
+            for l in ids.iter().filter_map(|id| core.leases.get(id)) {
+                if let LeaseState::Releasing { to: Some(to), .. } = &l.state {
+                    incoming.entry(to.clone()).or_default().push(l.record.lease.clone());
+                }
+            }
+        }
+        let mut planner = Self {
+            strategy,
+            counts,
+            by_count,
+            by_load: BTreeSet::new(),
+            util,
+            caps,
+            weights,
+            mean_weight,
+            limit,
+            owned,
+            incoming,
+        };
+        planner.by_load = planner.counts.iter().map(|(w, c)| (planner.load_key(w), *c, w.clone())).collect();
+        planner
+    }
+
+    /// Whole percent, so tiny measurement noise falls back to counts.
+    fn load_key(&self, worker: &WorkerId) -> u64 {
+        match self.strategy {
+            Strategy::Count => 0,
+            Strategy::Load => (self.util.get(worker).copied().unwrap_or(0.0) * 100.0) as u64,
         }
     }
 
-    /// One lease to move from the busiest worker to a peer two or more
-    /// leases lighter, if any.
-    fn pick_move(&self, counts: &BTreeMap<WorkerId, u32>) -> Option<(LeaseId, WorkerId, WorkerId)> {
-        let min = counts.values().copied().min()?;
-        // Under `load`: a count move must leave its receiver under the
-        // overload limit, or it would start a load move back.
-        let (caps, weights) = match self.cfg.balancer.strategy {
-            Strategy::Count => (BTreeMap::new(), Vec::new()),
-            Strategy::Load => (self.capacities(), self.weights()),
-        };
-        let util = balance::utilisation(&caps, &weights);
-        let limit = (balance::mean_utilisation(&caps, &weights) * (1.0 + self.cfg.balancer.threshold))
-            .max(self.cfg.balancer.min_utilisation);
-        let fits = |lease: &LeaseId, to: &WorkerId| {
-            if self.cfg.balancer.strategy == Strategy::Count {
-                return true;
-            }
-            let w = weights.iter().find(|w| &w.lease == lease).map_or(0.0, |w| w.weight);
-            util.get(to).copied().unwrap_or(0.0) + w / caps.get(to).copied().unwrap_or(1.0) <= limit
-        };
-        let mut owned: BTreeMap<&WorkerId, Vec<&super::Lease>> = BTreeMap::new();
-        for lease in self.leases.values() {
-            if let (LeaseState::Owned, Some(owner)) = (&lease.state, lease.record.owner.as_ref()) {
-                owned.entry(owner).or_default().push(lease);
-            }
+    fn weight(&self, lease: &LeaseId) -> f64 {
+        match self.strategy {
+            Strategy::Count => 0.0,
+            Strategy::Load => self.weights.get(lease).copied().unwrap_or(self.mean_weight),
         }
-        let mut by_load: Vec<(&WorkerId, u32)> = counts.iter().map(|(w, c)| (w, *c)).collect();
-        by_load.sort_by_key(|(w, c)| (std::cmp::Reverse(*c), (*w).clone()));
-        for (from, from_count) in by_load {
-            if from_count < min + 2 {
+    }
+
+    /// A lease (of this weight) more or less for `worker`.
+    fn add(&mut self, worker: &WorkerId, weight: f64, count: i32) {
+        let key = self.load_key(worker);
+        let Some(c) = self.counts.get_mut(worker) else { return };
+        self.by_count.remove(&(*c, worker.clone()));
+        self.by_load.remove(&(key, *c, worker.clone()));
+        *c = c.saturating_add_signed(count);
+        let c = *c;
+        self.by_count.insert((c, worker.clone()));
+        if self.strategy == Strategy::Load
+            && let Some(u) = self.util.get_mut(worker)
+        {
+            *u += weight / self.caps.get(worker).copied().unwrap_or(1.0).max(f64::EPSILON);
+        }
+        self.by_load.insert((self.load_key(worker), c, worker.clone()));
+    }
+
+    /// The eligible worker with the fewest leases (ties: lowest id); under
+    /// `load`, the least utilised (whole percent) first.
+    fn least_loaded(&self, core: &Core, handler: Option<&str>) -> Option<WorkerId> {
+        self.by_load
+            .iter()
+            .find(|(_, _, w)| core.eligible(w, handler, &self.counts))
+            .map(|(_, _, w)| w.clone())
+    }
+
+    /// Under `load`: a count move must leave its receiver under the
+    /// overload limit, or it would start a load move back.
+    fn fits(&self, lease: &LeaseId, to: &WorkerId) -> bool {
+        self.strategy == Strategy::Count
+            || self.util.get(to).copied().unwrap_or(0.0)
+                + self.weight(lease) / self.caps.get(to).copied().unwrap_or(1.0).max(f64::EPSILON)
+                <= self.limit
+    }
+
+    /// One lease to move from the busiest worker to a peer two or more
+    /// leases lighter, if any: one already on its way to the busiest
+    /// first (retargeted, no extra handoff), else one it owns, newest
+    /// partition first (they usually carry the least history).
+    fn pick_move(&self, core: &Core) -> Option<PlannedMove> {
+        let (min, _) = self.by_count.first()?;
+        let min = *min;
+        for (from_count, from) in self.by_count.iter().rev() {
+            if *from_count < min + 2 {
                 break; // nobody is two lighter than this worker or any after it
             }
-            // Newest partitions first: they usually carry the least history.
-            for lease in owned.get(from).into_iter().flatten().rev() {
-                let to = counts
-                    .iter()
-                    .filter(|(w, c)| {
-                        *w != from
-                            && **c + 2 <= from_count
-                            && self.eligible(w, lease.handler.as_deref(), counts)
-                            && fits(&lease.record.lease, w)
-                    })
-                    .min_by_key(|(w, c)| (**c, (*w).clone()));
-                if let Some((to, _)) = to {
-                    return Some((lease.record.lease.clone(), from.clone(), to.clone()));
+            let incoming = self.incoming.get(from).into_iter().flatten().map(|l| (l, true));
+            let owned = self.owned.get(from).into_iter().flatten().rev().map(|l| (l, false));
+            for (lease, retarget) in incoming.chain(owned) {
+                let Some(l) = core.leases.get(lease) else { continue };
+                let to = self.by_count.iter().take_while(|(c, _)| c + 2 <= *from_count).find(|(_, w)| {
+                    w != from
+                        && l.record.owner.as_ref() != Some(w)
+                        && core.eligible(w, l.handler.as_deref(), &self.counts)
+                        && self.fits(lease, w)
+                });
+                if let Some((_, to)) = to {
+                    return Some(PlannedMove {
+                        lease: lease.clone(),
+                        from: from.clone(),
+                        to: to.clone(),
+                        retarget,
+                    });
                 }
             }
         }
         None
+    }
+
+    /// Keeps the per-worker lists true after a move.
+    fn moved(&mut self, m: &PlannedMove) {
+        let list = if m.retarget { self.incoming.get_mut(&m.from) } else { self.owned.get_mut(&m.from) };
+        if let Some(list) = list {
+            list.retain(|l| l != &m.lease);
+        }
+        self.incoming.entry(m.to.clone()).or_default().push(m.lease.clone());
     }
 }

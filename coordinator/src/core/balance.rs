@@ -70,11 +70,11 @@ pub fn mean_utilisation(capacity: &BTreeMap<WorkerId, f64>, leases: &[LeaseWeigh
 pub fn overloaded(capacity: &BTreeMap<WorkerId, f64>, leases: &[LeaseWeight], p: &Params) -> Vec<WorkerId> {
     let limit = mean_utilisation(capacity, leases) * (1.0 + p.threshold);
     let util = utilisation(capacity, leases);
+    // Once per call, not per worker: the fleet's leases are many.
+    let lagging: std::collections::BTreeSet<&WorkerId> =
+        leases.iter().filter(|l| l.lag_growing).map(|l| &l.owner).collect();
     util.iter()
-        .filter(|(w, u)| {
-            let lagging = leases.iter().any(|l| &l.owner == *w && l.lag_growing);
-            **u > limit && (**u >= p.min_utilisation || lagging)
-        })
+        .filter(|(w, u)| **u > limit && (**u >= p.min_utilisation || lagging.contains(w)))
         .map(|(w, _)| w.clone())
         .collect()
 }

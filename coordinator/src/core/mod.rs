@@ -73,7 +73,17 @@ pub struct Balancer {
     pub ema_alpha: f64,
     /// Utilisation `desired_workers` plans for (0.05..1).
     pub target_utilisation: f64,
+    /// Placement waits while workers keep joining: until none joined for
+    /// this long (at most [`JOIN_HOLD_LIMIT`] after the first of the
+    /// burst), so a fleet that starts or scales out one worker at a time is
+    /// planned once, each lease granted or moved once, not once per join.
+    #[serde(with = "humantime_serde")]
+    pub join_window: Duration,
 }
+
+/// Longest a stream of joins holds placement back: a fleet that never
+/// stops joining still gets its leases planned this often.
+pub const JOIN_HOLD_LIMIT: Duration = Duration::from_secs(5);
 
 impl Default for Balancer {
     fn default() -> Self {
@@ -87,6 +97,7 @@ impl Default for Balancer {
             settle: Duration::from_secs(3),
             ema_alpha: 0.3,
             target_utilisation: 0.7,
+            join_window: Duration::from_millis(500),
         }
     }
 }
@@ -381,6 +392,22 @@ pub struct Core {
     /// partitions): a partition that appears later starts at the earliest
     /// offset. Rebuilt on restore from the streams with leases.
     known_streams: BTreeSet<String>,
+    /// Index: the leases each worker owns (`record.owner`), so per-worker
+    /// work (heartbeat reconcile, register) costs the worker's share, not
+    /// the table. Kept by [`Core::set_owner`], the one place owners change.
+    owned: BTreeMap<WorkerId, BTreeSet<LeaseId>>,
+    /// Index: the leases in [`LeaseState::Unassigned`], so placement costs
+    /// what there is to place. Kept by [`Core::set_state`].
+    unassigned: BTreeSet<LeaseId>,
+    /// Something changed that count balance may have to answer (a worker
+    /// came or went or changed eligibility, a lease was placed); without
+    /// it, placement after an event that cannot unbalance (a confirmed
+    /// handoff) skips the count planner.
+    rebalance_due: bool,
+    /// The last registration, and the first of the current burst of them:
+    /// placement is held while they keep coming (`join_window`).
+    last_join: Option<Instant>,
+    burst_since: Option<Instant>,
 }
 
 impl Core {
@@ -398,6 +425,11 @@ impl Core {
             last_plan: None,
             watermarks: BTreeMap::new(),
             known_streams: BTreeSet::new(),
+            owned: BTreeMap::new(),
+            unassigned: BTreeSet::new(),
+            rebalance_due: false,
+            last_join: None,
+            burst_since: None,
         }
     }
 
@@ -428,6 +460,12 @@ impl Core {
             };
             if record.lease.kind == LeaseKind::Shard {
                 core.known_streams.insert(record.lease.name.clone());
+            }
+            if let Some(owner) = &record.owner {
+                core.owned.entry(owner.clone()).or_default().insert(record.lease.clone());
+            }
+            if state == LeaseState::Unassigned {
+                core.unassigned.insert(record.lease.clone());
             }
             core.leases
                 .insert(record.lease.clone(), Lease { record, handler: None, state, since: now, unrun: 0 });
@@ -468,7 +506,7 @@ impl Core {
 
     /// Leases a worker owns (including those it is releasing).
     pub fn owned_by<'a>(&'a self, worker: &'a str) -> impl Iterator<Item = &'a Lease> + 'a {
-        self.leases.values().filter(move |l| l.record.owner.as_deref() == Some(worker))
+        self.owned.get(worker).into_iter().flatten().filter_map(|id| self.leases.get(id))
     }
 
     // ------------------------------------------------------------ events
@@ -507,6 +545,7 @@ impl Core {
         worker.incarnation = Some(reg.incarnation);
         // The reply replaces whatever was queued: it states the whole truth.
         self.outbox.remove(&id);
+        self.note_join(now);
         let held: BTreeMap<LeaseId, u64> = reg.held.into_iter().collect();
         if known.is_some_and(|k| k != reg.incarnation) {
             self.new_incarnation(now, &id, &BTreeMap::new());
@@ -554,6 +593,26 @@ impl Core {
         self.assign(now);
         reply.extend(self.outbox.remove(&id).unwrap_or_default());
         reply
+    }
+
+    /// A worker (re)joined: placement waits for the burst to pass (see
+    /// `join_window`).
+    fn note_join(&mut self, now: Instant) {
+        let window = self.cfg.balancer.join_window;
+        if self.last_join.is_none_or(|t| now.saturating_duration_since(t) >= window) {
+            self.burst_since = Some(now);
+        }
+        self.last_join = Some(now);
+        self.rebalance_due = true;
+    }
+
+    /// Whether placement is held: a worker joined within `join_window`, in
+    /// a burst younger than [`JOIN_HOLD_LIMIT`].
+    pub(crate) fn joining(&self, now: Instant) -> bool {
+        let window = self.cfg.balancer.join_window;
+        !window.is_zero()
+            && self.last_join.is_some_and(|t| now.saturating_duration_since(t) < window)
+            && self.burst_since.is_some_and(|t| now.saturating_duration_since(t) < JOIN_HOLD_LIMIT)
     }
 
     /// Another process took over a worker id: what the id owns gets a new
@@ -673,7 +732,9 @@ impl Core {
             self.outbox.get(worker).into_iter().flatten().map(|i| i.lease().clone()).collect();
         let mut missing = Vec::new();
         let mut take_back = Vec::new();
-        for l in self.leases.values_mut() {
+        let owned: Vec<LeaseId> = self.owned.get(worker).into_iter().flatten().cloned().collect();
+        for id in owned {
+            let Some(l) = self.leases.get_mut(&id) else { continue };
             if l.record.owner.as_deref() != Some(worker) || queued.contains(&l.record.lease) {
                 continue;
             }
@@ -721,6 +782,7 @@ impl Core {
             if let Some(w) = self.workers.get_mut(worker) {
                 w.suspect_until = Some(now + self.cfg.session_timeout);
             }
+            self.rebalance_due = true;
             self.counters.failovers += take_back.len() as u64;
             for lease in &take_back {
                 // A lease being released goes on to its receiver.
@@ -737,8 +799,11 @@ impl Core {
     /// The worker is shutting down: it gets no new leases (nor handoffs)
     /// while it finishes and releases what it has.
     pub fn drain(&mut self, worker: &str) {
-        if let Some(w) = self.workers.get_mut(worker) {
+        if let Some(w) = self.workers.get_mut(worker)
+            && !w.draining
+        {
             w.draining = true;
+            self.rebalance_due = true;
         }
     }
 
@@ -839,6 +904,7 @@ impl Core {
         for w in self.workers.values_mut() {
             if w.suspect_until.is_some_and(|t| t <= now) {
                 w.suspect_until = None;
+                self.rebalance_due = true;
             }
         }
         let dead: Vec<WorkerId> = self
@@ -900,6 +966,7 @@ impl Core {
             let lease = self.leases.entry(id.clone()).or_insert_with(|| {
                 added += 1;
                 self.dirty.insert(id.clone());
+                self.unassigned.insert(id.clone());
                 Lease {
                     record: LeaseRecord { from_earliest: created_before, ..LeaseRecord::new(id.clone()) },
                     handler: None,
@@ -940,6 +1007,7 @@ impl Core {
             if lease.state == LeaseState::Parked {
                 lease.state = LeaseState::Unassigned;
                 lease.since = now;
+                self.unassigned.insert(id);
                 changed += 1;
             }
         }
@@ -956,6 +1024,7 @@ impl Core {
                 (LeaseState::Unassigned, _) => {
                     l.state = LeaseState::Parked;
                     l.since = now;
+                    self.unassigned.remove(&id);
                     changed += 1;
                 }
                 (LeaseState::Owned, Some(owner)) => {
@@ -1063,22 +1132,49 @@ impl Core {
         m.lags.clear();
         let Some(l) = self.leases.get_mut(lease) else { return };
         l.record.epoch += 1;
-        l.record.owner = Some(worker.to_owned());
         l.state = LeaseState::Owned;
         l.since = now;
         l.unrun = 0;
+        self.unassigned.remove(lease);
+        self.set_owner(lease, Some(worker));
         self.dirty.insert(lease.clone());
+        let Some(l) = self.leases.get(lease) else { return };
         let instruction =
             Instruction::Acquire { lease: lease.clone(), epoch: l.record.epoch, start: l.record.start() };
         self.push(worker, instruction);
     }
 
+    /// Sets a lease's owner and keeps the `owned` index: the only place an
+    /// owner changes after restore.
+    fn set_owner(&mut self, lease: &LeaseId, owner: Option<&str>) {
+        let Some(l) = self.leases.get_mut(lease) else { return };
+        let old = std::mem::replace(&mut l.record.owner, owner.map(str::to_owned));
+        if old.as_deref() == owner {
+            return;
+        }
+        if let Some(old) = old
+            && let Some(set) = self.owned.get_mut(&old)
+        {
+            set.remove(lease);
+            if set.is_empty() {
+                self.owned.remove(&old);
+            }
+        }
+        if let Some(new) = owner {
+            self.owned.entry(new.to_owned()).or_default().insert(lease.clone());
+        }
+    }
+
     fn unassign(&mut self, now: Instant, lease: &LeaseId) {
         let parked = self.over_limit(lease);
         if let Some(l) = self.leases.get_mut(lease) {
-            l.record.owner = None;
             l.state = if parked { LeaseState::Parked } else { LeaseState::Unassigned };
             l.since = now;
+            if !parked {
+                self.unassigned.insert(lease.clone());
+                self.rebalance_due = true;
+            }
+            self.set_owner(lease, None);
             self.dirty.insert(lease.clone());
         }
     }
@@ -1096,22 +1192,38 @@ impl Core {
     fn remove_worker(&mut self, now: Instant, worker: &str) {
         self.workers.remove(worker);
         self.outbox.remove(worker);
-        let touched: Vec<LeaseId> = self
-            .leases
-            .values()
-            .filter(|l| {
-                l.record.owner.as_deref() == Some(worker)
-                    || matches!(&l.state, LeaseState::Releasing { to: Some(t), .. } if t == worker)
-            })
-            .map(|l| l.record.lease.clone())
-            .collect();
-        for id in touched {
-            let Some(l) = self.leases.get_mut(&id) else { continue };
-            if l.record.owner.as_deref() == Some(worker) {
-                self.unassign(now, &id);
-            } else if let LeaseState::Releasing { to, .. } = &mut l.state {
+        self.rebalance_due = true;
+        let owned: Vec<LeaseId> = self.owned.get(worker).into_iter().flatten().cloned().collect();
+        for id in owned {
+            self.unassign(now, &id);
+        }
+        // Handoffs on their way to it end with the owner keeping nothing
+        // for it: they go back to unassigned when confirmed.
+        for l in self.leases.values_mut() {
+            if let LeaseState::Releasing { to, .. } = &mut l.state
+                && to.as_deref() == Some(worker)
+            {
                 *to = None;
             }
         }
+    }
+
+    /// Checks the indexes against the table (tests).
+    #[cfg(test)]
+    pub(crate) fn check_indexes(&self) {
+        let mut owned: BTreeMap<WorkerId, BTreeSet<LeaseId>> = BTreeMap::new();
+        for l in self.leases.values() {
+            if let Some(o) = &l.record.owner {
+                owned.entry(o.clone()).or_default().insert(l.record.lease.clone());
+            }
+        }
+        assert_eq!(owned, self.owned, "owned index");
+        let unassigned: BTreeSet<LeaseId> = self
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Unassigned)
+            .map(|l| l.record.lease.clone())
+            .collect();
+        assert_eq!(unassigned, self.unassigned, "unassigned index");
     }
 }

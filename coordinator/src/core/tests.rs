@@ -17,7 +17,11 @@ const H: &str = "h";
 /// test's balance check are about (the default is `load`).
 fn count() -> CoreConfig {
     CoreConfig {
-        balancer: Balancer { strategy: super::Strategy::Count, ..Balancer::default() },
+        balancer: Balancer {
+            strategy: super::Strategy::Count,
+            join_window: Duration::ZERO,
+            ..Balancer::default()
+        },
         ..CoreConfig::default()
     }
 }
@@ -459,6 +463,7 @@ impl Model {
             stable_for: Duration::from_millis(500),
             cooldown: Duration::from_secs(1),
             settle: Duration::from_millis(300),
+            join_window: Duration::ZERO,
             ..Balancer::default()
         };
         let mut model = Self::with(CoreConfig { balancer, ..CoreConfig::default() });
@@ -678,6 +683,7 @@ impl Model {
     }
 
     fn check(&self) {
+        self.core.check_indexes();
         for lease in self.core.leases() {
             let r = &lease.record;
             // At most one owner, and it is a known worker.
@@ -818,6 +824,7 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
         stable_for: Duration::from_secs(1),
         cooldown: Duration::from_secs(5),
         settle: Duration::ZERO,
+        join_window: Duration::ZERO,
         ..Balancer::default()
     };
     let t = Instant::now();
@@ -881,8 +888,12 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
 /// a real worker first finishes its in-flight batch).
 #[test]
 fn a_joining_worker_fills_within_two_heartbeats_under_load() {
-    let balancer =
-        Balancer { strategy: super::Strategy::Load, settle: Duration::ZERO, ..Balancer::default() };
+    let balancer = Balancer {
+        strategy: super::Strategy::Load,
+        settle: Duration::ZERO,
+        join_window: Duration::ZERO,
+        ..Balancer::default()
+    };
     let t = Instant::now();
     let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
     core.discovered(t, LeaseKind::Shard, "s", H, 9);
@@ -925,8 +936,12 @@ fn a_joining_worker_fills_within_two_heartbeats_under_load() {
 /// A `load` core with 8 shards, all on `a` (settle off, so reports count
 /// at once).
 fn loaded_core(t: Instant) -> Core {
-    let balancer =
-        Balancer { strategy: super::Strategy::Load, settle: Duration::ZERO, ..Balancer::default() };
+    let balancer = Balancer {
+        strategy: super::Strategy::Load,
+        settle: Duration::ZERO,
+        join_window: Duration::ZERO,
+        ..Balancer::default()
+    };
     let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
     core.discovered(t, LeaseKind::Shard, "s", H, 8);
     core.register(t, reg("a"));
@@ -1058,4 +1073,31 @@ fn a_checkpoint_past_the_known_high_watermark_changes_nothing() {
     assert_eq!(core.checkpoint("a", &lease, epoch, 100), CheckpointOutcome::Ok { checkpoint: Some(100) });
     // Not the owner: stale first, whatever the offset.
     assert!(matches!(core.checkpoint("b", &lease, epoch, 500), CheckpointOutcome::Stale { .. }));
+}
+
+/// Workers joining one after another are placed once, after the burst:
+/// nothing is granted while they keep coming, then each gets its share
+/// straight away, so no lease is handed from one worker to the next.
+#[test]
+fn a_burst_of_joins_is_placed_once_without_handoffs() {
+    let balancer = Balancer { strategy: super::Strategy::Count, ..Balancer::default() };
+    let t = Instant::now();
+    let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
+    core.discovered(t, LeaseKind::Shard, "s", H, 12);
+    let step = Duration::from_millis(100);
+    let mut instructions = Vec::new();
+    for (i, w) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        let now = t + step * i as u32;
+        instructions.extend(core.register(now, reg(w)));
+        core.tick(now);
+    }
+    assert!(instructions.is_empty(), "nothing placed during the burst: {instructions:?}");
+    let after = t + step * 3 + balancer.join_window;
+    core.tick(after);
+    for w in ["a", "b", "c", "d"] {
+        let got = beat(&mut core, after, w, WorkerLoad::default()).unwrap_or_default();
+        assert_eq!(acquired(&got).len(), 3, "{w}: {got:?}");
+        assert!(got.iter().all(|i| matches!(i, Instruction::Acquire { .. })), "{w}: {got:?}");
+    }
+    assert_eq!(core.counters().rebalance_moves, 0, "no handoff");
 }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -30,8 +30,11 @@ use crate::stats::{CpuMeter, CpuUse, Latency, RssSampler, Summary, mib, round3};
 
 const TARGET_RSS_MIB: f64 = 150.0;
 /// Time between two workers' registrations: quick, but not one burst, so
-/// the joins look like a rolling deploy rather than a synthetic spike.
+/// the joins look like a rolling deploy rather than a synthetic spike...
 const STAGGER: Duration = Duration::from_millis(10);
+/// ...and all of them within this, however large the fleet (2,000 workers
+/// join 1 ms apart).
+const JOIN_SPREAD: Duration = Duration::from_secs(2);
 /// Longest wait for the registrations and then for every lease to be owned.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After settling, two heartbeat rounds let the last Acquires reach their
@@ -54,6 +57,9 @@ pub struct Settings {
 pub struct Figures {
     registered_s: f64,
     settled_s: f64,
+    stagger: Duration,
+    /// Graceful handoffs confirmed from the first join until settled.
+    handoffs_to_settle: u64,
     heartbeat: Summary,
     checkpoint_call: Summary,
     checkpoints_per_s: f64,
@@ -83,6 +89,8 @@ struct Shared {
     /// Leases held across the fleet, as the workers see it: settling is
     /// complete only when this matches the coordinator's table.
     held: AtomicI64,
+    /// Releases the workers were asked for (each a graceful handoff).
+    released: AtomicU64,
 }
 
 impl Shared {
@@ -143,10 +151,11 @@ pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Resul
 
     let started = Instant::now();
     let mut workers = JoinSet::new();
+    let stagger = STAGGER.min(JOIN_SPREAD / settings.workers.max(1));
     for i in 0..settings.workers {
         let client = WorkerApiClient::new(channels[i as usize % channels.len()].clone());
         let worker = SimWorker::new(worker_id(i), client, shared.clone())?;
-        workers.spawn(worker.run(STAGGER * i));
+        workers.spawn(worker.run(stagger * i));
     }
 
     let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -170,6 +179,7 @@ pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Resul
             .map_err(|e| super::with_death(&mut coordinator, e))?;
     }
     let settled_s = started.elapsed().as_secs_f64();
+    let handoffs_to_settle = shared.released.load(Ordering::Relaxed);
 
     let from = Instant::now() + WARMUP;
     let until = from + settings.duration;
@@ -239,6 +249,8 @@ pub async fn run(bin: &Path, store: Store, settings: &Settings) -> anyhow::Resul
     Ok(Figures {
         registered_s,
         settled_s,
+        stagger,
+        handoffs_to_settle,
         heartbeat: heartbeat.summary(),
         checkpoint_call: checkpoint.summary(),
         checkpoints_per_s: totals.checkpoints_in_window as f64 / settings.duration.as_secs_f64(),
@@ -519,6 +531,9 @@ impl SimWorker {
                     let wire = r.lease.context("a Release without a lease")?;
                     let id = LeaseId::try_from(&wire).context("a Release with a bad lease")?;
                     let offset = self.held.get(&id).map_or(0, |h| h.offset);
+                    if self.held.contains_key(&id) {
+                        self.shared.released.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.drop_lease(&id);
                     releases.push((wire, r.epoch, offset));
                 }
@@ -644,6 +659,25 @@ impl Figures {
             "registered / settled after (s)",
             format!("{:.1} / {:.1}", self.registered_s, self.settled_s)
         );
+        println!(
+            "  {:<32} {:>12}",
+            "  joins spaced (ms)",
+            format!("{:.1}", self.stagger.as_secs_f64() * 1000.0)
+        );
+        println!(
+            "  {:<32} {:>12}",
+            "settled after the last join (s)",
+            format!("{:.1}", self.settled_s - self.registered_s)
+        );
+        println!(
+            "  {:<32} {:>12}",
+            "handoffs to settle, per lease",
+            format!(
+                "{}, {:.2}",
+                self.handoffs_to_settle,
+                self.handoffs_to_settle as f64 / f64::from(s.partitions.max(1))
+            )
+        );
         println!("  {:<32} {:>12}", "handoffs confirmed", t.releases);
         println!(
             "  {:<32} {:>12}",
@@ -666,6 +700,10 @@ impl Figures {
             "warmup_s": WARMUP.as_secs_f64(),
             "registered_after_s": round3(self.registered_s),
             "settled_after_s": round3(self.settled_s),
+            "settled_after_last_join_s": round3(self.settled_s - self.registered_s),
+            "join_stagger_ms": round3(self.stagger.as_secs_f64() * 1000.0),
+            "handoffs_to_settle": self.handoffs_to_settle,
+            "handoffs_per_lease": round3(self.handoffs_to_settle as f64 / f64::from(s.partitions.max(1))),
             "peak_rss_mib": round3(self.peak_rss_mib()),
             "sampled_peak_rss_mib": round3(mib(self.sampled_peak_rss_kib)),
             "vm_hwm_mib": self.hwm_kib.map(|k| round3(mib(k))),

@@ -242,9 +242,11 @@ fn check_calls(what: &str, ok: u64, failed: u64, first_error: Option<&str>) -> a
     Ok(())
 }
 
-/// The group commit over a measurement window, from the coordinator's own
-/// metrics: how many flushes, how long each took, and how many checkpoints
-/// each made durable. This is what explains a checkpoint rate.
+/// The group commit and the service loop over a measurement window, from
+/// the coordinator's own metrics: how many flushes, how long each took, how
+/// many records and checkpoints each made durable, and what a request
+/// waited behind in the loop (its queue, the turns and ticks that hold the
+/// loop). This is what explains a checkpoint rate or a slow heartbeat.
 #[derive(Debug, Clone, Copy, Default)]
 struct GroupCommit {
     flushes_per_s: f64,
@@ -252,10 +254,22 @@ struct GroupCommit {
     /// The exporter's rolling p99 at the end of the window.
     p99_flush_ms: f64,
     checkpoints_per_flush: f64,
+    records_per_flush: f64,
+    /// Commands the loop took per turn (mean), and the p99s of a turn's
+    /// time, of the longest queue wait in a turn and of a tick.
+    commands_per_turn: f64,
+    p99_turn_ms: f64,
+    p99_queue_ms: f64,
+    p99_tick_ms: f64,
 }
 
 impl GroupCommit {
     const FLUSH: &str = "shardline_store_flush_seconds";
+    const RECORDS: &str = "shardline_store_flush_records";
+    const BATCH: &str = "shardline_loop_batch_commands";
+    const TURN: &str = "shardline_loop_turn_seconds";
+    const QUEUE: &str = "shardline_loop_queue_seconds";
+    const TICK: &str = "shardline_loop_tick_seconds";
     const ACCEPTED: &str = "shardline_checkpoints_total{result=\"accepted\"}";
 
     /// `before` may precede the first flush and checkpoint (series the
@@ -264,11 +278,21 @@ impl GroupCommit {
         let delta = |key: &str| Ok::<_, anyhow::Error>((after.get(key)? - before.get_or_zero(key)).max(0.0));
         let flushes = delta(&format!("{}_count", Self::FLUSH))?;
         let per_flush = |x: f64| if flushes > 0.0 { x / flushes } else { 0.0 };
+        // The loop's own series are read as 0 when absent: a coordinator
+        // from before they existed still gets its flush figures measured.
+        let since = |key: &str| (after.get_or_zero(key) - before.get_or_zero(key)).max(0.0);
+        let turns = since(&format!("{}_count", Self::BATCH));
+        let p99 = |name: &str| after.get_or_zero(&format!("{name}{{quantile=\"0.99\"}}")) * 1000.0;
         Ok(Self {
             flushes_per_s: flushes / window.as_secs_f64().max(1e-9),
             mean_flush_ms: per_flush(delta(&format!("{}_sum", Self::FLUSH))? * 1000.0),
             p99_flush_ms: after.get(&format!("{}{{quantile=\"0.99\"}}", Self::FLUSH))? * 1000.0,
             checkpoints_per_flush: per_flush(delta(Self::ACCEPTED)?),
+            records_per_flush: per_flush(since(&format!("{}_sum", Self::RECORDS))),
+            commands_per_turn: if turns > 0.0 { since(&format!("{}_sum", Self::BATCH)) / turns } else { 0.0 },
+            p99_turn_ms: p99(Self::TURN),
+            p99_queue_ms: p99(Self::QUEUE),
+            p99_tick_ms: p99(Self::TICK),
         })
     }
 
@@ -279,6 +303,11 @@ impl GroupCommit {
             "mean_flush_ms": round3(self.mean_flush_ms),
             "p99_flush_ms": round3(self.p99_flush_ms),
             "checkpoints_per_flush": round3(self.checkpoints_per_flush),
+            "records_per_flush": round3(self.records_per_flush),
+            "commands_per_turn": round3(self.commands_per_turn),
+            "p99_turn_ms": round3(self.p99_turn_ms),
+            "p99_queue_ms": round3(self.p99_queue_ms),
+            "p99_tick_ms": round3(self.p99_tick_ms),
         })
     }
 
@@ -288,6 +317,16 @@ impl GroupCommit {
             "store flushes/s, mean / p99 ms",
             format!("{:.0}, {:.2} / {:.2}", self.flushes_per_s, self.mean_flush_ms, self.p99_flush_ms)
         );
-        println!("  {:<32} {:>12.1}", "checkpoints per flush", self.checkpoints_per_flush);
+        println!(
+            "  {:<32} {:>12}",
+            "checkpoints / records per flush",
+            format!("{:.1} / {:.1}", self.checkpoints_per_flush, self.records_per_flush)
+        );
+        println!("  {:<32} {:>12}", "loop: commands per turn", format!("{:.1}", self.commands_per_turn));
+        println!(
+            "  {:<32} {:>12}",
+            "loop p99 ms: queue / turn / tick",
+            format!("{:.2} / {:.2} / {:.2}", self.p99_queue_ms, self.p99_turn_ms, self.p99_tick_ms)
+        );
     }
 }
