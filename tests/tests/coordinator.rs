@@ -17,9 +17,14 @@ use support::cli;
 
 /// A coordinator of one static stream `name` of `partitions` leases, no
 /// Kafka, `noop` handler.
+/// A stream of `partitions` fixed leases. No join window: these tests read
+/// the leases a registration grants in its own reply, which a window
+/// would defer to a later heartbeat.
 fn fixed(name: &str, partitions: u32) -> CoordinatorConfig {
     let stream = StreamConfig { partitions: Some(partitions), ..StreamConfig::new(name, "noop") };
-    CoordinatorConfig { streams: vec![stream], ..CoordinatorConfig::default() }
+    let mut config = CoordinatorConfig { streams: vec![stream], ..CoordinatorConfig::default() };
+    config.balancer.join_window = std::time::Duration::ZERO;
+    config
 }
 
 fn id(info: &v1::LeaseInfo) -> Result<LeaseId> {

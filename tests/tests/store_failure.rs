@@ -114,7 +114,8 @@ async fn a_full_disk_stops_the_coordinator_with_a_nonzero_exit_and_the_store_err
     let fs = Tmpfs::mount("8m")?;
     let dir = tempfile::tempdir()?;
     let data = fs.path.join("data");
-    let config = "[[streams]]\nname = \"full\"\nhandler = \"noop\"\npartitions = 16\n";
+    // No join window: the registration's own reply grants the leases.
+    let config = "[balancer]\njoin_window = \"0s\"\n\n[[streams]]\nname = \"full\"\nhandler = \"noop\"\npartitions = 16\n";
     let (mut proc, url, errors) = start(config, &data, dir.path())?;
 
     let mut api = WorkerApiClient::connect(url).await.context("connect")?;

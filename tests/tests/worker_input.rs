@@ -38,6 +38,10 @@ async fn a_worker_cannot_checkpoint_past_the_log_or_report_what_it_does_not_hold
         discovery_interval: Duration::from_secs(600),
         ..CoordinatorConfig::default()
     };
+    // The test registers until a reply grants the lease: every register is
+    // a join, which a join window would keep deferring.
+    let mut config = config;
+    config.balancer.join_window = Duration::ZERO;
     let c = Coordinator::start_config(config, &dir.path().join("data"))?;
     let mut api = c.worker_api().await?;
     let lease = LeaseId::shard(&topic, 0);
