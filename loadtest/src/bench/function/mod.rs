@@ -24,7 +24,7 @@ mod python;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::ValueEnum;
 use serde_json::json;
 use shardline_testkit::kafka::{self, KafkaAccess};
@@ -166,24 +166,14 @@ impl Target for Function {
     }
 
     async fn prepare(&mut self) -> anyhow::Result<()> {
-        let created = std::time::Instant::now();
-        kafka::create_topic(&self.access, &self.topic, self.args.partitions, false).await?;
-        println!("  topic created in {:.1} s", created.elapsed().as_secs_f64());
-        Ok(())
+        topic::create(&self.access, &self.topic, self.args.partitions).await
     }
 
     async fn measure(&mut self, bins: &Bins) -> anyhow::Result<Figures> {
         let (args, topic, access) = (&self.args, self.topic.as_str(), &self.access);
         let stall = Duration::from_secs(args.common.stall_timeout);
-        let produced = topic::produce(access, topic, args.records, self.record_bytes)
-            .await
-            .context("producing the records failed")?;
-        println!("  produced in {:.1} s ({:.0} records/s)", produced.seconds, produced.per_s);
-        let watermarks = topic::watermarks(access, topic, args.partitions).await?;
-        let stored: i64 = watermarks.iter().map(|(low, high)| high - low).sum();
-        if stored != args.records as i64 {
-            bail!("the broker holds {stored} records of {topic} after {} were acknowledged", args.records);
-        }
+        let (produced, watermarks) =
+            topic::fill(access, topic, args.partitions, args.records, self.record_bytes).await?;
 
         let side = |handler| system::Settings {
             coordinator_bin: &bins.coordinator,

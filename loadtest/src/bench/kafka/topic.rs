@@ -81,6 +81,35 @@ pub async fn produce(
     Ok(Produced { seconds, per_s: records as f64 / seconds.max(1e-9) })
 }
 
+/// Creates `topic` with `partitions`, saying how long it took.
+pub async fn create(access: &KafkaAccess, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    let created = std::time::Instant::now();
+    shardline_testkit::kafka::create_topic(access, topic, partitions, false).await?;
+    println!("  topic created in {:.1} s", created.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Produces `records` of `record_bytes` to `topic` and checks the broker
+/// holds every one; how it went, and each partition's (low, high)
+/// watermarks.
+pub async fn fill(
+    access: &KafkaAccess,
+    topic: &str,
+    partitions: u32,
+    records: u64,
+    record_bytes: usize,
+) -> anyhow::Result<(Produced, Vec<(i64, i64)>)> {
+    let produced =
+        produce(access, topic, records, record_bytes).await.context("producing the records failed")?;
+    println!("  produced in {:.1} s ({:.0} records/s)", produced.seconds, produced.per_s);
+    let watermarks = watermarks(access, topic, partitions).await?;
+    let stored: i64 = watermarks.iter().map(|(low, high)| high - low).sum();
+    if stored != records as i64 {
+        bail!("the broker holds {stored} records of {topic} after {records} were acknowledged");
+    }
+    Ok((produced, watermarks))
+}
+
 /// `(low, high)` watermarks of every partition `0..partitions`.
 pub async fn watermarks(
     kafka: &KafkaAccess,
