@@ -494,6 +494,9 @@ pub fn failures(format: EventFormat, batch: &Batch, reply: &Value) -> Result<Vec
     let Some(list) = list.as_array() else {
         return Err(BadReply(format!("is not a list: {list}")));
     };
+    // Each record's identifier once, not once per failed item.
+    let ids: std::collections::HashMap<String, i64> =
+        batch.records.iter().map(|r| (identifier(format, batch.lease.index, r), r.position())).collect();
     let mut failed = Vec::with_capacity(list.len());
     for item in list {
         let id = match item.get("itemIdentifier") {
@@ -505,9 +508,8 @@ pub fn failures(format: EventFormat, batch: &Batch, reply: &Value) -> Result<Vec
                 .ok_or_else(|| BadReply(format!("names {item}, which is no record of the batch")))?,
             _ => return Err(BadReply(format!("has an item without an itemIdentifier: {item}"))),
         };
-        let found = batch.records.iter().find(|r| identifier(format, batch.lease.index, r) == id);
-        match found {
-            Some(r) => failed.push(r.position()),
+        match ids.get(&id) {
+            Some(position) => failed.push(*position),
             None => return Err(BadReply(format!("names `{id}`, which is no record of the batch"))),
         }
     }
