@@ -6,7 +6,10 @@
 //! session timeout so the worker fences itself.
 //!
 //! The documented names are read from README.md itself, so a series
-//! renamed in the code or in the README fails here.
+//! renamed in the code or in the README fails here; so are the names the
+//! observability pack under `deploy/` uses (Grafana dashboard, alert
+//! rules and their tests, the autoscalers' queries), so a dashboard panel
+//! or an alert on a series no binary serves fails here too.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -61,6 +64,32 @@ fn the_readme_lists_parse_into_series_names() -> Result<()> {
     ensure!(coordinator.contains("shardline_leases"), "{coordinator:?}");
     ensure!(worker.contains("shardline_handler_billed_units_total"), "{worker:?}");
     ensure!(coordinator.len() + worker.len() >= 35, "{coordinator:?} {worker:?}");
+    Ok(())
+}
+
+#[test]
+fn the_observability_pack_names_parse_into_series_names() -> Result<()> {
+    let pack = shardline_tests::deploy::observability_pack()?;
+    let all: BTreeSet<&String> = pack.values().flatten().collect();
+    // The figures the issue asks the dashboard and the alerts for.
+    for name in [
+        "shardline_lease_lag",
+        "shardline_records_total",
+        "shardline_handler_duration_seconds_sum",
+        "shardline_handler_errors_total",
+        "shardline_retries_total",
+        "shardline_dead_lettered_total",
+        "shardline_worker_leases",
+        "shardline_worker_utilisation",
+        "shardline_desired_workers",
+        "shardline_checkpoint_latency_seconds",
+        "shardline_store_flush_seconds",
+        "shardline_workers_expired_total",
+        "shardline_checkpoints_total",
+        "shardline_topology_errors_total",
+    ] {
+        ensure!(all.contains(&name.to_owned()), "the pack names no {name}: {all:?}");
+    }
     Ok(())
 }
 
@@ -170,6 +199,7 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
         (format!("shardline_subscription_slots{{subscription=\"{sub}\"}}"), 1.0),
         (format!("shardline_subscription_dead_lettered{{subscription=\"{sub}\"}}"), 1.0),
         ("shardline_worker_utilisation{worker=\"m\"}".to_owned(), 0.0),
+        ("shardline_worker_leases{worker=\"m\"}".to_owned(), 3.0),
         // With sled this coordinator alone leads.
         ("shardline_coordinator_leader".to_owned(), 1.0),
     ];
@@ -223,5 +253,17 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
         }
     }
     ensure!(missing.is_empty(), "documented but not served: {missing:?}");
+
+    // What the dashboard, the alerts and the autoscalers query is served
+    // by one binary or the other, under exactly that name.
+    let mut unknown = Vec::new();
+    for (file, names) in shardline_tests::deploy::observability_pack()? {
+        for name in names {
+            if coordinator.sum(&name).is_err() && worker.sum(&name).is_err() {
+                unknown.push(format!("{name} ({file})"));
+            }
+        }
+    }
+    ensure!(unknown.is_empty(), "named in deploy/ but served by no binary: {unknown:?}");
     Ok(())
 }
