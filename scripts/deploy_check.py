@@ -222,7 +222,9 @@ class Overlay:
             key = next((i["key"] for i in items if i["path"] == file), None) if items else file
             return key, what, keys
 
-        command = container.get("command", []) + container.get("args", [])
+        if "command" in container:
+            self.error(f"{name}: `command` replaces the image's entrypoint (tini); set `args`")
+        command = container.get("args", [])
         if "--config" not in command:
             self.error(f"{name}: no --config in its command")
             return None
