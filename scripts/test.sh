@@ -12,4 +12,6 @@ scripts/build-deps.sh
 # function tests run Lambda functions through.
 scripts/functions.sh install
 cargo build --workspace --bins
+# deploy/: manifests, units, dashboard and alerts (installs its tools once).
+scripts/deploy-check.sh
 cargo test --workspace "$@"

@@ -47,7 +47,8 @@ pub struct Config {
     pub leadership_timeout: Duration,
     /// With PostgreSQL: the URL standbys send clients to while this
     /// coordinator leads. Default: `http://` + `listen` (the host name when
-    /// `listen` is a wildcard address).
+    /// `listen` is a wildcard address). Env `SHARDLINE_ADVERTISE_URL`
+    /// overrides: replicas sharing one config each advertise their own.
     pub advertise_url: Option<String>,
     /// TLS for the gRPC API: `{ cert, key, client_ca? }`; `client_ca`
     /// turns on mutual TLS (every client must present a certificate it
@@ -638,6 +639,7 @@ impl ConfigFile for Config {
             auth_token: &mut self.auth_token,
             store: Some(&mut self.store),
             role_tokens: Some((&mut self.worker_token, &mut self.viewer_token)),
+            advertise_url: Some(&mut self.advertise_url),
         }
     }
 
