@@ -56,6 +56,10 @@ enum BenchTarget {
     /// in-process `noop` handler; the ratio of their rates and the
     /// overhead per invocation.
     Function(bench::function::Args),
+    /// Produce-to-handler-start latency through the coordinator and one
+    /// worker (`forward`), next to produce-to-poll of a raw rdkafka
+    /// consumer on the same broker in the same run: shardline's overhead.
+    Latency(bench::latency::Args),
 }
 
 #[tokio::main]
@@ -74,6 +78,9 @@ async fn main() -> ExitCode {
             }
             Command::Bench(BenchTarget::Function(args)) => {
                 bench::function::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchTarget::Latency(args)) => {
+                bench::latency::run(args).await.map(|()| ExitCode::SUCCESS)
             }
             Command::Run(args) => run::run(args).await,
         }

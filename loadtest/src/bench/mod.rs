@@ -6,5 +6,6 @@ mod compare;
 pub mod coordinator;
 pub mod function;
 pub mod kafka;
+pub mod latency;
 
 use compare::verdict;

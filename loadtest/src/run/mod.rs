@@ -27,7 +27,7 @@
 //! Everything started is stopped at the end, on an error, and on Ctrl-C
 //! (the guards kill the children when the run is dropped).
 
-mod amqp;
+pub(crate) mod amqp;
 mod chart;
 mod compare;
 mod fleet;
