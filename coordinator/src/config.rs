@@ -802,7 +802,12 @@ impl Config {
             );
             ensure(leadership <= most, "leadership_timeout", format!("{leadership:?}"), allowed)?;
         }
-        in_range("consumer_group_commit_interval", self.consumer_group_commit_interval, ms(100), ms(3_600_000))?;
+        in_range(
+            "consumer_group_commit_interval",
+            self.consumer_group_commit_interval,
+            ms(100),
+            ms(3_600_000),
+        )?;
         in_range("scale_interval", self.scale_interval, ms(100), ms(60_000))
     }
 

@@ -89,7 +89,10 @@ pub async fn run(config: Arc<Config>, handle: Handle, shutdown: CancellationToke
 }
 
 /// The offsets that differ from the last ones committed, per mirrored stream.
-fn changed(mirrors: &BTreeMap<String, Mirror>, checkpoints: Vec<(LeaseId, i64)>) -> BTreeMap<String, Vec<(u32, i64)>> {
+fn changed(
+    mirrors: &BTreeMap<String, Mirror>,
+    checkpoints: Vec<(LeaseId, i64)>,
+) -> BTreeMap<String, Vec<(u32, i64)>> {
     let mut out: BTreeMap<String, Vec<(u32, i64)>> = BTreeMap::new();
     for (lease, offset) in checkpoints {
         let Some(mirror) = mirrors.get(&lease.name) else { continue };
@@ -125,7 +128,8 @@ async fn commit(
     };
     let mut list = TopicPartitionList::new();
     for &(partition, offset) in offsets {
-        let partition = i32::try_from(partition).map_err(|_| format!("partition {partition} is out of Kafka's range"))?;
+        let partition =
+            i32::try_from(partition).map_err(|_| format!("partition {partition} is out of Kafka's range"))?;
         list.add_partition_offset(stream, partition, Offset::Offset(offset)).map_err(|e| e.to_string())?;
     }
     tokio::task::spawn_blocking(move || client.commit(&list, CommitMode::Sync))

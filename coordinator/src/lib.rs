@@ -314,7 +314,9 @@ impl Table {
             }
         };
         background.cancel();
-        for (name, task) in [("discovery", discovery_task), ("consumer groups", groups_task), ("rabbitmq", amqp_task)] {
+        for (name, task) in
+            [("discovery", discovery_task), ("consumer groups", groups_task), ("rabbitmq", amqp_task)]
+        {
             // Bounded: a broker call in flight may take its own timeout to
             // return; the store's last flush must not wait for it.
             match tokio::time::timeout(FATAL_GRACE, task).await {
