@@ -134,8 +134,26 @@ build_from_host() {
     objcopy --strip-debug "$dir/$b" "$stage/$b"
   done
   printf 'FROM scratch\nCOPY %s /out/\n' "${BIN_NAMES[*]}" >"$stage/Dockerfile"
+  local old
+  old="$(image_id "$BINS")"
   DOCKER_BUILDKIT=1 "$docker" build --quiet --tag "$BINS" "$stage" >/dev/null
+  replaced "$old" "$BINS"
   build_image "$BINS" ""
+}
+
+image_id() {
+  "$(docker_cli)" image inspect --format '{{.Id}}' "$1" 2>/dev/null || true
+}
+
+# A rebuild leaves the image it replaced untagged: remove it (every CI run
+# would otherwise keep one more), and keep BuildKit's cache small.
+replaced() {
+  local old="$1" tag="$2" docker
+  docker="$(docker_cli)"
+  if [[ -n "$old" && "$old" != "$(image_id "$tag")" ]]; then
+    "$docker" rmi "$old" >/dev/null 2>&1 || say "kept $old (still in use)"
+  fi
+  "$docker" builder prune --force --keep-storage 2GB >/dev/null
 }
 
 # The image from the Dockerfile's builder stage, with a builder image made
@@ -154,6 +172,9 @@ build_full() {
     cp -a "$HOME/.rustup/toolchains/$toolchain" "$ctx/rustup/toolchains/"
     cp -a "$HOME/.rustup/settings.toml" "$ctx/rustup/" 2>/dev/null || true
     cp -a "$HOME/.cargo/bin/cargo" "$HOME/.cargo/bin/rustc" "$HOME/.cargo/bin/rustup" "$ctx/cargo/bin/"
+    # This machine's trusted roots for cargo's downloads (a machine behind
+    # a TLS-inspecting proxy trusts more than Debian's list).
+    cp /etc/ssl/certs/ca-certificates.crt "$ctx/host-roots.crt"
     cat >"$ctx/Dockerfile" <<EOF
 FROM $BASE
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -161,7 +182,9 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
     && rm -rf /var/lib/apt/lists/*
 COPY rustup /usr/local/rustup
 COPY cargo /usr/local/cargo
-ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:\$PATH
+COPY host-roots.crt /etc/ssl/host-roots.crt
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:\$PATH \
+    CARGO_HTTP_CAINFO=/etc/ssl/host-roots.crt
 RUN rustup default $toolchain && cargo --version
 EOF
     DOCKER_BUILDKIT=1 "$docker" build --network host --tag "$RUST_BASE" "$ctx"
@@ -181,7 +204,10 @@ build_image() {
     --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)")
   [[ -n "$rust" ]] && args+=(--build-arg "RUST=$rust")
   # Host network: the build's apt-get (runtime libraries) has no bridge.
+  local old
+  old="$(image_id "$IMAGE")"
   DOCKER_BUILDKIT=1 "$docker" build --network host "${args[@]}" --tag "$IMAGE" . >&2
+  replaced "$old" "$IMAGE"
   say "built $IMAGE: $("$docker" image inspect --format '{{.Size}}' "$IMAGE") bytes"
 }
 
