@@ -8,6 +8,8 @@
 #   docker run -v ./worker.toml:/etc/shardline/worker.toml:ro \
 #              shardline shardline-worker --config /etc/shardline/worker.toml
 #
+# Needs BuildKit (Docker 23 or later by default; DOCKER_BUILDKIT=1 before).
+#
 # Build arguments (all optional):
 #   BASE      the runtime base: a Debian 12 (bookworm) image, small
 #             (debian:bookworm-slim). Its glibc must be at least the
@@ -42,7 +44,12 @@ RUN shardline-build-deps
 COPY . .
 # Symbols stay for readable backtraces; debug info goes (a third of the size).
 ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo
-RUN cargo build --release --locked \
+# The crates and the target directory live in BuildKit cache mounts (the
+# rust images' CARGO_HOME is /usr/local/cargo): a rebuild compiles only
+# what changed, and no layer carries the gigabytes of the target.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
         -p shardline-coordinator -p shardline-worker -p shardline \
     && mkdir /out \
     && cp target/release/shardline-coordinator target/release/shardline-worker \

@@ -190,6 +190,20 @@ mod tests {
     use super::*;
     use crate::core::{CoreConfig, Registration};
 
+    /// Only the leader is ready; every other role says what it is.
+    #[test]
+    fn readyz_names_the_role_of_a_coordinator_that_does_not_lead() {
+        let standby = State::Following { leader: Some("http://c2:7400".into()) };
+        for (state, says) in [
+            (State::Starting, "not ready: starting: opening the lease store\n"),
+            (standby, "not ready: not the leader: standing by for http://c2:7400\n"),
+            (State::Following { leader: None }, "not ready: not the leader: standing by, no leader known\n"),
+            (State::Stopped, "not ready: stopping\n"),
+        ] {
+            assert_eq!(readiness(&state), (StatusCode::SERVICE_UNAVAILABLE, says.to_owned()));
+        }
+    }
+
     /// The series of a worker that left are gone from the next scrape;
     /// hostile ids cannot break the format.
     #[test]
