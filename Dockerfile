@@ -36,13 +36,14 @@ ARG BINARIES=builder
 # ---------------------------------------------------------------- builder
 FROM ${RUST} AS builder
 WORKDIR /src
-# librdkafka (built statically by rdkafka-sys) needs a C toolchain, make
-# and OpenSSL's headers; the rust images have them, build-deps.sh adds
-# what a leaner one lacks.
+# librdkafka (built statically by rdkafka-sys) needs a C toolchain, make,
+# OpenSSL's headers and pkg-config; the rust images have them all,
+# build-deps.sh adds the last two to a leaner one.
 COPY scripts/build-deps.sh /usr/local/bin/shardline-build-deps
 RUN shardline-build-deps
 COPY . .
-# Symbols stay for readable backtraces; debug info goes (a third of the size).
+# Symbols stay for readable backtraces; the line tables the release
+# profile keeps (debug = 1) go.
 ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo
 # The crates and the target directory live in BuildKit cache mounts (the
 # rust images' CARGO_HOME is /usr/local/cargo): a rebuild compiles only
@@ -62,8 +63,8 @@ FROM ${BINARIES} AS bins
 FROM ${BASE}
 # What the binaries link beyond glibc: OpenSSL (librdkafka's TLS); the CA
 # roots (brokers, PostgreSQL and coordinators over TLS); tini as PID 1,
-# which forwards SIGTERM and reaps the processes of `kind = "function"`
-# handlers that outlive their parent's group.
+# which forwards SIGTERM to the process and reaps whatever a
+# `kind = "function"` handler's processes leave behind.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
          ca-certificates libssl3 tini \
