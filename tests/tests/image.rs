@@ -125,6 +125,15 @@ async fn leases(url: &str, topic: &str) -> Result<Vec<v1::LeaseInfo>> {
     Ok(all.into_iter().filter(|l| l.lease.as_ref().is_some_and(|l| l.name == topic)).collect())
 }
 
+/// The leases of the worker log lines saying `what` (`lease acquired`,
+/// `lease released`): their `lease=` field.
+fn logged(logs: &str, what: &str) -> BTreeSet<String> {
+    logs.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| l.split("lease=").nth(1)?.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
 fn lease_names(leases: &[v1::LeaseInfo], owner: &str) -> BTreeSet<String> {
     leases
         .iter()
@@ -252,17 +261,21 @@ async fn the_image_runs_a_coordinator_and_draining_workers_that_lose_nothing() -
     for (i, (id, w)) in workers.iter().enumerate() {
         let held = lease_names(&leases(&url, &topic).await?, id);
         ensure!(!held.is_empty(), "{id} holds no lease before its stop");
+        // Granted is not yet running: the grant reaches the worker with
+        // its next heartbeat.
+        eventually(Duration::from_secs(10), &format!("{id} running {held:?}"), || async {
+            let running = logged(&w.logs()?, "lease acquired");
+            ensure!(held.is_subset(&running), "{id} runs {running:?}");
+            Ok(Some(()))
+        })
+        .await?;
         let stopping = Instant::now();
         let code = w.stop(Duration::from_secs(60))?;
         let took = stopping.elapsed();
         let logs = w.logs()?;
         ensure!(code == 0, "{id} exited {code} on docker stop; its log:\n{logs}");
         ensure!(logs.contains("draining") && logs.contains("worker stopped"), "{id} did not drain:\n{logs}");
-        let released: BTreeSet<String> = logs
-            .lines()
-            .filter(|l| l.contains("lease released"))
-            .filter_map(|l| l.split("lease=").nth(1)?.split_whitespace().next().map(str::to_owned))
-            .collect();
+        let released = logged(&logs, "lease released");
         ensure!(held.is_subset(&released), "{id} held {held:?} but released {released:?}:\n{logs}");
         println!("{id}: drained {} leases on docker stop in {took:.1?}, exit 0", held.len());
         if i == 0 {
