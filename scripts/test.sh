@@ -17,4 +17,6 @@ scripts/functions.sh install
 scripts/image.sh setup
 scripts/image.sh compose-check
 cargo build --workspace --bins
+# deploy/: manifests, units, dashboard and alerts (installs its tools once).
+scripts/deploy-check.sh
 cargo test --workspace "$@"

@@ -155,6 +155,10 @@ pub struct Overrides<'a> {
     pub store: Option<&'a mut Store>,
     /// The coordinator's worker and viewer tokens; `None` for the worker.
     pub role_tokens: Option<(&'a mut Option<String>, &'a mut Option<String>)>,
+    /// The coordinator's `advertise_url`; `None` for the worker. A
+    /// variable because each replica advertises its own address while
+    /// they share one config file (a Kubernetes ConfigMap).
+    pub advertise_url: Option<&'a mut Option<String>>,
 }
 
 impl Overrides<'_> {
@@ -183,6 +187,10 @@ impl Overrides<'_> {
         if let (Some(field), Some(v)) = (self.store, env("SHARDLINE_STORE")) {
             *field = Store::from_env(v);
             set.push(("store", "SHARDLINE_STORE"));
+        }
+        if let (Some(field), Some(v)) = (self.advertise_url, env("SHARDLINE_ADVERTISE_URL")) {
+            *field = Some(v);
+            set.push(("advertise_url", "SHARDLINE_ADVERTISE_URL"));
         }
         if let Some((worker, viewer)) = self.role_tokens {
             if let Some(v) = env("SHARDLINE_WORKER_TOKEN") {
@@ -234,12 +242,14 @@ mod tests {
     fn env_overrides_replace_their_fields_and_empty_ones_are_ignored() {
         let (mut coordinator, mut brokers, mut amqp, mut token, mut store) =
             ("c".to_owned(), "b".to_owned(), "a".to_owned(), None, Store::Sled);
+        let mut advertise = None;
         let env = |name: &str| match name {
             "SHARDLINE_COORDINATOR" => Some("http://x:1".to_owned()),
             "SHARDLINE_KAFKA_BROKERS" => Some("k:9".to_owned()),
             "SHARDLINE_AMQP_URL" => Some(String::new()),
             "SHARDLINE_TOKEN" => Some("t".to_owned()),
             "SHARDLINE_STORE" => Some("postgres://u:pw@db/x".to_owned()),
+            "SHARDLINE_ADVERTISE_URL" => Some("https://c-0.peers:7400".to_owned()),
             _ => None,
         };
         let set = Overrides {
@@ -249,12 +259,20 @@ mod tests {
             auth_token: &mut token,
             store: Some(&mut store),
             role_tokens: None,
+            advertise_url: Some(&mut advertise),
         }
         .apply(env);
         assert_eq!(
             set.iter().map(|(_, var)| *var).collect::<Vec<_>>(),
-            ["SHARDLINE_COORDINATOR", "SHARDLINE_KAFKA_BROKERS", "SHARDLINE_TOKEN", "SHARDLINE_STORE"]
+            [
+                "SHARDLINE_COORDINATOR",
+                "SHARDLINE_KAFKA_BROKERS",
+                "SHARDLINE_TOKEN",
+                "SHARDLINE_STORE",
+                "SHARDLINE_ADVERTISE_URL"
+            ]
         );
+        assert_eq!(advertise.as_deref(), Some("https://c-0.peers:7400"));
         assert_eq!(store, Store::Postgres("postgres://u:pw@db/x".into()));
         assert_eq!(
             format!("{store:?}"),

@@ -47,7 +47,8 @@ pub struct Config {
     pub leadership_timeout: Duration,
     /// With PostgreSQL: the URL standbys send clients to while this
     /// coordinator leads. Default: `http://` + `listen` (the host name when
-    /// `listen` is a wildcard address).
+    /// `listen` is a wildcard address). Env `SHARDLINE_ADVERTISE_URL`
+    /// overrides: replicas sharing one config each advertise their own.
     pub advertise_url: Option<String>,
     /// TLS for the gRPC API: `{ cert, key, client_ca? }`; `client_ca`
     /// turns on mutual TLS (every client must present a certificate it
@@ -102,6 +103,10 @@ pub struct Config {
     /// How often subscription depths are read and slots rescaled.
     #[serde(with = "humantime_serde")]
     pub scale_interval: Duration,
+    /// How often each stream's durable checkpoints are committed to its
+    /// Kafka consumer group (`consumer_group`), for Kafka's own lag tools.
+    #[serde(with = "humantime_serde")]
+    pub consumer_group_commit_interval: Duration,
     /// Lease placement: `count` or `load` (the default) and its knobs.
     pub balancer: Balancer,
     /// Kafka topics whose partitions become leases.
@@ -139,6 +144,7 @@ impl Default for Config {
             kafka: KafkaSettings::default(),
             amqp_tls: None,
             scale_interval: Duration::from_secs(2),
+            consumer_group_commit_interval: Duration::from_secs(5),
             balancer: core.balancer,
             streams: Vec::new(),
             topics: Vec::new(),
@@ -190,6 +196,12 @@ pub struct StreamConfig {
     pub on_failure: Option<String>,
     /// Concurrent batches per shard (1..10); order is kept per record key.
     pub parallelization_factor: u32,
+    /// The Kafka consumer group whose committed offsets mirror this
+    /// stream's durable checkpoints; unset: `shardline.<name>`.
+    pub consumer_group: Option<String>,
+    /// `false`: commit nothing to Kafka (the checkpoints stay only in the
+    /// coordinator's store).
+    pub mirror_offsets: bool,
     #[serde(flatten)]
     pub settings: BatchSettings,
 }
@@ -210,6 +222,15 @@ impl StreamConfig {
         mapping.parallelization_factor = self.parallelization_factor;
         mapping.policy.on_failure.clone_from(&self.on_failure);
         mapping
+    }
+
+    /// The consumer group this stream's checkpoints are committed to, if
+    /// mirrored (a fixed-size stream has no Kafka topic behind it).
+    pub fn mirror_group(&self) -> Option<String> {
+        if !self.mirror_offsets || self.partitions.is_some() {
+            return None;
+        }
+        Some(self.consumer_group.clone().unwrap_or_else(|| format!("shardline.{}", self.name)))
     }
 
     /// Checks this table; fields are named relative to it.
@@ -238,6 +259,11 @@ impl StreamConfig {
             ensure(*topic != self.name, "on_failure", "the stream itself", "another topic")?;
         }
         in_range("parallelization_factor", self.parallelization_factor, 1, 10)?;
+        if let Some(group) = &self.consumer_group {
+            // Kafka's own limit for a group id is its 16-bit string length;
+            // the name rule for topics is stricter and keeps tools happy.
+            check_name("consumer_group", group)?;
+        }
         self.settings.validate()
     }
 }
@@ -253,6 +279,8 @@ impl Default for StreamConfig {
             starting_timestamp: None,
             on_failure: defaults.policy.on_failure,
             parallelization_factor: defaults.parallelization_factor,
+            consumer_group: None,
+            mirror_offsets: true,
             settings: BatchSettings::default(),
         }
     }
@@ -611,6 +639,7 @@ impl ConfigFile for Config {
             auth_token: &mut self.auth_token,
             store: Some(&mut self.store),
             role_tokens: Some((&mut self.worker_token, &mut self.viewer_token)),
+            advertise_url: Some(&mut self.advertise_url),
         }
     }
 
@@ -773,6 +802,7 @@ impl Config {
             );
             ensure(leadership <= most, "leadership_timeout", format!("{leadership:?}"), allowed)?;
         }
+        in_range("consumer_group_commit_interval", self.consumer_group_commit_interval, ms(100), ms(3_600_000))?;
         in_range("scale_interval", self.scale_interval, ms(100), ms(60_000))
     }
 

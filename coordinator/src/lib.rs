@@ -17,6 +17,7 @@ pub mod config;
 pub mod core;
 pub mod discovery;
 pub mod election;
+pub mod group_offsets;
 pub mod metrics;
 pub mod offsets;
 pub mod role;
@@ -292,6 +293,8 @@ impl Table {
         let background = CancellationToken::new();
         let discovery_task =
             tokio::spawn(discovery::run(self.config.clone(), handle.clone(), background.clone()));
+        let groups_task =
+            tokio::spawn(group_offsets::run(self.config.clone(), handle.clone(), background.clone()));
         let amqp_task = tokio::spawn(amqp::run(
             self.config.clone(),
             handle.clone(),
@@ -311,7 +314,7 @@ impl Table {
             }
         };
         background.cancel();
-        for (name, task) in [("discovery", discovery_task), ("rabbitmq", amqp_task)] {
+        for (name, task) in [("discovery", discovery_task), ("consumer groups", groups_task), ("rabbitmq", amqp_task)] {
             // Bounded: a broker call in flight may take its own timeout to
             // return; the store's last flush must not wait for it.
             match tokio::time::timeout(FATAL_GRACE, task).await {

@@ -6,8 +6,8 @@
 //! core after every turn of the service loop, counters are bumped where the
 //! event happens.
 //!
-//! Per-worker series (`shardline_worker_utilisation{worker}`) are not kept
-//! in the recorder: its registry never forgets a label set, so every
+//! Per-worker series (`shardline_worker_utilisation{worker}`,
+//! `shardline_worker_leases{worker}`) are not kept in the recorder: its registry never forgets a label set, so every
 //! worker id ever seen (each `kill -9`ed pod has a new one) would stay
 //! served and held forever. They are rendered at each scrape from the
 //! table's live workers instead, so a worker that expires or deregisters
@@ -27,38 +27,54 @@ use crate::role::{Role, State};
 /// How often histograms are compacted (what the exporter's own listener did).
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Each live worker's utilisation as last published by the leader's loop;
-/// empty while this coordinator does not lead.
-static UTILISATION: Mutex<BTreeMap<String, f64>> = Mutex::new(BTreeMap::new());
+/// The per-worker figures as last published by the leader's loop; empty
+/// while this coordinator does not lead.
+#[derive(Debug, Default, PartialEq)]
+struct PerWorker {
+    /// Workers that take leases: their utilisation.
+    utilisation: BTreeMap<String, f64>,
+    /// Live workers (draining ones too): the leases each holds, those it
+    /// is handing over included.
+    leases: BTreeMap<String, usize>,
+}
 
-fn utilisation() -> std::sync::MutexGuard<'static, BTreeMap<String, f64>> {
-    // A panic while holding it cannot leave the map half-written in a way
-    // that matters: it is replaced whole on the next publish.
-    UTILISATION.lock().unwrap_or_else(PoisonError::into_inner)
+static PER_WORKER: Mutex<PerWorker> =
+    Mutex::new(PerWorker { utilisation: BTreeMap::new(), leases: BTreeMap::new() });
+
+fn per_worker() -> std::sync::MutexGuard<'static, PerWorker> {
+    // A panic while holding it cannot leave the maps half-written in a way
+    // that matters: they are replaced whole on the next publish.
+    PER_WORKER.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The recorder's output and the per-worker series.
 fn render(handle: &PrometheusHandle) -> String {
     let mut text = handle.render();
-    text.push_str(&render_workers(&utilisation()));
+    text.push_str(&render_workers(&per_worker()));
     text
 }
 
-/// `shardline_worker_utilisation` for exactly these workers, in the
-/// Prometheus text format (label values escaped: worker ids come from
-/// workers).
-fn render_workers(workers: &BTreeMap<String, f64>) -> String {
+/// `shardline_worker_utilisation` and `shardline_worker_leases` for
+/// exactly these workers, in the Prometheus text format (label values
+/// escaped: worker ids come from workers).
+fn render_workers(workers: &PerWorker) -> String {
     let mut text = String::new();
-    if workers.is_empty() {
-        return text;
+    gauge(&mut text, "shardline_worker_utilisation", &workers.utilisation);
+    gauge(&mut text, "shardline_worker_leases", &workers.leases);
+    text
+}
+
+/// One gauge family with a `worker` label; nothing for no workers.
+fn gauge<V: std::fmt::Display>(text: &mut String, name: &str, values: &BTreeMap<String, V>) {
+    if values.is_empty() {
+        return;
     }
-    text.push_str("# TYPE shardline_worker_utilisation gauge\n");
-    for (worker, u) in workers {
+    text.push_str(&format!("# TYPE {name} gauge\n"));
+    for (worker, value) in values {
         let escaped = worker.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-        text.push_str(&format!("shardline_worker_utilisation{{worker=\"{escaped}\"}} {u}\n"));
+        text.push_str(&format!("{name}{{worker=\"{escaped}\"}} {value}\n"));
     }
     text.push('\n');
-    text
 }
 
 /// Installs the global recorder and serves the endpoint on `addr` until
@@ -117,7 +133,7 @@ fn readiness(state: &State) -> (StatusCode, String) {
 pub(crate) fn leading(yes: bool, term: u64) {
     if !yes {
         // Only the leader's table has live workers.
-        utilisation().clear();
+        *per_worker() = PerWorker::default();
     }
     metrics::gauge!("shardline_coordinator_leader").set(if yes { 1.0 } else { 0.0 });
     metrics::gauge!("shardline_coordinator_term").set(term as f64);
@@ -177,7 +193,12 @@ pub(crate) fn publish(core: &Core) {
     metrics::counter!("shardline_load_moves_total").absolute(c.load_moves);
     metrics::counter!("shardline_load_figures_dropped_total").absolute(c.load_figures_dropped);
     metrics::gauge!("shardline_desired_workers").set(f64::from(core.desired_workers()));
-    *utilisation() = core.utilisation();
+    let leases = core
+        .workers()
+        .filter(|w| !w.restored)
+        .map(|w| (w.id.clone(), core.owned_by(&w.id).count()))
+        .collect();
+    *per_worker() = PerWorker { utilisation: core.utilisation(), leases };
 }
 
 #[cfg(test)]
@@ -215,20 +236,31 @@ mod tests {
             let handlers = BTreeSet::from(["h".to_owned()]);
             core.register(t, Registration { worker: w.into(), handlers, ..Registration::default() });
         }
+        // Past the join window: the leases are placed.
+        let t = t + Duration::from_secs(1);
+        core.tick(t);
         publish(&core);
-        let text = render_workers(&utilisation());
+        let text = render_workers(&per_worker());
         assert_eq!(text.matches("shardline_worker_utilisation{").count(), 3, "{text}");
+        assert_eq!(text.matches("shardline_worker_leases{").count(), 3, "{text}");
+        // The 4 leases spread over the 3 workers, each counted once.
+        let held: usize = text
+            .lines()
+            .filter(|l| l.starts_with("shardline_worker_leases{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<usize>().ok())
+            .sum();
+        assert_eq!(held, 4, "{text}");
         assert!(text.contains(r#"worker="evil\"} 1\nshardline_x 9""#), "{text}");
         assert!(!text.lines().any(|l| l.starts_with("shardline_x")), "{text}");
         core.deregister(t, "b");
         // Expire `a` (and the other one): silent past the session timeout.
         publish(&core);
-        let text = render_workers(&utilisation());
+        let text = render_workers(&per_worker());
         assert!(!text.contains(r#"worker="b""#), "{text}");
         core.tick(t + CoreConfig::default().session_timeout * 2);
         publish(&core);
-        assert_eq!(render_workers(&utilisation()), "", "expired workers still served");
+        assert_eq!(render_workers(&per_worker()), "", "expired workers still served");
         leading(false, 0);
-        assert!(utilisation().is_empty());
+        assert_eq!(*per_worker(), PerWorker::default());
     }
 }

@@ -131,6 +131,10 @@ pub enum Command {
         leases: Vec<LeaseId>,
         reply: Reply<Option<(LeaseId, Vec<u32>)>>,
     },
+    /// Every shard's checkpoint, answered once every write made so far is
+    /// durable: what is mirrored outside (Kafka consumer groups) is never
+    /// ahead of what a restarted coordinator would load.
+    DurableCheckpoints(Reply<Vec<(LeaseId, i64)>>),
     /// Live workers and leases, counted (for Health).
     Counts(Reply<(u32, u32)>),
     /// Handler usage per mapping since `since_ms`, and the first minute counted.
@@ -439,6 +443,14 @@ impl<S: LeaseStore> Service<S> {
                         (l, indexes)
                     }),
                 );
+            }
+            Command::DurableCheckpoints(reply) => {
+                let checkpoints = self
+                    .core
+                    .leases_of(LeaseKind::Shard, None)
+                    .filter_map(|l| l.record.checkpoint.map(|c| (l.record.lease.clone(), c)))
+                    .collect();
+                self.reply(reply, checkpoints)?;
             }
             Command::Counts(reply) => {
                 let live = self.core.workers().filter(|w| !w.restored).count();
@@ -749,6 +761,36 @@ mod tests {
         accepted(c.await, 9);
         idle().await;
         assert!(flushes.try_recv().is_err(), "b and c did not share one flush");
+        token.cancel();
+    }
+
+    /// What the consumer-group mirror reads is never ahead of the store:
+    /// the checkpoints are answered only after a flush that covers them.
+    #[tokio::test(start_paused = true)]
+    async fn durable_checkpoints_are_answered_only_once_flushed() {
+        let (store, mut flushes) = GatedStore::new();
+        let (handle, token) = start(store).await;
+        let registering = tokio::spawn({
+            let handle = handle.clone();
+            async move { register(&handle, "a").await }
+        });
+        next_flush(&mut flushes).await.open();
+        let acquired = registering.await.unwrap_or_default();
+        let Some(Instruction::Acquire { lease, epoch, .. }) = acquired.first().cloned() else {
+            panic!("no lease acquired: {acquired:?}")
+        };
+        let a = checkpoint_task(&handle, &(lease.clone(), epoch), 5);
+        let flush = next_flush(&mut flushes).await;
+        let durable = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.call(Command::DurableCheckpoints).await }
+        });
+        idle().await;
+        assert!(!durable.is_finished(), "checkpoints were handed out before they were durable");
+        flush.open();
+        accepted(a.await, 5);
+        let got = durable.await;
+        assert!(matches!(&got, Ok(Ok(v)) if *v == vec![(lease.clone(), 5)]), "{got:?}");
         token.cancel();
     }
 

@@ -51,6 +51,7 @@ fn hermetic(command: &mut Command) -> &mut Command {
         "SHARDLINE_COORDINATOR",
         "SHARDLINE_WORKER_CONFIG",
         "SHARDLINE_STORE",
+        "SHARDLINE_ADVERTISE_URL",
         "SHARDLINE_WORKER_TOKEN",
         "SHARDLINE_VIEWER_TOKEN",
         "SHARDLINE_TOKEN_FILE",

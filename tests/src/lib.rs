@@ -8,6 +8,7 @@
 //! test command in the README does that.
 
 pub mod amqp;
+pub mod deploy;
 pub mod fresh;
 pub mod kafka;
 pub mod serial;

@@ -6,7 +6,10 @@
 //! session timeout so the worker fences itself.
 //!
 //! The documented names are read from README.md itself, so a series
-//! renamed in the code or in the README fails here.
+//! renamed in the code or in the README fails here; so are the names the
+//! observability pack under `deploy/` uses (Grafana dashboard, alert
+//! rules and their tests, the autoscalers' queries), so a dashboard panel
+//! or an alert on a series no binary serves fails here too.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -61,6 +64,32 @@ fn the_readme_lists_parse_into_series_names() -> Result<()> {
     ensure!(coordinator.contains("shardline_leases"), "{coordinator:?}");
     ensure!(worker.contains("shardline_handler_billed_units_total"), "{worker:?}");
     ensure!(coordinator.len() + worker.len() >= 35, "{coordinator:?} {worker:?}");
+    Ok(())
+}
+
+#[test]
+fn the_observability_pack_names_parse_into_series_names() -> Result<()> {
+    let pack = shardline_tests::deploy::observability_pack()?;
+    let all: BTreeSet<&String> = pack.values().flatten().collect();
+    // The figures the issue asks the dashboard and the alerts for.
+    for name in [
+        "shardline_lease_lag",
+        "shardline_records_total",
+        "shardline_handler_duration_seconds_sum",
+        "shardline_handler_errors_total",
+        "shardline_retries_total",
+        "shardline_dead_lettered_total",
+        "shardline_worker_leases",
+        "shardline_worker_utilisation",
+        "shardline_desired_workers",
+        "shardline_checkpoint_latency_seconds",
+        "shardline_store_flush_seconds",
+        "shardline_workers_expired_total",
+        "shardline_checkpoints_total",
+        "shardline_topology_errors_total",
+    ] {
+        ensure!(all.contains(&name.to_owned()), "the pack names no {name}: {all:?}");
+    }
     Ok(())
 }
 
@@ -170,6 +199,7 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
         (format!("shardline_subscription_slots{{subscription=\"{sub}\"}}"), 1.0),
         (format!("shardline_subscription_dead_lettered{{subscription=\"{sub}\"}}"), 1.0),
         ("shardline_worker_utilisation{worker=\"m\"}".to_owned(), 0.0),
+        ("shardline_worker_leases{worker=\"m\"}".to_owned(), 3.0),
         // With sled this coordinator alone leads.
         ("shardline_coordinator_leader".to_owned(), 1.0),
     ];
@@ -223,5 +253,67 @@ async fn every_documented_metric_is_served_and_moves() -> Result<()> {
         }
     }
     ensure!(missing.is_empty(), "documented but not served: {missing:?}");
+
+    // What the dashboard, the alerts and the autoscalers query is served
+    // by one binary or the other, under exactly that name.
+    let mut unknown = Vec::new();
+    for (file, names) in shardline_tests::deploy::observability_pack()? {
+        for name in names {
+            if coordinator.sum(&name).is_err() && worker.sum(&name).is_err() {
+                unknown.push(format!("{name} ({file})"));
+            }
+        }
+    }
+    ensure!(unknown.is_empty(), "named in deploy/ but served by no binary: {unknown:?}");
+    Ok(())
+}
+
+/// A lease that moves to another worker leaves no lag behind on its old
+/// owner: the old owner's `shardline_lease_lag` for it goes to 0, so the
+/// largest figure per lease (what the dashboard and the lag alert read)
+/// is the new owner's, not the backlog the lease had when it left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_that_moves_away_leaves_no_lag_behind() -> Result<()> {
+    let topic = unique("lag-moves");
+    create_topic(&topic, 2).await?;
+    // About 20 s of work per partition at 100 records a second: both
+    // leases are still behind when one moves.
+    produce(&producer()?, &topic, 0, 4000, 16).await?;
+    let mut stream = support::from_start(&topic, "sleep");
+    stream.settings.batch_size = 10;
+    let config = CoordinatorConfig { streams: vec![stream], ..support::timings() };
+    let dir = tempfile::tempdir()?;
+    let c = Coordinator::start_config(config, &dir.path().join("data"))?;
+    let loopback = || Ok::<_, anyhow::Error>(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+    let (a_metrics, b_metrics) = (loopback()?, loopback()?);
+    let sleep = config::hosting("sleep", &[("per_record", "10ms")]);
+    let _a =
+        start_worker_config(&c.url, "a", WorkerConfig { metrics_listen: Some(a_metrics), ..sleep.clone() })?;
+    let a_metrics = a_metrics.to_string();
+    let lag = |m: &Metrics, lease: &str| m.get(&format!("shardline_lease_lag{{lease=\"{lease}\"}}"));
+    let leases = [format!("{topic}/0"), format!("{topic}/1")];
+    eventually(Duration::from_secs(30), "worker a to be behind on both leases", || async {
+        let m = scrape(&a_metrics).await?;
+        Ok((lag(&m, &leases[0])? > 0.0 && lag(&m, &leases[1])? > 0.0).then_some(()))
+    })
+    .await?;
+
+    let _b = start_worker_config(&c.url, "b", WorkerConfig { metrics_listen: Some(b_metrics), ..sleep })?;
+    let b_metrics = b_metrics.to_string();
+    let moved = eventually(Duration::from_secs(30), "a lease to move to worker b", || async {
+        let leases = c.leases_of(&topic).await?;
+        let to_b = leases.iter().find(|l| l.owner == "b").and_then(|l| l.lease.as_ref());
+        Ok(to_b.map(|l| format!("{topic}/{}", l.index)))
+    })
+    .await?;
+    let kept = leases.iter().find(|l| **l != moved).context("two leases")?;
+    // Worker a released it before the coordinator named b its owner.
+    let m = scrape(&a_metrics).await?;
+    ensure!(lag(&m, &moved)? == 0.0, "worker a still serves a lag for {moved}, which moved to b");
+    ensure!(lag(&m, kept)? > 0.0, "worker a caught up on {kept} already: the test proves nothing");
+    eventually(Duration::from_secs(30), "worker b to report the moved lease's lag", || async {
+        Ok((lag(&scrape(&b_metrics).await?, &moved)? > 0.0).then_some(()))
+    })
+    .await?;
     Ok(())
 }

@@ -99,6 +99,7 @@ impl ConfigFile for WorkerConfig {
             auth_token: &mut self.auth_token,
             store: None,
             role_tokens: None,
+            advertise_url: None,
         }
     }
 

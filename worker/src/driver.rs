@@ -71,6 +71,16 @@ pub struct LeaseTask {
 impl LeaseTask {
     /// Runs the lease on `source` until it is released, lost or fails.
     pub async fn run<S: Source>(self, source: S) -> Exit {
+        let exit = self.drive(&source).await;
+        // The lease is no longer this worker's to measure. Its lag left at
+        // the last figure would stay served (the recorder keeps every
+        // series) and count beside the next owner's wherever a lease's
+        // series are added up or their maximum is taken (the dashboard).
+        metrics::gauge!("shardline_lease_lag", "lease" => self.lease.id.to_string()).set(0.0);
+        exit
+    }
+
+    async fn drive<S: Source>(&self, source: &S) -> Exit {
         let lease = &self.lease;
         let filter = match lease.mapping.filter.as_ref().map(CompiledFilter::new).transpose() {
             Ok(f) => f,
@@ -87,7 +97,7 @@ impl LeaseTask {
                     Some(Err(exit)) if !lease.kill.is_cancelled() => return exit,
                     _ => return Exit::Killed,
                 };
-            let (end, next) = self.session(&source, reader, &finalizer, position, filter.as_ref()).await;
+            let (end, next) = self.session(source, reader, &finalizer, position, filter.as_ref()).await;
             let last = finalizer.close(end, next).await;
             match end {
                 End::Drained => return Exit::Released(last),
