@@ -11,6 +11,11 @@ scripts/build-deps.sh
 # The runtime clients (awslambdaric, aws-lambda-ric, lambda_runtime) the
 # function tests run Lambda functions through.
 scripts/functions.sh install
+# Docker (Debian's docker.io, a daemon with no bridge) and the image's base
+# built from Debian's packages, for tests/tests/image.rs; the compose file
+# checked.
+scripts/image.sh setup
+scripts/image.sh compose-check
 cargo build --workspace --bins
 # deploy/: manifests, units, dashboard and alerts (installs its tools once).
 scripts/deploy-check.sh

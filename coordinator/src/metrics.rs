@@ -1,7 +1,8 @@
 //! The coordinator's HTTP endpoint and Prometheus metrics. On
 //! `metrics_listen` it serves `/metrics`, `/healthz` (200 while the process
 //! serves) and `/readyz` (200 only on the leader, so a Kubernetes Service
-//! routes to it). Names are `shardline_*`; gauges are republished from the
+//! routes to it; a 503 says why in plain text: starting, standing by for
+//! whom, stopping). Names are `shardline_*`; gauges are republished from the
 //! core after every turn of the service loop, counters are bumped where the
 //! event happens.
 //!
@@ -21,7 +22,7 @@ use axum::http::StatusCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::core::{Core, LeaseState};
-use crate::role::Role;
+use crate::role::{Role, State};
 
 /// How often histograms are compacted (what the exporter's own listener did).
 const UPKEEP: Duration = Duration::from_secs(5);
@@ -112,16 +113,20 @@ fn router(handle: PrometheusHandle, role: Role) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(move || std::future::ready(render(&handle))))
         .route("/healthz", get(|| std::future::ready("ok\n")))
-        .route(
-            "/readyz",
-            get(move || {
-                std::future::ready(if role.is_leading() {
-                    (StatusCode::OK, "leading\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n")
-                })
-            }),
-        )
+        .route("/readyz", get(move || std::future::ready(readiness(&role.get()))))
+}
+
+/// `/readyz`: 200 only while this coordinator leads (its lease store
+/// loaded, its loop serving); otherwise 503 saying why, in one line.
+fn readiness(state: &State) -> (StatusCode, String) {
+    let not = |why: String| (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"));
+    match state {
+        State::Leading { term, .. } => (StatusCode::OK, format!("ready: leading (term {term})\n")),
+        State::Starting => not("starting: opening the lease store".into()),
+        State::Following { leader: Some(url) } => not(format!("not the leader: standing by for {url}")),
+        State::Following { leader: None } => not("not the leader: standing by, no leader known".into()),
+        State::Stopped => not("stopping".into()),
+    }
 }
 
 /// 1 on the coordinator that leads (always, with sled), and its term.
@@ -205,6 +210,20 @@ mod tests {
 
     use super::*;
     use crate::core::{CoreConfig, Registration};
+
+    /// Only the leader is ready; every other role says what it is.
+    #[test]
+    fn readyz_names_the_role_of_a_coordinator_that_does_not_lead() {
+        let standby = State::Following { leader: Some("http://c2:7400".into()) };
+        for (state, says) in [
+            (State::Starting, "not ready: starting: opening the lease store\n"),
+            (standby, "not ready: not the leader: standing by for http://c2:7400\n"),
+            (State::Following { leader: None }, "not ready: not the leader: standing by, no leader known\n"),
+            (State::Stopped, "not ready: stopping\n"),
+        ] {
+            assert_eq!(readiness(&state), (StatusCode::SERVICE_UNAVAILABLE, says.to_owned()));
+        }
+    }
 
     /// The series of a worker that left are gone from the next scrape;
     /// hostile ids cannot break the format.

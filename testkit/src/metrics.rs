@@ -16,6 +16,16 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// `GET path` over plain HTTP/1.0 (one GET does not justify an HTTP
 /// client); the body of a 200 answer.
 pub async fn http_get(addr: &str, path: &str) -> Result<String> {
+    let (status, body) = http_status(addr, path).await?;
+    if status != 200 {
+        bail!("GET {path} from {addr} answered {status}: {}", body.trim_end());
+    }
+    Ok(body)
+}
+
+/// `GET path`: the status code and the body, whatever the status (a
+/// probe's 503 says why in its body).
+pub async fn http_status(addr: &str, path: &str) -> Result<(u16, String)> {
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
@@ -28,10 +38,13 @@ pub async fn http_get(addr: &str, path: &str) -> Result<String> {
         .with_context(|| format!("{addr} did not answer GET {path} within {TIMEOUT:?}"))?
         .with_context(|| format!("GET {path} from {addr}"))?;
     let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response without a body")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("GET {path} from {addr} answered `{}`", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
+    let status_line = head.lines().next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("GET {path} from {addr}: no status in `{status_line}`"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// Reads the Prometheus endpoint at `addr`.

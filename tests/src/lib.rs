@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient, worker_api_client::WorkerApiClient};
 pub use shardline_testkit::config::{CoordinatorConfig, StreamConfig, SubscriptionConfig, WorkerConfig};
-pub use shardline_testkit::metrics::http_get;
+pub use shardline_testkit::metrics::{http_get, http_status};
 pub use shardline_testkit::process::Proc;
 pub use shardline_testkit::unique;
 use shardline_testkit::{config, process};

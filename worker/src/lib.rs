@@ -31,7 +31,9 @@
 //! ([`amqp`]) → [`sink`] (where records the worker writes go) → [`source`]
 //! (Kafka partitions and queue slots) → [`batcher`] and [`policy`] (the
 //! handler runs here) → [`driver`] (one lease's loop, for every source) →
-//! [`runtime`]. [`membership`] and [`checkpointer`] talk to the coordinator.
+//! [`runtime`]. [`membership`] and [`checkpointer`] talk to the coordinator;
+//! the runtime's HTTP endpoint (`metrics_listen`) serves `/metrics`,
+//! `/healthz` and `/readyz`.
 
 pub mod amqp;
 pub mod batcher;
@@ -39,6 +41,7 @@ pub mod builtin;
 pub mod checkpointer;
 pub mod config;
 pub mod driver;
+mod endpoint;
 mod entry;
 pub mod function;
 pub mod handler;
@@ -54,7 +57,7 @@ pub use entry::main;
 pub use handler::{
     Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Origin, Record,
 };
-pub use membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError};
+pub use membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError, Stand, Standing};
 pub use runtime::{WorkerError, drain_on_signals, run};
 
 /// Locks `m`. A lock is poisoned only by a panic while it was held; every

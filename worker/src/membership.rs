@@ -125,6 +125,38 @@ impl HeldLeases {
     }
 }
 
+/// Where this worker stands with its coordinators, as `/readyz` reports
+/// it; kept by [`Session::run`].
+#[derive(Debug, Clone, Default)]
+pub struct Standing(Arc<Mutex<Stand>>);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Stand {
+    /// Before [`Session::run`]: the handlers initialise.
+    #[default]
+    Starting,
+    /// Not registered yet, or registering again.
+    Registering,
+    /// Registering, and the last try failed with this error.
+    RegisterFailed(String),
+    /// Registered with the coordinator at this URL, and its heartbeats are
+    /// acknowledged within the fence time.
+    Joined(String),
+    /// Stopped every lease: no heartbeat acknowledged for too long, or
+    /// another process took this worker's id.
+    Fenced(String),
+}
+
+impl Standing {
+    pub fn get(&self) -> Stand {
+        crate::lock(&self.0).clone()
+    }
+
+    fn set(&self, stand: Stand) {
+        *crate::lock(&self.0) = stand;
+    }
+}
+
 /// The worker's self-fence: lease tasks' kill tokens are its children, so
 /// they stop the moment it trips. Each trip starts a new generation;
 /// instructions carry the one they arrived in, so one received before a
@@ -188,6 +220,7 @@ pub struct Session {
     /// What the runtime runs, quoted in heartbeats and when registering.
     pub held: HeldLeases,
     pub fence: Fence,
+    standing: Standing,
 }
 
 impl Session {
@@ -207,7 +240,15 @@ impl Session {
             incarnation: incarnation(),
             held: HeldLeases::default(),
             fence: Fence::default(),
+            standing: Standing::default(),
         })
+    }
+
+    /// Keeps where this session stands in `standing` (read by `/readyz`)
+    /// rather than in a fresh one.
+    pub fn with_standing(mut self, standing: Standing) -> Self {
+        self.standing = standing;
+        self
     }
 
     pub fn worker_id(&self) -> &str {
@@ -316,7 +357,10 @@ impl Session {
         let retried = attempt
             .retry(backoff)
             .when(|e| !matches!(e, SessionError::Protocol(_) | SessionError::Refused { .. }))
-            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "register failed; retrying"));
+            .notify(|e, wait| {
+                self.standing.set(Stand::RegisterFailed(e.to_string()));
+                tracing::warn!(error = %e, ?wait, "register failed; retrying");
+            });
         tokio::select! {
             result = retried => result,
             () = shutdown.cancelled() => {
@@ -419,9 +463,11 @@ impl Session {
     ) -> Result<(), SessionError> {
         let SessionRun { events, load, draining, shutdown } = ctx;
         let fence = &self.fence;
+        self.standing.set(Stand::Registering);
         let mut joined = self.register(&shutdown).await?;
         forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
         tracing::info!(worker = %self.cfg.worker_id, coordinator = %joined.url, "registered with the coordinator");
+        self.standing.set(Stand::Joined(joined.url.clone()));
         let mut acked = joined.sent;
         let mut fenced = false;
         let mut told_draining = false;
@@ -458,10 +504,12 @@ impl Session {
                     if std::mem::take(&mut fenced) {
                         tracing::warn!(worker = %self.cfg.worker_id, "the coordinator answers again; rejoining");
                     }
+                    self.standing.set(Stand::Joined(self.coordinator()));
                     forward(&events, fence.generation(), instructions).await;
                 }
                 Ok(None) => {
                     tracing::warn!(worker = %self.cfg.worker_id, "coordinator lost our session; registering again");
+                    self.standing.set(Stand::Registering);
                     // The fence deadline still runs while registering: a
                     // coordinator that expired us may answer only later.
                     let registering = self.register(&shutdown);
@@ -474,11 +522,13 @@ impl Session {
                     };
                     acked = joined.sent;
                     fenced = false;
+                    self.standing.set(Stand::Joined(joined.url.clone()));
                     forward(&events, fence.generation(), std::mem::take(&mut joined.events)).await;
                 }
                 Err(e @ SessionError::Superseded(_)) => {
                     fence.trip();
                     self.held.clear();
+                    self.standing.set(Stand::Fenced(e.to_string()));
                     tracing::error!(worker = %self.cfg.worker_id, error = %e, "stopping every lease: another process uses this worker id");
                     return Err(e);
                 }
@@ -494,13 +544,17 @@ impl Session {
         *fenced = true;
         self.fence.trip();
         let leases = self.held.clear();
+        let silent_for = acked.elapsed();
+        self.standing.set(Stand::Fenced(format!(
+            "self-fenced: no heartbeat acknowledged by the coordinator for {silent_for:?}"
+        )));
         metrics::counter!("shardline_self_fenced_total").increment(1);
         // Each lease it ran is lost to this worker: stopped without a release.
         metrics::counter!("shardline_leases_lost_total").increment(leases as u64);
         tracing::error!(
             worker = %self.cfg.worker_id,
             leases,
-            silent_for = ?acked.elapsed(),
+            ?silent_for,
             "no heartbeat acknowledged for too long: stopped every lease (self-fenced) until the coordinator answers"
         );
     }

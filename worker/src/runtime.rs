@@ -20,13 +20,14 @@ use crate::amqp::{Amqp, Publisher};
 use crate::checkpointer::Checkpointer;
 use crate::config::WorkerConfig;
 use crate::driver::{LeaseStats, LeaseTask, UsageMeter};
+use crate::endpoint::{self, Readiness};
 use crate::handler::{DynHandler, Handlers, InitContext, InitError};
 use crate::health::Health;
-use crate::membership::{LeaseEvent, Session, SessionConfig, SessionError, SessionRun};
+use crate::membership::{LeaseEvent, Session, SessionConfig, SessionError, SessionRun, Standing};
 use crate::sink::kafka::{KafkaAccess, OnFailure};
 use crate::sink::{Discard, FailureSink};
 use crate::source::amqp::Slot;
-use crate::source::kafka::{KafkaSource, Shard, SourceError};
+use crate::source::kafka::{ConsumerSettings, KafkaSource, Shard, SourceError};
 use crate::source::{Exit, Lease};
 use rdkafka::producer::FutureProducer;
 use tokio::task::JoinHandle;
@@ -41,8 +42,8 @@ pub enum WorkerError {
     #[error("config: {0}")]
     Config(#[from] crate::config::Invalid),
     /// The metrics endpoint could not be served, e.g. its port is taken.
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics { addr: std::net::SocketAddr, source: metrics_exporter_prometheus::BuildError },
+    #[error("cannot serve metrics on {addr}: {reason}")]
+    Metrics { addr: std::net::SocketAddr, reason: String },
     #[error(transparent)]
     Session(#[from] SessionError),
     /// A task the worker cannot run without died: a bug, reported loudly.
@@ -108,12 +109,22 @@ pub async fn run(
             health: health.clone(),
         })
         .collect();
+    let standing = Standing::default();
+    let draining = CancellationToken::new();
+    // Stops the HTTP endpoint however this function returns.
+    let endpoint = CancellationToken::new();
+    let _endpoint = endpoint.clone().drop_guard();
     // Before init, so what init records (the init counter) is exported.
     if let Some(addr) = config.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|source| WorkerError::Metrics { addr, source })?;
+        let readiness = Readiness {
+            standing: standing.clone(),
+            draining: draining.clone(),
+            amqp: amqp.clone(),
+            health: health.clone(),
+        };
+        endpoint::serve(addr, readiness, endpoint)
+            .await
+            .map_err(|reason| WorkerError::Metrics { addr, reason })?;
         // Failure counters exist from the start, at 0: an alert on them
         // (and a test) tells "none yet" from "not exported".
         for name in [
@@ -136,12 +147,12 @@ pub async fn run(
         capacity: config.capacity,
         concurrency: config.concurrency(),
         credentials: config.credentials()?,
-    })?;
+    })?
+    .with_standing(standing);
 
     let usage = UsageMeter::default();
     let stats: StatsTable = Arc::default();
     let background = CancellationToken::new();
-    let draining = CancellationToken::new();
     let checkpointer = Checkpointer::default();
     let (lost_tx, mut lost_rx) = mpsc::channel(256);
     let helpers = vec![(
@@ -151,7 +162,7 @@ pub async fn run(
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let mut membership = tokio::spawn(session.clone().run(SessionRun {
         events: events_tx,
-        load: load_report(stats.clone(), (amqp.clone(), health), usage.clone()),
+        load: load_report(stats.clone(), (amqp.clone(), health.clone()), usage.clone()),
         draining: draining.clone(),
         shutdown: background.clone(),
     }));
@@ -160,6 +171,7 @@ pub async fn run(
         session,
         kafka: None,
         kafka_config: (kafka.clone(), config.fetch_queue_kib),
+        health,
         background: background.clone(),
         helpers,
         handlers: ready,
@@ -225,6 +237,8 @@ struct Runtime {
     /// lease: a worker that only runs queue slots never talks to Kafka.
     kafka: Option<(KafkaSource, FutureProducer)>,
     kafka_config: (KafkaAccess, u32),
+    /// Where the Kafka consumer reports that no broker is reachable.
+    health: Health,
     background: CancellationToken,
     /// The checkpointer and the Kafka consumer's event loop.
     helpers: Vec<(&'static str, JoinHandle<()>)>,
@@ -383,8 +397,12 @@ impl Runtime {
         }
         let (access, fetch_queue_kib) = &self.kafka_config;
         let producer = crate::sink::kafka::producer(access)?;
-        let (source, events) =
-            KafkaSource::new(access, self.session.worker_id(), *fetch_queue_kib, self.background.clone())?;
+        let settings = ConsumerSettings {
+            worker_id: self.session.worker_id(),
+            fetch_queue_kib: *fetch_queue_kib,
+            health: self.health.clone(),
+        };
+        let (source, events) = KafkaSource::new(access, settings, self.background.clone())?;
         self.kafka = Some((source.clone(), producer.clone()));
         self.helpers.push(("kafka events", events));
         Ok((source, producer))
@@ -507,8 +525,7 @@ fn load_report(
     type Previous = (Instant, HashMap<LeaseId, (u64, u64)>, f64);
     let previous: Mutex<Previous> = Mutex::new((Instant::now(), HashMap::new(), cpu_seconds()));
     move || {
-        let mut unhealthy: Vec<String> = amqp.problem().into_iter().collect();
-        unhealthy.extend(health.problems());
+        let unhealthy = crate::endpoint::unhealthy(&amqp, &health);
         let table = crate::lock(&stats);
         let mut prev = crate::lock(&previous);
         let elapsed = prev.0.elapsed().as_secs_f64().max(1e-3);

@@ -102,6 +102,15 @@ pub struct Args {
     /// Kafka topic is created with the scenario's partitions.
     #[arg(long, value_name = "NAME", requires = "external")]
     stream: Option<String>,
+    /// With `--external`: the receipts topic (Kafka) or exchange
+    /// (RabbitMQ) the external coordinator's own workers send to (their
+    /// `chaos` handler's `topic` or `exchange`), for a fleet the harness
+    /// does not start (`workers = 0`, e.g. containers). Created if
+    /// missing (a Kafka topic with 4 partitions, the receipt reader's);
+    /// records of other runs in it are not counted. Default: a
+    /// new one per run, for the workers the harness starts.
+    #[arg(long, value_name = "NAME", requires = "external")]
+    receipts: Option<String>,
     /// The coordinator binary [default: `shardline-coordinator` next to
     /// this executable].
     #[arg(long, env = "SHARDLINE_COORDINATOR_BIN")]
@@ -177,27 +186,44 @@ impl Side {
     }
 }
 
+/// With `--external`: the names the external coordinator's config fixes.
+#[derive(Clone, Copy)]
+struct Outside<'a> {
+    /// Its stream (Kafka topic) or RabbitMQ topic.
+    stream: &'a str,
+    /// Where its own workers send receipts, if they are not the harness's.
+    receipts: Option<&'a str>,
+}
+
 /// The names and settings of one run.
 struct Plan {
     run: String,
     /// The Kafka side first, when there is one.
     sides: Vec<Side>,
     external: bool,
+    /// The receipts destination is the external fleet's (`--receipts`):
+    /// it may exist, and stays after the run.
+    shared_receipts: bool,
 }
 
 impl Plan {
     /// The sides for `scenario`, named from `base` (the Kafka topic and the
-    /// RabbitMQ topic may share a name: they live on different brokers).
-    fn new(run: &str, scenario: &Scenario, base: &str, stream: Option<&str>, external: bool) -> Self {
+    /// RabbitMQ topic may share a name: they live on different brokers)
+    /// unless an external coordinator's config names them.
+    fn new(run: &str, scenario: &Scenario, base: &str, outside: Option<Outside<'_>>) -> Self {
         let kind = scenario.target.kind;
-        let stream = stream.unwrap_or(base).to_owned();
+        let stream = outside.map_or(base, |o| o.stream).to_owned();
+        let receipts = match outside.and_then(|o| o.receipts) {
+            Some(name) => name.to_owned(),
+            None => format!("{base}-receipts"),
+        };
         let mut sides = Vec::new();
         if kind.has_kafka() {
             sides.push(Side {
                 kind: Kind::Kafka,
                 stream: stream.clone(),
                 destinations: vec![stream.clone()],
-                receipts: format!("{base}-receipts"),
+                receipts: receipts.clone(),
                 partitions: scenario.target.partitions(),
                 handler: fleet::HANDLER,
             });
@@ -207,13 +233,18 @@ impl Plan {
                 kind: Kind::Rabbitmq,
                 stream,
                 destinations: (0..scenario.target.subscriptions()).map(|i| format!("{base}-s{i}")).collect(),
-                receipts: format!("{base}-receipts"),
+                receipts,
                 partitions: 0,
                 // `chaos` has one receipts destination, the stream's.
                 handler: if kind == Kind::Both { fleet::FORWARD } else { fleet::HANDLER },
             });
         }
-        Self { run: run.to_owned(), sides, external }
+        Self {
+            run: run.to_owned(),
+            sides,
+            external: outside.is_some(),
+            shared_receipts: outside.and_then(|o| o.receipts).is_some(),
+        }
     }
 
     /// Every side's destinations: the leases of the run.
@@ -318,7 +349,11 @@ async fn run_one(
     let base = format!("shardline-lt-{run_id}");
     let kind = scenario.target.kind;
     let kafka_access = args.kafka()?;
-    let mut plan = Plan::new(&run_id, &scenario, &base, args.stream.as_deref(), args.external.is_some());
+    let outside = match (&args.external, &args.stream) {
+        (Some(_), Some(stream)) => Some(Outside { stream, receipts: args.receipts.as_deref() }),
+        _ => None,
+    };
+    let mut plan = Plan::new(&run_id, &scenario, &base, outside);
     let pb = progress_bar();
     let receipts: Vec<String> =
         plan.sides.iter().map(|s| format!("{} {}", s.kind.as_str(), s.receipts)).collect();
@@ -358,7 +393,7 @@ async fn run_one(
                     &kafka_access,
                     &side.receipts,
                     kafka::RECEIPT_PARTITIONS,
-                    false,
+                    plan.shared_receipts,
                 )
                 .await?;
             }
@@ -597,7 +632,8 @@ async fn run_one(
     if let Some(reader) = amqp_reader {
         warnings.extend(reader.stop().await);
     }
-    if let Some(side) = plan.side(Kind::Rabbitmq) {
+    // The external fleet's own receipts destination stays its own.
+    if let Some(side) = plan.side(Kind::Rabbitmq).filter(|_| !plan.shared_receipts) {
         warnings.extend(amqp::cleanup(&args.amqp_url, &side.amqp_names(), !plan.external).await);
     }
 
@@ -1301,6 +1337,7 @@ mod tests {
                 handler: fleet::HANDLER,
             }],
             external: false,
+            shared_receipts: false,
         }
     }
 
@@ -1395,7 +1432,7 @@ mod tests {
             "name = \"x\"\nduration = \"20s\"\nworkers = 2\n[target]\nkind = \"both\"\npartitions = 4\n\
              subscriptions = 2\n[rate]\nprofile = \"constant\"\nper_second = 10\n[mapping]\nbatch_size = 50\n",
         )?;
-        let plan = Plan::new("r", &s, "lt-t", None, false);
+        let plan = Plan::new("r", &s, "lt-t", None);
         let kinds: Vec<(Kind, &str)> = plan.sides.iter().map(|side| (side.kind, side.handler)).collect();
         assert_eq!(kinds, vec![(Kind::Kafka, "chaos"), (Kind::Rabbitmq, "forward")]);
         assert_eq!(plan.destinations(), vec!["lt-t", "lt-t-s0", "lt-t-s1"]);

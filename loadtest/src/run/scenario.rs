@@ -1184,6 +1184,7 @@ max_p99_ms = 10000
                 "coordinator-restart",
                 "failover",
                 "hot-shards",
+                "image-ci",
                 "lost-replies",
                 "partition",
                 "rabbit-fanout",

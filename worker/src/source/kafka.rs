@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::{End, Exit, Finalizer, Lease, Opened, RecordReader, Source};
 use crate::checkpointer::Checkpointer;
 use crate::handler::{Origin, Record};
+use crate::health::Health;
 use crate::membership::{Session, SessionError};
 use crate::policy::Hooks;
 use crate::sink::FailureSink;
@@ -54,14 +55,23 @@ impl SourceError {
 }
 
 /// Keeps the high watermarks librdkafka reports in its statistics, so lag
-/// costs no extra broker round trip.
-#[derive(Default)]
+/// costs no extra broker round trip, and reports to the worker's
+/// [`Health`] while no broker is connected: from librdkafka's "all broker
+/// connections are down" until its statistics show a broker up again.
 pub struct SourceContext {
     high: Mutex<HashMap<(String, i32), i64>>,
+    health: Health,
 }
+
+/// The [`Health`] source Kafka's connection problems are reported under.
+const HEALTH_SOURCE: &str = "kafka";
 
 impl ClientContext for SourceContext {
     fn stats(&self, statistics: Statistics) {
+        let brokers = statistics.brokers.values();
+        if any_up(brokers.map(|b| (b.source.as_str(), b.state.as_str()))) {
+            self.health.clear(HEALTH_SOURCE);
+        }
         let mut high = crate::lock(&self.high);
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
@@ -71,6 +81,29 @@ impl ClientContext for SourceContext {
             }
         }
     }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(%error, reason, "librdkafka");
+        if let Some(problem) = connection_problem(&error, reason) {
+            self.health.set(HEALTH_SOURCE, problem);
+        }
+    }
+}
+
+/// The problem a client error means for the worker's health: none but
+/// "every broker connection is down" (one broker failing while another
+/// serves is librdkafka's to route around).
+fn connection_problem(error: &KafkaError, reason: &str) -> Option<String> {
+    (error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown))
+        .then(|| format!("no broker connected ({reason})"))
+}
+
+/// Whether any broker, by the (source, state) of each in the statistics,
+/// is connected. librdkafka connects only to brokers it needs, and a
+/// failed one goes back to `INIT` before the next sample: a state other
+/// than `UP` says nothing, only `UP` does.
+fn any_up<'a>(mut brokers: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
+    brokers.any(|(source, state)| source != "internal" && state == "UP")
 }
 
 impl ConsumerContext for SourceContext {}
@@ -83,15 +116,24 @@ pub struct KafkaSource {
     kafka: Arc<KafkaAccess>,
 }
 
+/// The worker's consumer: whose it is, how much it buffers, where it
+/// reports that no broker is reachable.
+pub struct ConsumerSettings<'a> {
+    pub worker_id: &'a str,
+    /// Most KiB fetched ahead per partition (`fetch_queue_kib`).
+    pub fetch_queue_kib: u32,
+    pub health: Health,
+}
+
 impl KafkaSource {
     /// The consumer, and the task that serves its main queue (client
     /// events; records all go to partition queues) until `stop`.
     pub fn new(
         kafka: &KafkaAccess,
-        worker_id: &str,
-        fetch_queue_kib: u32,
+        settings: ConsumerSettings<'_>,
         stop: CancellationToken,
     ) -> Result<(Self, JoinHandle<()>), SourceError> {
+        let ConsumerSettings { worker_id, fetch_queue_kib, health } = settings;
         let consumer: StreamConsumer<SourceContext> = kafka
             .client_config()?
             .set_default("client.id", format!("shardline-{worker_id}"))
@@ -108,7 +150,7 @@ impl KafkaSource {
             .set_default("queued.min.messages", "10000")
             .set_default("fetch.wait.max.ms", "100")
             .set("statistics.interval.ms", "1000")
-            .create_with_context(SourceContext::default())?;
+            .create_with_context(SourceContext { high: Mutex::default(), health })?;
         let consumer = Arc::new(consumer);
         let main = consumer.clone();
         let events = tokio::spawn(async move {
@@ -536,5 +578,34 @@ impl Finalizer for Checkpoints {
         // checkpoint of it is dropped.
         self.checkpointer.forget(&self.lease);
         (how == End::Drained).then_some(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::{any_up, connection_problem};
+
+    #[test]
+    fn only_every_broker_down_is_a_problem() {
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        assert_eq!(
+            connection_problem(&down, "1/1 brokers are down").as_deref(),
+            Some("no broker connected (1/1 brokers are down)")
+        );
+        let one = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        assert_eq!(connection_problem(&one, "k:9092/1: Connection refused"), None);
+    }
+
+    #[test]
+    fn a_broker_up_in_the_statistics_is_connected_and_nothing_else_is() {
+        let up = [("logical", "INIT"), ("configured", "INIT"), ("learned", "UP")];
+        assert!(any_up(up.into_iter()));
+        let idle = [("logical", "INIT"), ("configured", "INIT"), ("learned", "TRY_CONNECT")];
+        assert!(!any_up(idle.into_iter()));
+        assert!(!any_up([("internal", "UP")].into_iter()), "librdkafka's own broker is not one");
+        assert!(!any_up(std::iter::empty()));
     }
 }

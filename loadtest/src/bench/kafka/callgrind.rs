@@ -39,7 +39,7 @@ use shardline_worker::builtin::Noop;
 use shardline_worker::driver::{LeaseStats, LeaseTask, UsageMeter};
 use shardline_worker::policy::Hooks;
 use shardline_worker::sink::{Discard, FailureSink};
-use shardline_worker::source::kafka::{KafkaSource, PartitionReader};
+use shardline_worker::source::kafka::{ConsumerSettings, KafkaSource, PartitionReader};
 use shardline_worker::source::{End, Exit, Finalizer, Lease, Opened, Source};
 use tokio_util::sync::CancellationToken;
 
@@ -318,7 +318,12 @@ async fn worker_side(
     let per_partition = args.records.div_ceil(u64::from(args.partitions));
     let kib = (per_partition * (args.record_bytes + 512) / 1024).clamp(1024, 1 << 20);
     let stop = CancellationToken::new();
-    let (source, events) = KafkaSource::new(&access, "callgrind", kib as u32, stop.clone())?;
+    let settings = ConsumerSettings {
+        worker_id: "callgrind",
+        fetch_queue_kib: kib as u32,
+        health: shardline_worker::health::Health::default(),
+    };
+    let (source, events) = KafkaSource::new(&access, settings, stop.clone())?;
     let mut leases = Vec::new();
     for (partition, &(low, high)) in watermarks.iter().enumerate() {
         let partition = u32::try_from(partition).context("too many partitions")?;
