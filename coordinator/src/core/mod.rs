@@ -1037,6 +1037,8 @@ impl Core {
                 (LeaseState::Releasing { to, .. }, _) => *to = None,
                 _ => {}
             }
+            // A slot parking (or no longer handed on) leaves a count short.
+            self.rebalance_due = true;
         }
         self.assign(now);
         changed
@@ -1172,8 +1174,9 @@ impl Core {
             l.since = now;
             if !parked {
                 self.unassigned.insert(lease.clone());
-                self.rebalance_due = true;
             }
+            // Parked or not, it left its owner's count.
+            self.rebalance_due = true;
             self.set_owner(lease, None);
             self.dirty.insert(lease.clone());
         }
