@@ -7,6 +7,8 @@
 //! nothing. No timing is asserted: a slow machine may scale late, not
 //! wrongly.
 
+// Shared by every load test binary; the fault helpers are not this one's.
+#[allow(dead_code)]
 mod common;
 
 #[test]
@@ -14,6 +16,7 @@ fn autoscale_ci_grows_for_the_spike_shrinks_after_it_and_loses_nothing()
 -> Result<(), Box<dyn std::error::Error>> {
     let run = common::run("autoscale-ci")?;
     common::assert_nothing_lost(&run)?;
+    assert_eq!(run.count("processed")?, run.count("produced")?, "processed != produced:\n{}", run.output);
     let scaled = &run.report["autoscale"];
     let count = |key: &str| {
         scaled[key].as_u64().ok_or_else(|| format!("no `autoscale.{key}` in the report:\n{}", run.output))
