@@ -867,6 +867,7 @@ fn validate_balancer(b: &Balancer) -> Result<(), Invalid> {
     let ms = Duration::from_millis;
     in_range("stable_for", b.stable_for, ms(0), ms(3_600_000))?;
     in_range("cooldown", b.cooldown, ms(0), ms(3_600_000))?;
+    in_range("backlog_drain", b.backlog_drain, ms(1000), ms(3_600_000))?;
     in_range("settle", b.settle, ms(0), ms(600_000))?;
     in_range("join_window", b.join_window, ms(0), ms(60_000))
 }
@@ -1040,6 +1041,17 @@ mod tests {
         assert!(forever.is_ok_and(|c| c.streams[0].settings.max_retries.is_none()));
         let e = stream("max_retries = -2").map_err(|e| e.to_string());
         assert!(e.as_ref().is_err_and(|e| e.contains("`max_retries` is -2; allowed: -1")), "{e:?}");
+        for (value, ok) in [("\"0s\"", false), ("\"999ms\"", false), ("\"1s\"", true), ("\"2h\"", false)] {
+            let e = bad(&format!("[balancer]\nbacklog_drain = {value}"));
+            if ok {
+                assert!(matches!(e, Ok(Ok(()))), "{value}: {e:?}");
+            } else {
+                assert!(
+                    matches!(&e, Ok(Err(Invalid { field, allowed, .. })) if field == "balancer.backlog_drain" && allowed == "1s to 3600s"),
+                    "{value}: {e:?}"
+                );
+            }
+        }
         let unknown = Config::parse("sesion_timeout = \"1s\"");
         assert!(unknown.is_err_and(|e| e.to_string().contains("unknown field `sesion_timeout`")));
     }

@@ -92,13 +92,24 @@ impl Core {
         Params { threshold: b.threshold, min_utilisation: b.min_utilisation, max_moves: b.max_moves }
     }
 
-    /// Workers the fleet needs to stay under the target utilisation; never
-    /// more than there are leases to run (a worker beyond one per lease
-    /// would idle), whatever the reports say.
+    /// Workers the fleet needs to stay under the target utilisation while
+    /// keeping up with what arrives and clearing each backlog within
+    /// `backlog_drain` (each lease's [`balance::Demand`]; its weight, as
+    /// placement sees it, until that is known); never more than there are
+    /// leases to run (a worker beyond one per lease would idle), whatever
+    /// the reports say.
     pub fn desired_workers(&self) -> u32 {
         let caps = self.capacities();
         let per_worker = if caps.is_empty() { 1.0 } else { caps.values().sum::<f64>() / caps.len() as f64 };
-        let total: f64 = self.weights().iter().map(|l| l.weight).sum();
+        let drain = self.cfg.balancer.backlog_drain;
+        let total: f64 = self
+            .weights()
+            .iter()
+            .map(|l| {
+                let demand = self.model.get(&l.lease).and_then(|m| m.demand.handler_seconds(drain));
+                demand.unwrap_or(l.weight)
+            })
+            .sum();
         let runnable = self.leases.values().filter(|l| l.state != LeaseState::Parked).count();
         let most = u32::try_from(runnable).unwrap_or(u32::MAX).max(1);
         balance::desired_workers(total, per_worker, self.cfg.balancer.target_utilisation).min(most)

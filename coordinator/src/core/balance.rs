@@ -10,12 +10,21 @@
 //! first, then the heaviest that fits. A move is taken only if it leaves
 //! both workers strictly below the overloaded worker's utilisation, so the
 //! maximum never goes up and a plan never undoes itself.
+//!
+//! How many workers the fleet needs ([`desired_workers`], for an HPA or
+//! KEDA) counts each lease's [`Demand`]: the handler time it needs per
+//! second to keep up with what arrives *and* clear its backlog within
+//! `backlog_drain`, as KEDA's Kafka scaler and Lambda's event source
+//! mappings scale on lag. Handler time alone cannot see a spike: a
+//! saturated worker reports at most its own capacity, so the figure would
+//! grow by `1 / target_utilisation` per round.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use shardline_proto::LeaseId;
 
-use super::WorkerId;
+use super::{LeaseLoad, WorkerId};
 
 /// One lease as the planner sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +151,86 @@ pub fn desired_workers(total_weight: f64, capacity_per_worker: f64, target: f64)
     ((total_weight / per_worker - 1e-9).ceil() as u32).max(1)
 }
 
+/// Reports closer together than this carry no rate: the lag's change
+/// over a zero interval would divide by zero.
+const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
+/// What one lease asks of the fleet, learnt from its owner's reports.
+///
+/// Records arrive at `arrival` per second and each costs `cost` seconds of
+/// handler time; the lease needs `cost × (arrival + backlog / drain)`
+/// handler seconds per second. Arrival is not what the worker read
+/// (`records_in_per_s` is what it fetched, as fast as it could, so a
+/// saturated worker reports its own pace): it is what was processed plus
+/// how much the backlog grew, `records_out_per_s + Δlag / Δt` between two
+/// reports, so a lease falling behind shows its whole load, not the share
+/// it gets through. Both figures are smoothed like the weights
+/// (`ema_alpha`). The cost is a ratio of the same interval's figures
+/// (busy time over records finished), so it holds while the rate moves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Demand {
+    /// Handler seconds per record; `None` until a report with records done.
+    pub cost: Option<f64>,
+    /// Records arriving per second; `None` until two reports with a known
+    /// lag.
+    pub arrival: Option<f64>,
+    /// Records behind at the last report with a known lag.
+    pub backlog: f64,
+    /// That report: when, and its lag (the next one's growth counts from
+    /// here).
+    last: Option<(Instant, i64)>,
+}
+
+impl Demand {
+    /// Takes in one report of the lease's owner (its figures already
+    /// checked finite and non-negative; a negative lag means unknown).
+    pub fn observe(&mut self, now: Instant, l: &LeaseLoad, alpha: f64) {
+        let smooth = |old: Option<f64>, new: f64| old.map_or(new, |old| alpha * new + (1.0 - alpha) * old);
+        if l.records_out_per_s > 0.0 {
+            let cost = l.busy_ratio / l.records_out_per_s;
+            if cost.is_finite() {
+                self.cost = Some(smooth(self.cost, cost));
+            }
+        }
+        if l.lag < 0 {
+            return;
+        }
+        match self.last {
+            Some((then, _)) if now.saturating_duration_since(then) < MIN_INTERVAL => return,
+            Some((then, lag)) => {
+                let dt = now.saturating_duration_since(then).as_secs_f64();
+                // As floats: lags are any i64 a worker sends.
+                let growth = (l.lag as f64 - lag as f64) / dt;
+                let arrival = l.records_out_per_s + growth;
+                if arrival.is_finite() {
+                    self.arrival = Some(smooth(self.arrival, arrival));
+                }
+            }
+            None => {}
+        }
+        self.backlog = l.lag as f64;
+        self.last = Some((now, l.lag));
+    }
+
+    /// The lease has a new owner: its first report counts the backlog,
+    /// not growth since the previous owner's last (the gap between them
+    /// had no report of records done).
+    pub fn rebase(&mut self) {
+        self.last = None;
+    }
+
+    /// Handler seconds per second the lease needs to keep up and to clear
+    /// its backlog within `drain`; `None` until its cost and arrival rate
+    /// are known (or when they make no sense together).
+    pub fn handler_seconds(&self, drain: Duration) -> Option<f64> {
+        let (cost, arrival) = (self.cost?, self.arrival?);
+        let drain = drain.as_secs_f64().max(MIN_INTERVAL.as_secs_f64());
+        let need = cost * (arrival.max(0.0) + self.backlog.max(0.0) / drain);
+        // 0 × ∞ from absurd reports: no estimate rather than NaN.
+        (!need.is_nan()).then_some(need.min(f64::MAX))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -234,6 +323,102 @@ mod tests {
                 rounds += 1;
                 // Each plan strictly lowers a worker's load or stops: bounded.
                 prop_assert!(rounds <= 500, "no convergence");
+            }
+        }
+    }
+
+    /// Reports one second apart: (records out per second, busy ratio, lag).
+    fn demand_of(reports: &[(f64, f64, i64)]) -> Demand {
+        let t = Instant::now();
+        let mut d = Demand::default();
+        for (i, (out, busy, lag)) in reports.iter().enumerate() {
+            let l =
+                LeaseLoad { lag: *lag, records_out_per_s: *out, busy_ratio: *busy, ..LeaseLoad::default() };
+            d.observe(t + Duration::from_secs(i as u64), &l, 0.3);
+        }
+        d
+    }
+
+    const DRAIN: Duration = Duration::from_secs(30);
+
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-9)
+    }
+
+    #[test]
+    fn a_lease_keeping_up_needs_its_handler_time() {
+        // 50 records/s at 10 ms each, lag steady at 30: half a worker, plus
+        // 30 records over 30 s.
+        let d = demand_of(&[(50.0, 0.5, 30); 5]);
+        assert!(close(d.cost, 0.01) && close(d.arrival, 50.0), "{d:?}");
+        assert!(close(d.handler_seconds(DRAIN), 0.5 + 0.01), "{:?}", d.handler_seconds(DRAIN));
+    }
+
+    #[test]
+    fn a_saturated_lease_whose_lag_grows_shows_its_whole_load() {
+        // It gets through 100/s (all its worker has), its lag grows 900/s:
+        // 1,000/s arrive, ten times what its busy ratio of 1 shows.
+        let reports: Vec<(f64, f64, i64)> = (0..4).map(|i| (100.0, 1.0, 900 * i)).collect();
+        let d = demand_of(&reports);
+        assert!(close(d.arrival, 1000.0), "{d:?}");
+        // 10 to keep up, and 2,700 behind over 30 s: 0.9 more.
+        assert!(close(d.handler_seconds(DRAIN), 10.9), "{:?}", d.handler_seconds(DRAIN));
+        // A backlog shrinking after the spike asks for less than the
+        // handler time spent on it: it will be gone soon.
+        let draining = demand_of(&[(300.0, 1.0, 3000), (300.0, 1.0, 2800), (300.0, 1.0, 2600)]);
+        let need = draining.handler_seconds(DRAIN).unwrap_or(f64::NAN);
+        assert!(need < 1.0, "{need}: 100/s arrive, 2,600 behind");
+    }
+
+    #[test]
+    fn no_estimate_without_measurements() {
+        assert_eq!(Demand::default().handler_seconds(DRAIN), None);
+        // A huge backlog but nothing processed yet: the cost is unknown.
+        assert_eq!(demand_of(&[(0.0, 0.0, 1_000_000_000); 3]).handler_seconds(DRAIN), None);
+        // Records processed but the lag never known: no arrival rate.
+        assert_eq!(demand_of(&[(100.0, 1.0, -1); 3]).handler_seconds(DRAIN), None);
+        // One report has a lag but no growth yet.
+        assert_eq!(demand_of(&[(100.0, 1.0, 5)]).handler_seconds(DRAIN), None);
+    }
+
+    #[test]
+    fn reports_at_the_same_instant_or_across_owners_are_no_growth() {
+        let t = Instant::now();
+        let l =
+            |lag: i64| LeaseLoad { lag, records_out_per_s: 10.0, busy_ratio: 0.1, ..LeaseLoad::default() };
+        let mut d = Demand::default();
+        d.observe(t, &l(0), 0.3);
+        d.observe(t, &l(1_000_000), 0.3);
+        d.observe(t + Duration::from_secs(1), &l(10), 0.3);
+        assert!(close(d.arrival, 20.0), "measured from the first report at t: {d:?}");
+        // A new owner: its first report is a new baseline, not growth.
+        d.rebase();
+        d.observe(t + Duration::from_secs(5), &l(5000), 0.3);
+        assert!(close(d.arrival, 20.0), "{d:?}");
+        assert_eq!(d.backlog, 5000.0);
+    }
+
+    proptest! {
+        /// Whatever a worker reports (checked finite and non-negative, lags
+        /// any i64), the estimate is a number of handler seconds or none:
+        /// never NaN, never negative.
+        #[test]
+        fn demand_is_never_nan_or_negative(
+            reports in proptest::collection::vec(
+                (0u64..3_000, any::<i64>(), 0.0f64..1e12, 0.0f64..1e3, prop_oneof![Just(0.0), 0.0f64..1e300]),
+                1..12,
+            ),
+        ) {
+            let t = Instant::now();
+            let mut d = Demand::default();
+            let mut at = t;
+            for (gap_ms, lag, out, busy, huge) in reports {
+                at += Duration::from_millis(gap_ms);
+                let l = LeaseLoad { lag, records_out_per_s: out.max(huge), busy_ratio: busy, ..LeaseLoad::default() };
+                d.observe(at, &l, 0.3);
+                if let Some(need) = d.handler_seconds(DRAIN) {
+                    prop_assert!(need >= 0.0 && !need.is_nan(), "{need} from {d:?}");
+                }
             }
         }
     }

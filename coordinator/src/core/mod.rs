@@ -73,6 +73,11 @@ pub struct Balancer {
     pub ema_alpha: f64,
     /// Utilisation `desired_workers` plans for (0.05..1).
     pub target_utilisation: f64,
+    /// `desired_workers` asks for enough workers to clear each lease's
+    /// backlog within this long, on top of what keeps up with arrivals
+    /// (1 s..1 h; see [`balance::Demand`]).
+    #[serde(with = "humantime_serde")]
+    pub backlog_drain: Duration,
     /// Placement waits while workers keep joining: until none joined for
     /// this long (at most [`JOIN_HOLD_LIMIT`] after the first of the
     /// burst), so a fleet that starts or scales out one worker at a time is
@@ -97,6 +102,7 @@ impl Default for Balancer {
             settle: Duration::from_secs(3),
             ema_alpha: 0.3,
             target_utilisation: 0.7,
+            backlog_drain: Duration::from_secs(30),
             join_window: Duration::from_millis(500),
         }
     }
@@ -123,6 +129,8 @@ pub struct LeaseModel {
     pub lags: std::collections::VecDeque<i64>,
     /// Reports before this are ignored (the lease just moved).
     pub settle_until: Option<Instant>,
+    /// What it asks of the fleet: arrivals, backlog, cost per record.
+    pub demand: balance::Demand,
 }
 
 impl LeaseModel {
@@ -681,6 +689,7 @@ impl Core {
             while m.lags.len() > 3 {
                 m.lags.pop_front();
             }
+            m.demand.observe(now, l, alpha);
         }
         if let Some(w) = self.workers.get_mut(worker) {
             w.last_seen = now;
@@ -1037,6 +1046,8 @@ impl Core {
                 (LeaseState::Releasing { to, .. }, _) => *to = None,
                 _ => {}
             }
+            // A slot parking (or no longer handed on) leaves a count short.
+            self.rebalance_due = true;
         }
         self.assign(now);
         changed
@@ -1130,6 +1141,7 @@ impl Core {
         let m = self.model.entry(lease.clone()).or_default();
         m.settle_until = Some(now + settle);
         m.lags.clear();
+        m.demand.rebase();
         let Some(l) = self.leases.get_mut(lease) else { return };
         l.record.epoch += 1;
         l.state = LeaseState::Owned;
@@ -1172,8 +1184,9 @@ impl Core {
             l.since = now;
             if !parked {
                 self.unassigned.insert(lease.clone());
-                self.rebalance_due = true;
             }
+            // Parked or not, it left its owner's count.
+            self.rebalance_due = true;
             self.set_owner(lease, None);
             self.dirty.insert(lease.clone());
         }

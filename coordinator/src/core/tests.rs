@@ -999,6 +999,86 @@ fn desired_workers_is_bounded_by_the_leases() {
     assert_eq!(core.desired_workers(), 8, "8 leases each using a whole worker need 8, not more");
 }
 
+/// A load core with `n` shards, all on `a` (one batch at a time, so one
+/// unit of capacity).
+fn one_worker_with(n: u32, t: Instant) -> Core {
+    let balancer = Balancer {
+        strategy: super::Strategy::Load,
+        settle: Duration::ZERO,
+        join_window: Duration::ZERO,
+        ..Balancer::default()
+    };
+    let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
+    core.discovered(t, LeaseKind::Shard, "s", H, n);
+    core.register(t, Registration { concurrency: 1, ..reg("a") });
+    core
+}
+
+/// `a` reports every lease at `out` records/s, `busy` of its time and
+/// `lag` records behind, at `now`.
+fn report_all(core: &mut Core, now: Instant, (out, busy, lag): (f64, f64, i64)) {
+    let leases = core
+        .owned_by("a")
+        .map(|l| {
+            let figures = LeaseLoad { lag, records_out_per_s: out, busy_ratio: busy, ..LeaseLoad::default() };
+            (l.record.lease.clone(), figures)
+        })
+        .collect();
+    beat(core, now, "a", WorkerLoad { leases, ..WorkerLoad::default() }).unwrap_or_default();
+}
+
+/// The spike `shardline_desired_workers` must answer in one step: 24
+/// shards on one worker that gets through 100 records/s (10 ms each, all
+/// it has) while 500/s arrive. Handler time says 1 worker's worth (so
+/// 1 / 0.7: 2 workers, then 3 once those are busy, and so on); the lags
+/// growing 400/s say 5 to keep up, plus 0.4 to clear the 1,200 behind in
+/// 30 s: 5.4 at 0.7 each is 8 workers, at once.
+#[test]
+fn desired_workers_asks_for_a_spike_s_whole_load_in_one_step() {
+    let t = Instant::now();
+    let mut core = one_worker_with(24, t);
+    let s = |k: u64| t + Duration::from_secs(k);
+    report_all(&mut core, s(0), (100.0 / 24.0, 1.0 / 24.0, 0));
+    assert_eq!(core.desired_workers(), 2, "handler time alone: one busy worker over 0.7");
+    for k in 1..=3 {
+        let behind = i64::try_from(k).unwrap_or(0) * 400 / 24;
+        report_all(&mut core, s(k), (100.0 / 24.0, 1.0 / 24.0, behind));
+    }
+    let weights: f64 = core.weights().iter().map(|l| l.weight).sum();
+    assert!((weights - 1.0).abs() < 1e-9, "placement still sees one worker's handler time: {weights}");
+    assert_eq!(core.desired_workers(), 8);
+    // The backlog cleared and arrivals back to 50/s: 0.5 of handler time.
+    for k in 4..=20 {
+        report_all(&mut core, s(k), (50.0 / 24.0, 0.5 / 24.0, 0));
+    }
+    assert_eq!(core.desired_workers(), 1, "back to one worker once the backlog is gone");
+}
+
+/// An idle fleet asks for one worker; a lease with a huge backlog but no
+/// record processed yet (its cost unknown) counts as its measured handler
+/// time, not as whatever its lag would cost at a guessed price; and
+/// nothing asks for more workers than there are leases.
+#[test]
+fn desired_workers_stays_sane_when_idle_unmeasured_or_overwhelmed() {
+    let t = Instant::now();
+    let s = |k: u64| t + Duration::from_secs(k);
+    let mut idle = one_worker_with(8, t);
+    for k in 0..5 {
+        report_all(&mut idle, s(k), (0.0, 0.0, 0));
+    }
+    assert_eq!(idle.desired_workers(), 1, "idle");
+    let mut stuck = one_worker_with(8, t);
+    for k in 0..5 {
+        report_all(&mut stuck, s(k), (0.0, 0.0, 1_000_000_000 * i64::try_from(k).unwrap_or(0)));
+    }
+    assert_eq!(stuck.desired_workers(), 1, "no cost measured: no guess");
+    let mut flood = one_worker_with(8, t);
+    for k in 0..5 {
+        report_all(&mut flood, s(k), (10.0, 1.0 / 8.0, 1_000_000 * i64::try_from(k).unwrap_or(0)));
+    }
+    assert_eq!(flood.desired_workers(), 8, "never more workers than leases");
+}
+
 /// Load for a lease the worker does not own (unknown, or another's) creates
 /// nothing: no model entry, nothing shown as its load.
 #[test]

@@ -14,6 +14,7 @@ pub use worker::{Hosted, Worker, handlers};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use shardline_testkit::process::{self, Proc};
@@ -78,6 +79,37 @@ impl Running {
     /// measurement does not share the CPU with it.
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.proc.kill9()
+    }
+
+    /// Stops the child as a supervisor scaling it in would: SIGTERM, then
+    /// waits up to `within` for it to exit on its own (a worker drains:
+    /// finishes its batches, checkpoints, releases its leases). Fails if
+    /// it does not exit in time (it is then killed) or exits with an error.
+    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<()> {
+        self.proc.signal(libc::SIGTERM)?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.proc.exited()? {
+                if !status.success() {
+                    bail!(
+                        "the {} exited {status} after SIGTERM; its log:\n{}",
+                        self.proc.name,
+                        self.log_tail()
+                    );
+                }
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.proc.kill9()?;
+                bail!("the {} did not exit within {within:?} of SIGTERM; killed", self.proc.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Where the child serves `/metrics`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// The last 20 lines of the child's log, for error messages.

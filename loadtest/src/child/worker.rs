@@ -42,6 +42,12 @@ impl Worker {
     pub fn stop(self) -> anyhow::Result<()> {
         self.run.stop()
     }
+
+    /// SIGTERM, then waits for the worker to drain and exit (see
+    /// [`Running::terminate`]).
+    pub async fn terminate(&mut self, within: std::time::Duration) -> anyhow::Result<()> {
+        self.run.terminate(within).await
+    }
 }
 
 impl std::ops::Deref for Worker {

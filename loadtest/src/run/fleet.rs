@@ -155,6 +155,55 @@ impl Fleet {
         Ok(id)
     }
 
+    /// The indices of the workers running now (not killed, crashed or
+    /// scaled in), oldest first.
+    pub fn live_workers(&self) -> Vec<usize> {
+        self.workers.iter().enumerate().filter(|(_, w)| w.proc.is_some()).map(|(i, _)| i).collect()
+    }
+
+    /// Stops the given workers as a scale-in does: SIGTERM to all of them
+    /// at once, then each drains and exits (up to `within`, else it is
+    /// killed). Returns each worker's id and how its stop went. A stopped
+    /// worker is no crash: its slot is empty before the signal.
+    pub async fn stop_workers(
+        &mut self,
+        indices: &[usize],
+        within: Duration,
+    ) -> Vec<(String, anyhow::Result<()>)> {
+        let mut stopping = Vec::new();
+        let mut out = Vec::new();
+        for &i in indices {
+            let Some(slot) = self.workers.get_mut(i) else {
+                out.push((format!("#{i}"), Err(anyhow::anyhow!("no worker {i}"))));
+                continue;
+            };
+            let id = slot.id.clone();
+            match slot.proc.take() {
+                Some(worker) => stopping.push((id, worker)),
+                None => out.push((id.clone(), Err(anyhow::anyhow!("worker {id} is not running")))),
+            }
+        }
+        // Polled together: every worker gets its SIGTERM at once, as a
+        // Deployment scaled in signals its pods.
+        let stopped = futures::future::join_all(stopping.into_iter().map(|(id, mut worker)| async move {
+            let result = worker.terminate(within).await;
+            (id, worker, result)
+        }))
+        .await;
+        for (id, worker, result) in stopped {
+            // The drained worker's whole log, before its directory goes.
+            self.save_logs(&id, &worker);
+            out.push((id, result));
+        }
+        out
+    }
+
+    /// The metrics addresses of the coordinators running now (none with
+    /// `--external`).
+    pub fn coordinator_metrics(&self) -> Vec<std::net::SocketAddr> {
+        self.coordinators.iter().filter(|c| !c.down).map(|c| c.proc.metrics_addr()).collect()
+    }
+
     pub fn worker_id(&self, index: usize) -> Option<&str> {
         self.workers.get(index).map(|w| w.id.as_str())
     }

@@ -28,6 +28,7 @@
 //! (the guards kill the children when the run is dropped).
 
 pub(crate) mod amqp;
+mod autoscale;
 mod chart;
 mod compare;
 mod fleet;
@@ -320,6 +321,12 @@ async fn run_one(
         )
         .into());
     }
+    if args.external.is_some() && scenario.autoscale.is_some() {
+        return Err(BadScenario(
+            "`[autoscale]` reads the harness's own coordinator's metrics; run without --external".into(),
+        )
+        .into());
+    }
     if args.external.is_some() && scenario.target.kind == Kind::Both {
         return Err(BadScenario(
             "kind `both` needs the harness's own coordinator (`--stream` names one target); run without --external"
@@ -519,6 +526,18 @@ async fn run_one(
     let watch = Arc::new(Mutex::new(LeaseWatch::default()));
     let _watcher =
         AbortOnDrop(tokio::spawn(watch_leases(admin.clone(), plan.clone(), books.clone(), watch.clone())));
+    let scaling = Arc::new(Mutex::new(autoscale::Log::default()));
+    let stop_scaling = tokio_util::sync::CancellationToken::new();
+    let mut scaler = scenario.autoscale.clone().map(|spec| {
+        AbortOnDrop(tokio::spawn(autoscale::follow(autoscale::Follow {
+            spec,
+            fleet: fleet.clone(),
+            started,
+            log: scaling.clone(),
+            pb: pb.clone(),
+            stop: stop_scaling.clone(),
+        })))
+    });
     let events = Arc::new(Mutex::new(Vec::new()));
     let mut faults = AbortOnDrop(tokio::spawn(run_faults(FaultContext {
         faults: scenario.faults.clone(),
@@ -591,6 +610,15 @@ async fn run_one(
         }
     }
     let drain_s = produced_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+    // The fleet stands as it is from here: a step under way finishes (a
+    // drain takes seconds), then the count at the end is the run's.
+    stop_scaling.cancel();
+    if let Some(task) = scaler.as_mut()
+        && tokio::time::timeout(Duration::from_secs(60), &mut task.0).await.is_err()
+    {
+        warnings.push("the autoscaler did not stop within 60 s; stopped it".into());
+    }
+    drop(scaler);
     if !drained {
         // What the coordinator says about the stragglers, while it still
         // runs: the first thing to look at when records are missing.
@@ -624,6 +652,10 @@ async fn run_one(
         fleet.check();
         fleet.crashes().to_vec()
     };
+    let autoscaled = scenario.autoscale.clone().map(|spec| {
+        let log = scaling.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        autoscale::Summary::new(spec, scenario.workers, fleet.live_workers().len(), log)
+    });
     warnings.extend(fleet.shutdown().await);
     drop(fleet);
     if let Some(reader) = kafka_reader {
@@ -658,6 +690,7 @@ async fn run_one(
         warnings: &warnings,
         drained,
         drain_s,
+        autoscale: autoscaled.as_ref(),
     };
     println!("{}", outcome.table());
     println!("{}", outcome.summary_line());
@@ -667,11 +700,19 @@ async fn run_one(
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &chart_path {
-        let markers: Vec<chart::Marker> = analysis
-            .recoveries
-            .iter()
-            .map(|r| chart::Marker { at_s: r.at_s, label: r.label.clone() })
-            .collect();
+        // Faults, and each scaling step with the worker count it went to:
+        // the fleet's size over time beside the lag it answered.
+        let steps = autoscaled.iter().flat_map(|a| &a.log.events);
+        let markers: Vec<chart::Marker> =
+            analysis
+                .recoveries
+                .iter()
+                .map(|r| chart::Marker { at_s: r.at_s, label: r.label.clone() })
+                .chain(steps.map(|e| chart::Marker {
+                    at_s: e.at_s,
+                    label: format!("{} -> {} workers", e.from, e.to),
+                }))
+                .collect();
         chart::write(path, &format!("{} ({})", scenario.name, run_id), &analysis.timeline, &markers)?;
     }
     let breaches = outcome.breaches();

@@ -8,8 +8,9 @@
 
 use serde_json::json;
 
+use super::autoscale::{self, Summary};
 use super::ledger::{Analysis, Recovery};
-use super::scenario::{Kind, Scenario};
+use super::scenario::{Kind, ProfileKind, Scenario};
 use crate::stats::round3;
 
 /// One target's own analysis.
@@ -37,6 +38,8 @@ pub struct Outcome<'a> {
     pub drained: bool,
     /// Seconds from the end of producing to the end of the drain.
     pub drain_s: f64,
+    /// What `[autoscale]` did, when the scenario has it.
+    pub autoscale: Option<&'a Summary>,
 }
 
 impl Outcome<'_> {
@@ -60,11 +63,42 @@ impl Outcome<'_> {
         }
     }
 
+    /// A spike's start, in seconds since producing started.
+    fn spike_at_s(&self) -> Option<f64> {
+        let rate = &self.scenario.rate;
+        (rate.profile == ProfileKind::Spike).then(|| rate.at.unwrap_or_default().as_secs_f64())
+    }
+
+    /// Spike profiles: seconds from the spike's start until lag was back
+    /// within one second of records (`None` inside: never).
+    fn absorbed(&self) -> Option<Option<f64>> {
+        self.spike_at_s().map(|at| autoscale::absorbed_s(&self.analysis.timeline, at))
+    }
+
     /// The thresholds the run broke, each as a sentence naming it.
     pub fn breaches(&self) -> Vec<String> {
         let a = self.analysis;
         let t = &self.scenario.thresholds;
         let mut out = Vec::new();
+        if let Some(max) = t.max_absorbed_s {
+            match (self.absorbed(), self.spike_at_s()) {
+                (Some(Some(s)), _) if s > max => {
+                    out.push(format!("absorbed {s:.1} s after the spike's start > max_absorbed_s {max}"))
+                }
+                (Some(None), Some(at)) => out.push(format!(
+                    "lag never came back within one second of records after the spike at {at:.0} s (max_absorbed_s {max})"
+                )),
+                _ => {}
+            }
+        }
+        if let Some(scaled) = self.autoscale {
+            out.extend(scaled.errors());
+            if let Some(max) = t.max_final_workers
+                && scaled.final_workers > max
+            {
+                out.push(format!("{} workers at the end > max_final_workers {max}", scaled.final_workers));
+            }
+        }
         if a.produced == 0 {
             out.push("nothing was produced: the broker acknowledged no record".to_owned());
         }
@@ -262,6 +296,17 @@ impl Outcome<'_> {
             format!("{:.1} s{}", self.drain_s, if self.drained { "" } else { " (timed out)" }),
         ));
         rows.push(("lease moves".into(), self.lease_moves.to_string()));
+        if let (Some(absorbed), Some(at)) = (self.absorbed(), self.spike_at_s()) {
+            rows.push((
+                "absorbed (lag <= 1 s of records)".into(),
+                absorbed.map_or(format!("never, after the spike at {at:.0} s"), |s| {
+                    format!("{s:.1} s after the spike at {at:.0} s")
+                }),
+            ));
+        }
+        if let Some(scaled) = self.autoscale {
+            rows.extend(scaled.rows());
+        }
         let workers: Vec<String> = a.per_worker.iter().map(|(w, n)| format!("{w} {n}")).collect();
         rows.push(("receipts per worker".into(), workers.join(", ")));
         if self.several() {
@@ -362,6 +407,8 @@ impl Outcome<'_> {
             "lease_moves": self.lease_moves,
             "crashes": self.crashes,
             "warnings": self.warnings,
+            "absorbed_s": self.absorbed().flatten().map(round3),
+            "autoscale": self.autoscale.map(Summary::json),
         });
         let mut figures = figures_json(self.analysis);
         if self.several() {
@@ -623,6 +670,7 @@ mod tests {
             warnings: &[],
             drained: true,
             drain_s: 0.5,
+            autoscale: None,
         }
     }
 
@@ -687,6 +735,66 @@ mod tests {
             let b = outcome(&s, &a).breaches();
             assert!(b.len() == 1 && b[0].contains(needle), "{needle}: {b:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn autoscaling_and_the_spike_s_absorption_are_reported_and_judged() -> anyhow::Result<()> {
+        use crate::run::autoscale::{Event, Log};
+        use crate::run::ledger::Row;
+        let mut a = analysis();
+        a.lost = 0;
+        // Lag above a second of records from second 10 to 15 of the spike.
+        a.timeline = (0..30)
+            .map(|t| Row {
+                t,
+                produced: if (10..20).contains(&t) { 500 } else { 50 },
+                processed: 0,
+                lag: if (10..16).contains(&t) { 2000 } else { 10 },
+                max_latency_ms: 0,
+            })
+            .collect();
+        let s = Scenario::parse(
+            "name = \"x\"\nduration = \"30s\"\nworkers = 1\n[target]\nkind = \"kafka\"\npartitions = 12\n\
+             [rate]\nprofile = \"spike\"\nper_second = 50\nfactor = 10\nat = \"10s\"\nfor = \"10s\"\n\
+             [autoscale]\nmin_workers = 1\nmax_workers = 12\n\
+             [thresholds]\nmax_absorbed_s = 5\nmax_final_workers = 2\n",
+        )?;
+        let spec = s.autoscale.clone().ok_or_else(|| anyhow::anyhow!("no [autoscale]"))?;
+        let log = Log {
+            events: vec![Event { at_s: 12.0, from: 1, to: 9, desired: 9, error: None }],
+            readings: vec![(12.0, 9, 1)],
+            ..Log::default()
+        };
+        let summary = Summary::new(spec, 1, 3, log);
+        let o = Outcome { autoscale: Some(&summary), ..outcome(&s, &a) };
+        assert_eq!(
+            o.breaches(),
+            vec![
+                "absorbed 7.0 s after the spike's start > max_absorbed_s 5".to_owned(),
+                "3 workers at the end > max_final_workers 2".to_owned()
+            ]
+        );
+        let table = o.table();
+        assert!(table.contains("7.0 s after the spike at 10 s"), "{table}");
+        assert!(table.contains("1 -> 9 workers (desired 9)"), "{table}");
+        let j = o.json();
+        assert_eq!(j["absorbed_s"], 7.0);
+        assert_eq!(
+            (j["autoscale"]["peak_workers"].as_u64(), j["autoscale"]["final_workers"].as_u64()),
+            (Some(9), Some(3))
+        );
+        // Never absorbed is a breach of its own; a constant profile has no figure.
+        a.timeline.iter_mut().filter(|r| r.t >= 10).for_each(|r| r.lag = 9000);
+        let o = Outcome { autoscale: Some(&summary), ..outcome(&s, &a) };
+        assert!(
+            o.breaches()[0].contains("never came back within one second of records"),
+            "{:?}",
+            o.breaches()
+        );
+        assert_eq!(o.json()["absorbed_s"], serde_json::Value::Null);
+        let flat = scenario("")?;
+        assert!(!outcome(&flat, &a).table().contains("absorbed"));
         Ok(())
     }
 

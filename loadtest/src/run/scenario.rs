@@ -80,6 +80,10 @@ pub struct Scenario {
     /// concurrent batches (unset: no limit).
     #[serde(default)]
     pub max_inflight_batches: Option<u32>,
+    /// The harness follows the coordinator's `shardline_desired_workers`
+    /// as KEDA would, starting and stopping workers (see [`Autoscale`]).
+    #[serde(default)]
+    pub autoscale: Option<Autoscale>,
     /// The strategy of the current run (set by the harness from
     /// `strategies`, never read from the file).
     #[serde(skip)]
@@ -90,6 +94,32 @@ pub struct Scenario {
 
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(60)
+}
+
+/// `[autoscale]`: the harness plays KEDA. Every `interval` it reads
+/// `shardline_desired_workers` from the coordinator's `/metrics` and
+/// starts workers at once up to that figure, or stops the newest ones
+/// (SIGTERM: they drain) once every reading for `scale_down_after` has
+/// asked for fewer, down to the most any of those readings asked for (the
+/// HPA's scale-down stabilisation); always within `min_workers ..=
+/// max_workers`. `workers` is the count it starts from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    pub min_workers: usize,
+    pub max_workers: usize,
+    #[serde(default = "default_scale_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_scale_down_after", with = "humantime_serde")]
+    pub scale_down_after: Duration,
+}
+
+fn default_scale_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_scale_down_after() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -521,6 +551,11 @@ pub struct Thresholds {
     /// With `strategies`: the first strategy's spike drain time over the
     /// last one's must be at least this.
     pub min_speedup: Option<f64>,
+    /// Spike profiles: from the spike's start until lag is back within one
+    /// second of records (see `absorbed_s` in the report).
+    pub max_absorbed_s: Option<f64>,
+    /// With `[autoscale]`: most workers running when the run ends.
+    pub max_final_workers: Option<usize>,
 }
 
 /// Mapping keys the harness writes itself: the names are per run, the
@@ -736,6 +771,62 @@ impl Scenario {
         self.session_timeout()?;
         self.validate_coordinators()?;
         self.validate_faults()?;
+        self.validate_autoscale()?;
+        Ok(())
+    }
+
+    /// `[autoscale]` and the thresholds that read what it did.
+    fn validate_autoscale(&self) -> Result<(), BadScenario> {
+        let t = &self.thresholds;
+        if let Some(max) = t.max_absorbed_s {
+            if self.rate.profile != ProfileKind::Spike {
+                return Err(bad(
+                    "`thresholds.max_absorbed_s` is timed from a spike's start; it needs profile `spike`",
+                ));
+            }
+            if !(max.is_finite() && max > 0.0) {
+                return Err(bad(format!("`thresholds.max_absorbed_s` is {max}; allowed: above 0 seconds")));
+            }
+        }
+        let Some(a) = &self.autoscale else {
+            if t.max_final_workers.is_some() {
+                return Err(bad(
+                    "`thresholds.max_final_workers` needs `[autoscale]` (without it the workers are fixed)",
+                ));
+            }
+            return Ok(());
+        };
+        if !(1..=64).contains(&a.max_workers) {
+            return Err(bad(format!("`autoscale.max_workers` is {}; allowed: 1 to 64", a.max_workers)));
+        }
+        if a.min_workers > a.max_workers {
+            return Err(bad(format!(
+                "`autoscale.min_workers` is {}; allowed: 0 to `autoscale.max_workers` ({})",
+                a.min_workers, a.max_workers
+            )));
+        }
+        if !(a.min_workers..=a.max_workers).contains(&self.workers) {
+            return Err(bad(format!(
+                "`workers` is {}, the count autoscaling starts from; allowed: `autoscale.min_workers` to `autoscale.max_workers` ({} to {})",
+                self.workers, a.min_workers, a.max_workers
+            )));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&a.interval) {
+            return Err(bad(format!("`autoscale.interval` is {:?}; allowed: 100ms to 60s", a.interval)));
+        }
+        if a.scale_down_after > Duration::from_secs(3600) {
+            return Err(bad(format!(
+                "`autoscale.scale_down_after` is {:?}; allowed: 0s to 1h",
+                a.scale_down_after
+            )));
+        }
+        if !self.faults.is_empty() {
+            // Faults name workers by start order, which scaling reshuffles.
+            let what = if self.soak.is_some() { "soak" } else { "faults" };
+            return Err(bad(format!(
+                "`autoscale` starts and stops workers itself; remove `{what}` (faults name workers by start order)"
+            )));
+        }
         Ok(())
     }
 
@@ -1178,6 +1269,8 @@ max_p99_ms = 10000
         assert_eq!(
             names,
             [
+                "autoscale",
+                "autoscale-ci",
                 "ci-short",
                 "coordinator-failover",
                 "coordinator-failover-ci",
@@ -1195,6 +1288,58 @@ max_p99_ms = 10000
                 "steady",
                 "zombie"
             ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn autoscale_is_checked_and_its_thresholds_need_it() -> Result<(), BadScenario> {
+        let no_faults = FAILOVER.replace("[[faults]]\nat = \"10s\"\naction = \"kill9\"\nworker = 0\n", "");
+        let auto = |table: &str| Scenario::parse(&format!("{no_faults}[autoscale]\n{table}\n"));
+        let s = auto("min_workers = 1\nmax_workers = 12")?;
+        let a = s.autoscale.ok_or_else(|| bad("no autoscale"))?;
+        assert_eq!((a.min_workers, a.max_workers), (1, 12));
+        assert_eq!((a.interval, a.scale_down_after), (Duration::from_secs(2), Duration::from_secs(10)));
+        let refused = |result: Result<Scenario, BadScenario>, needle: &str| match result {
+            Ok(_) => panic!("accepted; wanted {needle}"),
+            Err(e) => assert!(e.0.contains(needle), "{needle}: {e}"),
+        };
+        refused(auto("min_workers = 1"), "missing field `max_workers`");
+        refused(auto("min_workers = 1\nmax_workers = 4\ncooldown = \"1s\""), "unknown field `cooldown`");
+        refused(auto("min_workers = 5\nmax_workers = 4"), "`autoscale.min_workers` is 5; allowed: 0 to");
+        refused(auto("min_workers = 1\nmax_workers = 65"), "`autoscale.max_workers` is 65; allowed: 1 to 64");
+        refused(
+            auto("min_workers = 4\nmax_workers = 8"),
+            "`workers` is 3, the count autoscaling starts from",
+        );
+        refused(
+            auto("min_workers = 1\nmax_workers = 8\ninterval = \"10ms\""),
+            "`autoscale.interval` is 10ms",
+        );
+        refused(
+            auto("min_workers = 1\nmax_workers = 8\nscale_down_after = \"2h\""),
+            "`autoscale.scale_down_after`",
+        );
+        refused(
+            Scenario::parse(&format!("{FAILOVER}[autoscale]\nmin_workers = 1\nmax_workers = 8\n")),
+            "remove `faults`",
+        );
+        refused(
+            Scenario::parse(&no_faults.replace("max_p99_ms = 10000", "max_final_workers = 2")),
+            "`thresholds.max_final_workers` needs `[autoscale]`",
+        );
+        refused(
+            Scenario::parse(&no_faults.replace("max_p99_ms = 10000", "max_absorbed_s = 30")),
+            "needs profile `spike`",
+        );
+        let spike = no_faults.replace(
+            "profile = \"constant\"\nper_second = 1000",
+            "profile = \"spike\"\nper_second = 100\nfactor = 10\nat = \"10s\"\nfor = \"10s\"",
+        );
+        assert!(Scenario::parse(&spike.replace("max_p99_ms = 10000", "max_absorbed_s = 30")).is_ok());
+        refused(
+            Scenario::parse(&spike.replace("max_p99_ms = 10000", "max_absorbed_s = -1")),
+            "`thresholds.max_absorbed_s` is -1",
         );
         Ok(())
     }
