@@ -60,6 +60,9 @@ enum BenchTarget {
     /// worker (`forward`), next to produce-to-poll of a raw rdkafka
     /// consumer on the same broker in the same run: shardline's overhead.
     Latency(bench::latency::Args),
+    /// Every benchmark in turn, with one JSON report of all their figures
+    /// (compare two with `scripts/bench-compare.sh OLD NEW`).
+    All(bench::all::Args),
 }
 
 #[tokio::main]
@@ -82,6 +85,7 @@ async fn main() -> ExitCode {
             Command::Bench(BenchTarget::Latency(args)) => {
                 bench::latency::run(args).await.map(|()| ExitCode::SUCCESS)
             }
+            Command::Bench(BenchTarget::All(args)) => bench::all::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Run(args) => run::run(args).await,
         }
     };
