@@ -936,6 +936,12 @@ fn a_joining_worker_fills_within_two_heartbeats_under_load() {
 /// A `load` core with 8 shards, all on `a` (settle off, so reports count
 /// at once).
 fn loaded_core(t: Instant) -> Core {
+    load_core_on(t, 8, reg("a"))
+}
+
+/// A `load` core (settle off, no join window) with `n` shards, all on the
+/// one worker `registration` registers.
+fn load_core_on(t: Instant, n: u32, registration: Registration) -> Core {
     let balancer = Balancer {
         strategy: super::Strategy::Load,
         settle: Duration::ZERO,
@@ -943,8 +949,8 @@ fn loaded_core(t: Instant) -> Core {
         ..Balancer::default()
     };
     let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
-    core.discovered(t, LeaseKind::Shard, "s", H, 8);
-    core.register(t, reg("a"));
+    core.discovered(t, LeaseKind::Shard, "s", H, n);
+    core.register(t, registration);
     core
 }
 
@@ -1002,16 +1008,7 @@ fn desired_workers_is_bounded_by_the_leases() {
 /// A load core with `n` shards, all on `a` (one batch at a time, so one
 /// unit of capacity).
 fn one_worker_with(n: u32, t: Instant) -> Core {
-    let balancer = Balancer {
-        strategy: super::Strategy::Load,
-        settle: Duration::ZERO,
-        join_window: Duration::ZERO,
-        ..Balancer::default()
-    };
-    let mut core = Core::new(CoreConfig { balancer, ..CoreConfig::default() });
-    core.discovered(t, LeaseKind::Shard, "s", H, n);
-    core.register(t, Registration { concurrency: 1, ..reg("a") });
-    core
+    load_core_on(t, n, Registration { concurrency: 1, ..reg("a") })
 }
 
 /// `a` reports every lease at `out` records/s, `busy` of its time and

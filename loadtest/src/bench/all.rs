@@ -56,8 +56,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot run bench {name}"))?;
         let figures = if status.success() {
-            let text = std::fs::read_to_string(&part).with_context(|| format!("bench {name} wrote no JSON"))?;
-            serde_json::from_str(&text).with_context(|| format!("bench {name} wrote JSON that does not parse"))?
+            let text =
+                std::fs::read_to_string(&part).with_context(|| format!("bench {name} wrote no JSON"))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("bench {name} wrote JSON that does not parse"))?
         } else {
             failed.push(*name);
             json!({ "error": format!("exited with {status}") })
@@ -73,7 +75,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "benches": Value::Object(benches),
     });
     let text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
-    std::fs::write(&args.json, text + "\n").with_context(|| format!("cannot write {}", args.json.display()))?;
+    std::fs::write(&args.json, text + "\n")
+        .with_context(|| format!("cannot write {}", args.json.display()))?;
     println!("report written to {}", args.json.display());
     if !failed.is_empty() {
         bail!("these benchmarks failed: {}", failed.join(", "));
@@ -86,7 +89,9 @@ fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned())
+        })
         .unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_kib: u64 = meminfo
