@@ -27,7 +27,7 @@
 //! Everything started is stopped at the end, on an error, and on Ctrl-C
 //! (the guards kill the children when the run is dropped).
 
-pub(crate) mod amqp;
+mod amqp;
 mod autoscale;
 mod chart;
 mod compare;
