@@ -727,9 +727,15 @@ impl Scenario {
                 "`strategies` compares spike drain times; it needs a spike (`rate.at` and `rate.for`)".into(),
             ));
         }
-        if self.coordinator.contains_key("balancer") && !self.strategies.is_empty() {
+        // The balancer's other knobs (join_window, ...) may go with
+        // `strategies`; the strategy itself is the comparison's to set.
+        let sets_strategy = self
+            .coordinator
+            .get("balancer")
+            .is_some_and(|b| b.as_table().is_none_or(|t| t.contains_key("strategy")));
+        if sets_strategy && !self.strategies.is_empty() {
             return Err(BadScenario(
-                "`coordinator.balancer` and `strategies` both set the strategy; keep one".into(),
+                "`coordinator.balancer.strategy` and `strategies` both set the strategy; keep one".into(),
             ));
         }
         if self.name.is_empty()
@@ -1234,6 +1240,21 @@ max_p99_ms = 10000
             ),
             "needs one coordinator",
         );
+        Ok(())
+    }
+
+    /// `strategies` sets the strategy; the balancer's other knobs may
+    /// still be set (hot-shards places workers as they join).
+    #[test]
+    fn strategies_leave_the_other_balancer_knobs_to_the_scenario() -> Result<(), BadScenario> {
+        let hot = include_str!("../../scenarios/hot-shards.toml");
+        let s = Scenario::parse(hot)?;
+        assert_eq!(s.strategies, ["count", "load"]);
+        let balancer = s.coordinator.get("balancer").and_then(|b| b.as_table());
+        assert!(balancer.is_some_and(|b| b.contains_key("join_window")), "{balancer:?}");
+        let both = hot.replace(r#"balancer = { join_window = "0s" }"#, r#"balancer = { strategy = "count" }"#);
+        assert_ne!(both, hot, "the scenario no longer sets a join window");
+        assert!(err(&both).contains("both set the strategy"), "{}", err(&both));
         Ok(())
     }
 
