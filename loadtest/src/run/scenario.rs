@@ -1252,7 +1252,8 @@ max_p99_ms = 10000
         assert_eq!(s.strategies, ["count", "load"]);
         let balancer = s.coordinator.get("balancer").and_then(|b| b.as_table());
         assert!(balancer.is_some_and(|b| b.contains_key("join_window")), "{balancer:?}");
-        let both = hot.replace(r#"balancer = { join_window = "0s" }"#, r#"balancer = { strategy = "count" }"#);
+        let both =
+            hot.replace(r#"balancer = { join_window = "0s" }"#, r#"balancer = { strategy = "count" }"#);
         assert_ne!(both, hot, "the scenario no longer sets a join window");
         assert!(err(&both).contains("both set the strategy"), "{}", err(&both));
         Ok(())
