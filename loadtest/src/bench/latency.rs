@@ -26,10 +26,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use lapin::ExchangeKind;
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -296,7 +293,9 @@ async fn raw_side(args: &Args, access: &KafkaAccess) -> anyhow::Result<Waits> {
 async fn system_side(args: &Args, access: &KafkaAccess, bins: &Bins) -> anyhow::Result<Waits> {
     let (name, receipts) = (topic::unique_name(), topic::unique_name());
     topic::create(access, &name, args.partitions).await?;
-    declare_receipts(&args.amqp_url, &receipts).await?;
+    // Not durable: RabbitMQ syncs a durable queue's messages in groups,
+    // tens of milliseconds apart, and the lease's next batch would wait.
+    crate::run::amqp::declare_receipts(&args.amqp_url, &receipts, false).await?;
     let measured = measure_system(args, access, bins, &name, &receipts).await;
     if let Err(e) = delete_receipts(&args.amqp_url, &receipts).await {
         eprintln!("warning: {e:#}");
@@ -401,32 +400,6 @@ async fn read_receipts(url: &str, queue: &str, expected: u64) -> anyhow::Result<
         eprintln!("warning: cannot close the receipts connection: {e}");
     }
     Ok(waits)
-}
-
-/// A fanout exchange and a queue that is not durable: a persistent
-/// message's confirm then waits for no disk write, so the receipt sink does
-/// not hold back the lease's next batch (RabbitMQ syncs a durable queue's
-/// messages in groups, tens of milliseconds apart).
-async fn declare_receipts(url: &str, name: &str) -> anyhow::Result<()> {
-    let connection = shardline_testkit::amqp::connect(url, "shardline-bench-latency-setup").await?;
-    shardline_testkit::amqp::with_channel(&connection, async |ch| {
-        ch.exchange_declare(
-            name.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_declare(name.into(), QueueDeclareOptions::default(), FieldTable::default()).await?;
-        ch.queue_bind(name.into(), name.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-    })
-    .await
-    .with_context(|| format!("cannot declare the receipts exchange and queue {name}"))?;
-    if let Err(e) = connection.close(200, "declared".into()).await {
-        eprintln!("warning: cannot close the setup connection: {e}");
-    }
-    Ok(())
 }
 
 /// Deletes the receipts queue and exchange.

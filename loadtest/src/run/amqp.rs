@@ -54,17 +54,19 @@ pub struct Names {
     pub receipts: String,
 }
 
-/// Declares the receipts fanout exchange and a durable queue bound to it,
-/// before any worker starts: the `chaos` handler's publishes are
-/// `mandatory`, so a receipt with no queue to go to fails the batch.
-pub async fn declare_receipts(url: &str, name: &str) -> anyhow::Result<()> {
+/// Declares the receipts fanout exchange and a queue bound to it, before
+/// any worker starts: the `chaos` handler's publishes are `mandatory`, so a
+/// receipt with no queue to go to fails the batch. `durable`: both survive
+/// a broker restart (the load test's broker kills); not durable, a
+/// confirm waits for no disk write (`bench latency`, whose lease's next
+/// batch waits for its receipts' confirms).
+pub async fn declare_receipts(url: &str, name: &str, durable: bool) -> anyhow::Result<()> {
     let connection = connect(url, "shardline-loadtest-setup").await?;
-    let durable_exchange = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
-    let durable_queue = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let exchange = ExchangeDeclareOptions { durable, ..ExchangeDeclareOptions::default() };
+    let queue = QueueDeclareOptions { durable, ..QueueDeclareOptions::default() };
     with_channel(&connection, async |ch| {
-        ch.exchange_declare(name.into(), ExchangeKind::Fanout, durable_exchange, FieldTable::default())
-            .await?;
-        ch.queue_declare(name.into(), durable_queue, FieldTable::default()).await?;
+        ch.exchange_declare(name.into(), ExchangeKind::Fanout, exchange, FieldTable::default()).await?;
+        ch.queue_declare(name.into(), queue, FieldTable::default()).await?;
         ch.queue_bind(name.into(), name.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
             .await
     })

@@ -27,7 +27,7 @@
 //! Everything started is stopped at the end, on an error, and on Ctrl-C
 //! (the guards kill the children when the run is dropped).
 
-mod amqp;
+pub(crate) mod amqp;
 mod autoscale;
 mod chart;
 mod compare;
@@ -387,7 +387,7 @@ async fn run_one(
     // The receipts destinations exist before any worker could write to them.
     for side in &plan.sides {
         match side.kind {
-            Kind::Rabbitmq => amqp::declare_receipts(&args.amqp_url, &side.receipts).await?,
+            Kind::Rabbitmq => amqp::declare_receipts(&args.amqp_url, &side.receipts, true).await?,
             Kind::Kafka | Kind::Both => {
                 shardline_testkit::kafka::create_topic(
                     &kafka_access,
