@@ -71,7 +71,7 @@ impl Handler for Chaos {
             let records = batch.records.iter().filter(|r| !is_poison(r)).cloned().collect();
             forward.send(&Batch { records, ..batch.clone() }, invoked_at_ms).await?;
         }
-        Ok(BatchResponse { failed: poisoned })
+        Ok(BatchResponse { failed: poisoned, ..BatchResponse::default() })
     }
 }
 

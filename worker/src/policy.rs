@@ -316,7 +316,7 @@ impl Lane<'_> {
                             let failed = work.split_off(first);
                             stats.handled += std::mem::replace(&mut work, failed).finish();
                             let error = HandlerError::new("the handler reported failed records");
-                            (error, Reason::RetriesExhausted, Some(response.failed))
+                            (error, Reason::RetriesExhausted, Some(response))
                         }
                         _ => {
                             let error =
@@ -346,9 +346,19 @@ impl Lane<'_> {
             }
             if self.policy.max_retries.is_some_and(|max| attempts > max) {
                 // With item failures, only the records the handler named in
-                // its last answer gave up; the others it handled then.
+                // its last answer gave up; the others it handled then. Each
+                // carries the error the handler gave it, if any.
                 if let Some(named) = &named {
-                    stats.handled += work.split_by(|r| named.contains(&r.position())).finish();
+                    stats.handled += work.split_by(|r| named.failed.contains(&r.position())).finish();
+                    let own = |r: &Record| named.errors.get(&r.position());
+                    while let Some(message) = work.records.iter().find_map(|r| own(r)) {
+                        let group = work.split_by(|r| own(r) != Some(message));
+                        let why = GaveUp { reason, attempts, error: message.clone() };
+                        stats.gave_up += self.give_up(group, &why).await?;
+                    }
+                    if work.records.is_empty() {
+                        continue;
+                    }
                 }
                 let why = GaveUp { reason, attempts, error: error.message };
                 stats.gave_up += self.give_up(work, &why).await?;
