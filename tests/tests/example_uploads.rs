@@ -5,8 +5,8 @@
 //!
 //! The test uploads images it makes (PNG and JPEG, colour, grey and
 //! alpha, from a few pixels to 900 px, keys with spaces, `+` and non-ASCII
-//! letters) and poison files (text, a truncated PNG, random bytes named
-//! `.png`, an empty `.jpg`) to the bucket through the S3 API, publishes one
+//! letters) and poison files (text, a truncated PNG and JPEG, random bytes
+//! named `.png`, an empty `.jpg`) to the bucket through the S3 API, publishes one
 //! S3 `ObjectCreated:Put` notification per object (plus one message that
 //! is no notification at all) to the topic, and kills one of the two
 //! workers with `kill -9` while they work. Then: every good upload has a
@@ -221,6 +221,9 @@ async fn thumbnails_for_every_good_upload_and_each_poison_file_dead_lettered_wit
         start_uploads(dir.path(), &c.url, "w2", &worker)?,
     ];
     consuming(&c, &sub, 2).await?;
+    // One slot per worker, so the one killed below holds work.
+    let owners = shardline_tests::owners(&c.leases().await?);
+    ensure!(owners.len() == 2, "one slot per worker: {owners:?}");
 
     // The uploads: 48 images, every fourth a JPEG, sizes from 3 px to
     // 900 px, and 5 poison files among them.
@@ -249,6 +252,7 @@ async fn thumbnails_for_every_good_upload_and_each_poison_file_dead_lettered_wit
         uploads.push((key, bytes));
     }
     let whole = make_image(1, 400, 300, ImageFormat::Png, 0)?;
+    let photo = make_image(2, 400, 300, ImageFormat::Jpeg, 0)?;
     let bads = vec![
         (
             Bad { key: "docs/readme.txt".into(), error: "not an image" },
@@ -259,13 +263,19 @@ async fn thumbnails_for_every_good_upload_and_each_poison_file_dead_lettered_wit
             whole[..whole.len() / 2].to_vec(),
         ),
         (
+            Bad { key: "photos/cut short.jpg".into(), error: "cannot decode the jpeg image: truncated" },
+            photo[..photo.len() * 2 / 3].to_vec(),
+        ),
+        (
             Bad { key: "photos/noise.png".into(), error: "not an image" },
             (0..2048u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect(),
         ),
         (Bad { key: "photos/empty.jpg".into(), error: "not an image" }, Vec::new()),
     ];
     let mut etags = BTreeMap::new();
-    for (key, bytes) in uploads.iter().chain(bads.iter().map(|(b, bytes)| (&b.key, bytes))) {
+    for (key, bytes) in
+        uploads.iter().map(|(k, bytes)| (k, bytes)).chain(bads.iter().map(|(b, bytes)| (&b.key, bytes)))
+    {
         let put = source.put(&ObjectPath::parse(key)?, PutPayload::from(bytes.clone())).await?;
         // S3 quotes the ETag in its headers, not in notifications.
         let etag = put.e_tag.context("s3s-fs returned no ETag")?;

@@ -121,10 +121,14 @@ impl Handler for Uploads {
             parallel: usize::try_from(ctx.concurrency).unwrap_or(1).max(1),
             stores: Mutex::new(HashMap::new()),
         };
-        // The output bucket is checked now, so a wrong endpoint or
-        // credentials stop the worker at start (exit 2) instead of failing
-        // every record.
-        uploads.store(&uploads.output_bucket).map_err(|e| ctx.error(e))?;
+        // The output bucket is reached now (a HEAD of a key that need not
+        // exist), so a wrong endpoint, bucket or credentials stop the worker
+        // at start (exit 2) instead of failing every record.
+        let output = uploads.store(&uploads.output_bucket).map_err(|e| ctx.error(e))?;
+        match output.head(&Path::from(".uploads-probe")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(ctx.error(format!("output bucket {:?}: {e}", uploads.output_bucket))),
+        }
         Ok(uploads)
     }
 
@@ -186,7 +190,6 @@ impl Uploads {
             Backend::S3 { endpoint, region, key_id, secret } => {
                 let mut builder = AmazonS3Builder::new()
                     .with_endpoint(endpoint)
-                    .with_allow_http(endpoint.starts_with("http://"))
                     .with_region(region)
                     .with_bucket_name(bucket)
                     // A few quick retries: a record that still fails is
@@ -197,7 +200,13 @@ impl Uploads {
                         retry_timeout: Duration::from_secs(10),
                         ..RetryConfig::default()
                     })
-                    .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(30)));
+                    // (These options replace the builder's whole set,
+                    // `allow_http` included: it is set here.)
+                    .with_client_options(
+                        ClientOptions::new()
+                            .with_timeout(Duration::from_secs(30))
+                            .with_allow_http(endpoint.starts_with("http://")),
+                    );
                 match (key_id, secret) {
                     (Some(id), Some(secret)) => {
                         builder = builder.with_access_key_id(id).with_secret_access_key(secret);
