@@ -291,10 +291,10 @@ async fn thumbnails_for_every_good_upload_and_each_poison_file_dead_lettered_wit
     let mut bad_iter = bads.iter();
     for (i, (key, bytes)) in uploads.iter().enumerate() {
         messages.push(event_message(&topic, key, bytes.len(), &etags[key], i));
-        if i % 10 == 5 {
-            if let Some((b, bytes)) = bad_iter.next() {
-                messages.push(event_message(&topic, &b.key, bytes.len(), &etags[&b.key], 1000 + i));
-            }
+        if i % 10 == 5
+            && let Some((b, bytes)) = bad_iter.next()
+        {
+            messages.push(event_message(&topic, &b.key, bytes.len(), &etags[&b.key], 1000 + i));
         }
     }
     let not_an_event = r#"{"hello": "world"}"#;
