@@ -89,7 +89,7 @@ mod tests {
         assert_eq!(delta.statuses.values().sum::<i64>(), orders);
         assert_eq!(
             delta.customers.values().map(|t| t.amount).sum::<i64>(),
-            live.iter().map(|o| o.amount).sum()
+            live.iter().map(|o| o.amount).sum::<i64>()
         );
     }
 }
