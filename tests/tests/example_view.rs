@@ -66,7 +66,7 @@ impl Changes {
         let version = version + 1;
         let (op, after) = match &before {
             None => ("c", Some(self.order(id))),
-            Some(_) if self.next() % 6 == 0 => ("d", None),
+            Some(_) if self.next().is_multiple_of(6) => ("d", None),
             Some(b) => {
                 let mut a = b.clone();
                 let fresh = self.order(id);
@@ -101,7 +101,7 @@ struct View {
 /// The view recomputed from every record of the topic: each row's last
 /// change (a row's changes are in one partition, in offset order) gives
 /// its final state; the aggregates are counted from those.
-fn recompute(records: &[(i32, i64, Option<Vec<u8>>)]) -> Result<View> {
+fn recompute(records: &[Stored]) -> Result<View> {
     let mut last: BTreeMap<i64, (i64, Option<Value>)> = BTreeMap::new();
     for (partition, offset, value) in records {
         let Some(value) = value else { continue };
@@ -181,8 +181,11 @@ fn ends(topic: &str) -> Result<BTreeMap<i32, i64>> {
     (0..PARTITIONS).map(|p| Ok((p, c.fetch_watermarks(topic, p, Duration::from_secs(10))?.1))).collect()
 }
 
-/// Every record of `topic` up to `ends`: (partition, offset, value).
-fn read_all(topic: &str, ends: &BTreeMap<i32, i64>) -> Result<Vec<(i32, i64, Option<Vec<u8>>)>> {
+/// One record read back: (partition, offset, value; `None` for a tombstone).
+type Stored = (i32, i64, Option<Vec<u8>>);
+
+/// Every record of `topic` up to `ends`.
+fn read_all(topic: &str, ends: &BTreeMap<i32, i64>) -> Result<Vec<Stored>> {
     let c = consumer()?;
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
