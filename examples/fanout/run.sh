@@ -15,14 +15,19 @@ target="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_dire
 bin="$target/debug"
 work="$(mktemp -d)"
 pids=()
+# The example's queues (the subscriptions', their retry and dead-letter
+# queues): removed at the end, so each run starts empty.
+queues() { rabbitmqctl -q list_queues name 2>/dev/null | grep -E '^(audit|notify)(\.|$)' || true; }
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    for q in $(queues); do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 cd "$work"
+for q in $(queues); do rabbitmqctl -q delete_queue "$q" >/dev/null; done
 psql -qX "$db" -c "DROP SCHEMA IF EXISTS fanout CASCADE"
 "$bin/shardline-coordinator" --config "$here/coordinator.toml" 2>coordinator.log &
 pids+=($!)
