@@ -129,6 +129,30 @@ enum Outcome {
 type Parsed = Vec<(i64, Option<Change>)>;
 
 impl View {
+    /// Connects and creates the schema and tables if missing: what `init`
+    /// does with the handler's settings (`connections`, else
+    /// `default_connections`, is the pool's size).
+    pub async fn open(settings: &Settings, default_connections: usize) -> Result<Self, String> {
+        let size = settings.connections.unwrap_or(default_connections);
+        let pool = Pool::new(&settings.postgres, size, settings.idle_in_transaction_timeout);
+        let sql = Sql::new(&settings.schema);
+        // Idempotent, and serialized: several workers starting at once
+        // would otherwise race on CREATE TABLE IF NOT EXISTS.
+        let mut client = pool.connect().await?;
+        let created = async {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext('shardline-example-materialized-view'))", &[])
+                .await?;
+            tx.batch_execute(&sql.create).await?;
+            tx.commit().await
+        };
+        created
+            .await
+            .map_err(|e| format!("cannot create the view's tables in `{}`: {e}", settings.schema))?;
+        tracing::info!(schema = %settings.schema, connections = size, "materialized view ready");
+        Ok(View { pool, sql })
+    }
+
     fn parse(batch: &Batch) -> Result<(i32, Parsed), HandlerError> {
         let mut partition = None;
         let mut parsed = Vec::with_capacity(batch.len());
@@ -217,24 +241,8 @@ impl View {
 impl Handler for View {
     async fn init(ctx: &InitContext) -> Result<Self, InitError> {
         let settings = Settings::from_table(&ctx.settings).map_err(|e| ctx.error(e))?;
-        let size = settings.connections.unwrap_or(usize::try_from(ctx.concurrency).unwrap_or(1));
-        let pool = Pool::new(&settings.postgres, size, settings.idle_in_transaction_timeout);
-        let sql = Sql::new(&settings.schema);
-        // Idempotent, and serialized: several workers starting at once
-        // would otherwise race on CREATE TABLE IF NOT EXISTS.
-        let mut client = pool.connect().await.map_err(|e| ctx.error(e))?;
-        let created = async {
-            let tx = client.transaction().await?;
-            tx.execute("SELECT pg_advisory_xact_lock(hashtext('shardline-example-materialized-view'))", &[])
-                .await?;
-            tx.batch_execute(&sql.create).await?;
-            tx.commit().await
-        };
-        created.await.map_err(|e| {
-            ctx.error(format!("cannot create the view's tables in `{}`: {e}", settings.schema))
-        })?;
-        tracing::info!(schema = %settings.schema, connections = size, "materialized view ready");
-        Ok(View { pool, sql })
+        let size = usize::try_from(ctx.concurrency).unwrap_or(1);
+        View::open(&settings, size).await.map_err(|e| ctx.error(e))
     }
 
     async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
