@@ -1,9 +1,9 @@
 //! The materialized-view example (`examples/materialized-view`) on real
 //! tansu, PostgreSQL, coordinator and three `materialized-view` workers:
 //! deterministic random changes of a few hundred rows over four
-//! partitions; one worker `kill -9`ed mid-run (its uncheckpointed batches
-//! are given again to the next owner, which must skip what it had
-//! applied), another frozen (SIGSTOP) past its session and woken (a zombie,
+//! partitions; one worker `kill -9`ed mid-run after batches it applied
+//! whose checkpoints a proxy held back (so they are given again to the
+//! next owner, which must skip them), another frozen (SIGSTOP) past its session and woken (a zombie,
 //! whose writes the lease epoch must refuse); more changes meanwhile.
 //! Once the `applied` table reaches every partition's end, the whole topic
 //! is read back and the view recomputed here, independently of the
@@ -23,6 +23,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use shardline_testkit::config;
 use shardline_testkit::postgres::{Schema, base_url};
+use shardline_testkit::proxy::{Mode, Proxy};
 use shardline_tests::{
     Coordinator, CoordinatorConfig, WorkerConfig, create_topic, eventually, kafka_brokers, unique,
 };
@@ -208,10 +209,10 @@ fn read_all(topic: &str, ends: &BTreeMap<i32, i64>) -> Result<Vec<Stored>> {
     Ok(out)
 }
 
-/// Starts a `materialized-view` worker on the test's schema.
+/// Starts a `materialized-view` worker on the test's schema, reaching the coordinator at `coordinator`.
 fn worker(
     dir: &std::path::Path,
-    c: &Coordinator,
+    coordinator: &str,
     id: &str,
     schema: &Schema,
 ) -> Result<shardline_tests::Proc> {
@@ -223,7 +224,7 @@ fn worker(
         ("idle_in_transaction_timeout", "2s".to_owned()),
     ];
     let config = WorkerConfig {
-        coordinator: c.url.clone(),
+        coordinator: coordinator.to_owned(),
         kafka_brokers: kafka_brokers(),
         worker_id: Some(id.to_owned()),
         ..config::hosting("materialized-view", &settings)
@@ -257,9 +258,13 @@ async fn the_view_equals_a_recomputation_of_the_whole_topic_after_kill_9_and_a_z
         CoordinatorConfig { streams: vec![stream], ..support::timings() },
         &dir.path().join("data"),
     )?;
-    let _a = worker(dir.path(), &c, "a", &schema)?;
-    let mut b = worker(dir.path(), &c, "b", &schema)?;
-    let z = worker(dir.path(), &c, "z", &schema)?;
+    // b reaches the coordinator through a proxy, so its checkpoints can be
+    // held back before it dies: it then dies with applied batches the
+    // coordinator never heard of, which its successor is given again.
+    let proxy = Proxy::start(&c.url).await?;
+    let _a = worker(dir.path(), &c.url, "a", &schema)?;
+    let mut b = worker(dir.path(), proxy.url(), "b", &schema)?;
+    let z = worker(dir.path(), &c.url, "z", &schema)?;
 
     // More changes arrive while the faults happen.
     let during = changes.rows(DURING);
@@ -267,8 +272,27 @@ async fn the_view_equals_a_recomputation_of_the_whole_topic_after_kill_9_and_a_z
     let feed = tokio::spawn(async move { support::produce_rows(&feed_topic, None, during).await });
 
     progress(&schema, &topic, 300).await?;
+    let of_b: Vec<i32> = c
+        .leases_of(&topic)
+        .await?
+        .iter()
+        .filter(|l| l.owner == "b")
+        .filter_map(|l| i32::try_from(l.lease.as_ref()?.index).ok())
+        .collect();
+    ensure!(!of_b.is_empty(), "b holds no partition");
+    let b_applied = async || -> Result<i64> {
+        Ok(applied(&schema, &topic).await?.iter().filter(|(p, _)| of_b.contains(p)).map(|(_, a)| a[2]).sum())
+    };
+    // Frozen: b works on (for up to its 2.4 s fence) but nothing it sends
+    // arrives. Once it has applied more, it dies.
+    let before_freeze = b_applied().await?;
+    proxy.set_mode(Mode::Frozen);
+    eventually(Duration::from_secs(20), "b to apply a batch the coordinator does not hear of", || async {
+        Ok((b_applied().await? > before_freeze).then_some(()))
+    })
+    .await?;
     b.kill9()?;
-    eprintln!("view: killed b (-9)");
+    eprintln!("view: killed b (-9) with checkpoints of partitions {of_b:?} held back");
     progress(&schema, &topic, 900).await?;
     z.signal(libc::SIGSTOP)?;
     // Past the 3 s session timeout: z's leases go to `a` under new epochs.
