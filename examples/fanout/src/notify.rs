@@ -72,6 +72,6 @@ impl Handler for Notify {
         }
         metrics::counter!("fanout_notify_sent_total").increment(ids.len() as u64);
         metrics::counter!("fanout_notify_failed_total").increment(failed.len() as u64);
-        Ok(BatchResponse { failed })
+        Ok(BatchResponse::failed(failed))
     }
 }

@@ -21,7 +21,7 @@
 //! goes on. This needs `parallelization_factor = 1` (the default): one
 //! batch of a partition at a time, in order.
 
-use shardline_worker::{Batch, BatchResponse, Handler, HandlerError, InitContext, InitError, Origin};
+use shardline_worker::{Batch, BatchResponse, Fence, Handler, HandlerError, InitContext, InitError, Origin};
 use tokio_postgres::Client;
 
 use crate::change::{Change, Delta};
@@ -182,13 +182,14 @@ impl View {
         client: &mut Client,
         stream: &str,
         partition: i32,
-        epoch: i64,
+        fence: &Fence,
         records: &Parsed,
     ) -> Result<Outcome, tokio_postgres::Error> {
         let tx = client.transaction().await?;
         let row = tx.query_one(&self.sql.lock, &[&stream, &partition]).await?;
         let (stored, next): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-        if stored > epoch {
+        // A stored epoch is one a batch quoted, so never negative.
+        if fence.is_stale(u64::try_from(stored).unwrap_or(0)) {
             // Dropping the transaction rolls it back: nothing written.
             return Ok(Outcome::Zombie { stored });
         }
@@ -232,6 +233,8 @@ impl View {
             tx.execute(&self.sql.rows_gone, &[&gone]).await?;
         }
         let end = records.last().map_or(next, |(offset, _)| offset + 1);
+        // Epochs fit i64 (handle checked): PostgreSQL has no unsigned type.
+        let epoch = i64::try_from(fence.epoch).unwrap_or(i64::MAX);
         tx.execute(&self.sql.advance, &[&stream, &partition, &epoch, &end, &applied, &skipped]).await?;
         tx.commit().await?;
         Ok(Outcome::Committed { applied, skipped })
@@ -250,12 +253,14 @@ impl Handler for View {
             return Ok(BatchResponse::default());
         }
         let (partition, records) = Self::parse(batch)?;
-        let epoch = i64::try_from(batch.epoch)
-            .map_err(|_| HandlerError::new(format!("{}: epoch {} out of range", batch.lease, batch.epoch)))?;
+        // The lease's fencing token: its epoch grows with every grant.
+        let fence = batch.fence();
+        let epoch = i64::try_from(fence.epoch)
+            .map_err(|_| HandlerError::new(format!("{}: epoch {} out of range", fence.lease, fence.epoch)))?;
         let stream = batch.lease.name.as_str();
         let mut conn = self.pool.get().await.map_err(HandlerError::new)?;
         let outcome =
-            self.apply(conn.client().map_err(HandlerError::new)?, stream, partition, epoch, &records).await;
+            self.apply(conn.client().map_err(HandlerError::new)?, stream, partition, &fence, &records).await;
         match outcome {
             Ok(Outcome::Committed { applied, skipped }) => {
                 metrics::counter!("materialized_view_records_applied_total")

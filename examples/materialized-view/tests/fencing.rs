@@ -34,6 +34,7 @@ fn batch(epoch: u64, changes: &[(i64, &Change)]) -> Batch {
                 headers: Vec::new(),
                 timestamp_ms: None,
                 origin: Origin::Kafka { partition: 0, offset: *offset },
+                reply_to: None,
             })
         })
         .collect();
