@@ -956,6 +956,26 @@ mod tests {
         assert_eq!(round.subscriptions.len(), 1);
     }
 
+    /// The configs of the examples that are packages of their own
+    /// (`examples/*/coordinator.toml`), as the coordinator reads them.
+    #[test]
+    fn the_application_example_configs_are_valid() {
+        let c = Config::parse(include_str!("../../examples/materialized-view/coordinator.toml"))
+            .unwrap_or_else(|e| panic!("materialized-view: {e}"));
+        assert_eq!(c.validate(), Ok(()));
+        let s = c.streams.first().unwrap_or_else(|| panic!("materialized-view: no stream"));
+        assert_eq!((s.handler.as_str(), s.parallelization_factor), ("materialized-view", 1));
+        let c = Config::parse(include_str!("../../examples/fanout/coordinator.toml"))
+            .unwrap_or_else(|e| panic!("fanout: {e}"));
+        assert_eq!(c.validate(), Ok(()));
+        let policy = |name: &str| {
+            let s = c.subscriptions.iter().find(|s| s.name == name);
+            s.map(|s| (s.topic.as_str(), s.settings.max_retries, s.settings.report_item_failures))
+        };
+        assert_eq!(policy("audit"), Some(("notifications", None, false)), "audit never gives up");
+        assert_eq!(policy("notify"), Some(("notifications", Some(2), true)));
+    }
+
     #[test]
     fn the_shipped_example_config_is_valid() {
         let c =
