@@ -25,7 +25,7 @@ use shardline_coordinator::store::{LeaseStore, SledStore, StoreError};
 use shardline_coordinator::usage::Meter;
 use shardline_proto::endpoints::{describe, leader_hint, should_try_another};
 use shardline_proto::v1::{self, admin_api_client::AdminApiClient};
-use shardline_proto::{Credentials, Endpoints, EndpointsError, LeaseId, LeaseKind};
+use shardline_proto::{Credentials, Endpoints, EndpointsError, LeaseId, LeaseKind, WindowState};
 use tonic::transport::Channel;
 
 use crate::{Failure, Result};
@@ -190,7 +190,7 @@ impl Backend {
                     return Err(Failure::Usage(format!("unknown lease `{lease}`")));
                 }
                 let offset = o.resolve(lease, target).await?;
-                o.apply(vec![(lease.clone(), offset)], dry_run).await
+                o.apply(vec![(lease.clone(), offset, None)], dry_run).await
             }
         }
     }
@@ -220,7 +220,7 @@ impl Backend {
                 let mut changes = Vec::with_capacity(shards.len());
                 for lease in shards {
                     let offset = o.resolve(&lease, target).await?;
-                    changes.push((lease, offset));
+                    changes.push((lease, offset, None));
                 }
                 o.apply(changes, dry_run).await
             }
@@ -241,6 +241,7 @@ impl Backend {
                         lease: Some((&l.record.lease).into()),
                         checkpoint: l.record.checkpoint?,
                         epoch: l.record.epoch,
+                        window: l.record.window.as_ref().map(v1::WindowState::from),
                     })
                 })
                 .collect()),
@@ -249,26 +250,31 @@ impl Backend {
 
     pub async fn import(
         &mut self,
-        entries: Vec<(LeaseId, i64)>,
+        entries: Vec<(LeaseId, i64, Option<WindowState>)>,
         dry_run: bool,
     ) -> Result<v1::CheckpointPlan> {
         match self {
             Self::Online(o) => {
                 let checkpoints = entries
                     .iter()
-                    .map(|(l, c)| v1::ExportedCheckpoint { lease: Some(l.into()), checkpoint: *c, epoch: 0 })
+                    .map(|(l, c, w)| v1::ExportedCheckpoint {
+                        lease: Some(l.into()),
+                        checkpoint: *c,
+                        epoch: 0,
+                        window: w.as_ref().map(v1::WindowState::from),
+                    })
                     .collect();
                 let req = v1::ImportCheckpointsRequest { checkpoints, dry_run };
                 o.call(req, |mut c, r| async move { c.import_checkpoints(r).await }).await
             }
             Self::Offline(o) => {
                 let mut changes = Vec::with_capacity(entries.len());
-                for (lease, offset) in entries {
+                for (lease, offset, window) in entries {
                     if o.core.lease(&lease).is_none() {
                         return Err(Failure::Usage(format!("unknown lease `{lease}`: not in the store")));
                     }
                     let offset = o.resolve(&lease, Target::Offset(offset)).await?;
-                    changes.push((lease, offset));
+                    changes.push((lease, offset, window));
                 }
                 o.apply(changes, dry_run).await
             }
@@ -369,7 +375,11 @@ impl Offline {
     }
 
     /// Checks every change, then (unless a dry run) writes and flushes.
-    async fn apply(&mut self, changes: Vec<(LeaseId, i64)>, dry_run: bool) -> Result<v1::CheckpointPlan> {
+    async fn apply(
+        &mut self,
+        changes: Vec<shardline_coordinator::core::Change>,
+        dry_run: bool,
+    ) -> Result<v1::CheckpointPlan> {
         let core_error = |e: CoreError| match e {
             CoreError::UnknownWorker(_) => Failure::Runtime(e.to_string()),
             _ => Failure::Usage(e.to_string()),
@@ -384,7 +394,7 @@ impl Offline {
             self.store.flush().await.map_err(store_error)?;
             before
         };
-        let to = changes.into_iter().map(|(_, to)| to).collect();
+        let to = changes.into_iter().map(|(_, to, _)| to).collect();
         Ok(plan(before, to, !dry_run))
     }
 }

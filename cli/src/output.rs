@@ -150,6 +150,20 @@ pub fn leases(leases: &[v1::LeaseInfo], json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A tumbling window as the checkpoints table shows it: its bounds (UTC)
+/// and its state's size, or that it closed.
+fn window(w: &v1::WindowSummary) -> String {
+    let at = |ms: i64| {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+        humantime::format_rfc3339_seconds(t).to_string()
+    };
+    if w.closed {
+        format!("closed {}..{}", at(w.start_ms), at(w.end_ms))
+    } else {
+        format!("{}..{} state {} B", at(w.start_ms), at(w.end_ms), w.state_bytes)
+    }
+}
+
 pub fn checkpoints(shards: &[v1::ShardCheckpoint], subs: &[v1::SubscriptionInfo], json: bool) -> Result<()> {
     let known = |v: i64| if v < 0 { "-".to_owned() } else { v.to_string() };
     // Totals per stream: lag summed over the shards whose offsets are known.
@@ -174,6 +188,9 @@ pub fn checkpoints(shards: &[v1::ShardCheckpoint], subs: &[v1::SubscriptionInfo]
                     "earliest": (s.earliest >= 0).then_some(s.earliest), "latest": (s.latest >= 0).then_some(s.latest),
                     "lag": (s.lag >= 0).then_some(s.lag),
                     "offsets_error": (!s.watermark_error.is_empty()).then_some(&s.watermark_error),
+                    "window": s.window.as_ref().map(|w| json!({
+                        "start_ms": w.start_ms, "end_ms": w.end_ms, "state_bytes": w.state_bytes, "closed": w.closed,
+                    })),
                 })
             })
             .collect();
@@ -196,10 +213,11 @@ pub fn checkpoints(shards: &[v1::ShardCheckpoint], subs: &[v1::SubscriptionInfo]
                 known(s.lag),
                 dash(&l.owner),
                 l.epoch.to_string(),
+                s.window.as_ref().map_or("-".into(), window),
             ]
         })
         .collect();
-    table(&["SHARD", "CHECKPOINT", "EARLIEST", "LATEST", "LAG", "OWNER", "EPOCH"], &rows);
+    table(&["SHARD", "CHECKPOINT", "EARLIEST", "LATEST", "LAG", "OWNER", "EPOCH", "WINDOW"], &rows);
     for (name, (lag, n, k)) in &totals {
         let lag = if k == n { lag.to_string() } else { format!("{lag}+ ({} shards without offsets)", n - k) };
         println!("{name}: {n} shards, lag {lag}");

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use shardline_proto::v1::{self, admin_api_server::AdminApi, worker_api_server::WorkerApi};
-use shardline_proto::{ConvertError, LeaseId, LeaseKind};
+use shardline_proto::{ConvertError, LeaseId, LeaseKind, WindowState};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Access, allow};
@@ -104,11 +104,12 @@ pub fn worker_id(id: &str) -> Result<String, Status> {
 fn instruction(config: &crate::config::Config, i: Instruction) -> v1::Instruction {
     use v1::instruction::Kind;
     let kind = match i {
-        Instruction::Acquire { lease, epoch, start } => Kind::Acquire(v1::Acquire {
+        Instruction::Acquire { lease, epoch, start, window } => Kind::Acquire(v1::Acquire {
             lease: Some((&lease).into()),
             epoch,
             start: Some(start.into()),
             mapping: config.mapping(&lease).as_ref().map(v1::Mapping::from),
+            window: window.as_ref().map(v1::WindowState::from),
         }),
         Instruction::Release { lease, epoch } => {
             Kind::Release(v1::Release { lease: Some((&lease).into()), epoch })
@@ -179,7 +180,8 @@ pub fn checkpoints(req: &v1::CheckpointRequest) -> Result<(String, Vec<Checkpoin
     let mut entries = Vec::with_capacity(req.entries.len());
     for e in &req.entries {
         let lease = LeaseId::try_from(e.lease.as_ref()).map_err(bad)?;
-        entries.push(CheckpointCmd { lease, epoch: e.epoch, offset: e.offset });
+        let window = shardline_proto::window(e.window.as_ref()).map_err(bad)?;
+        entries.push(CheckpointCmd { lease, epoch: e.epoch, offset: e.offset, window });
     }
     Ok((worker, entries))
 }
@@ -191,12 +193,14 @@ pub struct Release {
     pub lease: LeaseId,
     pub epoch: u64,
     pub offset: Option<i64>,
+    pub window: Option<WindowState>,
 }
 
 pub fn release(req: &v1::ReleaseDoneRequest) -> Result<Release, Status> {
     let worker = worker_id(&req.worker_id)?;
     let lease = LeaseId::try_from(req.lease.as_ref()).map_err(bad)?;
-    Ok(Release { worker, lease, epoch: req.epoch, offset: req.offset })
+    let window = shardline_proto::window(req.window.as_ref()).map_err(bad)?;
+    Ok(Release { worker, lease, epoch: req.epoch, offset: req.offset, window })
 }
 
 fn held(held: &[v1::HeldLease]) -> Result<Vec<(LeaseId, u64)>, Status> {
@@ -351,13 +355,16 @@ impl WorkerApi for Api {
         &self,
         req: Request<v1::ReleaseDoneRequest>,
     ) -> Result<Response<v1::ReleaseDoneReply>, Status> {
-        let Release { worker, lease, epoch, offset } = release(&req.into_inner())?;
-        let release = |worker: String, lease: LeaseId| async move {
-            let handle = self.leader()?;
-            handle
-                .call(|reply| Command::ReleaseDone { worker, lease, epoch, offset, reply })
-                .await
-                .map_err(closed)
+        let Release { worker, lease, epoch, offset, window } = release(&req.into_inner())?;
+        let release = |worker: String, lease: LeaseId| {
+            let window = window.clone();
+            async move {
+                let handle = self.leader()?;
+                handle
+                    .call(|reply| Command::ReleaseDone { worker, lease, epoch, offset, window, reply })
+                    .await
+                    .map_err(closed)
+            }
         };
         let mut outcome = release(worker.clone(), lease.clone()).await?;
         if let (CheckpointOutcome::BeyondWatermark { high }, Some(offset)) = (outcome, offset) {
@@ -462,7 +469,7 @@ impl AdminApi for Api {
         let target = target(req.target)?;
         self.known(vec![lease.clone()]).await?;
         let offset = self.resolve(&lease, target).await?;
-        self.apply(vec![(lease, offset)], req.dry_run).await
+        self.apply(vec![(lease, offset, None)], req.dry_run).await
     }
 
     async fn reset_checkpoints(
@@ -476,7 +483,7 @@ impl AdminApi for Api {
         let mut changes = Vec::with_capacity(shards.len());
         for lease in shards {
             let offset = self.resolve(&lease.record.lease, target).await?;
-            changes.push((lease.record.lease, offset));
+            changes.push((lease.record.lease, offset, None));
         }
         self.apply(changes, req.dry_run).await
     }
@@ -507,6 +514,7 @@ impl AdminApi for Api {
                     lease: Some((&l.record.lease).into()),
                     checkpoint: l.record.checkpoint?,
                     epoch: l.record.epoch,
+                    window: l.record.window.as_ref().map(v1::WindowState::from),
                 })
             })
             .collect();
@@ -528,7 +536,8 @@ impl AdminApi for Api {
         let mut changes = Vec::with_capacity(req.checkpoints.len());
         for (lease, c) in leases.into_iter().zip(&req.checkpoints) {
             let offset = self.resolve(&lease, Target::Offset(c.checkpoint)).await?;
-            changes.push((lease, offset));
+            let window = shardline_proto::window(c.window.as_ref()).map_err(bad)?;
+            changes.push((lease, offset, window));
         }
         self.apply(changes, req.dry_run).await
     }
@@ -606,7 +615,13 @@ pub async fn shard_checkpoint(
         }
         Err(e) => (-1, -1, -1, e),
     };
-    v1::ShardCheckpoint { lease: Some(lease_info(l, now)), earliest, latest, lag, watermark_error }
+    let window = l.record.window.as_ref().map(|w| v1::WindowSummary {
+        start_ms: w.start_ms,
+        end_ms: w.end_ms,
+        state_bytes: w.state.as_ref().map_or(0, |s| s.len() as u64),
+        closed: w.closed,
+    });
+    v1::ShardCheckpoint { lease: Some(lease_info(l, now)), earliest, latest, lag, watermark_error, window }
 }
 
 /// The plan of an operator change: each lease as it was and where it goes.
@@ -777,10 +792,10 @@ impl Api {
 
     async fn apply(
         &self,
-        changes: Vec<(LeaseId, i64)>,
+        changes: Vec<crate::core::Change>,
         dry_run: bool,
     ) -> Result<Response<v1::CheckpointPlan>, Status> {
-        let to: Vec<i64> = changes.iter().map(|(_, o)| *o).collect();
+        let to: Vec<i64> = changes.iter().map(|(_, o, _)| *o).collect();
         let result = self
             .leader()?
             .call(|reply| Command::SetCheckpoints { changes, dry_run, reply })

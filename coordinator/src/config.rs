@@ -202,6 +202,14 @@ pub struct StreamConfig {
     /// `false`: commit nothing to Kafka (the checkpoints stay only in the
     /// coordinator's store).
     pub mirror_offsets: bool,
+    /// Tumbling windows per shard (Lambda's aggregation): `0s` off, else
+    /// 1 s..900 s. Windows align on the records' Kafka timestamps.
+    #[serde(with = "humantime_serde")]
+    pub tumbling_window: Duration,
+    /// A window closes once its shard has been idle this long past its end
+    /// (0..900 s), so a quiet shard still gets its final invocation.
+    #[serde(with = "humantime_serde")]
+    pub window_grace: Duration,
     #[serde(flatten)]
     pub settings: BatchSettings,
 }
@@ -221,6 +229,8 @@ impl StreamConfig {
             .map_or(0, |d| d.as_millis() as i64);
         mapping.parallelization_factor = self.parallelization_factor;
         mapping.policy.on_failure.clone_from(&self.on_failure);
+        mapping.tumbling_window = self.tumbling_window;
+        mapping.window_grace = self.window_grace;
         mapping
     }
 
@@ -259,6 +269,23 @@ impl StreamConfig {
             ensure(*topic != self.name, "on_failure", "the stream itself", "another topic")?;
         }
         in_range("parallelization_factor", self.parallelization_factor, 1, 10)?;
+        if !self.tumbling_window.is_zero() {
+            in_range(
+                "tumbling_window",
+                self.tumbling_window,
+                Duration::from_secs(1),
+                Duration::from_secs(900),
+            )?;
+            // One window state per shard, threaded through its invocations
+            // in order: parallel lanes would each need their own.
+            ensure(
+                self.parallelization_factor == 1,
+                "parallelization_factor",
+                self.parallelization_factor,
+                "1 with tumbling_window (a window's invocations run one after another)",
+            )?;
+        }
+        in_range("window_grace", self.window_grace, Duration::ZERO, Duration::from_secs(900))?;
         if let Some(group) = &self.consumer_group {
             // Kafka's own limit for a group id is its 16-bit string length;
             // the name rule for topics is stricter and keeps tools happy.
@@ -281,6 +308,8 @@ impl Default for StreamConfig {
             parallelization_factor: defaults.parallelization_factor,
             consumer_group: None,
             mirror_offsets: true,
+            tumbling_window: defaults.tumbling_window,
+            window_grace: defaults.window_grace,
             settings: BatchSettings::default(),
         }
     }
@@ -1059,6 +1088,10 @@ mod tests {
             ("max_retries = 10001", "streams[0].max_retries"),
             ("max_record_age = \"5s\"", "streams[0].max_record_age"),
             ("parallelization_factor = 11", "streams[0].parallelization_factor"),
+            ("tumbling_window = \"901s\"", "streams[0].tumbling_window"),
+            ("tumbling_window = \"500ms\"", "streams[0].tumbling_window"),
+            ("tumbling_window = \"60s\"\nparallelization_factor = 2", "streams[0].parallelization_factor"),
+            ("window_grace = \"1h\"", "streams[0].window_grace"),
             ("handler_timeout = \"0s\"", "streams[0].handler_timeout"),
             ("on_failure = \"s\"", "streams[0].on_failure"),
             ("retry_backoff = { initial = \"2s\", max = \"1s\" }", "streams[0].retry_backoff"),

@@ -270,6 +270,7 @@ mod tests {
             owner: Some("w1".into()),
             checkpoint: Some(checkpoint),
             from_earliest: false,
+            window: None,
         }
     }
 

@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use shardline_proto::{LeaseId, LeaseKind};
+use shardline_proto::{LeaseId, LeaseKind, WindowState};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,8 @@ pub struct CheckpointCmd {
     pub lease: LeaseId,
     pub epoch: u64,
     pub offset: i64,
+    /// With tumbling windows, the window as of `offset`.
+    pub window: Option<WindowState>,
 }
 
 /// A snapshot for the admin API.
@@ -81,6 +83,7 @@ pub enum Command {
         lease: LeaseId,
         epoch: u64,
         offset: Option<i64>,
+        window: Option<WindowState>,
         reply: Reply<CheckpointOutcome>,
     },
     Deregister {
@@ -108,7 +111,7 @@ pub enum Command {
     /// An operator sets (or with `dry_run` only checks) many checkpoints,
     /// all or nothing.
     SetCheckpoints {
-        changes: Vec<(LeaseId, i64)>,
+        changes: Vec<crate::core::Change>,
         dry_run: bool,
         reply: Reply<Result<Vec<Before>, CoreError>>,
     },
@@ -372,14 +375,16 @@ impl<S: LeaseStore> Service<S> {
             Command::Checkpoint { worker, entries, reply } => {
                 let outcomes: Vec<CheckpointOutcome> = entries
                     .iter()
-                    .map(|e| self.core.checkpoint(&worker, &e.lease, e.epoch, e.offset))
+                    .map(|e| {
+                        self.core.checkpoint_window(&worker, &e.lease, e.epoch, e.offset, e.window.clone())
+                    })
                     .collect();
                 let accepted = outcomes.iter().filter(|o| matches!(o, CheckpointOutcome::Ok { .. })).count();
                 m::checkpoints(accepted as u64, (outcomes.len() - accepted) as u64);
                 self.reply(reply, outcomes)?;
             }
-            Command::ReleaseDone { worker, lease, epoch, offset, reply } => {
-                let outcome = self.core.release_done(now, &worker, &lease, epoch, offset);
+            Command::ReleaseDone { worker, lease, epoch, offset, window, reply } => {
+                let outcome = self.core.release_done(now, &worker, &lease, epoch, offset, window);
                 tracing::info!(%worker, %lease, epoch, ?offset, ?outcome, "release confirmed");
                 self.reply(reply, outcome)?;
             }
@@ -402,7 +407,7 @@ impl<S: LeaseStore> Service<S> {
                 }
             }
             Command::SetCheckpoint { lease, offset, reply } => {
-                let result = self.core.set_checkpoint(now, &lease, offset);
+                let result = self.core.set_checkpoint(now, &lease, offset, None);
                 if result.is_ok() {
                     tracing::warn!(%lease, offset, "checkpoint set by an operator");
                 }
@@ -577,6 +582,7 @@ mod tests {
                         lease,
                         epoch,
                         offset: None,
+                        window: None,
                         reply,
                     })
                     .await;
@@ -627,7 +633,7 @@ mod tests {
         epoch: u64,
         offset: i64,
     ) -> Result<Vec<CheckpointOutcome>, Closed> {
-        let entries = vec![CheckpointCmd { lease: lease.clone(), epoch, offset }];
+        let entries = vec![CheckpointCmd { lease: lease.clone(), epoch, offset, window: None }];
         handle.call(|reply| Command::Checkpoint { worker: "a".into(), entries, reply }).await
     }
 
@@ -802,7 +808,7 @@ mod tests {
         let Some(Instruction::Acquire { lease, epoch, .. }) = acquired.first().cloned() else {
             panic!("no lease acquired: {acquired:?}")
         };
-        let entries = vec![CheckpointCmd { lease: lease.clone(), epoch, offset: 7 }];
+        let entries = vec![CheckpointCmd { lease: lease.clone(), epoch, offset: 7, window: None }];
         let outcomes = handle
             .call(|reply| Command::Checkpoint { worker: "a".into(), entries, reply })
             .await

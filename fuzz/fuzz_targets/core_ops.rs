@@ -217,6 +217,7 @@ fn step(h: &mut Harness, op: Op) {
                     lease: l.wire(),
                     epoch: e.of(h, l),
                     offset: *offset,
+                    window: window(*offset),
                 })
                 .collect(),
         }),
@@ -225,6 +226,7 @@ fn step(h: &mut Harness, op: Op) {
             lease: lease.wire(),
             epoch: epoch.of(h, &lease),
             offset,
+            window: offset.and_then(window),
         }),
         Op::Deregister { worker: w } => Call::Deregister(v1::DeregisterRequest { worker_id: worker(w) }),
         Op::SetCheckpoint { lease, offset, dry_run } => Call::SetCheckpoint(v1::SetCheckpointRequest {
@@ -243,7 +245,12 @@ fn step(h: &mut Harness, op: Op) {
         Op::Import { entries, dry_run } => Call::ImportCheckpoints(v1::ImportCheckpointsRequest {
             checkpoints: entries
                 .iter()
-                .map(|(l, offset)| v1::ExportedCheckpoint { lease: l.wire(), checkpoint: *offset, epoch: 0 })
+                .map(|(l, offset)| v1::ExportedCheckpoint {
+                    lease: l.wire(),
+                    checkpoint: *offset,
+                    epoch: 0,
+                    window: window(*offset),
+                })
                 .collect(),
             dry_run,
         }),
@@ -271,3 +278,18 @@ fuzz_target!(|input: Input| {
         step(&mut h, op);
     }
 });
+
+/// A tumbling window derived from a checkpoint's offset, for a third of the
+/// checkpoints (the rest are of mappings without windows): open or closed,
+/// with a state that changes with the offset.
+fn window(offset: i64) -> Option<v1::WindowState> {
+    (offset.rem_euclid(3) == 0).then(|| {
+        let start_ms = offset.div_euclid(10).saturating_mul(60_000);
+        v1::WindowState {
+            start_ms,
+            end_ms: start_ms.saturating_add(60_000),
+            state: Some(offset.to_le_bytes().to_vec()),
+            closed: offset.rem_euclid(2) == 0,
+        }
+    })
+}

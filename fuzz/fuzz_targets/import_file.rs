@@ -15,10 +15,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(entries) = parse_export(text) else { return };
     let checkpoints: Vec<v1::ExportedCheckpoint> = entries
         .iter()
-        .map(|(lease, offset)| v1::ExportedCheckpoint {
+        .map(|(lease, offset, window)| v1::ExportedCheckpoint {
             lease: Some(lease.into()),
             checkpoint: *offset,
             epoch: 0,
+            window: window.as_ref().map(v1::WindowState::from),
         })
         .collect();
     let written = match export(&checkpoints) {

@@ -240,12 +240,12 @@ impl Harness {
             Call::Checkpoint(req) => {
                 let Ok((worker, entries)) = api::checkpoints(&req) else { return };
                 for e in entries {
-                    self.checkpoint(&worker, &e.lease, e.epoch, Some(e.offset), false);
+                    self.checkpoint(&worker, &e.lease, e.epoch, Some(e.offset), e.window, false);
                 }
             }
             Call::ReleaseDone(req) => {
-                let Ok(api::Release { worker, lease, epoch, offset }) = api::release(&req) else { return };
-                self.checkpoint(&worker, &lease, epoch, offset, true);
+                let Ok(api::Release { worker, lease, epoch, offset, window }) = api::release(&req) else { return };
+                self.checkpoint(&worker, &lease, epoch, offset, window, true);
             }
             Call::Deregister(req) => {
                 let Ok(worker) = api::worker_id(&req.worker_id) else { return };
@@ -274,17 +274,17 @@ impl Harness {
                     return;
                 }
                 let Some(offset) = resolve(target) else { return };
-                self.operator(vec![(lease, offset)], req.dry_run);
+                self.operator(vec![(lease, offset, None)], req.dry_run);
             }
             Call::ResetCheckpoints(req) => {
                 let Ok(target) = api::target(req.target) else { return };
                 let Some(offset) = resolve(target) else { return };
-                let changes: Vec<(LeaseId, i64)> = self
+                let changes: Vec<shardline_coordinator::core::Change> = self
                     .core
                     .leases()
                     .filter(|l| l.record.lease.kind == LeaseKind::Shard)
                     .filter(|l| req.stream.is_empty() || l.record.lease.name == req.stream)
-                    .map(|l| (l.record.lease.clone(), offset))
+                    .map(|l| (l.record.lease.clone(), offset, None))
                     .collect();
                 self.operator(changes, req.dry_run);
             }
@@ -296,7 +296,8 @@ impl Harness {
                         return;
                     }
                     let Some(offset) = resolve(Target::Offset(c.checkpoint)) else { return };
-                    changes.push((lease, offset));
+                    let Ok(window) = shardline_proto::window(c.window.as_ref()) else { return };
+                    changes.push((lease, offset, window));
                 }
                 self.operator(changes, req.dry_run);
             }
@@ -309,17 +310,38 @@ impl Harness {
     }
 
     /// A worker's checkpoint (or, with `release`, its release): accepted
-    /// only from the owner quoting the current epoch, never backwards.
-    fn checkpoint(&mut self, worker: &str, lease: &LeaseId, epoch: u64, offset: Option<i64>, release: bool) {
+    /// only from the owner quoting the current epoch, never backwards; its
+    /// tumbling window stored with it or not at all.
+    fn checkpoint(
+        &mut self,
+        worker: &str,
+        lease: &LeaseId,
+        epoch: u64,
+        offset: Option<i64>,
+        window: Option<shardline_proto::WindowState>,
+        release: bool,
+    ) {
         let before = self.core.lease(lease).map(|l| l.record.clone());
         let outcome = if release {
-            self.core.release_done(self.now(), worker, lease, epoch, offset)
+            self.core.release_done(self.now(), worker, lease, epoch, offset, window.clone())
         } else {
             match offset {
-                Some(offset) => self.core.checkpoint(worker, lease, epoch, offset),
+                Some(offset) => self.core.checkpoint_window(worker, lease, epoch, offset, window.clone()),
                 None => return,
             }
         };
+        let after = self.core.lease(lease).map(|l| l.record.window.clone());
+        match (&outcome, &before) {
+            (CheckpointOutcome::Ok { .. }, Some(b)) => {
+                let moved = offset.is_some_and(|o| b.checkpoint.is_none_or(|c| o >= c));
+                let expected = if moved && window.is_some() { window.clone() } else { b.window.clone() };
+                assert_eq!(after, Some(expected), "window of {lease} after {offset:?} from {b:?}");
+            }
+            (_, Some(b)) if !release => {
+                assert_eq!(after, Some(b.window.clone()), "a refused checkpoint changed the window of {lease}")
+            }
+            _ => {}
+        }
         if let CheckpointOutcome::Ok { checkpoint } = outcome {
             let Some(before) = before else { panic!("{outcome:?} for unknown lease {lease}") };
             assert!(
@@ -335,7 +357,7 @@ impl Harness {
     }
 
     /// An operator's change of many checkpoints: all or nothing.
-    fn operator(&mut self, changes: Vec<(LeaseId, i64)>, dry_run: bool) {
+    fn operator(&mut self, changes: Vec<shardline_coordinator::core::Change>, dry_run: bool) {
         let before: Vec<_> = self.core.leases().map(|l| l.record.clone()).collect();
         let result = if dry_run {
             self.core.check_checkpoints(&changes)
@@ -344,9 +366,9 @@ impl Harness {
         };
         match result {
             Ok(_) if !dry_run => {
-                for (lease, offset) in &changes {
-                    let l = self.core.lease(lease).map(|l| l.record.checkpoint);
-                    assert_eq!(l, Some(Some(*offset)), "operator set {lease} to {offset}");
+                for (lease, offset, window) in &changes {
+                    let l = self.core.lease(lease).map(|l| (l.record.checkpoint, l.record.window.clone()));
+                    assert_eq!(l, Some((Some(*offset), window.clone())), "operator set {lease} to {offset}");
                     // The operator moved it: backwards is allowed now.
                     if let Some(last) = self.last.get_mut(lease) {
                         last.1 = Some(*offset);

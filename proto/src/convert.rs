@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::domain::{
-    FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition,
+    FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition, WindowState,
 };
 use crate::v1;
 
@@ -17,6 +17,30 @@ pub enum ConvertError {
     BadKind(i32),
     #[error("starting position {0} is not latest (1), trim_horizon (2) or at_timestamp (3)")]
     BadStartingPosition(i32),
+    #[error("a window must end after it starts (start {start_ms} ms, end {end_ms} ms)")]
+    BadWindow { start_ms: i64, end_ms: i64 },
+}
+
+impl From<&WindowState> for v1::WindowState {
+    fn from(w: &WindowState) -> Self {
+        v1::WindowState { start_ms: w.start_ms, end_ms: w.end_ms, state: w.state.clone(), closed: w.closed }
+    }
+}
+
+impl TryFrom<&v1::WindowState> for WindowState {
+    type Error = ConvertError;
+
+    fn try_from(w: &v1::WindowState) -> Result<Self, Self::Error> {
+        if w.end_ms <= w.start_ms {
+            return Err(ConvertError::BadWindow { start_ms: w.start_ms, end_ms: w.end_ms });
+        }
+        Ok(WindowState { start_ms: w.start_ms, end_ms: w.end_ms, state: w.state.clone(), closed: w.closed })
+    }
+}
+
+/// An optional wire window as a domain one; a malformed one is an error.
+pub fn window(w: Option<&v1::WindowState>) -> Result<Option<WindowState>, ConvertError> {
+    w.map(WindowState::try_from).transpose()
 }
 
 impl From<&LeaseId> for v1::LeaseId {
@@ -78,6 +102,8 @@ impl From<&Mapping> for v1::Mapping {
             on_failure: m.policy.on_failure.clone().unwrap_or_default(),
             parallelization_factor: m.parallelization_factor,
             handler_timeout_ms: m.policy.handler_timeout.as_millis() as u64,
+            tumbling_window_ms: m.tumbling_window.as_millis() as u64,
+            window_grace_ms: m.window_grace.as_millis() as u64,
             filter: m.filter.as_ref().map(|f| v1::Filter {
                 field: f.field.clone(),
                 test: Some(match &f.test {
@@ -126,6 +152,8 @@ impl TryFrom<&v1::Mapping> for Mapping {
                 handler_timeout: Duration::from_millis(m.handler_timeout_ms.max(1)),
             },
             parallelization_factor: m.parallelization_factor.clamp(1, 10),
+            tumbling_window: Duration::from_millis(m.tumbling_window_ms),
+            window_grace: Duration::from_millis(m.window_grace_ms),
             filter: match &m.filter {
                 None => None,
                 Some(f) => Some(Filter {
@@ -197,6 +225,8 @@ mod tests {
         m.policy.on_failure = Some("dlq".into());
         m.parallelization_factor = 4;
         m.filter = Some(Filter { field: "a.b".into(), test: FilterTest::Prefix("x".into()) });
+        m.tumbling_window = Duration::from_secs(60);
+        m.window_grace = Duration::from_secs(2);
         assert_eq!(Mapping::try_from(&v1::Mapping::from(&m)), Ok(m));
         assert!(Mapping::try_from(&v1::Mapping::default()).is_err());
     }
@@ -207,5 +237,14 @@ mod tests {
             assert_eq!(v1::StartPosition::from(start).start(), start);
         }
         assert_eq!(v1::StartPosition::default().start(), Start::MappingDefault);
+    }
+
+    #[test]
+    fn windows_round_trip_and_one_that_ends_before_it_starts_is_refused() {
+        let w = WindowState { state: Some(b"{}".to_vec()), ..WindowState::open(0, 60_000) };
+        assert_eq!(window(Some(&v1::WindowState::from(&w))), Ok(Some(w)));
+        assert_eq!(window(None), Ok(None));
+        let bad = v1::WindowState { start_ms: 5, end_ms: 5, ..Default::default() };
+        assert_eq!(window(Some(&bad)), Err(ConvertError::BadWindow { start_ms: 5, end_ms: 5 }));
     }
 }

@@ -101,6 +101,56 @@ impl Start {
     }
 }
 
+/// A shard's tumbling window as of a checkpoint: open, with the state the
+/// window's last successful invocation returned, or closed (bounds kept, so
+/// a record with a late timestamp counts in a later window, never in a
+/// closed one again). Stored with the checkpoint in one record; the state
+/// goes into JSON as base64.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowState {
+    /// Unix ms, inclusive.
+    pub start_ms: i64,
+    /// Unix ms, exclusive.
+    pub end_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "base64_bytes")]
+    pub state: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed: bool,
+}
+
+impl WindowState {
+    pub fn open(start_ms: i64, end_ms: i64) -> Self {
+        Self { start_ms, end_ms, state: None, closed: false }
+    }
+
+    /// The window's bounds while it is open.
+    pub fn open_bounds(&self) -> Option<(i64, i64)> {
+        (!self.closed).then_some((self.start_ms, self.end_ms))
+    }
+}
+
+/// `Option<Vec<u8>>` as a base64 string in JSON (a byte array would take
+/// about four times the room).
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_str(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => STANDARD.decode(text).map(Some).map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
 /// How a lease's records are batched and which handler runs them: the
 /// event source mapping, as the coordinator sends it with every acquire.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +171,10 @@ pub struct Mapping {
     pub parallelization_factor: u32,
     /// Records that do not match skip the handler (and are checkpointed past).
     pub filter: Option<Filter>,
+    /// Tumbling windows per shard (streams only); zero: none.
+    pub tumbling_window: Duration,
+    /// A window closes once its shard has been idle this long past its end.
+    pub window_grace: Duration,
 }
 
 /// Lambda's failure settings for a mapping.
@@ -192,6 +246,8 @@ impl Mapping {
             policy: FailurePolicy::default(),
             parallelization_factor: 1,
             filter: None,
+            tumbling_window: Duration::ZERO,
+            window_grace: Duration::from_secs(5),
         }
     }
 }
@@ -208,5 +264,19 @@ mod tests {
         assert!("orders".parse::<LeaseId>().is_err());
         assert!("orders/x".parse::<LeaseId>().is_err());
         assert!("/1".parse::<LeaseId>().is_err());
+    }
+
+    #[test]
+    fn a_window_state_goes_into_json_as_base64_and_comes_back() {
+        let open = WindowState { state: Some(vec![0, 255, 7]), ..WindowState::open(60_000, 120_000) };
+        let json = serde_json::to_string(&open).unwrap();
+        assert_eq!(json, r#"{"start_ms":60000,"end_ms":120000,"state":"AP8H"}"#);
+        assert_eq!(serde_json::from_str::<WindowState>(&json).unwrap(), open);
+        let closed = WindowState { closed: true, ..WindowState::open(0, 1) };
+        assert_eq!(
+            serde_json::from_str::<WindowState>(&serde_json::to_string(&closed).unwrap()).unwrap(),
+            closed
+        );
+        assert!(serde_json::from_str::<WindowState>(r#"{"start_ms":0,"end_ms":1,"state":"!"}"#).is_err());
     }
 }

@@ -14,9 +14,11 @@ pub mod endpoints;
 pub mod timing;
 pub mod topology;
 
-pub use convert::ConvertError;
+pub use convert::{ConvertError, window};
 pub use credentials::{Credentials, TlsPem};
-pub use domain::{FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition};
+pub use domain::{
+    FailurePolicy, Filter, FilterTest, LeaseId, LeaseKind, Mapping, Start, StartingPosition, WindowState,
+};
 pub use endpoints::{Endpoints, EndpointsError, LEADER_HEADER};
 
 /// The generated code of package `shardline.v1`.

@@ -131,7 +131,12 @@ async fn a_killed_workers_leases_move_within_the_session_timeout_and_zombies_are
     let mut api = c.worker_api().await?;
     let entries = before
         .iter()
-        .map(|l| v1::CheckpointEntry { lease: l.lease.clone(), epoch: l.epoch, offset: 1_000_000 })
+        .map(|l| v1::CheckpointEntry {
+            lease: l.lease.clone(),
+            epoch: l.epoch,
+            offset: 1_000_000,
+            window: None,
+        })
         .collect();
     let reply = api.checkpoint(v1::CheckpointRequest { worker_id: "a".into(), entries }).await?.into_inner();
     ensure!(reply.results.len() == 3);
@@ -194,7 +199,7 @@ async fn acknowledged_checkpoints_survive_kill_9_of_the_coordinator() -> Result<
             let mut offset = 0i64;
             loop {
                 offset += 1;
-                let entry = v1::CheckpointEntry { lease: Some((&lease).into()), epoch, offset };
+                let entry = v1::CheckpointEntry { lease: Some((&lease).into()), epoch, offset, window: None };
                 let request = v1::CheckpointRequest { worker_id: "w".into(), entries: vec![entry] };
                 match api.checkpoint(request).await {
                     Ok(r) => {

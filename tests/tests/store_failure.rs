@@ -145,7 +145,12 @@ async fn a_full_disk_stops_the_coordinator_with_a_nonzero_exit_and_the_store_err
         offset += 1;
         let entries = leases
             .iter()
-            .map(|(l, epoch)| v1::CheckpointEntry { lease: Some(l.into()), epoch: *epoch, offset })
+            .map(|(l, epoch)| v1::CheckpointEntry {
+                lease: Some(l.into()),
+                epoch: *epoch,
+                offset,
+                window: None,
+            })
             .collect();
         match api.checkpoint(v1::CheckpointRequest { worker_id: "w".into(), entries }).await {
             Ok(r) if r.get_ref().results.iter().all(|r| r.status == v1::CheckpointStatus::Ok as i32) => {

@@ -14,7 +14,7 @@ use shardline_tests::{
 };
 
 fn entry(lease: &LeaseId, epoch: u64, offset: i64) -> v1::CheckpointEntry {
-    v1::CheckpointEntry { lease: Some(lease.into()), epoch, offset }
+    v1::CheckpointEntry { lease: Some(lease.into()), epoch, offset, window: None }
 }
 
 /// A checkpoint past the partition's high watermark is refused with

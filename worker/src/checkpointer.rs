@@ -7,22 +7,25 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardline_proto::LeaseId;
+use shardline_proto::{LeaseId, WindowState};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::membership::{Session, SessionError};
 
+/// A lease's newest checkpoint: epoch, offset, and its tumbling window.
+type Pending = (u64, i64, Option<WindowState>);
+
 /// Pending checkpoints, newest per lease.
 #[derive(Clone, Default)]
 pub struct Checkpointer {
-    pending: Arc<Mutex<HashMap<LeaseId, (u64, i64)>>>,
+    pending: Arc<Mutex<HashMap<LeaseId, Pending>>>,
     notify: Arc<Notify>,
 }
 
 impl Checkpointer {
-    pub fn submit(&self, lease: &LeaseId, epoch: u64, offset: i64) {
-        crate::lock(&self.pending).insert(lease.clone(), (epoch, offset));
+    pub fn submit(&self, lease: &LeaseId, epoch: u64, offset: i64, window: Option<WindowState>) {
+        crate::lock(&self.pending).insert(lease.clone(), (epoch, offset, window));
         self.notify.notify_one();
     }
 
@@ -38,7 +41,8 @@ impl Checkpointer {
             if stop.run_until_cancelled(self.notify.notified()).await.is_none() {
                 return;
             }
-            let entries: Vec<_> = crate::lock(&self.pending).drain().map(|(l, (e, o))| (l, e, o)).collect();
+            let entries: Vec<_> =
+                crate::lock(&self.pending).drain().map(|(l, (e, o, w))| (l, e, o, w)).collect();
             if entries.is_empty() {
                 continue;
             }
@@ -48,7 +52,7 @@ impl Checkpointer {
                     failures = 0;
                     metrics::histogram!("shardline_checkpoint_latency_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    for ((lease, epoch, _), result) in entries.into_iter().zip(results) {
+                    for ((lease, epoch, _, _), result) in entries.into_iter().zip(results) {
                         match result {
                             Ok(()) => {}
                             Err(SessionError::Fenced { current_epoch, .. }) => {
@@ -66,8 +70,8 @@ impl Checkpointer {
                     metrics::counter!("shardline_checkpoint_errors_total").increment(1);
                     tracing::warn!(error = %e, "checkpoint call failed; retrying");
                     // Put back, unless a newer one arrived meanwhile.
-                    for (lease, epoch, offset) in entries {
-                        crate::lock(&self.pending).entry(lease).or_insert((epoch, offset));
+                    for (lease, epoch, offset, window) in entries {
+                        crate::lock(&self.pending).entry(lease).or_insert((epoch, offset, window));
                     }
                     let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
                     if stop.run_until_cancelled(tokio::time::sleep(wait)).await.is_none() {

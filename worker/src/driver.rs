@@ -5,7 +5,7 @@
 //! lanes get bounded queues by key, so one slow key does not hold back the
 //! others. The driver never names a concrete source or sink.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +14,7 @@ use crate::batcher::{Batcher, Limits};
 use crate::handler::{DynHandler, Record};
 use crate::policy::{CompiledFilter, Lane, LaneStats, Tracker};
 use crate::source::{End, Exit, Finalizer, Lease, Opened, RecordReader, Source};
+use tokio_util::sync::CancellationToken;
 
 /// Live figures of one lease, for the heartbeat's load report.
 #[derive(Debug, Default)]
@@ -139,6 +140,7 @@ impl LeaseTask {
             filter,
             sink: source.sink(),
             replies: source.replies(),
+            window: lease.window.as_deref(),
             hooks: source,
             drain: &lease.drain,
             lease: &lease.id,
@@ -203,9 +205,10 @@ impl LeaseTask {
             batches_total.increment(1);
             Ok::<_, End>(())
         };
-        // Cuts the next batch; `None` when draining or the reader ended.
-        let mut cut = async || {
-            let records = batcher.next_batch(&lease.drain).await?;
+        // Cuts the next batch; `None` when `stop` fires first (a drain) or
+        // the reader ended.
+        let mut cut = async |stop: &CancellationToken| {
+            let records = batcher.next_batch(stop).await?;
             let finished = tracker.position();
             let cut_to = records.last().map_or(finished, |r| r.position() + 1);
             let lag = batcher.reader.lag(cut_to, finished);
@@ -215,10 +218,91 @@ impl LeaseTask {
             Some(records)
         };
         let drain = &lease.drain;
-        let result = if lanes == 1 {
+        let result = if let Some(slot) = lease.window.as_deref() {
+            let size_ms = i64::try_from(lease.mapping.tumbling_window.as_millis()).unwrap_or(i64::MAX).max(1);
+            let grace_ms = i64::try_from(lease.mapping.window_grace.as_millis()).unwrap_or(i64::MAX);
+            // Cut but not handled yet: a cut may hold the start of the next
+            // window, which waits for the open one's final invocation.
+            let mut pending: VecDeque<Arc<Record>> = VecDeque::new();
+            async {
+                loop {
+                    if drain.is_cancelled() {
+                        return Ok(());
+                    }
+                    if pending.is_empty() {
+                        // Wait for records, or (a window open) until the
+                        // shard has been idle past its end and the grace.
+                        let idle = slot.bounds().map(|(_, end)| end.saturating_add(grace_ms));
+                        let stop = drain.child_token();
+                        let cut_done = CancellationToken::new();
+                        let timer = async {
+                            let Some(at) = idle else { return cut_done.cancelled().await };
+                            let wait = u64::try_from(at - crate::unix_ms() as i64).unwrap_or(0);
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_millis(wait)) => stop.cancel(),
+                                () = cut_done.cancelled() => {}
+                            }
+                        };
+                        // The cut is never dropped half way (it may hold a
+                        // record): the timer only makes it return.
+                        let read = async {
+                            let records = cut(&stop).await;
+                            cut_done.cancel();
+                            records
+                        };
+                        let (records, ()) = tokio::join!(read, timer);
+                        match records {
+                            Some(records) => pending.extend(records),
+                            None if drain.is_cancelled() => return Ok(()),
+                            None if stop.is_cancelled() => {
+                                // Idle past the end: the final invocation.
+                                if !close(lane, finalizer, tracker, self.stats.lag.load(Ordering::Relaxed))
+                                    .await?
+                                {
+                                    return Ok(());
+                                }
+                            }
+                            None => return Ok(()),
+                        }
+                        continue;
+                    }
+                    let now = crate::unix_ms() as i64;
+                    let window_of = |r: &Record| slot.window_of(size_ms, r.timestamp_ms, now);
+                    let Some(bounds) = pending.front().map(|r| window_of(r)) else { continue };
+                    if slot.bounds().is_some_and(|open| open != bounds) {
+                        // A record past the open window: it closes first.
+                        if !close(lane, finalizer, tracker, self.stats.lag.load(Ordering::Relaxed)).await? {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    slot.enter(bounds, None);
+                    let mut records = Vec::new();
+                    while records.len() < batch_size
+                        && let Some(r) = pending.front()
+                        && window_of(r) == bounds
+                    {
+                        records.extend(pending.pop_front());
+                    }
+                    // The next record is known to be in a later window: this
+                    // batch holds the window's last record, so it is final.
+                    let boundary = pending.front().is_some_and(|r| window_of(r) != bounds);
+                    slot.enter(bounds, records.last().map(|r| r.position()).filter(|_| boundary));
+                    handle(records).await?;
+                    if boundary && slot.bounds() == Some(bounds) {
+                        // Its records gave up (or failed on their own): the
+                        // window still gets its final invocation.
+                        if !close(lane, finalizer, tracker, self.stats.lag.load(Ordering::Relaxed)).await? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            .await
+        } else if lanes == 1 {
             async {
                 while !drain.is_cancelled()
-                    && let Some(records) = cut().await
+                    && let Some(records) = cut(drain).await
                 {
                     handle(records).await?;
                 }
@@ -234,7 +318,7 @@ impl LeaseTask {
             let handle = &handle;
             let dispatch = async move {
                 while !drain.is_cancelled()
-                    && let Some(records) = cut().await
+                    && let Some(records) = cut(drain).await
                 {
                     for r in records {
                         if senders[lane_of(&r, lanes)].send(r).await.is_err() {
@@ -270,6 +354,22 @@ impl LeaseTask {
             Ok(()) => End::Broken,
         }
     }
+}
+
+/// Runs the open window's final invocation with no records and
+/// checkpoints the closed window at the position reached. `Ok(false)`: the
+/// lease drains first (the window stays open for the next owner).
+async fn close<F: Finalizer>(
+    lane: &Lane<'_>,
+    finalizer: &F,
+    tracker: &Tracker<'_>,
+    lag: i64,
+) -> Result<bool, End> {
+    let closed = lane.close_window(lag).await.map_err(|_| End::Killed)?;
+    if closed {
+        finalizer.advanced(tracker.position());
+    }
+    Ok(closed)
 }
 
 /// The lane of a record: by key hash, so a key's records stay in order;

@@ -98,6 +98,11 @@ pub struct Batch {
     /// wall-clock ms since the Unix epoch: Lambda's deadline, for handlers
     /// that pass it on. 0: no deadline known.
     pub deadline_ms: u64,
+    /// With `tumbling_window`: the window these records belong to, the
+    /// state the previous invocation of the window returned, and whether
+    /// this is its final invocation (which may carry no records). Return
+    /// the new state in [`BatchResponse::state`].
+    pub window: Option<crate::window::Window>,
 }
 
 impl Batch {
@@ -160,6 +165,10 @@ pub struct BatchResponse {
     /// their record succeeded, before it is acked. A reply to a record
     /// without `reply_to`, or to one that failed, is not sent.
     pub replies: Vec<Reply>,
+    /// With a tumbling window: the window's state after this batch (at most
+    /// 1 MiB), which the window's next invocation gets. `None`: no state.
+    /// Ignored without a window, and after the final invocation.
+    pub state: Option<Vec<u8>>,
 }
 
 impl BatchResponse {

@@ -51,6 +51,7 @@ pub mod policy;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+pub mod window;
 
 pub use config::{ConfigError, ConfigFile, WorkerConfig};
 pub use entry::main;

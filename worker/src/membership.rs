@@ -30,7 +30,7 @@ use backon::{ExponentialBuilder, Retryable};
 use shardline_proto::endpoints::{describe, leader_hint, should_try_another};
 use shardline_proto::timing::fence_after;
 use shardline_proto::v1::{self, worker_api_client::WorkerApiClient};
-use shardline_proto::{Credentials, Endpoints, LeaseId, Mapping, Start};
+use shardline_proto::{Credentials, Endpoints, LeaseId, Mapping, Start, WindowState};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +58,14 @@ pub struct SessionConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum LeaseEvent {
     /// Start (or restart, if running under an older epoch) from `start`.
-    Acquire { lease: LeaseId, epoch: u64, start: Start, mapping: Option<Box<Mapping>> },
+    Acquire {
+        lease: LeaseId,
+        epoch: u64,
+        start: Start,
+        mapping: Option<Box<Mapping>>,
+        /// The tumbling window of the lease's last checkpoint.
+        window: Option<WindowState>,
+    },
     /// Finish the in-flight batch, then [`Session::release_done`].
     Release { lease: LeaseId, epoch: u64 },
     /// Stop at once, without checkpointing.
@@ -403,16 +410,17 @@ impl Session {
     /// One result per entry.
     pub async fn checkpoint(
         &self,
-        entries: Vec<(LeaseId, u64, i64)>,
+        entries: Vec<(LeaseId, u64, i64, Option<WindowState>)>,
     ) -> Result<Vec<Result<(), SessionError>>, SessionError> {
         let message = v1::CheckpointRequest {
             worker_id: self.cfg.worker_id.clone(),
             entries: entries
                 .iter()
-                .map(|(lease, epoch, offset)| v1::CheckpointEntry {
+                .map(|(lease, epoch, offset, window)| v1::CheckpointEntry {
                     lease: Some(lease.into()),
                     epoch: *epoch,
                     offset: *offset,
+                    window: window.as_ref().map(v1::WindowState::from),
                 })
                 .collect(),
         };
@@ -421,7 +429,7 @@ impl Session {
             Ok(reply) => reply.into_inner(),
             Err(status) => return Err(self.failed(url, status)),
         };
-        Ok(entries.into_iter().zip(reply.results).map(|((lease, _, _), r)| status(lease, r)).collect())
+        Ok(entries.into_iter().zip(reply.results).map(|((lease, _, _, _), r)| status(lease, r)).collect())
     }
 
     pub async fn release_done(
@@ -429,12 +437,14 @@ impl Session {
         lease: &LeaseId,
         epoch: u64,
         offset: Option<i64>,
+        window: Option<&WindowState>,
     ) -> Result<(), SessionError> {
         let message = v1::ReleaseDoneRequest {
             worker_id: self.cfg.worker_id.clone(),
             lease: Some(lease.into()),
             epoch,
             offset,
+            window: window.map(v1::WindowState::from),
         };
         let (url, mut client) = self.client()?;
         let reply = match client.release_done(self.request(message)).await {
@@ -616,6 +626,7 @@ fn events(instructions: Vec<v1::Instruction>) -> Result<Vec<LeaseEvent>, Session
                         .map(|m| Mapping::try_from(m).map(Box::new))
                         .transpose()
                         .map_err(bad)?,
+                    window: shardline_proto::window(a.window.as_ref()).map_err(bad)?,
                 },
                 Kind::Release(r) => LeaseEvent::Release { lease: lease(r.lease.as_ref())?, epoch: r.epoch },
                 Kind::Revoke(r) => LeaseEvent::Revoke { lease: lease(r.lease.as_ref())?, epoch: r.epoch },
@@ -805,9 +816,9 @@ mod tests {
         // Every later call goes to the leader, learned though never listed.
         assert!(matches!(heartbeat(&s).await, Ok(Some(_))));
         let lease: LeaseId = "orders/0".parse().unwrap_or_else(|e| panic!("{e}"));
-        let results = s.checkpoint(vec![(lease.clone(), 1, 5)]).await.unwrap_or_else(|e| panic!("{e}"));
+        let results = s.checkpoint(vec![(lease.clone(), 1, 5, None)]).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(results.iter().all(Result::is_ok), "{results:?}");
-        s.release_done(&lease, 1, Some(6)).await.unwrap_or_else(|e| panic!("{e}"));
+        s.release_done(&lease, 1, Some(6), None).await.unwrap_or_else(|e| panic!("{e}"));
         s.deregister().await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(standby.count("register"), 1, "the standby was asked once");
         for method in ["heartbeat", "checkpoint", "release_done", "deregister"] {
@@ -861,12 +872,12 @@ mod tests {
         // Unknown worker: NOT_FOUND on every call but register.
         assert!(matches!(heartbeat(&s).await, Ok(None)));
         let lease: LeaseId = "orders/0".parse().unwrap_or_else(|e| panic!("{e}"));
-        let e = s.checkpoint(vec![(lease.clone(), 1, 5)]).await;
+        let e = s.checkpoint(vec![(lease.clone(), 1, 5, None)]).await;
         assert!(
             matches!(&e, Err(SessionError::Rpc(status)) if status.code() == tonic::Code::NotFound),
             "{e:?}"
         );
-        let e = s.release_done(&lease, 1, None).await;
+        let e = s.release_done(&lease, 1, None, None).await;
         assert!(
             matches!(&e, Err(SessionError::Rpc(status)) if status.code() == tonic::Code::NotFound),
             "{e:?}"

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Batch, BatchResponse, DynHandler, HandlerError, Record};
 use crate::sink::{FailureSink, GaveUp, Reason};
+use crate::window::Window;
 
 /// The lease was stopped (lost or revoked) before the records finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +234,9 @@ pub struct Lane<'a> {
     pub sink: &'a dyn FailureSink,
     /// Where replies to synchronous invocations go (queue slots only).
     pub replies: Option<&'a crate::amqp::Publisher>,
+    /// The lease's tumbling window, with `tumbling_window` (see
+    /// `window.rs` for how its state follows successes only).
+    pub window: Option<&'a crate::window::Slot>,
     pub hooks: &'a dyn Hooks,
     /// The lease drains: start no retry (see the module docs).
     pub drain: &'a CancellationToken,
@@ -297,7 +301,7 @@ impl Lane<'_> {
             stats.attempts += 1;
             let started = Instant::now();
             // The records go into the batch and come back: not copied.
-            let (records, result) = self.attempt(std::mem::take(&mut work.records), lag).await;
+            let (records, window, result) = self.attempt(std::mem::take(&mut work.records), lag).await;
             work.records = records;
             let result = result?;
             let took = started.elapsed();
@@ -307,6 +311,9 @@ impl Lane<'_> {
                 Ok(response) if response.failed.is_empty() || !self.policy.report_item_failures => {
                     crate::sink::reply::send(self.replies, self.lease, &work.records, &response.replies)
                         .await;
+                    // Before `finish`: the checkpoint it triggers carries
+                    // the window's new state.
+                    self.window_succeeded(window.as_ref(), &response, true);
                     stats.handled += work.finish();
                     continue;
                 }
@@ -319,6 +326,9 @@ impl Lane<'_> {
                             // the first failure, retried from it.
                             let failed = work.split_off(first);
                             let handled = std::mem::replace(&mut work, failed);
+                            // The state counts the records before the first
+                            // failed one: the ones that finish now.
+                            self.window_succeeded(window.as_ref(), &response, false);
                             crate::sink::reply::send(
                                 self.replies,
                                 self.lease,
@@ -361,6 +371,21 @@ impl Lane<'_> {
                 // its last answer gave up; the others it handled then (and
                 // their replies go). Each carries the error the handler gave
                 // it, if any.
+                if let Some(named) = &named
+                    && self.window.is_some()
+                {
+                    // In a window, the records not named are offered again
+                    // rather than finished uncounted: the state must count
+                    // every record that finishes in the window.
+                    let mut rest = work.split_by(|r| named.failed.contains(&r.position()));
+                    let why = GaveUp { reason, attempts, error: error.message.clone() };
+                    stats.gave_up += self.give_up(work, &why).await?;
+                    if !rest.records.is_empty() {
+                        rest.attempts = 0;
+                        queue.push_front(rest);
+                    }
+                    continue;
+                }
                 if let Some(named) = &named {
                     let handled = work.split_by(|r| named.failed.contains(&r.position()));
                     crate::sink::reply::send(self.replies, self.lease, &handled.records, &named.replies)
@@ -398,21 +423,80 @@ impl Lane<'_> {
         Ok(stats)
     }
 
+    /// An invocation of `window` succeeded: the lease's window keeps its
+    /// state (or closes after a final one whose records all finished).
+    fn window_succeeded(&self, window: Option<&Window>, response: &BatchResponse, finished_all: bool) {
+        if let (Some(slot), Some(window)) = (self.window, window) {
+            slot.succeeded(window, response.state.clone(), finished_all);
+        }
+    }
+
+    /// The final invocation of the open window with no records (its records
+    /// are done, or gave up): retried with the policy's backoff until it
+    /// succeeds, as the shard waits for it (Lambda's rule). `Ok(false)`: the
+    /// lease drains first; the window stays open for the next owner.
+    pub async fn close_window(&self, lag: i64) -> Result<bool, Stopped> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (_, window, result) = self.attempt(Vec::new(), lag).await;
+            let Some(window) = window else { return Ok(true) };
+            let error = match result? {
+                Ok(response) => {
+                    self.window_succeeded(Some(&window), &response, true);
+                    return Ok(true);
+                }
+                Err((e, _)) => e,
+            };
+            metrics::counter!("shardline_handler_errors_total", "handler" => self.name.to_owned())
+                .increment(1);
+            let wait = self.backoff(attempts);
+            tracing::warn!(lease = %self.lease, attempts, error = %error, ?wait, "final invocation of a window failed; retrying");
+            tokio::select! {
+                biased;
+                () = self.tracker.kill.cancelled() => return Err(Stopped),
+                () = self.drain.cancelled() => return Ok(false),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
     /// One attempt, with the handler's panics and timeout turned into errors.
     /// The records are moved into the batch and handed back with the
-    /// outcome, whatever it is.
-    async fn attempt(&self, records: Vec<Arc<Record>>, lag: i64) -> (Vec<Arc<Record>>, Attempt) {
+    /// window it ran in and the outcome, whatever it is.
+    async fn attempt(
+        &self,
+        records: Vec<Arc<Record>>,
+        lag: i64,
+    ) -> (Vec<Arc<Record>>, Option<Window>, Attempt) {
         let timeout = u64::try_from(self.policy.handler_timeout.as_millis()).unwrap_or(u64::MAX);
         let deadline_ms = crate::unix_ms().saturating_add(timeout);
-        let batch = Batch { records, lease: self.lease.clone(), epoch: self.epoch, lag, deadline_ms };
+        let window = self.window.and_then(|slot| {
+            let positions: Vec<i64> = records.iter().map(|r| r.position()).collect();
+            slot.context(&positions)
+        });
+        let batch = Batch {
+            records,
+            lease: self.lease.clone(),
+            epoch: self.epoch,
+            lag,
+            deadline_ms,
+            window: window.clone(),
+        };
         let started = Instant::now();
         let run = AssertUnwindSafe(self.handler.handle(&batch)).catch_unwind();
         let run = tokio::time::timeout(self.policy.handler_timeout, run);
         let result = self.tracker.kill.run_until_cancelled(run).await;
-        let Some(result) = result else { return (batch.records, Err(Stopped)) };
+        let Some(result) = result else { return (batch.records, window, Err(Stopped)) };
         metrics::histogram!("shardline_handler_duration_seconds", "handler" => self.name.to_owned())
             .record(started.elapsed().as_secs_f64());
         let outcome = match result {
+            Ok(Ok(Ok(response))) if window.is_some() => {
+                match crate::window::check_state(response.state.as_deref()) {
+                    Ok(()) => Ok(response),
+                    Err(e) => Err((HandlerError::new(e), Reason::RetriesExhausted)),
+                }
+            }
             Ok(Ok(Ok(response))) => Ok(response),
             Ok(Ok(Err(e))) => Err((e, Reason::RetriesExhausted)),
             Ok(Err(panic)) => {
@@ -428,7 +512,7 @@ impl Lane<'_> {
                 Reason::HandlerTimeout,
             )),
         };
-        (batch.records, Ok(outcome))
+        (batch.records, window, Ok(outcome))
     }
 
     fn backoff(&self, attempts: u32) -> Duration {

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use shardline_proto::{LeaseId, LeaseKind, Mapping, Start, v1};
+use shardline_proto::{LeaseId, LeaseKind, Mapping, Start, WindowState, v1};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,8 @@ struct Running {
     stopping: bool,
     drain: CancellationToken,
     kill: CancellationToken,
+    /// The lease's tumbling window: its release carries it.
+    window: Option<Arc<crate::window::Slot>>,
 }
 
 type StatsTable = Arc<Mutex<BTreeMap<LeaseId, (u64, Arc<LeaseStats>)>>>;
@@ -266,7 +268,7 @@ impl Runtime {
             return;
         }
         match event {
-            LeaseEvent::Acquire { lease, epoch, start, mapping } => {
+            LeaseEvent::Acquire { lease, epoch, start, mapping, window } => {
                 // A run killed but not yet joined (lost, or stopped by the
                 // self-fence) is not running: it is replaced below.
                 if self.running.get(&lease).is_some_and(|r| r.epoch == epoch && !r.kill.is_cancelled()) {
@@ -287,7 +289,7 @@ impl Runtime {
                         self.joined(done).await;
                     }
                 }
-                self.start(generation, lease, epoch, start, mapping).await;
+                self.start(generation, lease, epoch, start, mapping, window).await;
             }
             LeaseEvent::Release { lease, epoch } => match self.running.get(&lease) {
                 Some(r) if r.epoch == epoch => r.drain.cancel(),
@@ -309,6 +311,7 @@ impl Runtime {
         epoch: u64,
         start: Start,
         mapping: Option<Box<Mapping>>,
+        window: Option<WindowState>,
     ) {
         if self.draining {
             self.give_back(&lease, epoch, start.checkpoint()).await;
@@ -345,6 +348,8 @@ impl Runtime {
         stats.lag.store(-1, Ordering::Relaxed);
         // A kill drains too: every wait that ends on a drain ends on a kill.
         let drain = kill.child_token();
+        let window = (lease.kind == LeaseKind::Shard && !mapping.tumbling_window.is_zero())
+            .then(|| Arc::new(crate::window::Slot::resume(window)));
         let task = LeaseTask {
             lease: Lease {
                 id: lease.clone(),
@@ -353,6 +358,7 @@ impl Runtime {
                 start,
                 drain: drain.clone(),
                 kill: kill.clone(),
+                window: window.clone(),
             },
             handler,
             stats: stats.clone(),
@@ -388,7 +394,7 @@ impl Runtime {
         self.task_leases.insert(spawned.id(), (lease.clone(), epoch));
         self.session.held.insert(lease.clone(), epoch);
         crate::lock(&self.stats).insert(lease.clone(), (epoch, stats));
-        self.running.insert(lease, Running { epoch, stopping: false, drain, kill });
+        self.running.insert(lease, Running { epoch, stopping: false, drain, kill, window });
     }
 
     fn kafka(&mut self) -> Result<(KafkaSource, FutureProducer), SourceError> {
@@ -422,7 +428,7 @@ impl Runtime {
 
     /// Confirms a release of a lease this worker does not run.
     async fn give_back(&self, lease: &LeaseId, epoch: u64, offset: Option<i64>) {
-        if let Err(e) = self.session.release_done(lease, epoch, offset).await {
+        if let Err(e) = self.session.release_done(lease, epoch, offset, None).await {
             tracing::warn!(%lease, epoch, error = %e, "giving the lease back failed; the coordinator re-sends it");
         }
     }
@@ -444,8 +450,10 @@ impl Runtime {
                 }
             }
         };
+        // The window as the run left it, which goes with its final offset.
+        let mut window = None;
         if self.running.get(&lease).is_some_and(|r| r.epoch == epoch) {
-            self.running.remove(&lease);
+            window = self.running.remove(&lease).and_then(|r| r.window).and_then(|w| w.snapshot());
         }
         self.session.held.remove(&lease, epoch);
         {
@@ -455,7 +463,10 @@ impl Runtime {
             }
         }
         if let Exit::Released(offset) = exit {
-            match self.session.release_done(&lease, epoch, offset).await {
+            // Without a final offset the last acknowledged checkpoint
+            // stands, and so does the window stored with it.
+            let window = window.filter(|_| offset.is_some());
+            match self.session.release_done(&lease, epoch, offset, window.as_ref()).await {
                 Ok(()) => tracing::info!(%lease, epoch, ?offset, "lease released"),
                 Err(e) => {
                     tracing::warn!(%lease, error = %e, "release confirmation failed; the coordinator forces it")

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use shardline_proto::{LeaseId, LeaseKind, Start};
+use shardline_proto::{LeaseId, LeaseKind, Start, WindowState};
 
 pub type WorkerId = String;
 
@@ -155,12 +155,17 @@ pub struct LeaseRecord {
     /// mapping was created).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub from_earliest: bool,
+    /// With tumbling windows: the window as of `checkpoint`, with its state;
+    /// written with the checkpoint, in the same record, by the same
+    /// fenced call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowState>,
 }
 
 impl LeaseRecord {
     /// A lease nobody has held yet.
     pub fn new(lease: LeaseId) -> Self {
-        Self { lease, epoch: 0, owner: None, checkpoint: None, from_earliest: false }
+        Self { lease, epoch: 0, owner: None, checkpoint: None, from_earliest: false, window: None }
     }
 
     /// Where its next owner starts.
@@ -201,12 +206,17 @@ pub struct Lease {
     pub unrun: u32,
 }
 
+/// An operator's checkpoint change: the lease, its new checkpoint, and (an
+/// import) the tumbling window that goes with it.
+pub type Change = (LeaseId, i64, Option<WindowState>);
+
 /// What a worker is told to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Instruction {
-    /// Start processing from `start`. Idempotent: a worker already running
-    /// the lease under `epoch` ignores it.
-    Acquire { lease: LeaseId, epoch: u64, start: Start },
+    /// Start processing from `start` (with tumbling windows, resuming
+    /// `window`). Idempotent: a worker already running the lease under
+    /// `epoch` ignores it.
+    Acquire { lease: LeaseId, epoch: u64, start: Start, window: Option<WindowState> },
     /// Finish the in-flight batch, checkpoint, then confirm with
     /// release_done (at once, with no offset, when not running it).
     Release { lease: LeaseId, epoch: u64 },
@@ -588,6 +598,7 @@ impl Core {
                         lease: lease_id.clone(),
                         epoch,
                         start: lease.record.start(),
+                        window: lease.record.window.clone(),
                     });
                     reply.push(Instruction::Release { lease: lease_id, epoch });
                 }
@@ -595,6 +606,7 @@ impl Core {
                     lease: lease_id,
                     epoch: lease.record.epoch,
                     start: lease.record.start(),
+                    window: lease.record.window.clone(),
                 }),
             }
         }
@@ -756,7 +768,8 @@ impl Core {
                     if l.unrun > UNRUN_LIMIT {
                         take_back.push(lease);
                     } else {
-                        missing.push(Instruction::Acquire { lease, epoch, start: l.record.start() });
+                        let (start, window) = (l.record.start(), l.record.window.clone());
+                        missing.push(Instruction::Acquire { lease, epoch, start, window });
                     }
                 }
                 LeaseState::Releasing { .. } if runs => {
@@ -824,6 +837,22 @@ impl Core {
         epoch: u64,
         offset: i64,
     ) -> CheckpointOutcome {
+        self.checkpoint_window(worker, lease, epoch, offset, None)
+    }
+
+    /// [`Core::checkpoint`] of a windowed lease: `window` (`Some`: the
+    /// mapping has tumbling windows) is the window as of `offset`, stored
+    /// with it when the checkpoint is accepted and does not go back (a
+    /// window closing at the same offset is news; one from an older offset
+    /// is not).
+    pub fn checkpoint_window(
+        &mut self,
+        worker: &str,
+        lease: &LeaseId,
+        epoch: u64,
+        offset: i64,
+        window: Option<WindowState>,
+    ) -> CheckpointOutcome {
         let Some(l) = self.leases.get_mut(lease) else { return CheckpointOutcome::UnknownLease };
         if l.record.owner.as_deref() != Some(worker) || l.record.epoch != epoch {
             return CheckpointOutcome::Stale { current_epoch: l.record.epoch };
@@ -832,6 +861,13 @@ impl Core {
             && offset > high
         {
             return CheckpointOutcome::BeyondWatermark { high };
+        }
+        if let Some(window) = window
+            && l.record.checkpoint.is_none_or(|c| offset >= c)
+            && l.record.window.as_ref() != Some(&window)
+        {
+            l.record.window = Some(window);
+            self.dirty.insert(lease.clone());
         }
         if l.record.checkpoint.is_none_or(|c| offset > c) {
             l.record.checkpoint = Some(offset);
@@ -881,9 +917,10 @@ impl Core {
         lease: &LeaseId,
         epoch: u64,
         offset: Option<i64>,
+        window: Option<WindowState>,
     ) -> CheckpointOutcome {
         if let Some(offset) = offset {
-            let outcome = self.checkpoint(worker, lease, epoch, offset);
+            let outcome = self.checkpoint_window(worker, lease, epoch, offset, window);
             if !matches!(outcome, CheckpointOutcome::Ok { .. }) {
                 return outcome;
             }
@@ -1061,17 +1098,26 @@ impl Core {
 
     /// An operator sets a checkpoint (backwards too). The epoch goes up so
     /// the current owner cannot overwrite it; the owner is told to restart
-    /// from the new position.
-    pub fn set_checkpoint(&mut self, now: Instant, lease: &LeaseId, offset: i64) -> Result<(), CoreError> {
+    /// from the new position. A tumbling window's state belongs to the old
+    /// position: it goes, unless `window` (an import) brings the one that
+    /// goes with the new position.
+    pub fn set_checkpoint(
+        &mut self,
+        now: Instant,
+        lease: &LeaseId,
+        offset: i64,
+        window: Option<WindowState>,
+    ) -> Result<(), CoreError> {
         let l = self.leases.get_mut(lease).ok_or_else(|| CoreError::UnknownLease(lease.clone()))?;
         l.record.checkpoint = Some(offset);
+        l.record.window = window.clone();
         l.record.epoch += 1;
         self.dirty.insert(lease.clone());
         let epoch = l.record.epoch;
         match (l.state.clone(), l.record.owner.clone()) {
             (LeaseState::Owned, Some(owner)) => {
                 let start = Start::Checkpoint(offset);
-                self.push(&owner, Instruction::Acquire { lease: lease.clone(), epoch, start });
+                self.push(&owner, Instruction::Acquire { lease: lease.clone(), epoch, start, window });
             }
             (LeaseState::Releasing { to, .. }, owner) => {
                 if let Some(owner) = owner {
@@ -1089,24 +1135,20 @@ impl Core {
     /// lease is checked first (it exists and is a shard, and appears once),
     /// so either all change or none does. Returns each lease's state before
     /// the change: (lease, owner, epoch, checkpoint).
-    pub fn set_checkpoints(
-        &mut self,
-        now: Instant,
-        changes: &[(LeaseId, i64)],
-    ) -> Result<Vec<Before>, CoreError> {
+    pub fn set_checkpoints(&mut self, now: Instant, changes: &[Change]) -> Result<Vec<Before>, CoreError> {
         let before = self.check_checkpoints(changes)?;
-        for (lease, offset) in changes {
-            self.set_checkpoint(now, lease, *offset)?;
+        for (lease, offset, window) in changes {
+            self.set_checkpoint(now, lease, *offset, window.clone())?;
         }
         Ok(before)
     }
 
     /// What [`Core::set_checkpoints`] checks, without changing anything (a
     /// dry run).
-    pub fn check_checkpoints(&self, changes: &[(LeaseId, i64)]) -> Result<Vec<Before>, CoreError> {
+    pub fn check_checkpoints(&self, changes: &[Change]) -> Result<Vec<Before>, CoreError> {
         let mut seen = BTreeSet::new();
         let mut before = Vec::with_capacity(changes.len());
-        for (lease, offset) in changes {
+        for (lease, offset, _) in changes {
             let l = self.leases.get(lease).ok_or_else(|| CoreError::UnknownLease(lease.clone()))?;
             if lease.kind != LeaseKind::Shard {
                 return Err(CoreError::NotAShard(lease.clone()));
@@ -1151,8 +1193,12 @@ impl Core {
         self.set_owner(lease, Some(worker));
         self.dirty.insert(lease.clone());
         let Some(l) = self.leases.get(lease) else { return };
-        let instruction =
-            Instruction::Acquire { lease: lease.clone(), epoch: l.record.epoch, start: l.record.start() };
+        let instruction = Instruction::Acquire {
+            lease: lease.clone(),
+            epoch: l.record.epoch,
+            start: l.record.start(),
+            window: l.record.window.clone(),
+        };
         self.push(worker, instruction);
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::strategy::Strategy;
-use shardline_proto::{LeaseId, LeaseKind};
+use shardline_proto::{LeaseId, LeaseKind, WindowState};
 
 use super::*;
 
@@ -99,7 +99,10 @@ fn a_join_moves_only_what_balance_needs_and_by_graceful_handoff() {
     assert_eq!(released.len(), 4, "exactly half moves");
     for (lease, epoch) in &released {
         assert_eq!(core.checkpoint("a", lease, *epoch, 10), CheckpointOutcome::Ok { checkpoint: Some(10) });
-        assert!(matches!(core.release_done(now, "a", lease, *epoch, Some(11)), CheckpointOutcome::Ok { .. }));
+        assert!(matches!(
+            core.release_done(now, "a", lease, *epoch, Some(11), None),
+            CheckpointOutcome::Ok { .. }
+        ));
     }
     let got = beat(&mut core, now, "b", WorkerLoad::default()).unwrap_or_default();
     assert_eq!(got.len(), 4);
@@ -122,7 +125,7 @@ fn a_silent_worker_expires_after_the_session_timeout_and_its_leases_move() {
     // Let the initial handoff settle: a confirms every release.
     for i in beat(&mut core, t0, "a", WorkerLoad::default()).unwrap_or_default() {
         if let Instruction::Release { lease, epoch } = i {
-            core.release_done(t0, "a", &lease, epoch, None);
+            core.release_done(t0, "a", &lease, epoch, None, None);
         }
     }
     let timeout = core.config().session_timeout;
@@ -198,18 +201,86 @@ fn operator_set_bumps_the_epoch_and_restarts_the_owner() {
     core.register(t0, reg("a"));
     let lease = LeaseId::shard("s", 0);
     core.checkpoint("a", &lease, 1, 100);
-    assert_eq!(core.set_checkpoint(t0, &lease, 5), Ok(()));
+    assert_eq!(core.set_checkpoint(t0, &lease, 5, None), Ok(()));
     assert!(matches!(core.checkpoint("a", &lease, 1, 101), CheckpointOutcome::Stale { current_epoch: 2 }));
     let to_a = beat(&mut core, t0, "a", WorkerLoad::default()).unwrap_or_default();
     assert_eq!(
         to_a,
-        vec![Instruction::Acquire { lease: lease.clone(), epoch: 2, start: Start::Checkpoint(5) }]
+        vec![Instruction::Acquire {
+            lease: lease.clone(),
+            epoch: 2,
+            start: Start::Checkpoint(5),
+            window: None
+        }]
     );
     assert_eq!(core.checkpoint("a", &lease, 2, 6), CheckpointOutcome::Ok { checkpoint: Some(6) });
     assert_eq!(
-        core.set_checkpoint(t0, &LeaseId::shard("nope", 0), 1),
+        core.set_checkpoint(t0, &LeaseId::shard("nope", 0), 1, None),
         Err(CoreError::UnknownLease(LeaseId::shard("nope", 0)))
     );
+}
+
+/// A windowed lease's window travels with its checkpoint: stored by the
+/// same fenced call, handed to the next owner with the lease, never taken
+/// from a zombie, never set back by a late answer about an older offset,
+/// dropped by an operator's reset and brought back by an import.
+#[test]
+fn a_window_is_stored_with_its_checkpoint_fenced_and_resumed_by_the_next_owner() {
+    let t0 = Instant::now();
+    let mut core = core_with(1, t0);
+    core.register(t0, reg("a"));
+    let lease = LeaseId::shard("s", 0);
+    let window =
+        |state: &str| WindowState { state: Some(state.into()), ..WindowState::open(60_000, 120_000) };
+    let ok = core.checkpoint_window("a", &lease, 1, 10, Some(window("3")));
+    assert_eq!(ok, CheckpointOutcome::Ok { checkpoint: Some(10) });
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.window.clone()), Some(window("3")));
+    // An answer about an older offset does not set the window back; a
+    // window closing at the same offset (a final invocation with no
+    // records) is news.
+    core.checkpoint_window("a", &lease, 1, 9, Some(window("2")));
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.window.clone()), Some(window("3")));
+    let closed = WindowState { closed: true, ..WindowState::open(60_000, 120_000) };
+    core.checkpoint_window("a", &lease, 1, 10, Some(closed.clone()));
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.window.clone()), Some(closed));
+    core.checkpoint_window("a", &lease, 1, 12, Some(window("1")));
+    // A checkpoint of a mapping without windows leaves the window alone.
+    core.checkpoint("a", &lease, 1, 12);
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.window.clone()), Some(window("1")));
+
+    // a dies; b gets the lease with the window of the last checkpoint.
+    let later = t0 + core.config().session_timeout + Duration::from_millis(1);
+    core.register(later, reg("b"));
+    core.tick(later);
+    let to_b = beat(&mut core, later, "b", WorkerLoad::default()).unwrap_or_default();
+    assert!(
+        to_b.contains(&Instruction::Acquire {
+            lease: lease.clone(),
+            epoch: 2,
+            start: Start::Checkpoint(12),
+            window: Some(window("1")),
+        }),
+        "{to_b:?}"
+    );
+    // a, a zombie, cannot write its window over b's.
+    let zombie = core.checkpoint_window("a", &lease, 1, 20, Some(window("zombie")));
+    assert!(matches!(zombie, CheckpointOutcome::Stale { current_epoch: 2 }));
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.window.clone()), Some(window("1")));
+    core.release_done(later, "b", &lease, 2, Some(15), Some(window("4")));
+    assert_eq!(
+        core.lease(&lease).and_then(|l| l.record.window.clone()),
+        Some(window("4")),
+        "with the release"
+    );
+
+    // An operator's reset: the state belonged to the old position.
+    core.set_checkpoints(later, &[(lease.clone(), 0, None)]).map(|_| ()).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.window.clone()), None);
+    // An import brings the window that goes with its checkpoint.
+    core.set_checkpoints(later, &[(lease.clone(), 15, Some(window("4")))])
+        .map(|_| ())
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(core.lease(&lease).and_then(|l| l.record.window.clone()), Some(window("4")));
 }
 
 #[test]
@@ -221,7 +292,7 @@ fn a_draining_worker_gets_nothing_new_and_its_releases_go_to_others() {
     core.register(t0, reg("b"));
     assert_eq!(core.owned_by("b").count(), 0, "no handoff is planned from a draining worker");
     let lease = LeaseId::shard("s", 0);
-    assert!(matches!(core.release_done(t0, "a", &lease, 1, Some(5)), CheckpointOutcome::Ok { .. }));
+    assert!(matches!(core.release_done(t0, "a", &lease, 1, Some(5), None), CheckpointOutcome::Ok { .. }));
     let l = core.lease(&lease).map(|l| (l.record.owner.clone(), l.record.epoch, l.record.checkpoint));
     assert_eq!(l, Some((Some("b".into()), 2, Some(5))), "released to a live peer, not back to a");
 }
@@ -248,14 +319,19 @@ fn a_lost_reply_is_made_good_by_the_next_heartbeat() {
     let held: BTreeMap<LeaseId, u64> = (0..2).map(|p| (LeaseId::shard("s", p), 1)).collect();
     let again = core.heartbeat(t0, "a", Beat { held: held.clone(), ..Beat::default() }).unwrap_or_default();
     assert_eq!(again, vec![Instruction::Release { lease: lease.clone(), epoch: *epoch }], "sent again");
-    core.release_done(t0, "a", lease, *epoch, Some(7));
+    core.release_done(t0, "a", lease, *epoch, Some(7), None);
     // b's reply with the Acquire is lost too: it runs nothing.
     let lost = core.heartbeat(t0, "b", Beat::default()).unwrap_or_default();
     assert!(matches!(lost.as_slice(), [Instruction::Acquire { .. }]), "{lost:?}");
     let again = core.heartbeat(t0, "b", Beat::default()).unwrap_or_default();
     assert_eq!(
         again,
-        vec![Instruction::Acquire { lease: lease.clone(), epoch: 2, start: Start::Checkpoint(7) }]
+        vec![Instruction::Acquire {
+            lease: lease.clone(),
+            epoch: 2,
+            start: Start::Checkpoint(7),
+            window: None
+        }]
     );
     // a lost its Revoke-free view: it still reports the lease it gave away.
     let stale = core.heartbeat(t0, "a", Beat { held, ..Beat::default() }).unwrap_or_default();
@@ -410,7 +486,7 @@ impl SimWorker {
     ) {
         for i in instructions {
             match i {
-                Instruction::Acquire { lease, epoch, start } => {
+                Instruction::Acquire { lease, epoch, start, .. } => {
                     let previous = grants.insert((lease.clone(), epoch), me.to_owned());
                     assert!(
                         previous.as_deref().is_none_or(|p| p == me),
@@ -550,7 +626,7 @@ impl Model {
                 let Some(sim) = self.workers.get_mut(&name) else { return };
                 for (lease, epoch) in std::mem::take(&mut sim.to_release) {
                     let position = sim.running.remove(&lease).map(|(_, p)| p);
-                    let outcome = self.core.release_done(now, &name, &lease, epoch, position);
+                    let outcome = self.core.release_done(now, &name, &lease, epoch, position, None);
                     if let (CheckpointOutcome::Ok { .. }, Some(p)) = (outcome, position) {
                         let acked = self.acked.entry(lease).or_insert(p);
                         *acked = (*acked).max(p);
@@ -612,7 +688,7 @@ impl Model {
             }
             Op::OperatorSet { lease, offset } => {
                 let lease = self.lease(lease);
-                if self.core.set_checkpoint(now, &lease, i64::from(offset)).is_ok() {
+                if self.core.set_checkpoint(now, &lease, i64::from(offset), None).is_ok() {
                     self.acked.insert(lease, i64::from(offset));
                 }
             }
@@ -835,7 +911,7 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
     // w0 hands two shards to w1 (count balance, before any load is known).
     for i in beat(&mut core, t, "w0", WorkerLoad::default()).unwrap_or_default() {
         if let Instruction::Release { lease, epoch } = i {
-            core.release_done(t, "w0", &lease, epoch, None);
+            core.release_done(t, "w0", &lease, epoch, None, None);
         }
     }
     let on = |core: &Core, w: &str| -> BTreeSet<u32> {
@@ -868,7 +944,7 @@ fn load_moves_wait_for_a_stable_overload_and_then_hold_still() {
     let Some(Instruction::Release { lease, epoch }) = released.first().cloned() else {
         panic!("w0 is asked to release: {released:?}");
     };
-    core.release_done(t + Duration::from_secs(1), "w0", &lease, epoch, None);
+    core.release_done(t + Duration::from_secs(1), "w0", &lease, epoch, None, None);
     assert_eq!(core.lease(&lease).and_then(|l| l.record.owner.clone()).as_deref(), Some("w1"));
     // The same load from here on: nothing more moves.
     for s in 2..30 {
@@ -910,7 +986,7 @@ fn a_joining_worker_fills_within_two_heartbeats_under_load() {
                 .collect();
             for i in beat(core, now, w, WorkerLoad { leases, ..WorkerLoad::default() }).unwrap_or_default() {
                 if let Instruction::Release { lease, epoch } = i {
-                    core.release_done(now, w, &lease, epoch, None);
+                    core.release_done(now, w, &lease, epoch, None, None);
                 }
             }
         }
@@ -1141,7 +1217,7 @@ fn a_checkpoint_past_the_known_high_watermark_changes_nothing() {
     core.take_dirty();
     assert_eq!(core.checkpoint("a", &lease, epoch, 101), CheckpointOutcome::BeyondWatermark { high: 100 });
     assert_eq!(
-        core.release_done(t, "a", &lease, epoch, Some(1_000_000)),
+        core.release_done(t, "a", &lease, epoch, Some(1_000_000), None),
         CheckpointOutcome::BeyondWatermark { high: 100 }
     );
     assert!(core.take_dirty().is_empty(), "a refused checkpoint wrote");

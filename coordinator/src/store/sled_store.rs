@@ -191,6 +191,11 @@ mod tests {
             owner: Some("w1".into()),
             checkpoint: Some(1234),
             from_earliest: true,
+            // A window's state comes back byte for byte.
+            window: Some(shardline_proto::WindowState {
+                state: Some(vec![0, 1, 255]),
+                ..shardline_proto::WindowState::open(60_000, 120_000)
+            }),
         };
         {
             let mut store = SledStore::open(&path)?;

@@ -39,7 +39,7 @@ fn batch(epoch: u64, changes: &[(i64, &Change)]) -> Batch {
         })
         .collect();
     let lease = "s/0".parse().unwrap_or_else(|e| panic!("{e}"));
-    Batch { records, lease, epoch, lag: 0, deadline_ms: 0 }
+    Batch { records, lease, epoch, lag: 0, deadline_ms: 0, window: None }
 }
 
 /// The schema, dropped at the end (also when the test fails).

@@ -113,7 +113,57 @@ pub fn event(format: EventFormat, batch: &Batch, brokers: &str) -> Result<Vec<u8
             serde_json::to_writer(&mut out, &event)?;
         }
     }
+    if let Some(window) = &batch.window {
+        out = with_window(out, format, batch, window)?;
+    }
     Ok(out)
+}
+
+/// A stream event with Lambda's tumbling-window fields beside `Records`:
+/// `window` (`start`, `end`), the `state` the previous invocation returned
+/// (`{}` in a window's first), `shardId`, `eventSourceARN`,
+/// `isFinalInvokeForWindow`, and `isWindowTerminatedEarly`, always false:
+/// shardline keeps a window's state across failovers and refuses a state
+/// over 1 MiB rather than ending the window early.
+fn with_window(
+    event: Vec<u8>,
+    format: EventFormat,
+    batch: &Batch,
+    window: &crate::window::Window,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let (name, index) = (batch.lease.name.as_str(), batch.lease.index);
+    let mut value: Value = serde_json::from_slice(&event)?;
+    let state = match &window.state {
+        Some(bytes) => serde_json::from_slice(bytes)?,
+        None => Value::Object(Map::new()),
+    };
+    let (shard, arn) = match format {
+        EventFormat::Kinesis => {
+            (format!("shardId-{index:012}"), format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{name}"))
+        }
+        _ => (format!("{name}-{index}"), format!("arn:aws:kafka:{REGION}:{ACCOUNT}:topic/{name}")),
+    };
+    if let Some(fields) = value.as_object_mut() {
+        let bounds =
+            serde_json::json!({"start": rfc3339(Some(window.start_ms)), "end": rfc3339(Some(window.end_ms))});
+        fields.insert("window".into(), bounds);
+        fields.insert("state".into(), state);
+        fields.insert("shardId".into(), Value::String(shard));
+        fields.insert("eventSourceARN".into(), Value::String(arn));
+        fields.insert("isFinalInvokeForWindow".into(), Value::Bool(window.is_final));
+        fields.insert("isWindowTerminatedEarly".into(), Value::Bool(false));
+    }
+    serde_json::to_vec(&value)
+}
+
+/// The new window state in a function's reply (Lambda's
+/// `TimeWindowEventResponse`): required with tumbling windows, as Lambda
+/// counts a reply without `state` as a failed invocation.
+pub fn window_state(reply: &Value) -> Result<Vec<u8>, String> {
+    match reply.get("state") {
+        Some(state) if !state.is_null() => serde_json::to_vec(state).map_err(|e| e.to_string()),
+        _ => Err("with tumbling_window the reply must carry the window's `state` (Lambda's TimeWindowEventResponse: {\"state\": {...}, \"batchItemFailures\": [...]})".into()),
+    }
 }
 
 /// The records of a batch, each serialised as `F` makes it.
@@ -583,7 +633,7 @@ mod tests {
 
     fn stream_batch() -> Batch {
         let records = vec![kafka(15, Some("k1"), Some("Hello")), kafka(16, None, None)];
-        Batch { records, lease: LeaseId::shard("orders", 3), epoch: 1, lag: 0, deadline_ms: 0 }
+        Batch { records, lease: LeaseId::shard("orders", 3), epoch: 1, lag: 0, deadline_ms: 0, window: None }
     }
 
     fn queue_batch() -> Batch {
@@ -594,6 +644,7 @@ mod tests {
             epoch: 1,
             lag: -1,
             deadline_ms: 0,
+            window: None,
         }
     }
 
@@ -679,5 +730,40 @@ mod tests {
         let queue = queue_batch();
         let reply = json!({"batchItemFailures": [{"itemIdentifier": "1-2"}]});
         assert_eq!(failures(EventFormat::Sqs, &queue, &reply), Ok(vec![2]));
+    }
+
+    #[test]
+    fn a_windowed_event_carries_lambdas_window_fields_and_the_reply_must_carry_state() {
+        let mut batch = stream_batch();
+        batch.window = Some(crate::window::Window {
+            start_ms: 1_607_497_440_000,
+            end_ms: 1_607_497_560_000,
+            state: Some(br#"{"1":282}"#.to_vec()),
+            is_final: true,
+        });
+        let event = json_event(EventFormat::Kinesis, &batch, "k:9092");
+        assert_eq!(
+            event["window"],
+            json!({"start": "2020-12-09T07:04:00.000Z", "end": "2020-12-09T07:06:00.000Z"})
+        );
+        assert_eq!(event["state"], json!({"1": 282}));
+        assert_eq!(event["shardId"], "shardId-000000000003");
+        assert_eq!(event["isFinalInvokeForWindow"], true);
+        assert_eq!(event["isWindowTerminatedEarly"], false);
+        assert!(event["Records"].as_array().is_some_and(|r| !r.is_empty()), "the records are still there");
+        batch.window = batch.window.map(|w| crate::window::Window { state: None, ..w });
+        assert_eq!(
+            json_event(EventFormat::Kinesis, &batch, "k:9092")["state"],
+            json!({}),
+            "a window's first"
+        );
+        assert_eq!(
+            window_state(&json!({"state": {"1": 300}, "batchItemFailures": []})).ok(),
+            Some(br#"{"1":300}"#.to_vec())
+        );
+        assert!(
+            window_state(&json!({"batchItemFailures": []})).is_err(),
+            "no state: a failed invocation, as Lambda"
+        );
     }
 }

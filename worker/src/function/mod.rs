@@ -122,7 +122,13 @@ impl Function {
         };
         let failed = event::failures(format, batch, &value)
             .map_err(|e| HandlerError::new(format!("function `{}`: {e}", self.name)))?;
-        Ok(BatchResponse::failed(failed))
+        let mut response = BatchResponse::failed(failed);
+        if batch.window.is_some() {
+            let state = event::window_state(&value)
+                .map_err(|e| HandlerError::new(format!("function `{}`: {e}", self.name)))?;
+            response.state = Some(state);
+        }
+        Ok(response)
     }
 }
 

@@ -137,6 +137,7 @@ async fn run_lane(setup: Setup<'_>, input: Vec<Arc<Record>>) -> (Result<LaneStat
         filter,
         sink,
         replies: None,
+        window: None,
         hooks,
         drain,
         lease: &lease,
@@ -447,6 +448,7 @@ async fn a_killed_lane_finishes_nothing_and_is_not_an_error() {
         filter: None,
         sink: &sink,
         replies: None,
+        window: None,
         hooks: &(),
         drain: &drain,
         lease: &lease,
@@ -496,4 +498,188 @@ fn the_tracker_keeps_positions_added_twice_or_out_of_order_once_in_order() {
     tracker.finish(&records([4]));
     assert_eq!(tracker.position(), 5);
     assert_eq!(*advances.lock().unwrap_or_else(|e| panic!("{e}")), vec![3, 4, 5]);
+}
+
+/// A lane over `input` with a tumbling window `slot`; the window's state
+/// as every checkpoint would carry it is recorded with the position.
+async fn run_windowed(
+    handler: &Scripted,
+    policy: &FailurePolicy,
+    sink: &Recording,
+    slot: &crate::window::Slot,
+    input: Vec<Arc<Record>>,
+) -> (Result<LaneStats, Stopped>, Vec<(i64, Option<String>)>) {
+    let (kill, drain) = (CancellationToken::new(), CancellationToken::new());
+    let lease = LeaseId::shard("s", 0);
+    let checkpoints = Mutex::new(Vec::new());
+    let state = || slot.snapshot().and_then(|w| w.state).map(|s| String::from_utf8_lossy(&s).into_owned());
+    let advanced = |p: i64| checkpoints.lock().unwrap_or_else(|e| panic!("{e}")).push((p, state()));
+    let tracker = Tracker::new(input.first().map_or(0, |r| r.position()), &kill, &advanced);
+    tracker.add(&input);
+    let lane = Lane {
+        handler,
+        name: "test",
+        policy,
+        filter: None,
+        sink,
+        replies: None,
+        window: Some(slot),
+        hooks: &(),
+        drain: &drain,
+        lease: &lease,
+        epoch: 1,
+        tracker: &tracker,
+    };
+    let stats = lane.process(input, 0).await;
+    (stats, checkpoints.into_inner().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// Counts records into the window state (decimal text); with `poison`, names
+/// that record as failed and counts only the ones before it (the rule for
+/// item failures in a window).
+fn counting(poison: Option<i64>) -> impl Fn(&Batch) -> Result<BatchResponse, HandlerError> + Send + Sync {
+    move |batch: &Batch| {
+        let window = batch.window.as_ref().ok_or("no window")?;
+        let before: usize = window
+            .state
+            .as_deref()
+            .map_or(Ok(0), |s| String::from_utf8_lossy(s).parse())
+            .map_err(|e| HandlerError::new(format!("state: {e}")))?;
+        let first_bad = batch.records.iter().position(|r| Some(r.position()) == poison);
+        let counted = first_bad.unwrap_or(batch.records.len());
+        let mut response =
+            BatchResponse { state: Some((before + counted).to_string().into_bytes()), ..Default::default() };
+        if let Some(i) = first_bad {
+            response.failed = vec![batch.records[i].position()];
+        }
+        Ok(response)
+    }
+}
+
+#[tokio::test]
+async fn a_window_state_follows_successes_and_each_checkpoint_carries_it() {
+    let slot = crate::window::Slot::default();
+    slot.enter((0, 60_000), None);
+    let handler = Scripted::new(counting(None));
+    let sink = Recording::default();
+    let (stats, checkpoints) = run_windowed(&handler, &policy(), &sink, &slot, records(0..10)).await;
+    assert!(stats.is_ok());
+    assert_eq!(checkpoints.last(), Some(&(10, Some("10".into()))), "offset 10 goes with state 10");
+    let (_, checkpoints) = run_windowed(&handler, &policy(), &sink, &slot, records(10..15)).await;
+    assert_eq!(checkpoints.last(), Some(&(15, Some("15".into()))), "the next batch got the state and added");
+}
+
+#[tokio::test]
+async fn a_retried_batch_gets_the_state_from_before_its_failed_attempt() {
+    let slot = crate::window::Slot::default();
+    slot.enter((0, 60_000), None);
+    let failed_once = std::sync::atomic::AtomicBool::new(false);
+    let count = counting(None);
+    let handler = Scripted::new(move |b| {
+        if !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err("flaky".into());
+        }
+        count(b)
+    });
+    let sink = Recording::default();
+    let (_, checkpoints) = run_windowed(&handler, &policy(), &sink, &slot, records(0..8)).await;
+    assert_eq!(handler.calls().len(), 2);
+    assert_eq!(checkpoints.last(), Some(&(8, Some("8".into()))), "counted once, not twice");
+}
+
+#[tokio::test]
+async fn bisected_halves_thread_the_state_and_given_up_records_are_not_counted() {
+    let slot = crate::window::Slot::default();
+    slot.enter((0, 60_000), None);
+    let count = counting(None);
+    let handler = Scripted::new(move |b| {
+        if b.records.iter().any(|r| r.position() == 7) { Err("poison".into()) } else { count(b) }
+    });
+    let policy = FailurePolicy { bisect_on_error: true, max_retries: Some(0), ..policy() };
+    let sink = Recording::default();
+    let (_, checkpoints) = run_windowed(&handler, &policy, &sink, &slot, records(0..10)).await;
+    assert_eq!(sink.got().iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), vec![vec![7]]);
+    assert_eq!(checkpoints.last(), Some(&(10, Some("9".into()))), "nine counted, the poison not");
+}
+
+#[tokio::test]
+async fn with_item_failures_the_records_after_a_given_up_one_are_offered_again_and_counted() {
+    let slot = crate::window::Slot::default();
+    slot.enter((0, 60_000), None);
+    let handler = Scripted::new(counting(Some(7)));
+    let policy = FailurePolicy { report_item_failures: true, max_retries: Some(1), ..policy() };
+    let sink = Recording::default();
+    let (_, checkpoints) = run_windowed(&handler, &policy, &sink, &slot, records(0..10)).await;
+    assert_eq!(sink.got().iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), vec![vec![7]]);
+    // 0..7 counted in the first answer; 8 and 9 after 7 gave up.
+    assert_eq!(checkpoints.last(), Some(&(10, Some("9".into()))));
+    assert_eq!(handler.calls().last(), Some(&vec![8, 9]), "offered again, not finished uncounted");
+}
+
+#[tokio::test]
+async fn a_state_over_one_mebibyte_fails_its_batch_naming_the_limit() {
+    let slot = crate::window::Slot::default();
+    slot.enter((0, 60_000), None);
+    let handler = Scripted::new(|_| {
+        Ok(BatchResponse {
+            state: Some(vec![b'x'; crate::window::MAX_STATE_BYTES + 1]),
+            ..Default::default()
+        })
+    });
+    let policy = FailurePolicy { max_retries: Some(0), ..policy() };
+    let sink = Recording::default();
+    let (_, checkpoints) = run_windowed(&handler, &policy, &sink, &slot, records(0..3)).await;
+    let got = sink.got();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].1.error.contains("1048577") && got[0].1.error.contains("1 MiB"), "{}", got[0].1.error);
+    assert_eq!(checkpoints.last(), Some(&(3, None)), "the window kept no oversized state");
+}
+
+#[tokio::test]
+async fn an_empty_final_invocation_gets_the_state_retries_and_closes_the_window() {
+    let open = shardline_proto::WindowState {
+        state: Some(b"5".to_vec()),
+        ..shardline_proto::WindowState::open(0, 60_000)
+    };
+    let slot = crate::window::Slot::resume(Some(open));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let saw = seen.clone();
+    let tries = std::sync::atomic::AtomicUsize::new(0);
+    let handler = Scripted::new(move |b| {
+        let w = b.window.clone().ok_or("no window")?;
+        if let Ok(mut s) = saw.lock() {
+            s.push((b.records.len(), w.is_final, w.state.clone()));
+        }
+        if tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Err("not yet".into())
+        } else {
+            Ok(BatchResponse::default())
+        }
+    });
+    let (kill, drain) = (CancellationToken::new(), CancellationToken::new());
+    let lease = LeaseId::shard("s", 0);
+    let advanced = |_: i64| {};
+    let tracker = Tracker::new(0, &kill, &advanced);
+    let sink = Recording::default();
+    let policy = FailurePolicy { max_retries: Some(0), ..policy() };
+    let lane = Lane {
+        handler: &handler,
+        name: "test",
+        policy: &policy,
+        filter: None,
+        sink: &sink,
+        replies: None,
+        window: Some(&slot),
+        hooks: &(),
+        drain: &drain,
+        lease: &lease,
+        epoch: 1,
+        tracker: &tracker,
+    };
+    assert_eq!(lane.close_window(0).await.ok(), Some(true));
+    assert_eq!(handler.calls(), vec![Vec::<i64>::new(), vec![]], "retried past max_retries: the shard waits");
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(seen.iter().all(|s| *s == (0, true, Some(b"5".to_vec()))), "final, with the state: {seen:?}");
+    let closed = slot.snapshot().unwrap_or_else(|| panic!("a window"));
+    assert!(closed.closed && closed.state.is_none(), "{closed:?}");
 }

@@ -466,6 +466,7 @@ impl Source for Shard {
             checkpointer: self.checkpointer.clone(),
             lease: lease.id.clone(),
             epoch: lease.epoch,
+            window: lease.window.clone(),
         };
         Ok(Opened { reader, finalizer, position: opened_at })
     }
@@ -547,7 +548,7 @@ impl Shard {
     async fn pin(&self, lease: &Lease, offset: i64) -> Result<(), Exit> {
         let backoff = (Duration::from_millis(100), Duration::from_secs(2));
         let pinned = crate::persist(&lease.drain, backoff, |_| async move {
-            let entry = vec![(lease.id.clone(), lease.epoch, offset)];
+            let entry = vec![(lease.id.clone(), lease.epoch, offset, None)];
             match self.session.checkpoint(entry).await.map(|mut r| r.pop()) {
                 Ok(Some(Ok(()))) => Some(Ok(())),
                 Ok(Some(Err(SessionError::Fenced { .. }))) => Some(Err(Exit::Killed)),
@@ -567,11 +568,15 @@ pub struct Checkpoints {
     checkpointer: Checkpointer,
     lease: LeaseId,
     epoch: u64,
+    /// The window goes with every offset (the lane sets its state before
+    /// the records finish, so the two agree).
+    window: Option<std::sync::Arc<crate::window::Slot>>,
 }
 
 impl Finalizer for Checkpoints {
     fn advanced(&self, next: i64) {
-        self.checkpointer.submit(&self.lease, self.epoch, next);
+        let window = self.window.as_ref().and_then(|w| w.snapshot());
+        self.checkpointer.submit(&self.lease, self.epoch, next, window);
     }
 
     async fn close(self, how: End, next: i64) -> Option<i64> {

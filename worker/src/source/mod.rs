@@ -28,6 +28,9 @@ pub struct Lease {
     pub drain: CancellationToken,
     /// Lost or revoked: stop at once, finish nothing more.
     pub kill: CancellationToken,
+    /// With `tumbling_window` (shards only): the lease's window, resumed
+    /// from the acquire and checkpointed with every offset.
+    pub window: Option<std::sync::Arc<crate::window::Slot>>,
 }
 
 /// How a lease task ended.

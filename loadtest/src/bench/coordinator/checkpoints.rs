@@ -201,6 +201,7 @@ async fn caller(
         let request = v1::CheckpointRequest {
             worker_id: WORKER_ID.into(),
             entries: vec![v1::CheckpointEntry {
+                window: None,
                 lease: Some(lease.lease.clone()),
                 epoch: lease.epoch,
                 offset: lease.offset,

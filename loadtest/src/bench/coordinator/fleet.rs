@@ -472,6 +472,7 @@ impl SimWorker {
             h.offset += 1;
             ids.push(id.clone());
             entries.push(v1::CheckpointEntry {
+                window: None,
                 lease: Some(h.wire.clone()),
                 epoch: h.epoch,
                 offset: h.offset,
@@ -566,6 +567,7 @@ impl SimWorker {
             let mut client = self.client.clone();
             let permits = self.release_permits.clone();
             let request = v1::ReleaseDoneRequest {
+                window: None,
                 worker_id: self.id.clone(),
                 lease: Some(lease),
                 epoch,

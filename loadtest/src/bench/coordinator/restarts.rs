@@ -249,7 +249,12 @@ impl Sim {
             .values_mut()
             .map(|(wire, epoch, offset)| {
                 *offset += 10;
-                v1::CheckpointEntry { lease: Some(wire.clone()), epoch: *epoch, offset: *offset }
+                v1::CheckpointEntry {
+                    window: None,
+                    lease: Some(wire.clone()),
+                    epoch: *epoch,
+                    offset: *offset,
+                }
             })
             .collect();
         let request = v1::CheckpointRequest { worker_id: self.id.clone(), entries };
@@ -272,6 +277,7 @@ impl Sim {
                     let id = LeaseId::try_from(Some(&wire)).map_err(|e| anyhow::anyhow!("{e}"))?;
                     let offset = self.held.remove(&id).map(|(_, _, o)| o);
                     let request = v1::ReleaseDoneRequest {
+                        window: None,
                         worker_id: self.id.clone(),
                         lease: Some(wire),
                         epoch: r.epoch,

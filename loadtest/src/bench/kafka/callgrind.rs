@@ -343,6 +343,7 @@ async fn worker_side(
         mapping.batch_size = args.batch_size;
         let drain = CancellationToken::new();
         let lease = Lease {
+            window: None,
             id: LeaseId::shard(topic, partition),
             epoch: 1,
             mapping,
