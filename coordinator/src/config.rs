@@ -989,6 +989,11 @@ mod tests {
     /// (`examples/*/coordinator.toml`), as the coordinator reads them.
     #[test]
     fn the_application_example_configs_are_valid() {
+        let c = Config::parse(include_str!("../../examples/window-counts/coordinator.toml"))
+            .unwrap_or_else(|e| panic!("window-counts: {e}"));
+        assert_eq!(c.validate(), Ok(()));
+        let s = c.streams.first().unwrap_or_else(|| panic!("window-counts: no stream"));
+        assert_eq!(s.mapping().tumbling_window, Duration::from_secs(60), "window-counts counts per minute");
         let c = Config::parse(include_str!("../../examples/materialized-view/coordinator.toml"))
             .unwrap_or_else(|e| panic!("materialized-view: {e}"));
         assert_eq!(c.validate(), Ok(()));

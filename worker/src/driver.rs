@@ -224,6 +224,11 @@ impl LeaseTask {
             // Cut but not handled yet: a cut may hold the start of the next
             // window, which waits for the open one's final invocation.
             let mut pending: VecDeque<Arc<Record>> = VecDeque::new();
+            // When records last arrived (wall clock): a shard is idle only
+            // after `window_grace` without any, whatever its records' times
+            // say (replaying old records, the first fetch after opening
+            // must not count as idleness).
+            let mut arrived_ms = crate::unix_ms() as i64;
             async {
                 loop {
                     if drain.is_cancelled() {
@@ -232,7 +237,9 @@ impl LeaseTask {
                     if pending.is_empty() {
                         // Wait for records, or (a window open) until the
                         // shard has been idle past its end and the grace.
-                        let idle = slot.bounds().map(|(_, end)| end.saturating_add(grace_ms));
+                        let idle = slot.bounds().map(|(_, end)| {
+                            end.saturating_add(grace_ms).max(arrived_ms.saturating_add(grace_ms))
+                        });
                         let stop = drain.child_token();
                         let cut_done = CancellationToken::new();
                         let timer = async {
@@ -252,8 +259,15 @@ impl LeaseTask {
                         };
                         let (records, ()) = tokio::join!(read, timer);
                         match records {
-                            Some(records) => pending.extend(records),
+                            Some(records) => {
+                                arrived_ms = crate::unix_ms() as i64;
+                                pending.extend(records);
+                            }
                             None if drain.is_cancelled() => return Ok(()),
+                            // Records wait behind (the lag says so): not idle.
+                            None if stop.is_cancelled() && self.stats.lag.load(Ordering::Relaxed) > 0 => {
+                                arrived_ms = crate::unix_ms() as i64;
+                            }
                             None if stop.is_cancelled() => {
                                 // Idle past the end: the final invocation.
                                 if !close(lane, finalizer, tracker, self.stats.lag.load(Ordering::Relaxed))
