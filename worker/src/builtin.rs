@@ -3,7 +3,8 @@
 //! or RabbitMQ exchange (the load-test harness reads those as receipts),
 //! `sleep` simulates work, `noop` does nothing (for benchmarks of the
 //! machinery itself), `chaos` injects failures, `echo` answers synchronous
-//! invocations with their own body.
+//! invocations with their own body, `count` counts records per key (in the
+//! window state with tumbling windows: their cost, for benchmarks).
 
 use std::time::Duration;
 
@@ -23,6 +24,36 @@ pub fn handlers() -> Handlers {
         .with::<Noop>("noop")
         .with::<Chaos>("chaos")
         .with::<Echo>("echo")
+        .with::<Count>("count")
+}
+
+/// Counts records per key: with a tumbling window, into the window's state
+/// (a JSON object, key → count), which it returns; without, into a table
+/// dropped after the batch. The same work either way, so `bench kafka
+/// --handler-count --tumbling-window` measures what windows cost.
+pub struct Count;
+
+impl Handler for Count {
+    async fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        ctx.only(&[])?;
+        Ok(Count)
+    }
+
+    async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        let previous = batch.window.as_ref().and_then(|w| w.state.as_deref());
+        let mut counts: std::collections::BTreeMap<String, u64> = match previous {
+            Some(state) => serde_json::from_slice(state).map_err(|e| {
+                HandlerError::new(format!("the window state is not a key → count object: {e}"))
+            })?,
+            None => Default::default(),
+        };
+        for r in &batch.records {
+            let key = r.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            *counts.entry(key.into_owned()).or_default() += 1;
+        }
+        let state = serde_json::to_vec(&counts).map_err(|e| HandlerError::new(format!("state: {e}")))?;
+        Ok(BatchResponse { state: batch.window.as_ref().map(|_| state), ..BatchResponse::default() })
+    }
 }
 
 /// Answers every record that carries `reply_to` with its own value and

@@ -185,6 +185,7 @@ impl Target for Function {
             fetch_queue_kib: None,
             handler,
             max_inflight_batches: args.concurrency,
+            tumbling_window: None,
             stall,
             broker_pid: args.common.broker_pid,
         };

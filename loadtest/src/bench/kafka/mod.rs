@@ -53,6 +53,14 @@ pub struct Args {
     /// which shows the memory bound rather than the throughput.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     handler_sleep_ms: Option<u64>,
+    /// Run the worker's `count` handler (records per key) instead of `noop`.
+    #[arg(long, conflicts_with = "handler_sleep_ms")]
+    handler_count: bool,
+    /// With `--handler-count`: also run the stream with tumbling windows of
+    /// this many seconds (1..900), after the run without, on the same
+    /// records, and print the windowed rate beside the plain one.
+    #[arg(long, requires = "handler_count", value_parser = clap::value_parser!(u64).range(1..=900))]
+    tumbling_window: Option<u64>,
     /// Extra librdkafka property for the raw baseline consumer, e.g.
     /// `fetch.wait.max.ms=100` (repeatable), to compare settings.
     #[arg(long = "raw-config", value_name = "KEY=VALUE", value_parser = parse_property)]
@@ -169,14 +177,37 @@ impl Target for Kafka {
             watermarks: &watermarks,
             batch_size: args.batch_size,
             fetch_queue_kib: args.fetch_queue_kib,
-            handler: system::builtin(args.handler_sleep_ms.map(Duration::from_millis)),
+            handler: match args.handler_count {
+                true => ("count", toml::Table::new()),
+                false => system::builtin(args.handler_sleep_ms.map(Duration::from_millis)),
+            },
             max_inflight_batches: 0,
+            tumbling_window: None,
             stall,
             broker_pid: args.common.broker_pid,
         };
         let (system, checkpoints_accepted) =
             system::run(&settings, async |_| Ok(())).await.context("the shardline run failed")?;
-        Ok(Figures { args: self.args.clone(), produced, sides: Sides { raw, system }, checkpoints_accepted })
+        // The same records again, with windows (a fresh coordinator: every
+        // shard from the start).
+        let windowed = match args.tumbling_window {
+            None => None,
+            Some(secs) => {
+                let settings =
+                    system::Settings { tumbling_window: Some(Duration::from_secs(secs)), ..settings };
+                let (figures, _) = system::run(&settings, async |_| Ok(()))
+                    .await
+                    .context("the windowed shardline run failed")?;
+                Some(figures)
+            }
+        };
+        Ok(Figures {
+            args: self.args.clone(),
+            produced,
+            sides: Sides { raw, system },
+            checkpoints_accepted,
+            windowed,
+        })
     }
 
     async fn clean_up(&mut self) -> anyhow::Result<()> {
@@ -198,6 +229,8 @@ struct Figures {
     sides: Sides,
     /// Checkpoint entries the coordinator accepted during the run.
     checkpoints_accepted: f64,
+    /// `--tumbling-window`: the same handler and records with windows.
+    windowed: Option<crate::bench::compare::SystemFigures>,
 }
 
 impl Report for Figures {
@@ -214,7 +247,10 @@ impl Report for Figures {
             args.partitions,
             args.batch_size,
             args.fetch_queue_kib.map_or("default".to_owned(), |k| k.to_string()),
-            args.handler_sleep_ms.map_or("noop".to_owned(), |ms| format!("sleep {ms} ms/batch"))
+            match (args.handler_count, args.handler_sleep_ms) {
+                (true, _) => "count".to_owned(),
+                (false, ms) => ms.map_or("noop".to_owned(), |ms| format!("sleep {ms} ms/batch")),
+            }
         );
         row("produce records/s (acks=all)", format!("{:.0}", self.produced.per_s));
         // A value wider than the column carries its note: `{:>12}` pads
@@ -239,6 +275,24 @@ impl Report for Figures {
         row("batches, mean records per batch", format!("{:.0}, {:.0}", w.batches, w.mean_batch()));
         row("checkpoint calls, mean ms", format!("{:.0}, {:.2}", w.checkpoint_calls, w.mean_checkpoint_ms));
         row("checkpoints accepted (coordinator)", format!("{:.0}", self.checkpoints_accepted));
+        if let (Some(win), Some(secs)) = (&self.windowed, args.tumbling_window) {
+            row(
+                &format!("with {secs} s tumbling windows records/s"),
+                format!("{:>12.0}   ({:.2} s)", win.per_s, win.seconds),
+            );
+            row(
+                "  ratio windowed / without",
+                format!("{:>12.2}", win.per_s / sys.per_s.max(f64::MIN_POSITIVE)),
+            );
+            row(
+                "  steady records/s windowed / without",
+                format!("{:.0} / {:.0}", win.steady_per_s, sys.steady_per_s),
+            );
+            row(
+                "  CPU us/record windowed / without",
+                joined(&[win.worker_cpu_us_per(args.records), sys.worker_cpu_us_per(args.records)]),
+            );
+        }
     }
 
     fn json(&self) -> serde_json::Value {
@@ -255,7 +309,16 @@ impl Report for Figures {
             "record_bytes": args.record_bytes,
             "batch_size": args.batch_size,
             "fetch_queue_kib": args.fetch_queue_kib,
-            "handler": if args.handler_sleep_ms.is_some() { "sleep" } else { "noop" },
+            "handler": match (args.handler_count, args.handler_sleep_ms) {
+                (true, _) => "count",
+                (false, Some(_)) => "sleep",
+                (false, None) => "noop",
+            },
+            "tumbling_window_s": args.tumbling_window,
+            "windowed": self.windowed.as_ref().map(|w| json!({
+                "shardline": w.json(&UNITS),
+                "ratio_to_without": round3(w.per_s / self.sides.system.per_s.max(f64::MIN_POSITIVE)),
+            })),
             "handler_sleep_ms_per_batch": args.handler_sleep_ms,
             "raw_config": args.raw_config.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "produce": {

@@ -45,6 +45,8 @@ pub struct Settings<'a> {
     pub handler: (&'a str, toml::Table),
     /// The worker's `max_inflight_batches` (0: no limit, its default).
     pub max_inflight_batches: u32,
+    /// The stream's `tumbling_window` (`None`: off).
+    pub tumbling_window: Option<Duration>,
     pub stall: Duration,
     pub broker_pid: Option<u32>,
 }
@@ -82,6 +84,9 @@ pub async fn run(
         ..StreamConfig::new(s.topic, handler)
     };
     stream.settings.batch_size = s.batch_size;
+    if let Some(window) = s.tumbling_window {
+        stream.tumbling_window = window;
+    }
     let config = CoordinatorConfig {
         kafka_brokers: s.kafka.brokers.clone(),
         kafka: s.kafka.settings.clone(),
