@@ -103,6 +103,9 @@ type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Result<Reply, String>>>
 struct Invoker {
     channel: Channel,
     pending: Pending,
+    /// Cleared when the reply consumer ends (cancelled by the broker, or
+    /// its channel broke): the next invocation opens a new channel.
+    consuming: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -222,11 +225,17 @@ impl Amqp {
         let channel = self.publish_channel().await?;
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
         let key = short("routing_key", routing_key)?;
+        let forget = |e: lapin::Error| {
+            // Perhaps the exchange was deleted since it was checked: check again next time.
+            crate::lock(&self.inner.exchanges).remove(topic);
+            e
+        };
         let confirm = channel
             .basic_publish(topic.into(), key, options, body, properties)
             .await
+            .map_err(forget)
             .map_err(unavailable("publish"))?;
-        let confirmation = confirm.await.map_err(unavailable("confirm"))?;
+        let confirmation = confirm.await.map_err(forget).map_err(unavailable("confirm"))?;
         if confirmation.is_nack() {
             return Err(ApiError::Unavailable(format!("RabbitMQ refused (nack) the message for `{topic}`")));
         }
@@ -243,7 +252,10 @@ impl Amqp {
     /// none or it broke.
     async fn invoker(&self) -> Result<Invoker, ApiError> {
         let mut slot = self.inner.invoke.lock().await;
-        if let Some(i) = slot.as_ref().filter(|i| i.channel.status().connected()) {
+        let alive = |i: &&Invoker| {
+            i.channel.status().connected() && i.consuming.load(std::sync::atomic::Ordering::Acquire)
+        };
+        if let Some(i) = slot.as_ref().filter(alive) {
             return Ok(i.clone());
         }
         let channel = self.confirm_channel().await?;
@@ -253,8 +265,9 @@ impl Amqp {
             .await
             .map_err(unavailable("consume amq.rabbitmq.reply-to"))?;
         let pending: Pending = Arc::default();
-        tokio::spawn(dispatch(consumer, pending.clone()));
-        let invoker = Invoker { channel, pending };
+        let consuming = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        tokio::spawn(dispatch(consumer, pending.clone(), consuming.clone()));
+        let invoker = Invoker { channel, pending, consuming };
         *slot = Some(invoker.clone());
         Ok(invoker)
     }
@@ -327,7 +340,11 @@ impl Drop for Waiting<'_> {
 /// Hands each reply to the request waiting for its correlation id, until
 /// the channel breaks; then every waiting request learns it (its sender
 /// is dropped with the map's entries).
-async fn dispatch(mut consumer: lapin::Consumer, pending: Pending) {
+async fn dispatch(
+    mut consumer: lapin::Consumer,
+    pending: Pending,
+    consuming: Arc<std::sync::atomic::AtomicBool>,
+) {
     while let Some(delivery) = consumer.next().await {
         let delivery = match delivery {
             Ok(d) => d,
@@ -352,7 +369,11 @@ async fn dispatch(mut consumer: lapin::Consumer, pending: Pending) {
             metrics::counter!("shardline_gateway_replies_dropped_total", "reason" => "late").increment(1);
         }
     }
-    crate::lock(&pending).clear();
+    consuming.store(false, std::sync::atomic::Ordering::Release);
+    let waiting = std::mem::take(&mut *crate::lock(&pending));
+    if !waiting.is_empty() {
+        tracing::warn!(requests = waiting.len(), "the reply consumer ended; waiting requests answered 503");
+    }
 }
 
 /// Persistent-less request properties: message id, content type (property

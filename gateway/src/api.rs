@@ -83,7 +83,11 @@ async fn measure(request: Request, next: Next) -> Response {
 async fn authorize(State(g): State<Gateway>, request: Request, next: Next) -> Response {
     if let Some(token) = &g.token {
         let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let bearer = given.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let bearer = given
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         match bearer {
             None => {
                 return ApiError::Unauthorized("missing `Authorization: Bearer TOKEN`".into())

@@ -306,6 +306,17 @@ async fn subscriptions_with(
     Ok((topology, c, worker))
 }
 
+/// Waits until a worker consumes `subscription`'s queue (declared by the
+/// coordinator, a slot taken by the worker).
+async fn until_consumed(subscription: &str) -> Result<()> {
+    let connection = shardline_tests::amqp::connect().await?;
+    shardline_tests::eventually(Duration::from_secs(90), "a worker consumes the subscription", || async {
+        let depth = shardline_testkit::amqp::depth(&connection, subscription).await;
+        Ok(depth.ok().filter(|d| d.consumers > 0).map(drop))
+    })
+    .await
+}
+
 /// Waits until `subscription` answers an invocation (its queue exists and
 /// a worker consumes it).
 async fn until_served(http: &reqwest::Client, url: &str) -> Result<()> {
@@ -402,6 +413,7 @@ async fn a_slow_handler_is_504() -> Result<()> {
     )?;
     let http = client()?;
     let url = format!("{}/v1/invoke/{s}", gw.url);
+    until_consumed(&s).await?;
     let started = std::time::Instant::now();
     let answer =
         error_code(http.post(&url).header("shardline-timeout-ms", "1000").body("x").send().await?).await?;
