@@ -325,3 +325,84 @@ mod tests {
         assert_eq!(response(bad).map(|_| ()).map_err(|e| e.code()), Err("bad_reply"));
     }
 }
+
+/// The router itself, without brokers (clients are lazy; every request
+/// here is answered before one is needed): each path of the OpenAPI
+/// document is routed, and the checks before the broker answer as
+/// documented.
+#[cfg(test)]
+mod routing {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn app() -> Router {
+        let config = GatewayConfig {
+            streams: vec!["s".into()],
+            max_body_bytes: 10,
+            token: Some("t0k".into()),
+            ..GatewayConfig::default()
+        };
+        let gateway = Gateway {
+            token: Some(Arc::from("t0k")),
+            kafka: Kafka::new(&config).unwrap_or_else(|e| panic!("{e}")),
+            amqp: Amqp::new(&config),
+            ready: Arc::new(Mutex::new(Err("starting".into()))),
+            openapi: Arc::new(crate::openapi::document(&config, true)),
+            config: Arc::new(config),
+        };
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+        router(gateway, metrics)
+    }
+
+    async fn call(method: &str, uri: &str, auth: Option<&str>, body: &'static [u8]) -> (u16, String) {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(auth) = auth {
+            request = request.header(header::AUTHORIZATION, auth);
+        }
+        let request = request.body(Body::from(body)).unwrap_or_else(|e| panic!("{e}"));
+        let response = app().oneshot(request).await.unwrap_or_else(|e| match e {});
+        let status = response.status().as_u16();
+        let bytes =
+            axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap_or_else(|e| panic!("{e}"));
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let code = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+        (status, code.unwrap_or(text))
+    }
+
+    #[tokio::test]
+    async fn every_documented_path_is_routed() {
+        let config = GatewayConfig::default();
+        let doc = crate::openapi::document(&config, true);
+        let paths = doc["paths"].as_object().map(|p| p.clone()).unwrap_or_default();
+        for (path, item) in paths {
+            for method in item.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()
+            {
+                let uri =
+                    path.replace("{stream}", "x").replace("{topic}", "x").replace("{subscription}", "x");
+                let (status, code) = call(&method.to_uppercase(), &uri, Some("Bearer t0k"), b"").await;
+                assert!(code != "not_found" && status != 405, "{method} {path}: {status} {code}");
+            }
+        }
+        assert_eq!(call("GET", "/nowhere", None, b"").await, (404, "not_found".into()));
+    }
+
+    #[tokio::test]
+    async fn checks_before_the_broker_answer_as_documented() {
+        let streams = "/v1/streams/s/records";
+        assert_eq!(call("POST", streams, None, b"x").await, (401, "unauthorized".into()));
+        assert_eq!(call("POST", streams, Some("Bearer nope"), b"x").await, (401, "unauthorized".into()));
+        assert_eq!(
+            call("POST", "/v1/streams/other/records", Some("bearer t0k"), b"x").await,
+            (404, "unknown_stream".into())
+        );
+        let query = "/v1/streams/s/records?bogus=1";
+        assert_eq!(call("POST", query, Some("Bearer t0k"), b"x").await, (400, "bad_request".into()));
+        let big = call("POST", streams, Some("Bearer t0k"), b"eleven bytes").await;
+        assert_eq!(big, (413, "payload_too_large".into()));
+        assert_eq!(call("GET", "/readyz", None, b"").await.0, 503);
+        assert_eq!(call("GET", "/healthz", None, b"").await.0, 200);
+    }
+}
