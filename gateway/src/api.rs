@@ -376,7 +376,7 @@ mod routing {
     async fn every_documented_path_is_routed() {
         let config = GatewayConfig::default();
         let doc = crate::openapi::document(&config, true);
-        let paths = doc["paths"].as_object().map(|p| p.clone()).unwrap_or_default();
+        let paths = doc["paths"].as_object().cloned().unwrap_or_default();
         for (path, item) in paths {
             for method in item.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()
             {
