@@ -14,9 +14,10 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use shardline_proto::{FailurePolicy, Filter, FilterTest, Mapping, v1};
 use shardline_worker::builtin::forwarded;
-use shardline_worker::handler::{Origin, Record};
+use shardline_worker::handler::{Origin, Record, Reply};
 use shardline_worker::policy::CompiledFilter;
 use shardline_worker::sink::publish::{Publisher, properties};
+use shardline_worker::sink::reply;
 use shardline_worker::sink::retry::RetrySink;
 use shardline_worker::sink::{GaveUp, Reason};
 use shardline_worker::source::{amqp, kafka};
@@ -97,6 +98,19 @@ fuzz_target!(|input: Input| {
         Origin::Queue { slot: input.slot, delivery_tag: input.delivery_tag, redelivered: input.redelivered };
     let r = amqp::record(&props, input.body.clone(), origin);
     check(&r, &filters);
+    // A reply to a request: its address and correlation id came in as AMQP
+    // short strings, so the reply always fits.
+    if let Some(to) = &r.reply_to {
+        let reply = Reply::new(&r, 200, r.value.clone()).header("content-type", "text/plain");
+        match reply::message(to, &reply) {
+            Ok(m) => {
+                if let Err(e) = properties(&m, 1_800_000_000) {
+                    panic!("a reply cannot be written: {e}");
+                }
+            }
+            Err(e) => panic!("a reply to a delivery cannot be built: {e}"),
+        }
+    }
     let policy =
         FailurePolicy { max_retries: input.max_retries, ..mapping.map(|m| m.policy).unwrap_or_default() };
     let sink = RetrySink::new(Publisher::connect("amqp://127.0.0.1:1/%2f", "fuzz"), "emails", &policy, "w0");

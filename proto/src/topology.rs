@@ -82,6 +82,12 @@ pub mod headers {
     pub const PARTITION: &str = "shardline.partition";
     pub const OFFSET: &str = "shardline.offset";
     pub const INVOKED_AT_MS: &str = "shardline.invoked_at_ms";
+    /// A reply to a synchronous invocation: the handler's status (an AMQP
+    /// integer), the HTTP status the gateway answers with.
+    pub const STATUS: &str = "shardline.status";
+    /// The request's content type, as a header a handler can read (the
+    /// AMQP `content_type` property is not part of a record).
+    pub const CONTENT_TYPE: &str = "content-type";
 }
 
 /// Most distinct retry delays per subscription (so most retry queues).

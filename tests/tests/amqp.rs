@@ -712,3 +712,94 @@ async fn an_old_classic_retry_queue_is_kept_and_counted_beside_the_new_one() -> 
     drop(run);
     Ok(())
 }
+
+/// Synchronous invocation without the gateway: requests published straight
+/// to a subscription's queue with RabbitMQ direct reply-to get the `echo`
+/// handler's replies (status, content type, their own body, their own
+/// correlation id) on the requester's channel; a request whose requester is
+/// gone is still handled (the queue drains) and its reply counted as
+/// `requester_gone`, and one without `reply_to` gets none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_answers_requests_through_direct_reply_to() -> Result<()> {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let _serial = SERIAL.lock().await;
+    let names = Names::new(1);
+    let _cleanup = names.cleanup(&shardline_proto::FailurePolicy::default());
+    let sub = &names.subs[0];
+    let mut config = topology(&names.topic, &[(sub, "echo")]);
+    config.subscriptions[0].settings.batch_size = 10;
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let mut worker =
+        WorkerConfig { metrics_listen: Some(metrics.parse()?), ..config::hosting("echo", &[("", ""); 0]) };
+    let echo = worker.handlers.get_mut("echo").context("the echo handler's table")?;
+    echo.insert("status".into(), toml::Value::Integer(201));
+    let run = Run::start(config, &worker, &["w1"])?;
+    run.consuming(sub, 1).await?;
+
+    let (_connection, ch) = channel().await?;
+    // Direct reply-to: consume the pseudo-queue (no-ack) on the channel
+    // that publishes, before publishing.
+    let consume = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+    let mut replies = ch
+        .basic_consume("amq.rabbitmq.reply-to".into(), "req".into(), consume, FieldTable::default())
+        .await?;
+    let n = 200;
+    for i in 0..n {
+        let mut headers = FieldTable::default();
+        headers.insert("content-type".into(), AMQPValue::LongString("text/x-test".into()));
+        let props = lapin::BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id(format!("c-{i}").into())
+            .with_headers(headers);
+        let publish = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        ch.basic_publish("".into(), sub.as_str().into(), publish, format!("body-{i}").as_bytes(), props)
+            .await?;
+    }
+    let mut seen = BTreeSet::new();
+    while seen.len() < n {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), replies.next())
+            .await
+            .with_context(|| format!("{} of {n} replies within 60 s", seen.len()))?
+            .context("reply consumer ended")??;
+        let id = delivery.properties.correlation_id().as_ref().context("a correlation id")?.to_string();
+        let i: usize = id.trim_start_matches("c-").parse()?;
+        ensure!(delivery.data == format!("body-{i}").as_bytes(), "reply {id} carries its request's body");
+        let status =
+            delivery.properties.headers().as_ref().and_then(|h| h.inner().get("shardline.status").cloned());
+        ensure!(status == Some(AMQPValue::LongInt(201)), "reply {id}: status 201, got {status:?}");
+        let content_type = delivery.properties.content_type().as_ref().map(|c| c.to_string());
+        ensure!(content_type.as_deref() == Some("text/x-test"), "reply {id}: content type {content_type:?}");
+        ensure!(seen.insert(i), "reply {id} twice");
+    }
+
+    // A requester that is gone (its reply queue no longer exists) and a
+    // request with no `reply_to`: both handled, neither fails its batch.
+    let props = lapin::BasicProperties::default()
+        .with_reply_to(unique("gone").into())
+        .with_correlation_id("gone".into());
+    ch.basic_publish("".into(), sub.as_str().into(), BasicPublishOptions::default(), b"orphan", props)
+        .await?;
+    let plain = lapin::BasicProperties::default();
+    ch.basic_publish("".into(), sub.as_str().into(), BasicPublishOptions::default(), b"plain", plain).await?;
+    eventually(Duration::from_secs(60), "the orphaned reply counted, the queue drained", || async {
+        let m = shardline_testkit::metrics::scrape(&metrics).await?;
+        let gone = m.get_or_zero("shardline_replies_total{outcome=\"requester_gone\"}");
+        let sent = m.get_or_zero("shardline_replies_total{outcome=\"sent\"}");
+        ensure!(gone >= 1.0 && sent >= n as f64, "replies: {sent} sent, {gone} to a gone requester");
+        ensure!(depth(sub).await? == 0, "subscription queue drained");
+        Ok(Some(()))
+    })
+    .await?;
+    let extra = tokio::time::timeout(Duration::from_secs(2), replies.next()).await;
+    ensure!(extra.is_err(), "no reply for the request without reply_to: {extra:?}");
+    ensure!(
+        shardline_testkit::metrics::scrape(&metrics).await?.sum_or_zero("shardline_handler_errors_total")
+            == 0.0,
+        "no batch failed"
+    );
+    drop(run);
+    Ok(())
+}

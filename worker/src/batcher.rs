@@ -86,6 +86,7 @@ mod tests {
                 headers: vec![],
                 timestamp_ms: None,
                 origin: crate::handler::Origin::Kafka { partition: 0, offset },
+                reply_to: None,
             })
             .collect();
         ListReader(records)

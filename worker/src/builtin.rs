@@ -2,7 +2,8 @@
 //! code: `log` prints records, `forward` copies them to another Kafka topic
 //! or RabbitMQ exchange (the load-test harness reads those as receipts),
 //! `sleep` simulates work, `noop` does nothing (for benchmarks of the
-//! machinery itself), `chaos` injects failures.
+//! machinery itself), `chaos` injects failures, `echo` answers synchronous
+//! invocations with their own body.
 
 use std::time::Duration;
 
@@ -10,7 +11,9 @@ use rdkafka::producer::FutureProducer;
 use shardline_proto::topology::headers;
 
 use crate::amqp::{Message, PublishError, Publisher};
-use crate::handler::{Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record};
+use crate::handler::{
+    Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Record, Reply,
+};
 
 pub fn handlers() -> Handlers {
     Handlers::new()
@@ -19,6 +22,46 @@ pub fn handlers() -> Handlers {
         .with::<Sleep>("sleep")
         .with::<Noop>("noop")
         .with::<Chaos>("chaos")
+        .with::<Echo>("echo")
+}
+
+/// Answers every record that carries `reply_to` with its own value and
+/// content type, status `status` (default 200): the gateway's synchronous
+/// invocation end to end, with no user code.
+pub struct Echo {
+    status: u16,
+}
+
+impl Handler for Echo {
+    async fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        ctx.only(&["status"])?;
+        let status = match ctx.settings.get("status") {
+            None => 200,
+            Some(toml::Value::Integer(n)) if (100..=599).contains(n) => *n as u16,
+            Some(other) => {
+                return Err(ctx.error(format!("`status` must be an HTTP status 100..=599, not {other}")));
+            }
+        };
+        Ok(Echo { status })
+    }
+
+    async fn handle(&self, batch: &Batch) -> Result<BatchResponse, HandlerError> {
+        let replies = batch
+            .records
+            .iter()
+            .filter(|r| r.reply_to.is_some())
+            .map(|r| {
+                let reply = Reply::new(r, self.status, r.value.clone());
+                let content_type =
+                    r.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(headers::CONTENT_TYPE));
+                match content_type {
+                    Some((_, v)) => reply.header(headers::CONTENT_TYPE, String::from_utf8_lossy(v)),
+                    None => reply,
+                }
+            })
+            .collect();
+        Ok(BatchResponse { replies, ..BatchResponse::default() })
+    }
 }
 
 /// Fault injection for tests: a record whose value contains `poison` fails
@@ -71,7 +114,7 @@ impl Handler for Chaos {
             let records = batch.records.iter().filter(|r| !is_poison(r)).cloned().collect();
             forward.send(&Batch { records, ..batch.clone() }, invoked_at_ms).await?;
         }
-        Ok(BatchResponse { failed: poisoned })
+        Ok(BatchResponse::failed(poisoned))
     }
 }
 
@@ -244,6 +287,7 @@ mod tests {
             headers,
             timestamp_ms: Some(1_800_000_000_000),
             origin: Origin::Kafka { partition: 0, offset: 7 },
+            reply_to: None,
         }
     }
 

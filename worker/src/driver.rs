@@ -138,6 +138,7 @@ impl LeaseTask {
             policy: source.policy(&lease.mapping),
             filter,
             sink: source.sink(),
+            replies: source.replies(),
             hooks: source,
             drain: &lease.drain,
             lease: &lease.id,

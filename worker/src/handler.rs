@@ -26,6 +26,18 @@ pub struct Record {
     /// Milliseconds since the Unix epoch, when the broker gave one.
     pub timestamp_ms: Option<i64>,
     pub origin: Origin,
+    /// Where a requester waits for this record's answer (a RabbitMQ
+    /// message with `reply_to`, as the gateway's synchronous invocation
+    /// sends): a [`Reply`] in the [`BatchResponse`] goes there.
+    pub reply_to: Option<ReplyTo>,
+}
+
+/// A requester's return address: the queue its reply is published to
+/// (through the default exchange) and the correlation id it matches on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub queue: String,
+    pub correlation_id: Option<String>,
 }
 
 /// Where a record came from, in its source's own terms.
@@ -74,6 +86,10 @@ impl Record {
 pub struct Batch {
     pub records: Vec<Arc<Record>>,
     pub lease: LeaseId,
+    /// The lease's epoch: **a fencing token** for the handler's own sinks
+    /// ([`Batch::fence`]). The coordinator raises a lease's epoch on every
+    /// grant, so whoever holds the lease now holds a greater epoch than
+    /// every earlier owner, a paused or partitioned "zombie" included.
     pub epoch: u64,
     /// Records behind the end of the partition when the batch was cut
     /// (-1 when not known yet).
@@ -93,11 +109,37 @@ impl Batch {
         self.records.is_empty()
     }
 
+    /// The fencing token of this batch: its lease and epoch. A sink that
+    /// keeps, per lease, the greatest epoch that wrote to it and refuses a
+    /// write quoting a smaller one (in the same transaction as the write)
+    /// can never take a zombie's batch after the new owner's. See the
+    /// README's "Fencing your sink" and `examples/materialized-view`.
+    pub fn fence(&self) -> Fence {
+        Fence { lease: self.lease.to_string(), epoch: self.epoch }
+    }
+
     /// Time left before this attempt times out; `None` when no deadline
     /// is known.
     pub fn remaining(&self) -> Option<std::time::Duration> {
         (self.deadline_ms > 0)
             .then(|| std::time::Duration::from_millis(self.deadline_ms.saturating_sub(crate::unix_ms())))
+    }
+}
+
+/// A lease's fencing token, as a sink stores it: `lease` is the lease id
+/// as text (`stream/partition`, `subscription#slot`), `epoch` only grows
+/// for a lease. Compare epochs of the same lease only.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fence {
+    pub lease: String,
+    pub epoch: u64,
+}
+
+impl Fence {
+    /// Whether a sink that has seen `stored` (the greatest epoch written
+    /// for this lease) must refuse this write: a newer owner wrote.
+    pub fn is_stale(&self, stored: u64) -> bool {
+        self.epoch < stored
     }
 }
 
@@ -107,6 +149,40 @@ pub struct BatchResponse {
     /// Positions ([`Record::position`]) of records that failed on their own
     /// (with `report_item_failures`); empty: the whole batch succeeded.
     pub failed: Vec<i64>,
+    /// Answers to records that carry [`Record::reply_to`]; published once
+    /// their record succeeded, before it is acked. A reply to a record
+    /// without `reply_to`, or to one that failed, is not sent.
+    pub replies: Vec<Reply>,
+}
+
+impl BatchResponse {
+    /// These records failed on their own; the rest succeeded.
+    pub fn failed(failed: Vec<i64>) -> Self {
+        Self { failed, ..Self::default() }
+    }
+}
+
+/// A handler's answer to one record (synchronous invocation): the status,
+/// headers and body the requester gets, as an HTTP response through the
+/// gateway. A `content-type` header also becomes the AMQP content type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The answered record's [`Record::position`].
+    pub position: i64,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn new(record: &Record, status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Self { position: record.position(), status, headers: Vec::new(), body: body.into() }
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
 }
 
 /// A batch failed; the batch policy decides what happens next.

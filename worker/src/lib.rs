@@ -55,7 +55,8 @@ pub mod source;
 pub use config::{ConfigError, ConfigFile, WorkerConfig};
 pub use entry::main;
 pub use handler::{
-    Batch, BatchResponse, Handler, HandlerError, Handlers, InitContext, InitError, Origin, Record,
+    Batch, BatchResponse, Fence, Handler, HandlerError, Handlers, InitContext, InitError, Origin, Record,
+    Reply, ReplyTo,
 };
 pub use membership::{HeldLeases, LeaseEvent, Session, SessionConfig, SessionError, Stand, Standing};
 pub use runtime::{WorkerError, drain_on_signals, run};

@@ -231,6 +231,8 @@ pub struct Lane<'a> {
     pub policy: &'a FailurePolicy,
     pub filter: Option<&'a CompiledFilter>,
     pub sink: &'a dyn FailureSink,
+    /// Where replies to synchronous invocations go (queue slots only).
+    pub replies: Option<&'a crate::amqp::Publisher>,
     pub hooks: &'a dyn Hooks,
     /// The lease drains: start no retry (see the module docs).
     pub drain: &'a CancellationToken,
@@ -303,6 +305,8 @@ impl Lane<'_> {
             stats.billed_units += took.as_millis().div_ceil(100).max(1) as u64;
             let (error, reason, named) = match result {
                 Ok(response) if response.failed.is_empty() || !self.policy.report_item_failures => {
+                    crate::sink::reply::send(self.replies, self.lease, &work.records, &response.replies)
+                        .await;
                     stats.handled += work.finish();
                     continue;
                 }
@@ -314,9 +318,17 @@ impl Lane<'_> {
                             // Lambda's ReportBatchItemFailures: finished up to
                             // the first failure, retried from it.
                             let failed = work.split_off(first);
-                            stats.handled += std::mem::replace(&mut work, failed).finish();
+                            let handled = std::mem::replace(&mut work, failed);
+                            crate::sink::reply::send(
+                                self.replies,
+                                self.lease,
+                                &handled.records,
+                                &response.replies,
+                            )
+                            .await;
+                            stats.handled += handled.finish();
                             let error = HandlerError::new("the handler reported failed records");
-                            (error, Reason::RetriesExhausted, Some(response.failed))
+                            (error, Reason::RetriesExhausted, Some(response))
                         }
                         _ => {
                             let error =
@@ -347,8 +359,10 @@ impl Lane<'_> {
             if self.policy.max_retries.is_some_and(|max| attempts > max) {
                 // With item failures, only the records the handler named in
                 // its last answer gave up; the others it handled then.
-                if let Some(named) = &named {
-                    stats.handled += work.split_by(|r| named.contains(&r.position())).finish();
+                if let Some(last) = &named {
+                    let handled = work.split_by(|r| last.failed.contains(&r.position()));
+                    crate::sink::reply::send(self.replies, self.lease, &handled.records, &last.replies).await;
+                    stats.handled += handled.finish();
                 }
                 let why = GaveUp { reason, attempts, error: error.message };
                 stats.gave_up += self.give_up(work, &why).await?;

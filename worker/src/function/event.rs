@@ -560,6 +560,7 @@ mod tests {
             headers: vec![("trace".into(), b"abc".to_vec()), ("enc".into(), "é".as_bytes().to_vec())],
             timestamp_ms: Some(1_545_084_650_987),
             origin: Origin::Kafka { partition: 3, offset },
+            reply_to: None,
         })
     }
 
@@ -571,6 +572,7 @@ mod tests {
             headers: vec![("kind".into(), b"order".to_vec())],
             timestamp_ms: Some(1_545_082_649_183),
             origin: Origin::Queue { slot: 1, delivery_tag: tag, redelivered: tag == 2 },
+            reply_to: None,
         })
     }
 

@@ -122,7 +122,7 @@ impl Function {
         };
         let failed = event::failures(format, batch, &value)
             .map_err(|e| HandlerError::new(format!("function `{}`: {e}", self.name)))?;
-        Ok(BatchResponse { failed })
+        Ok(BatchResponse::failed(failed))
     }
 }
 

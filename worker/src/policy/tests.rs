@@ -77,6 +77,7 @@ fn record(offset: i64, timestamp_ms: Option<i64>) -> Arc<Record> {
         headers: vec![],
         timestamp_ms,
         origin: Origin::Kafka { partition: 0, offset },
+        reply_to: None,
     })
 }
 
@@ -135,6 +136,7 @@ async fn run_lane(setup: Setup<'_>, input: Vec<Arc<Record>>) -> (Result<LaneStat
         policy,
         filter,
         sink,
+        replies: None,
         hooks,
         drain,
         lease: &lease,
@@ -247,7 +249,7 @@ async fn reported_item_failures_retry_from_the_first_failed_record_only() {
     let first = std::sync::atomic::AtomicBool::new(true);
     let handler = Scripted::new(move |_| {
         if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            Ok(BatchResponse { failed: vec![7, 4] })
+            Ok(BatchResponse::failed(vec![7, 4]))
         } else {
             Ok(BatchResponse::default())
         }
@@ -302,7 +304,7 @@ async fn the_source_is_resumed_however_failing_records_end() {
 
 #[tokio::test(start_paused = true)]
 async fn after_exhausted_item_failures_only_the_named_records_give_up() {
-    let handler = Scripted::new(|_| Ok(BatchResponse { failed: vec![5] }));
+    let handler = Scripted::new(|_| Ok(BatchResponse::failed(vec![5])));
     let policy = FailurePolicy { report_item_failures: true, max_retries: Some(1), ..policy() };
     let sink = Recording::default();
     let (stats, position) = run(&handler, &policy, None, &sink, records(0..8)).await;
@@ -313,7 +315,7 @@ async fn after_exhausted_item_failures_only_the_named_records_give_up() {
 
 #[tokio::test(start_paused = true)]
 async fn naming_a_record_outside_the_batch_fails_the_whole_batch() {
-    let handler = Scripted::new(|_| Ok(BatchResponse { failed: vec![99] }));
+    let handler = Scripted::new(|_| Ok(BatchResponse::failed(vec![99])));
     let policy = FailurePolicy { report_item_failures: true, max_retries: Some(0), ..policy() };
     let sink = Recording::default();
     let (stats, position) = run(&handler, &policy, None, &sink, records(0..3)).await;
@@ -415,6 +417,7 @@ async fn a_killed_lane_finishes_nothing_and_is_not_an_error() {
         policy: &policy,
         filter: None,
         sink: &sink,
+        replies: None,
         hooks: &(),
         drain: &drain,
         lease: &lease,

@@ -5,6 +5,7 @@
 
 pub mod kafka;
 pub mod publish;
+pub mod reply;
 pub mod retry;
 
 use std::sync::Arc;

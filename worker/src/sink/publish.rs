@@ -54,6 +54,9 @@ pub struct Message {
     pub timestamp: Option<u64>,
     /// Others to carry over (content type and the like).
     pub properties: Option<BasicProperties>,
+    /// Published without `mandatory`: for a direct reply-to address, which
+    /// RabbitMQ reports as returned even when it delivered the message.
+    pub unroutable_ok: bool,
 }
 
 /// The AMQP properties `m` is published with: persistent, its headers,
@@ -123,7 +126,8 @@ impl Publisher {
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
             let props = properties(m, now)?;
-            let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+            let options =
+                BasicPublishOptions { mandatory: !m.unroutable_ok, ..BasicPublishOptions::default() };
             let (exchange, routing_key) = (m.exchange.as_str().into(), m.routing_key.as_str().into());
             let confirm = channel
                 .basic_publish(exchange, routing_key, options, &m.body, props)

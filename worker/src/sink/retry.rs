@@ -109,6 +109,7 @@ impl RetrySink {
                 .as_ref()
                 .map_or(r.timestamp_ms.map(|ms| (ms / 1000) as u64), |p| *p.timestamp()),
             properties: original.map(|p| p.with_headers(FieldTable::default())),
+            unroutable_ok: false,
         };
         Ok((message, to_dlq))
     }
@@ -156,6 +157,7 @@ mod tests {
             headers,
             timestamp_ms: None,
             origin: Origin::Queue { slot: 0, delivery_tag: 1, redelivered: true },
+            reply_to: None,
         }
     }
 

@@ -20,7 +20,7 @@ use shardline_proto::{FailurePolicy, LeaseId};
 
 use super::{End, Exit, Finalizer, Lease, Opened, RecordReader, Source};
 use crate::amqp::{Amqp, Publisher, header_bytes};
-use crate::handler::{Origin, Record};
+use crate::handler::{Origin, Record, ReplyTo};
 use crate::policy::Hooks;
 use crate::sink::FailureSink;
 use crate::sink::retry::{Properties, RetrySink};
@@ -32,6 +32,7 @@ pub struct Slot {
     /// through the retry queues.
     policy: FailurePolicy,
     sink: RetrySink,
+    replies: Publisher,
 }
 
 impl Slot {
@@ -41,7 +42,8 @@ impl Slot {
             amqp,
             tag: format!("{worker_id}/{}/{}", lease.id, lease.epoch),
             policy,
-            sink: RetrySink::new(publisher, &lease.id.name, &lease.mapping.policy, worker_id),
+            sink: RetrySink::new(publisher.clone(), &lease.id.name, &lease.mapping.policy, worker_id),
+            replies: publisher,
         }
     }
 
@@ -109,6 +111,10 @@ impl Source for Slot {
     fn sink(&self) -> &dyn FailureSink {
         &self.sink
     }
+
+    fn replies(&self) -> Option<&Publisher> {
+        Some(&self.replies)
+    }
 }
 
 /// Closes a channel; one already gone (as after it broke) is no error.
@@ -153,7 +159,7 @@ impl Deliveries {
 
 /// The record a handler sees of a delivery: the message id is the key,
 /// headers as bytes ([`header_bytes`]), the AMQP timestamp (seconds) in
-/// milliseconds. Public for the fuzz targets (`fuzz/`).
+/// milliseconds, `reply_to` and `correlation_id` as its [`ReplyTo`]. Public for the fuzz targets (`fuzz/`).
 pub fn record(properties: &lapin::BasicProperties, data: Vec<u8>, origin: Origin) -> Record {
     let headers = properties
         .headers()
@@ -167,6 +173,10 @@ pub fn record(properties: &lapin::BasicProperties, data: Vec<u8>, origin: Origin
         headers,
         timestamp_ms: properties.timestamp().map(|secs| (secs as i64).saturating_mul(1000)),
         origin,
+        reply_to: properties.reply_to().as_ref().map(|queue| ReplyTo {
+            queue: queue.as_str().to_owned(),
+            correlation_id: properties.correlation_id().as_ref().map(|id| id.as_str().to_owned()),
+        }),
     }
 }
 

@@ -372,6 +372,7 @@ pub fn record(m: RawMessage<'_>) -> Record {
             .collect(),
         timestamp_ms: m.timestamp_ms,
         origin: Origin::Kafka { partition: m.partition, offset: m.offset },
+        reply_to: None,
     }
 }
 

@@ -108,4 +108,10 @@ pub trait Source: Hooks + Send + Sync {
     }
 
     fn sink(&self) -> &dyn FailureSink;
+
+    /// Where replies to synchronous invocations are published; `None`: the
+    /// source's records never carry `reply_to` (Kafka).
+    fn replies(&self) -> Option<&crate::amqp::Publisher> {
+        None
+    }
 }
