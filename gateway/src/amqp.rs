@@ -34,8 +34,9 @@ use crate::error::ApiError;
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
-/// The reply header carrying the handler's HTTP status (an integer).
-pub const STATUS_HEADER: &str = "shardline.status";
+/// The reply header carrying the handler's HTTP status (an integer),
+/// named once in proto for the worker that writes it and this reader.
+pub const STATUS_HEADER: &str = shardline_proto::topology::headers::STATUS;
 /// Longest a connection attempt may take before the request is answered 503.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -297,12 +297,14 @@ async fn unreachable_brokers_are_503_with_retry_after() -> Result<()> {
 async fn subscriptions_with(
     dir: &std::path::Path,
     handler: &str,
-    settings: &[(&str, &str)],
+    settings: toml::Table,
     names: usize,
 ) -> Result<(support::Topology, Coordinator, Proc)> {
     let topology = support::Topology::new(1, names);
     let c = Coordinator::start_config(topology.config(handler), &dir.join("data"))?;
-    let worker = shardline_tests::start_worker_config(&c.url, &unique("w"), hosting(handler, settings))?;
+    let mut config = hosting(handler, &[] as &[(&str, &str)]);
+    config.handlers.insert(handler.to_owned(), settings);
+    let worker = shardline_tests::start_worker_config(&c.url, &unique("w"), config)?;
     Ok((topology, c, worker))
 }
 
@@ -333,7 +335,7 @@ async fn until_served(http: &reqwest::Client, url: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_invocations_get_their_own_replies() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (topology, _c, _w) = subscriptions_with(dir.path(), "echo", &[], 1).await?;
+    let (topology, _c, _w) = subscriptions_with(dir.path(), "echo", toml::Table::new(), 1).await?;
     let s = topology.subscriptions[0].clone();
     let gw = Gateway::start(
         GatewayConfig { subscriptions: vec![s.clone()], ..GatewayConfig::default() },
@@ -380,7 +382,7 @@ async fn a_thousand_invocations_get_their_own_replies() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handlers_status_and_a_missing_subscription() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (topology, _c, _w) = subscriptions_with(dir.path(), "echo", &[("status", "418")], 1).await?;
+    let (topology, _c, _w) = subscriptions_with(dir.path(), "echo", toml::toml! { status = 418 }, 1).await?;
     let s = topology.subscriptions[0].clone();
     let absent = unique("gw-absent");
     let gw = Gateway::start(
@@ -405,7 +407,8 @@ async fn the_handlers_status_and_a_missing_subscription() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_is_504() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (topology, _c, _w) = subscriptions_with(dir.path(), "sleep", &[("per_record", "5s")], 1).await?;
+    let (topology, _c, _w) =
+        subscriptions_with(dir.path(), "sleep", toml::toml! { per_record = "5s" }, 1).await?;
     let s = topology.subscriptions[0].clone();
     let gw = Gateway::start(
         GatewayConfig { subscriptions: vec![s.clone()], ..GatewayConfig::default() },
@@ -444,7 +447,7 @@ async fn schemathesis_finds_nothing() -> Result<()> {
         "schemathesis is not installed at {schemathesis}: run scripts/schemathesis.sh install"
     );
     let dir = tempfile::tempdir()?;
-    let (topology, _c, _w) = subscriptions_with(dir.path(), "echo", &[], 1).await?;
+    let (topology, _c, _w) = subscriptions_with(dir.path(), "echo", toml::Table::new(), 1).await?;
     let s = topology.subscriptions[0].clone();
     let exchange = topology.exchanges[0].clone();
     let (topic, _) = support::topics("gw-fuzz", 2).await?;
