@@ -30,7 +30,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // lapin logs every returned message with its body (a 404
+                // here, answered to the client): request data stays out of
+                // the log.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,lapin::returned_messages=error")
+                }),
         )
         .init();
     let config = match GatewayConfig::load(&args.config) {
