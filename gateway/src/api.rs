@@ -180,7 +180,8 @@ async fn publish(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InvokeQuery {
-    timeout_ms: Option<u64>,
+    /// Text, so any whole number is taken (one past u64 means "no shorter").
+    timeout_ms: Option<String>,
 }
 
 /// `POST /v1/invoke/{subscription}`: the handler's reply as the response.
@@ -194,32 +195,39 @@ async fn invoke(
     let subscription = path(subscription)?;
     allowed("subscription", "subscriptions", &g.config.subscriptions, &subscription)?;
     let q = query(q)?;
-    let deadline = deadline(g.config.invoke_timeout, q.timeout_ms, headers.get(TIMEOUT_HEADER))?;
+    let deadline = deadline(g.config.invoke_timeout, q.timeout_ms.as_deref(), headers.get(TIMEOUT_HEADER))?;
     let payload = body(b, g.config.max_body_bytes)?;
     let _in_flight = InFlight::new();
     let reply = g.amqp.invoke(&subscription, &payload, content_type(&headers), deadline).await?;
     response(reply)
 }
 
-/// The invocation's deadline: `invoke_timeout`, or less if the client asks.
-fn deadline(limit: Duration, query: Option<u64>, header: Option<&HeaderValue>) -> Result<Duration, ApiError> {
+/// The invocation's deadline: `invoke_timeout`, or less if the client asks
+/// (`timeout_ms` or the header: a whole number of ms, at least 1; any
+/// larger than `invoke_timeout` changes nothing).
+fn deadline(
+    limit: Duration,
+    query: Option<&str>,
+    header: Option<&HeaderValue>,
+) -> Result<Duration, ApiError> {
     let header = match header {
         None => None,
-        Some(v) => {
-            let n = v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
-            Some(n.ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "header `{TIMEOUT_HEADER}` must be a whole number of milliseconds"
-                ))
-            })?)
-        }
+        Some(v) => Some(
+            v.to_str().map_err(|_| ApiError::BadRequest(format!("header `{TIMEOUT_HEADER}` is not text")))?,
+        ),
     };
     let mut deadline = limit;
-    for asked in [query, header].into_iter().flatten() {
-        if asked == 0 {
-            return Err(ApiError::BadRequest("a timeout must be at least 1 ms".into()));
+    for (what, asked) in [("query parameter `timeout_ms`", query), ("header `Shardline-Timeout-Ms`", header)]
+    {
+        let Some(asked) = asked.map(str::trim) else { continue };
+        let digits = !asked.is_empty() && asked.bytes().all(|b| b.is_ascii_digit());
+        if !digits || asked.bytes().all(|b| b == b'0') {
+            let why = format!("{what} is `{asked}`; allowed: a whole number of milliseconds, at least 1");
+            return Err(ApiError::BadRequest(why));
         }
-        deadline = deadline.min(Duration::from_millis(asked));
+        // Past u64: longer than any limit, so no shorter deadline.
+        let ms = asked.parse::<u64>().unwrap_or(u64::MAX);
+        deadline = deadline.min(Duration::from_millis(ms));
     }
     Ok(deadline)
 }
@@ -296,11 +304,14 @@ mod tests {
     fn the_deadline_is_the_shortest_asked_for() {
         let limit = Duration::from_secs(30);
         assert_eq!(deadline(limit, None, None), Ok(limit));
-        assert_eq!(deadline(limit, Some(500), None), Ok(Duration::from_millis(500)));
+        assert_eq!(deadline(limit, Some("500"), None), Ok(Duration::from_millis(500)));
         let header = HeaderValue::from_static("200");
-        assert_eq!(deadline(limit, Some(500), Some(&header)), Ok(Duration::from_millis(200)));
-        assert_eq!(deadline(limit, Some(90_000), None), Ok(limit), "never longer than invoke_timeout");
-        assert!(deadline(limit, Some(0), None).is_err());
+        assert_eq!(deadline(limit, Some("500"), Some(&header)), Ok(Duration::from_millis(200)));
+        assert_eq!(deadline(limit, Some("90000"), None), Ok(limit), "never longer than invoke_timeout");
+        let huge = HeaderValue::from_static("409146135469058791833600");
+        assert_eq!(deadline(limit, None, Some(&huge)), Ok(limit), "past u64 is no shorter deadline");
+        assert!(deadline(limit, Some("0"), None).is_err());
+        assert!(deadline(limit, Some("-1"), None).is_err());
         assert!(deadline(limit, None, Some(&HeaderValue::from_static("soon"))).is_err());
     }
 

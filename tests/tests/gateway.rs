@@ -477,7 +477,7 @@ async fn schemathesis_finds_nothing() -> Result<()> {
     let out = tokio::process::Command::new(&schemathesis)
         .args(["--config-file", concat!(env!("CARGO_MANIFEST_DIR"), "/schemathesis.toml")])
         .args(["run", &format!("{}/openapi.json", gw.url), "--checks", "all"])
-        .args(["--max-examples", "30", "--header", "Authorization: Bearer fuzz-token", "--seed", "7"])
+        .args(["--max-examples", "100", "--header", "Authorization: Bearer fuzz-token", "--seed", "7"])
         .args(["--request-timeout", "30", "--no-color", "--generation-database", "none"])
         .current_dir(dir.path())
         .kill_on_drop(true)
