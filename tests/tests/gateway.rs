@@ -5,7 +5,8 @@
 //! keep it), synchronous invocations answered by the worker's `echo`
 //! handler with their own bodies and statuses, 504 past the deadline, the
 //! limits and errors (401, 404, 413, 400), 503 with `Retry-After` when a
-//! broker cannot be reached, and schemathesis against the gateway's own
+//! broker cannot be reached, exit 2 naming the field on a bad config, and
+//! schemathesis against the gateway's own
 //! `/openapi.json` (scripts/schemathesis.sh installs it).
 
 mod support;
@@ -497,5 +498,33 @@ async fn schemathesis_finds_nothing() -> Result<()> {
     ensure!(server_errors.is_empty(), "undocumented server errors: {server_errors:?}");
     let requests = metrics.lines().filter(|l| l.starts_with("shardline_gateway_requests_total")).count();
     ensure!(requests > 3, "schemathesis made almost no requests:\n{metrics}");
+    Ok(())
+}
+
+/// A config the gateway cannot use exits 2 before serving, naming the
+/// field and what is allowed: an unknown key, off loopback without a
+/// token, a bad override.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_exits_2_naming_the_field() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (text, env, expect) in [
+        ("bogus = 1\n", None, "bogus"),
+        ("listen = \"0.0.0.0:0\"\n", None, "`token_file` is unset"),
+        ("streams = [\"a b\"]\n", None, "`streams[0]`"),
+        ("", Some(("SHARDLINE_AMQP_URL", "http://x")), "(set by SHARDLINE_AMQP_URL)"),
+    ] {
+        let path = dir.path().join(unique("bad.toml"));
+        std::fs::write(&path, text)?;
+        let mut command = std::process::Command::new(bin("shardline-gateway"));
+        command.arg("--config").arg(&path).env_remove("SHARDLINE_TOKEN").env_remove("SHARDLINE_AMQP_URL");
+        if let Some((k, v)) = env {
+            command.env(k, v);
+        }
+        let out = tokio::task::spawn_blocking(move || command.output()).await??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.code() == Some(2), "{text:?}: exit {:?}, stderr {stderr}", out.status.code());
+        ensure!(stderr.contains(expect), "{text:?}: stderr does not name `{expect}`: {stderr}");
+        ensure!(!String::from_utf8_lossy(&out.stdout).contains("listening"), "{text:?}: it served");
+    }
     Ok(())
 }
