@@ -11,6 +11,9 @@ scripts/build-deps.sh
 # The runtime clients (awslambdaric, aws-lambda-ric, lambda_runtime) the
 # function tests run Lambda functions through.
 scripts/functions.sh install
+# The S3-compatible endpoint (s3s-fs, cargo install --locked into a cache
+# dir) the uploads example's test runs against.
+scripts/s3s.sh install
 # Docker (Debian's docker.io, a daemon with no bridge) and the image's base
 # built from Debian's packages, for tests/tests/image.rs; the compose file
 # checked.

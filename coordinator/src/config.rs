@@ -934,6 +934,48 @@ mod tests {
         }
     }
 
+    /// examples/uploads: one fanout topic, one subscription that reports
+    /// item failures (poison uploads fail alone) and gives up after a few
+    /// retries into its dead-letter queue.
+    #[test]
+    fn the_uploads_example_config_is_valid() {
+        let c = Config::parse(include_str!("../../examples/uploads/coordinator.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c.streams.is_empty());
+        assert_eq!(
+            c.topics.iter().map(|t| (t.name.as_str(), t.kind)).collect::<Vec<_>>(),
+            [("uploads", TopicKind::Fanout)]
+        );
+        let [s] = c.subscriptions.as_slice() else { panic!("one subscription: {:?}", c.subscriptions) };
+        assert_eq!((s.topic.as_str(), s.handler.as_str()), ("uploads", "uploads"));
+        assert!(s.settings.report_item_failures);
+        assert_eq!(s.settings.max_retries, Some(2));
+        let round = Config::parse(&toml::to_string(&c).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(round.subscriptions.len(), 1);
+    }
+
+    /// The configs of the examples that are packages of their own
+    /// (`examples/*/coordinator.toml`), as the coordinator reads them.
+    #[test]
+    fn the_application_example_configs_are_valid() {
+        let c = Config::parse(include_str!("../../examples/materialized-view/coordinator.toml"))
+            .unwrap_or_else(|e| panic!("materialized-view: {e}"));
+        assert_eq!(c.validate(), Ok(()));
+        let s = c.streams.first().unwrap_or_else(|| panic!("materialized-view: no stream"));
+        assert_eq!((s.handler.as_str(), s.parallelization_factor), ("materialized-view", 1));
+        let c = Config::parse(include_str!("../../examples/fanout/coordinator.toml"))
+            .unwrap_or_else(|e| panic!("fanout: {e}"));
+        assert_eq!(c.validate(), Ok(()));
+        let policy = |name: &str| {
+            let s = c.subscriptions.iter().find(|s| s.name == name);
+            s.map(|s| (s.topic.as_str(), s.settings.max_retries, s.settings.report_item_failures))
+        };
+        assert_eq!(policy("audit"), Some(("notifications", None, false)), "audit never gives up");
+        assert_eq!(policy("notify"), Some(("notifications", Some(2), true)));
+    }
+
     #[test]
     fn the_shipped_example_config_is_valid() {
         let c =

@@ -206,6 +206,14 @@ mod tests {
         assert_eq!(c.handlers.keys().collect::<Vec<_>>(), ["forward", "log", "noop", "sleep"]);
     }
 
+    #[test]
+    fn the_uploads_example_config_is_valid() {
+        let c = WorkerConfig::parse(include_str!("../../examples/uploads/worker.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.handlers.keys().collect::<Vec<_>>(), ["uploads"]);
+    }
+
     /// examples/functions/*/worker.toml, as the worker reads them from the
     /// repository root (where their `working_dir`s are relative to).
     #[test]

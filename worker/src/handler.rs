@@ -149,6 +149,13 @@ pub struct BatchResponse {
     /// Positions ([`Record::position`]) of records that failed on their own
     /// (with `report_item_failures`); empty: the whole batch succeeded.
     pub failed: Vec<i64>,
+    /// Why a failed record failed, by position (optional; see
+    /// [`BatchResponse::fail`]). A record that gives up carries its own
+    /// error to its failure destination (a dead letter's `shardline.error`
+    /// header, `on_failure`'s copy) instead of the generic "the handler
+    /// reported failed records", so an operator reading the dead letters
+    /// sees what was wrong with each one.
+    pub errors: BTreeMap<i64, String>,
     /// Answers to records that carry [`Record::reply_to`]; published once
     /// their record succeeded, before it is acked. A reply to a record
     /// without `reply_to`, or to one that failed, is not sent.
@@ -156,6 +163,12 @@ pub struct BatchResponse {
 }
 
 impl BatchResponse {
+    /// Names the record at `position` as failed, with its `error`.
+    pub fn fail(&mut self, position: i64, error: impl Into<String>) {
+        self.failed.push(position);
+        self.errors.insert(position, error.into());
+    }
+
     /// These records failed on their own; the rest succeeded.
     pub fn failed(failed: Vec<i64>) -> Self {
         Self { failed, ..Self::default() }

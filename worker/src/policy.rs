@@ -358,11 +358,23 @@ impl Lane<'_> {
             }
             if self.policy.max_retries.is_some_and(|max| attempts > max) {
                 // With item failures, only the records the handler named in
-                // its last answer gave up; the others it handled then.
-                if let Some(last) = &named {
-                    let handled = work.split_by(|r| last.failed.contains(&r.position()));
-                    crate::sink::reply::send(self.replies, self.lease, &handled.records, &last.replies).await;
+                // its last answer gave up; the others it handled then (and
+                // their replies go). Each carries the error the handler gave
+                // it, if any.
+                if let Some(named) = &named {
+                    let handled = work.split_by(|r| named.failed.contains(&r.position()));
+                    crate::sink::reply::send(self.replies, self.lease, &handled.records, &named.replies)
+                        .await;
                     stats.handled += handled.finish();
+                    let own = |r: &Record| named.errors.get(&r.position());
+                    while let Some(message) = work.records.iter().find_map(|r| own(r)) {
+                        let group = work.split_by(|r| own(r) != Some(message));
+                        let why = GaveUp { reason, attempts, error: message.clone() };
+                        stats.gave_up += self.give_up(group, &why).await?;
+                    }
+                    if work.records.is_empty() {
+                        continue;
+                    }
                 }
                 let why = GaveUp { reason, attempts, error: error.message };
                 stats.gave_up += self.give_up(work, &why).await?;

@@ -1,5 +1,5 @@
 //! Helpers shared by test files (`offsets.rs`, `process.rs`, `batching.rs`, `failover.rs`, `coordinator.rs`,
-//! `topics.rs`, `examples.rs`, `cli.rs`, `worker.rs`): coordinator configs
+//! `topics.rs`, `examples.rs`, `example_view.rs`, `example_fanout.rs`, `cli.rs`, `worker.rs`): coordinator configs
 //! with short timings, starting the binaries with a chosen environment,
 //! telling batches apart in receipts, and naming a RabbitMQ topology that
 //! is removed however a test ends.

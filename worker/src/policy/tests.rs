@@ -313,6 +313,35 @@ async fn after_exhausted_item_failures_only_the_named_records_give_up() {
     assert_eq!(position, 8);
 }
 
+/// A record named with its own error gives up with that error (grouped
+/// by error: one sink call per distinct message); one named without an
+/// error gets the generic message.
+#[tokio::test(start_paused = true)]
+async fn records_that_give_up_carry_the_error_the_handler_gave_them() {
+    let handler = Scripted::new(|_| {
+        let mut response = BatchResponse::default();
+        response.fail(1, "not an image: unknown format");
+        response.fail(3, "truncated: unexpected end of file");
+        response.fail(5, "not an image: unknown format");
+        response.failed.push(6);
+        Ok(response)
+    });
+    let policy = FailurePolicy { report_item_failures: true, max_retries: Some(0), ..policy() };
+    let sink = Recording::default();
+    let (stats, position) = run(&handler, &policy, None, &sink, records(0..8)).await;
+    let got: Vec<(Vec<i64>, String)> = sink.got().into_iter().map(|(p, why)| (p, why.error)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (vec![1, 5], "not an image: unknown format".to_owned()),
+            (vec![3], "truncated: unexpected end of file".to_owned()),
+            (vec![6], "the handler reported failed records".to_owned()),
+        ]
+    );
+    assert_eq!(stats.map(|s| (s.handled, s.gave_up)), Ok((4, 4)));
+    assert_eq!(position, 8);
+}
+
 #[tokio::test(start_paused = true)]
 async fn naming_a_record_outside_the_batch_fails_the_whole_batch() {
     let handler = Scripted::new(|_| Ok(BatchResponse::failed(vec![99])));
