@@ -14,6 +14,8 @@ scripts/functions.sh install
 # The S3-compatible endpoint (s3s-fs, cargo install --locked into a cache
 # dir) the uploads example's test runs against.
 scripts/s3s.sh install
+# schemathesis (PyPI, pinned, in a venv) for the gateway's OpenAPI test.
+scripts/schemathesis.sh install
 # Docker (Debian's docker.io, a daemon with no bridge) and the image's base
 # built from Debian's packages, for tests/tests/image.rs; the compose file
 # checked.

@@ -60,6 +60,10 @@ enum BenchTarget {
     /// worker (`forward`), next to produce-to-poll of a raw rdkafka
     /// consumer on the same broker in the same run: shardline's overhead.
     Latency(bench::latency::Args),
+    /// `shardline-gateway`'s `POST /v1/streams/...` driven by wrk, next to
+    /// a direct rdkafka producer at the same acks and concurrency: rates,
+    /// p99 and their ratio.
+    Gateway(bench::gateway::Args),
     /// Every benchmark in turn, with one JSON report of all their figures
     /// (compare two with `scripts/bench-compare.sh OLD NEW`).
     All(bench::all::Args),
@@ -84,6 +88,9 @@ async fn main() -> ExitCode {
             }
             Command::Bench(BenchTarget::Latency(args)) => {
                 bench::latency::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchTarget::Gateway(args)) => {
+                bench::gateway::run(args).await.map(|()| ExitCode::SUCCESS)
             }
             Command::Bench(BenchTarget::All(args)) => bench::all::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Run(args) => run::run(args).await,

@@ -12,6 +12,7 @@ pub use shardline_coordinator::config::{
     Backoff, BatchSettings, Config as CoordinatorConfig, FilterConfig, QueueType, ServerTls, Store,
     StreamConfig, SubscriptionConfig, TopicConfig, TopicKind,
 };
+pub use shardline_gateway::config::GatewayConfig;
 pub use shardline_worker::WorkerConfig;
 
 /// A handler's settings table from `key, value` pairs of strings.

@@ -201,9 +201,33 @@ pub struct Starting {
 /// the child: the test's, or a runtime worker, never a `spawn_blocking`
 /// thread (tokio ends those after 10 s idle, killing the coordinator).
 pub fn spawn_coordinator(bin: &Path, config: &Path, env: &[(&str, &str)], stderr: Stdio) -> Result<Starting> {
+    spawn_listening("coordinator", bin, config, env, stderr)
+}
+
+/// Starts `shardline-gateway --config CONFIG` (see [`spawn`]) and waits up
+/// to `timeout` for its `listening ADDR` line, as [`start_coordinator`].
+pub fn start_gateway(
+    bin: &Path,
+    config: &Path,
+    env: &[(&str, &str)],
+    stderr: Stdio,
+    timeout: Duration,
+) -> Result<(Proc, SocketAddr)> {
+    spawn_listening("gateway", bin, config, env, stderr)?.wait(timeout)
+}
+
+/// Starts `BIN --config CONFIG` (a binary that prints `listening ADDR`
+/// once bound) without waiting; `name` names it in messages.
+pub fn spawn_listening(
+    name: &str,
+    bin: &Path,
+    config: &Path,
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> Result<Starting> {
     let args = [OsStr::new("--config"), config.as_os_str()];
-    let mut proc = spawn("coordinator", bin, args, env, Stdio::piped(), stderr)?;
-    let stdout = proc.child.stdout.take().context("the coordinator's stdout is not piped")?;
+    let mut proc = spawn(name, bin, args, env, Stdio::piped(), stderr)?;
+    let stdout = proc.child.stdout.take().with_context(|| format!("the {name}'s stdout is not piped"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -229,10 +253,10 @@ impl Starting {
             Ok(addr) => addr,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let status = self.proc.wait_exit(Duration::from_secs(5))?;
-                bail!("the coordinator exited ({status}) before listening")
+                bail!("the {} exited ({status}) before listening", self.proc.name)
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                bail!("the coordinator printed no `listening ADDR` within {timeout:?}")
+                bail!("the {} printed no `listening ADDR` within {timeout:?}", self.proc.name)
             }
         };
         let addr = addr.parse().with_context(|| format!("bad address in `listening {addr}`"))?;

@@ -6,6 +6,7 @@ pub mod amqp;
 mod compare;
 pub mod coordinator;
 pub mod function;
+pub mod gateway;
 pub mod kafka;
 pub mod latency;
 
