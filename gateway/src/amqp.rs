@@ -33,7 +33,7 @@ use crate::config::GatewayConfig;
 use crate::error::ApiError;
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
-pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+pub const REPLY_TO: &str = shardline_proto::topology::DIRECT_REPLY_TO;
 /// The reply header carrying the handler's HTTP status (an integer),
 /// named once in proto for the worker that writes it and this reader.
 pub const STATUS_HEADER: &str = shardline_proto::topology::headers::STATUS;

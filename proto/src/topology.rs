@@ -90,6 +90,11 @@ pub mod headers {
     pub const CONTENT_TYPE: &str = "content-type";
 }
 
+/// The pseudo-queue of RabbitMQ's direct reply-to: a requester (the
+/// gateway) consumes it and names it as `reply_to`; the addresses RabbitMQ
+/// hands out start with it (the worker publishes replies to them).
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 /// Most distinct retry delays per subscription (so most retry queues).
 const MAX_TIERS: usize = 16;
 

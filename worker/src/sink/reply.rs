@@ -16,15 +16,11 @@ use std::sync::Arc;
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use shardline_proto::LeaseId;
-use shardline_proto::topology::headers;
+use shardline_proto::topology::{DIRECT_REPLY_TO, headers};
 
 use crate::amqp::{Message, PublishError, Publisher};
 use crate::handler::{Record, Reply, ReplyTo};
 use crate::sink::publish::short_string;
-
-/// The pseudo-queue of RabbitMQ's direct reply-to; the addresses it hands
-/// out start with it.
-pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Publishes the replies of `records` (the ones that succeeded) that
 /// `replies` holds; replies to records not in `records` or without
