@@ -6,7 +6,10 @@
 //! the audit log reaches N rows while the notifier's queue still holds a
 //! backlog (the slow subscriber does not hold the other back); at the end
 //! notified + dead-lettered = N, audited = N, exactly, and the dead
-//! letters are exactly the bounced messages, each with its error.
+//! letters are exactly the bounced messages, each with its error. Two
+//! workers run; the one holding the notifier's slot is `kill -9`ed while
+//! the backlog waits (its slot moves to the other worker, redelivered
+//! messages are written once, a bounce may be dead-lettered twice).
 
 mod support;
 
@@ -101,8 +104,12 @@ async fn the_audit_log_is_complete_while_the_slow_notifier_still_has_a_backlog()
     let mut notify_settings = config::settings(&db);
     notify_settings.extend(config::settings(&[("per_message", "100ms")]));
     worker.handlers.insert("notify".into(), notify_settings);
-    let path = support::config_file(dir.path(), "worker", &worker)?;
-    let _worker = support::spawn("fanout", &["--config", &path], &[], Stdio::null())?;
+    let mut workers = Vec::new();
+    for id in ["fanout-1", "fanout-2"] {
+        let config = WorkerConfig { worker_id: Some(id.into()), ..worker.clone() };
+        let path = support::config_file(dir.path(), id, &config)?;
+        workers.push((id, support::spawn("fanout", &["--config", &path], &[], Stdio::null())?));
+    }
 
     // Both subscriptions declared and consuming before anything is published.
     eventually(Duration::from_secs(60), "both subscriptions consuming", || async {
@@ -127,6 +134,12 @@ async fn the_audit_log_is_complete_while_the_slow_notifier_still_has_a_backlog()
     let (backlog, notified) = (ready(&notify).await?, count(&schema, "notified").await?);
     eprintln!("fanout: audit_log has all {N}; the notifier has sent {notified}, {backlog} wait in its queue");
     ensure!(backlog > 0, "the notifier had no backlog when the audit log was complete (sent {notified})");
+    // The worker running the notifier dies mid-backlog.
+    let holder = c.leases_of(&notify).await?.into_iter().map(|l| l.owner).find(|o| !o.is_empty());
+    let victim = workers.iter_mut().find(|(id, _)| Some(*id) == holder.as_deref());
+    let Some((id, proc)) = victim else { anyhow::bail!("no worker holds the notifier's slot ({holder:?})") };
+    proc.kill9()?;
+    eprintln!("fanout: killed {id} (-9), which held the notifier's slot");
 
     let bounced = (0..N).filter(|i| bounces(*i)).count() as u64;
     let dlq = shardline_proto::topology::dead_letter_queue(&notify);
@@ -136,8 +149,12 @@ async fn the_audit_log_is_complete_while_the_slow_notifier_still_has_a_backlog()
     })
     .await?;
     // Nothing more arrives: read the dead letters (and make sure no late one follows).
-    let dead =
+    let copies =
         drain_queue(&dlq, usize::try_from(bounced)?, Duration::from_secs(3), Duration::from_secs(60)).await?;
+    // A bounce being retried when its worker died can reach the DLQ twice
+    // (its retry copy and its redelivery): one per message counts.
+    let mut seen = BTreeSet::new();
+    let dead: Vec<_> = copies.into_iter().filter(|d| seen.insert(d.body.clone())).collect();
     let (notified, audited) = (ids(&schema, "notified").await?, ids(&schema, "audit_log").await?);
     eprintln!(
         "fanout: notified {} + dead-lettered {} = {N}; audited {}",

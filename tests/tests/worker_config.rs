@@ -31,7 +31,7 @@ fn bad_worker_configs_exit_2_naming_the_problem() -> Result<()> {
         ("fetch_queue_kib = 1\n[handlers.log]\n", "`fetch_queue_kib` is 1; allowed: 64 to 1048576"),
         (
             "[handlers.nope]\n",
-            "`handlers.nope` is not a handler of this worker; allowed: chaos, forward, log, noop, sleep",
+            "`handlers.nope` is not a handler of this worker; allowed: chaos, count, echo, forward, log, noop, sleep",
         ),
         (
             "[handlers.forward]\n",
