@@ -647,9 +647,7 @@ async fn an_empty_final_invocation_gets_the_state_retries_and_closes_the_window(
     let tries = std::sync::atomic::AtomicUsize::new(0);
     let handler = Scripted::new(move |b| {
         let w = b.window.clone().ok_or("no window")?;
-        if let Ok(mut s) = saw.lock() {
-            s.push((b.records.len(), w.is_final, w.state.clone()));
-        }
+        saw.lock().unwrap_or_else(|e| panic!("{e}")).push((b.records.len(), w.is_final, w.state.clone()));
         if tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
             Err("not yet".into())
         } else {
@@ -678,7 +676,7 @@ async fn an_empty_final_invocation_gets_the_state_retries_and_closes_the_window(
     };
     assert_eq!(lane.close_window(0).await.ok(), Some(true));
     assert_eq!(handler.calls(), vec![Vec::<i64>::new(), vec![]], "retried past max_retries: the shard waits");
-    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let seen = seen.lock().unwrap_or_else(|e| panic!("{e}")).clone();
     assert!(seen.iter().all(|s| *s == (0, true, Some(b"5".to_vec()))), "final, with the state: {seen:?}");
     let closed = slot.snapshot().unwrap_or_else(|| panic!("a window"));
     assert!(closed.closed && closed.state.is_none(), "{closed:?}");
