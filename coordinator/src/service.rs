@@ -158,6 +158,8 @@ fn unix_ms() -> i64 {
 pub struct Handle {
     /// Each command with when it was sent, for the queueing metric.
     tx: mpsc::Sender<(Instant, Command)>,
+    /// Heartbeats, which the loop takes before anything else queued.
+    beats: mpsc::Sender<(Instant, Command)>,
 }
 
 /// The loop is gone (shutting down or crashed).
@@ -169,12 +171,18 @@ impl Handle {
     /// Sends a command built around a fresh reply channel and waits for it.
     pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Closed> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send((Instant::now(), make(tx))).await.map_err(|_| Closed)?;
+        self.send(make(tx)).await?;
         rx.await.map_err(|_| Closed)
     }
 
+    /// Heartbeats go on their own lane: they bound failure detection, so
+    /// they must not queue behind a backlog of checkpoints (issue 17: at
+    /// 2,000 workers they waited half a second). Taking one early is safe:
+    /// every instruction is idempotent and a heartbeat's reconcile already
+    /// copes with calls of one worker crossing (gRPC never ordered them).
     pub async fn send(&self, command: Command) -> Result<(), Closed> {
-        self.tx.send((Instant::now(), command)).await.map_err(|_| Closed)
+        let lane = if matches!(command, Command::Heartbeat { .. }) { &self.beats } else { &self.tx };
+        lane.send((Instant::now(), command)).await.map_err(|_| Closed)
     }
 }
 
@@ -187,6 +195,7 @@ pub struct Service<S: LeaseStore> {
     meter: Meter,
     store: S,
     rx: mpsc::Receiver<(Instant, Command)>,
+    beats: mpsc::Receiver<(Instant, Command)>,
     /// Writes made so far, and writes known durable.
     written: u64,
     durable: u64,
@@ -202,9 +211,19 @@ impl<S: LeaseStore> Service<S> {
         let core = Core::restore(cfg, records, Instant::now().into_std());
         let meter = Meter::restore(store.load_usage()?);
         let (tx, rx) = mpsc::channel(4096);
-        let service =
-            Self { core, meter, store, rx, written: 0, durable: 0, waiting: Vec::new(), flushing: None };
-        Ok((service, Handle { tx }))
+        let (beats_tx, beats) = mpsc::channel(4096);
+        let service = Self {
+            core,
+            meter,
+            store,
+            rx,
+            beats,
+            written: 0,
+            durable: 0,
+            waiting: Vec::new(),
+            flushing: None,
+        };
+        Ok((service, Handle { tx, beats: beats_tx }))
     }
 
     /// Runs until `shutdown` fires (or every handle is dropped). Returns an
@@ -226,24 +245,8 @@ impl<S: LeaseStore> Service<S> {
                     self.durable = self.durable.max(seq);
                     self.release_waiting();
                 }
-                command = self.rx.recv() => {
-                    let Some((sent, command)) = command else { break };
-                    let turn = Instant::now();
-                    let mut longest_wait = turn.saturating_duration_since(sent);
-                    self.handle(command).inspect_err(store_failed)?;
-                    let mut commands = 1;
-                    while commands < MAX_BATCH {
-                        match self.rx.try_recv() {
-                            Ok((sent, command)) => {
-                                longest_wait = longest_wait.max(Instant::now().saturating_duration_since(sent));
-                                self.handle(command).inspect_err(store_failed)?;
-                                commands += 1;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    m::loop_turn(commands, turn.elapsed(), longest_wait);
-                }
+                // Before the commands: under a steady backlog a tick placed
+                // after them would never come, and nobody would expire.
                 _ = tick.tick() => {
                     let started = Instant::now();
                     self.core.tick(started.into_std());
@@ -261,6 +264,11 @@ impl<S: LeaseStore> Service<S> {
                         m::publish(&self.core);
                     }
                     m::loop_tick(started.elapsed());
+                }
+                Some(first) = self.beats.recv() => self.turn(first)?,
+                command = self.rx.recv() => {
+                    let Some(first) = command else { break };
+                    self.turn(first)?;
                 }
             }
             self.persist().inspect_err(store_failed)?;
@@ -287,6 +295,32 @@ impl<S: LeaseStore> Service<S> {
             self.durable = self.written;
             self.release_waiting();
         }
+        Ok(())
+    }
+
+    /// One turn: `first` and whatever else is queued, up to [`MAX_BATCH`],
+    /// before the loop writes and flushes. Queued heartbeats are taken
+    /// before each other command, so one waits at most for the command
+    /// being handled, never for the queue.
+    fn turn(&mut self, (sent, first): (Instant, Command)) -> Result<(), StoreError> {
+        let turn = Instant::now();
+        let mut longest_wait = turn.saturating_duration_since(sent);
+        self.handle(first).inspect_err(store_failed)?;
+        let mut commands = 1;
+        while commands < MAX_BATCH {
+            let next = match self.beats.try_recv() {
+                Ok(beat) => beat,
+                Err(_) => match self.rx.try_recv() {
+                    Ok(command) => command,
+                    Err(_) => break,
+                },
+            };
+            let (sent, command) = next;
+            longest_wait = longest_wait.max(Instant::now().saturating_duration_since(sent));
+            self.handle(command).inspect_err(store_failed)?;
+            commands += 1;
+        }
+        m::loop_turn(commands, turn.elapsed(), longest_wait);
         Ok(())
     }
 
@@ -816,6 +850,44 @@ mod tests {
         assert_eq!(outcomes, vec![CheckpointOutcome::Ok { checkpoint: Some(7) }]);
         let stored = store.load().unwrap_or_default();
         assert!(stored.iter().any(|r| r.lease == lease && r.checkpoint == Some(7)));
+        token.cancel();
+    }
+
+    /// A heartbeat is taken before commands queued ahead of it (issue 17:
+    /// behind a checkpoint backlog they waited half a second at 2,000
+    /// workers, which is failure detection waiting). Here 300 reads are
+    /// queued before a heartbeat that starts a drain: every read must
+    /// already see the worker draining.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_overtake_queued_commands() {
+        let (handle, token) = start(MemStore::default()).await;
+        register(&handle, "a").await;
+        // Queued without yielding, so the loop sees them all at once.
+        let queued = tokio::task::unconstrained(async {
+            let mut reads = Vec::new();
+            for _ in 0..300 {
+                let (tx, rx) = oneshot::channel();
+                handle.send(Command::Snapshot(tx)).await.map_err(|_| "snapshot not queued")?;
+                reads.push(rx);
+            }
+            let (reply, beat) = oneshot::channel();
+            let heartbeat =
+                Command::Heartbeat { worker: "a".into(), beat: Beat::default(), draining: true, reply };
+            handle.send(heartbeat).await.map_err(|_| "heartbeat not queued")?;
+            Ok::<_, &str>((reads, beat))
+        })
+        .await;
+        let (reads, beat) = queued.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(beat.await, Ok(Ok(_))), "the heartbeat is answered");
+        for (i, read) in reads.into_iter().enumerate() {
+            let snapshot = read.await.unwrap_or_else(|e| panic!("read {i} unanswered: {e}"));
+            let draining = snapshot.workers.iter().find(|w| w.id == "a").map(|w| w.draining);
+            assert_eq!(
+                draining,
+                Some(true),
+                "read {i} of 300 was handled before the heartbeat queued after it"
+            );
+        }
         token.cancel();
     }
 

@@ -23,6 +23,18 @@ use shardline_proto::LeaseId;
 use super::balance::{self, LeaseWeight, Params};
 use super::{Core, Instruction, LeaseState, Strategy, WorkerId};
 
+/// The fleet's load as [`Core::load_view`] sums it.
+pub(crate) struct LoadView {
+    /// Each worker that takes leases: its utilisation.
+    pub util: BTreeMap<WorkerId, f64>,
+    /// The fleet's mean utilisation.
+    pub mean: f64,
+    /// Workers holding a lease whose lag keeps growing.
+    pub lagging: BTreeSet<WorkerId>,
+    /// [`Core::desired_workers`].
+    pub desired: u32,
+}
+
 impl Core {
     /// How many leases each registered worker has or is about to get.
     pub(crate) fn lease_counts(&self) -> BTreeMap<WorkerId, u32> {
@@ -60,31 +72,40 @@ impl Core {
 
     /// Owned leases with their measured weight (unmeasured ones count as
     /// the mean of the measured, so a new lease is neither free nor huge).
+    ///
+    /// One ordered pass over the table and the model together (both are
+    /// keyed by lease): a lookup per lease made this the loop's costliest
+    /// walk at tens of thousands of leases.
     pub(crate) fn weights(&self) -> Vec<LeaseWeight> {
-        let measured: Vec<f64> = self.model.values().filter(|m| m.measured).map(|m| m.weight).collect();
-        let mean =
-            if measured.is_empty() { 0.0 } else { measured.iter().sum::<f64>() / measured.len() as f64 };
-        self.leases
+        let (sum, n) = self
+            .model
             .values()
-            .filter_map(|l| {
-                let owner = match &l.state {
-                    LeaseState::Owned => l.record.owner.clone()?,
-                    LeaseState::Releasing { to: Some(to), .. } => to.clone(),
-                    _ => return None,
-                };
-                let m = self.model.get(&l.record.lease);
-                Some(LeaseWeight {
-                    lease: l.record.lease.clone(),
-                    owner,
-                    weight: m.filter(|m| m.measured).map_or(mean, |m| m.weight),
-                    lag_growing: m.is_some_and(|m| m.lag_growing()),
-                })
-            })
-            .collect()
+            .filter(|m| m.measured)
+            .fold((0.0, 0usize), |(sum, n), m| (sum + m.weight, n + 1));
+        let mean = if n == 0 { 0.0 } else { sum / n as f64 };
+        let mut models = self.model.iter().peekable();
+        let mut weights = Vec::with_capacity(self.leases.len());
+        for (id, l) in &self.leases {
+            while models.next_if(|(k, _)| *k < id).is_some() {}
+            let m = models.next_if(|(k, _)| *k == id).map(|(_, m)| m);
+            let owner = match &l.state {
+                LeaseState::Owned => l.record.owner.as_ref(),
+                LeaseState::Releasing { to: Some(to), .. } => Some(to),
+                _ => None,
+            };
+            let Some(owner) = owner else { continue };
+            weights.push(LeaseWeight {
+                lease: id.clone(),
+                owner: owner.clone(),
+                weight: m.filter(|m| m.measured).map_or(mean, |m| m.weight),
+                lag_growing: m.is_some_and(|m| m.lag_growing()),
+            });
+        }
+        weights
     }
 
     pub fn utilisation(&self) -> BTreeMap<WorkerId, f64> {
-        balance::utilisation(&self.capacities(), &self.weights())
+        self.load_view().util
     }
 
     fn params(&self) -> Params {
@@ -99,25 +120,71 @@ impl Core {
     /// leases to run (a worker beyond one per lease would idle), whatever
     /// the reports say.
     pub fn desired_workers(&self) -> u32 {
+        self.load_view().desired
+    }
+
+    /// The fleet's load from one ordered pass over the table and the model,
+    /// summing per worker without building [`Core::weights`] (a clone of
+    /// two ids per lease): the gauges and the `load` strategy's look take
+    /// it every second, and at 50,000 leases the vector alone cost tens of
+    /// milliseconds of the loop.
+    pub(crate) fn load_view(&self) -> LoadView {
         let caps = self.capacities();
-        let per_worker = if caps.is_empty() { 1.0 } else { caps.values().sum::<f64>() / caps.len() as f64 };
+        let (sum, n) = self
+            .model
+            .values()
+            .filter(|m| m.measured)
+            .fold((0.0, 0usize), |(sum, n), m| (sum + m.weight, n + 1));
+        let mean_weight = if n == 0 { 0.0 } else { sum / n as f64 };
         let drain = self.cfg.balancer.backlog_drain;
-        let total: f64 = self
-            .weights()
-            .iter()
-            .map(|l| {
-                let demand = self.model.get(&l.lease).and_then(|m| m.demand.handler_seconds(drain));
-                demand.unwrap_or(l.weight)
-            })
-            .sum();
-        let runnable = self.leases.values().filter(|l| l.state != LeaseState::Parked).count();
+        // Per worker: capacity, weight summed, a lease of it lagging.
+        let mut per: HashMap<&str, (f64, f64, bool)> =
+            caps.iter().map(|(w, c)| (w.as_str(), (*c, 0.0, false))).collect();
+        let (mut placed_weight, mut demand, mut runnable) = (0.0, 0.0, 0usize);
+        let mut models = self.model.iter().peekable();
+        for (id, l) in &self.leases {
+            while models.next_if(|(k, _)| *k < id).is_some() {}
+            let m = models.next_if(|(k, _)| *k == id).map(|(_, m)| m);
+            if l.state != LeaseState::Parked {
+                runnable += 1;
+            }
+            let owner = match &l.state {
+                LeaseState::Owned => l.record.owner.as_deref(),
+                LeaseState::Releasing { to: Some(to), .. } => Some(to.as_str()),
+                _ => None,
+            };
+            let Some(owner) = owner else { continue };
+            let weight = m.filter(|m| m.measured).map_or(mean_weight, |m| m.weight);
+            demand += m.and_then(|m| m.demand.handler_seconds(drain)).unwrap_or(weight);
+            if let Some((_, load, lagging)) = per.get_mut(owner) {
+                *load += weight;
+                *lagging |= m.is_some_and(|m| m.lag_growing());
+                placed_weight += weight;
+            }
+        }
+        let total_cap: f64 = caps.values().sum();
+        let per_worker = if caps.is_empty() { 1.0 } else { total_cap / caps.len() as f64 };
         let most = u32::try_from(runnable).unwrap_or(u32::MAX).max(1);
-        balance::desired_workers(total, per_worker, self.cfg.balancer.target_utilisation).min(most)
+        let desired =
+            balance::desired_workers(demand, per_worker, self.cfg.balancer.target_utilisation).min(most);
+        let util =
+            per.iter().map(|(w, (cap, load, _))| ((*w).to_owned(), load / cap.max(f64::EPSILON))).collect();
+        let lagging = per.iter().filter(|(_, (_, _, lag))| *lag).map(|(w, _)| (*w).to_owned()).collect();
+        LoadView {
+            util,
+            mean: if total_cap > 0.0 { placed_weight / total_cap } else { 0.0 },
+            lagging,
+            desired,
+        }
     }
 
     /// The `load` strategy's periodic look: a plan when some worker has
     /// stayed overloaded for `stable_for`, then a cool-down.
     pub(crate) fn rebalance_load(&mut self, now: Instant) {
+        if self.last_load_check.is_some_and(|t| now.saturating_duration_since(t) < super::LOAD_CHECK_EVERY) {
+            return;
+        }
+        self.last_load_check = Some(now);
         let b = self.cfg.balancer;
         if self.last_plan.is_some_and(|t| now.saturating_duration_since(t) < b.cooldown) {
             return;
@@ -126,9 +193,8 @@ impl Core {
         if self.model.values().any(|m| m.settle_until.is_some_and(|t| now < t)) {
             return;
         }
-        let (caps, weights, p) = (self.capacities(), self.weights(), self.params());
-        let over = balance::overloaded(&caps, &weights, &p);
-        if over.is_empty() {
+        let (view, p) = (self.load_view(), self.params());
+        if balance::overloaded_in(&view.util, view.mean, &view.lagging, &p).is_empty() {
             self.overloaded_since = None;
             return;
         }
@@ -136,6 +202,8 @@ impl Core {
         if now.saturating_duration_since(since) < b.stable_for {
             return;
         }
+        // Only now the per-lease figures the planner moves.
+        let (caps, weights) = (self.capacities(), self.weights());
         let moves = balance::plan(&caps, &weights, &p);
         self.overloaded_since = None;
         if moves.is_empty() {

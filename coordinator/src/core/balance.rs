@@ -19,7 +19,7 @@
 //! saturated worker reports at most its own capacity, so the figure would
 //! grow by `1 / target_utilisation` per round.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use shardline_proto::LeaseId;
@@ -77,13 +77,23 @@ pub fn mean_utilisation(capacity: &BTreeMap<WorkerId, f64>, leases: &[LeaseWeigh
 
 /// Workers overloaded now: above the limit and busy enough to matter.
 pub fn overloaded(capacity: &BTreeMap<WorkerId, f64>, leases: &[LeaseWeight], p: &Params) -> Vec<WorkerId> {
-    let limit = mean_utilisation(capacity, leases) * (1.0 + p.threshold);
-    let util = utilisation(capacity, leases);
     // Once per call, not per worker: the fleet's leases are many.
-    let lagging: std::collections::BTreeSet<&WorkerId> =
-        leases.iter().filter(|l| l.lag_growing).map(|l| &l.owner).collect();
+    let lagging: BTreeSet<WorkerId> =
+        leases.iter().filter(|l| l.lag_growing).map(|l| l.owner.clone()).collect();
+    overloaded_in(&utilisation(capacity, leases), mean_utilisation(capacity, leases), &lagging, p)
+}
+
+/// [`overloaded`] from figures already summed: each worker's utilisation,
+/// the fleet's mean, and the workers with a lease whose lag grows.
+pub fn overloaded_in(
+    util: &BTreeMap<WorkerId, f64>,
+    mean: f64,
+    lagging: &BTreeSet<WorkerId>,
+    p: &Params,
+) -> Vec<WorkerId> {
+    let limit = mean * (1.0 + p.threshold);
     util.iter()
-        .filter(|(w, u)| **u > limit && (**u >= p.min_utilisation || lagging.contains(w)))
+        .filter(|(w, u)| **u > limit && (**u >= p.min_utilisation || lagging.contains(*w)))
         .map(|(w, _)| w.clone())
         .collect()
 }

@@ -385,6 +385,13 @@ pub struct Counters {
 /// Acquire sent again each time) before the lease is taken back.
 pub const UNRUN_LIMIT: u32 = 3;
 
+/// How often the `load` strategy looks at the fleet's figures. They change
+/// only with heartbeats (one a second per worker), and a look walks the
+/// whole table: at every tick it held heartbeats up for tens of
+/// milliseconds at 5,000 leases (issue 17). `stable_for` and `cooldown` are
+/// seconds long, so a look a second delays a plan by under a second.
+pub const LOAD_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// The lease table and membership.
 #[derive(Debug)]
 pub struct Core {
@@ -402,6 +409,8 @@ pub struct Core {
     /// plan was made.
     overloaded_since: Option<Instant>,
     last_plan: Option<Instant>,
+    /// When the `load` strategy last looked ([`LOAD_CHECK_EVERY`]).
+    last_load_check: Option<Instant>,
     /// The high watermark of each shard, as the coordinator last read it
     /// from Kafka itself (never what a worker reports): a checkpoint may
     /// not go past it. Only leases in the table, so bounded by it.
@@ -441,6 +450,7 @@ impl Core {
             model: BTreeMap::new(),
             overloaded_since: None,
             last_plan: None,
+            last_load_check: None,
             watermarks: BTreeMap::new(),
             known_streams: BTreeSet::new(),
             owned: BTreeMap::new(),
