@@ -77,31 +77,44 @@ impl Core {
     /// keyed by lease): a lookup per lease made this the loop's costliest
     /// walk at tens of thousands of leases.
     pub(crate) fn weights(&self) -> Vec<LeaseWeight> {
+        let mean = self.mean_weight();
+        self.placed()
+            .map(|(id, owner, m)| LeaseWeight {
+                lease: id.clone(),
+                owner: owner.to_owned(),
+                weight: m.filter(|m| m.measured).map_or(mean, |m| m.weight),
+                lag_growing: m.is_some_and(|m| m.lag_growing()),
+            })
+            .collect()
+    }
+
+    /// The mean weight of the measured leases: what an unmeasured one
+    /// counts as.
+    fn mean_weight(&self) -> f64 {
         let (sum, n) = self
             .model
             .values()
             .filter(|m| m.measured)
             .fold((0.0, 0usize), |(sum, n), m| (sum + m.weight, n + 1));
-        let mean = if n == 0 { 0.0 } else { sum / n as f64 };
+        if n == 0 { 0.0 } else { sum / n as f64 }
+    }
+
+    /// Each lease that has a holder (its owner, or the worker it is being
+    /// handed to), with its model: one ordered pass over the table and the
+    /// model together (both are keyed by lease), since a lookup per lease
+    /// made this the loop's costliest walk at tens of thousands of leases.
+    fn placed(&self) -> impl Iterator<Item = (&LeaseId, &str, Option<&super::LeaseModel>)> + '_ {
         let mut models = self.model.iter().peekable();
-        let mut weights = Vec::with_capacity(self.leases.len());
-        for (id, l) in &self.leases {
+        self.leases.iter().filter_map(move |(id, l)| {
             while models.next_if(|(k, _)| *k < id).is_some() {}
             let m = models.next_if(|(k, _)| *k == id).map(|(_, m)| m);
-            let owner = match &l.state {
-                LeaseState::Owned => l.record.owner.as_ref(),
-                LeaseState::Releasing { to: Some(to), .. } => Some(to),
+            let holder = match &l.state {
+                LeaseState::Owned => l.record.owner.as_deref(),
+                LeaseState::Releasing { to: Some(to), .. } => Some(to.as_str()),
                 _ => None,
             };
-            let Some(owner) = owner else { continue };
-            weights.push(LeaseWeight {
-                lease: id.clone(),
-                owner: owner.clone(),
-                weight: m.filter(|m| m.measured).map_or(mean, |m| m.weight),
-                lag_growing: m.is_some_and(|m| m.lag_growing()),
-            });
-        }
-        weights
+            holder.map(|h| (id, h, m))
+        })
     }
 
     pub fn utilisation(&self) -> BTreeMap<WorkerId, f64> {
@@ -130,30 +143,13 @@ impl Core {
     /// milliseconds of the loop.
     pub(crate) fn load_view(&self) -> LoadView {
         let caps = self.capacities();
-        let (sum, n) = self
-            .model
-            .values()
-            .filter(|m| m.measured)
-            .fold((0.0, 0usize), |(sum, n), m| (sum + m.weight, n + 1));
-        let mean_weight = if n == 0 { 0.0 } else { sum / n as f64 };
+        let mean_weight = self.mean_weight();
         let drain = self.cfg.balancer.backlog_drain;
         // Per worker: capacity, weight summed, a lease of it lagging.
         let mut per: HashMap<&str, (f64, f64, bool)> =
             caps.iter().map(|(w, c)| (w.as_str(), (*c, 0.0, false))).collect();
-        let (mut placed_weight, mut demand, mut runnable) = (0.0, 0.0, 0usize);
-        let mut models = self.model.iter().peekable();
-        for (id, l) in &self.leases {
-            while models.next_if(|(k, _)| *k < id).is_some() {}
-            let m = models.next_if(|(k, _)| *k == id).map(|(_, m)| m);
-            if l.state != LeaseState::Parked {
-                runnable += 1;
-            }
-            let owner = match &l.state {
-                LeaseState::Owned => l.record.owner.as_deref(),
-                LeaseState::Releasing { to: Some(to), .. } => Some(to.as_str()),
-                _ => None,
-            };
-            let Some(owner) = owner else { continue };
+        let (mut placed_weight, mut demand) = (0.0, 0.0);
+        for (_, owner, m) in self.placed() {
             let weight = m.filter(|m| m.measured).map_or(mean_weight, |m| m.weight);
             demand += m.and_then(|m| m.demand.handler_seconds(drain)).unwrap_or(weight);
             if let Some((_, load, lagging)) = per.get_mut(owner) {
@@ -162,6 +158,7 @@ impl Core {
                 placed_weight += weight;
             }
         }
+        let runnable = self.leases.values().filter(|l| l.state != LeaseState::Parked).count();
         let total_cap: f64 = caps.values().sum();
         let per_worker = if caps.is_empty() { 1.0 } else { total_cap / caps.len() as f64 };
         let most = u32::try_from(runnable).unwrap_or(u32::MAX).max(1);
@@ -332,10 +329,7 @@ impl Planner {
             util = balance::utilisation(&caps, &lw);
             limit = (balance::mean_utilisation(&caps, &lw) * (1.0 + core.cfg.balancer.threshold))
                 .max(core.cfg.balancer.min_utilisation);
-            let measured: Vec<f64> = core.model.values().filter(|m| m.measured).map(|m| m.weight).collect();
-            if !measured.is_empty() {
-                mean_weight = measured.iter().sum::<f64>() / measured.len() as f64;
-            }
+            mean_weight = core.mean_weight();
             weights = lw.into_iter().map(|l| (l.lease, l.weight)).collect();
         }
         let mut owned: HashMap<WorkerId, Vec<LeaseId>> = HashMap::new();
