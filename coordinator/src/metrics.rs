@@ -192,15 +192,14 @@ pub(crate) fn publish(core: &Core) {
     metrics::counter!("shardline_handoffs_forced_total").absolute(c.forced_handoffs);
     metrics::counter!("shardline_load_moves_total").absolute(c.load_moves);
     metrics::counter!("shardline_load_figures_dropped_total").absolute(c.load_figures_dropped);
-    let view = core.load_view();
-    let (utilisation, desired) = (view.util, view.desired);
-    metrics::gauge!("shardline_desired_workers").set(f64::from(desired));
+    let load = core.load_view();
+    metrics::gauge!("shardline_desired_workers").set(f64::from(load.desired));
     let leases = core
         .workers()
         .filter(|w| !w.restored)
         .map(|w| (w.id.clone(), core.owned_by(&w.id).count()))
         .collect();
-    *per_worker() = PerWorker { utilisation, leases };
+    *per_worker() = PerWorker { utilisation: load.util, leases };
 }
 
 #[cfg(test)]

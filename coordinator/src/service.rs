@@ -309,9 +309,9 @@ impl<S: LeaseStore> Service<S> {
     }
 
     /// One turn: `first` and whatever else is queued, up to [`MAX_BATCH`]
-    /// commands or [`MAX_TURN`], before the loop writes and flushes. Queued heartbeats are taken
-    /// before each other command, so one waits at most for the command
-    /// being handled, never for the queue.
+    /// commands or [`MAX_TURN`], before the loop writes and flushes.
+    /// Queued heartbeats are taken before each other command, so one waits
+    /// at most for the command being handled, never for the queue.
     fn turn(&mut self, (sent, first): (Instant, Command)) -> Result<(), StoreError> {
         let turn = Instant::now();
         let mut longest_wait = turn.saturating_duration_since(sent);
@@ -513,12 +513,14 @@ impl<S: LeaseStore> Service<S> {
                 answer(reply, self.meter.totals(since_ms));
             }
             Command::Snapshot(reply) => {
+                // One walk of the table for both load figures.
+                let load = self.core.load_view();
                 let snapshot = Snapshot {
                     workers: self.core.workers().cloned().collect(),
                     leases: self.core.leases().cloned().collect(),
                     now,
-                    utilisation: self.core.utilisation(),
-                    desired_workers: self.core.desired_workers(),
+                    utilisation: load.util,
+                    desired_workers: load.desired,
                 };
                 answer(reply, snapshot);
             }
